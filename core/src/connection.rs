@@ -1,0 +1,515 @@
+//! The per-session protocol driver shared by both transports.
+//!
+//! An adapter creates one [`Connection`] per admitted session, feeds it every inbound frame
+//! ([`on_text`](Connection::on_text), [`on_binary`](Connection::on_binary),
+//! [`on_datagram`](Connection::on_datagram)), calls [`poll`](Connection::poll) at the
+//! deadline it returns, and writes what the session's outbox yields. Replies go to the
+//! session's own outbox. Dropping the connection leaves its rooms and unregisters it.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    auth::{AuthError, Identity, JwtVerifier},
+    hub::Hub,
+    limits::{ConnectionLimits, TokenBucket, UserSlot},
+    liveness::{Liveness, LivenessAction},
+    policy::EndpointPolicy,
+    protocol::{
+        codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
+        DecodeError, ErrorCode, Payload, Request, RequestId, RoomName, ServerFrame,
+    },
+    session::{OutboxReceiver, SessionHandle, TransportKind},
+};
+
+/// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic time.
+    pub instant: Instant,
+    /// Wall-clock seconds since the Unix epoch.
+    pub unix_secs: u64,
+}
+
+impl Now {
+    /// Reads both clocks. Adapters call this; core code takes `Now` as an argument.
+    pub fn read() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// How a session was admitted before it opened.
+#[derive(Debug)]
+pub enum Admitted {
+    /// `auth = "none"`: the user id becomes `anon-<session id>`.
+    Anonymous,
+    /// A valid credential came with the request; the per-user slot is held.
+    Authenticated(Identity, UserSlot),
+    /// `auth = "first-message"` without credential: must send `auth` in time.
+    Pending,
+}
+
+/// Services every connection uses.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The JWT verifier, when `[auth]` is configured.
+    pub verifier: Option<Arc<JwtVerifier>>,
+    /// Connection counters.
+    pub limits: Arc<ConnectionLimits>,
+}
+
+/// Counters of one session, for its access-log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InboundStats {
+    /// Frames received (datagrams included).
+    pub frames: u64,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
+/// One session's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    services: Services,
+    policy: Arc<EndpointPolicy>,
+    handle: SessionHandle,
+    identity: Option<Identity>,
+    anonymous: bool,
+    user_slot: Option<UserSlot>,
+    joined: HashSet<RoomName>,
+    bucket: TokenBucket,
+    strikes: u32,
+    liveness: Liveness,
+    stats: InboundStats,
+}
+
+enum Via {
+    Stream,
+    Datagram,
+}
+
+impl Connection {
+    /// Opens a session: registers it with the hub and, if authenticated, queues `welcome`.
+    pub fn open(
+        services: Services,
+        policy: Arc<EndpointPolicy>,
+        transport: TransportKind,
+        admitted: Admitted,
+        now: Now,
+    ) -> (Connection, OutboxReceiver) {
+        let (handle, outbox) =
+            SessionHandle::new(transport, policy.path.as_str().into(), policy.queue_capacity);
+        let ping = (transport == TransportKind::WebSocket).then_some(policy.heartbeat);
+        let mut conn = Connection {
+            bucket: TokenBucket::new(policy.rate_per_sec, policy.rate_burst, now.instant),
+            liveness: Liveness::new(now.instant, ping),
+            services,
+            handle,
+            identity: None,
+            anonymous: false,
+            user_slot: None,
+            joined: HashSet::new(),
+            strikes: 0,
+            stats: InboundStats::default(),
+            policy,
+        };
+        conn.services.hub.open_session(&conn.handle);
+        match admitted {
+            Admitted::Anonymous => {
+                conn.anonymous = true;
+                let user = format!("anon-{}", conn.handle.id());
+                conn.become_authenticated(Identity::anonymous(user), None, now);
+            }
+            Admitted::Authenticated(identity, slot) => {
+                conn.become_authenticated(identity, Some(slot), now);
+            }
+            Admitted::Pending => {
+                conn.liveness
+                    .set_auth_deadline(Some(now.instant + conn.policy.auth_timeout));
+            }
+        }
+        (conn, outbox)
+    }
+
+    /// The session's handle.
+    pub fn handle(&self) -> &SessionHandle {
+        &self.handle
+    }
+
+    /// The endpoint policy.
+    pub fn policy(&self) -> &EndpointPolicy {
+        &self.policy
+    }
+
+    /// Whether the session is authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Inbound counters.
+    pub fn stats(&self) -> InboundStats {
+        self.stats
+    }
+
+    /// A JSON text frame arrived.
+    pub fn on_text(&mut self, frame: Bytes, now: Now) {
+        self.count(frame.len());
+        if self.admit_rate(now).is_some() {
+            let request = decode_json(&frame);
+            self.dispatch(request, now, Via::Stream);
+        }
+    }
+
+    /// A binary envelope arrived.
+    pub fn on_binary(&mut self, frame: Bytes, now: Now) {
+        self.count(frame.len());
+        if self.admit_rate(now).is_some() {
+            let request = decode_binary(&frame);
+            self.dispatch(request, now, Via::Stream);
+        }
+    }
+
+    /// A WebTransport datagram arrived: a volatile `publish`; anything else is ignored.
+    pub fn on_datagram(&mut self, frame: Bytes, now: Now) {
+        self.count(frame.len());
+        if self.admit_rate(now).is_some() {
+            let request = decode_json(&frame);
+            self.dispatch(request, now, Via::Datagram);
+        }
+    }
+
+    /// The peer answered a transport ping.
+    pub fn on_pong(&mut self) {
+        self.liveness.on_pong();
+    }
+
+    /// Runs the timers due at `now` (pings, auth deadline, token expiry) and returns when to
+    /// call again.
+    pub fn poll(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(action) = self.liveness.poll(now) {
+            match action {
+                LivenessAction::SendPing => {
+                    self.handle.send(crate::session::Outbound::Ping);
+                }
+                LivenessAction::Close(reason) => {
+                    self.handle.close(reason);
+                    return None;
+                }
+            }
+        }
+        self.liveness.next_deadline()
+    }
+
+    /// Closes the session with `reason` (the adapter writes the close).
+    pub fn close(&self, reason: CloseReason) {
+        self.handle.close(reason);
+    }
+
+    fn count(&mut self, len: usize) {
+        self.stats.frames += 1;
+        self.stats.bytes += len as u64;
+    }
+
+    /// Takes a token from the session's bucket; on refusal answers `rate_limited`, and closes
+    /// a session that keeps flooding (4008).
+    fn admit_rate(&mut self, now: Now) -> Option<()> {
+        if self.bucket.try_take(now.instant) {
+            self.strikes = 0;
+            return Some(());
+        }
+        self.strikes += 1;
+        if self.strikes > self.policy.rate_burst.max(1) {
+            self.handle.close(CloseReason::new(
+                CloseCode::TooSlowOrTooFast,
+                "rate limit exceeded",
+            ));
+        } else if self.strikes == 1 || self.strikes.is_power_of_two() {
+            // Answer the first refusals; a flood does not get one error per frame.
+            self.reply_error(None, ErrorCode::RateLimited, "rate limit exceeded");
+        }
+        None
+    }
+
+    fn dispatch(&mut self, request: Result<Request, DecodeError>, now: Now, via: Via) {
+        let datagram = matches!(via, Via::Datagram);
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                if !datagram {
+                    self.reply_error(e.id.as_ref(), e.code, &e.message);
+                }
+                return;
+            }
+        };
+        if datagram {
+            // Datagrams carry volatile publishes only, and get no reply.
+            if let Request::Publish {
+                room, data, echo, ..
+            } = request
+            {
+                if self.identity.is_some() {
+                    let _ = self.publish(&room, &data, echo, true);
+                }
+            }
+            return;
+        }
+        if self.identity.is_none() {
+            match request {
+                Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
+                Request::Hello { token: Some(token) } => {
+                    self.authenticate(None, &token, now, false)
+                }
+                Request::Hello { token: None } => {}
+                other => self.reply_error(
+                    other.id(),
+                    ErrorCode::Unauthorized,
+                    "authenticate first with an `auth` frame",
+                ),
+            }
+            return;
+        }
+        match request {
+            Request::Hello { token: None } => {}
+            Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
+            Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
+            Request::Join {
+                id, room, since, ..
+            } => self.join(id.as_ref(), room, since.is_some()),
+            Request::Leave { id, room } => {
+                if self.joined.remove(&room) {
+                    self.services.hub.leave(&self.handle, &room);
+                    self.ack(id.as_ref(), &AckFields::default());
+                } else {
+                    self.reply_error(id.as_ref(), ErrorCode::NotMember, "not a member of that room");
+                }
+            }
+            Request::Publish {
+                id,
+                room,
+                data,
+                echo,
+                volatile,
+            } => match self.publish(&room, &data, echo, volatile) {
+                Ok(seq) => self.ack(
+                    id.as_ref(),
+                    &AckFields {
+                        seq,
+                        ..Default::default()
+                    },
+                ),
+                Err((code, message)) => self.reply_error(id.as_ref(), code, message),
+            },
+            Request::Send { id, to, data } => {
+                let from = self.handle.user().cloned();
+                let delivered = self
+                    .services
+                    .hub
+                    .send_to_user(&to, from.as_deref(), &data);
+                self.ack(
+                    id.as_ref(),
+                    &AckFields {
+                        delivered: Some(delivered),
+                        ..Default::default()
+                    },
+                );
+            }
+            Request::Presence { id, room } => {
+                if !self.may_join(&room) {
+                    return self.reply_error(id.as_ref(), ErrorCode::Forbidden, "room not allowed");
+                }
+                let members = self
+                    .services
+                    .hub
+                    .members(&room)
+                    .into_iter()
+                    .map(|mut m| {
+                        m.node = None;
+                        m
+                    })
+                    .collect();
+                self.ack(
+                    id.as_ref(),
+                    &AckFields {
+                        room: Some(room.to_string()),
+                        members: Some(AckMembers::List(members)),
+                        ..Default::default()
+                    },
+                );
+            }
+            Request::Ping { id } => {
+                self.handle
+                    .send(ServerFrame::Pong { id: id.as_ref() }.to_outbound());
+            }
+        }
+    }
+
+    fn may_join(&self, room: &RoomName) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|i| i.may_join(&self.policy.rooms, room.as_str()))
+    }
+
+    fn join(&mut self, id: Option<&RequestId>, room: RoomName, wants_recovery: bool) {
+        if !self.may_join(&room) {
+            return self.reply_error(id, ErrorCode::Forbidden, "room not allowed");
+        }
+        if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
+            return self.reply_error(
+                id,
+                ErrorCode::LimitExceeded,
+                &format!("at most {} rooms per session", self.policy.max_rooms),
+            );
+        }
+        let outcome = self.services.hub.join(&self.handle, &room);
+        self.joined.insert(room.clone());
+        self.ack(
+            id,
+            &AckFields {
+                room: Some(room.to_string()),
+                seq: Some(outcome.seq),
+                epoch: Some(outcome.epoch.to_string()),
+                members: Some(AckMembers::Count(outcome.members)),
+                // No history is kept yet, so nothing can be recovered.
+                recovered: wants_recovery.then_some(false),
+                ..Default::default()
+            },
+        );
+    }
+
+    fn publish(
+        &self,
+        room: &RoomName,
+        data: &Payload,
+        echo: bool,
+        volatile: bool,
+    ) -> Result<Option<u64>, (ErrorCode, &'static str)> {
+        let identity = self.identity.as_ref().expect("authenticated");
+        if !identity.may_publish(&self.policy.rooms, room.as_str()) {
+            return Err((ErrorCode::Forbidden, "publishing to that room is not allowed"));
+        }
+        let exclude = (!echo).then(|| self.handle.id());
+        Ok(self.services.hub.publish(
+            room,
+            Some(&identity.user),
+            data,
+            volatile,
+            exclude,
+        ))
+    }
+
+    fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {
+        if self.anonymous {
+            return self.reply_error(
+                id,
+                ErrorCode::BadRequest,
+                "this endpoint does not use authentication",
+            );
+        }
+        let Some(verifier) = self.services.verifier.clone() else {
+            return self.reply_error(id, ErrorCode::Unauthorized, "no authentication configured");
+        };
+        let identity = match verifier.verify(token, now.unix_secs) {
+            Ok(identity) => identity,
+            Err(e) => return self.reply_auth_error(id, &e),
+        };
+        match &self.identity {
+            Some(current) if current.user != identity.user => {
+                self.reply_error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "token is for another user than this session",
+                );
+            }
+            Some(_) => {
+                self.set_token_deadline(&identity, now);
+                self.identity = Some(identity);
+                if with_ack {
+                    self.ack(id, &AckFields::default());
+                }
+            }
+            None => {
+                let slot = match self.services.limits.acquire_user(identity.user.clone()) {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        return self.reply_error(
+                            id,
+                            ErrorCode::LimitExceeded,
+                            "too many connections for this user",
+                        )
+                    }
+                };
+                self.liveness.set_auth_deadline(None);
+                if with_ack {
+                    self.ack(id, &AckFields::default());
+                }
+                self.become_authenticated(identity, Some(slot), now);
+            }
+        }
+    }
+
+    fn become_authenticated(&mut self, identity: Identity, slot: Option<UserSlot>, now: Now) {
+        self.set_token_deadline(&identity, now);
+        let user = self.handle.set_user(identity.user.clone()).clone();
+        self.identity = Some(identity);
+        self.user_slot = slot;
+        self.services.hub.register_user(&self.handle);
+        let welcome = ServerFrame::Welcome {
+            session: self.handle.id_str(),
+            user: &user,
+            endpoint: &self.policy.path,
+            transport: self.handle.transport().as_str(),
+            heartbeat_ms: self.policy.heartbeat.as_millis() as u64,
+            node: self.services.hub.node_id(),
+        };
+        self.handle.send(welcome.to_outbound());
+    }
+
+    fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
+        let deadline = identity.expires_at.map(|exp| {
+            now.instant + Duration::from_secs(exp.saturating_sub(now.unix_secs))
+        });
+        self.liveness.set_token_deadline(deadline);
+    }
+
+    fn ack(&self, id: Option<&RequestId>, fields: &AckFields) {
+        self.handle
+            .send(ServerFrame::Ack { id, fields }.to_outbound());
+    }
+
+    fn reply_auth_error(&self, id: Option<&RequestId>, e: &AuthError) {
+        self.reply_error(id, ErrorCode::Unauthorized, &e.to_string());
+    }
+
+    fn reply_error(&self, id: Option<&RequestId>, code: ErrorCode, message: &str) {
+        self.handle.send(
+            ServerFrame::Error {
+                id,
+                code: code.as_str(),
+                message,
+            }
+            .to_outbound(),
+        );
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for room in self.joined.drain() {
+            self.services.hub.leave(&self.handle, &room);
+        }
+        self.services.hub.close_session(&self.handle);
+    }
+}

@@ -1,0 +1,190 @@
+//! Limits: the per-session inbound token bucket and the connection counters (global, per IP,
+//! per user) whose guards release a slot when a session ends.
+
+use std::{
+    hash::Hash,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use dashmap::DashMap;
+
+use crate::protocol::Rejection;
+
+/// A token bucket: `rate` tokens per second, at most `burst` banked.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(rate_per_sec),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Connection counts with their maxima. Cheap to share.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    max_per_user: usize,
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    per_user: DashMap<Arc<str>, usize>,
+}
+
+/// A held connection slot (global and per IP); released on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+/// A held per-user slot; released on drop.
+#[derive(Debug)]
+pub struct UserSlot {
+    limits: Arc<ConnectionLimits>,
+    user: Arc<str>,
+}
+
+impl ConnectionLimits {
+    /// Limits with these maxima.
+    pub fn new(max_total: usize, max_per_ip: usize, max_per_user: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            max_per_user,
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            per_user: DashMap::new(),
+        })
+    }
+
+    /// Takes a global and a per-IP slot, or says which limit is reached.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Rejection> {
+        let previous = self.total.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Rejection::ServerFull);
+        }
+        if !increment(&self.per_ip, ip, self.max_per_ip) {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Rejection::TooManyFromIp);
+        }
+        Ok(ConnectionSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Takes a per-user slot, or `Err` when the user is at the limit.
+    pub fn acquire_user(self: &Arc<Self>, user: Arc<str>) -> Result<UserSlot, Rejection> {
+        if !increment(&self.per_user, user.clone(), self.max_per_user) {
+            return Err(Rejection::TooManyForUser);
+        }
+        Ok(UserSlot {
+            limits: self.clone(),
+            user,
+        })
+    }
+
+    /// Connections currently held.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+fn increment<K: Hash + Eq>(map: &DashMap<K, usize>, key: K, max: usize) -> bool {
+    let mut count = map.entry(key).or_insert(0);
+    if *count >= max {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+fn decrement<K: Hash + Eq>(map: &DashMap<K, usize>, key: &K) {
+    map.remove_if_mut(key, |_, count| {
+        *count = count.saturating_sub(1);
+        *count == 0
+    });
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        decrement(&self.limits.per_ip, &self.ip);
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        decrement(&self.limits.per_user, &self.user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 3, t0);
+        assert!(b.try_take(t0) && b.try_take(t0) && b.try_take(t0));
+        assert!(!b.try_take(t0));
+        assert!(b.try_take(t0 + Duration::from_millis(100)));
+        assert!(!b.try_take(t0 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn limits_are_checked_in_order_and_released() {
+        let limits = ConnectionLimits::new(3, 2, 1);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let s1 = limits.acquire(a).unwrap();
+        let _s2 = limits.acquire(a).unwrap();
+        assert_eq!(limits.acquire(a).unwrap_err(), Rejection::TooManyFromIp);
+        let _s3 = limits.acquire(b).unwrap();
+        assert_eq!(limits.acquire(b).unwrap_err(), Rejection::ServerFull);
+        drop(s1);
+        assert_eq!(limits.total(), 2);
+        let _s4 = limits.acquire(a).unwrap();
+        let u = limits.acquire_user("bob".into()).unwrap();
+        assert_eq!(
+            limits.acquire_user("bob".into()).unwrap_err(),
+            Rejection::TooManyForUser
+        );
+        drop(u);
+        assert!(limits.acquire_user("bob".into()).is_ok());
+    }
+}

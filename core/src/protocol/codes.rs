@@ -1,0 +1,201 @@
+//! The one table of failure codes: `error` codes, close codes and pre-session HTTP statuses.
+
+use std::fmt;
+
+/// The `code` of an `error` envelope (PROTOCOL.md section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Not valid JSON, unknown type, missing or ill-typed field.
+    BadRequest,
+    /// Missing, invalid or expired credential.
+    Unauthorized,
+    /// The identity may not do this (room pattern, API key).
+    Forbidden,
+    /// The target does not exist.
+    NotFound,
+    /// `leave` of a room the session is not in.
+    NotMember,
+    /// A message over the size limit.
+    TooLarge,
+    /// Inbound rate limit exceeded.
+    RateLimited,
+    /// A configured count was reached (rooms per session, connections per user).
+    LimitExceeded,
+    /// A server-side failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire string of this code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status the HTTP API answers with for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound | ErrorCode::NotMember => 404,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::RateLimited | ErrorCode::LimitExceeded => 429,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a session is closed, with its WebSocket / WebTransport close code (PROTOCOL.md section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// 1000: normal close.
+    Normal,
+    /// 1001: the server is going away (shutdown, drain).
+    GoingAway,
+    /// 1002: WebSocket protocol error.
+    ProtocolError,
+    /// 1008: policy violation.
+    PolicyViolation,
+    /// 1009: message too large.
+    TooLarge,
+    /// 1011: internal error.
+    Internal,
+    /// 4001: auth timeout, invalid token, token expired without refresh.
+    Unauthorized,
+    /// 4003: forbidden.
+    Forbidden,
+    /// 4008: slow consumer (outbound queue overflow) or sustained rate-limit abuse.
+    TooSlowOrTooFast,
+    /// 4009: heartbeat timeout.
+    HeartbeatTimeout,
+}
+
+impl CloseCode {
+    /// The numeric close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::PolicyViolation => 1008,
+            CloseCode::TooLarge => 1009,
+            CloseCode::Internal => 1011,
+            CloseCode::Unauthorized => 4001,
+            CloseCode::Forbidden => 4003,
+            CloseCode::TooSlowOrTooFast => 4008,
+            CloseCode::HeartbeatTimeout => 4009,
+        }
+    }
+
+    /// The close code for a numeric value a caller chose (for example `/api/disconnect`).
+    pub fn from_code(code: u16) -> Option<Self> {
+        [
+            CloseCode::Normal,
+            CloseCode::GoingAway,
+            CloseCode::ProtocolError,
+            CloseCode::PolicyViolation,
+            CloseCode::TooLarge,
+            CloseCode::Internal,
+            CloseCode::Unauthorized,
+            CloseCode::Forbidden,
+            CloseCode::TooSlowOrTooFast,
+            CloseCode::HeartbeatTimeout,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+}
+
+/// A reason to close a session: a code plus a short human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The close code.
+    pub code: CloseCode,
+    /// The reason text (at most 123 bytes on WebSocket).
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// A close reason with its text.
+    pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        let mut reason = reason.into();
+        // A WebSocket close frame carries at most 123 bytes of reason.
+        if reason.len() > 123 {
+            let mut end = 123;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        Self { code, reason }
+    }
+}
+
+/// Why a WebSocket upgrade or WebTransport CONNECT is refused before any session exists
+/// (PROTOCOL.md section 1), in the order the checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The path is not a configured endpoint (404).
+    UnknownEndpoint,
+    /// Not a valid upgrade or CONNECT request (400).
+    BadUpgrade,
+    /// The global connection limit is reached (503).
+    ServerFull,
+    /// The per-IP connection limit is reached (429).
+    TooManyFromIp,
+    /// The `Origin` is not in the endpoint's allow-list (403).
+    ForbiddenOrigin,
+    /// A credential was presented and is invalid, expired or already used (401).
+    InvalidCredential,
+    /// No credential on an endpoint with `auth = "required"` (401).
+    MissingCredential,
+    /// The per-user connection limit is reached (429).
+    TooManyForUser,
+    /// The server is shutting down (503).
+    ShuttingDown,
+}
+
+impl Rejection {
+    /// The HTTP status answered for this rejection.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Rejection::UnknownEndpoint => 404,
+            Rejection::BadUpgrade => 400,
+            Rejection::ServerFull | Rejection::ShuttingDown => 503,
+            Rejection::TooManyFromIp | Rejection::TooManyForUser => 429,
+            Rejection::ForbiddenOrigin => 403,
+            Rejection::InvalidCredential | Rejection::MissingCredential => 401,
+        }
+    }
+
+    /// A short message for the response body; never includes the credential.
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejection::UnknownEndpoint => "no such endpoint",
+            Rejection::BadUpgrade => "not a valid WebSocket upgrade or WebTransport CONNECT",
+            Rejection::ServerFull => "connection limit reached",
+            Rejection::TooManyFromIp => "too many connections from this address",
+            Rejection::ForbiddenOrigin => "origin not allowed",
+            Rejection::InvalidCredential => "invalid credential",
+            Rejection::MissingCredential => "credential required",
+            Rejection::TooManyForUser => "too many connections for this user",
+            Rejection::ShuttingDown => "shutting down",
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! Decoding client envelopes (PROTOCOL.md sections 4 and 6) with precise `bad_request` errors.
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use super::{ErrorCode, RoomName};
+
+/// A client-chosen request id, echoed back in the matching `ack`, `error` or `pong`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub serde_json::Number);
+
+/// The `data` of a `publish` or `send`: JSON text, or the raw payload of a binary envelope.
+/// Both are shared, never copied per recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The JSON text of the `data` value, exactly as the client sent it.
+    Json(Bytes),
+    /// The payload bytes of a binary envelope.
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// Length of the payload in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(b) | Payload::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A decoded client request (PROTOCOL.md section 4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// WebTransport stream opener; with a token, an `auth` without `ack`.
+    Hello {
+        /// Optional JWT.
+        token: Option<String>,
+    },
+    /// Authenticate a pending session or refresh a token.
+    Auth {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The JWT.
+        token: String,
+    },
+    /// Join a room.
+    Join {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The room.
+        room: RoomName,
+        /// Recover messages after this sequence number.
+        since: Option<u64>,
+        /// The epoch `since` belongs to.
+        epoch: Option<String>,
+    },
+    /// Leave a room.
+    Leave {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The room.
+        room: RoomName,
+    },
+    /// Publish to a room.
+    Publish {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The room.
+        room: RoomName,
+        /// The message.
+        data: Payload,
+        /// Deliver to the sender's own session too.
+        echo: bool,
+        /// Best effort: may be dropped, never stored, may travel as a datagram.
+        volatile: bool,
+    },
+    /// Send to every session of a user.
+    Send {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The recipient user id.
+        to: String,
+        /// The message.
+        data: Payload,
+    },
+    /// List the members of a room.
+    Presence {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The room.
+        room: RoomName,
+    },
+    /// Application-level liveness probe.
+    Ping {
+        /// Request id.
+        id: Option<RequestId>,
+    },
+}
+
+impl Request {
+    /// The request id, if the request carries one.
+    pub fn id(&self) -> Option<&RequestId> {
+        match self {
+            Request::Hello { .. } => None,
+            Request::Auth { id, .. }
+            | Request::Join { id, .. }
+            | Request::Leave { id, .. }
+            | Request::Publish { id, .. }
+            | Request::Send { id, .. }
+            | Request::Presence { id, .. }
+            | Request::Ping { id } => id.as_ref(),
+        }
+    }
+
+    /// The wire `type` of this request.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Auth { .. } => "auth",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Publish { .. } => "publish",
+            Request::Send { .. } => "send",
+            Request::Presence { .. } => "presence",
+            Request::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// A frame that could not be decoded: answered with an `error` envelope, the session stays open.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    /// The request id, when it could be read before the failure.
+    pub id: Option<RequestId>,
+    /// The error code (always `bad_request` today).
+    pub code: ErrorCode,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl DecodeError {
+    fn new(id: Option<RequestId>, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+/// The fields of any envelope, each kept raw until the `type` says which apply.
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    room: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    echo: Option<&'a RawValue>,
+    #[serde(borrow)]
+    volatile: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+}
+
+/// Keeps `"data": null` as a present value (plain `Option` would read it as absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Decodes a JSON text envelope. `text` must be the whole frame; `data` is sliced out of it
+/// without copying.
+pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
+    let s = std::str::from_utf8(text)
+        .map_err(|_| DecodeError::new(None, "text frame is not valid UTF-8"))?;
+    let raw = parse_envelope(s)?;
+    let data = raw.data.map(|d| Payload::Json(text.slice_ref(d.get().as_bytes())));
+    build(raw, data)
+}
+
+/// Decodes a binary envelope: `u16` header length, JSON header without `data`, payload.
+pub fn decode_binary(frame: &Bytes) -> Result<Request, DecodeError> {
+    if frame.len() < 2 {
+        return Err(DecodeError::new(
+            None,
+            "binary envelope shorter than its 2-byte header length",
+        ));
+    }
+    let header_len = u16::from_be_bytes([frame[0], frame[1]]) as usize;
+    let Some(header) = frame.get(2..2 + header_len) else {
+        return Err(DecodeError::new(
+            None,
+            format!("binary envelope header length {header_len} exceeds the frame"),
+        ));
+    };
+    let header = std::str::from_utf8(header)
+        .map_err(|_| DecodeError::new(None, "binary envelope header is not valid UTF-8"))?;
+    let raw = parse_envelope(header)?;
+    if raw.data.is_some() {
+        let id = raw.id.and_then(|r| read_id(r).ok());
+        return Err(DecodeError::new(
+            id,
+            "binary envelope header must not contain `data`",
+        ));
+    }
+    let payload = frame.slice(2 + header_len..);
+    build(raw, Some(Payload::Binary(payload)))
+}
+
+fn parse_envelope(s: &str) -> Result<RawEnvelope<'_>, DecodeError> {
+    serde_json::from_str::<RawEnvelope<'_>>(s).map_err(|e| {
+        let message = if e.is_syntax() || e.is_eof() {
+            format!("invalid JSON: {e}")
+        } else if s.trim_start().starts_with('{') {
+            format!("invalid envelope: {e}")
+        } else {
+            "envelope must be a JSON object".to_owned()
+        };
+        DecodeError::new(None, message)
+    })
+}
+
+fn read_id(raw: &RawValue) -> Result<RequestId, ()> {
+    match serde_json::from_str::<serde_json::Number>(raw.get()) {
+        Ok(n) if n.is_i64() || n.is_u64() => Ok(RequestId(n)),
+        _ => Err(()),
+    }
+}
+
+fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, DecodeError> {
+    let id = match raw.id {
+        None => None,
+        Some(r) => Some(
+            read_id(r).map_err(|()| DecodeError::new(None, "field `id` must be an integer"))?,
+        ),
+    };
+    let err = |msg: String| DecodeError::new(id.clone(), msg);
+    let ty: String = match raw.ty {
+        None => return Err(err("missing field `type`".into())),
+        Some(t) => field(t, "type", "a string").map_err(err)?,
+    };
+    let required = |v: Option<&'a RawValue>, name: &str| -> Result<&'a RawValue, DecodeError> {
+        v.ok_or_else(|| DecodeError::new(id.clone(), format!("missing field `{name}`")))
+    };
+    let room = |v: Option<&'a RawValue>| -> Result<RoomName, DecodeError> {
+        let s: String = field(required(v, "room")?, "room", "a string")
+            .map_err(|m| DecodeError::new(id.clone(), m))?;
+        RoomName::new(&s).map_err(|e| DecodeError::new(id.clone(), format!("field `room`: {e}")))
+    };
+    let flag = |v: Option<&RawValue>, name: &str| -> Result<bool, DecodeError> {
+        v.map_or(Ok(false), |v| {
+            field(v, name, "a boolean").map_err(|m| DecodeError::new(id.clone(), m))
+        })
+    };
+    let data = || data.clone().ok_or_else(|| err("missing field `data`".into()));
+    let request = match ty.as_str() {
+        "hello" => Request::Hello {
+            token: raw
+                .token
+                .map(|t| field(t, "token", "a string"))
+                .transpose()
+                .map_err(err)?,
+        },
+        "auth" => Request::Auth {
+            token: field(required(raw.token, "token")?, "token", "a string").map_err(err)?,
+            id,
+        },
+        "join" => Request::Join {
+            room: room(raw.room)?,
+            since: raw
+                .since
+                .map(|s| field(s, "since", "a non-negative integer"))
+                .transpose()
+                .map_err(err)?,
+            epoch: raw
+                .epoch
+                .map(|e| field(e, "epoch", "a string"))
+                .transpose()
+                .map_err(err)?,
+            id,
+        },
+        "leave" => Request::Leave {
+            room: room(raw.room)?,
+            id,
+        },
+        "publish" => Request::Publish {
+            room: room(raw.room)?,
+            data: data()?,
+            echo: flag(raw.echo, "echo")?,
+            volatile: flag(raw.volatile, "volatile")?,
+            id,
+        },
+        "send" => {
+            let to: String = field(required(raw.to, "to")?, "to", "a string").map_err(err)?;
+            if to.is_empty() {
+                return Err(err("field `to` must not be empty".into()));
+            }
+            Request::Send {
+                to,
+                data: data()?,
+                id,
+            }
+        }
+        "presence" => Request::Presence {
+            room: room(raw.room)?,
+            id,
+        },
+        "ping" => Request::Ping { id },
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(err(format!("unknown type `{shown}`")));
+        }
+    };
+    Ok(request)
+}
+
+fn field<T: DeserializeOwned>(raw: &RawValue, name: &str, expected: &str) -> Result<T, String> {
+    serde_json::from_str(raw.get()).map_err(|_| format!("field `{name}` must be {expected}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> Result<Request, DecodeError> {
+        decode_json(&Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn decodes_publish_and_keeps_data_verbatim() {
+        let r = json(r#"{"type":"publish","id":7,"room":"lobby","data":{"a": [1, 2]},"echo":true}"#)
+            .unwrap();
+        match r {
+            Request::Publish {
+                id,
+                room,
+                data,
+                echo,
+                volatile,
+            } => {
+                assert_eq!(id, Some(RequestId(7.into())));
+                assert_eq!(room.as_str(), "lobby");
+                assert_eq!(data, Payload::Json(Bytes::from_static(br#"{"a": [1, 2]}"#)));
+                assert!(echo);
+                assert!(!volatile);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_data_is_present() {
+        let r = json(r#"{"type":"send","to":"bob","data":null}"#).unwrap();
+        assert!(matches!(r, Request::Send { data: Payload::Json(d), .. } if &d[..] == b"null"));
+    }
+
+    #[test]
+    fn precise_errors_name_the_problem() {
+        let cases = [
+            ("not json", "invalid JSON"),
+            ("[1,2]", "envelope must be a JSON object"),
+            (r#"{"id":1}"#, "missing field `type`"),
+            (r#"{"type":5}"#, "field `type` must be a string"),
+            (r#"{"type":"dance"}"#, "unknown type `dance`"),
+            (r#"{"type":"join"}"#, "missing field `room`"),
+            (r#"{"type":"join","room":7}"#, "field `room` must be a string"),
+            (r#"{"type":"join","room":"a b"}"#, "field `room`: room name may only"),
+            (r#"{"type":"publish","room":"r"}"#, "missing field `data`"),
+            (r#"{"type":"publish","room":"r","data":1,"echo":"yes"}"#, "field `echo` must be a boolean"),
+            (r#"{"type":"ping","id":"x"}"#, "field `id` must be an integer"),
+            (r#"{"type":"join","room":"r","since":-1}"#, "field `since` must be a non-negative integer"),
+            (r#"{"type":"send","data":1}"#, "missing field `to`"),
+            (r#"{"type":"auth"}"#, "missing field `token`"),
+        ];
+        for (input, expected) in cases {
+            let e = json(input).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(e.message.contains(expected), "{input}: got {:?}", e.message);
+        }
+    }
+
+    #[test]
+    fn errors_echo_the_id_when_readable() {
+        let e = json(r#"{"type":"join","id":42}"#).unwrap_err();
+        assert_eq!(e.id, Some(RequestId(42.into())));
+    }
+
+    #[test]
+    fn binary_envelope_splits_header_and_payload() {
+        let header = br#"{"type":"publish","room":"r","id":3}"#;
+        let mut frame = (header.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(&[0, 1, 2, 255]);
+        let r = decode_binary(&Bytes::from(frame)).unwrap();
+        assert!(
+            matches!(r, Request::Publish { data: Payload::Binary(p), .. } if &p[..] == [0, 1, 2, 255])
+        );
+    }
+
+    #[test]
+    fn binary_envelope_errors() {
+        assert!(decode_binary(&Bytes::from_static(&[0])).is_err());
+        assert!(decode_binary(&Bytes::from_static(&[0, 9, b'{'])).is_err());
+        let header = br#"{"type":"publish","room":"r","data":1}"#;
+        let mut frame = (header.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(header);
+        let e = decode_binary(&Bytes::from(frame)).unwrap_err();
+        assert!(e.message.contains("must not contain `data`"));
+    }
+}

@@ -1,0 +1,321 @@
+//! Encoding server envelopes (PROTOCOL.md section 5). `message` and `direct` envelopes are
+//! written by hand, once per publish, around the client's `data` bytes; the rest go through serde.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{decode::RequestId, Payload, RoomName};
+use crate::session::Outbound;
+
+impl Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// One member of a room as listed by `presence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MemberInfo {
+    /// User id.
+    pub user: String,
+    /// Session id.
+    pub session: String,
+    /// `websocket` or `webtransport`.
+    pub transport: String,
+    /// The node the session is connected to (HTTP API only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub node: Option<String>,
+}
+
+/// The `members` of an ack: a count for `join`, a list for `presence`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AckMembers {
+    /// Number of sessions in the room.
+    Count(usize),
+    /// The members.
+    List(Vec<MemberInfo>),
+}
+
+/// Per-request fields of an `ack`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AckFields {
+    /// The room of a `join`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// Latest sequence (`join`) or assigned sequence (`publish`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The room's epoch (`join`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// Member count (`join`) or list (`presence`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<AckMembers>,
+    /// Whether history recovery succeeded (`join` with `since`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// Whether a `send` reached at least one session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<bool>,
+}
+
+/// Server envelopes other than `message` and `direct`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// The session is authenticated.
+    Welcome {
+        /// Session id.
+        session: &'a str,
+        /// User id.
+        user: &'a str,
+        /// Endpoint path.
+        endpoint: &'a str,
+        /// `websocket` or `webtransport`.
+        transport: &'a str,
+        /// WebSocket ping interval.
+        heartbeat_ms: u64,
+        /// Node id.
+        node: &'a str,
+    },
+    /// A request succeeded.
+    Ack {
+        /// Echoed request id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// Per-request fields.
+        #[serde(flatten)]
+        fields: &'a AckFields,
+    },
+    /// A request failed.
+    Error {
+        /// Echoed request id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// Error code.
+        code: &'a str,
+        /// Human-readable message.
+        message: &'a str,
+    },
+    /// A user joined or left a room.
+    Presence {
+        /// The room.
+        room: &'a str,
+        /// `join` or `leave`.
+        event: &'a str,
+        /// The user.
+        user: &'a str,
+    },
+    /// Answer to `ping`.
+    Pong {
+        /// Echoed request id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// The server is going away; reconnect later.
+    Reconnect {
+        /// Delay before reconnecting.
+        after_ms: u64,
+        /// Why.
+        reason: &'a str,
+        /// Where to reconnect.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        url: Option<&'a str>,
+    },
+    /// The server closes this WebTransport session.
+    Close {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Encodes the envelope as JSON text.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("server frames always serialize"))
+    }
+
+    /// Encodes the envelope as a queued text frame.
+    pub fn to_outbound(&self) -> Outbound {
+        Outbound::Text(self.to_bytes())
+    }
+}
+
+/// Wire `type` of a room message.
+pub const MESSAGE: &str = "message";
+/// Wire `type` of a direct message.
+pub const DIRECT: &str = "direct";
+
+/// A `message` or `direct` envelope, encoded once per publish and shared by all recipients.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageFrame<'a> {
+    /// [`MESSAGE`] or [`DIRECT`].
+    pub kind: &'static str,
+    /// The room (`message` only).
+    pub room: Option<&'a RoomName>,
+    /// The sender's user id, absent for the HTTP API.
+    pub from: Option<&'a str>,
+    /// Sequence number, absent when volatile.
+    pub seq: Option<u64>,
+    /// Whether the message is volatile.
+    pub volatile: bool,
+}
+
+impl MessageFrame<'_> {
+    /// Encodes the envelope around `data`: JSON data gives a text frame, binary data a binary
+    /// envelope whose header is this envelope without `data`.
+    pub fn encode(&self, data: &Payload) -> Outbound {
+        match data {
+            Payload::Json(json) => {
+                let mut buf = Vec::with_capacity(64 + json.len());
+                self.write_fields(&mut buf);
+                buf.extend_from_slice(b",\"data\":");
+                buf.extend_from_slice(json);
+                buf.push(b'}');
+                if self.volatile {
+                    Outbound::Volatile(Bytes::from(buf))
+                } else {
+                    Outbound::Text(Bytes::from(buf))
+                }
+            }
+            Payload::Binary(payload) => {
+                let mut buf = Vec::with_capacity(66 + payload.len());
+                buf.extend_from_slice(&[0, 0]);
+                self.write_fields(&mut buf);
+                buf.push(b'}');
+                let header_len = u16::try_from(buf.len() - 2).unwrap_or(u16::MAX);
+                buf[..2].copy_from_slice(&header_len.to_be_bytes());
+                buf.extend_from_slice(payload);
+                Outbound::Binary(Bytes::from(buf))
+            }
+        }
+    }
+
+    /// Writes `{"type":..,"room":..,"from":..,"seq":..,"volatile":..` (no closing brace).
+    fn write_fields(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"{\"type\":\"");
+        buf.extend_from_slice(self.kind.as_bytes());
+        buf.push(b'"');
+        if let Some(room) = self.room {
+            // Room names are restricted to characters that need no escaping.
+            buf.extend_from_slice(b",\"room\":\"");
+            buf.extend_from_slice(room.as_str().as_bytes());
+            buf.push(b'"');
+        }
+        if let Some(from) = self.from {
+            buf.extend_from_slice(b",\"from\":");
+            serde_json::to_writer(&mut *buf, from).expect("strings always serialize");
+        }
+        if let Some(seq) = self.seq {
+            buf.extend_from_slice(b",\"seq\":");
+            buf.extend_from_slice(seq.to_string().as_bytes());
+        }
+        if self.volatile {
+            buf.extend_from_slice(b",\"volatile\":true");
+        }
+    }
+}
+
+/// Builds a binary envelope from a JSON header (without `data`) and a payload.
+pub fn encode_binary_header(header: &[u8], payload: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(2 + header.len() + payload.len());
+    let len = u16::try_from(header.len()).expect("binary envelope header over 64 KiB");
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(header);
+    buf.extend_from_slice(payload);
+    Bytes::from(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::decode_binary;
+    use serde_json::{json, Value};
+
+    fn text(o: Outbound) -> Value {
+        match o {
+            Outbound::Text(b) | Outbound::Volatile(b) => serde_json::from_slice(&b).unwrap(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn message_envelope_is_valid_json_with_raw_data() {
+        let room = RoomName::new("lobby").unwrap();
+        let frame = MessageFrame {
+            kind: MESSAGE,
+            room: Some(&room),
+            from: Some("al\"ice"),
+            seq: Some(9),
+            volatile: false,
+        };
+        let v = text(frame.encode(&Payload::Json(Bytes::from_static(b"{\"x\": 1}"))));
+        assert_eq!(
+            v,
+            json!({"type":"message","room":"lobby","from":"al\"ice","seq":9,"data":{"x":1}})
+        );
+    }
+
+    #[test]
+    fn volatile_direct_without_sender() {
+        let frame = MessageFrame {
+            kind: DIRECT,
+            room: None,
+            from: None,
+            seq: None,
+            volatile: true,
+        };
+        let o = frame.encode(&Payload::Json(Bytes::from_static(b"[1]")));
+        assert!(matches!(o, Outbound::Volatile(_)));
+        assert_eq!(text(o), json!({"type":"direct","volatile":true,"data":[1]}));
+    }
+
+    #[test]
+    fn binary_message_round_trips_through_the_decoder_shape() {
+        let room = RoomName::new("r").unwrap();
+        let frame = MessageFrame {
+            kind: MESSAGE,
+            room: Some(&room),
+            from: Some("u"),
+            seq: Some(1),
+            volatile: false,
+        };
+        let Outbound::Binary(b) = frame.encode(&Payload::Binary(Bytes::from_static(&[1, 2, 3])))
+        else {
+            panic!("expected binary");
+        };
+        let header_len = u16::from_be_bytes([b[0], b[1]]) as usize;
+        let header: Value = serde_json::from_slice(&b[2..2 + header_len]).unwrap();
+        assert_eq!(header, json!({"type":"message","room":"r","from":"u","seq":1}));
+        assert_eq!(&b[2 + header_len..], &[1, 2, 3]);
+        // The decoder reads the same layout (and rejects the unknown type cleanly).
+        assert!(decode_binary(&b).is_err());
+    }
+
+    #[test]
+    fn ack_flattens_its_fields() {
+        let id = RequestId(5.into());
+        let fields = AckFields {
+            room: Some("r".into()),
+            seq: Some(0),
+            epoch: Some("e".into()),
+            members: Some(AckMembers::Count(2)),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(
+            &ServerFrame::Ack {
+                id: Some(&id),
+                fields: &fields,
+            }
+            .to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"ack","id":5,"room":"r","seq":0,"epoch":"e","members":2})
+        );
+    }
+}

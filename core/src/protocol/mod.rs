@@ -1,0 +1,14 @@
+//! The wire protocol (PROTOCOL.md): envelopes, their decoding with precise errors, their
+//! encoding, binary envelopes, and the table of error and close codes.
+
+pub mod codes;
+mod decode;
+mod encode;
+mod room;
+
+pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
+pub use decode::{decode_binary, decode_json, DecodeError, Payload, Request, RequestId};
+pub use encode::{
+    encode_binary_header, AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE,
+};
+pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};

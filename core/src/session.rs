@@ -1,0 +1,346 @@
+//! The session abstraction shared by both transports.
+//!
+//! A transport adapter gets a [`SessionHandle`] (held by the hub and every room the session is
+//! in) and an [`OutboxReceiver`] (held by the adapter's writer). The hub only ever calls
+//! [`SessionHandle::send`], which never blocks and never awaits: a full queue closes the
+//! session as a slow consumer instead of stalling the room.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock,
+    },
+};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::protocol::{CloseCode, CloseReason};
+
+/// A frame queued for one session, already encoded. Cloning shares the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// A JSON envelope.
+    Text(Bytes),
+    /// A binary envelope.
+    Binary(Bytes),
+    /// A volatile JSON `message`: WebTransport may send it as a datagram.
+    Volatile(Bytes),
+    /// A transport-level liveness probe (WebSocket ping).
+    Ping,
+}
+
+/// The transport a session arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// Secure WebSocket over TCP.
+    WebSocket,
+    /// WebTransport over HTTP/3.
+    WebTransport,
+}
+
+impl TransportKind {
+    /// The wire name: `websocket` or `webtransport`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::WebTransport => "webtransport",
+        }
+    }
+}
+
+/// A session id, unique across the cluster with overwhelming probability (64 random bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Outcome of [`SessionHandle::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the writer.
+    Queued,
+    /// The queue was full: the session is now closed with 4008.
+    Overflow,
+    /// The session is already closing; the frame was dropped.
+    Closed,
+}
+
+struct Queue {
+    frames: VecDeque<Outbound>,
+    close: Option<CloseReason>,
+}
+
+struct Shared {
+    id: SessionId,
+    id_text: String,
+    transport: TransportKind,
+    endpoint: Arc<str>,
+    user: OnceLock<Arc<str>>,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    /// Wakes the writer: a frame arrived in an empty queue, or the session closed.
+    writer: Notify,
+    /// Wakes everyone waiting in [`SessionHandle::closed`].
+    closed: Notify,
+    is_closed: AtomicBool,
+}
+
+/// The hub's side of a session: identity, transport, and the sending half of its bounded
+/// outbound queue. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionHandle(Arc<Shared>);
+
+/// The adapter's side of a session's outbound queue.
+pub struct OutboxReceiver(Arc<Shared>);
+
+/// What the writer gets from [`OutboxReceiver::recv_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// Frames were appended to the caller's buffer.
+    Frames,
+    /// The queue is drained and the session is closing for this reason.
+    Close(CloseReason),
+}
+
+impl SessionHandle {
+    /// A new session with an outbound queue of `capacity` frames.
+    pub fn new(
+        transport: TransportKind,
+        endpoint: Arc<str>,
+        capacity: usize,
+    ) -> (SessionHandle, OutboxReceiver) {
+        let id = SessionId::random();
+        let shared = Arc::new(Shared {
+            id,
+            id_text: id.to_string(),
+            transport,
+            endpoint,
+            user: OnceLock::new(),
+            capacity: capacity.max(1),
+            queue: Mutex::new(Queue {
+                frames: VecDeque::new(),
+                close: None,
+            }),
+            writer: Notify::new(),
+            closed: Notify::new(),
+            is_closed: AtomicBool::new(false),
+        });
+        (SessionHandle(shared.clone()), OutboxReceiver(shared))
+    }
+
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.0.id
+    }
+
+    /// The session id as sent on the wire.
+    pub fn id_str(&self) -> &str {
+        &self.0.id_text
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> TransportKind {
+        self.0.transport
+    }
+
+    /// The endpoint path the session connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.0.endpoint
+    }
+
+    /// The user id, once authenticated.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.0.user.get()
+    }
+
+    /// Sets the user id; the first call wins (a session never changes user).
+    pub fn set_user(&self, user: Arc<str>) -> &Arc<str> {
+        self.0.user.get_or_init(|| user)
+    }
+
+    /// Whether two handles are the same session.
+    pub fn same_session(&self, other: &SessionHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Queues a frame without waiting. A full queue closes the session with 4008 and drops
+    /// what it held: the client reconnects and recovers from history.
+    pub fn send(&self, frame: Outbound) -> Delivery {
+        let mut q = self.lock();
+        if q.close.is_some() {
+            return Delivery::Closed;
+        }
+        if q.frames.len() >= self.0.capacity {
+            q.frames.clear();
+            q.frames.shrink_to_fit();
+            drop(q);
+            self.close(CloseReason::new(
+                CloseCode::TooSlowOrTooFast,
+                "slow consumer: outbound queue full",
+            ));
+            return Delivery::Overflow;
+        }
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.0.writer.notify_one();
+        }
+        Delivery::Queued
+    }
+
+    /// Closes the session: frames already queued are still written, then the close.
+    /// Later calls keep the first reason.
+    pub fn close(&self, reason: CloseReason) {
+        let mut q = self.lock();
+        if q.close.is_some() {
+            return;
+        }
+        q.close = Some(reason);
+        drop(q);
+        self.0.is_closed.store(true, Ordering::Release);
+        self.0.writer.notify_one();
+        self.0.closed.notify_waiters();
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed.load(Ordering::Acquire)
+    }
+
+    /// The close reason, once closed.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close.clone()
+    }
+
+    /// Resolves once the session is closed.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.0.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Number of frames waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        lock(&self.0.queue)
+    }
+}
+
+fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    // The queue holds plain data; a panic elsewhere cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.0.id_text)
+            .field("transport", &self.0.transport)
+            .field("user", &self.0.user.get())
+            .finish()
+    }
+}
+
+impl OutboxReceiver {
+    /// Waits until frames are queued or the session closes, then moves up to `max` frames
+    /// into `out` (one lock for the whole batch). Returns [`Batch::Close`] only once the
+    /// queue is drained.
+    pub async fn recv_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Batch {
+        loop {
+            {
+                let mut q = lock(&self.0.queue);
+                if !q.frames.is_empty() {
+                    let n = q.frames.len().min(max.max(1));
+                    out.extend(q.frames.drain(..n));
+                    if q.frames.is_empty() && q.frames.capacity() > 64 {
+                        q.frames.shrink_to(16);
+                    }
+                    return Batch::Frames;
+                }
+                if let Some(reason) = &q.close {
+                    return Batch::Close(reason.clone());
+                }
+            }
+            self.0.writer.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &'static str) -> Outbound {
+        Outbound::Text(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn batches_in_order_then_closes() {
+        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 8);
+        assert_eq!(h.send(text("a")), Delivery::Queued);
+        assert_eq!(h.send(text("b")), Delivery::Queued);
+        h.close(CloseReason::new(CloseCode::Normal, "bye"));
+        assert_eq!(h.send(text("c")), Delivery::Closed);
+        let mut out = Vec::new();
+        assert_eq!(rx.recv_batch(&mut out, 16).await, Batch::Frames);
+        assert_eq!(out, vec![text("a"), text("b")]);
+        out.clear();
+        assert_eq!(
+            rx.recv_batch(&mut out, 16).await,
+            Batch::Close(CloseReason::new(CloseCode::Normal, "bye"))
+        );
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_with_4008_and_drops_the_backlog() {
+        let (h, rx) = SessionHandle::new(TransportKind::WebTransport, "/chat".into(), 2);
+        h.send(text("a"));
+        h.send(text("b"));
+        assert_eq!(h.send(text("c")), Delivery::Overflow);
+        assert!(h.is_closed());
+        let mut out = Vec::new();
+        match rx.recv_batch(&mut out, 16).await {
+            Batch::Close(r) => assert_eq!(r.code, CloseCode::TooSlowOrTooFast),
+            other => panic!("{other:?}"),
+        }
+        assert!(out.is_empty());
+        h.closed().await;
+    }
+
+    #[tokio::test]
+    async fn writer_wakes_for_a_frame_sent_later() {
+        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 4);
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            rx.recv_batch(&mut out, 4).await;
+            out
+        });
+        tokio::task::yield_now().await;
+        h.send(text("late"));
+        assert_eq!(task.await.unwrap(), vec![text("late")]);
+    }
+}
