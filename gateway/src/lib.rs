@@ -1,1 +1,13 @@
+//! The gateway server: configuration, the TCP front (HTTPS + secure WebSocket), the HTTP API,
+//! and the wiring around the transport-neutral hub of `gateway-core`.
 
+pub mod admission;
+pub mod api;
+pub mod config;
+pub mod server;
+pub mod state;
+pub mod tls;
+pub mod ws;
+
+pub use config::Config;
+pub use server::Server;

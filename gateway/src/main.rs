@@ -1,1 +1,143 @@
-fn main(){}
+//! The `gateway` command (CONFIG.md): run, `check-config`, `certs dev`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use gateway::{config::Config, Server};
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "Real-time gateway: secure WebSocket and WebTransport on one port")]
+struct Cli {
+    /// Run from this TOML file (without it: dev mode on loopback).
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override `listen` (HOST:PORT; port 0 picks a free port).
+    #[arg(long, env = "GATEWAY_LISTEN")]
+    listen: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file; print the first problem with its key.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Certificate tools.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development certificate and key (PEM) and print its SHA-256.
+    Dev {
+        /// Output directory.
+        #[arg(long, default_value = ".gateway")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match Config::from_file(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Certs {
+            command: CertsCommand::Dev { out },
+        }) => match gateway_certs::DevCert::generate().and_then(|c| c.write(&out).map(|()| c)) {
+            Ok(cert) => {
+                println!("certificate {}", out.join("cert.pem").display());
+                println!("key {}", out.join("key.pem").display());
+                println!("sha256={}", cert.sha256);
+                println!("spki-sha256={}", cert.spki_sha256);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => run(cli.config, cli.listen),
+    }
+}
+
+fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match config_path {
+        Some(path) => match Config::from_file(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::dev(),
+    };
+    if let Some(listen) = listen {
+        match listen.parse() {
+            Ok(addr) => config.listen = addr,
+            Err(_) => {
+                eprintln!("--listen: `{listen}` is not HOST:PORT");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if config.dev_mode && !config.listen.ip().is_loopback() {
+        eprintln!("--listen: dev mode (no --config) only listens on loopback");
+        return ExitCode::FAILURE;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let server = match Server::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for line in server.listener_lines() {
+            println!("{line}");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown(Duration::from_secs(5)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

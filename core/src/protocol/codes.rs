@@ -70,6 +70,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1002: WebSocket protocol error.
     ProtocolError,
+    /// 1007: a text message that is not valid UTF-8 (RFC 6455).
+    InvalidPayload,
     /// 1008: policy violation.
     PolicyViolation,
     /// 1009: message too large.
@@ -93,6 +95,7 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::PolicyViolation => 1008,
             CloseCode::TooLarge => 1009,
             CloseCode::Internal => 1011,
@@ -109,6 +112,7 @@ impl CloseCode {
             CloseCode::Normal,
             CloseCode::GoingAway,
             CloseCode::ProtocolError,
+            CloseCode::InvalidPayload,
             CloseCode::PolicyViolation,
             CloseCode::TooLarge,
             CloseCode::Internal,
@@ -181,6 +185,20 @@ impl Rejection {
             Rejection::TooManyFromIp | Rejection::TooManyForUser => 429,
             Rejection::ForbiddenOrigin => 403,
             Rejection::InvalidCredential | Rejection::MissingCredential => 401,
+        }
+    }
+
+    /// The `error` code of the JSON body sent with the status.
+    pub fn error_code(self) -> ErrorCode {
+        match self {
+            Rejection::UnknownEndpoint => ErrorCode::NotFound,
+            Rejection::BadUpgrade => ErrorCode::BadRequest,
+            Rejection::ServerFull | Rejection::TooManyFromIp | Rejection::TooManyForUser => {
+                ErrorCode::LimitExceeded
+            }
+            Rejection::ShuttingDown => ErrorCode::Internal,
+            Rejection::ForbiddenOrigin => ErrorCode::Forbidden,
+            Rejection::InvalidCredential | Rejection::MissingCredential => ErrorCode::Unauthorized,
         }
     }
 

@@ -1,0 +1,147 @@
+//! The one admission decision both fronts make before a session exists (PROTOCOL.md
+//! section 1): admit with an identity, or reject with a status. Checks run in the documented
+//! order and the first failure decides.
+
+use std::{net::IpAddr, sync::Arc};
+
+use gateway_core::{
+    connection::{Admitted, Now},
+    limits::ConnectionSlot,
+    policy::{AuthMode, EndpointPolicy},
+    protocol::Rejection,
+};
+use http::HeaderMap;
+
+use crate::state::AppState;
+
+/// The parts of an upgrade or CONNECT request that admission looks at.
+#[derive(Debug)]
+pub struct UpgradeRequest<'a> {
+    /// Request path without query.
+    pub path: &'a str,
+    /// Raw query string.
+    pub query: Option<&'a str>,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+    /// Client address.
+    pub peer: IpAddr,
+    /// Whether the request is a well-formed WebSocket upgrade or WebTransport CONNECT.
+    pub valid_upgrade: bool,
+}
+
+/// An admitted request: what the adapter needs to open the session.
+#[derive(Debug)]
+pub struct Admission {
+    /// The endpoint's policy.
+    pub policy: Arc<EndpointPolicy>,
+    /// The identity (or pending/anonymous state).
+    pub admitted: Admitted,
+    /// The connection slot, released when the session ends.
+    pub slot: ConnectionSlot,
+}
+
+/// Where a credential came from (PROTOCOL.md section 2 order).
+#[derive(Debug, PartialEq, Eq)]
+enum Credential {
+    Bearer(String),
+    Ticket(String),
+    Token(String),
+}
+
+/// Decides whether the request may open a session.
+pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admission, Rejection> {
+    let policy = app
+        .endpoint(req.path)
+        .ok_or(Rejection::UnknownEndpoint)?
+        .clone();
+    if !req.valid_upgrade {
+        return Err(Rejection::BadUpgrade);
+    }
+    if app.is_shutting_down() {
+        return Err(Rejection::ShuttingDown);
+    }
+    let slot = app.services.limits.acquire(req.peer)?;
+    let origin = req
+        .headers
+        .get(http::header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !policy.origin_allowed(origin) {
+        return Err(Rejection::ForbiddenOrigin);
+    }
+    let admitted = match policy.auth {
+        AuthMode::None => Admitted::Anonymous,
+        mode => match credential(req) {
+            None if mode == AuthMode::FirstMessage => Admitted::Pending,
+            None => return Err(Rejection::MissingCredential),
+            Some(cred) => {
+                let token = match cred {
+                    Credential::Bearer(t) | Credential::Token(t) => t,
+                    // Tickets arrive with the ticket store; until then none is valid.
+                    Credential::Ticket(_) => return Err(Rejection::InvalidCredential),
+                };
+                let verifier = app
+                    .services
+                    .verifier
+                    .as_ref()
+                    .ok_or(Rejection::InvalidCredential)?;
+                let identity = verifier
+                    .verify(&token, now.unix_secs)
+                    .map_err(|_| Rejection::InvalidCredential)?;
+                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                Admitted::Authenticated(identity, user_slot)
+            }
+        },
+    };
+    Ok(Admission {
+        policy,
+        admitted,
+        slot,
+    })
+}
+
+fn credential(req: &UpgradeRequest<'_>) -> Option<Credential> {
+    if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
+        let v = v.to_str().unwrap_or("");
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or("");
+        // A malformed Authorization header is a credential that fails, not an absent one.
+        return Some(Credential::Bearer(token.trim().to_owned()));
+    }
+    let query = req.query?;
+    let mut token = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "ticket" => return Some(Credential::Ticket(v.into_owned())),
+            "token" if token.is_none() => token = Some(Credential::Token(v.into_owned())),
+            _ => {}
+        }
+    }
+    token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> UpgradeRequest<'a> {
+        UpgradeRequest {
+            path: "/chat",
+            query,
+            headers,
+            peer: "127.0.0.1".parse().unwrap(),
+            valid_upgrade: true,
+        }
+    }
+
+    #[test]
+    fn credentials_are_taken_in_protocol_order() {
+        let mut h = HeaderMap::new();
+        assert_eq!(credential(&req(&h, Some("token=b&ticket=a"))), Some(Credential::Ticket("a".into())));
+        assert_eq!(credential(&req(&h, Some("x=1&token=b%2Bc"))), Some(Credential::Token("b+c".into())));
+        assert_eq!(credential(&req(&h, Some("x=1"))), None);
+        h.insert(http::header::AUTHORIZATION, "Bearer hdr".parse().unwrap());
+        assert_eq!(credential(&req(&h, Some("ticket=a"))), Some(Credential::Bearer("hdr".into())));
+    }
+}

@@ -1,0 +1,138 @@
+//! Wiring: certificates, listeners on one port number, the hub, and graceful shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use gateway_certs::{ensure_dev_cert, load_pem, DevCert, ReloadableResolver};
+use gateway_core::{
+    auth::JwtVerifier,
+    backplane::LocalBackplane,
+    connection::Services,
+    hub::{Hub, HubConfig},
+    limits::ConnectionLimits,
+    protocol::{CloseCode, CloseReason, ServerFrame},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::info;
+
+use crate::{
+    api,
+    config::{Config, TlsSource},
+    state::AppState,
+    tls, ws,
+};
+
+/// A started gateway: its bound addresses and the tasks serving them.
+pub struct Server {
+    /// The TCP (HTTPS + WSS) address actually bound.
+    pub tcp_addr: SocketAddr,
+    /// The development certificate in use, if any.
+    pub dev_cert: Option<DevCert>,
+    /// Where the dev certificate PEM was written.
+    pub dev_cert_path: Option<std::path::PathBuf>,
+    /// Shared state.
+    pub state: Arc<AppState>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("tcp_addr", &self.tcp_addr).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Loads certificates, binds the listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        tls::install_crypto_provider();
+        let (identity, dev_cert, dev_cert_path) = match &config.tls {
+            TlsSource::Files { cert, key } => (load_pem(cert, key)?, None, None),
+            TlsSource::Dev(dir) => {
+                let (dev, _new) = ensure_dev_cert(dir)
+                    .with_context(|| format!("dev certificate in {}", dir.display()))?;
+                (dev.identity()?, Some(dev), Some(dir.join("cert.pem")))
+            }
+        };
+        let resolver = ReloadableResolver::new(&identity)?;
+
+        let tcp = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding TCP {}", config.listen))?;
+        let tcp_addr = tcp.local_addr()?;
+
+        let verifier = match &config.jwt {
+            Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
+            None => None,
+        };
+        let hub = Hub::new(
+            HubConfig {
+                node_id: config.node_id.clone(),
+                rooms: config.rooms.clone(),
+            },
+            Arc::new(LocalBackplane),
+        );
+        let limits = ConnectionLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+            config.limits.max_connections_per_user,
+        );
+        let services = Services {
+            hub,
+            verifier,
+            limits,
+        };
+        let state = AppState::new(config, services, None);
+        let router = api::router(state.clone());
+        let mut tasks = JoinSet::new();
+        let acceptor = TlsAcceptor::from(tls::tcp_config(resolver.clone()));
+        tasks.spawn(ws::serve(tcp, acceptor, state.clone(), router));
+
+        info!(%tcp_addr, node = state.config.node_id, "gateway started");
+        Ok(Self {
+            tcp_addr,
+            dev_cert,
+            dev_cert_path,
+            state,
+            tasks,
+        })
+    }
+
+    /// The lines printed on start, one per listener (CONFIG.md).
+    pub fn listener_lines(&self) -> Vec<String> {
+        let mut lines = vec![format!("listening https+wss on {} (tcp)", self.tcp_addr)];
+        if let (Some(dev), Some(path)) = (&self.dev_cert, &self.dev_cert_path) {
+            lines.push(format!(
+                "dev certificate {} sha256={} spki-sha256={}",
+                path.display(),
+                dev.sha256,
+                dev.spki_sha256
+            ));
+        }
+        lines
+    }
+
+    /// Graceful shutdown: refuse new sessions, tell every session to reconnect elsewhere
+    /// (`reconnect`, then close 1001), give them `drain` to go, then stop.
+    pub async fn shutdown(mut self, drain: Duration) {
+        self.state.begin_shutdown();
+        let after_ms = 1000 + u64::from(rand::random::<u16>() % 4000);
+        let reconnect = ServerFrame::Reconnect {
+            after_ms,
+            reason: "server shutting down",
+            url: None,
+        }
+        .to_outbound();
+        self.state.services.hub.close_all(
+            Some(reconnect),
+            CloseReason::new(CloseCode::GoingAway, "server shutting down"),
+        );
+        let deadline = tokio::time::Instant::now() + drain;
+        while self.state.services.hub.session_count() > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.tasks.abort_all();
+    }
+}

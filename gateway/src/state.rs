@@ -1,0 +1,60 @@
+//! State shared by every listener of one gateway process.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use gateway_core::{connection::Services, policy::EndpointPolicy};
+
+use crate::config::Config;
+
+/// Everything the fronts and the HTTP API share.
+#[derive(Debug)]
+pub struct AppState {
+    /// Hub, verifier and connection counters.
+    pub services: Services,
+    /// Endpoints by path.
+    pub endpoints: HashMap<String, Arc<EndpointPolicy>>,
+    /// The validated configuration.
+    pub config: Config,
+    /// The UDP port HTTPS responses advertise in `Alt-Svc`, when WebTransport is on.
+    pub h3_port: Option<u16>,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// Shared state for `config` around `services`.
+    pub fn new(config: Config, services: Services, h3_port: Option<u16>) -> Arc<Self> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect();
+        Arc::new(Self {
+            services,
+            endpoints,
+            config,
+            h3_port,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The endpoint configured at `path`.
+    pub fn endpoint(&self, path: &str) -> Option<&Arc<EndpointPolicy>> {
+        self.endpoints.get(path)
+    }
+
+    /// Whether graceful shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Marks the start of graceful shutdown: new sessions are refused, `/healthz` says 503.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+}

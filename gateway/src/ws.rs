@@ -1,0 +1,342 @@
+//! The TCP front: TLS accept loop, HTTP/1.1 (hyper) serving the shared router, WebSocket
+//! upgrades on endpoint paths, and the WebSocket session adapter (tokio-tungstenite).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{body::Body, Router};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use gateway_core::{
+    connection::{Connection, Now},
+    protocol::{CloseCode, CloseReason},
+    session::{Batch, OutboxReceiver, Outbound, TransportKind},
+};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::{
+    tungstenite::{
+        self,
+        handshake::derive_accept_key,
+        protocol::{frame::coding::OpCode, frame::Frame, CloseFrame, Role, WebSocketConfig},
+        Message,
+    },
+    WebSocketStream,
+};
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+use crate::{
+    admission::{self, Admission, UpgradeRequest},
+    api::rejection_response,
+    state::AppState,
+};
+
+/// How long a closing session may take to flush its close frame and hear the peer's reply.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Most frames the writer takes from the queue per flush.
+const MAX_BATCH: usize = 512;
+/// Largest request head accepted (431 beyond).
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// The client address of a request, set by the front that received it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Accepts TCP connections until the listener fails; each is served on its own task.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Arc<AppState>, router: Router) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, app, router) = (acceptor.clone(), app.clone(), router.clone());
+        tokio::spawn(async move {
+            let timeout = app.config.limits.handshake_timeout;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+            };
+            let alt_svc = app
+                .h3_port
+                .and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                let (router, alt_svc) = (router.clone(), alt_svc.clone());
+                async move {
+                    let mut response = router.oneshot(req.map(Body::new)).await?;
+                    if let Some(v) = alt_svc {
+                        response.headers_mut().insert(header::ALT_SVC, v);
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Whether the request is a WebSocket upgrade RFC 6455 accepts.
+fn is_websocket_upgrade(req: &Request<Body>) -> bool {
+    let h = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        })
+    };
+    req.method() == http::Method::GET
+        && req.version() == http::Version::HTTP_11
+        && has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket")
+        && h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && h.get(header::SEC_WEBSOCKET_KEY).is_some()
+}
+
+/// Handles a request on an endpoint path (or an unknown path): admission, then the 101
+/// response and the WebSocket session on its own task.
+pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Body> {
+    let peer = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| p.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let valid_upgrade = on_upgrade.is_some() && is_websocket_upgrade(&req);
+    let now = Now::read();
+    let admission = admission::admit(
+        &app,
+        &UpgradeRequest {
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            peer: peer.ip(),
+            valid_upgrade,
+        },
+        now,
+    );
+    let admission = match admission {
+        Ok(a) => a,
+        Err(rejection) => {
+            debug!(%peer, path = req.uri().path(), ?rejection, "upgrade rejected");
+            return rejection_response(rejection);
+        }
+    };
+    let (Some(on_upgrade), Some(key)) = (on_upgrade, req.headers().get(header::SEC_WEBSOCKET_KEY))
+    else {
+        return rejection_response(gateway_core::protocol::Rejection::BadUpgrade);
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run_session(TokioIo::new(upgraded), admission, app, peer).await,
+            Err(e) => debug!(%peer, error = %e, "upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}
+
+/// tungstenite settings for one endpoint. Its defaults (64 MiB messages, 16 MiB frames,
+/// 128 KiB eager read buffer, unbounded write buffer) are unsafe or wasteful for a gateway.
+fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Grows on demand; 4 KiB keeps idle connections small.
+        .read_buffer_size(4 * 1024)
+        // Frames accumulate up to 16 KiB (about one TLS record) before a write.
+        .write_buffer_size(16 * 1024)
+        // A writer that cannot write fails instead of buffering without bound.
+        .max_write_buffer_size(1024 * 1024 + max_message_bytes)
+        // Checked from the frame header, before the payload is buffered.
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+}
+
+fn to_message(frame: Outbound) -> Message {
+    use tungstenite::protocol::frame::coding::Data;
+    match frame {
+        // The hub only ever queues valid UTF-8 JSON as text; a raw frame skips re-validating
+        // the shared bytes once per recipient.
+        Outbound::Text(b) | Outbound::Volatile(b) => {
+            Message::Frame(Frame::message(b, OpCode::Data(Data::Text), true))
+        }
+        Outbound::Binary(b) => Message::Binary(b),
+        Outbound::Ping => Message::Ping(Bytes::new()),
+    }
+}
+
+/// Outbound counters of one session.
+#[derive(Debug, Default, Clone, Copy)]
+struct WriteStats {
+    frames: u64,
+    bytes: u64,
+}
+
+/// Drains the session's outbox to the socket: each wake-up takes every queued frame, feeds
+/// them to tungstenite and flushes once. Ends after writing the close frame.
+async fn write_loop<S>(mut sink: S, outbox: OutboxReceiver) -> WriteStats
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let mut stats = WriteStats::default();
+    let mut batch = Vec::with_capacity(16);
+    loop {
+        match outbox.recv_batch(&mut batch, MAX_BATCH).await {
+            Batch::Frames => {
+                for frame in batch.drain(..) {
+                    if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame {
+                        stats.frames += 1;
+                        stats.bytes += b.len() as u64;
+                    }
+                    if sink.feed(to_message(frame)).await.is_err() {
+                        return stats;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return stats;
+                }
+                if batch.capacity() > 4 * MAX_BATCH {
+                    batch.shrink_to(16);
+                }
+            }
+            Batch::Close(reason) => {
+                let frame = CloseFrame {
+                    code: reason.code.code().into(),
+                    reason: reason.reason.into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return stats;
+            }
+        }
+    }
+}
+
+/// The close a tungstenite read error calls for; `None` when the connection is just gone.
+fn close_for(error: &tungstenite::Error) -> Option<CloseReason> {
+    use tungstenite::Error as E;
+    match error {
+        E::Capacity(_) => Some(CloseReason::new(CloseCode::TooLarge, "message too large")),
+        E::Protocol(p) => Some(CloseReason::new(CloseCode::ProtocolError, p.to_string())),
+        E::Utf8(_) => Some(CloseReason::new(CloseCode::InvalidPayload, "invalid UTF-8")),
+        _ => None,
+    }
+}
+
+/// Runs one WebSocket session to its end.
+async fn run_session<IO>(io: IO, admission: Admission, app: Arc<AppState>, peer: SocketAddr)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Admission {
+        policy,
+        admitted,
+        slot: _slot,
+    } = admission;
+    let config = websocket_config(policy.max_message_bytes);
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let opened = Instant::now();
+    let (mut conn, outbox) = Connection::open(
+        app.services.clone(),
+        policy,
+        TransportKind::WebSocket,
+        admitted,
+        Now::read(),
+    );
+    let handle = conn.handle().clone();
+    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
+        transport = "websocket", user = handle.user().map(|u| &**u), "session open");
+    let (sink, mut stream) = ws.split();
+    let mut writer = tokio::spawn(write_loop(sink, outbox));
+    let mut deadline = conn.poll(Instant::now().into_std());
+    let mut peer_closed = false;
+    loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => conn.on_text(text.into(), Now::read()),
+                Some(Ok(Message::Binary(bytes))) => conn.on_binary(bytes, Now::read()),
+                Some(Ok(Message::Pong(_))) => conn.on_pong(),
+                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => {
+                    peer_closed = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    match close_for(&e) {
+                        Some(reason) => conn.close(reason),
+                        None => peer_closed = true,
+                    }
+                    break;
+                }
+            },
+            () = sleep => deadline = conn.poll(Instant::now().into_std()),
+            () = handle.closed() => break,
+        }
+    }
+    // Let the writer flush what is queued and the close frame, and hear the peer's reply,
+    // within the grace period; then drop the connection whatever state it is in.
+    if !handle.is_closed() {
+        handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
+    }
+    let grace = tokio::time::sleep(CLOSE_GRACE);
+    tokio::pin!(grace);
+    let mut stats = WriteStats::default();
+    let mut writer_done = false;
+    loop {
+        tokio::select! {
+            result = &mut writer, if !writer_done => {
+                stats = result.unwrap_or_default();
+                writer_done = true;
+                if peer_closed { break; }
+            }
+            message = stream.next(), if !peer_closed => {
+                if matches!(message, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                    peer_closed = true;
+                    if writer_done { break; }
+                }
+            }
+            () = &mut grace => {
+                writer.abort();
+                break;
+            }
+        }
+    }
+    let reason = handle.close_reason();
+    let inbound = conn.stats();
+    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
+        transport = "websocket", user = handle.user().map(|u| &**u),
+        duration_ms = opened.elapsed().as_millis() as u64,
+        frames_in = inbound.frames, bytes_in = inbound.bytes,
+        frames_out = stats.frames, bytes_out = stats.bytes,
+        close_code = reason.as_ref().map(|r| r.code.code()),
+        close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+}
