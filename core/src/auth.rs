@@ -267,19 +267,38 @@ mod tests {
     fn bad_tokens_are_refused_with_their_reason() {
         let v = verifier();
         let cases = [
-            (token(json!({"sub":"a","exp":NOW+60,"iss":"iss"}), b"other"), AuthError::BadSignature),
-            (token(json!({"sub":"a","exp":NOW-1,"iss":"iss"}), b"secret"), AuthError::Expired),
-            (token(json!({"sub":"a","iss":"iss"}), b"secret"), AuthError::MissingClaim("exp")),
-            (token(json!({"exp":NOW+60,"iss":"iss"}), b"secret"), AuthError::MissingClaim("sub")),
-            (token(json!({"sub":"a","exp":NOW+60,"iss":"x"}), b"secret"), AuthError::WrongIssuer),
             (
-                token(json!({"sub":"a","exp":NOW+60,"nbf":NOW+30,"iss":"iss"}), b"secret"),
+                token(json!({"sub":"a","exp":NOW+60,"iss":"iss"}), b"other"),
+                AuthError::BadSignature,
+            ),
+            (
+                token(json!({"sub":"a","exp":NOW-1,"iss":"iss"}), b"secret"),
+                AuthError::Expired,
+            ),
+            (
+                token(json!({"sub":"a","iss":"iss"}), b"secret"),
+                AuthError::MissingClaim("exp"),
+            ),
+            (
+                token(json!({"exp":NOW+60,"iss":"iss"}), b"secret"),
+                AuthError::MissingClaim("sub"),
+            ),
+            (
+                token(json!({"sub":"a","exp":NOW+60,"iss":"x"}), b"secret"),
+                AuthError::WrongIssuer,
+            ),
+            (
+                token(
+                    json!({"sub":"a","exp":NOW+60,"nbf":NOW+30,"iss":"iss"}),
+                    b"secret",
+                ),
                 AuthError::NotYetValid,
             ),
             ("garbage".to_owned(), AuthError::Malformed),
             // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
             (
-                "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.".to_owned(),
+                "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ."
+                    .to_owned(),
                 AuthError::WrongAlgorithm,
             ),
         ];

@@ -110,8 +110,11 @@ impl Connection {
         admitted: Admitted,
         now: Now,
     ) -> (Connection, OutboxReceiver) {
-        let (handle, outbox) =
-            SessionHandle::new(transport, policy.path.as_str().into(), policy.queue_capacity);
+        let (handle, outbox) = SessionHandle::new(
+            transport,
+            policy.path.as_str().into(),
+            policy.queue_capacity,
+        );
         let ping = (transport == TransportKind::WebSocket).then_some(policy.heartbeat);
         let mut conn = Connection {
             bucket: TokenBucket::new(policy.rate_per_sec, policy.rate_burst, now.instant),
@@ -293,7 +296,11 @@ impl Connection {
                     self.services.hub.leave(&self.handle, &room);
                     self.ack(id.as_ref(), &AckFields::default());
                 } else {
-                    self.reply_error(id.as_ref(), ErrorCode::NotMember, "not a member of that room");
+                    self.reply_error(
+                        id.as_ref(),
+                        ErrorCode::NotMember,
+                        "not a member of that room",
+                    );
                 }
             }
             Request::Publish {
@@ -314,10 +321,7 @@ impl Connection {
             },
             Request::Send { id, to, data } => {
                 let from = self.handle.user().cloned();
-                let delivered = self
-                    .services
-                    .hub
-                    .send_to_user(&to, from.as_deref(), &data);
+                let delivered = self.services.hub.send_to_user(&to, from.as_deref(), &data);
                 self.ack(
                     id.as_ref(),
                     &AckFields {
@@ -398,16 +402,16 @@ impl Connection {
     ) -> Result<Option<u64>, (ErrorCode, &'static str)> {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            return Err((ErrorCode::Forbidden, "publishing to that room is not allowed"));
+            return Err((
+                ErrorCode::Forbidden,
+                "publishing to that room is not allowed",
+            ));
         }
         let exclude = (!echo).then(|| self.handle.id());
-        Ok(self.services.hub.publish(
-            room,
-            Some(&identity.user),
-            data,
-            volatile,
-            exclude,
-        ))
+        Ok(self
+            .services
+            .hub
+            .publish(room, Some(&identity.user), data, volatile, exclude))
     }
 
     fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {
@@ -478,9 +482,9 @@ impl Connection {
     }
 
     fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
-        let deadline = identity.expires_at.map(|exp| {
-            now.instant + Duration::from_secs(exp.saturating_sub(now.unix_secs))
-        });
+        let deadline = identity
+            .expires_at
+            .map(|exp| now.instant + Duration::from_secs(exp.saturating_sub(now.unix_secs)));
         self.liveness.set_token_deadline(deadline);
     }
 

@@ -303,11 +303,7 @@ impl Hub {
 
     /// Closes every session of `user` on this node; returns how many.
     pub fn disconnect_user(&self, user: &str, reason: CloseReason) -> usize {
-        let sessions = self
-            .users
-            .get(user)
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let sessions = self.users.get(user).map(|s| s.clone()).unwrap_or_default();
         for s in &sessions {
             s.close(reason.clone());
         }
@@ -316,7 +312,8 @@ impl Hub {
 
     /// Sends `frame` then closes every session on this node (graceful shutdown).
     pub fn close_all(&self, frame: Option<Outbound>, reason: CloseReason) {
-        let sessions: Vec<SessionHandle> = self.sessions.iter().map(|e| e.value().clone()).collect();
+        let sessions: Vec<SessionHandle> =
+            self.sessions.iter().map(|e| e.value().clone()).collect();
         for s in sessions {
             if let Some(f) = &frame {
                 s.send(f.clone());
@@ -373,7 +370,10 @@ mod tests {
         let ready = {
             let mut fut = std::pin::pin!(rx.recv_batch(&mut out, 1000));
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            matches!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(Batch::Frames))
+            matches!(
+                fut.as_mut().poll(&mut cx),
+                std::task::Poll::Ready(Batch::Frames)
+            )
         };
         if !ready {
             return Vec::new();
@@ -401,9 +401,18 @@ mod tests {
         hub.join(&a, &room);
         let outcome = hub.join(&b, &room);
         assert_eq!(outcome.members, 2);
-        assert_eq!(drain(&arx), vec![json!({"type":"presence","room":"r","event":"join","user":"bob"})]);
-        assert_eq!(hub.publish(&room, Some("alice"), &json_data("1"), false, Some(a.id())), Some(1));
-        assert_eq!(hub.publish(&room, Some("alice"), &json_data("2"), false, None), Some(2));
+        assert_eq!(
+            drain(&arx),
+            vec![json!({"type":"presence","room":"r","event":"join","user":"bob"})]
+        );
+        assert_eq!(
+            hub.publish(&room, Some("alice"), &json_data("1"), false, Some(a.id())),
+            Some(1)
+        );
+        assert_eq!(
+            hub.publish(&room, Some("alice"), &json_data("2"), false, None),
+            Some(2)
+        );
         assert_eq!(
             drain(&brx),
             vec![
@@ -428,7 +437,10 @@ mod tests {
         assert!(hub.leave(&t1, &room));
         assert!(drain(&wrx).is_empty());
         assert!(hub.leave(&t2, &room));
-        assert_eq!(drain(&wrx), vec![json!({"type":"presence","room":"r","event":"leave","user":"u"})]);
+        assert_eq!(
+            drain(&wrx),
+            vec![json!({"type":"presence","room":"r","event":"leave","user":"u"})]
+        );
         assert!(!hub.leave(&t2, &room));
         assert_eq!(hub.members(&room).len(), 1);
         hub.leave(&watcher, &room);

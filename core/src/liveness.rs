@@ -127,9 +127,13 @@ mod tests {
         assert_eq!(l.next_deadline(), None);
         l.set_auth_deadline(Some(t0 + 5 * S));
         assert_eq!(l.poll(t0 + 4 * S), None);
-        assert!(matches!(l.poll(t0 + 5 * S), Some(LivenessAction::Close(r)) if r.code == CloseCode::Unauthorized && r.reason == "auth timeout"));
+        assert!(
+            matches!(l.poll(t0 + 5 * S), Some(LivenessAction::Close(r)) if r.code == CloseCode::Unauthorized && r.reason == "auth timeout")
+        );
         l.set_auth_deadline(None);
         l.set_token_deadline(Some(t0 + 7 * S));
-        assert!(matches!(l.poll(t0 + 8 * S), Some(LivenessAction::Close(r)) if r.reason == "token expired"));
+        assert!(
+            matches!(l.poll(t0 + 8 * S), Some(LivenessAction::Close(r)) if r.reason == "token expired")
+        );
     }
 }

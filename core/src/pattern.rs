@@ -76,7 +76,11 @@ mod tests {
             ("user:*:inbox", "user:bob:inbox", true),
         ];
         for (pattern, text, expected) in cases {
-            assert_eq!(Pattern::new(pattern).matches(text), expected, "{pattern} ~ {text}");
+            assert_eq!(
+                Pattern::new(pattern).matches(text),
+                expected,
+                "{pattern} ~ {text}"
+            );
         }
     }
 }

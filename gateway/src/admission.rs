@@ -138,10 +138,19 @@ mod tests {
     #[test]
     fn credentials_are_taken_in_protocol_order() {
         let mut h = HeaderMap::new();
-        assert_eq!(credential(&req(&h, Some("token=b&ticket=a"))), Some(Credential::Ticket("a".into())));
-        assert_eq!(credential(&req(&h, Some("x=1&token=b%2Bc"))), Some(Credential::Token("b+c".into())));
+        assert_eq!(
+            credential(&req(&h, Some("token=b&ticket=a"))),
+            Some(Credential::Ticket("a".into()))
+        );
+        assert_eq!(
+            credential(&req(&h, Some("x=1&token=b%2Bc"))),
+            Some(Credential::Token("b+c".into()))
+        );
         assert_eq!(credential(&req(&h, Some("x=1"))), None);
         h.insert(http::header::AUTHORIZATION, "Bearer hdr".parse().unwrap());
-        assert_eq!(credential(&req(&h, Some("ticket=a"))), Some(Credential::Bearer("hdr".into())));
+        assert_eq!(
+            credential(&req(&h, Some("ticket=a"))),
+            Some(Credential::Bearer("hdr".into()))
+        );
     }
 }

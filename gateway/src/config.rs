@@ -240,14 +240,23 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
         let listen = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen
-            .parse()
-            .map_err(|_| invalid("listen", format!("`{listen}` is not HOST:PORT (an IP address and port)")))?;
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen}` is not HOST:PORT (an IP address and port)"),
+            )
+        })?;
 
         let tls = match file.tls {
             None => TlsSource::Dev(base.join(".gateway")),
-            Some(TlsSection { cert: None, key: None }) => TlsSource::Dev(base.join(".gateway")),
-            Some(TlsSection { cert: Some(cert), key: Some(key) }) => TlsSource::Files {
+            Some(TlsSection {
+                cert: None,
+                key: None,
+            }) => TlsSource::Dev(base.join(".gateway")),
+            Some(TlsSection {
+                cert: Some(cert),
+                key: Some(key),
+            }) => TlsSource::Files {
                 cert: resolve(cert),
                 key: resolve(key),
             },
@@ -276,9 +285,14 @@ impl Config {
                 let key = match algorithm {
                     JwtAlgorithm::Hs256 => {
                         if a.public_key.is_some() {
-                            return Err(invalid("auth.public_key", "not used with HS256; set auth.secret"));
+                            return Err(invalid(
+                                "auth.public_key",
+                                "not used with HS256; set auth.secret",
+                            ));
                         }
-                        let secret = a.secret.ok_or_else(|| invalid("auth.secret", "required for HS256"))?;
+                        let secret = a
+                            .secret
+                            .ok_or_else(|| invalid("auth.secret", "required for HS256"))?;
                         if secret.len() < 16 {
                             return Err(invalid("auth.secret", "must be at least 16 bytes"));
                         }
@@ -286,12 +300,14 @@ impl Config {
                     }
                     JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
                         if a.secret.is_some() {
-                            return Err(invalid("auth.secret", "not used with RS256/ES256; set auth.public_key"));
+                            return Err(invalid(
+                                "auth.secret",
+                                "not used with RS256/ES256; set auth.public_key",
+                            ));
                         }
-                        let path = resolve(
-                            a.public_key
-                                .ok_or_else(|| invalid("auth.public_key", "required for RS256 and ES256"))?,
-                        );
+                        let path = resolve(a.public_key.ok_or_else(|| {
+                            invalid("auth.public_key", "required for RS256 and ES256")
+                        })?);
                         std::fs::read(&path).map_err(|e| {
                             invalid("auth.public_key", format!("{}: {e}", path.display()))
                         })?
@@ -318,13 +334,18 @@ impl Config {
         let mut limits = Limits::default();
         if let Some(l) = file.limits {
             limits.max_connections = l.max_connections.unwrap_or(limits.max_connections);
-            limits.max_connections_per_ip =
-                l.max_connections_per_ip.unwrap_or(limits.max_connections_per_ip);
-            limits.max_connections_per_user =
-                l.max_connections_per_user.unwrap_or(limits.max_connections_per_user);
+            limits.max_connections_per_ip = l
+                .max_connections_per_ip
+                .unwrap_or(limits.max_connections_per_ip);
+            limits.max_connections_per_user = l
+                .max_connections_per_user
+                .unwrap_or(limits.max_connections_per_user);
             if let Some(t) = l.handshake_timeout_secs {
                 if t == 0 {
-                    return Err(invalid("limits.handshake_timeout_secs", "must be at least 1"));
+                    return Err(invalid(
+                        "limits.handshake_timeout_secs",
+                        "must be at least 1",
+                    ));
                 }
                 limits.handshake_timeout = Duration::from_secs(t);
             }
@@ -342,7 +363,10 @@ impl Config {
                 return Err(invalid(key("path"), "must be an absolute path like /chat"));
             }
             if !seen.insert(path.clone()) {
-                return Err(invalid(key("path"), format!("`{path}` is configured twice")));
+                return Err(invalid(
+                    key("path"),
+                    format!("`{path}` is configured twice"),
+                ));
             }
             let mut p = EndpointPolicy::new(&path);
             p.auth = match e.auth.as_deref().unwrap_or("required") {
@@ -357,7 +381,10 @@ impl Config {
                 }
             };
             if p.auth != AuthMode::None && jwt.is_none() {
-                return Err(invalid(key("auth"), "needs an [auth] section to verify tokens"));
+                return Err(invalid(
+                    key("auth"),
+                    "needs an [auth] section to verify tokens",
+                ));
             }
             p.allowed_origins = e.allowed_origins;
             if let Some(rooms) = e.rooms {
@@ -368,14 +395,26 @@ impl Config {
                 Some(v) => Ok(v),
                 None => Ok(default),
             };
-            p.max_message_bytes = positive(e.max_message_bytes, "max_message_bytes", p.max_message_bytes)?;
+            p.max_message_bytes = positive(
+                e.max_message_bytes,
+                "max_message_bytes",
+                p.max_message_bytes,
+            )?;
             if p.max_message_bytes > 16 * 1024 * 1024 {
                 return Err(invalid(key("max_message_bytes"), "must be at most 16 MiB"));
             }
             p.max_rooms = positive(e.max_rooms, "max_rooms", p.max_rooms)?;
             p.queue_capacity = positive(e.queue_capacity, "queue_capacity", p.queue_capacity)?;
-            p.rate_per_sec = positive(e.rate_per_sec.map(|v| v as usize), "rate_per_sec", p.rate_per_sec as usize)? as u32;
-            p.rate_burst = positive(e.rate_burst.map(|v| v as usize), "rate_burst", p.rate_burst as usize)? as u32;
+            p.rate_per_sec = positive(
+                e.rate_per_sec.map(|v| v as usize),
+                "rate_per_sec",
+                p.rate_per_sec as usize,
+            )? as u32;
+            p.rate_burst = positive(
+                e.rate_burst.map(|v| v as usize),
+                "rate_burst",
+                p.rate_burst as usize,
+            )? as u32;
             p.heartbeat = Duration::from_secs(positive(
                 e.heartbeat_secs.map(|v| v as usize),
                 "heartbeat_secs",
@@ -455,7 +494,10 @@ mod tests {
         assert!(c.webtransport);
         assert!(matches!(c.tls, TlsSource::Dev(ref d) if d == Path::new("/etc/gw/.gateway")));
         let e = &c.endpoints[0];
-        assert_eq!((e.max_message_bytes, e.max_rooms, e.queue_capacity), (65536, 128, 1024));
+        assert_eq!(
+            (e.max_message_bytes, e.max_rooms, e.queue_capacity),
+            (65536, 128, 1024)
+        );
         assert_eq!((e.rate_per_sec, e.rate_burst), (100, 200));
         assert_eq!(e.heartbeat, Duration::from_secs(25));
         assert_eq!(c.limits.max_connections_per_user, 100);
@@ -485,7 +527,10 @@ mod tests {
 
     #[test]
     fn relative_tls_paths_resolve_against_the_file() {
-        let c = parse("[tls]\ncert=\"c.pem\"\nkey=\"/abs/k.pem\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"").unwrap();
+        let c = parse(
+            "[tls]\ncert=\"c.pem\"\nkey=\"/abs/k.pem\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"",
+        )
+        .unwrap();
         match c.tls {
             TlsSource::Files { cert, key } => {
                 assert_eq!(cert, Path::new("/etc/gw/c.pem"));

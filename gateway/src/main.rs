@@ -1,12 +1,16 @@
 //! The `gateway` command (CONFIG.md): run, `check-config`, `certs dev`.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use gateway::{config::Config, Server};
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "Real-time gateway: secure WebSocket and WebTransport on one port")]
+#[command(
+    name = "gateway",
+    version,
+    about = "Real-time gateway: secure WebSocket and WebTransport on one port"
+)]
 struct Cli {
     /// Run from this TOML file (without it: dev mode on loopback).
     #[arg(long, env = "GATEWAY_CONFIG")]
@@ -117,9 +121,13 @@ fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // A closed stdout must not take the server down.
+        let mut stdout = std::io::stdout();
         for line in server.listener_lines() {
-            println!("{line}");
+            tracing::info!("{line}");
+            let _ = writeln!(stdout, "{line}");
         }
+        let _ = stdout.flush();
         shutdown_signal().await;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(5)).await;

@@ -38,7 +38,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("tcp_addr", &self.tcp_addr).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("tcp_addr", &self.tcp_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -128,8 +130,7 @@ impl Server {
             CloseReason::new(CloseCode::GoingAway, "server shutting down"),
         );
         let deadline = tokio::time::Instant::now() + drain;
-        while self.state.services.hub.session_count() > 0
-            && tokio::time::Instant::now() < deadline
+        while self.state.services.hub.session_count() > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -12,13 +12,12 @@ pub fn install_crypto_provider() {
 }
 
 fn base(resolver: Arc<ReloadableResolver>, alpn: &[&[u8]]) -> ServerConfig {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_no_client_auth()
-    .with_cert_resolver(resolver);
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config
 }

@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use gateway_core::{
     connection::{Connection, Now},
     protocol::{CloseCode, CloseReason},
-    session::{Batch, OutboxReceiver, Outbound, TransportKind},
+    session::{Batch, Outbound, OutboxReceiver, TransportKind},
 };
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -46,7 +46,12 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 pub struct PeerAddr(pub SocketAddr);
 
 /// Accepts TCP connections until the listener fails; each is served on its own task.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Arc<AppState>, router: Router) {
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Arc<AppState>,
+    router: Router,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -108,7 +113,8 @@ fn is_websocket_upgrade(req: &Request<Body>) -> bool {
         && req.version() == http::Version::HTTP_11
         && has_token(header::CONNECTION, "upgrade")
         && has_token(header::UPGRADE, "websocket")
-        && h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && h.get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13")
         && h.get(header::SEC_WEBSOCKET_KEY).is_some()
 }
 
@@ -208,7 +214,8 @@ where
         match outbox.recv_batch(&mut batch, MAX_BATCH).await {
             Batch::Frames => {
                 for frame in batch.drain(..) {
-                    if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame {
+                    if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame
+                    {
                         stats.frames += 1;
                         stats.bytes += b.len() as u64;
                     }

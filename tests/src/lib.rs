@@ -1,1 +1,372 @@
+//! Test support: a real gateway on an ephemeral port with a fresh dev certificate, and
+//! clients that trust that certificate and speak PROTOCOL.md.
 
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use gateway::{Config, Server};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest, protocol::frame::coding::CloseCode, Message},
+    WebSocketStream,
+};
+
+/// HS256 secret used by test configurations with `[auth]`.
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// The `[auth]` section matching [`SECRET`].
+pub const AUTH_SECTION: &str =
+    "[auth]\nalgorithm = \"HS256\"\nsecret = \"test-secret-0123456789abcdef\"\nleeway_secs = 0\n";
+
+/// How long any single wait in a test may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Runs a test body with a hard timeout.
+pub async fn within<F: Future<Output = T>, T>(secs: u64, f: F) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test exceeded its time limit")
+}
+
+/// A gateway started in-process on 127.0.0.1:0 from a TOML text.
+pub struct TestGateway {
+    /// The running server.
+    pub server: Option<Server>,
+    /// Its TCP address.
+    pub addr: SocketAddr,
+    /// The dev certificate PEM it serves.
+    pub cert_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts a gateway with `toml` (which must not set `listen` or `[tls]`).
+    pub async fn start(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!("listen = \"127.0.0.1:0\"\nnode_id = \"test-node\"\n{toml}");
+        let config = Config::from_toml(&text, dir.path()).expect("valid test config");
+        let server = Server::start(config).await.expect("gateway starts");
+        Self {
+            addr: server.tcp_addr,
+            cert_path: server.dev_cert_path.clone().expect("dev certificate"),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    /// `wss://127.0.0.1:PORT{path}`.
+    pub fn wss_url(&self, path: &str) -> String {
+        format!("wss://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    /// Connects a WebSocket client to `path` (may include a query).
+    pub async fn ws(&self, path: &str) -> Result<WsClient, tungstenite::Error> {
+        WsClient::connect(self.addr, &self.cert_path, path, &[]).await
+    }
+
+    /// Connects with extra request headers.
+    pub async fn ws_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, tungstenite::Error> {
+        WsClient::connect(self.addr, &self.cert_path, path, headers).await
+    }
+
+    /// Connects and reads the `welcome`, returning both.
+    pub async fn ws_welcomed(&self, path: &str) -> (WsClient, Value) {
+        let mut c = self.ws(path).await.expect("upgrade succeeds");
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (c, welcome)
+    }
+
+    /// Sends a raw HTTP/1.1 request over TLS and returns the status and body.
+    pub async fn https(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        https_request(self.addr, &self.cert_path, method, path, headers, body)
+            .await
+            .expect("HTTPS request")
+    }
+}
+
+/// A rustls client config trusting exactly the PEM certificate at `cert`.
+pub fn client_tls(cert: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).expect("cert file") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn tls_connect(addr: SocketAddr, cert: &Path) -> anyhow::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connector = TlsConnector::from(client_tls(cert, &[b"http/1.1"]));
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    Ok(connector.connect(name, tcp).await?)
+}
+
+/// A minimal HTTP/1.1 client over TLS (`Connection: close`).
+pub async fn https_request(
+    addr: SocketAddr,
+    cert: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(addr, cert).await?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    tls.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
+        .await
+        .context("response timed out")?
+        .ok();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status line in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A WebSocket test client over TLS.
+pub struct WsClient {
+    /// The stream.
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+}
+
+/// What a client saw at the end of a session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// A close frame with this code.
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+impl WsClient {
+    /// Connects to `path` on `addr`, trusting `cert`.
+    pub async fn connect(
+        addr: SocketAddr,
+        cert: &Path,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, tungstenite::Error> {
+        let tls = tls_connect(addr, cert)
+            .await
+            .map_err(|e| tungstenite::Error::Io(std::io::Error::other(e.to_string())))?;
+        let mut req = format!("wss://127.0.0.1:{}{path}", addr.port())
+            .into_client_request()
+            .expect("valid URL");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+        Ok(Self { ws })
+    }
+
+    /// Sends a JSON envelope as a text message.
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::text(s)).await.expect("send");
+    }
+
+    /// Sends a binary envelope: `header` (JSON without data) and `payload`.
+    pub async fn send_binary(&mut self, header: Value, payload: &[u8]) {
+        self.ws
+            .send(Message::binary(binary_envelope(&header, payload)))
+            .await
+            .expect("send");
+    }
+
+    /// Next data message (pings are skipped and answered); panics on close or timeout.
+    pub async fn next_data(&mut self) -> Message {
+        loop {
+            let m = tokio::time::timeout(STEP, self.ws.next())
+                .await
+                .expect("timed out waiting for a message")
+                .expect("stream ended")
+                .expect("read error");
+            match m {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Close(c) => panic!("unexpected close {c:?}"),
+                m => return m,
+            }
+        }
+    }
+
+    /// Next JSON text envelope.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_data().await {
+            Message::Text(t) => serde_json::from_str(&t).expect("valid JSON from server"),
+            other => panic!("expected a text envelope, got {other:?}"),
+        }
+    }
+
+    /// Sends `v` and returns the next envelope (its reply when nothing else is pending).
+    pub async fn request(&mut self, v: Value) -> Value {
+        self.send(v).await;
+        self.recv().await
+    }
+
+    /// Asserts that no data message arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the session ends; data messages before the end are counted.
+    pub async fn ending(&mut self) -> (Ending, usize) {
+        let mut skipped = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await {
+                Err(_) => panic!("session did not end"),
+                Ok(None) | Ok(Some(Err(_))) => return (Ending::Dropped, skipped),
+                Ok(Some(Ok(Message::Close(Some(f))))) => {
+                    return (
+                        Ending::Close(u16::from(f.code), f.reason.to_string()),
+                        skipped,
+                    )
+                }
+                Ok(Some(Ok(Message::Close(None)))) => {
+                    return (
+                        Ending::Close(u16::from(CloseCode::Status), String::new()),
+                        skipped,
+                    )
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                Ok(Some(Ok(_))) => skipped += 1,
+            }
+        }
+    }
+
+    /// Joins `room` and checks the ack.
+    pub async fn join(&mut self, room: &str) -> Value {
+        let ack = self
+            .request(serde_json::json!({"type": "join", "room": room, "id": 1}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        ack
+    }
+}
+
+/// Builds a binary envelope.
+pub fn binary_envelope(header: &Value, payload: &[u8]) -> Vec<u8> {
+    let h = header.to_string();
+    let mut out = (h.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Splits a binary envelope into its JSON header and payload.
+pub fn split_binary(frame: &[u8]) -> anyhow::Result<(Value, Vec<u8>)> {
+    if frame.len() < 2 {
+        bail!("short binary envelope");
+    }
+    let n = u16::from_be_bytes([frame[0], frame[1]]) as usize;
+    let header = serde_json::from_slice(&frame[2..2 + n])?;
+    Ok((header, frame[2 + n..].to_vec()))
+}
+
+/// An HS256 token for `sub`, expiring in `exp_in` seconds (negative: already expired),
+/// with extra claims merged in.
+pub fn token(sub: &str, exp_in: i64, extra: Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut claims = serde_json::json!({"sub": sub, "exp": now + exp_in, "iat": now});
+    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The HTTP status of a refused WebSocket upgrade.
+pub fn http_status(e: &tungstenite::Error) -> Option<u16> {
+    match e {
+        tungstenite::Error::Http(resp) => Some(resp.status().as_u16()),
+        _ => None,
+    }
+}
+
+/// Path of the `gateway` binary, built on demand.
+pub fn gateway_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("debug").join("gateway");
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "gateway", "--bin", "gateway"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the gateway binary failed");
+    bin
+}

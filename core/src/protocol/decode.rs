@@ -191,7 +191,9 @@ pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
     let s = std::str::from_utf8(text)
         .map_err(|_| DecodeError::new(None, "text frame is not valid UTF-8"))?;
     let raw = parse_envelope(s)?;
-    let data = raw.data.map(|d| Payload::Json(text.slice_ref(d.get().as_bytes())));
+    let data = raw
+        .data
+        .map(|d| Payload::Json(text.slice_ref(d.get().as_bytes())));
     build(raw, data)
 }
 
@@ -247,9 +249,9 @@ fn read_id(raw: &RawValue) -> Result<RequestId, ()> {
 fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, DecodeError> {
     let id = match raw.id {
         None => None,
-        Some(r) => Some(
-            read_id(r).map_err(|()| DecodeError::new(None, "field `id` must be an integer"))?,
-        ),
+        Some(r) => {
+            Some(read_id(r).map_err(|()| DecodeError::new(None, "field `id` must be an integer"))?)
+        }
     };
     let err = |msg: String| DecodeError::new(id.clone(), msg);
     let ty: String = match raw.ty {
@@ -269,7 +271,10 @@ fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, Dec
             field(v, name, "a boolean").map_err(|m| DecodeError::new(id.clone(), m))
         })
     };
-    let data = || data.clone().ok_or_else(|| err("missing field `data`".into()));
+    let data = || {
+        data.clone()
+            .ok_or_else(|| err("missing field `data`".into()))
+    };
     let request = match ty.as_str() {
         "hello" => Request::Hello {
             token: raw
@@ -345,8 +350,9 @@ mod tests {
 
     #[test]
     fn decodes_publish_and_keeps_data_verbatim() {
-        let r = json(r#"{"type":"publish","id":7,"room":"lobby","data":{"a": [1, 2]},"echo":true}"#)
-            .unwrap();
+        let r =
+            json(r#"{"type":"publish","id":7,"room":"lobby","data":{"a": [1, 2]},"echo":true}"#)
+                .unwrap();
         match r {
             Request::Publish {
                 id,
@@ -380,12 +386,27 @@ mod tests {
             (r#"{"type":5}"#, "field `type` must be a string"),
             (r#"{"type":"dance"}"#, "unknown type `dance`"),
             (r#"{"type":"join"}"#, "missing field `room`"),
-            (r#"{"type":"join","room":7}"#, "field `room` must be a string"),
-            (r#"{"type":"join","room":"a b"}"#, "field `room`: room name may only"),
+            (
+                r#"{"type":"join","room":7}"#,
+                "field `room` must be a string",
+            ),
+            (
+                r#"{"type":"join","room":"a b"}"#,
+                "field `room`: room name may only",
+            ),
             (r#"{"type":"publish","room":"r"}"#, "missing field `data`"),
-            (r#"{"type":"publish","room":"r","data":1,"echo":"yes"}"#, "field `echo` must be a boolean"),
-            (r#"{"type":"ping","id":"x"}"#, "field `id` must be an integer"),
-            (r#"{"type":"join","room":"r","since":-1}"#, "field `since` must be a non-negative integer"),
+            (
+                r#"{"type":"publish","room":"r","data":1,"echo":"yes"}"#,
+                "field `echo` must be a boolean",
+            ),
+            (
+                r#"{"type":"ping","id":"x"}"#,
+                "field `id` must be an integer",
+            ),
+            (
+                r#"{"type":"join","room":"r","since":-1}"#,
+                "field `since` must be a non-negative integer",
+            ),
             (r#"{"type":"send","data":1}"#, "missing field `to`"),
             (r#"{"type":"auth"}"#, "missing field `token`"),
         ];
@@ -410,7 +431,7 @@ mod tests {
         frame.extend_from_slice(&[0, 1, 2, 255]);
         let r = decode_binary(&Bytes::from(frame)).unwrap();
         assert!(
-            matches!(r, Request::Publish { data: Payload::Binary(p), .. } if &p[..] == [0, 1, 2, 255])
+            matches!(r, Request::Publish { data: Payload::Binary(p), .. } if p[..] == [0, 1, 2, 255])
         );
     }
 

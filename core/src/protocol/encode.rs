@@ -289,7 +289,10 @@ mod tests {
         };
         let header_len = u16::from_be_bytes([b[0], b[1]]) as usize;
         let header: Value = serde_json::from_slice(&b[2..2 + header_len]).unwrap();
-        assert_eq!(header, json!({"type":"message","room":"r","from":"u","seq":1}));
+        assert_eq!(
+            header,
+            json!({"type":"message","room":"r","from":"u","seq":1})
+        );
         assert_eq!(&b[2 + header_len..], &[1, 2, 3]);
         // The decoder reads the same layout (and rejects the unknown type cleanly).
         assert!(decode_binary(&b).is_err());

@@ -9,6 +9,7 @@ mod room;
 pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
 pub use decode::{decode_binary, decode_json, DecodeError, Payload, Request, RequestId};
 pub use encode::{
-    encode_binary_header, AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE,
+    encode_binary_header, AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT,
+    MESSAGE,
 };
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};
