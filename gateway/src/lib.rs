@@ -8,6 +8,7 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod ws;
+pub mod wt;
 
 pub use config::Config;
 pub use server::Server;

@@ -20,13 +20,16 @@ use crate::{
     api,
     config::{Config, TlsSource},
     state::AppState,
-    tls, ws,
+    tls, ws, wt,
 };
 
 /// A started gateway: its bound addresses and the tasks serving them.
 pub struct Server {
     /// The TCP (HTTPS + WSS) address actually bound.
     pub tcp_addr: SocketAddr,
+    /// The UDP (HTTP/3 + WebTransport) address, when WebTransport is on.
+    pub udp_addr: Option<SocketAddr>,
+    quic: Option<quinn::Endpoint>,
     /// The development certificate in use, if any.
     pub dev_cert: Option<DevCert>,
     /// Where the dev certificate PEM was written.
@@ -58,10 +61,18 @@ impl Server {
         };
         let resolver = ReloadableResolver::new(&identity)?;
 
-        let tcp = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding TCP {}", config.listen))?;
+        let heartbeat = config
+            .endpoints
+            .iter()
+            .map(|e| e.heartbeat)
+            .min()
+            .unwrap_or(Duration::from_secs(25));
+        let quic_tls = config
+            .webtransport
+            .then(|| tls::quic_config(resolver.clone()));
+        let (tcp, quic) = bind_same_port(config.listen, quic_tls, heartbeat).await?;
         let tcp_addr = tcp.local_addr()?;
+        let udp_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
 
         let verifier = match &config.jwt {
             Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
@@ -84,15 +95,20 @@ impl Server {
             verifier,
             limits,
         };
-        let state = AppState::new(config, services, None);
+        let state = AppState::new(config, services, udp_addr.map(|a| a.port()));
         let router = api::router(state.clone());
         let mut tasks = JoinSet::new();
         let acceptor = TlsAcceptor::from(tls::tcp_config(resolver.clone()));
-        tasks.spawn(ws::serve(tcp, acceptor, state.clone(), router));
+        tasks.spawn(ws::serve(tcp, acceptor, state.clone(), router.clone()));
+        if let Some(endpoint) = quic.clone() {
+            tasks.spawn(wt::serve(endpoint, state.clone(), router));
+        }
 
         info!(%tcp_addr, node = state.config.node_id, "gateway started");
         Ok(Self {
             tcp_addr,
+            udp_addr,
+            quic,
             dev_cert,
             dev_cert_path,
             state,
@@ -103,6 +119,9 @@ impl Server {
     /// The lines printed on start, one per listener (CONFIG.md).
     pub fn listener_lines(&self) -> Vec<String> {
         let mut lines = vec![format!("listening https+wss on {} (tcp)", self.tcp_addr)];
+        if let Some(udp) = self.udp_addr {
+            lines.push(format!("listening h3+webtransport on {udp} (udp)"));
+        }
         if let (Some(dev), Some(path)) = (&self.dev_cert, &self.dev_cert_path) {
             lines.push(format!(
                 "dev certificate {} sha256={} spki-sha256={}",
@@ -134,6 +153,34 @@ impl Server {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Some(q) = &self.quic {
+            q.close(0x100u32.into(), b"shutting down");
+        }
         self.tasks.abort_all();
     }
+}
+
+/// Binds TCP on `addr`, then UDP on the same port number. With port 0 the UDP port may be
+/// taken: then both are bound again on a new port (a few times).
+async fn bind_same_port(
+    addr: SocketAddr,
+    quic_tls: Option<rustls::ServerConfig>,
+    heartbeat: Duration,
+) -> anyhow::Result<(TcpListener, Option<quinn::Endpoint>)> {
+    let attempts = if addr.port() == 0 { 16 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP {addr}"))?;
+        let Some(tls) = &quic_tls else {
+            return Ok((tcp, None));
+        };
+        let udp_addr = tcp.local_addr()?;
+        match wt::bind(udp_addr, tls.clone(), heartbeat) {
+            Ok(endpoint) => return Ok((tcp, Some(endpoint))),
+            Err(e) => last_error = Some(e.context(format!("binding UDP {udp_addr}"))),
+        }
+    }
+    Err(last_error.expect("at least one attempt"))
 }

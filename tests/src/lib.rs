@@ -1,6 +1,8 @@
 //! Test support: a real gateway on an ephemeral port with a fresh dev certificate, and
 //! clients that trust that certificate and speak PROTOCOL.md.
 
+pub mod wt;
+
 use std::{
     future::Future,
     net::SocketAddr,
@@ -43,6 +45,8 @@ pub struct TestGateway {
     pub server: Option<Server>,
     /// Its TCP address.
     pub addr: SocketAddr,
+    /// SHA-256 (hex) of its certificate.
+    pub cert_sha256: String,
     /// The dev certificate PEM it serves.
     pub cert_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -57,10 +61,39 @@ impl TestGateway {
         let server = Server::start(config).await.expect("gateway starts");
         Self {
             addr: server.tcp_addr,
+            cert_sha256: server
+                .dev_cert
+                .as_ref()
+                .expect("dev certificate")
+                .sha256
+                .clone(),
             cert_path: server.dev_cert_path.clone().expect("dev certificate"),
             server: Some(server),
             _dir: dir,
         }
+    }
+
+    /// Opens a WebTransport session and message stream on `path`.
+    pub async fn wt(&self, path: &str) -> Result<wt::WtClient, web_transport_quinn::ClientError> {
+        wt::WtClient::connect(self.udp_port(), &self.cert_sha256, path).await
+    }
+
+    /// Opens a WebTransport session and reads its `welcome`.
+    pub async fn wt_welcomed(&self, path: &str) -> (wt::WtClient, Value) {
+        let mut c = self.wt(path).await.expect("WebTransport session opens");
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (c, welcome)
+    }
+
+    /// The UDP port of the HTTP/3 listener.
+    pub fn udp_port(&self) -> u16 {
+        self.server
+            .as_ref()
+            .unwrap()
+            .udp_addr
+            .expect("WebTransport enabled")
+            .port()
     }
 
     /// `wss://127.0.0.1:PORT{path}`.
@@ -168,6 +201,61 @@ pub async fn https_request(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The response head (status line and headers) of a GET over HTTPS.
+pub async fn https_head(addr: SocketAddr, cert: &Path, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(addr, cert).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
+        .await?
+        .ok();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(h, _)| h.to_owned())
+        .unwrap_or(text))
+}
+
+/// A plain HTTP/3 GET with the `h3` client (not the gateway's server code); returns the
+/// status and body.
+pub async fn h3_get(port: u16, cert: &Path, path: &str) -> anyhow::Result<(u16, String)> {
+    use bytes::Buf;
+    let tls = (*client_tls(cert, &[b"h3"])).clone();
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic_tls)));
+    let conn = endpoint
+        .connect(format!("127.0.0.1:{port}").parse()?, "127.0.0.1")?
+        .await?;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+    let drive =
+        tokio::spawn(
+            async move { futures_util::future::poll_fn(|cx| driver.poll_close(cx)).await },
+        );
+    let req = http::Request::get(format!("https://127.0.0.1:{port}{path}")).body(())?;
+    let mut stream = send.send_request(req).await?;
+    stream.finish().await?;
+    let response = stream.recv_response().await?;
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await? {
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            body.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    drop(send);
+    drive.abort();
+    endpoint.close(0u32.into(), b"");
+    Ok((
+        response.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 /// A WebSocket test client over TLS.

@@ -56,12 +56,19 @@ fn port_of(line: &str) -> u16 {
 async fn dev_mode_serves_wss_with_its_printed_certificate() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let (_gw, lines) = start(&["--listen", "127.0.0.1:0"], dir.path(), 2);
+        let (_gw, lines) = start(&["--listen", "127.0.0.1:0"], dir.path(), 3);
         assert!(
             lines[0].starts_with("listening https+wss on 127.0.0.1:"),
             "{lines:?}"
         );
         assert!(lines[0].ends_with("(tcp)"));
+        // Both listeners share the port number.
+        assert!(
+            lines[1].starts_with("listening h3+webtransport on 127.0.0.1:"),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with("(udp)"));
+        assert_eq!(port_of(&lines[0]), port_of(&lines[1]));
         let cert_line = lines
             .iter()
             .find(|l| l.starts_with("dev certificate "))

@@ -5,6 +5,7 @@ pub mod codes;
 mod decode;
 mod encode;
 mod room;
+pub mod stream_frame;
 
 pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
 pub use decode::{decode_binary, decode_json, DecodeError, Payload, Request, RequestId};

@@ -1,0 +1,549 @@
+//! The UDP front: a QUIC endpoint (quinn) speaking HTTP/3 (h3) with WebTransport
+//! (h3-webtransport). Plain HTTP/3 requests go to the shared router; an extended CONNECT on
+//! an endpoint path goes through the same admission as a WebSocket upgrade and becomes a
+//! session of the same hub. This module only adapts streams and datagrams.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use axum::{body::Body, Router};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{stream, Stream, StreamExt};
+use gateway_core::{
+    connection::{Connection, Now},
+    protocol::{
+        stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
+        CloseCode, CloseReason, ErrorCode, Rejection, ServerFrame,
+    },
+    session::{Batch, Outbound, OutboxReceiver, TransportKind},
+};
+use h3::{ext::Protocol, quic::BidiStream as _, quic::RecvStream as _, server::RequestStream};
+use h3_webtransport::server::{AcceptedBi, WebTransportSession};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+    time::Instant,
+};
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+use crate::{
+    admission::{self, Admission, UpgradeRequest},
+    api::rejection_response,
+    state::AppState,
+    ws::{PeerAddr, CLOSE_GRACE},
+};
+
+type WtSession = WebTransportSession<h3_quinn::Connection, Bytes>;
+type H3Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type MessageSend = h3_webtransport::stream::SendStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type MessageRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
+
+/// HTTP/3 `H3_NO_ERROR`, used to close QUIC connections.
+const H3_NO_ERROR: u32 = 0x100;
+/// Largest plain HTTP/3 request body read.
+const MAX_REQUEST_BODY: usize = 1024 * 1024;
+/// Largest HTTP/3 header section accepted (h3's default is unlimited).
+const MAX_FIELD_SECTION: u64 = 16 * 1024;
+/// How long a closing session waits for the peer to close the connection after the
+/// `close` envelope, before closing it itself.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// QUIC transport settings. Keep-alive every `heartbeat` and an idle timeout of two
+/// heartbeats remove a vanished client within about two heartbeats.
+pub fn transport_config(heartbeat: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(heartbeat));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(heartbeat * 2).unwrap_or(quinn::VarInt::MAX.into()),
+    ));
+    // One message stream, a few HTTP/3 requests; HTTP/3 control and QPACK streams.
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.max_concurrent_uni_streams(16u32.into());
+    // Flow-control windows bound what a client can make the server buffer: quinn's defaults
+    // (1.25 MB per stream, unlimited per connection) would let unread streams pin tens of MB.
+    t.stream_receive_window((256u32 * 1024).into());
+    t.receive_window((1024u32 * 1024).into());
+    t.send_window(1024 * 1024);
+    // Datagrams are on (a receive buffer must exist, else they vanish); keep it modest.
+    t.datagram_receive_buffer_size(Some(64 * 1024));
+    t.datagram_send_buffer_size(64 * 1024);
+    t
+}
+
+/// Binds the QUIC endpoint on `addr` with the HTTP/3 TLS configuration.
+pub fn bind(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    heartbeat: Duration,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(heartbeat)));
+    Ok(quinn::Endpoint::server(server, addr)?)
+}
+
+/// Accepts QUIC connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppState>, router: Router) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(handle_connection(incoming, app.clone(), router.clone()));
+    }
+}
+
+async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router: Router) {
+    let peer = incoming.remote_address();
+    let timeout = app.config.limits.handshake_timeout;
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => return debug!(%peer, error = %e, "QUIC accept failed"),
+    };
+    let quic = match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC handshake failed"),
+        Err(_) => return debug!(%peer, "QUIC handshake timed out"),
+    };
+    let mut builder = h3::server::builder();
+    builder
+        .enable_webtransport(true)
+        .enable_extended_connect(true)
+        .enable_datagram(true)
+        .max_webtransport_sessions(1)
+        .max_field_section_size(MAX_FIELD_SECTION)
+        .send_grease(true);
+    let builder = builder.build(h3_quinn::Connection::new(quic.clone()));
+    let mut h3 = match tokio::time::timeout(timeout, builder).await {
+        Ok(Ok(h3)) => h3,
+        _ => return debug!(%peer, "HTTP/3 setup failed"),
+    };
+    loop {
+        let resolver = match h3.accept().await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => return,
+        };
+        let (req, mut stream) = match resolver.resolve_request().await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%peer, error = %e, "bad HTTP/3 request");
+                continue;
+            }
+        };
+        let is_connect = req.method() == http::Method::CONNECT;
+        let is_webtransport =
+            is_connect && req.extensions().get::<Protocol>() == Some(&Protocol::WEB_TRANSPORT);
+        if !is_connect {
+            tokio::spawn(serve_request(req, stream, router.clone(), peer));
+            continue;
+        }
+        let admission = admission::admit(
+            &app,
+            &UpgradeRequest {
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                peer: peer.ip(),
+                valid_upgrade: is_webtransport,
+            },
+            Now::read(),
+        );
+        match admission {
+            Err(rejection) => {
+                debug!(%peer, path = req.uri().path(), ?rejection, "CONNECT rejected");
+                reject(&mut stream, rejection).await;
+                quic.close(H3_NO_ERROR.into(), b"");
+                return;
+            }
+            Ok(admission) => {
+                match WebTransportSession::accept(req, stream, h3).await {
+                    Ok(session) => run_session(session, quic, admission, app, router, peer).await,
+                    Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Answers a refused CONNECT with its status, then keeps the stream until the client is
+/// done with it: dropping it at once makes browsers report a QUIC error instead.
+async fn reject(stream: &mut H3Stream, rejection: Rejection) {
+    let response = rejection_response(rejection);
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if stream
+        .send_response(Response::from_parts(parts, ()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.send_data(body).await;
+    let _ = stream.finish().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(Some(_)) = stream.recv_data().await {}
+    })
+    .await;
+}
+
+/// Serves one plain HTTP/3 request through the shared router.
+async fn serve_request(req: Request<()>, mut stream: H3Stream, router: Router, peer: SocketAddr) {
+    let mut body = BytesMut::new();
+    loop {
+        match stream.recv_data().await {
+            Ok(Some(mut chunk)) => {
+                if body.len() + chunk.remaining() > MAX_REQUEST_BODY {
+                    let _ =
+                        send_response(&mut stream, status_response(StatusCode::PAYLOAD_TOO_LARGE))
+                            .await;
+                    return;
+                }
+                while chunk.has_remaining() {
+                    let c = chunk.chunk();
+                    body.extend_from_slice(c);
+                    let n = c.len();
+                    chunk.advance(n);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return,
+        }
+    }
+    let (parts, ()) = req.into_parts();
+    let mut request = Request::from_parts(parts, Body::from(body.freeze()));
+    request.extensions_mut().insert(PeerAddr(peer));
+    let response = match router.oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let _ = send_response(&mut stream, response).await;
+}
+
+fn status_response(status: StatusCode) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Body::empty())
+        .expect("valid response")
+}
+
+async fn send_response(stream: &mut H3Stream, response: Response<Body>) -> anyhow::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    stream
+        .send_response(Response::from_parts(parts, ()))
+        .await?;
+    if !body.is_empty() {
+        stream.send_data(body).await?;
+    }
+    stream.finish().await?;
+    Ok(())
+}
+
+/// Why the message stream stopped yielding frames.
+#[derive(Debug)]
+enum StreamEnd {
+    Frame(FrameError),
+    Closed,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<(FrameKind, Bytes), StreamEnd>> + Send>>;
+
+/// The frames of the message stream, as a cancel-safe stream (its state lives in the stream,
+/// not in a future that `select!` might drop).
+fn message_frames(recv: MessageRecv, max_len: usize) -> FrameStream {
+    let decoder = FrameDecoder::new(max_len);
+    let state = Some((recv, BytesMut::new()));
+    Box::pin(
+        stream::unfold(state, move |state| {
+            let decoder = decoder.clone();
+            async move {
+                let (mut recv, mut buf) = state?;
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(frame)) => return Some((Ok(frame), Some((recv, buf)))),
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(StreamEnd::Frame(e)), None)),
+                    }
+                    let want = decoder.wanted(&buf);
+                    buf.reserve(want);
+                    let mut limited = (&mut buf).limit(want);
+                    match recv.read_buf(&mut limited).await {
+                        Ok(0) | Err(_) => return Some((Err(StreamEnd::Closed), None)),
+                        Ok(_) => {}
+                    }
+                }
+            }
+        })
+        .fuse(),
+    )
+}
+
+/// Writes one frame (header and payload) on the message stream.
+async fn write_frame(
+    send: &mut MessageSend,
+    kind: FrameKind,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    send.write_all(&encode_header(kind, payload.len())).await?;
+    send.write_all(payload).await
+}
+
+/// Outbound counters of one session.
+#[derive(Debug, Default, Clone, Copy)]
+struct WriteStats {
+    frames: u64,
+    bytes: u64,
+    datagrams: u64,
+}
+
+/// Length of the QUIC varint that prefixes each HTTP/3 datagram with the session's
+/// quarter stream id.
+fn datagram_prefix_len(session: &WtSession) -> usize {
+    let stream_id: h3::quic::StreamId = session.session_id().into();
+    match stream_id.into_inner() / 4 {
+        0..=63 => 1,
+        64..=16383 => 2,
+        16384..=1_073_741_823 => 4,
+        _ => 8,
+    }
+}
+
+/// Drains the outbox: volatile messages as datagrams when they fit the connection's current
+/// maximum datagram size, everything else framed on the message stream. On close, writes
+/// the `close` envelope, finishes the stream and closes the connection.
+async fn write_loop(
+    send: oneshot::Receiver<MessageSend>,
+    outbox: OutboxReceiver,
+    session: Arc<WtSession>,
+    quic: quinn::Connection,
+) -> WriteStats {
+    let mut stats = WriteStats::default();
+    let mut batch = Vec::with_capacity(16);
+    let mut send = match send.await {
+        Ok(s) => s,
+        Err(_) => {
+            // The session ended before the client opened its message stream.
+            loop {
+                batch.clear();
+                if let Batch::Close(reason) = outbox.recv_batch(&mut batch, usize::MAX).await {
+                    close_connection(&quic, &reason);
+                    return stats;
+                }
+            }
+        }
+    };
+    let mut datagrams = session.datagram_sender();
+    let prefix = datagram_prefix_len(&session);
+    loop {
+        match outbox.recv_batch(&mut batch, 512).await {
+            Batch::Frames => {
+                for frame in batch.drain(..) {
+                    let (kind, bytes) = match frame {
+                        Outbound::Volatile(b) => {
+                            let fits = quic
+                                .max_datagram_size()
+                                .is_some_and(|max| b.len() + prefix <= max);
+                            if fits && datagrams.send_datagram(b.clone()).is_ok() {
+                                stats.datagrams += 1;
+                                continue;
+                            }
+                            (FrameKind::Json, b)
+                        }
+                        Outbound::Text(b) => (FrameKind::Json, b),
+                        Outbound::Binary(b) => (FrameKind::Binary, b),
+                        Outbound::Ping => continue,
+                    };
+                    stats.frames += 1;
+                    stats.bytes += bytes.len() as u64;
+                    if write_frame(&mut send, kind, &bytes).await.is_err() {
+                        return stats;
+                    }
+                }
+            }
+            Batch::Close(reason) => {
+                let envelope = ServerFrame::Close {
+                    code: reason.code.code(),
+                    reason: &reason.reason,
+                }
+                .to_bytes();
+                let _ = write_frame(&mut send, FrameKind::Json, &envelope).await;
+                let _ = send.shutdown().await;
+                // Give the peer time to read the `close` envelope and close the connection.
+                let _ = tokio::time::timeout(CLOSE_FLUSH, quic.closed()).await;
+                close_connection(&quic, &reason);
+                return stats;
+            }
+        }
+    }
+}
+
+/// Closes the QUIC connection. The WebTransport close code travels in the `close` envelope;
+/// the connection itself closes with `H3_NO_ERROR` and "CODE reason" as its reason.
+fn close_connection(quic: &quinn::Connection, reason: &CloseReason) {
+    let text = format!("{} {}", reason.code.code(), reason.reason);
+    quic.close(H3_NO_ERROR.into(), text.as_bytes());
+}
+
+/// Answers a second bidirectional stream with an `error` frame and finishes it.
+async fn refuse_extra_stream(
+    stream: h3_webtransport::stream::BidiStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+) {
+    let (mut send, mut recv) = stream.split();
+    recv.stop_sending(0);
+    let error = ServerFrame::Error {
+        id: None,
+        code: ErrorCode::BadRequest.as_str(),
+        message: "one message stream per session: this stream is not used",
+    }
+    .to_bytes();
+    let _ = write_frame(&mut send, FrameKind::Json, &error).await;
+    let _ = send.shutdown().await;
+}
+
+/// Runs one WebTransport session to its end.
+async fn run_session(
+    session: WtSession,
+    quic: quinn::Connection,
+    admission: Admission,
+    app: Arc<AppState>,
+    router: Router,
+    peer: SocketAddr,
+) {
+    let Admission {
+        policy,
+        admitted,
+        slot: _slot,
+    } = admission;
+    let session = Arc::new(session);
+    let max_len = policy.max_message_bytes;
+    let stream_deadline = Instant::now() + app.config.limits.handshake_timeout;
+    let opened = Instant::now();
+    let (mut conn, outbox) = Connection::open(
+        app.services.clone(),
+        policy,
+        TransportKind::WebTransport,
+        admitted,
+        Now::read(),
+    );
+    let handle = conn.handle().clone();
+    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
+        transport = "webtransport", user = handle.user().map(|u| &**u), "session open");
+
+    let (send_tx, send_rx) = oneshot::channel();
+    let mut send_tx = Some(send_tx);
+    let mut writer = tokio::spawn(write_loop(send_rx, outbox, session.clone(), quic.clone()));
+    let mut bidi = Box::pin(stream::unfold(session.clone(), |s| async move {
+        let r = s.accept_bi().await;
+        Some((r, s))
+    }))
+    .fuse();
+    let mut uni = Box::pin(stream::unfold(session.clone(), |s| async move {
+        let r = s.accept_uni().await;
+        Some((r, s))
+    }))
+    .fuse();
+    let mut datagrams = Box::pin(stream::unfold(
+        session.datagram_reader(),
+        |mut r| async move {
+            let d = r.read_datagram().await;
+            Some((d, r))
+        },
+    ))
+    .fuse();
+    // Pending until the client opens its message stream.
+    let mut messages: FrameStream = Box::pin(stream::pending());
+    let mut has_message_stream = false;
+    let mut deadline = conn.poll(Instant::now().into_std());
+    loop {
+        let timer = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Biased, in this order: h3 resolves a new unidirectional stream while polling for
+        // bidirectional ones and stores it without waking the uni acceptor, so the uni
+        // acceptor must be polled after the bidi one in every turn.
+        tokio::select! {
+            biased;
+            () = handle.closed() => break,
+            accepted = bidi.next() => match accepted {
+                Some(Ok(Some(AcceptedBi::BidiStream(_, stream)))) => {
+                    if let Some(tx) = send_tx.take() {
+                        let (send, recv) = stream.split();
+                        let _ = tx.send(send);
+                        messages = message_frames(recv, max_len);
+                        has_message_stream = true;
+                    } else {
+                        tokio::spawn(refuse_extra_stream(stream));
+                    }
+                }
+                Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
+                    tokio::spawn(serve_request(req, stream, router.clone(), peer));
+                }
+                _ => break,
+            },
+            accepted = uni.next() => match accepted {
+                Some(Ok(Some((_, mut recv)))) => {
+                    recv.stop_sending(0);
+                    handle.send(ServerFrame::Error {
+                        id: None,
+                        code: ErrorCode::BadRequest.as_str(),
+                        message: "unidirectional streams are not used; send frames on the message stream",
+                    }.to_outbound());
+                }
+                _ => break,
+            },
+            frame = messages.next() => match frame {
+                Some(Ok((FrameKind::Json, payload))) => conn.on_text(payload, Now::read()),
+                Some(Ok((FrameKind::Binary, payload))) => conn.on_binary(payload, Now::read()),
+                Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
+                    conn.close(CloseReason::new(CloseCode::TooLarge, "message too large"));
+                }
+                Some(Err(StreamEnd::Frame(e))) => {
+                    conn.close(CloseReason::new(CloseCode::ProtocolError, e.to_string()));
+                }
+                Some(Err(StreamEnd::Closed)) | None => {
+                    conn.close(CloseReason::new(CloseCode::Normal, "message stream closed by client"));
+                }
+            },
+            datagram = datagrams.next() => match datagram {
+                Some(Ok(d)) => conn.on_datagram(d.into_payload(), Now::read()),
+                _ => break,
+            },
+            () = timer => deadline = conn.poll(Instant::now().into_std()),
+            () = tokio::time::sleep_until(stream_deadline), if !has_message_stream => {
+                conn.close(CloseReason::new(CloseCode::ProtocolError, "no message stream opened"));
+            }
+        }
+    }
+    if !handle.is_closed() {
+        handle.close(CloseReason::new(
+            CloseCode::Normal,
+            "connection closed by client",
+        ));
+    }
+    drop(send_tx);
+    let stats = match tokio::time::timeout(CLOSE_GRACE, &mut writer).await {
+        Ok(Ok(stats)) => stats,
+        _ => {
+            writer.abort();
+            WriteStats::default()
+        }
+    };
+    if let Some(reason) = handle.close_reason() {
+        close_connection(&quic, &reason);
+    }
+    let reason = handle.close_reason();
+    let inbound = conn.stats();
+    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
+        transport = "webtransport", user = handle.user().map(|u| &**u),
+        duration_ms = opened.elapsed().as_millis() as u64,
+        frames_in = inbound.frames, bytes_in = inbound.bytes,
+        frames_out = stats.frames, bytes_out = stats.bytes, datagrams_out = stats.datagrams,
+        close_code = reason.as_ref().map(|r| r.code.code()),
+        close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+}

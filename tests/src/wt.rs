@@ -1,0 +1,172 @@
+//! A WebTransport test client built on `web-transport-quinn`: an implementation independent
+//! of the gateway's h3-webtransport server code.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use serde_json::Value;
+use web_transport_quinn::{
+    ClientBuilder, ClientError, ConnectError, RecvStream, SendStream, Session,
+};
+
+use crate::STEP;
+
+/// A WebTransport session with its message stream open.
+pub struct WtClient {
+    /// The session (datagrams, extra streams).
+    pub session: Session,
+    /// Client-to-server half of the message stream.
+    pub send: SendStream,
+    recv: RecvStream,
+    buf: BytesMut,
+}
+
+/// A frame read from the message stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WtFrame {
+    /// A JSON envelope.
+    Json(Value),
+    /// A binary envelope.
+    Binary(Bytes),
+}
+
+/// Opens a WebTransport session to `https://127.0.0.1:PORT{path}`, trusting the certificate
+/// by its SHA-256 (as browsers do with `serverCertificateHashes`).
+pub async fn open_session(
+    port: u16,
+    cert_sha256_hex: &str,
+    path: &str,
+) -> Result<Session, ClientError> {
+    let hash = hex::decode(cert_sha256_hex).expect("hex hash");
+    let client = ClientBuilder::new().with_server_certificate_hashes(vec![hash])?;
+    let url = url::Url::parse(&format!("https://127.0.0.1:{port}{path}")).expect("url");
+    client.connect(url).await
+}
+
+/// The HTTP status of a refused CONNECT.
+pub fn connect_status(e: &ClientError) -> Option<u16> {
+    use web_transport_quinn::proto::ConnectError as Proto;
+    match e {
+        ClientError::HttpError(ConnectError::ErrorStatus(s))
+        | ClientError::HttpError(ConnectError::ProtoError(Proto::WrongStatus(Some(s)))) => {
+            Some(s.as_u16())
+        }
+        _ => None,
+    }
+}
+
+/// Builds one message-stream frame.
+pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+impl WtClient {
+    /// Opens a session and its message stream, sending `hello` as the first frame.
+    pub async fn connect(
+        port: u16,
+        cert_sha256_hex: &str,
+        path: &str,
+    ) -> Result<Self, ClientError> {
+        let session = open_session(port, cert_sha256_hex, path).await?;
+        let (send, recv) = session.open_bi().await.expect("open message stream");
+        let mut c = Self {
+            session,
+            send,
+            recv,
+            buf: BytesMut::new(),
+        };
+        c.send(serde_json::json!({"type": "hello"})).await;
+        Ok(c)
+    }
+
+    /// Sends a JSON envelope on the message stream.
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(&frame(0, v.to_string().as_bytes())).await;
+    }
+
+    /// Writes raw bytes on the message stream.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.send
+            .write_all(bytes)
+            .await
+            .expect("write message stream");
+    }
+
+    /// Sends a binary envelope.
+    pub async fn send_binary(&mut self, header: Value, payload: &[u8]) {
+        self.send_raw(&frame(1, &crate::binary_envelope(&header, payload)))
+            .await;
+    }
+
+    /// Next frame on the message stream, or `None` when the stream ends.
+    pub async fn next_frame(&mut self) -> Option<WtFrame> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() >= 5 + len {
+                    let kind = self.buf[0];
+                    self.buf.advance(5);
+                    let payload = self.buf.split_to(len).freeze();
+                    return Some(match kind {
+                        0 => WtFrame::Json(serde_json::from_slice(&payload).expect("JSON frame")),
+                        1 => WtFrame::Binary(payload),
+                        k => panic!("unknown frame kind {k}"),
+                    });
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout(STEP, self.recv.read(&mut chunk)).await {
+                Err(_) => panic!("timed out waiting for a WebTransport frame"),
+                Ok(Ok(Some(n))) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Ok(None)) | Ok(Err(_)) => return None,
+            }
+        }
+    }
+
+    /// Next JSON envelope; panics on anything else.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_frame().await {
+            Some(WtFrame::Json(v)) => v,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// Sends `v` and returns the next envelope.
+    pub async fn request(&mut self, v: Value) -> Value {
+        self.send(v).await;
+        self.recv().await
+    }
+
+    /// Joins `room`, checking the ack.
+    pub async fn join(&mut self, room: &str) -> Value {
+        let ack = self
+            .request(serde_json::json!({"type":"join","room":room,"id":1}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        ack
+    }
+
+    /// The next datagram, parsed as JSON.
+    pub async fn recv_datagram(&self) -> Value {
+        let d = tokio::time::timeout(STEP, self.session.read_datagram())
+            .await
+            .expect("timed out waiting for a datagram")
+            .expect("datagram");
+        serde_json::from_slice(&d).expect("JSON datagram")
+    }
+
+    /// Asserts that no frame arrives on the message stream within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let mut chunk = [0u8; 1024];
+        if !self.buf.is_empty() {
+            panic!("expected silence, {} bytes are buffered", self.buf.len());
+        }
+        if let Ok(r) = tokio::time::timeout(d, self.recv.read(&mut chunk)).await {
+            panic!("expected silence, got {r:?}");
+        }
+    }
+}
