@@ -18,6 +18,7 @@ use crate::{state::AppState, ws};
 /// The router of every plain HTTP request.
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(demo_page))
         .route("/healthz", get(healthz))
         .fallback(endpoint_or_not_found)
         .with_state(app)
@@ -29,6 +30,19 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::OK, "ok").into_response()
     }
+}
+
+/// The demo page; in dev mode it carries the dev certificate's hash for WebTransport.
+async fn demo_page(State(app): State<Arc<AppState>>) -> Response {
+    let page = include_str!("../assets/index.html").replace(
+        "__CERT_SHA256__",
+        app.dev_cert_sha256.as_deref().unwrap_or(""),
+    );
+    (
+        [(http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
 }
 
 async fn endpoint_or_not_found(State(app): State<Arc<AppState>>, req: Request) -> Response {

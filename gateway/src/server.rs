@@ -95,7 +95,12 @@ impl Server {
             verifier,
             limits,
         };
-        let state = AppState::new(config, services, udp_addr.map(|a| a.port()));
+        let state = AppState::new(
+            config,
+            services,
+            udp_addr.map(|a| a.port()),
+            dev_cert.as_ref().map(|d| d.sha256.clone()),
+        );
         let router = api::router(state.clone());
         let mut tasks = JoinSet::new();
         let acceptor = TlsAcceptor::from(tls::tcp_config(resolver.clone()));

@@ -23,12 +23,19 @@ pub struct AppState {
     pub config: Config,
     /// The UDP port HTTPS responses advertise in `Alt-Svc`, when WebTransport is on.
     pub h3_port: Option<u16>,
+    /// SHA-256 (hex) of the development certificate, when one is served.
+    pub dev_cert_sha256: Option<String>,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
     /// Shared state for `config` around `services`.
-    pub fn new(config: Config, services: Services, h3_port: Option<u16>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        services: Services,
+        h3_port: Option<u16>,
+        dev_cert_sha256: Option<String>,
+    ) -> Arc<Self> {
         let endpoints = config
             .endpoints
             .iter()
@@ -39,6 +46,7 @@ impl AppState {
             endpoints,
             config,
             h3_port,
+            dev_cert_sha256,
             shutting_down: AtomicBool::new(false),
         })
     }
