@@ -19,9 +19,9 @@ if ! python3 -c 'import websockets, aioquic' >/dev/null 2>&1; then
   echo "installing Python test clients (pip)"
   python3 -m pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
 fi
-if [ -f tests/browser/package-lock.json ] && [ ! -d tests/browser/node_modules ]; then
+if [ -f tests/js/package-lock.json ] && [ ! -d tests/js/node_modules ]; then
   echo "installing Node test clients (npm ci)"
-  (cd tests/browser && npm ci --silent --no-audit --no-fund)
+  (cd tests/js && npm ci --silent --no-audit --no-fund)
 fi
 
 cargo fmt --all -- --check

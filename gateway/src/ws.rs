@@ -279,7 +279,9 @@ where
     let (sink, mut stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, outbox));
     let mut deadline = conn.poll(Instant::now().into_std());
-    let mut peer_closed = false;
+    // Set once the read half yields nothing more; a received Close frame is not the end:
+    // reading on lets tungstenite send its Close reply (else clients see 1006).
+    let mut stream_ended = false;
     loop {
         let sleep = async {
             match deadline {
@@ -293,14 +295,15 @@ where
                 Some(Ok(Message::Binary(bytes))) => conn.on_binary(bytes, Now::read()),
                 Some(Ok(Message::Pong(_))) => conn.on_pong(),
                 Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => {
-                    peer_closed = true;
+                Some(Ok(Message::Close(_))) => break,
+                None => {
+                    stream_ended = true;
                     break;
                 }
                 Some(Err(e)) => {
                     match close_for(&e) {
                         Some(reason) => conn.close(reason),
-                        None => peer_closed = true,
+                        None => stream_ended = true,
                     }
                     break;
                 }
@@ -323,11 +326,11 @@ where
             result = &mut writer, if !writer_done => {
                 stats = result.unwrap_or_default();
                 writer_done = true;
-                if peer_closed { break; }
+                if stream_ended { break; }
             }
-            message = stream.next(), if !peer_closed => {
-                if matches!(message, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
-                    peer_closed = true;
+            message = stream.next(), if !stream_ended => {
+                if matches!(message, None | Some(Err(_))) {
+                    stream_ended = true;
                     if writer_done { break; }
                 }
             }

@@ -484,7 +484,10 @@ async fn run_session(
                 Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
                     tokio::spawn(serve_request(req, stream, router.clone(), peer));
                 }
-                _ => break,
+                other => {
+                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "bidirectional accept ended");
+                    break;
+                }
             },
             accepted = uni.next() => match accepted {
                 Some(Ok(Some((_, mut recv)))) => {
@@ -495,7 +498,10 @@ async fn run_session(
                         message: "unidirectional streams are not used; send frames on the message stream",
                     }.to_outbound());
                 }
-                _ => break,
+                other => {
+                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "unidirectional accept ended");
+                    break;
+                }
             },
             frame = messages.next() => match frame {
                 Some(Ok((FrameKind::Json, payload))) => conn.on_text(payload, Now::read()),
@@ -512,7 +518,10 @@ async fn run_session(
             },
             datagram = datagrams.next() => match datagram {
                 Some(Ok(d)) => conn.on_datagram(d.into_payload(), Now::read()),
-                _ => break,
+                other => {
+                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|_| ()).map_err(|e| e.to_string())), "datagram reader ended");
+                    break;
+                }
             },
             () = timer => deadline = conn.poll(Instant::now().into_std()),
             () = tokio::time::sleep_until(stream_deadline), if !has_message_stream => {

@@ -9,13 +9,21 @@ use gateway_tests::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_opens_webtransport_and_wss_and_they_chat() {
     within(120, async {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
         assert!(
             dir.join("node_modules/playwright-core").exists(),
-            "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/browser)"
+            "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
         );
         let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
-        let spki = gw.server.as_ref().unwrap().dev_cert.as_ref().unwrap().spki_sha256.clone();
+        let spki = gw
+            .server
+            .as_ref()
+            .unwrap()
+            .dev_cert
+            .as_ref()
+            .unwrap()
+            .spki_sha256
+            .clone();
         let port = gw.addr.port().to_string();
         let sha = gw.cert_sha256.clone();
         let output = tokio::task::spawn_blocking(move || {

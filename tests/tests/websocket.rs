@@ -418,3 +418,15 @@ async fn a_client_that_does_not_answer_pings_is_closed_4009() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    within(30, async {
+        let gw = TestGateway::start(OPEN).await;
+        let (mut a, _) = gw.ws_welcomed("/chat").await;
+        a.ws.close(None).await.unwrap();
+        let (ending, _) = a.ending().await;
+        assert!(matches!(ending, Ending::Close(_, _)), "{ending:?}");
+    })
+    .await;
+}
