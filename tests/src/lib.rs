@@ -1,6 +1,7 @@
 //! Test support: a real gateway on an ephemeral port with a fresh dev certificate, and
 //! clients that trust that certificate and speak PROTOCOL.md.
 
+pub mod load;
 pub mod wt;
 
 use std::{
@@ -185,6 +186,7 @@ pub async fn https_request(
     req.push_str("\r\n");
     req.push_str(body);
     tls.write_all(req.as_bytes()).await?;
+    tls.flush().await?;
     let mut raw = Vec::new();
     tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
         .await
@@ -209,6 +211,7 @@ pub async fn https_head(addr: SocketAddr, cert: &Path, path: &str) -> anyhow::Re
     let mut tls = tls_connect(addr, cert).await?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     tls.write_all(req.as_bytes()).await?;
+    tls.flush().await?;
     let mut raw = Vec::new();
     tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
         .await?
