@@ -138,6 +138,7 @@ impl WsConn {
         self.buf.reserve(64 * 1024);
         loop {
             let now_ns = since(epoch);
+            let mut pongs = Vec::new();
             {
                 let mut obs = observed.borrow_mut();
                 while let Some((op, start, end, frame_end)) = ws_parse(&self.buf) {
@@ -156,18 +157,17 @@ impl WsConn {
                             }
                         }
                         opcode::PING => {
-                            let mut out = Vec::new();
-                            ws_frame(&mut out, opcode::PONG, &self.buf[start..end], self.mask);
-                            drop(obs);
-                            self.writer.write_all(&out).await?;
-                            self.writer.flush().await?;
-                            obs = observed.borrow_mut();
+                            ws_frame(&mut pongs, opcode::PONG, &self.buf[start..end], self.mask)
                         }
                         opcode::CLOSE => return Ok(()),
                         _ => {}
                     }
                     let _ = self.buf.split_to(frame_end);
                 }
+            }
+            if !pongs.is_empty() {
+                self.writer.write_all(&pongs).await?;
+                self.writer.flush().await?;
             }
             if now_ns > stop_ns {
                 return Ok(());
