@@ -122,7 +122,7 @@ fn cert_sha256(cli: &Cli) -> anyhow::Result<Vec<u8>> {
 /// A subscriber of either transport, joined to its room.
 enum Subscriber {
     Ws(ws_client::WsConn),
-    Wt(wt_client::WtConn),
+    Wt(Box<wt_client::WtConn>),
 }
 
 async fn open_subscriber(
@@ -141,7 +141,7 @@ async fn open_subscriber(
                     .await?;
                 c.wait_text("ack").await?;
             }
-            Ok(Subscriber::Wt(c))
+            Ok(Subscriber::Wt(Box::new(c)))
         }
         _ => {
             let mut c = ws_client::connect(cli.addr, tls.clone(), &cli.path).await?;
