@@ -290,6 +290,17 @@ impl OutboxReceiver {
     }
 }
 
+impl OutboxReceiver {
+    /// Moves up to `max` more queued frames into `out` without waiting; returns how many.
+    /// Frames only: a pending close is reported by the next [`recv_batch`](Self::recv_batch).
+    pub fn drain_ready(&self, out: &mut Vec<Outbound>, max: usize) -> usize {
+        let mut q = lock(&self.0.queue);
+        let n = q.frames.len().min(max);
+        out.extend(q.frames.drain(..n));
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

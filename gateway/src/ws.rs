@@ -213,6 +213,14 @@ where
     loop {
         match outbox.recv_batch(&mut batch, MAX_BATCH).await {
             Batch::Frames => {
+                // Let the fan-out and the other writers run once before writing: under load
+                // more frames arrive meanwhile and a burst leaves in one write and few TLS
+                // records; when idle the yield returns at once.
+                if batch.len() < MAX_BATCH {
+                    tokio::task::yield_now().await;
+                    let room = MAX_BATCH - batch.len();
+                    outbox.drain_ready(&mut batch, room);
+                }
                 for frame in batch.drain(..) {
                     if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame
                     {
