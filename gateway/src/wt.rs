@@ -154,12 +154,42 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
                 return;
             }
             Ok(admission) => {
+                wait_for_peer_settings(&mut h3, &router, peer, timeout).await;
                 match WebTransportSession::accept(req, stream, h3).await {
                     Ok(session) => run_session(session, quic, admission, app, router, peer).await,
                     Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
                 }
                 return;
             }
+        }
+    }
+}
+
+/// A client may send its CONNECT before h3 has processed the client's SETTINGS, and
+/// h3-webtransport refuses a session whose peer has not (yet) announced WebTransport. Drive
+/// the connection (which reads the control stream) until the settings are known; requests
+/// that arrive meanwhile are served as usual.
+async fn wait_for_peer_settings(
+    h3: &mut h3::server::Connection<h3_quinn::Connection, Bytes>,
+    router: &Router,
+    peer: SocketAddr,
+    limit: Duration,
+) {
+    use h3::ConnectionState;
+    let deadline = Instant::now() + limit;
+    while !h3.settings().enable_webtransport() && Instant::now() < deadline {
+        // `accept` is cancel-safe until it yields a request.
+        match tokio::time::timeout(Duration::from_millis(5), h3.accept()).await {
+            Err(_) => {}
+            Ok(Ok(Some(resolver))) => {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    if let Ok((req, stream)) = resolver.resolve_request().await {
+                        serve_request(req, stream, router, peer).await;
+                    }
+                });
+            }
+            Ok(_) => return,
         }
     }
 }
