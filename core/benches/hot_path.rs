@@ -1,0 +1,76 @@
+//! Micro-benchmarks of the hub's hot path: decoding a publish, and one publish fanned out to
+//! N member queues (encode once, then a non-blocking push per member).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gateway_core::{
+    backplane::LocalBackplane,
+    hub::{Hub, HubConfig},
+    policy::RoomPolicies,
+    protocol::{decode_binary, decode_json, Payload, RoomName},
+    session::{OutboxReceiver, SessionHandle, TransportKind},
+};
+
+fn decoders(c: &mut Criterion) {
+    let json = Bytes::from_static(
+        br#"{"type":"publish","room":"lobby","id":42,"data":{"text":"hello there","n":[1,2,3]}}"#,
+    );
+    let header = br#"{"type":"publish","room":"lobby","id":42}"#;
+    let mut bin = (header.len() as u16).to_be_bytes().to_vec();
+    bin.extend_from_slice(header);
+    bin.extend_from_slice(&[7u8; 100]);
+    let bin = Bytes::from(bin);
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("json_publish", |b| b.iter(|| decode_json(&json).unwrap()));
+    g.bench_function("binary_publish_100B", |b| {
+        b.iter(|| decode_binary(&bin).unwrap())
+    });
+    g.finish();
+}
+
+fn fan_out(c: &mut Criterion) {
+    let mut g = c.benchmark_group("publish_fan_out");
+    for members in [100usize, 1000, 10_000] {
+        let hub = Hub::new(
+            HubConfig {
+                node_id: "bench".into(),
+                rooms: RoomPolicies::default(),
+            },
+            Arc::new(LocalBackplane),
+        );
+        let room = RoomName::new("r").unwrap();
+        let sessions: Vec<(SessionHandle, OutboxReceiver)> = (0..members)
+            .map(|i| {
+                let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1 << 20);
+                h.set_user(format!("u{i}").into());
+                hub.join(&h, &room);
+                (h, rx)
+            })
+            .collect();
+        // Drop the presence events queued by the joins.
+        let mut sink = Vec::new();
+        for (_, rx) in &sessions {
+            rx.drain_ready(&mut sink, usize::MAX);
+            sink.clear();
+        }
+        let data = Payload::Binary(Bytes::from(vec![7u8; 100]));
+        g.throughput(Throughput::Elements(members as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
+            b.iter(|| {
+                hub.publish(&room, Some("publisher"), &data, false, None);
+                // Keep queues from growing: drain what one publish queued.
+                for (_, rx) in &sessions {
+                    rx.drain_ready(&mut sink, usize::MAX);
+                }
+                sink.clear();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decoders, fan_out);
+criterion_main!(benches);
