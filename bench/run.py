@@ -169,7 +169,8 @@ def main():
             res["latency_100k"][t] = r
             print(f"latency@100k {t}: {summary(r)}", file=sys.stderr)
     if want("sweep"):
-        rates = [100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 700_000, 800_000, 900_000, 1_000_000, 1_200_000]
+        rates = [100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 700_000, 800_000, 900_000, 1_000_000,
+                 1_200_000, 1_500_000, 2_000_000, 2_500_000, 3_000_000]
         res["sweep_1x1000"] = {t: sweep(t, rates, a.quick) for t in TARGETS}
     if want("webtransport"):
         rates = [100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 700_000, 800_000]
@@ -207,7 +208,7 @@ def main():
 
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    stamp = res["date"][:10] + ("-quick" if a.quick else "")
+    stamp = res["date"][:16].replace(":", "") + ("-quick" if a.quick else "")
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     md = render(res)
     (out_dir / f"{stamp}.md").write_text(md)
