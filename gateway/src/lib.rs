@@ -1,6 +1,7 @@
 //! The gateway server: configuration, the TCP front (HTTPS + secure WebSocket), the HTTP API,
 //! and the wiring around the transport-neutral hub of `gateway-core`.
 
+mod adapter;
 pub mod admission;
 pub mod api;
 pub mod config;

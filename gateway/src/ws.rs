@@ -7,7 +7,7 @@ use axum::{body::Body, Router};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use gateway_core::{
-    connection::{Connection, Now},
+    connection::Now,
     protocol::{CloseCode, CloseReason},
     session::{Batch, Outbound, OutboxReceiver, TransportKind},
 };
@@ -26,9 +26,10 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 use tower::ServiceExt;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::{
+    adapter::{open_session, OpenedSession, WriteStats},
     admission::{self, Admission, UpgradeRequest},
     api::rejection_response,
     state::AppState,
@@ -199,13 +200,6 @@ fn to_message(frame: Outbound) -> Message {
     }
 }
 
-/// Outbound counters of one session.
-#[derive(Debug, Default, Clone, Copy)]
-struct WriteStats {
-    frames: u64,
-    bytes: u64,
-}
-
 /// Drains the session's outbox to the socket: each wake-up takes every queued frame, feeds
 /// them to tungstenite and flushes once. Ends after writing the close frame.
 async fn write_loop<S>(mut sink: S, outbox: OutboxReceiver) -> WriteStats
@@ -271,24 +265,15 @@ async fn run_session<IO>(io: IO, admission: Admission, app: Arc<AppState>, peer:
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Admission {
-        policy,
-        admitted,
-        slot: _slot,
-    } = admission;
-    let config = websocket_config(policy.max_message_bytes);
+    let config = websocket_config(admission.policy.max_message_bytes);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-    let opened = Instant::now();
-    let (mut conn, outbox) = Connection::open(
-        app.services.clone(),
-        policy,
-        TransportKind::WebSocket,
-        admitted,
-        Now::read(),
-    );
+    let OpenedSession {
+        mut conn,
+        outbox,
+        log,
+        ..
+    } = open_session(&app, admission, TransportKind::WebSocket, peer);
     let handle = conn.handle().clone();
-    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
-        transport = "websocket", user = handle.user().map(|u| &**u), "session open");
     let (sink, mut stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, outbox));
     let mut deadline = conn.poll(Instant::now().into_std());
@@ -353,13 +338,5 @@ where
             }
         }
     }
-    let reason = handle.close_reason();
-    let inbound = conn.stats();
-    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
-        transport = "websocket", user = handle.user().map(|u| &**u),
-        duration_ms = opened.elapsed().as_millis() as u64,
-        frames_in = inbound.frames, bytes_in = inbound.bytes,
-        frames_out = stats.frames, bytes_out = stats.bytes,
-        close_code = reason.as_ref().map(|r| r.code.code()),
-        close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+    log.closed(&conn, stats);
 }

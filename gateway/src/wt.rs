@@ -9,7 +9,7 @@ use axum::{body::Body, Router};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
 use gateway_core::{
-    connection::{Connection, Now},
+    connection::Now,
     protocol::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
         CloseCode, CloseReason, ErrorCode, Rejection, ServerFrame,
@@ -26,9 +26,10 @@ use tokio::{
     time::Instant,
 };
 use tower::ServiceExt;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::{
+    adapter::{open_session, OpenedSession, WriteStats},
     admission::{self, Admission, UpgradeRequest},
     api::rejection_response,
     state::AppState,
@@ -321,14 +322,6 @@ async fn write_frame(
     send.write_all(payload).await
 }
 
-/// Outbound counters of one session.
-#[derive(Debug, Default, Clone, Copy)]
-struct WriteStats {
-    frames: u64,
-    bytes: u64,
-    datagrams: u64,
-}
-
 /// Length of the QUIC varint that prefixes each HTTP/3 datagram with the session's
 /// quarter stream id.
 fn datagram_prefix_len(session: &WtSession) -> usize {
@@ -442,25 +435,16 @@ async fn run_session(
     router: Router,
     peer: SocketAddr,
 ) {
-    let Admission {
-        policy,
-        admitted,
-        slot: _slot,
-    } = admission;
     let session = Arc::new(session);
-    let max_len = policy.max_message_bytes;
+    let max_len = admission.policy.max_message_bytes;
     let stream_deadline = Instant::now() + app.config.limits.handshake_timeout;
-    let opened = Instant::now();
-    let (mut conn, outbox) = Connection::open(
-        app.services.clone(),
-        policy,
-        TransportKind::WebTransport,
-        admitted,
-        Now::read(),
-    );
+    let OpenedSession {
+        mut conn,
+        outbox,
+        log,
+        ..
+    } = open_session(&app, admission, TransportKind::WebTransport, peer);
     let handle = conn.handle().clone();
-    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
-        transport = "webtransport", user = handle.user().map(|u| &**u), "session open");
 
     let (send_tx, send_rx) = oneshot::channel();
     let mut send_tx = Some(send_tx);
@@ -576,13 +560,5 @@ async fn run_session(
     if let Some(reason) = handle.close_reason() {
         close_connection(&quic, &reason);
     }
-    let reason = handle.close_reason();
-    let inbound = conn.stats();
-    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
-        transport = "webtransport", user = handle.user().map(|u| &**u),
-        duration_ms = opened.elapsed().as_millis() as u64,
-        frames_in = inbound.frames, bytes_in = inbound.bytes,
-        frames_out = stats.frames, bytes_out = stats.bytes, datagrams_out = stats.datagrams,
-        close_code = reason.as_ref().map(|r| r.code.code()),
-        close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+    log.closed(&conn, stats);
 }

@@ -33,6 +33,20 @@ impl Observed {
         })
     }
 
+    /// Records the delivery whose binary envelope is `envelope`, checking its sequence.
+    pub fn record_envelope(&mut self, seqs: &mut SeqTracker, envelope: &[u8], now_ns: u64) {
+        let probe = super::wire::envelope_payload(envelope).and_then(super::read_probe);
+        if let Some((publisher, seq, sent)) = probe {
+            let (dup, skipped) = seqs.check(publisher, seq);
+            if dup {
+                self.duplicates += 1;
+            } else {
+                self.gaps += skipped;
+                self.record(sent, now_ns);
+            }
+        }
+    }
+
     /// Records one delivery.
     pub fn record(&mut self, sent_ns: u64, now_ns: u64) {
         self.total_deliveries += 1;

@@ -12,9 +12,9 @@ use tokio::{
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::{
-    read_probe, since,
+    since,
     stats::{Observed, SeqTracker},
-    wire::{envelope_payload, opcode, ws_frame, ws_parse},
+    wire::{opcode, ws_frame, ws_parse},
 };
 
 type Tls = TlsStream<TcpStream>;
@@ -144,17 +144,7 @@ impl WsConn {
                 while let Some((op, start, end, frame_end)) = ws_parse(&self.buf) {
                     match op {
                         opcode::BINARY => {
-                            if let Some((publisher, seq, sent)) =
-                                envelope_payload(&self.buf[start..end]).and_then(read_probe)
-                            {
-                                let (dup, skipped) = seqs.check(publisher, seq);
-                                if dup {
-                                    obs.duplicates += 1;
-                                } else {
-                                    obs.gaps += skipped;
-                                    obs.record(sent, now_ns);
-                                }
-                            }
+                            obs.record_envelope(&mut seqs, &self.buf[start..end], now_ns)
                         }
                         opcode::PING => {
                             ws_frame(&mut pongs, opcode::PONG, &self.buf[start..end], self.mask)

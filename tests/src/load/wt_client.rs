@@ -8,9 +8,9 @@ use bytes::BytesMut;
 use web_transport_quinn::{Client, RecvStream, SendStream, Session};
 
 use super::{
-    read_probe, since,
+    since,
     stats::{Observed, SeqTracker},
-    wire::{envelope_payload, stream_frame, stream_take},
+    wire::{stream_frame, stream_take},
 };
 
 /// A WebTransport session with its message stream.
@@ -88,19 +88,8 @@ impl WtConn {
             {
                 let mut obs = observed.borrow_mut();
                 while let Some((kind, payload)) = stream_take(&mut self.buf) {
-                    if kind != 1 {
-                        continue;
-                    }
-                    if let Some((publisher, seq, sent)) =
-                        envelope_payload(&payload).and_then(read_probe)
-                    {
-                        let (dup, skipped) = seqs.check(publisher, seq);
-                        if dup {
-                            obs.duplicates += 1;
-                        } else {
-                            obs.gaps += skipped;
-                            obs.record(sent, now_ns);
-                        }
+                    if kind == 1 {
+                        obs.record_envelope(&mut seqs, &payload, now_ns);
                     }
                 }
             }

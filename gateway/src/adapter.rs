@@ -1,0 +1,88 @@
+//! What both transport adapters do around a session: open it in the hub from an admission,
+//! and write its access-log lines (one at open, one at close).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use gateway_core::{
+    connection::{Connection, Now},
+    limits::ConnectionSlot,
+    session::{OutboxReceiver, TransportKind},
+};
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::{admission::Admission, state::AppState};
+
+/// Outbound counters an adapter's writer reports at the end.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WriteStats {
+    pub(crate) frames: u64,
+    pub(crate) bytes: u64,
+    pub(crate) datagrams: u64,
+}
+
+/// An opened session: its protocol driver, its outbox, and its access log.
+pub(crate) struct OpenedSession {
+    pub(crate) conn: Connection,
+    pub(crate) outbox: OutboxReceiver,
+    pub(crate) log: AccessLog,
+    /// Held for the session's life: releases the connection slot on drop.
+    _slot: ConnectionSlot,
+}
+
+/// Registers an admitted session with the hub (queuing `welcome` when authenticated) and
+/// logs its opening.
+pub(crate) fn open_session(
+    app: &Arc<AppState>,
+    admission: Admission,
+    transport: TransportKind,
+    peer: SocketAddr,
+) -> OpenedSession {
+    let Admission {
+        policy,
+        admitted,
+        slot,
+    } = admission;
+    let (conn, outbox) = Connection::open(
+        app.services.clone(),
+        policy,
+        transport,
+        admitted,
+        Now::read(),
+    );
+    let handle = conn.handle();
+    info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
+        transport = transport.as_str(), user = handle.user().map(|u| &**u), "session open");
+    OpenedSession {
+        conn,
+        outbox,
+        log: AccessLog {
+            opened: Instant::now(),
+            peer,
+        },
+        _slot: slot,
+    }
+}
+
+/// The data of a session's closing access-log line.
+pub(crate) struct AccessLog {
+    opened: Instant,
+    peer: SocketAddr,
+}
+
+impl AccessLog {
+    /// Logs the session's end: duration, traffic both ways and the close code.
+    pub(crate) fn closed(&self, conn: &Connection, out: WriteStats) {
+        let handle = conn.handle();
+        let reason = handle.close_reason();
+        let inbound = conn.stats();
+        info!(target: "access", session = handle.id_str(), peer = %self.peer,
+            endpoint = handle.endpoint(), transport = handle.transport().as_str(),
+            user = handle.user().map(|u| &**u),
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            frames_in = inbound.frames, bytes_in = inbound.bytes,
+            frames_out = out.frames, bytes_out = out.bytes, datagrams_out = out.datagrams,
+            close_code = reason.as_ref().map(|r| r.code.code()),
+            close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+    }
+}
