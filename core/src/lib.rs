@@ -20,6 +20,7 @@ pub mod pattern;
 pub mod policy;
 pub mod protocol;
 pub mod session;
+pub mod tickets;
 
 pub use connection::Connection;
 pub use hub::Hub;

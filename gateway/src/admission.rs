@@ -73,12 +73,20 @@ pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admis
         mode => match credential(req) {
             None if mode == AuthMode::FirstMessage => Admitted::Pending,
             None => return Err(Rejection::MissingCredential),
-            Some(cred) => {
-                let token = match cred {
-                    Credential::Bearer(t) | Credential::Token(t) => t,
-                    // Tickets arrive with the ticket store; until then none is valid.
-                    Credential::Ticket(_) => return Err(Rejection::InvalidCredential),
-                };
+            Some(Credential::Ticket(ticket)) => {
+                let identity = app
+                    .tickets
+                    .peek(&ticket, now.instant)
+                    .ok_or(Rejection::InvalidCredential)?;
+                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                // Consumed only now that the request is admitted; of two racing requests
+                // only one redeems it.
+                app.tickets
+                    .redeem(&ticket, now.instant)
+                    .ok_or(Rejection::InvalidCredential)?;
+                Admitted::Authenticated(identity, user_slot)
+            }
+            Some(Credential::Bearer(token) | Credential::Token(token)) => {
                 let verifier = app
                     .services
                     .verifier

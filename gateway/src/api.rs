@@ -4,14 +4,19 @@
 use std::sync::Arc;
 
 use axum::{
-    body::Body,
-    extract::{Request, State},
+    body::{Body, Bytes},
+    extract::{Path, Request, State},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
-use gateway_core::protocol::Rejection;
-use http::StatusCode;
+use gateway_core::{
+    connection::Now,
+    protocol::{CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
+};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
 
 use crate::{state::AppState, ws};
 
@@ -20,6 +25,11 @@ pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(demo_page))
         .route("/healthz", get(healthz))
+        .route("/api/tickets", post(issue_ticket))
+        .route("/api/publish", post(api_publish))
+        .route("/api/send", post(api_send))
+        .route("/api/rooms/{room}", get(api_room))
+        .route("/api/disconnect", post(api_disconnect))
         .fallback(endpoint_or_not_found)
         .with_state(app)
 }
@@ -47,6 +57,167 @@ async fn demo_page(State(app): State<Arc<AppState>>) -> Response {
 
 async fn endpoint_or_not_found(State(app): State<Arc<AppState>>, req: Request) -> Response {
     ws::upgrade(app, req).await
+}
+
+/// An API failure: the JSON error body with the status of its code.
+fn api_error(code: ErrorCode, message: &str) -> Response {
+    let status = StatusCode::from_u16(code.http_status()).expect("valid status");
+    error_response(status, code.as_str(), message)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// `POST /api/tickets`: a user JWT in, a one-time ticket out.
+async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let Some(verifier) = &app.services.verifier else {
+        return api_error(ErrorCode::Forbidden, "authentication is not configured");
+    };
+    let Some(token) = bearer(&headers) else {
+        return api_error(ErrorCode::Unauthorized, "a bearer JWT is required");
+    };
+    let now = Now::read();
+    let identity = match verifier.verify(token, now.unix_secs) {
+        Ok(identity) => identity,
+        Err(e) => return api_error(ErrorCode::Unauthorized, &e.to_string()),
+    };
+    match app.tickets.issue(identity, now.instant) {
+        Ok(ticket) => Json(json!({
+            "ticket": ticket,
+            "expires_in": app.tickets.ttl().as_secs(),
+        }))
+        .into_response(),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_exceeded",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// Checks the server API key in constant time.
+fn require_api_key(app: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    use subtle::ConstantTimeEq;
+    let Some(key) = &app.config.api_key else {
+        return Err(api_error(
+            ErrorCode::Forbidden,
+            "the server API is disabled: set [api] key",
+        ));
+    };
+    match bearer(headers) {
+        Some(given) if bool::from(given.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
+        _ => Err(api_error(
+            ErrorCode::Unauthorized,
+            "a valid API key is required",
+        )),
+    }
+}
+
+/// Parses a JSON body; `data` is kept as the raw JSON text the caller sent.
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| api_error(ErrorCode::BadRequest, &format!("invalid body: {e}")))
+}
+
+fn room_name(room: &str) -> Result<RoomName, Response> {
+    RoomName::new(room).map_err(|e| api_error(ErrorCode::BadRequest, &format!("room: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    room: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /api/publish`: publish to a room as the server (no `from`).
+async fn api_publish(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let run = || -> Result<Response, Response> {
+        require_api_key(&app, &headers)?;
+        let req: PublishBody<'_> = parse_body(&body)?;
+        let room = room_name(&req.room)?;
+        let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+        let seq = app.services.hub.publish(&room, None, &data, false, None);
+        Ok(Json(json!({ "seq": seq })).into_response())
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+#[derive(Deserialize)]
+struct SendBody<'a> {
+    user: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /api/send`: a direct message to every session of a user.
+async fn api_send(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = || -> Result<Response, Response> {
+        require_api_key(&app, &headers)?;
+        let req: SendBody<'_> = parse_body(&body)?;
+        let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+        let delivered = app.services.hub.send_to_user(&req.user, None, &data);
+        Ok(Json(json!({ "delivered": delivered })).into_response())
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+/// `GET /api/rooms/ROOM`: the members of a room.
+async fn api_room(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Response {
+    let run = || -> Result<Response, Response> {
+        require_api_key(&app, &headers)?;
+        let name = room_name(&room)?;
+        let members = app.services.hub.members(&name);
+        Ok(Json(json!({ "room": room, "members": members })).into_response())
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+/// `POST /api/disconnect`: closes every session of a user.
+async fn api_disconnect(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let run = || -> Result<Response, Response> {
+        require_api_key(&app, &headers)?;
+        let req: DisconnectBody = parse_body(&body)?;
+        let code = match req.code {
+            None => CloseCode::PolicyViolation,
+            Some(c) => CloseCode::from_code(c).ok_or_else(|| {
+                api_error(
+                    ErrorCode::BadRequest,
+                    "code: not a close code of PROTOCOL.md section 8",
+                )
+            })?,
+        };
+        let reason = CloseReason::new(
+            code,
+            req.reason
+                .unwrap_or_else(|| "disconnected by the server".into()),
+        );
+        let n = app.services.hub.disconnect_user(&req.user, reason);
+        Ok(Json(json!({ "disconnected": n })).into_response())
+    };
+    run().unwrap_or_else(|e| e)
 }
 
 /// The JSON error body of the HTTP API and of rejected upgrades.

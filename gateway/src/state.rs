@@ -8,9 +8,12 @@ use std::{
     },
 };
 
-use gateway_core::{connection::Services, policy::EndpointPolicy};
+use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
 
 use crate::config::Config;
+
+/// Most unredeemed tickets held at once (each is a few hundred bytes).
+const MAX_TICKETS: usize = 100_000;
 
 /// Everything the fronts and the HTTP API share.
 #[derive(Debug)]
@@ -25,6 +28,8 @@ pub struct AppState {
     pub h3_port: Option<u16>,
     /// SHA-256 (hex) of the development certificate, when one is served.
     pub dev_cert_sha256: Option<String>,
+    /// Outstanding one-time tickets.
+    pub tickets: TicketStore,
     shutting_down: AtomicBool,
 }
 
@@ -41,12 +46,14 @@ impl AppState {
             .iter()
             .map(|e| (e.path.clone(), e.clone()))
             .collect();
+        let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS);
         Arc::new(Self {
             services,
             endpoints,
             config,
             h3_port,
             dev_cert_sha256,
+            tickets,
             shutting_down: AtomicBool::new(false),
         })
     }

@@ -1,0 +1,196 @@
+//! The HTTP API over HTTPS: one-time tickets and the server API behind its key.
+
+use std::time::Duration;
+
+use gateway_tests::*;
+use serde_json::{json, Value};
+
+const KEY: &str = "server-api-key-0123456789";
+
+fn config(ticket_ttl: u64) -> String {
+    format!(
+        "{AUTH_SECTION}ticket_ttl_secs = {ticket_ttl}\n[api]\nkey = \"{KEY}\"\n[[endpoint]]\npath = \"/chat\"\n"
+    )
+}
+
+async fn ticket(gw: &TestGateway, jwt: &str) -> (u16, Value) {
+    let (status, body) = gw
+        .https(
+            "POST",
+            "/api/tickets",
+            &[("authorization", &format!("Bearer {jwt}"))],
+            "",
+        )
+        .await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_admits_exactly_one_connection_and_expires() {
+    within(60, async {
+        let gw = TestGateway::start(&config(1)).await;
+        let (status, body) = ticket(&gw, &token("tia", 300, json!({}))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["expires_in"], 1);
+        let t = body["ticket"].as_str().unwrap().to_owned();
+        let (_c, w) = gw.ws_welcomed(&format!("/chat?ticket={t}")).await;
+        assert_eq!(w["user"], "tia");
+        let again = gw
+            .ws(&format!("/chat?ticket={t}"))
+            .await
+            .err()
+            .expect("reuse refused");
+        assert_eq!(http_status(&again), Some(401));
+
+        // Two connections racing with one ticket: exactly one gets in.
+        let (_, body) = ticket(&gw, &token("tia", 300, json!({}))).await;
+        let t = body["ticket"].as_str().unwrap().to_owned();
+        let path = format!("/chat?ticket={t}");
+        let (a, b) = tokio::join!(gw.ws(&path), gw.ws(&path));
+        let statuses: Vec<Option<u16>> = [a, b]
+            .into_iter()
+            .map(|r| r.err().map(|e| http_status(&e).unwrap_or(0)))
+            .collect();
+        assert_eq!(
+            statuses.iter().filter(|s| s.is_none()).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert!(statuses.contains(&Some(401)), "{statuses:?}");
+
+        // A ticket not used within its lifetime is refused.
+        let (_, body) = ticket(&gw, &token("tia", 300, json!({}))).await;
+        let t = body["ticket"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let late = gw
+            .ws(&format!("/chat?ticket={t}"))
+            .await
+            .err()
+            .expect("expired");
+        assert_eq!(http_status(&late), Some(401));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_need_a_valid_jwt() {
+    within(30, async {
+        let gw = TestGateway::start(&config(30)).await;
+        let (status, body) = gw.https("POST", "/api/tickets", &[], "").await;
+        assert_eq!(status, 401, "{body}");
+        let (status, body) = ticket(&gw, &token("x", -100, json!({}))).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthorized"))
+        );
+        assert!(
+            !body["message"].as_str().unwrap().contains("ey"),
+            "no token echoed: {body}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_api_publishes_sends_lists_and_disconnects() {
+    within(30, async {
+        let gw = TestGateway::start(&config(30)).await;
+        let auth = format!("Bearer {KEY}");
+        let h = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let (mut alice, _) = gw
+            .ws_welcomed(&format!("/chat?token={}", token("alice", 300, json!({}))))
+            .await;
+        alice.join("news").await;
+
+        let (status, body) = gw
+            .https(
+                "POST",
+                "/api/publish",
+                &h,
+                r#"{"room":"news","data":{"headline":"hi"}}"#,
+            )
+            .await;
+        assert_eq!((status, body.as_str()), (200, r#"{"seq":1}"#));
+        assert_eq!(
+            alice.recv().await,
+            json!({"type":"message","room":"news","seq":1,"data":{"headline":"hi"}})
+        );
+
+        let (status, body) = gw
+            .https("POST", "/api/send", &h, r#"{"user":"alice","data":[1,2]}"#)
+            .await;
+        assert_eq!((status, body.as_str()), (200, r#"{"delivered":true}"#));
+        assert_eq!(alice.recv().await, json!({"type":"direct","data":[1,2]}));
+        let (_, body) = gw
+            .https("POST", "/api/send", &h, r#"{"user":"nobody","data":1}"#)
+            .await;
+        assert_eq!(body, r#"{"delivered":false}"#);
+
+        let (status, body) = gw.https("GET", "/api/rooms/news", &h, "").await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["room"], "news");
+        assert_eq!(v["members"][0]["user"], "alice");
+        assert_eq!(v["members"][0]["transport"], "websocket");
+        assert_eq!(v["members"][0]["node"], "test-node");
+
+        let (status, _) = gw
+            .https(
+                "POST",
+                "/api/publish",
+                &h,
+                r#"{"room":"bad room","data":1}"#,
+            )
+            .await;
+        assert_eq!(status, 400);
+        let (status, _) = gw
+            .https("POST", "/api/publish", &h, r#"{"room":"news"}"#)
+            .await;
+        assert_eq!(status, 400);
+
+        let (status, body) = gw
+            .https(
+                "POST",
+                "/api/disconnect",
+                &h,
+                r#"{"user":"alice","code":4003,"reason":"banned"}"#,
+            )
+            .await;
+        assert_eq!((status, body.as_str()), (200, r#"{"disconnected":1}"#));
+        let (ending, _) = alice.ending().await;
+        assert_eq!(ending, Ending::Close(4003, "banned".into()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_api_refuses_wrong_or_missing_keys() {
+    within(30, async {
+        let gw = TestGateway::start(&config(30)).await;
+        for (headers, expected) in [
+            (vec![], 401),
+            (vec![("authorization", "Bearer wrong")], 401),
+            (vec![("authorization", "Basic abc")], 401),
+        ] {
+            let (status, body) = gw
+                .https("POST", "/api/publish", &headers, r#"{"room":"r","data":1}"#)
+                .await;
+            assert_eq!(status, expected, "{headers:?}: {body}");
+            assert!(body.contains("unauthorized"));
+        }
+        let open = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let (status, body) = open
+            .https(
+                "GET",
+                "/api/rooms/r",
+                &[("authorization", "Bearer anything")],
+                "",
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+    })
+    .await;
+}
