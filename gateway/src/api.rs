@@ -59,11 +59,34 @@ async fn endpoint_or_not_found(State(app): State<Arc<AppState>>, req: Request) -
     ws::upgrade(app, req).await
 }
 
-/// An API failure: the JSON error body with the status of its code.
-fn api_error(code: ErrorCode, message: &str) -> Response {
-    let status = StatusCode::from_u16(code.http_status()).expect("valid status");
-    error_response(status, code.as_str(), message)
+/// An API failure; it becomes the JSON error body with the status of its code.
+#[derive(Debug)]
+struct ApiError {
+    code: ErrorCode,
+    message: String,
+    status: Option<StatusCode>,
 }
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.code.http_status()).expect("valid status")
+        });
+        error_response(status, self.code.as_str(), &self.message)
+    }
+}
+
+type ApiResult = Result<Json<serde_json::Value>, ApiError>;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
@@ -72,58 +95,56 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `POST /api/tickets`: a user JWT in, a one-time ticket out.
-async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let Some(verifier) = &app.services.verifier else {
-        return api_error(ErrorCode::Forbidden, "authentication is not configured");
-    };
-    let Some(token) = bearer(&headers) else {
-        return api_error(ErrorCode::Unauthorized, "a bearer JWT is required");
-    };
+async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    let verifier =
+        app.services.verifier.as_ref().ok_or_else(|| {
+            ApiError::new(ErrorCode::Forbidden, "authentication is not configured")
+        })?;
+    let token = bearer(&headers)
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required"))?;
     let now = Now::read();
-    let identity = match verifier.verify(token, now.unix_secs) {
-        Ok(identity) => identity,
-        Err(e) => return api_error(ErrorCode::Unauthorized, &e.to_string()),
-    };
-    match app.tickets.issue(identity, now.instant) {
-        Ok(ticket) => Json(json!({
-            "ticket": ticket,
-            "expires_in": app.tickets.ttl().as_secs(),
-        }))
-        .into_response(),
-        Err(e) => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "limit_exceeded",
-            &e.to_string(),
-        ),
-    }
+    let identity = verifier
+        .verify(token, now.unix_secs)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
+    let ticket = app
+        .tickets
+        .issue(identity, now.instant)
+        .map_err(|e| ApiError {
+            status: Some(StatusCode::SERVICE_UNAVAILABLE),
+            ..ApiError::new(ErrorCode::LimitExceeded, e.to_string())
+        })?;
+    Ok(Json(json!({
+        "ticket": ticket,
+        "expires_in": app.tickets.ttl().as_secs(),
+    })))
 }
 
 /// Checks the server API key in constant time.
-fn require_api_key(app: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn require_api_key(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     use subtle::ConstantTimeEq;
     let Some(key) = &app.config.api_key else {
-        return Err(api_error(
+        return Err(ApiError::new(
             ErrorCode::Forbidden,
             "the server API is disabled: set [api] key",
         ));
     };
     match bearer(headers) {
         Some(given) if bool::from(given.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
-        _ => Err(api_error(
+        _ => Err(ApiError::new(
             ErrorCode::Unauthorized,
             "a valid API key is required",
         )),
     }
 }
 
-/// Parses a JSON body; `data` is kept as the raw JSON text the caller sent.
-fn parse_body<'a, T: Deserialize<'a>>(body: &'a Bytes) -> Result<T, Response> {
+/// Parses a JSON body; `data` fields stay the raw JSON text the caller sent.
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
-        .map_err(|e| api_error(ErrorCode::BadRequest, &format!("invalid body: {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid body: {e}")))
 }
 
-fn room_name(room: &str) -> Result<RoomName, Response> {
-    RoomName::new(room).map_err(|e| api_error(ErrorCode::BadRequest, &format!("room: {e}")))
+fn room_name(room: &str) -> Result<RoomName, ApiError> {
+    RoomName::new(room).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("room: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -138,16 +159,13 @@ async fn api_publish(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let run = || -> Result<Response, Response> {
-        require_api_key(&app, &headers)?;
-        let req: PublishBody<'_> = parse_body(&body)?;
-        let room = room_name(&req.room)?;
-        let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
-        let seq = app.services.hub.publish(&room, None, &data, false, None);
-        Ok(Json(json!({ "seq": seq })).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+) -> ApiResult {
+    require_api_key(&app, &headers)?;
+    let req: PublishBody<'_> = parse_body(&body)?;
+    let room = room_name(&req.room)?;
+    let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+    let seq = app.services.hub.publish(&room, None, &data, false, None);
+    Ok(Json(json!({ "seq": seq })))
 }
 
 #[derive(Deserialize)]
@@ -158,15 +176,12 @@ struct SendBody<'a> {
 }
 
 /// `POST /api/send`: a direct message to every session of a user.
-async fn api_send(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = || -> Result<Response, Response> {
-        require_api_key(&app, &headers)?;
-        let req: SendBody<'_> = parse_body(&body)?;
-        let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
-        let delivered = app.services.hub.send_to_user(&req.user, None, &data);
-        Ok(Json(json!({ "delivered": delivered })).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+async fn api_send(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    require_api_key(&app, &headers)?;
+    let req: SendBody<'_> = parse_body(&body)?;
+    let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+    let delivered = app.services.hub.send_to_user(&req.user, None, &data);
+    Ok(Json(json!({ "delivered": delivered })))
 }
 
 /// `GET /api/rooms/ROOM`: the members of a room.
@@ -174,14 +189,10 @@ async fn api_room(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(room): Path<String>,
-) -> Response {
-    let run = || -> Result<Response, Response> {
-        require_api_key(&app, &headers)?;
-        let name = room_name(&room)?;
-        let members = app.services.hub.members(&name);
-        Ok(Json(json!({ "room": room, "members": members })).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+) -> ApiResult {
+    require_api_key(&app, &headers)?;
+    let members = app.services.hub.members(&room_name(&room)?);
+    Ok(Json(json!({ "room": room, "members": members })))
 }
 
 #[derive(Deserialize)]
@@ -191,33 +202,30 @@ struct DisconnectBody {
     reason: Option<String>,
 }
 
-/// `POST /api/disconnect`: closes every session of a user.
+/// `POST /api/disconnect`: closes every session of a user (default close code 1008).
 async fn api_disconnect(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let run = || -> Result<Response, Response> {
-        require_api_key(&app, &headers)?;
-        let req: DisconnectBody = parse_body(&body)?;
-        let code = match req.code {
-            None => CloseCode::PolicyViolation,
-            Some(c) => CloseCode::from_code(c).ok_or_else(|| {
-                api_error(
-                    ErrorCode::BadRequest,
-                    "code: not a close code of PROTOCOL.md section 8",
-                )
-            })?,
-        };
-        let reason = CloseReason::new(
-            code,
-            req.reason
-                .unwrap_or_else(|| "disconnected by the server".into()),
-        );
-        let n = app.services.hub.disconnect_user(&req.user, reason);
-        Ok(Json(json!({ "disconnected": n })).into_response())
+) -> ApiResult {
+    require_api_key(&app, &headers)?;
+    let req: DisconnectBody = parse_body(&body)?;
+    let code = match req.code {
+        None => CloseCode::PolicyViolation,
+        Some(c) => CloseCode::from_code(c).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "code: not a close code of the protocol",
+            )
+        })?,
     };
-    run().unwrap_or_else(|e| e)
+    let reason = CloseReason::new(
+        code,
+        req.reason
+            .unwrap_or_else(|| "disconnected by the server".into()),
+    );
+    let n = app.services.hub.disconnect_user(&req.user, reason);
+    Ok(Json(json!({ "disconnected": n })))
 }
 
 /// The JSON error body of the HTTP API and of rejected upgrades.
