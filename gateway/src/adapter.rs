@@ -26,8 +26,9 @@ pub(crate) struct OpenedSession {
     pub(crate) conn: Connection,
     pub(crate) outbox: OutboxReceiver,
     pub(crate) log: AccessLog,
-    /// Held for the session's life: releases the connection slot on drop.
-    _slot: ConnectionSlot,
+    /// Held for the session's life: releases the connection slot on drop. Bind it to a
+    /// named variable (not `..`), or the slot is released at once.
+    pub(crate) slot: ConnectionSlot,
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and
@@ -60,7 +61,7 @@ pub(crate) fn open_session(
             opened: Instant::now(),
             peer,
         },
-        _slot: slot,
+        slot,
     }
 }
 

@@ -271,7 +271,7 @@ where
         mut conn,
         outbox,
         log,
-        ..
+        slot: _slot,
     } = open_session(&app, admission, TransportKind::WebSocket, peer);
     let handle = conn.handle().clone();
     let (sink, mut stream) = ws.split();

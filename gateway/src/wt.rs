@@ -442,7 +442,7 @@ async fn run_session(
         mut conn,
         outbox,
         log,
-        ..
+        slot: _slot,
     } = open_session(&app, admission, TransportKind::WebTransport, peer);
     let handle = conn.handle().clone();
 

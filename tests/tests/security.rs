@@ -1,0 +1,326 @@
+//! Authentication, authorization and abuse, table-driven, against the real gateway.
+
+use std::{path::Path, time::Duration};
+
+use gateway_tests::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sign(alg: Algorithm, key: &EncodingKey, claims: Value) -> String {
+    encode(&Header::new(alg), &claims, key).unwrap()
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_cases_are_refused_before_the_session_for_rs256_and_es256() {
+    within(60, async {
+        let rs = EncodingKey::from_rsa_pem(&pem("jwt-rs256-private.pem")).unwrap();
+        let es = EncodingKey::from_ec_pem(&pem("jwt-es256-private.pem")).unwrap();
+        for (alg, public, key, other) in [
+            ("RS256", "jwt-rs256-public.pem", &rs, &es),
+            ("ES256", "jwt-es256-public.pem", &es, &rs),
+        ] {
+            let toml = format!(
+                "[auth]\nalgorithm = \"{alg}\"\npublic_key = \"{}\"\nissuer = \"https://issuer\"\naudience = \"gateway\"\nleeway_secs = 0\n[[endpoint]]\npath = \"/chat\"\n",
+                fixture(public)
+            );
+            let gw = TestGateway::start(&toml).await;
+            let a = if alg == "RS256" { Algorithm::RS256 } else { Algorithm::ES256 };
+            let other_alg = if alg == "RS256" { Algorithm::ES256 } else { Algorithm::RS256 };
+            let good = json!({"sub":"u","exp":now()+300,"iss":"https://issuer","aud":"gateway"});
+            let with = |extra: Value| {
+                let mut c = good.clone();
+                for (k, v) in extra.as_object().unwrap() {
+                    if v.is_null() {
+                        c.as_object_mut().unwrap().remove(k);
+                    } else {
+                        c[k] = v.clone();
+                    }
+                }
+                c
+            };
+            let public_as_secret = EncodingKey::from_secret(&pem(public));
+            let cases: Vec<(&str, String)> = vec![
+                ("algorithm confusion: HS256 signed with the public key", sign(Algorithm::HS256, &public_as_secret, good.clone())),
+                ("alg none", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5fQ.".into()),
+                ("signed by another key", sign(other_alg, other, good.clone())),
+                ("missing exp", sign(a, key, with(json!({"exp": null})))),
+                ("expired", sign(a, key, with(json!({"exp": now() - 10})))),
+                ("not yet valid", sign(a, key, with(json!({"nbf": now() + 120})))),
+                ("wrong issuer", sign(a, key, with(json!({"iss": "https://evil"})))),
+                ("wrong audience", sign(a, key, with(json!({"aud": "other"})))),
+                ("missing sub", sign(a, key, with(json!({"sub": null})))),
+                ("garbage", "a.b.c".into()),
+            ];
+            for (case, token) in cases {
+                let err = gw.ws(&format!("/chat?token={token}")).await.err();
+                let status = err.as_ref().and_then(http_status);
+                assert_eq!(status, Some(401), "{alg}: {case}");
+                let header = format!("Bearer {token}");
+                let err = gw.ws_with_headers("/chat", &[("authorization", &header)]).await.err();
+                assert_eq!(err.as_ref().and_then(http_status), Some(401), "{alg} header: {case}");
+            }
+            let (_c, w) = gw.ws_welcomed(&format!("/chat?token={}", sign(a, key, good.clone()))).await;
+            assert_eq!(w["user"], "u", "{alg}: valid token admitted");
+        }
+    })
+    .await;
+}
+
+fn first_message_config(extra: &str) -> String {
+    format!("{AUTH_SECTION}[[endpoint]]\npath = \"/fm\"\nauth = \"first-message\"\nauth_timeout_secs = 1\n{extra}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_message_auth_gates_frames_then_welcomes_or_times_out() {
+    within(30, async {
+        let gw = TestGateway::start(&first_message_config("")).await;
+        let mut c = gw.ws("/fm").await.unwrap();
+        let e = c.request(json!({"type":"join","room":"r","id":1})).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["id"].as_i64()),
+            (Some("error"), Some("unauthorized"), Some(1))
+        );
+        let e = c
+            .request(json!({"type":"auth","id":2,"token":token("u", -50, json!({}))}))
+            .await;
+        assert_eq!(
+            e["code"], "unauthorized",
+            "expired token refused, may retry"
+        );
+        let ack = c
+            .request(json!({"type":"auth","id":3,"token":token("u", 300, json!({}))}))
+            .await;
+        assert_eq!(ack, json!({"type":"ack","id":3}));
+        let w = c.recv().await;
+        assert_eq!(
+            (w["type"].as_str(), w["user"].as_str()),
+            (Some("welcome"), Some("u"))
+        );
+        c.join("r").await;
+
+        // A client that never authenticates is closed 4001 after auth_timeout_secs.
+        let mut idle = gw.ws("/fm").await.unwrap();
+        let (ending, _) = idle.ending().await;
+        assert_eq!(ending, Ending::Close(4001, "auth timeout".into()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_closes_4001_unless_refreshed_for_the_same_user() {
+    within(30, async {
+        let gw =
+            TestGateway::start(&format!("{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\n")).await;
+        let (mut expiring, _) = gw
+            .ws_welcomed(&format!("/chat?token={}", token("u", 2, json!({}))))
+            .await;
+        let (mut refreshed, _) = gw
+            .ws_welcomed(&format!("/chat?token={}", token("v", 2, json!({}))))
+            .await;
+        let e = refreshed
+            .request(json!({"type":"auth","id":1,"token":token("someone-else", 300, json!({}))}))
+            .await;
+        assert_eq!(
+            e["code"], "unauthorized",
+            "refresh with another sub is refused"
+        );
+        let ack = refreshed
+            .request(json!({"type":"auth","id":2,"token":token("v", 300, json!({}))}))
+            .await;
+        assert_eq!(ack, json!({"type":"ack","id":2}));
+        let (ending, _) = expiring.ending().await;
+        assert_eq!(ending, Ending::Close(4001, "token expired".into()));
+        refreshed.expect_silence(Duration::from_millis(1500)).await;
+        assert_eq!(
+            refreshed.request(json!({"type":"ping","id":3})).await["type"],
+            "pong"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_permissions_come_from_claims_then_the_endpoint() {
+    within(30, async {
+        let toml =
+            format!("{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\nrooms = [\"public:*\"]\n");
+        let gw = TestGateway::start(&toml).await;
+        let claims = json!({"rooms":["chat:*"],"publish":["chat:news"]});
+        let (mut c, _) = gw
+            .ws_welcomed(&format!("/chat?token={}", token("u", 300, claims)))
+            .await;
+        c.join("chat:lobby").await;
+        let e = c
+            .request(json!({"type":"join","room":"public:x","id":2}))
+            .await;
+        assert_eq!(
+            e["code"], "forbidden",
+            "claims replace the endpoint's patterns"
+        );
+        let e = c
+            .request(json!({"type":"publish","room":"chat:lobby","id":3,"data":1}))
+            .await;
+        assert_eq!(e["code"], "forbidden");
+        let ack = c
+            .request(json!({"type":"publish","room":"chat:news","id":4,"data":1}))
+            .await;
+        assert_eq!(ack["type"], "ack");
+        let e = c
+            .request(json!({"type":"presence","room":"other","id":5}))
+            .await;
+        assert_eq!(e["code"], "forbidden");
+        let (mut d, _) = gw
+            .ws_welcomed(&format!("/chat?token={}", token("d", 300, json!({}))))
+            .await;
+        d.join("public:x").await;
+        let e = d
+            .request(json!({"type":"join","room":"chat:lobby","id":6}))
+            .await;
+        assert_eq!(
+            e["code"], "forbidden",
+            "endpoint patterns apply without a rooms claim"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_allow_list_refuses_cross_site_upgrades_with_403() {
+    within(30, async {
+        let toml = "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nallowed_origins = [\"https://app.example\"]\n";
+        let gw = TestGateway::start(toml).await;
+        let e = gw.ws_with_headers("/chat", &[("origin", "https://evil.example")]).await.err().unwrap();
+        assert_eq!(http_status(&e), Some(403));
+        gw.ws_with_headers("/chat", &[("origin", "https://app.example")]).await.unwrap();
+        gw.ws("/chat").await.unwrap(); // non-browser clients send no Origin
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_answer_503_and_429_before_the_session() {
+    within(30, async {
+        let global = TestGateway::start("[limits]\nmax_connections = 1\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let _first = global.ws_welcomed("/chat").await;
+        assert_eq!(http_status(&global.ws("/chat").await.err().unwrap()), Some(503));
+
+        let per_ip = TestGateway::start("[limits]\nmax_connections_per_ip = 2\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let _a = per_ip.ws_welcomed("/chat").await;
+        let b = per_ip.ws_welcomed("/chat").await;
+        assert_eq!(http_status(&per_ip.ws("/chat").await.err().unwrap()), Some(429));
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        per_ip.ws_welcomed("/chat").await; // the slot came back
+
+        let toml = format!("[limits]\nmax_connections_per_user = 1\n{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\n");
+        let per_user = TestGateway::start(&toml).await;
+        let t = token("solo", 300, json!({}));
+        let _s = per_user.ws_welcomed(&format!("/chat?token={t}")).await;
+        let e = per_user.ws(&format!("/chat?token={t}")).await.err().unwrap();
+        assert_eq!(http_status(&e), Some(429));
+        per_user.ws_welcomed(&format!("/chat?token={}", token("other", 300, json!({})))).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slowloris_clients_are_dropped_within_the_handshake_timeout() {
+    within(30, async {
+        let gw = TestGateway::start("[limits]\nhandshake_timeout_secs = 1\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        // Sends nothing at all: dropped during the TLS handshake.
+        let started = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut silent, &mut buf))
+            .await
+            .expect("server closes the silent connection");
+        assert!(matches!(n, Ok(0) | Err(_)));
+        assert!(started.elapsed() < Duration::from_millis(2500), "{:?}", started.elapsed());
+
+        // Completes TLS, then drips the request head a byte at a time.
+        let started = std::time::Instant::now();
+        let mut tls = tokio_rustls::TlsConnector::from(client_tls(&gw.cert_path, &[b"http/1.1"]))
+            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tokio::net::TcpStream::connect(gw.addr).await.unwrap())
+            .await
+            .unwrap();
+        let head = b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n";
+        let mut dropped = false;
+        for b in head {
+            if tls.write_all(&[*b]).await.is_err() || tls.flush().await.is_err() {
+                dropped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(dropped, "a dripped request head must be cut off");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // Meanwhile normal clients are served.
+        gw.ws_welcomed("/chat").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_trips_the_rate_limit_then_4008_while_others_are_served() {
+    within(30, async {
+        let gw = TestGateway::start(
+            "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 5\nrate_burst = 5\n",
+        )
+        .await;
+        let (mut flood, _) = gw.ws_welcomed("/chat").await;
+        let (mut calm, _) = gw.ws_welcomed("/chat").await;
+        calm.join("room").await;
+        for i in 0..40 {
+            flood.send(json!({"type":"ping","id":i})).await;
+        }
+        let mut pongs = 0;
+        let mut limited = 0;
+        let ending = loop {
+            match tokio::time::timeout(STEP, futures_util::StreamExt::next(&mut flood.ws))
+                .await
+                .unwrap()
+            {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str() {
+                        Some("pong") => pongs += 1,
+                        Some("error") if v["code"] == "rate_limited" => limited += 1,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                    break f.map(|f| u16::from(f.code))
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(pongs, 5, "the burst is served");
+        assert!(limited >= 1, "excess frames are answered rate_limited");
+        assert_eq!(ending, Some(4008));
+        assert_eq!(
+            calm.request(json!({"type":"ping","id":1})).await["type"],
+            "pong"
+        );
+    })
+    .await;
+}
