@@ -90,15 +90,18 @@ impl Identity {
         }
     }
 
-    /// Whether this identity may join (and list) `room`, given the endpoint's patterns.
+    /// Whether this identity may join (and list) `room`. The endpoint's patterns always
+    /// apply (they keep applications on one gateway apart); a `rooms` claim narrows them.
     pub fn may_join(&self, endpoint_rooms: &[Pattern], room: &str) -> bool {
-        any_matches(self.rooms.as_deref().unwrap_or(endpoint_rooms), room)
+        any_matches(endpoint_rooms, room)
+            && self.rooms.as_deref().is_none_or(|r| any_matches(r, room))
     }
 
-    /// Whether this identity may publish to `room`.
+    /// Whether this identity may publish to `room`: within the endpoint's patterns, and the
+    /// `publish` claim (or, without it, the `rooms` claim).
     pub fn may_publish(&self, endpoint_rooms: &[Pattern], room: &str) -> bool {
         match &self.publish {
-            Some(p) => any_matches(p, room),
+            Some(p) => any_matches(endpoint_rooms, room) && any_matches(p, room),
             None => self.may_join(endpoint_rooms, room),
         }
     }
@@ -256,10 +259,15 @@ mod tests {
         );
         let id = verifier().verify(&t, NOW).unwrap();
         assert_eq!(&*id.user, "alice");
-        assert!(id.may_join(&[], "chat:x"));
-        assert!(!id.may_join(&[], "other"));
-        assert!(id.may_publish(&[], "chat:news"));
-        assert!(!id.may_publish(&[], "chat:x"));
+        let any = [Pattern::new("*")];
+        assert!(id.may_join(&any, "chat:x"));
+        assert!(!id.may_join(&any, "other"));
+        assert!(id.may_publish(&any, "chat:news"));
+        assert!(!id.may_publish(&any, "chat:x"));
+        // The endpoint's patterns bound the claims.
+        let app = [Pattern::new("app:*")];
+        assert!(!id.may_join(&app, "chat:x"));
+        assert!(!id.may_publish(&app, "chat:news"));
         assert_eq!(id.expires_at, Some(NOW + 60));
     }
 

@@ -27,6 +27,9 @@ use crate::{
     session::{OutboxReceiver, SessionHandle, TransportKind},
 };
 
+/// The window over which refused frames count towards closing a flooding session.
+pub const ABUSE_WINDOW: Duration = Duration::from_secs(10);
+
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
@@ -91,7 +94,9 @@ pub struct Connection {
     user_slot: Option<UserSlot>,
     joined: HashSet<RoomName>,
     bucket: TokenBucket,
-    strikes: u32,
+    /// Frames refused by the rate limit since `refused_since`.
+    refused: u32,
+    refused_since: Instant,
     liveness: Liveness,
     stats: InboundStats,
 }
@@ -125,7 +130,8 @@ impl Connection {
             anonymous: false,
             user_slot: None,
             joined: HashSet::new(),
-            strikes: 0,
+            refused: 0,
+            refused_since: now.instant,
             stats: InboundStats::default(),
             policy,
         };
@@ -226,21 +232,25 @@ impl Connection {
         self.stats.bytes += len as u64;
     }
 
-    /// Takes a token from the session's bucket; on refusal answers `rate_limited`, and closes
-    /// a session that keeps flooding (4008).
+    /// Takes a token from the session's bucket. A refused frame is answered
+    /// `rate_limited` (the 1st, 2nd, 4th, 8th... refusal of a window, so a flood does not
+    /// get one error per frame); more than `rate_burst` refusals within
+    /// [`ABUSE_WINDOW`] close the session with 4008, however many frames got through.
     fn admit_rate(&mut self, now: Now) -> Option<()> {
         if self.bucket.try_take(now.instant) {
-            self.strikes = 0;
             return Some(());
         }
-        self.strikes += 1;
-        if self.strikes > self.policy.rate_burst.max(1) {
+        if now.instant.saturating_duration_since(self.refused_since) > ABUSE_WINDOW {
+            self.refused_since = now.instant;
+            self.refused = 0;
+        }
+        self.refused += 1;
+        if self.refused > self.policy.rate_burst.max(1) {
             self.handle.close(CloseReason::new(
                 CloseCode::TooSlowOrTooFast,
                 "rate limit exceeded",
             ));
-        } else if self.strikes == 1 || self.strikes.is_power_of_two() {
-            // Answer the first refusals; a flood does not get one error per frame.
+        } else if self.refused.is_power_of_two() {
             self.reply_error(None, ErrorCode::RateLimited, "rate limit exceeded");
         }
         None
@@ -515,5 +525,65 @@ impl Drop for Connection {
             self.services.hub.leave(&self.handle, &room);
         }
         self.services.hub.close_session(&self.handle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{backplane::LocalBackplane, hub::HubConfig, policy::RoomPolicies};
+
+    fn open(rate: u32, burst: u32, t0: Instant) -> Connection {
+        let services = Services {
+            hub: Hub::new(
+                HubConfig {
+                    node_id: "n".into(),
+                    rooms: RoomPolicies::default(),
+                },
+                Arc::new(LocalBackplane),
+            ),
+            verifier: None,
+            limits: ConnectionLimits::new(10, 10, 10),
+        };
+        let mut policy = EndpointPolicy::new("/chat");
+        policy.rate_per_sec = rate;
+        policy.rate_burst = burst;
+        let now = Now {
+            instant: t0,
+            unix_secs: 0,
+        };
+        Connection::open(
+            services,
+            Arc::new(policy),
+            TransportKind::WebSocket,
+            Admitted::Anonymous,
+            now,
+        )
+        .0
+    }
+
+    #[test]
+    fn sustained_double_rate_is_closed_4008_and_the_rate_itself_is_not() {
+        let t0 = Instant::now();
+        let ping = Bytes::from_static(br#"{"type":"ping"}"#);
+        for (interval_ms, expect_closed) in [(50, true), (100, false)] {
+            let mut conn = open(10, 5, t0);
+            for i in 0..100u64 {
+                let now = Now {
+                    instant: t0 + Duration::from_millis(i * interval_ms),
+                    unix_secs: 0,
+                };
+                conn.on_text(ping.clone(), now);
+            }
+            assert_eq!(
+                conn.handle().is_closed(),
+                expect_closed,
+                "every {interval_ms} ms"
+            );
+            if expect_closed {
+                let reason = conn.handle().close_reason().unwrap();
+                assert_eq!(reason.code, CloseCode::TooSlowOrTooFast);
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use dashmap::{mapref::entry::Entry, DashMap};
+use dashmap::DashMap;
 use indexmap::IndexMap;
 
 use crate::{
@@ -141,24 +141,24 @@ impl Hub {
     /// members when this is the user's first session there.
     pub fn join(&self, handle: &SessionHandle, room: &RoomName) -> JoinOutcome {
         let user = handle.user().cloned().unwrap_or_else(|| "".into());
-        // The shard lock is held while the member is added, so a concurrent last `leave`
-        // cannot remove the room in between.
-        let room_ref = match self.rooms.entry(room.clone()) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => {
-                let policy = self.policies.for_room(room.as_str());
-                e.insert(Arc::new(Room(Mutex::new(RoomState {
-                    seq: 0,
-                    epoch: new_epoch(),
-                    presence_events: policy.presence_events,
-                    members: IndexMap::new(),
-                    users: HashMap::new(),
-                }))))
-                .clone()
-            }
-        };
+        // The shard lock (the entry guard) is held until the member is in the room, so a
+        // concurrent last `leave` cannot remove the room in between (lock order: shard, then
+        // room, as in `leave`).
+        let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
+            let policy = self.policies.for_room(room.as_str());
+            Arc::new(Room(Mutex::new(RoomState {
+                seq: 0,
+                epoch: new_epoch(),
+                presence_events: policy.presence_events,
+                members: IndexMap::new(),
+                users: HashMap::new(),
+            })))
+        });
+        let room_ref = entry.value().clone();
         let mut state = room_ref.lock();
-        if state.members.insert(handle.id(), handle.clone()).is_none() {
+        let added = state.members.insert(handle.id(), handle.clone()).is_none();
+        drop(entry);
+        if added {
             let count = state.users.entry(user.clone()).or_insert(0);
             *count += 1;
             if *count == 1 && state.presence_events {
@@ -224,41 +224,38 @@ impl Hub {
         volatile: bool,
         exclude: Option<SessionId>,
     ) -> Option<u64> {
-        let room_ref = self.rooms.get(room).map(|r| r.clone());
-        let Some(room_ref) = room_ref else {
-            // Nobody is here and nothing is kept: the message reaches no one on this node.
-            let frame = MessageFrame {
+        let encode = |seq: Option<u64>| {
+            MessageFrame {
                 kind: MESSAGE,
                 room: Some(room),
                 from,
-                seq: (!volatile).then_some(1),
+                seq,
                 volatile,
             }
-            .encode(data);
-            self.backplane.room_published(room, &frame);
-            return (!volatile).then_some(1);
+            .encode(data)
         };
-        let mut state = room_ref.lock();
-        let seq = if volatile {
-            None
-        } else {
-            state.seq += 1;
-            Some(state.seq)
-        };
-        let frame = MessageFrame {
-            kind: MESSAGE,
-            room: Some(room),
-            from,
-            seq,
-            volatile,
-        }
-        .encode(data);
-        for (id, member) in &state.members {
-            if Some(*id) != exclude {
-                member.send(frame.clone());
+        let room_ref = self.rooms.get(room).map(|r| r.clone());
+        let (seq, frame) = match room_ref {
+            // Nobody is here and nothing is kept: the message reaches no one on this node.
+            None => {
+                let seq = (!volatile).then_some(1);
+                (seq, encode(seq))
             }
-        }
-        drop(state);
+            Some(room_ref) => {
+                let mut state = room_ref.lock();
+                let seq = (!volatile).then(|| {
+                    state.seq += 1;
+                    state.seq
+                });
+                let frame = encode(seq);
+                for (id, member) in &state.members {
+                    if Some(*id) != exclude {
+                        member.send(frame.clone());
+                    }
+                }
+                (seq, frame)
+            }
+        };
         self.backplane.room_published(room, &frame);
         seq
     }
@@ -310,13 +307,14 @@ impl Hub {
         sessions.len()
     }
 
-    /// Sends `frame` then closes every session on this node (graceful shutdown).
-    pub fn close_all(&self, frame: Option<Outbound>, reason: CloseReason) {
+    /// Offers each session the frame `last_frame` makes for it (a full queue skips it: the
+    /// close must not turn into a 4008), then closes every session on this node.
+    pub fn close_all(&self, last_frame: impl Fn() -> Option<Outbound>, reason: CloseReason) {
         let sessions: Vec<SessionHandle> =
             self.sessions.iter().map(|e| e.value().clone()).collect();
         for s in sessions {
-            if let Some(f) = &frame {
-                s.send(f.clone());
+            if let Some(f) = last_frame() {
+                s.offer(f);
             }
             s.close(reason.clone());
         }

@@ -77,6 +77,9 @@ pub enum Delivery {
     Overflow,
     /// The session is already closing; the frame was dropped.
     Closed,
+    /// The queue was full and the frame may be lost (volatile, best effort): dropped, the
+    /// session stays open.
+    Dropped,
 }
 
 struct Queue {
@@ -178,11 +181,25 @@ impl SessionHandle {
     }
 
     /// Queues a frame without waiting. A full queue closes the session with 4008 and drops
-    /// what it held: the client reconnects and recovers from history.
+    /// what it held (the client reconnects and recovers from history); a volatile frame
+    /// that does not fit is dropped instead, since volatile messages may be lost.
     pub fn send(&self, frame: Outbound) -> Delivery {
+        let droppable = matches!(frame, Outbound::Volatile(_));
+        self.push(frame, droppable)
+    }
+
+    /// Queues a frame if there is room, else drops it; never closes the session.
+    pub fn offer(&self, frame: Outbound) -> Delivery {
+        self.push(frame, true)
+    }
+
+    fn push(&self, frame: Outbound, droppable: bool) -> Delivery {
         let mut q = self.lock();
         if q.close.is_some() {
             return Delivery::Closed;
+        }
+        if q.frames.len() >= self.0.capacity && droppable {
+            return Delivery::Dropped;
         }
         if q.frames.len() >= self.0.capacity {
             q.frames.clear();
@@ -340,6 +357,17 @@ mod tests {
         }
         assert!(out.is_empty());
         h.closed().await;
+    }
+
+    #[test]
+    fn volatile_and_offered_frames_are_dropped_not_fatal_when_full() {
+        let (h, _rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1);
+        h.send(text("a"));
+        let volatile = Outbound::Volatile(Bytes::from_static(b"{}"));
+        assert_eq!(h.send(volatile), Delivery::Dropped);
+        assert_eq!(h.offer(text("b")), Delivery::Dropped);
+        assert!(!h.is_closed());
+        assert_eq!(h.send(text("c")), Delivery::Overflow);
     }
 
     #[tokio::test]

@@ -107,15 +107,17 @@ pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admis
     })
 }
 
+/// The token of an `Authorization: Bearer ...` header (scheme case-insensitive); other
+/// schemes are not ours and count as no credential.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn credential(req: &UpgradeRequest<'_>) -> Option<Credential> {
-    if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
-        let v = v.to_str().unwrap_or("");
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .unwrap_or("");
-        // A malformed Authorization header is a credential that fails, not an absent one.
-        return Some(Credential::Bearer(token.trim().to_owned()));
+    if let Some(token) = bearer(req.headers) {
+        return Some(Credential::Bearer(token.to_owned()));
     }
     let query = req.query?;
     let mut token = None;
@@ -155,7 +157,15 @@ mod tests {
             Some(Credential::Token("b+c".into()))
         );
         assert_eq!(credential(&req(&h, Some("x=1"))), None);
-        h.insert(http::header::AUTHORIZATION, "Bearer hdr".parse().unwrap());
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Basic dXNlcjpwdw==".parse().unwrap(),
+        );
+        assert_eq!(
+            credential(&req(&h, Some("ticket=a"))),
+            Some(Credential::Ticket("a".into()))
+        );
+        h.insert(http::header::AUTHORIZATION, "bearer hdr".parse().unwrap());
         assert_eq!(
             credential(&req(&h, Some("ticket=a"))),
             Some(Credential::Bearer("hdr".into()))

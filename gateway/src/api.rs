@@ -18,7 +18,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{state::AppState, ws};
+use crate::{admission::bearer, state::AppState, ws};
 
 /// The router of every plain HTTP request.
 pub fn router(app: Arc<AppState>) -> Router {
@@ -28,7 +28,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/tickets", post(issue_ticket))
         .route("/api/publish", post(api_publish))
         .route("/api/send", post(api_send))
-        .route("/api/rooms/{room}", get(api_room))
+        .route("/api/rooms/{*room}", get(api_room))
         .route("/api/disconnect", post(api_disconnect))
         .fallback(endpoint_or_not_found)
         .with_state(app)
@@ -87,12 +87,6 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Json<serde_json::Value>, ApiError>;
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
 
 /// `POST /api/tickets`: a user JWT in, a one-time ticket out.
 async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {

@@ -74,6 +74,9 @@ impl Server {
         let tcp_addr = tcp.local_addr()?;
         let udp_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
 
+        if let Some(redis) = &config.redis {
+            tracing::warn!(%redis, "[cluster] is not implemented yet: this node runs alone with the in-process hub");
+        }
         let verifier = match &config.jwt {
             Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
             None => None,
@@ -142,15 +145,20 @@ impl Server {
     /// (`reconnect`, then close 1001), give them `drain` to go, then stop.
     pub async fn shutdown(mut self, drain: Duration) {
         self.state.begin_shutdown();
-        let after_ms = 1000 + u64::from(rand::random::<u16>() % 4000);
-        let reconnect = ServerFrame::Reconnect {
-            after_ms,
-            reason: "server shutting down",
-            url: None,
-        }
-        .to_outbound();
+        // Each session gets its own delay, so clients do not all return at once.
+        let reconnect = || {
+            let after_ms = 1000 + u64::from(rand::random::<u16>() % 4000);
+            Some(
+                ServerFrame::Reconnect {
+                    after_ms,
+                    reason: "server shutting down",
+                    url: None,
+                }
+                .to_outbound(),
+            )
+        };
         self.state.services.hub.close_all(
-            Some(reconnect),
+            reconnect,
             CloseReason::new(CloseCode::GoingAway, "server shutting down"),
         );
         let deadline = tokio::time::Instant::now() + drain;

@@ -160,10 +160,11 @@ async fn token_expiry_closes_4001_unless_refreshed_for_the_same_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn room_permissions_come_from_claims_then_the_endpoint() {
+async fn room_permissions_are_the_endpoint_patterns_narrowed_by_claims() {
     within(30, async {
-        let toml =
-            format!("{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\nrooms = [\"public:*\"]\n");
+        let toml = format!(
+            "{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\nrooms = [\"chat:*\", \"public:*\"]\n"
+        );
         let gw = TestGateway::start(&toml).await;
         let claims = json!({"rooms":["chat:*"],"publish":["chat:news"]});
         let (mut c, _) = gw
@@ -175,31 +176,42 @@ async fn room_permissions_come_from_claims_then_the_endpoint() {
             .await;
         assert_eq!(
             e["code"], "forbidden",
-            "claims replace the endpoint's patterns"
+            "the rooms claim narrows the endpoint's patterns"
         );
         let e = c
             .request(json!({"type":"publish","room":"chat:lobby","id":3,"data":1}))
             .await;
-        assert_eq!(e["code"], "forbidden");
+        assert_eq!(
+            e["code"], "forbidden",
+            "the publish claim narrows publishing"
+        );
         let ack = c
             .request(json!({"type":"publish","room":"chat:news","id":4,"data":1}))
             .await;
         assert_eq!(ack["type"], "ack");
         let e = c
-            .request(json!({"type":"presence","room":"other","id":5}))
+            .request(json!({"type":"presence","room":"public:y","id":5}))
             .await;
         assert_eq!(e["code"], "forbidden");
+        // A token claiming every room still stays inside the endpoint's patterns.
         let (mut d, _) = gw
-            .ws_welcomed(&format!("/chat?token={}", token("d", 300, json!({}))))
+            .ws_welcomed(&format!(
+                "/chat?token={}",
+                token("d", 300, json!({"rooms":["*"]}))
+            ))
             .await;
         d.join("public:x").await;
         let e = d
-            .request(json!({"type":"join","room":"chat:lobby","id":6}))
+            .request(json!({"type":"join","room":"secret:x","id":6}))
             .await;
         assert_eq!(
             e["code"], "forbidden",
-            "endpoint patterns apply without a rooms claim"
+            "claims cannot escape the endpoint's rooms"
         );
+        let e = d
+            .request(json!({"type":"publish","room":"secret:x","id":7,"data":1}))
+            .await;
+        assert_eq!(e["code"], "forbidden");
     })
     .await;
 }

@@ -87,7 +87,7 @@ async fn direct_send_reaches_every_session_of_the_user_and_nobody_else() {
         assert_eq!(a1.recv().await, expected);
         assert_eq!(a2.recv().await, expected);
         c.expect_silence(Duration::from_millis(200)).await;
-        b.expect_silence(Duration::from_millis(1)).await;
+        b.expect_silence(Duration::from_millis(200)).await;
 
         let ack = b
             .request(json!({"type":"send","to":"nobody","id":4,"data":1}))
@@ -117,7 +117,7 @@ async fn presence_lists_members_and_emits_user_level_join_and_leave() {
         tab2.join("room-1").await;
         // The user's second tab is not announced again, and the user never hears about itself.
         w.expect_silence(Duration::from_millis(200)).await;
-        tab1.expect_silence(Duration::from_millis(1)).await;
+        tab1.expect_silence(Duration::from_millis(200)).await;
 
         let ack = w
             .request(json!({"type":"presence","room":"room-1","id":9}))
@@ -424,9 +424,44 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     within(30, async {
         let gw = TestGateway::start(OPEN).await;
         let (mut a, _) = gw.ws_welcomed("/chat").await;
-        a.ws.close(None).await.unwrap();
+        use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+        let bye = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        a.ws.close(Some(bye)).await.unwrap();
         let (ending, _) = a.ending().await;
-        assert!(matches!(ending, Ending::Close(_, _)), "{ending:?}");
+        assert_eq!(
+            ending,
+            Ending::Close(1000, "bye".into()),
+            "the server echoes the close"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_reconnect_then_1001_and_healthz_turns_503() {
+    within(30, async {
+        let mut gw = TestGateway::start(OPEN).await;
+        let (mut a, _) = gw.ws_welcomed("/chat").await;
+        let (mut b, _) = gw.ws_welcomed("/chat").await;
+        let server = gw.server.take().unwrap();
+        let state = server.state.clone();
+        let shutdown = tokio::spawn(server.shutdown(Duration::from_secs(5)));
+        for c in [&mut a, &mut b] {
+            let r = c.recv().await;
+            assert_eq!(
+                (r["type"].as_str(), r["reason"].as_str()),
+                (Some("reconnect"), Some("server shutting down"))
+            );
+            let after = r["after_ms"].as_u64().unwrap();
+            assert!((1000..5000).contains(&after), "{after}");
+            let (ending, _) = c.ending().await;
+            assert_eq!(ending, Ending::Close(1001, "server shutting down".into()));
+        }
+        assert!(state.is_shutting_down());
+        shutdown.await.unwrap();
     })
     .await;
 }

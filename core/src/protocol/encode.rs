@@ -219,16 +219,6 @@ impl MessageFrame<'_> {
     }
 }
 
-/// Builds a binary envelope from a JSON header (without `data`) and a payload.
-pub fn encode_binary_header(header: &[u8], payload: &[u8]) -> Bytes {
-    let mut buf = Vec::with_capacity(2 + header.len() + payload.len());
-    let len = u16::try_from(header.len()).expect("binary envelope header over 64 KiB");
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(header);
-    buf.extend_from_slice(payload);
-    Bytes::from(buf)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

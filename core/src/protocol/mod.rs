@@ -9,8 +9,5 @@ pub mod stream_frame;
 
 pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
 pub use decode::{decode_binary, decode_json, DecodeError, Payload, Request, RequestId};
-pub use encode::{
-    encode_binary_header, AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT,
-    MESSAGE,
-};
+pub use encode::{AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};
