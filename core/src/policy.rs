@@ -41,6 +41,9 @@ pub struct EndpointPolicy {
     pub heartbeat: Duration,
     /// Deadline for the first `auth` frame on `first-message` endpoints.
     pub auth_timeout: Duration,
+    /// Test-only: the WebSocket front echoes every message back instead of speaking the
+    /// protocol (for the Autobahn|Testsuite).
+    pub echo: bool,
 }
 
 impl EndpointPolicy {
@@ -58,6 +61,7 @@ impl EndpointPolicy {
             rate_burst: 200,
             heartbeat: Duration::from_secs(25),
             auth_timeout: Duration::from_secs(5),
+            echo: false,
         }
     }
 

@@ -125,6 +125,8 @@ struct EndpointSection {
     rate_burst: Option<u32>,
     heartbeat_secs: Option<u64>,
     auth_timeout_secs: Option<u64>,
+    /// Test-only echo endpoint (Autobahn|Testsuite).
+    echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +427,7 @@ impl Config {
                 "auth_timeout_secs",
                 p.auth_timeout.as_secs() as usize,
             )? as u64);
+            p.echo = e.echo.unwrap_or(false);
             endpoints.push(Arc::new(p));
         }
 

@@ -158,6 +158,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
         match on_upgrade.await {
+            Ok(upgraded) if admission.policy.echo => echo(TokioIo::new(upgraded), &admission).await,
             Ok(upgraded) => run_session(TokioIo::new(upgraded), admission, app, peer).await,
             Err(e) => debug!(%peer, error = %e, "upgrade failed"),
         }
@@ -257,6 +258,35 @@ fn close_for(error: &tungstenite::Error) -> Option<CloseReason> {
         E::Protocol(p) => Some(CloseReason::new(CloseCode::ProtocolError, p.to_string())),
         E::Utf8(_) => Some(CloseReason::new(CloseCode::InvalidPayload, "invalid UTF-8")),
         _ => None,
+    }
+}
+
+/// Test-only echo of every data message (Autobahn|Testsuite), with the same WebSocket
+/// settings and error-to-close mapping as real sessions.
+async fn echo<IO>(io: IO, admission: &Admission)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let config = websocket_config(admission.policy.max_message_bytes);
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    while let Some(message) = ws.next().await {
+        let reply = match message {
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
+            Ok(_) => continue,
+            Err(e) => {
+                if let Some(reason) = close_for(&e) {
+                    let frame = CloseFrame {
+                        code: reason.code.code().into(),
+                        reason: reason.reason.into(),
+                    };
+                    let _ = ws.close(Some(frame)).await;
+                }
+                break;
+            }
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
     }
 }
 
