@@ -2,6 +2,7 @@
 
 use std::{path::Path, time::Duration};
 
+use futures_util::SinkExt;
 use gateway_tests::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -333,6 +334,75 @@ async fn a_flood_trips_the_rate_limit_then_4008_while_others_are_served() {
             calm.request(json!({"type":"ping","id":1})).await["type"],
             "pong"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_inputs_get_precise_answers_while_a_bystander_gets_every_message() {
+    within(60, async {
+        let gw = TestGateway::start(
+            "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nmax_rooms = 2\nmax_message_bytes = 4096\n",
+        )
+        .await;
+        let (mut bystander, _) = gw.ws_welcomed("/chat").await;
+        bystander.join("steady").await;
+        let (mut publisher, _) = gw.ws_welcomed("/chat").await;
+        let (mut attacker, _) = gw.ws_welcomed("/chat").await;
+
+        // Rooms per session.
+        attacker.join("a").await;
+        attacker.join("b").await;
+        let e = attacker.request(json!({"type":"join","room":"c","id":3})).await;
+        assert_eq!(e["code"], "limit_exceeded");
+        // Room name length.
+        let long = "x".repeat(129);
+        let e = attacker.request(json!({"type":"join","room":long,"id":4})).await;
+        assert_eq!(e["code"], "bad_request");
+        // Deep JSON nesting: refused by the parser's depth limit, not a stack overflow.
+        let deep = format!("{{\"type\":\"publish\",\"room\":\"a\",\"data\":{}{}}}", "[".repeat(1000), "]".repeat(1000));
+        attacker.send_text(&deep).await;
+        let e = attacker.recv().await;
+        assert_eq!(e["code"], "bad_request", "{e}");
+        // Binary garbage.
+        attacker.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![0xff; 64])).await.unwrap();
+        assert_eq!(attacker.recv().await["code"], "bad_request");
+
+        // Meanwhile every message published to the bystander's room arrived, in order.
+        for i in 0..50 {
+            publisher.send(json!({"type":"publish","room":"steady","data":i})).await;
+        }
+        for i in 0..50 {
+            let m = bystander.recv().await;
+            assert_eq!((m["data"].as_i64(), m["seq"].as_i64()), (Some(i), Some(i + 1)));
+        }
+        // A request head over 16 KiB is refused by the HTTP layer.
+        let big = "a".repeat(20 * 1024);
+        let (status, _) = gw.https("GET", "/healthz", &[("x-filler", &big)], "").await;
+        assert_eq!(status, 431);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_connects_get_the_same_origin_and_limit_checks() {
+    within(30, async {
+        use gateway_tests::wt::{connect_status, open_session, WtClient};
+        let toml = "[limits]\nmax_connections_per_ip = 1\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n";
+        let gw = TestGateway::start(toml).await;
+        let _first = gw.wt_welcomed("/chat").await;
+        let r = open_session(gw.udp_port(), &gw.cert_sha256, "/chat").await;
+        let Err(e) = r else { panic!("second session must be refused") };
+        assert_eq!(connect_status(&e), Some(429));
+
+        // Garbage on the message stream: an unknown frame kind closes the session with 1002
+        // after the `close` envelope.
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let mut c: WtClient = gw.wt("/chat").await.unwrap();
+        assert_eq!(c.recv().await["type"], "welcome");
+        c.send_raw(&[0x7f, 0, 0, 0, 1, 0]).await;
+        let close = c.recv().await;
+        assert_eq!((close["type"].as_str(), close["code"].as_u64()), (Some("close"), Some(1002)));
     })
     .await;
 }

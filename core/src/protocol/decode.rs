@@ -191,10 +191,51 @@ pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
     let s = std::str::from_utf8(text)
         .map_err(|_| DecodeError::new(None, "text frame is not valid UTF-8"))?;
     let raw = parse_envelope(s)?;
+    if let Some(d) = raw.data {
+        if nesting_exceeds(d.get().as_bytes(), MAX_DATA_DEPTH) {
+            let id = raw.id.and_then(|r| read_id(r).ok());
+            return Err(DecodeError::new(
+                id,
+                format!("field `data` is nested deeper than {MAX_DATA_DEPTH} levels"),
+            ));
+        }
+    }
     let data = raw
         .data
         .map(|d| Payload::Json(text.slice_ref(d.get().as_bytes())));
     build(raw, data)
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`. The gateway forwards `data`
+/// without building it, but recipients parse it: many JSON parsers recurse per level.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// Whether valid JSON text nests arrays/objects deeper than `max` (strings are skipped).
+fn nesting_exceeds(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Decodes a binary envelope: `u16` header length, JSON header without `data`, payload.
@@ -415,6 +456,24 @@ mod tests {
             assert_eq!(e.code, ErrorCode::BadRequest);
             assert!(e.message.contains(expected), "{input}: got {:?}", e.message);
         }
+    }
+
+    #[test]
+    fn data_nesting_is_bounded_and_strings_do_not_count() {
+        let deep = format!(
+            r#"{{"type":"publish","room":"r","id":9,"data":{}{}}}"#,
+            "[".repeat(65),
+            "]".repeat(65)
+        );
+        let e = json(&deep).unwrap_err();
+        assert_eq!(e.id, Some(RequestId(9.into())));
+        assert!(e.message.contains("nested deeper than 64"), "{}", e.message);
+        let ok = format!(
+            r#"{{"type":"publish","room":"r","data":{}"[[[\"{{"{}}}"#,
+            "[".repeat(64),
+            "]".repeat(64)
+        );
+        assert!(json(&ok).is_ok(), "{ok}");
     }
 
     #[test]
