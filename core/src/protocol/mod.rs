@@ -8,6 +8,8 @@ mod room;
 pub mod stream_frame;
 
 pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
-pub use decode::{decode_binary, decode_json, DecodeError, Payload, Request, RequestId};
+pub use decode::{
+    decode_binary, decode_json, DecodeError, Payload, Request, RequestId, MAX_DATA_DEPTH,
+};
 pub use encode::{AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};
