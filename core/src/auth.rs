@@ -66,6 +66,9 @@ pub enum AuthError {
     BadKey(String),
 }
 
+/// Longest user id (`sub`) accepted, in bytes: it travels in every message envelope.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
 /// Who a session is and what it may do.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -189,6 +192,9 @@ impl JwtVerifier {
         let exp = claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
         let sub = claims.sub.filter(|s| !s.is_empty());
         let sub = sub.ok_or(AuthError::MissingClaim("sub"))?;
+        if sub.len() > MAX_USER_ID_BYTES {
+            return Err(AuthError::Malformed);
+        }
         if exp.saturating_add(self.leeway) <= unix_now {
             return Err(AuthError::Expired);
         }
@@ -303,6 +309,13 @@ mod tests {
                 AuthError::NotYetValid,
             ),
             ("garbage".to_owned(), AuthError::Malformed),
+            (
+                token(
+                    json!({"sub":"u".repeat(257),"exp":NOW+60,"iss":"iss"}),
+                    b"secret",
+                ),
+                AuthError::Malformed,
+            ),
             // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
             (
                 "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ."
