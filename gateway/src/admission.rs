@@ -29,6 +29,19 @@ pub struct UpgradeRequest<'a> {
     pub valid_upgrade: bool,
 }
 
+impl<'a> UpgradeRequest<'a> {
+    /// The admission view of an HTTP request (either front's).
+    pub fn of<B>(req: &'a http::Request<B>, peer: IpAddr, valid_upgrade: bool) -> Self {
+        Self {
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            peer,
+            valid_upgrade,
+        }
+    }
+}
+
 /// An admitted request: what the adapter needs to open the session.
 #[derive(Debug)]
 pub struct Admission {

@@ -135,13 +135,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
     let now = Now::read();
     let admission = admission::admit(
         &app,
-        &UpgradeRequest {
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-            peer: peer.ip(),
-            valid_upgrade,
-        },
+        &UpgradeRequest::of(&req, peer.ip(), valid_upgrade),
         now,
     );
     let admission = match admission {

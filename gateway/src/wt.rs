@@ -138,13 +138,7 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
         }
         let admission = admission::admit(
             &app,
-            &UpgradeRequest {
-                path: req.uri().path(),
-                query: req.uri().query(),
-                headers: req.headers(),
-                peer: peer.ip(),
-                valid_upgrade: is_webtransport,
-            },
+            &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
             Now::read(),
         );
         match admission {
