@@ -174,6 +174,29 @@ pub async fn https_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
+    let (head, body) = https_exchange(addr, cert, method, path, headers, body).await?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status line in {head:?}"))?;
+    Ok((status, body))
+}
+
+/// The response head (status line and headers) of a GET over HTTPS.
+pub async fn https_head(addr: SocketAddr, cert: &Path, path: &str) -> anyhow::Result<String> {
+    Ok(https_exchange(addr, cert, "GET", path, &[], "").await?.0)
+}
+
+/// One request over a fresh TLS connection (`Connection: close`): the response head and body.
+async fn https_exchange(
+    addr: SocketAddr,
+    cert: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tls = tls_connect(addr, cert).await?;
     let mut req = format!(
@@ -186,6 +209,7 @@ pub async fn https_request(
     req.push_str("\r\n");
     req.push_str(body);
     tls.write_all(req.as_bytes()).await?;
+    // tokio-rustls may keep encrypted records buffered until flushed.
     tls.flush().await?;
     let mut raw = Vec::new();
     tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
@@ -193,34 +217,10 @@ pub async fn https_request(
         .context("response timed out")?
         .ok();
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// The response head (status line and headers) of a GET over HTTPS.
-pub async fn https_head(addr: SocketAddr, cert: &Path, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tls_connect(addr, cert).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    tls.write_all(req.as_bytes()).await?;
-    tls.flush().await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(STEP, tls.read_to_end(&mut raw))
-        .await?
-        .ok();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(h, _)| h.to_owned())
-        .unwrap_or(text))
+    Ok(match text.split_once("\r\n\r\n") {
+        Some((head, body)) => (head.to_owned(), body.to_owned()),
+        None => (text, String::new()),
+    })
 }
 
 /// A plain HTTP/3 GET with the `h3` client (not the gateway's server code); returns the
@@ -400,11 +400,7 @@ impl WsClient {
 
 /// Builds a binary envelope.
 pub fn binary_envelope(header: &Value, payload: &[u8]) -> Vec<u8> {
-    let h = header.to_string();
-    let mut out = (h.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(payload);
-    out
+    load::wire::envelope(&header.to_string(), payload)
 }
 
 /// Splits a binary envelope into its JSON header and payload.

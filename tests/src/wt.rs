@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use web_transport_quinn::{
     ClientBuilder, ClientError, ConnectError, RecvStream, SendStream, Session,
@@ -57,9 +57,8 @@ pub fn connect_status(e: &ClientError) -> Option<u16> {
 
 /// Builds one message-stream frame.
 pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![kind];
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
+    let mut out = Vec::with_capacity(5 + payload.len());
+    crate::load::wire::stream_frame(&mut out, kind, payload);
     out
 }
 
@@ -104,19 +103,12 @@ impl WtClient {
     /// Next frame on the message stream, or `None` when the stream ends.
     pub async fn next_frame(&mut self) -> Option<WtFrame> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    let kind = self.buf[0];
-                    self.buf.advance(5);
-                    let payload = self.buf.split_to(len).freeze();
-                    return Some(match kind {
-                        0 => WtFrame::Json(serde_json::from_slice(&payload).expect("JSON frame")),
-                        1 => WtFrame::Binary(payload),
-                        k => panic!("unknown frame kind {k}"),
-                    });
-                }
+            if let Some((kind, payload)) = crate::load::wire::stream_take(&mut self.buf) {
+                return Some(match kind {
+                    0 => WtFrame::Json(serde_json::from_slice(&payload).expect("JSON frame")),
+                    1 => WtFrame::Binary(payload.freeze()),
+                    k => panic!("unknown frame kind {k}"),
+                });
             }
             let mut chunk = [0u8; 16 * 1024];
             match tokio::time::timeout(STEP, self.recv.read(&mut chunk)).await {

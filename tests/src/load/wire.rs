@@ -72,14 +72,18 @@ pub fn envelope_payload(envelope: &[u8]) -> Option<&[u8]> {
     envelope.get(2 + n..)
 }
 
-/// Builds a binary publish envelope for `room` carrying `payload`.
-pub fn publish_envelope(room: &str, payload: &[u8]) -> Vec<u8> {
-    let header = format!(r#"{{"type":"publish","room":"{room}"}}"#);
+/// Builds a binary envelope: `u16` header length, the JSON `header`, `payload`.
+pub fn envelope(header: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + header.len() + payload.len());
     out.extend_from_slice(&(header.len() as u16).to_be_bytes());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// Builds a binary publish envelope for `room` carrying `payload`.
+pub fn publish_envelope(room: &str, payload: &[u8]) -> Vec<u8> {
+    envelope(&format!(r#"{{"type":"publish","room":"{room}"}}"#), payload)
 }
 
 /// Appends a message-stream frame (kind, u32 length, payload).
