@@ -200,6 +200,13 @@ impl Connection {
         }
     }
 
+    /// Frames that carry no request arrived: WebSocket control frames (ping, pong) and
+    /// continuation frames, or WebTransport streams the protocol does not use. Each takes a
+    /// token from the rate limit like any frame; returns whether all were within it.
+    pub fn on_control(&mut self, frames: u32, now: Now) -> bool {
+        (0..frames).fold(true, |ok, _| self.admit_rate(now).is_some() && ok)
+    }
+
     /// The peer answered a transport ping.
     pub fn on_pong(&mut self) {
         self.liveness.on_pong();

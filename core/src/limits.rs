@@ -50,13 +50,22 @@ impl TokenBucket {
     }
 }
 
+/// Most connections over a limit that are still answered with their HTTP status at once
+/// (each holds a TLS or QUIC handshake for at most the handshake timeout); beyond this,
+/// further connections over a limit are dropped (TCP) or refused (QUIC) without a status.
+pub const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+
 /// Connection counts with their maxima. Cheap to share.
+///
+/// A slot is taken per TCP or QUIC connection as soon as it is accepted (before TLS), so
+/// plain HTTP connections, idle QUIC connections and sessions all count.
 #[derive(Debug)]
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
     max_per_user: usize,
     total: AtomicUsize,
+    refusals: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
     per_user: DashMap<Arc<str>, usize>,
 }
@@ -66,6 +75,12 @@ pub struct ConnectionLimits {
 pub struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
+}
+
+/// A connection over a limit that is being answered with its status; released on drop.
+#[derive(Debug)]
+pub struct RefusalSlot {
+    limits: Arc<ConnectionLimits>,
 }
 
 /// A held per-user slot; released on drop.
@@ -83,6 +98,7 @@ impl ConnectionLimits {
             max_per_ip,
             max_per_user,
             total: AtomicUsize::new(0),
+            refusals: AtomicUsize::new(0),
             per_ip: DashMap::new(),
             per_user: DashMap::new(),
         })
@@ -116,6 +132,19 @@ impl ConnectionLimits {
         })
     }
 
+    /// Takes one of the [`MAX_REFUSALS_IN_FLIGHT`] places for a connection over a limit
+    /// that is answered with its status; `None` when all are taken (drop it instead).
+    pub fn refusal(self: &Arc<Self>) -> Option<RefusalSlot> {
+        let previous = self.refusals.fetch_add(1, Ordering::AcqRel);
+        if previous >= MAX_REFUSALS_IN_FLIGHT {
+            self.refusals.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(RefusalSlot {
+            limits: self.clone(),
+        })
+    }
+
     /// Connections currently held.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::Acquire)
@@ -142,6 +171,12 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
         decrement(&self.limits.per_ip, &self.ip);
+    }
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.limits.refusals.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -186,5 +221,16 @@ mod tests {
         );
         drop(u);
         assert!(limits.acquire_user("bob".into()).is_ok());
+    }
+
+    #[test]
+    fn refusals_in_flight_are_bounded_and_released() {
+        let limits = ConnectionLimits::new(1, 1, 1);
+        let held: Vec<_> = (0..MAX_REFUSALS_IN_FLIGHT)
+            .map(|_| limits.refusal().expect("within the bound"))
+            .collect();
+        assert!(limits.refusal().is_none());
+        drop(held);
+        assert!(limits.refusal().is_some());
     }
 }

@@ -192,12 +192,9 @@ pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
         .map_err(|_| DecodeError::new(None, "text frame is not valid UTF-8"))?;
     let raw = parse_envelope(s)?;
     if let Some(d) = raw.data {
-        if nesting_exceeds(d.get().as_bytes(), MAX_DATA_DEPTH) {
+        if let Err(problem) = check_data(d.get()) {
             let id = raw.id.and_then(|r| read_id(r).ok());
-            return Err(DecodeError::new(
-                id,
-                format!("field `data` is nested deeper than {MAX_DATA_DEPTH} levels"),
-            ));
+            return Err(DecodeError::new(id, format!("field `data` {problem}")));
         }
     }
     let data = raw
@@ -210,32 +207,60 @@ pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
 /// without building it, but recipients parse it: many JSON parsers recurse per level.
 pub const MAX_DATA_DEPTH: usize = 64;
 
-/// Whether valid JSON text nests arrays/objects deeper than `max` (strings are skipped).
-fn nesting_exceeds(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+/// What is wrong with a `data` value that is valid JSON but unsafe to forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    /// Arrays and objects nest deeper than [`MAX_DATA_DEPTH`].
+    #[error("is nested deeper than {MAX_DATA_DEPTH} levels")]
+    TooDeep,
+    /// A number outside the range of a 64-bit float: most clients would read it as
+    /// `Infinity`, which is not JSON.
+    #[error("holds a number beyond the range of a 64-bit float")]
+    NumberOutOfRange,
+}
+
+/// Checks a `data` value (valid JSON text) before it is forwarded: recipients parse it,
+/// many with parsers that recurse per level or turn huge numbers into `Infinity`. One pass,
+/// no allocation; used for client publishes and the HTTP API alike.
+pub fn check_data(json: &str) -> Result<(), DataError> {
+    let bytes = json.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return true;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(DataError::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i + 1 < bytes.len()
+                    && matches!(bytes[i + 1], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let number = &json[start..=i];
+                // Short numbers always fit; only long ones or exponents can overflow.
+                if (number.len() > 15 || number.contains(['e', 'E']))
+                    && !number.parse::<f64>().is_ok_and(f64::is_finite)
+                {
+                    return Err(DataError::NumberOutOfRange);
+                }
+            }
             _ => {}
         }
+        i += 1;
     }
-    false
+    Ok(())
 }
 
 /// Decodes a binary envelope: `u16` header length, JSON header without `data`, payload.
@@ -474,6 +499,24 @@ mod tests {
             "]".repeat(64)
         );
         assert!(json(&ok).is_ok(), "{ok}");
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_refused_and_others_pass() {
+        for bad in ["1e400", "-1e309", "[1, {\"a\": 2E+999}]"] {
+            assert_eq!(check_data(bad), Err(DataError::NumberOutOfRange), "{bad}");
+        }
+        for good in [
+            "1e308",
+            "-0.5",
+            "12345678901234567890123",
+            "\"1e400\"",
+            "[0,1.5e-400,{\"n\":-3}]",
+        ] {
+            assert_eq!(check_data(good), Ok(()), "{good}");
+        }
+        let e = json(r#"{"type":"publish","room":"r","id":1,"data":1e999}"#).unwrap_err();
+        assert!(e.message.contains("64-bit float"), "{}", e.message);
     }
 
     #[test]

@@ -9,7 +9,8 @@ pub mod stream_frame;
 
 pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection};
 pub use decode::{
-    decode_binary, decode_json, DecodeError, Payload, Request, RequestId, MAX_DATA_DEPTH,
+    check_data, decode_binary, decode_json, DataError, DecodeError, Payload, Request, RequestId,
+    MAX_DATA_DEPTH,
 };
 pub use encode::{AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};
