@@ -28,7 +28,7 @@ pub(crate) struct OpenedSession {
     pub(crate) log: AccessLog,
     /// Held for the session's life: releases the connection slot on drop. Bind it to a
     /// named variable (not `..`), or the slot is released at once.
-    pub(crate) slot: ConnectionSlot,
+    pub(crate) slot: Arc<ConnectionSlot>,
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and

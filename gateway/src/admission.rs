@@ -6,13 +6,47 @@ use std::{net::IpAddr, sync::Arc};
 
 use gateway_core::{
     connection::{Admitted, Now},
-    limits::ConnectionSlot,
+    limits::{ConnectionSlot, RefusalSlot},
     policy::{AuthMode, EndpointPolicy},
     protocol::Rejection,
 };
 use http::HeaderMap;
 
 use crate::state::AppState;
+
+/// The connection-limit decision for the TCP or QUIC connection a request arrived on, made
+/// once when the connection was accepted. Fronts put it in each request's extensions.
+#[derive(Debug, Clone)]
+pub enum ConnectionPermit {
+    /// Within the limits: the slot is released when the connection and every session on it
+    /// have ended.
+    Granted(Arc<ConnectionSlot>),
+    /// Over a limit: every request on the connection gets this rejection (after the checks
+    /// PROTOCOL.md puts before it), then the connection closes.
+    Refused(Rejection, Arc<RefusalSlot>),
+}
+
+impl ConnectionPermit {
+    /// Takes a slot for a new connection from `peer`: granted, refused with a status while
+    /// few refusals are in flight, or `None` when the connection should be dropped at once.
+    pub fn acquire(app: &AppState, peer: IpAddr) -> Option<Self> {
+        let limits = &app.services.limits;
+        match limits.acquire(peer) {
+            Ok(slot) => Some(Self::Granted(Arc::new(slot))),
+            Err(rejection) => limits
+                .refusal()
+                .map(|r| Self::Refused(rejection, Arc::new(r))),
+        }
+    }
+
+    /// The rejection of a refused connection.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            Self::Granted(_) => None,
+            Self::Refused(rejection, _) => Some(*rejection),
+        }
+    }
+}
 
 /// The parts of an upgrade or CONNECT request that admission looks at.
 #[derive(Debug)]
@@ -27,10 +61,13 @@ pub struct UpgradeRequest<'a> {
     pub peer: IpAddr,
     /// Whether the request is a well-formed WebSocket upgrade or WebTransport CONNECT.
     pub valid_upgrade: bool,
+    /// The connection's limit decision; `None` counts as a full server.
+    pub permit: Option<&'a ConnectionPermit>,
 }
 
 impl<'a> UpgradeRequest<'a> {
-    /// The admission view of an HTTP request (either front's).
+    /// The admission view of an HTTP request (either front's), with the connection permit
+    /// its front put in the extensions.
     pub fn of<B>(req: &'a http::Request<B>, peer: IpAddr, valid_upgrade: bool) -> Self {
         Self {
             path: req.uri().path(),
@@ -38,6 +75,7 @@ impl<'a> UpgradeRequest<'a> {
             headers: req.headers(),
             peer,
             valid_upgrade,
+            permit: req.extensions().get::<ConnectionPermit>(),
         }
     }
 }
@@ -49,8 +87,8 @@ pub struct Admission {
     pub policy: Arc<EndpointPolicy>,
     /// The identity (or pending/anonymous state).
     pub admitted: Admitted,
-    /// The connection slot, released when the session ends.
-    pub slot: ConnectionSlot,
+    /// The connection's slot, shared with the connection it arrived on.
+    pub slot: Arc<ConnectionSlot>,
 }
 
 /// Where a credential came from (PROTOCOL.md section 2 order).
@@ -73,7 +111,11 @@ pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admis
     if app.is_shutting_down() {
         return Err(Rejection::ShuttingDown);
     }
-    let slot = app.services.limits.acquire(req.peer)?;
+    let slot = match req.permit {
+        Some(ConnectionPermit::Granted(slot)) => slot.clone(),
+        Some(ConnectionPermit::Refused(rejection, _)) => return Err(*rejection),
+        None => return Err(Rejection::ServerFull),
+    };
     let origin = req
         .headers
         .get(http::header::ORIGIN)
@@ -155,6 +197,7 @@ mod tests {
             headers,
             peer: "127.0.0.1".parse().unwrap(),
             valid_upgrade: true,
+            permit: None,
         }
     }
 

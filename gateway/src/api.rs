@@ -1,37 +1,148 @@
-//! The HTTP router served on both HTTPS and HTTP/3: health, and endpoint paths (WebSocket
-//! upgrades on HTTPS; anything else there is answered with the admission status).
+//! The HTTP router served on both HTTPS and HTTP/3: health, the server API, and endpoint
+//! paths (WebSocket upgrades on HTTPS; anything else there is answered with the admission
+//! status).
+//!
+//! Every request must complete within the handshake timeout; API routes check their
+//! credential from the headers before any byte of the body is read, and each route reads
+//! at most the body it can use.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, Request, State},
+    extract::{FromRequest, Path, Request, State},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
-    Json, Router,
+    routing::{get, post, MethodRouter},
+    Extension, Json, Router,
 };
 use gateway_core::{
+    auth::Identity,
     connection::Now,
-    protocol::{CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
+    protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
+    tickets::TicketError,
 };
-use http::{HeaderMap, StatusCode};
+use http::{header::CONTENT_LENGTH, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{admission::bearer, state::AppState, ws};
+use crate::{
+    admission::{bearer, ConnectionPermit},
+    state::AppState,
+    ws,
+};
+
+/// Room or user name, JSON keys and punctuation of an API body around its `data`.
+const API_ENVELOPE_BYTES: usize = 1024;
+/// Largest `/api/disconnect` body: a user id, a code and a reason.
+const DISCONNECT_BODY_BYTES: usize = 4096;
 
 /// The router of every plain HTTP request.
 pub fn router(app: Arc<AppState>) -> Router {
+    // `data` may be as large as the largest message any endpoint accepts.
+    let data_body = app
+        .config
+        .endpoints
+        .iter()
+        .map(|e| e.max_message_bytes)
+        .max()
+        .unwrap_or(0)
+        + API_ENVELOPE_BYTES;
+    let with_api_key = |route: MethodRouter<Arc<AppState>>, max_body: usize| {
+        // Layers run outside in: the key is checked before the body limit and the body.
+        route
+            .layer(middleware::from_fn_with_state(max_body, limit_body))
+            .layer(middleware::from_fn_with_state(app.clone(), require_api_key))
+    };
     Router::new()
         .route("/", get(demo_page))
         .route("/healthz", get(healthz))
-        .route("/api/tickets", post(issue_ticket))
-        .route("/api/publish", post(api_publish))
-        .route("/api/send", post(api_send))
-        .route("/api/rooms/{*room}", get(api_room))
-        .route("/api/disconnect", post(api_disconnect))
+        .route(
+            "/api/tickets",
+            post(issue_ticket)
+                .layer(middleware::from_fn_with_state(0, limit_body))
+                .layer(middleware::from_fn_with_state(app.clone(), require_user_jwt)),
+        )
+        .route("/api/publish", with_api_key(post(api_publish), data_body))
+        .route("/api/send", with_api_key(post(api_send), data_body))
+        .route("/api/rooms/{*room}", with_api_key(get(api_room), 0))
+        .route(
+            "/api/disconnect",
+            with_api_key(post(api_disconnect), DISCONNECT_BODY_BYTES),
+        )
         .fallback(endpoint_or_not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), refuse_over_limit))
+        .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .with_state(app)
+}
+
+/// Refuses a body declared larger than `max` at once (413), and stops reading one that
+/// grows past it.
+async fn limit_body(State(max): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return ApiError::new(
+            ErrorCode::TooLarge,
+            format!("this route reads at most {max} bytes of body"),
+        )
+        .into_response();
+    }
+    next.run(req.map(|b| Body::new(http_body_util::Limited::new(b, max))))
+        .await
+}
+
+/// A request body read within its route's limit; failures are API errors.
+struct ApiBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(ApiBody)
+            .map_err(|e| {
+                let code = match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+                    _ => ErrorCode::BadRequest,
+                };
+                ApiError {
+                    status: Some(e.status()),
+                    ..ApiError::new(code, e.body_text())
+                }
+            })
+    }
+}
+
+/// Every request, body included, must be done within the handshake timeout (408 after).
+async fn deadline(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let limit: Duration = app.config.limits.handshake_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::BadRequest.as_str(),
+            "the request did not complete within the handshake timeout",
+        ),
+    }
+}
+
+/// On a connection accepted over a connection limit, every request other than an
+/// endpoint's (whose admission reports it in PROTOCOL.md order) gets the limit's status.
+async fn refuse_over_limit(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let rejection = req
+        .extensions()
+        .get::<ConnectionPermit>()
+        .and_then(ConnectionPermit::rejection);
+    match rejection {
+        Some(rejection) if app.endpoint(req.uri().path()).is_none() => {
+            rejection_response(rejection)
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn healthz(State(app): State<Arc<AppState>>) -> Response {
@@ -88,24 +199,45 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<serde_json::Value>, ApiError>;
 
+/// Verifies the user JWT of `/api/tickets` from the headers and hands its identity on.
+async fn require_user_jwt(
+    State(app): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(verifier) = app.services.verifier.as_ref() else {
+        return ApiError::new(ErrorCode::Forbidden, "authentication is not configured")
+            .into_response();
+    };
+    let Some(token) = bearer(req.headers()) else {
+        return ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required").into_response();
+    };
+    match verifier.verify(token, Now::read().unix_secs) {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            next.run(req).await
+        }
+        Err(e) => ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response(),
+    }
+}
+
 /// `POST /api/tickets`: a user JWT in, a one-time ticket out.
-async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    let verifier =
-        app.services.verifier.as_ref().ok_or_else(|| {
-            ApiError::new(ErrorCode::Forbidden, "authentication is not configured")
-        })?;
-    let token = bearer(&headers)
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required"))?;
-    let now = Now::read();
-    let identity = verifier
-        .verify(token, now.unix_secs)
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
+async fn issue_ticket(
+    State(app): State<Arc<AppState>>,
+    Extension(identity): Extension<Identity>,
+) -> ApiResult {
     let ticket = app
         .tickets
-        .issue(identity, now.instant)
-        .map_err(|e| ApiError {
-            status: Some(StatusCode::SERVICE_UNAVAILABLE),
-            ..ApiError::new(ErrorCode::LimitExceeded, e.to_string())
+        .issue(identity, Now::read().instant)
+        .map_err(|e| {
+            let status = match e {
+                TicketError::Full => StatusCode::SERVICE_UNAVAILABLE,
+                TicketError::UserLimit => StatusCode::TOO_MANY_REQUESTS,
+            };
+            ApiError {
+                status: Some(status),
+                ..ApiError::new(ErrorCode::LimitExceeded, e.to_string())
+            }
         })?;
     Ok(Json(json!({
         "ticket": ticket,
@@ -113,21 +245,19 @@ async fn issue_ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> A
     })))
 }
 
-/// Checks the server API key in constant time.
-fn require_api_key(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the server API key in constant time, from the headers, before the body is read.
+async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     use subtle::ConstantTimeEq;
     let Some(key) = &app.config.api_key else {
-        return Err(ApiError::new(
+        return ApiError::new(
             ErrorCode::Forbidden,
             "the server API is disabled: set [api] key",
-        ));
+        )
+        .into_response();
     };
-    match bearer(headers) {
-        Some(given) if bool::from(given.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
-        _ => Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "a valid API key is required",
-        )),
+    match bearer(req.headers()) {
+        Some(given) if bool::from(given.as_bytes().ct_eq(key.as_bytes())) => next.run(req).await,
+        _ => ApiError::new(ErrorCode::Unauthorized, "a valid API key is required").into_response(),
     }
 }
 
@@ -135,6 +265,13 @@ fn require_api_key(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid body: {e}")))
+}
+
+/// The `data` of an API body, checked as a client publish's is.
+fn data_payload(body: &Bytes, data: &RawValue) -> Result<Payload, ApiError> {
+    check_data(data.get())
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("field `data` {e}")))?;
+    Ok(Payload::Json(body.slice_ref(data.get().as_bytes())))
 }
 
 fn room_name(room: &str) -> Result<RoomName, ApiError> {
@@ -149,15 +286,10 @@ struct PublishBody<'a> {
 }
 
 /// `POST /api/publish`: publish to a room as the server (no `from`).
-async fn api_publish(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    require_api_key(&app, &headers)?;
+async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> ApiResult {
     let req: PublishBody<'_> = parse_body(&body)?;
     let room = room_name(&req.room)?;
-    let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+    let data = data_payload(&body, req.data)?;
     let seq = app.services.hub.publish(&room, None, &data, false, None);
     Ok(Json(json!({ "seq": seq })))
 }
@@ -170,21 +302,15 @@ struct SendBody<'a> {
 }
 
 /// `POST /api/send`: a direct message to every session of a user.
-async fn api_send(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    require_api_key(&app, &headers)?;
+async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> ApiResult {
     let req: SendBody<'_> = parse_body(&body)?;
-    let data = Payload::Json(body.slice_ref(req.data.get().as_bytes()));
+    let data = data_payload(&body, req.data)?;
     let delivered = app.services.hub.send_to_user(&req.user, None, &data);
     Ok(Json(json!({ "delivered": delivered })))
 }
 
 /// `GET /api/rooms/ROOM`: the members of a room.
-async fn api_room(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-) -> ApiResult {
-    require_api_key(&app, &headers)?;
+async fn api_room(State(app): State<Arc<AppState>>, Path(room): Path<String>) -> ApiResult {
     let members = app.services.hub.members(&room_name(&room)?);
     Ok(Json(json!({ "room": room, "members": members })))
 }
@@ -199,10 +325,8 @@ struct DisconnectBody {
 /// `POST /api/disconnect`: closes every session of a user (default close code 1008).
 async fn api_disconnect(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> ApiResult {
-    require_api_key(&app, &headers)?;
     let req: DisconnectBody = parse_body(&body)?;
     let code = match req.code {
         None => CloseCode::PolicyViolation,

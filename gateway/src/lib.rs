@@ -5,10 +5,12 @@ mod adapter;
 pub mod admission;
 pub mod api;
 pub mod config;
+pub mod linger;
 pub mod server;
 pub mod state;
 pub mod tls;
 pub mod ws;
+pub mod ws_frames;
 pub mod wt;
 
 pub use config::Config;

@@ -30,9 +30,11 @@ use tracing::debug;
 
 use crate::{
     adapter::{open_session, OpenedSession, WriteStats},
-    admission::{self, Admission, UpgradeRequest},
+    admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
+    linger::Lingering,
     state::AppState,
+    ws_frames::{CountingReader, FrameCount},
 };
 
 /// How long a closing session may take to flush its close frame and hear the peer's reply.
@@ -66,6 +68,12 @@ pub async fn serve(
                 continue;
             }
         };
+        // Counted from accept on, so idle and plain HTTP connections count too. Over a limit,
+        // a bounded number are still answered with the status; the rest are dropped here.
+        let Some(permit) = ConnectionPermit::acquire(&app, peer.ip()) else {
+            debug!(%peer, "connection over the limits dropped");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (acceptor, app, router) = (acceptor.clone(), app.clone(), router.clone());
         tokio::spawn(async move {
@@ -78,8 +86,10 @@ pub async fn serve(
             let alt_svc = app
                 .h3_port
                 .and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
+            let refused = permit.rejection().is_some();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
+                req.extensions_mut().insert(permit.clone());
                 let (router, alt_svc) = (router.clone(), alt_svc.clone());
                 async move {
                     let mut response = router.oneshot(req.map(Body::new)).await?;
@@ -89,11 +99,15 @@ pub async fn serve(
                     Ok::<_, Infallible>(response)
                 }
             });
+            // The header timeout also runs while a kept-alive connection waits for its next
+            // request, so an idle connection is closed after it. A refused connection
+            // answers one request and closes.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
+                .keep_alive(!refused)
                 .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(tls), service)
+                .serve_connection(TokioIo::new(Lingering::new(tls)), service)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "HTTP connection ended with an error");
@@ -153,7 +167,15 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) if admission.policy.echo => echo(TokioIo::new(upgraded), &admission).await,
-            Ok(upgraded) => run_session(TokioIo::new(upgraded), admission, app, peer).await,
+            Ok(upgraded) => {
+                let count = Arc::new(FrameCount::default());
+                let io = CountingReader::new(
+                    TokioIo::new(upgraded),
+                    count.clone(),
+                    admission.policy.rate_burst,
+                );
+                run_session(io, count, admission, app, peer).await
+            }
             Err(e) => debug!(%peer, error = %e, "upgrade failed"),
         }
     });
@@ -284,9 +306,15 @@ where
     }
 }
 
-/// Runs one WebSocket session to its end.
-async fn run_session<IO>(io: IO, admission: Admission, app: Arc<AppState>, peer: SocketAddr)
-where
+/// Runs one WebSocket session to its end. `continuations` counts the frames tungstenite
+/// reads without showing them; each is charged to the rate limit like any frame.
+async fn run_session<IO>(
+    io: IO,
+    continuations: Arc<FrameCount>,
+    admission: Admission,
+    app: Arc<AppState>,
+    peer: SocketAddr,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let config = websocket_config(admission.policy.max_message_bytes);
@@ -298,6 +326,7 @@ where
         slot: _slot,
     } = open_session(&app, admission, TransportKind::WebSocket, peer);
     let handle = conn.handle().clone();
+    let admission_burst = conn.policy().rate_burst;
     let (sink, mut stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, outbox));
     let mut deadline = conn.poll(Instant::now().into_std());
@@ -312,22 +341,39 @@ where
             }
         };
         tokio::select! {
-            message = stream.next() => match message {
-                Some(Ok(Message::Text(text))) => conn.on_text(text.into(), Now::read()),
-                Some(Ok(Message::Binary(bytes))) => conn.on_binary(bytes, Now::read()),
-                Some(Ok(Message::Pong(_))) => conn.on_pong(),
-                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) => break,
-                None => {
-                    stream_ended = true;
-                    break;
+            message = stream.next() => {
+                let now = Now::read();
+                let extra = continuations.take();
+                if extra > 0 {
+                    conn.on_control(extra, now);
                 }
-                Some(Err(e)) => {
-                    match close_for(&e) {
-                        Some(reason) => conn.close(reason),
-                        None => stream_ended = true,
+                match message {
+                    Some(Ok(Message::Text(text))) => conn.on_text(text.into(), now),
+                    Some(Ok(Message::Binary(bytes))) => conn.on_binary(bytes, now),
+                    Some(Ok(Message::Pong(_))) => {
+                        conn.on_pong();
+                        conn.on_control(1, now);
                     }
-                    break;
+                    Some(Ok(Message::Ping(_) | Message::Frame(_))) => {
+                        conn.on_control(1, now);
+                    }
+                    Some(Ok(Message::Close(_))) => break,
+                    None => {
+                        stream_ended = true;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        match close_for(&e) {
+                            Some(reason) => conn.close(reason),
+                            // The counting reader stopped a message of endless fragments.
+                            None if extra > admission_burst => conn.close(CloseReason::new(
+                                CloseCode::TooSlowOrTooFast,
+                                "rate limit exceeded",
+                            )),
+                            None => stream_ended = true,
+                        }
+                        break;
+                    }
                 }
             },
             () = sleep => deadline = conn.poll(Instant::now().into_std()),

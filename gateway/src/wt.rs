@@ -18,11 +18,12 @@ use gateway_core::{
 };
 use h3::{ext::Protocol, quic::BidiStream as _, quic::RecvStream as _, server::RequestStream};
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
+    task::JoinSet,
     time::Instant,
 };
 use tower::ServiceExt;
@@ -30,7 +31,7 @@ use tracing::debug;
 
 use crate::{
     adapter::{open_session, OpenedSession, WriteStats},
-    admission::{self, Admission, UpgradeRequest},
+    admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
     state::AppState,
     ws::{PeerAddr, CLOSE_GRACE},
@@ -43,8 +44,8 @@ type MessageRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Byt
 
 /// HTTP/3 `H3_NO_ERROR`, used to close QUIC connections.
 const H3_NO_ERROR: u32 = 0x100;
-/// Largest plain HTTP/3 request body read.
-const MAX_REQUEST_BODY: usize = 1024 * 1024;
+/// Most plain HTTP/3 requests served at once on one QUIC connection (before a session).
+const MAX_REQUESTS_PER_CONNECTION: usize = 4;
 /// Largest HTTP/3 header section accepted (h3's default is unlimited).
 const MAX_FIELD_SECTION: u64 = 16 * 1024;
 /// How long a closing session waits for the peer to close the connection after the
@@ -94,6 +95,19 @@ pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppState>, router: Router
 
 async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router: Router) {
     let peer = incoming.remote_address();
+    // Counted from the first packet on, like a TCP connection from accept.
+    let permit = ConnectionPermit::acquire(&app, peer.ip());
+    let over_limit = permit.as_ref().is_none_or(|p| p.rejection().is_some());
+    if over_limit && !incoming.remote_address_validated() && incoming.may_retry() {
+        // Over a limit: a Retry makes the client prove its address before it is answered
+        // (or counted against anyone), at the cost of one round trip.
+        let _ = incoming.retry();
+        return;
+    }
+    let Some(permit) = permit else {
+        debug!(%peer, "QUIC connection over the limits refused");
+        return incoming.refuse();
+    };
     let timeout = app.config.limits.handshake_timeout;
     let connecting = match incoming.accept() {
         Ok(c) => c,
@@ -113,49 +127,112 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
         .max_field_section_size(MAX_FIELD_SECTION)
         .send_grease(true);
     let builder = builder.build(h3_quinn::Connection::new(quic.clone()));
-    let mut h3 = match tokio::time::timeout(timeout, builder).await {
+    let h3 = match tokio::time::timeout(timeout, builder).await {
         Ok(Ok(h3)) => h3,
         _ => return debug!(%peer, "HTTP/3 setup failed"),
     };
-    loop {
-        let resolver = match h3.accept().await {
-            Ok(Some(r)) => r,
-            Ok(None) | Err(_) => return,
-        };
-        let (req, mut stream) = match resolver.resolve_request().await {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(%peer, error = %e, "bad HTTP/3 request");
-                continue;
-            }
-        };
-        let is_connect = req.method() == http::Method::CONNECT;
-        let is_webtransport =
-            is_connect && req.extensions().get::<Protocol>() == Some(&Protocol::WEB_TRANSPORT);
-        if !is_connect {
-            tokio::spawn(serve_request(req, stream, router.clone(), peer));
-            continue;
+    let ending = serve_connection(h3, &quic, permit, &app, &router, peer).await;
+    match ending {
+        ConnectionEnd::Idle => {
+            debug!(%peer, "QUIC connection closed: no session and no request in flight");
+            quic.close(H3_NO_ERROR.into(), b"idle");
         }
-        let admission = admission::admit(
-            &app,
-            &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
-            Now::read(),
-        );
-        match admission {
-            Err(rejection) => {
-                debug!(%peer, path = req.uri().path(), ?rejection, "CONNECT rejected");
-                reject(&mut stream, rejection).await;
-                quic.close(H3_NO_ERROR.into(), b"");
-                return;
-            }
-            Ok(admission) => {
-                wait_for_peer_settings(&mut h3, &router, peer, timeout).await;
-                match WebTransportSession::accept(req, stream, h3).await {
-                    Ok(session) => run_session(session, quic, admission, app, router, peer).await,
-                    Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
+        ConnectionEnd::Refused => {
+            // Let the client read the status before the connection goes.
+            let _ = tokio::time::timeout(CLOSE_FLUSH, quic.closed()).await;
+            quic.close(H3_NO_ERROR.into(), b"");
+        }
+        ConnectionEnd::Done => {}
+    }
+}
+
+/// How the HTTP/3 part of a QUIC connection ended.
+enum ConnectionEnd {
+    /// Neither a session nor a request for the handshake timeout.
+    Idle,
+    /// A connection over a limit answered its request.
+    Refused,
+    /// A session ran to its end, a CONNECT was refused, or the peer went away.
+    Done,
+}
+
+/// Serves the requests of one QUIC connection until a WebTransport session takes it over,
+/// it idles for the handshake timeout, or the peer goes. At most
+/// [`MAX_REQUESTS_PER_CONNECTION`] requests are served at once; each must complete within
+/// the handshake timeout.
+async fn serve_connection(
+    mut h3: h3::server::Connection<h3_quinn::Connection, Bytes>,
+    quic: &quinn::Connection,
+    permit: ConnectionPermit,
+    app: &Arc<AppState>,
+    router: &Router,
+    peer: SocketAddr,
+) -> ConnectionEnd {
+    let timeout = app.config.limits.handshake_timeout;
+    let refused = permit.rejection().is_some();
+    let mut requests = JoinSet::new();
+    let idle = tokio::time::sleep(timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            accepted = h3.accept(), if requests.len() < MAX_REQUESTS_PER_CONNECTION => {
+                let resolver = match accepted {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(_) => return ConnectionEnd::Done,
+                };
+                let (mut req, mut stream) =
+                    match tokio::time::timeout(timeout, resolver.resolve_request()).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "bad HTTP/3 request");
+                            continue;
+                        }
+                        Err(_) => return ConnectionEnd::Idle,
+                    };
+                req.extensions_mut().insert(permit.clone());
+                let is_connect = req.method() == http::Method::CONNECT;
+                if !is_connect {
+                    requests.spawn(serve_request(req, stream, router.clone(), peer, timeout));
+                    continue;
                 }
-                return;
+                let is_webtransport =
+                    req.extensions().get::<Protocol>() == Some(&Protocol::WEB_TRANSPORT);
+                let admission = admission::admit(
+                    app,
+                    &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
+                    Now::read(),
+                );
+                match admission {
+                    Err(rejection) => {
+                        debug!(%peer, path = req.uri().path(), ?rejection, "CONNECT rejected");
+                        reject(&mut stream, rejection).await;
+                        quic.close(H3_NO_ERROR.into(), b"");
+                        return ConnectionEnd::Done;
+                    }
+                    Ok(admission) => {
+                        wait_for_peer_settings(&mut h3, router, &permit, peer, timeout).await;
+                        // Requests already running finish on their own deadlines.
+                        requests.detach_all();
+                        match WebTransportSession::accept(req, stream, h3).await {
+                            Ok(session) => {
+                                run_session(session, quic.clone(), admission, app.clone(), router.clone(), peer)
+                                    .await;
+                            }
+                            Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
+                        }
+                        return ConnectionEnd::Done;
+                    }
+                }
             }
+            Some(_) = requests.join_next(), if !requests.is_empty() => {
+                if requests.is_empty() {
+                    if refused {
+                        return ConnectionEnd::Refused;
+                    }
+                    idle.as_mut().reset(Instant::now() + timeout);
+                }
+            }
+            () = &mut idle, if requests.is_empty() => return ConnectionEnd::Idle,
         }
     }
 }
@@ -167,6 +244,7 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
 async fn wait_for_peer_settings(
     h3: &mut h3::server::Connection<h3_quinn::Connection, Bytes>,
     router: &Router,
+    permit: &ConnectionPermit,
     peer: SocketAddr,
     limit: Duration,
 ) {
@@ -177,12 +255,13 @@ async fn wait_for_peer_settings(
         match tokio::time::timeout(Duration::from_millis(5), h3.accept()).await {
             Err(_) => {}
             Ok(Ok(Some(resolver))) => {
-                let router = router.clone();
-                tokio::spawn(async move {
-                    if let Ok((req, stream)) = resolver.resolve_request().await {
-                        serve_request(req, stream, router, peer).await;
+                let (router, permit) = (router.clone(), permit.clone());
+                tokio::spawn(tokio::time::timeout(limit, async move {
+                    if let Ok((mut req, stream)) = resolver.resolve_request().await {
+                        req.extensions_mut().insert(permit);
+                        serve_request(req, stream, router, peer, limit).await;
                     }
-                });
+                }));
             }
             Ok(_) => return,
         }
@@ -214,47 +293,51 @@ async fn reject(stream: &mut H3Stream, rejection: Rejection) {
     .await;
 }
 
-/// Serves one plain HTTP/3 request through the shared router.
-async fn serve_request(req: Request<()>, mut stream: H3Stream, router: Router, peer: SocketAddr) {
-    let mut body = BytesMut::new();
-    loop {
-        match stream.recv_data().await {
-            Ok(Some(mut chunk)) => {
-                if body.len() + chunk.remaining() > MAX_REQUEST_BODY {
-                    let _ =
-                        send_response(&mut stream, status_response(StatusCode::PAYLOAD_TOO_LARGE))
-                            .await;
-                    return;
-                }
-                while chunk.has_remaining() {
-                    let c = chunk.chunk();
-                    body.extend_from_slice(c);
-                    let n = c.len();
-                    chunk.advance(n);
-                }
-            }
-            Ok(None) => break,
-            Err(_) => return,
-        }
-    }
+/// Serves one plain HTTP/3 request through the shared router, which checks credentials
+/// before the body, limits it per route and answers 408 past the handshake timeout. The
+/// body is streamed to the handler, never buffered here; an unread body is refused with
+/// STOP_SENDING when the request ends. Sending the response gets as long again.
+async fn serve_request(
+    req: Request<()>,
+    stream: H3Stream,
+    router: Router,
+    peer: SocketAddr,
+    limit: Duration,
+) {
+    let (mut send, recv) = stream.split();
     let (parts, ()) = req.into_parts();
-    let mut request = Request::from_parts(parts, Body::from(body.freeze()));
+    let mut request = Request::from_parts(parts, Body::from_stream(request_body(recv)));
     request.extensions_mut().insert(PeerAddr(peer));
-    let response = match router.oneshot(request).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+    let served = async move {
+        let response = match router.oneshot(request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        send_response(&mut send, response).await
     };
-    let _ = send_response(&mut stream, response).await;
+    if tokio::time::timeout(limit * 2, served).await.is_err() {
+        debug!(%peer, "HTTP/3 request abandoned past its deadline");
+    }
 }
 
-fn status_response(status: StatusCode) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .body(Body::empty())
-        .expect("valid response")
+/// The DATA frames of an HTTP/3 request as a body stream.
+fn request_body(
+    recv: RequestStream<h3_quinn::RecvStream, Bytes>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    stream::unfold(Some(recv), |recv| async move {
+        let mut recv = recv?;
+        match recv.recv_data().await {
+            Ok(Some(mut chunk)) => Some((Ok(chunk.copy_to_bytes(chunk.remaining())), Some(recv))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    })
 }
 
-async fn send_response(stream: &mut H3Stream, response: Response<Body>) -> anyhow::Result<()> {
+async fn send_response<S: h3::quic::SendStream<Bytes>>(
+    stream: &mut RequestStream<S, Bytes>,
+    response: Response<Body>,
+) -> anyhow::Result<()> {
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
     stream
@@ -490,7 +573,8 @@ async fn run_session(
                     }
                 }
                 Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
-                    tokio::spawn(serve_request(req, stream, router.clone(), peer));
+                    let limit = app.config.limits.handshake_timeout;
+                    tokio::spawn(serve_request(req, stream, router.clone(), peer, limit));
                 }
                 other => {
                     debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "bidirectional accept ended");
@@ -500,11 +584,14 @@ async fn run_session(
             accepted = uni.next() => match accepted {
                 Some(Ok(Some((_, mut recv)))) => {
                     recv.stop_sending(0);
-                    handle.send(ServerFrame::Error {
+                    // Each stream costs a frame of the rate limit; past it, no reply.
+                    if conn.on_control(1, Now::read()) {
+                        handle.send(ServerFrame::Error {
                         id: None,
                         code: ErrorCode::BadRequest.as_str(),
-                        message: "unidirectional streams are not used; send frames on the message stream",
-                    }.to_outbound());
+                            message: "unidirectional streams are not used; send frames on the message stream",
+                        }.to_outbound());
+                    }
                 }
                 other => {
                     debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "unidirectional accept ended");
