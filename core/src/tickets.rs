@@ -205,16 +205,15 @@ mod tests {
         let mut held: Vec<_> = (0..MAX_TICKETS_PER_USER)
             .map(|_| store.issue(user("greedy"), t0).unwrap())
             .collect();
-        assert_eq!(
-            store.issue(user("greedy"), t0),
-            Err(TicketError::UserLimit)
-        );
+        assert_eq!(store.issue(user("greedy"), t0), Err(TicketError::UserLimit));
         // Others are unaffected.
         assert!(store.issue(user("other"), t0).is_ok());
         // Redeeming one gives the user one back; so does expiry.
         assert!(store.redeem(&held.pop().unwrap(), t0).is_some());
         assert!(store.issue(user("greedy"), t0).is_ok());
-        assert!(store.issue(user("greedy"), t0 + Duration::from_secs(31)).is_ok());
+        assert!(store
+            .issue(user("greedy"), t0 + Duration::from_secs(31))
+            .is_ok());
     }
 
     #[test]

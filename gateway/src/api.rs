@@ -61,7 +61,10 @@ pub fn router(app: Arc<AppState>) -> Router {
             "/api/tickets",
             post(issue_ticket)
                 .layer(middleware::from_fn_with_state(0, limit_body))
-                .layer(middleware::from_fn_with_state(app.clone(), require_user_jwt)),
+                .layer(middleware::from_fn_with_state(
+                    app.clone(),
+                    require_user_jwt,
+                )),
         )
         .route("/api/publish", with_api_key(post(api_publish), data_body))
         .route("/api/send", with_api_key(post(api_send), data_body))
@@ -71,7 +74,10 @@ pub fn router(app: Arc<AppState>) -> Router {
             with_api_key(post(api_disconnect), DISCONNECT_BODY_BYTES),
         )
         .fallback(endpoint_or_not_found)
-        .layer(middleware::from_fn_with_state(app.clone(), refuse_over_limit))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            refuse_over_limit,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .with_state(app)
 }
@@ -323,10 +329,7 @@ struct DisconnectBody {
 }
 
 /// `POST /api/disconnect`: closes every session of a user (default close code 1008).
-async fn api_disconnect(
-    State(app): State<Arc<AppState>>,
-    ApiBody(body): ApiBody,
-) -> ApiResult {
+async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> ApiResult {
     let req: DisconnectBody = parse_body(&body)?;
     let code = match req.code {
         None => CloseCode::PolicyViolation,

@@ -1,69 +1,87 @@
-//! Lingering close for HTTP/1.1 connections. When the server closes a connection while the
+//! Lingering close for TCP connections. When the server closes a connection while the
 //! client is still sending (a refused oversized request head, a body the server will not
-//! read), closing at once makes the kernel answer the unread bytes with a reset, which
-//! destroys the response the client has not read yet. After shutting its side down the
-//! server therefore reads and discards for a bounded time and amount (RFC 9112 section 9.6).
+//! read), closing at once makes the kernel answer the client's next bytes with a reset: the
+//! client's send fails and a simple client never reads the response. So when a connection
+//! is dropped, its write side is shut down and, on a task of its own, input is read and
+//! discarded until the client closes, [`LINGER_TIME`] passes or [`LINGER_BYTES`] arrive
+//! (RFC 9112 section 9.6). A client that closes cleanly costs nothing more.
 
 use std::{
-    future::Future,
     io,
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Sleep,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-/// Longest time spent discarding input after shutdown.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-/// Most bytes discarded after shutdown.
-const LINGER_BYTES: usize = 1024 * 1024;
+/// Longest time spent discarding input after the connection is dropped.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most bytes discarded after the connection is dropped.
+pub const LINGER_BYTES: usize = 1024 * 1024;
 
-/// An I/O stream whose shutdown lingers: it shuts down the write side, then discards input
-/// until the peer closes, [`LINGER_TIME`] passes or [`LINGER_BYTES`] are read.
+/// An I/O stream that lingers when dropped (see the module documentation).
 #[derive(Debug)]
-pub struct Lingering<T> {
-    inner: T,
-    drain: Option<Drain>,
+pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    inner: Option<T>,
 }
 
-#[derive(Debug)]
-struct Drain {
-    deadline: Pin<Box<Sleep>>,
-    left: usize,
-}
-
-impl<T> Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<T> {
     /// Wraps `inner`.
     pub fn new(inner: T) -> Self {
-        Self { inner, drain: None }
+        Self { inner: Some(inner) }
+    }
+
+    fn inner(&mut self) -> Pin<&mut T> {
+        Pin::new(self.inner.as_mut().expect("present until drop"))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<T> {
+    fn drop(&mut self) {
+        let (Some(mut io), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(LINGER_TIME, async move {
+                let _ = io.shutdown().await;
+                let mut scratch = [0u8; 4096];
+                let mut left = LINGER_BYTES;
+                while left > 0 {
+                    match io.read(&mut scratch).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Lingering<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        self.inner().poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingering<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.inner().poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.inner().poll_flush(cx)
     }
 
     fn poll_write_vectored(
@@ -71,36 +89,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.inner().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.drain.is_none() {
-            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            this.drain = Some(Drain {
-                deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
-                left: LINGER_BYTES,
-            });
-        }
-        let drain = this.drain.as_mut().expect("set above");
-        let mut scratch = [0u8; 2048];
-        loop {
-            if drain.left == 0 || drain.deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            let mut buf = ReadBuf::new(&mut scratch);
-            match ready!(Pin::new(&mut this.inner).poll_read(cx, &mut buf)) {
-                Ok(()) if !buf.filled().is_empty() => {
-                    drain.left = drain.left.saturating_sub(buf.filled().len());
-                }
-                // The peer closed, or the connection is gone: nothing left to protect.
-                _ => return Poll::Ready(Ok(())),
-            }
-        }
+        self.inner().poll_shutdown(cx)
     }
 }

@@ -157,7 +157,8 @@ pub fn client_tls(cert: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-async fn tls_connect(addr: SocketAddr, cert: &Path) -> anyhow::Result<TlsStream<TcpStream>> {
+/// A TLS connection (ALPN http/1.1) to `addr`, trusting `cert`.
+pub async fn tls_connect(addr: SocketAddr, cert: &Path) -> anyhow::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let connector = TlsConnector::from(client_tls(cert, &[b"http/1.1"]));
@@ -456,4 +457,86 @@ pub fn gateway_binary() -> PathBuf {
         .expect("cargo build");
     assert!(status.success(), "building the gateway binary failed");
     bin
+}
+
+/// The real `gateway` binary running from a config file, for tests that need a process of
+/// its own (resident memory, signals, several nodes).
+pub struct RunningGateway {
+    child: std::process::Child,
+    /// Its TCP address (the UDP listener has the same port number).
+    pub addr: SocketAddr,
+    /// The dev certificate PEM it serves.
+    pub cert: PathBuf,
+}
+
+impl RunningGateway {
+    /// Starts `gateway --config config` in `cwd` (the config must listen on port 0 and use
+    /// the dev certificate) and waits for its listener lines.
+    pub async fn start(config: &Path, cwd: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(gateway_binary())
+            .arg("--config")
+            .arg(config)
+            .current_dir(cwd)
+            .env("GATEWAY_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("gateway starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut lines = Vec::new();
+            while !lines
+                .iter()
+                .any(|l: &String| l.starts_with("dev certificate "))
+            {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                lines.push(line.trim_end().to_owned());
+            }
+            // Keep draining stdout so the process never blocks on it.
+            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            lines
+        })
+        .await
+        .expect("reader");
+        let tcp = lines
+            .iter()
+            .find(|l| l.starts_with("listening https+wss on "))
+            .unwrap_or_else(|| panic!("no listener line in {lines:?}"));
+        let addr = tcp.split_whitespace().nth(3).unwrap().parse().unwrap();
+        let cert = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("dev certificate "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(|p| cwd.join(p))
+            .expect("dev certificate line");
+        Self { child, addr, cert }
+    }
+
+    /// Resident memory of the process, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Stops the process.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
