@@ -2,9 +2,11 @@
 //! client is still sending (a refused oversized request head, a body the server will not
 //! read), closing at once makes the kernel answer the client's next bytes with a reset: the
 //! client's send fails and a simple client never reads the response. So when a connection
-//! is dropped, its write side is shut down and, on a task of its own, input is read and
-//! discarded until the client closes, [`LINGER_TIME`] passes or [`LINGER_BYTES`] arrive
-//! (RFC 9112 section 9.6). A client that closes cleanly costs nothing more.
+//! that last wrote a response is dropped, its write side is shut down and, on a task of its
+//! own, input is read and discarded until the client closes, [`LINGER_TIME`] passes or
+//! [`LINGER_BYTES`] arrive (RFC 9112 section 9.6). A connection that last read (a timed-out
+//! head, an abandoned body) closes at once; a client that closes cleanly costs nothing more.
+//! The connection's guard (its limit slot) is held until the socket is really gone.
 
 use std::{
     io,
@@ -20,16 +22,28 @@ pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Most bytes discarded after the connection is dropped.
 pub const LINGER_BYTES: usize = 1024 * 1024;
 
-/// An I/O stream that lingers when dropped (see the module documentation).
+/// An I/O stream that lingers when dropped (see the module documentation), holding `G`
+/// until it is closed.
 #[derive(Debug)]
-pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static>
+{
     inner: Option<T>,
+    guard: Option<G>,
+    /// Whether the last thing that happened was a write (a response the client may still
+    /// have to read), rather than a read.
+    wrote_last: bool,
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<T> {
-    /// Wraps `inner`.
-    pub fn new(inner: T) -> Self {
-        Self { inner: Some(inner) }
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static>
+    Lingering<T, G>
+{
+    /// Wraps `inner`; `guard` is dropped when the connection is closed.
+    pub fn new(inner: T, guard: G) -> Self {
+        Self {
+            inner: Some(inner),
+            guard: Some(guard),
+            wrote_last: false,
+        }
     }
 
     fn inner(&mut self) -> Pin<&mut T> {
@@ -37,14 +51,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static> Drop
+    for Lingering<T, G>
+{
     fn drop(&mut self) {
-        let (Some(mut io), Ok(runtime)) =
-            (self.inner.take(), tokio::runtime::Handle::try_current())
-        else {
+        if !self.wrote_last {
+            return;
+        }
+        let (Some(mut io), guard, Ok(runtime)) = (
+            self.inner.take(),
+            self.guard.take(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
             return;
         };
         runtime.spawn(async move {
+            let _guard = guard;
             let _ = tokio::time::timeout(LINGER_TIME, async move {
                 let _ = io.shutdown().await;
                 let mut scratch = [0u8; 4096];
@@ -61,22 +83,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static> AsyncRead
+    for Lingering<T, G>
+{
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.inner().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = self.inner().poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.wrote_last = false;
+        }
+        result
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingering<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static> AsyncWrite
+    for Lingering<T, G>
+{
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if !buf.is_empty() {
+            self.wrote_last = true;
+        }
         self.inner().poll_write(cx, buf)
     }
 
@@ -89,6 +123,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingerin
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if bufs.iter().any(|b| !b.is_empty()) {
+            self.wrote_last = true;
+        }
         self.inner().poll_write_vectored(cx, bufs)
     }
 

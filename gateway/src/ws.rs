@@ -87,6 +87,8 @@ pub async fn serve(
                 .h3_port
                 .and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
             let refused = permit.rejection().is_some();
+            // Held by the socket itself, so a lingering close still counts.
+            let guard = permit.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
                 req.extensions_mut().insert(permit.clone());
@@ -107,7 +109,7 @@ pub async fn serve(
                 .header_read_timeout(timeout)
                 .keep_alive(!refused)
                 .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(Lingering::new(tls)), service)
+                .serve_connection(TokioIo::new(Lingering::new(tls, guard)), service)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "HTTP connection ended with an error");
