@@ -5,6 +5,11 @@ use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use gateway::{config::Config, Server};
 
+/// jemalloc returns freed memory to the system in the background (glibc's malloc keeps the
+/// peak of a burst resident).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "gateway",

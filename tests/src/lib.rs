@@ -519,13 +519,7 @@ impl RunningGateway {
 
     /// Resident memory of the process, in KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
+        load::proc_stats::rss_kib(self.child.id()).expect("VmRSS of the gateway")
     }
 
     /// Stops the process.
