@@ -95,3 +95,29 @@ async fn node_ws_client_speaks_text_and_binary_envelopes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aioquic_unidirectional_stream_flood_is_rate_limited() {
+    within(60, async {
+        let gw = TestGateway::start(
+            "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 5\nrate_burst = 5\n",
+        )
+        .await;
+        let args = vec![
+            gw.addr.port().to_string(),
+            gw.cert_path.display().to_string(),
+            "40".to_string(),
+        ];
+        let script = tests_dir().join("interop/uni_flood.py");
+        let r = tokio::task::spawn_blocking(move || run("python3", &script, &args))
+            .await
+            .unwrap();
+        assert_eq!(r["welcome"], "welcome", "{r}");
+        // Each stream takes a token: about `rate_burst` answers (plus the rate_limited
+        // notices), then the session is closed, instead of one queued error per stream.
+        assert_eq!(r["close"]["code"], 4008, "{r}");
+        let errors = r["errors"].as_u64().unwrap();
+        assert!((5..=12).contains(&errors), "{r}");
+    })
+    .await;
+}

@@ -151,9 +151,10 @@ async fn h3_bodies(cli: &Cli, streams: usize, hold: Instant) -> Seen {
     else {
         return seen;
     };
-    let drive = tokio::spawn(async move {
-        futures_util::future::poll_fn(|cx| driver.poll_close(cx)).await
-    });
+    let drive =
+        tokio::spawn(
+            async move { futures_util::future::poll_fn(|cx| driver.poll_close(cx)).await },
+        );
     let body = Bytes::from(vec![b'x'; 127 * 1024]);
     let mut requests = Vec::new();
     for _ in 0..streams {
