@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the hub's hot path: decoding a publish, and one publish fanned out to
 //! N member queues (encode once, then a non-blocking push per member).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -10,7 +10,7 @@ use gateway_core::{
     hub::{Hub, HubConfig},
     policy::RoomPolicies,
     protocol::{decode_binary, decode_json, Payload, RoomName},
-    session::{OutboxReceiver, SessionHandle, TransportKind},
+    session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
 
 fn decoders(c: &mut Criterion) {
@@ -46,7 +46,7 @@ fn fan_out(c: &mut Criterion) {
             .map(|i| {
                 let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1 << 20);
                 h.set_user(format!("u{i}").into());
-                hub.join(&h, &room);
+                hub.join(&h, &room, None, Instant::now(), |_| Outbound::Ping);
                 (h, rx)
             })
             .collect();
@@ -60,7 +60,7 @@ fn fan_out(c: &mut Criterion) {
         g.throughput(Throughput::Elements(members as u64));
         g.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
             b.iter(|| {
-                hub.publish(&room, Some("publisher"), &data, false, None);
+                hub.publish(&room, Some("publisher"), &data, false, None, Instant::now());
                 // Keep queues from growing: drain what one publish queued.
                 for (_, rx) in &sessions {
                     rx.drain_ready(&mut sink, usize::MAX);

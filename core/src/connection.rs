@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::{
     auth::{AuthError, Identity, JwtVerifier},
-    hub::Hub,
+    hub::{Hub, JoinOutcome, Since},
     limits::{ConnectionLimits, TokenBucket, UserSlot},
     liveness::{Liveness, LivenessAction},
     policy::EndpointPolicy,
@@ -281,7 +281,7 @@ impl Connection {
             } = request
             {
                 if self.identity.is_some() {
-                    let _ = self.publish(&room, &data, echo, true);
+                    let _ = self.publish(&room, &data, echo, true, now);
                 }
             }
             return;
@@ -306,8 +306,18 @@ impl Connection {
             Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
             Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
             Request::Join {
-                id, room, since, ..
-            } => self.join(id.as_ref(), room, since.is_some()),
+                id,
+                room,
+                since,
+                epoch,
+            } => {
+                let since = since.map(|seq| Since {
+                    seq,
+                    // Without an epoch nothing can match: `recovered: false`.
+                    epoch: epoch.as_deref().unwrap_or(""),
+                });
+                self.join(id.as_ref(), room, since, now)
+            }
             Request::Leave { id, room } => {
                 if self.joined.remove(&room) {
                     self.services.hub.leave(&self.handle, &room);
@@ -326,7 +336,7 @@ impl Connection {
                 data,
                 echo,
                 volatile,
-            } => match self.publish(&room, &data, echo, volatile) {
+            } => match self.publish(&room, &data, echo, volatile, now) {
                 Ok(seq) => self.ack(
                     id.as_ref(),
                     &AckFields {
@@ -383,7 +393,7 @@ impl Connection {
             .is_some_and(|i| i.may_join(&self.policy.rooms, room.as_str()))
     }
 
-    fn join(&mut self, id: Option<&RequestId>, room: RoomName, wants_recovery: bool) {
+    fn join(&mut self, id: Option<&RequestId>, room: RoomName, since: Option<Since<'_>>, now: Now) {
         if !self.may_join(&room) {
             return self.reply_error(id, ErrorCode::Forbidden, "room not allowed");
         }
@@ -394,20 +404,26 @@ impl Connection {
                 &format!("at most {} rooms per session", self.policy.max_rooms),
             );
         }
-        let outcome = self.services.hub.join(&self.handle, &room);
-        self.joined.insert(room.clone());
-        self.ack(
-            id,
-            &AckFields {
+        // The ack is queued by the hub, before any replayed or live message of the room.
+        let ack = |outcome: &JoinOutcome| {
+            let fields = AckFields {
                 room: Some(room.to_string()),
                 seq: Some(outcome.seq),
                 epoch: Some(outcome.epoch.to_string()),
                 members: Some(AckMembers::Count(outcome.members)),
-                // No history is kept yet, so nothing can be recovered.
-                recovered: wants_recovery.then_some(false),
+                recovered: outcome.recovered,
                 ..Default::default()
-            },
-        );
+            };
+            ServerFrame::Ack {
+                id,
+                fields: &fields,
+            }
+            .to_outbound()
+        };
+        self.services
+            .hub
+            .join(&self.handle, &room, since, now.instant, ack);
+        self.joined.insert(room);
     }
 
     fn publish(
@@ -416,6 +432,7 @@ impl Connection {
         data: &Payload,
         echo: bool,
         volatile: bool,
+        now: Now,
     ) -> Result<Option<u64>, (ErrorCode, &'static str)> {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
@@ -425,10 +442,14 @@ impl Connection {
             ));
         }
         let exclude = (!echo).then(|| self.handle.id());
-        Ok(self
-            .services
-            .hub
-            .publish(room, Some(&identity.user), data, volatile, exclude))
+        Ok(self.services.hub.publish(
+            room,
+            Some(&identity.user),
+            data,
+            volatile,
+            exclude,
+            now.instant,
+        ))
     }
 
     fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {

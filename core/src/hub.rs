@@ -1,12 +1,17 @@
 //! The hub: registry of sessions, rooms and users; join, leave, publish, send and presence.
 //!
 //! Rooms live in a sharded map; each room has its own lock, held only while a sequence number
-//! is assigned and the already-encoded frame is queued to every member (never across an
-//! await). There is no global lock on the publish path.
+//! is assigned, the already-encoded frame is kept in the room's history and queued to every
+//! member (never across an await). There is no global lock on the publish path.
+//!
+//! A room whose policy keeps history outlives its last member for as long as its history
+//! does, with its sequence and epoch; a recovering join replays the missed messages under the
+//! same lock that orders publishes, so nothing published meanwhile is lost or doubled.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
 };
 
 use dashmap::DashMap;
@@ -14,6 +19,7 @@ use indexmap::IndexMap;
 
 use crate::{
     backplane::Backplane,
+    history::{History, Recovery},
     policy::RoomPolicies,
     protocol::{
         CloseReason, MemberInfo, MessageFrame, Payload, RoomName, ServerFrame, DIRECT, MESSAGE,
@@ -30,6 +36,15 @@ pub struct HubConfig {
     pub rooms: RoomPolicies,
 }
 
+/// A recovery request: the last sequence number a client saw, and its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since<'a> {
+    /// The last `seq` received.
+    pub seq: u64,
+    /// The epoch it belongs to.
+    pub epoch: &'a str,
+}
+
 /// What a successful join reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinOutcome {
@@ -39,15 +54,48 @@ pub struct JoinOutcome {
     pub epoch: Arc<str>,
     /// Sessions in the room, this one included.
     pub members: usize,
+    /// With a recovery request: whether every missed message was replayed.
+    pub recovered: Option<bool>,
 }
 
 struct RoomState {
     seq: u64,
     epoch: Arc<str>,
     presence_events: bool,
+    /// `None` when the room's policy keeps no history.
+    history: Option<History>,
     members: IndexMap<SessionId, SessionHandle>,
     /// Sessions per user in this room, for user-level presence events.
     users: HashMap<Arc<str>, u32>,
+    /// When a sweep first found the room with neither members nor history.
+    idle_since: Option<Instant>,
+}
+
+impl RoomState {
+    /// Whether a room without history can be forgotten as its last member leaves.
+    fn is_empty_without_history(&self) -> bool {
+        self.members.is_empty() && self.history.is_none()
+    }
+
+    /// Whether a room can be forgotten at `now`: no member and nothing to recover, and for a
+    /// room that keeps history, so for a whole history lifetime (a client that saw its
+    /// sequence and epoch may still come back to it, even with nothing missed).
+    fn is_expired(&mut self, now: Instant) -> bool {
+        if !self.members.is_empty() {
+            self.idle_since = None;
+            return false;
+        }
+        let Some(history) = self.history.as_mut() else {
+            return true;
+        };
+        history.prune(now);
+        if !history.is_empty() {
+            self.idle_since = None;
+            return false;
+        }
+        let since = *self.idle_since.get_or_insert(now);
+        now.saturating_duration_since(since) >= history.ttl()
+    }
 }
 
 struct Room(Mutex<RoomState>);
@@ -137,27 +185,43 @@ impl Hub {
         }
     }
 
-    /// Adds the session to `room` (idempotent) and emits a presence `join` to the other
-    /// members when this is the user's first session there.
-    pub fn join(&self, handle: &SessionHandle, room: &RoomName) -> JoinOutcome {
-        let user = handle.user().cloned().unwrap_or_else(|| "".into());
-        // The shard lock (the entry guard) is held until the member is in the room, so a
-        // concurrent last `leave` cannot remove the room in between (lock order: shard, then
-        // room, as in `leave`).
-        let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
+    /// The state of `room`, created with a new epoch if it does not exist. The shard lock
+    /// is held until the caller has locked the room (lock order: shard, then room), so a
+    /// concurrent removal of an idle room cannot slip in between.
+    fn room_entry(&self, room: &RoomName) -> dashmap::mapref::one::RefMut<'_, RoomName, Arc<Room>> {
+        self.rooms.entry(room.clone()).or_insert_with(|| {
             let policy = self.policies.for_room(room.as_str());
             Arc::new(Room(Mutex::new(RoomState {
                 seq: 0,
                 epoch: new_epoch(),
                 presence_events: policy.presence_events,
+                history: (policy.history > 0)
+                    .then(|| History::new(policy.history, policy.history_ttl)),
                 members: IndexMap::new(),
                 users: HashMap::new(),
+                idle_since: None,
             })))
-        });
+        })
+    }
+
+    /// Adds the session to `room` (idempotent) and emits a presence `join` to the other
+    /// members when this is the user's first session there. Under the room's lock, queues
+    /// `ack` (made from the outcome) and then, with `since`, the missed messages: after them
+    /// come live messages only, so none is lost or doubled at the seam.
+    pub fn join(
+        &self,
+        handle: &SessionHandle,
+        room: &RoomName,
+        since: Option<Since<'_>>,
+        now: Instant,
+        ack: impl FnOnce(&JoinOutcome) -> Outbound,
+    ) -> JoinOutcome {
+        let user = handle.user().cloned().unwrap_or_else(|| "".into());
+        let entry = self.room_entry(room);
         let room_ref = entry.value().clone();
         let mut state = room_ref.lock();
-        let added = state.members.insert(handle.id(), handle.clone()).is_none();
         drop(entry);
+        let added = state.members.insert(handle.id(), handle.clone()).is_none();
         if added {
             let count = state.users.entry(user.clone()).or_insert(0);
             *count += 1;
@@ -170,11 +234,31 @@ impl Hub {
                 }
             }
         }
-        JoinOutcome {
-            seq: state.seq,
-            epoch: state.epoch.clone(),
-            members: state.members.len(),
+        let latest = state.seq;
+        let epoch = state.epoch.clone();
+        if let Some(history) = state.history.as_mut() {
+            history.prune(now);
         }
+        // A session already in the room got every message live: nothing to replay.
+        let replay = match since {
+            Some(since) if added && since.epoch == &*epoch => match &state.history {
+                Some(history) => history.after(since.seq, latest),
+                None if since.seq == latest => Recovery::Complete(Vec::new()),
+                None => Recovery::Gap,
+            },
+            _ => Recovery::Gap,
+        };
+        let outcome = JoinOutcome {
+            seq: latest,
+            epoch,
+            members: state.members.len(),
+            recovered: since.map(|_| matches!(replay, Recovery::Complete(_))),
+        };
+        handle.send(ack(&outcome));
+        if let Recovery::Complete(frames) = replay {
+            handle.send_replay(frames);
+        }
+        outcome
     }
 
     /// Removes the session from `room`; returns whether it was a member. Emits a presence
@@ -205,17 +289,35 @@ impl Hub {
                     member.send(frame.clone());
                 }
             }
-            state.members.is_empty()
+            state.is_empty_without_history()
         };
         if now_empty {
             self.rooms
-                .remove_if(room, |_, r| r.lock().members.is_empty());
+                .remove_if(room, |_, r| r.lock().is_empty_without_history());
         }
         true
     }
 
-    /// Publishes `data` to every member of `room` but `exclude`, encoding it once. Returns
-    /// the assigned sequence number (`None` for volatile messages).
+    /// Drops expired history and forgets rooms that have had neither members nor history
+    /// for a history lifetime (their sequence restarts with a new epoch). Call
+    /// periodically; a room is forgotten within one call's interval of that moment.
+    pub fn expire_history(&self, now: Instant) {
+        let expired: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter_map(|entry| {
+                let mut state = entry.value().lock();
+                state.is_expired(now).then(|| entry.key().clone())
+            })
+            .collect();
+        for room in expired {
+            self.rooms.remove_if(&room, |_, r| r.lock().is_expired(now));
+        }
+    }
+
+    /// Publishes `data` to every member of `room` but `exclude`, encoding it once and
+    /// keeping it in the room's history when its policy says so. Returns the assigned
+    /// sequence number (`None` for volatile messages).
     pub fn publish(
         &self,
         room: &RoomName,
@@ -223,6 +325,7 @@ impl Hub {
         data: &Payload,
         volatile: bool,
         exclude: Option<SessionId>,
+        now: Instant,
     ) -> Option<u64> {
         let encode = |seq: Option<u64>| {
             MessageFrame {
@@ -234,7 +337,11 @@ impl Hub {
             }
             .encode(data)
         };
-        let room_ref = self.rooms.get(room).map(|r| r.clone());
+        let mut room_ref = self.rooms.get(room).map(|r| r.clone());
+        if room_ref.is_none() && !volatile && self.policies.for_room(room.as_str()).history > 0 {
+            // Nobody is here, but the message is kept for those who recover.
+            room_ref = Some(self.room_entry(room).value().clone());
+        }
         let (seq, frame) = match room_ref {
             // Nobody is here and nothing is kept: the message reaches no one on this node.
             None => {
@@ -248,6 +355,9 @@ impl Hub {
                     state.seq
                 });
                 let frame = encode(seq);
+                if let (Some(seq), Some(history)) = (seq, state.history.as_mut()) {
+                    history.push(seq, frame.clone(), now);
+                }
                 for (id, member) in &state.members {
                     if Some(*id) != exclude {
                         member.send(frame.clone());
@@ -343,15 +453,43 @@ mod tests {
     };
     use bytes::Bytes;
     use serde_json::{json, Value};
+    use std::time::Duration;
 
     fn hub() -> Arc<Hub> {
+        hub_with(RoomPolicies::default())
+    }
+
+    fn hub_with(rooms: RoomPolicies) -> Arc<Hub> {
         Hub::new(
             HubConfig {
                 node_id: "n1".into(),
-                rooms: RoomPolicies::default(),
+                rooms,
             },
             Arc::new(LocalBackplane),
         )
+    }
+
+    /// A hub whose rooms keep `history` messages for 60 s.
+    fn hub_with_history(history: usize) -> Arc<Hub> {
+        hub_with(RoomPolicies(vec![crate::policy::RoomPolicy {
+            history,
+            history_ttl: Duration::from_secs(60),
+            ..crate::policy::RoomPolicy::fallback()
+        }]))
+    }
+
+    fn ack_frame(outcome: &JoinOutcome) -> Outbound {
+        let json =
+            serde_json::json!({"type": "ack", "seq": outcome.seq, "recovered": outcome.recovered});
+        Outbound::Text(Bytes::from(json.to_string()))
+    }
+
+    fn join(hub: &Hub, h: &SessionHandle, room: &RoomName) -> JoinOutcome {
+        hub.join(h, room, None, Instant::now(), ack_frame)
+    }
+
+    fn publish(hub: &Hub, room: &RoomName, data: &'static str) -> Option<u64> {
+        hub.publish(room, None, &json_data(data), false, None, Instant::now())
     }
 
     fn session(hub: &Hub, user: &str) -> (SessionHandle, OutboxReceiver) {
@@ -381,6 +519,7 @@ mod tests {
                 Outbound::Text(b) | Outbound::Volatile(b) => serde_json::from_slice(&b).unwrap(),
                 other => panic!("{other:?}"),
             })
+            .filter(|v: &Value| v["type"] != "ack")
             .collect()
     }
 
@@ -396,19 +535,33 @@ mod tests {
         let room = RoomName::new("r").unwrap();
         let (a, arx) = session(&hub, "alice");
         let (b, brx) = session(&hub, "bob");
-        hub.join(&a, &room);
-        let outcome = hub.join(&b, &room);
+        join(&hub, &a, &room);
+        let outcome = join(&hub, &b, &room);
         assert_eq!(outcome.members, 2);
         assert_eq!(
             drain(&arx),
             vec![json!({"type":"presence","room":"r","event":"join","user":"bob"})]
         );
         assert_eq!(
-            hub.publish(&room, Some("alice"), &json_data("1"), false, Some(a.id())),
+            hub.publish(
+                &room,
+                Some("alice"),
+                &json_data("1"),
+                false,
+                Some(a.id()),
+                Instant::now()
+            ),
             Some(1)
         );
         assert_eq!(
-            hub.publish(&room, Some("alice"), &json_data("2"), false, None),
+            hub.publish(
+                &room,
+                Some("alice"),
+                &json_data("2"),
+                false,
+                None,
+                Instant::now()
+            ),
             Some(2)
         );
         assert_eq!(
@@ -426,11 +579,11 @@ mod tests {
         let hub = hub();
         let room = RoomName::new("r").unwrap();
         let (watcher, wrx) = session(&hub, "w");
-        hub.join(&watcher, &room);
+        join(&hub, &watcher, &room);
         let (t1, _r1) = session(&hub, "u");
         let (t2, _r2) = session(&hub, "u");
-        hub.join(&t1, &room);
-        hub.join(&t2, &room);
+        join(&hub, &t1, &room);
+        join(&hub, &t2, &room);
         assert_eq!(drain(&wrx).len(), 1, "second tab does not re-announce");
         assert!(hub.leave(&t1, &room));
         assert!(drain(&wrx).is_empty());
@@ -464,12 +617,168 @@ mod tests {
         let hub = hub();
         let room = RoomName::new("r").unwrap();
         let (a, _rx) = session(&hub, "a");
-        let first = hub.join(&a, &room);
-        hub.publish(&room, None, &json_data("1"), false, None);
-        assert_eq!(hub.join(&a, &room).seq, 1, "join is idempotent");
+        let first = join(&hub, &a, &room);
+        publish(&hub, &room, "1");
+        assert_eq!(join(&hub, &a, &room).seq, 1, "join is idempotent");
         hub.leave(&a, &room);
-        let second = hub.join(&a, &room);
+        let second = join(&hub, &a, &room);
         assert_eq!(second.seq, 0);
         assert_ne!(first.epoch, second.epoch);
+    }
+
+    /// Like `drain`, acks included.
+    fn drain_all(rx: &OutboxReceiver) -> Vec<Value> {
+        let mut out = Vec::new();
+        {
+            let mut fut = std::pin::pin!(rx.recv_batch(&mut out, 10_000));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let _ = fut.as_mut().poll(&mut cx);
+        }
+        out.into_iter()
+            .map(|o| match o {
+                Outbound::Text(b) => serde_json::from_slice(&b).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn recover(
+        hub: &Hub,
+        h: &SessionHandle,
+        room: &RoomName,
+        seq: u64,
+        epoch: &str,
+    ) -> JoinOutcome {
+        hub.join(
+            h,
+            room,
+            Some(Since { seq, epoch }),
+            Instant::now(),
+            ack_frame,
+        )
+    }
+
+    #[test]
+    fn a_recovering_join_gets_the_ack_then_exactly_the_missed_messages() {
+        let hub = hub_with_history(10);
+        let room = RoomName::new("r").unwrap();
+        let (a, arx) = session(&hub, "a");
+        let first = join(&hub, &a, &room);
+        for n in ["1", "2", "3"] {
+            publish(&hub, &room, n);
+        }
+        drain_all(&arx);
+        hub.leave(&a, &room);
+        for n in ["4", "5"] {
+            publish(&hub, &room, n);
+        }
+        let outcome = recover(&hub, &a, &room, 3, &first.epoch);
+        assert_eq!((outcome.seq, outcome.recovered), (5, Some(true)));
+        let seen: Vec<Value> = drain_all(&arx);
+        assert_eq!(seen[0]["type"], "ack");
+        let data: Vec<&Value> = seen[1..].iter().map(|m| &m["data"]).collect();
+        assert_eq!(data, [&json!(4), &json!(5)]);
+        // Live messages follow.
+        publish(&hub, &room, "6");
+        assert_eq!(
+            drain_all(&arx),
+            [json!({"type":"message","room":"r","seq":6,"data":6})]
+        );
+    }
+
+    #[test]
+    fn wrong_epochs_and_gaps_are_not_recovered_and_replay_nothing() {
+        let hub = hub_with_history(2);
+        let room = RoomName::new("r").unwrap();
+        let (a, arx) = session(&hub, "a");
+        let epoch = join(&hub, &a, &room).epoch;
+        for n in ["1", "2", "3", "4"] {
+            publish(&hub, &room, n);
+        }
+        hub.leave(&a, &room);
+        drain_all(&arx);
+        assert_eq!(recover(&hub, &a, &room, 3, "other").recovered, Some(false));
+        assert_eq!(drain_all(&arx).len(), 1, "the ack only");
+        hub.leave(&a, &room);
+        // Only 3 and 4 are held: from 1 on there is a gap.
+        assert_eq!(recover(&hub, &a, &room, 1, &epoch).recovered, Some(false));
+        assert_eq!(drain_all(&arx).len(), 1);
+        hub.leave(&a, &room);
+        assert_eq!(recover(&hub, &a, &room, 2, &epoch).recovered, Some(true));
+        assert_eq!(drain_all(&arx).len(), 3);
+    }
+
+    #[test]
+    fn history_keeps_seq_and_epoch_of_an_empty_room_until_it_expires() {
+        let hub = hub_with_history(10);
+        let room = RoomName::new("r").unwrap();
+        // Publishing to a room nobody is in assigns real sequence numbers and keeps them.
+        assert_eq!(publish(&hub, &room, "1"), Some(1));
+        assert_eq!(publish(&hub, &room, "2"), Some(2));
+        let (a, arx) = session(&hub, "a");
+        let outcome = join(&hub, &a, &room);
+        assert_eq!(outcome.seq, 2);
+        hub.leave(&a, &room);
+        assert_eq!(hub.room_count(), 1, "kept for its history");
+        hub.expire_history(Instant::now());
+        assert_eq!(hub.room_count(), 1, "kept while its history lives");
+        let again = recover(&hub, &a, &room, 0, &outcome.epoch);
+        assert_eq!((again.seq, again.recovered), (2, Some(true)));
+        assert_eq!(again.epoch, outcome.epoch);
+        assert_eq!(
+            drain_all(&arx).len(),
+            2 + 2,
+            "two acks, two recovered messages"
+        );
+        hub.leave(&a, &room);
+        let later = Instant::now() + Duration::from_secs(61);
+        hub.expire_history(later);
+        assert_eq!(hub.room_count(), 1, "seen empty: kept one more lifetime");
+        hub.expire_history(later + Duration::from_secs(60));
+        assert_eq!(
+            hub.room_count(),
+            0,
+            "forgotten a lifetime after its history expired"
+        );
+        let fresh = join(&hub, &a, &room);
+        assert_eq!(fresh.seq, 0);
+        assert_ne!(
+            fresh.epoch, outcome.epoch,
+            "the sequence restarted: new epoch"
+        );
+    }
+
+    #[test]
+    fn an_empty_room_with_a_history_policy_keeps_its_epoch_for_a_lifetime() {
+        let hub = hub_with_history(10);
+        let room = RoomName::new("r").unwrap();
+        let (a, _rx) = session(&hub, "a");
+        let first = join(&hub, &a, &room);
+        hub.leave(&a, &room);
+        hub.expire_history(Instant::now());
+        publish(&hub, &room, "1");
+        let back = recover(&hub, &a, &room, 0, &first.epoch);
+        assert_eq!((back.recovered, back.seq), (Some(true), 1));
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_queue_does_not_close_the_session() {
+        let hub = hub_with_history(200);
+        let room = RoomName::new("r").unwrap();
+        let (a, arx) = session(&hub, "a"); // queue of 64 frames
+        let epoch = join(&hub, &a, &room).epoch;
+        publish(&hub, &room, "0");
+        hub.leave(&a, &room);
+        drain_all(&arx);
+        for _ in 0..150 {
+            publish(&hub, &room, "0");
+        }
+        assert_eq!(recover(&hub, &a, &room, 1, &epoch).recovered, Some(true));
+        assert!(!a.is_closed());
+        assert_eq!(
+            drain_all(&arx).len(),
+            1 + 150,
+            "the ack and every missed message"
+        );
     }
 }

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod backplane;
 pub mod connection;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod liveness;

@@ -85,6 +85,10 @@ pub enum Delivery {
 struct Queue {
     frames: VecDeque<Outbound>,
     close: Option<CloseReason>,
+    /// Frames of a history replay still queued: they occupy the queue without counting
+    /// against its capacity, so a replay larger than the queue does not make the session a
+    /// slow consumer, while live frames still get exactly the configured room on top.
+    replay_credit: usize,
 }
 
 struct Shared {
@@ -137,6 +141,7 @@ impl SessionHandle {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
                 close: None,
+                replay_credit: 0,
             }),
             writer: Notify::new(),
             closed: Notify::new(),
@@ -193,15 +198,35 @@ impl SessionHandle {
         self.push(frame, true)
     }
 
+    /// Queues a history replay (bounded by the room's history) whatever the queue holds:
+    /// its frames take their place in the queue but not its capacity (see `Queue`).
+    pub fn send_replay<'a>(&self, frames: impl IntoIterator<Item = &'a Outbound>) -> Delivery {
+        let mut q = self.lock();
+        if q.close.is_some() {
+            return Delivery::Closed;
+        }
+        let was_empty = q.frames.is_empty();
+        let before = q.frames.len();
+        q.frames.extend(frames.into_iter().cloned());
+        let added = q.frames.len() - before;
+        q.replay_credit += added;
+        drop(q);
+        if was_empty && added > 0 {
+            self.0.writer.notify_one();
+        }
+        Delivery::Queued
+    }
+
     fn push(&self, frame: Outbound, droppable: bool) -> Delivery {
         let mut q = self.lock();
         if q.close.is_some() {
             return Delivery::Closed;
         }
-        if q.frames.len() >= self.0.capacity && droppable {
+        let capacity = self.0.capacity + q.replay_credit;
+        if q.frames.len() >= capacity && droppable {
             return Delivery::Dropped;
         }
-        if q.frames.len() >= self.0.capacity {
+        if q.frames.len() >= capacity {
             q.frames.clear();
             q.frames.shrink_to_fit();
             drop(q);
@@ -293,6 +318,7 @@ impl OutboxReceiver {
                 if !q.frames.is_empty() {
                     let n = q.frames.len().min(max.max(1));
                     out.extend(q.frames.drain(..n));
+                    q.replay_credit = q.replay_credit.saturating_sub(n);
                     if q.frames.is_empty() && q.frames.capacity() > 64 {
                         q.frames.shrink_to(16);
                     }
@@ -314,6 +340,7 @@ impl OutboxReceiver {
         let mut q = lock(&self.0.queue);
         let n = q.frames.len().min(max);
         out.extend(q.frames.drain(..n));
+        q.replay_credit = q.replay_credit.saturating_sub(n);
         n
     }
 }
@@ -368,6 +395,28 @@ mod tests {
         assert_eq!(h.offer(text("b")), Delivery::Dropped);
         assert!(!h.is_closed());
         assert_eq!(h.send(text("c")), Delivery::Overflow);
+    }
+
+    #[tokio::test]
+    async fn a_replay_larger_than_the_queue_is_not_a_slow_consumer() {
+        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
+        assert_eq!(h.send_replay(&replay), Delivery::Queued);
+        // Live frames still get the configured room on top of the replay...
+        assert_eq!(h.send(text("live1")), Delivery::Queued);
+        assert_eq!(h.send(text("live2")), Delivery::Queued);
+        // ...and no more.
+        assert_eq!(h.send(text("live3")), Delivery::Overflow);
+        let (h, rx2) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        h.send_replay(&replay);
+        let mut out = Vec::new();
+        rx2.recv_batch(&mut out, 4).await;
+        assert_eq!(out.len(), 4);
+        // Draining spends the credit: one replayed frame left, and room for two live ones.
+        assert_eq!(h.send(text("live1")), Delivery::Queued);
+        assert_eq!(h.send(text("live2")), Delivery::Queued);
+        assert_eq!(h.send(text("over")), Delivery::Overflow);
+        drop(rx);
     }
 
     #[tokio::test]

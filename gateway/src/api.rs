@@ -296,7 +296,10 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let req: PublishBody<'_> = parse_body(&body)?;
     let room = room_name(&req.room)?;
     let data = data_payload(&body, req.data)?;
-    let seq = app.services.hub.publish(&room, None, &data, false, None);
+    let seq = app
+        .services
+        .hub
+        .publish(&room, None, &data, false, None, Now::read().instant);
     Ok(Json(json!({ "seq": seq })))
 }
 

@@ -111,6 +111,7 @@ impl Server {
         if let Some(endpoint) = quic.clone() {
             tasks.spawn(wt::serve(endpoint, state.clone(), router));
         }
+        tasks.spawn(expire_history(state.clone()));
 
         info!(%tcp_addr, node = state.config.node_id, "gateway started");
         Ok(Self {
@@ -170,6 +171,22 @@ impl Server {
             q.close(0x100u32.into(), b"shutting down");
         }
         self.tasks.abort_all();
+    }
+}
+
+/// How often expired room history is dropped (and rooms left with nothing forgotten).
+const HISTORY_SWEEP: Duration = Duration::from_secs(1);
+
+/// Drops expired history every [`HISTORY_SWEEP`].
+async fn expire_history(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(HISTORY_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state
+            .services
+            .hub
+            .expire_history(tokio::time::Instant::now().into_std());
     }
 }
 
