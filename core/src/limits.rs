@@ -132,6 +132,14 @@ impl ConnectionLimits {
         })
     }
 
+    /// Whether connections from `ip`, or all connections, have reached a quarter of their
+    /// limit: from then on a QUIC client must prove its address (Retry) before it is
+    /// counted, so spoofed packets cannot fill another address's quota or the server's.
+    pub fn is_busy(&self, ip: IpAddr) -> bool {
+        let per_ip = self.per_ip.get(&ip).map(|c| *c).unwrap_or(0);
+        per_ip >= self.max_per_ip.div_ceil(4) || self.total() >= self.max_total.div_ceil(4)
+    }
+
     /// Takes one of the [`MAX_REFUSALS_IN_FLIGHT`] places for a connection over a limit
     /// that is answered with its status; `None` when all are taken (drop it instead).
     pub fn refusal(self: &Arc<Self>) -> Option<RefusalSlot> {
@@ -221,6 +229,20 @@ mod tests {
         );
         drop(u);
         assert!(limits.acquire_user("bob".into()).is_ok());
+    }
+
+    #[test]
+    fn busy_from_a_quarter_of_either_limit() {
+        let limits = ConnectionLimits::new(100, 8, 1);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let _one = limits.acquire(a).unwrap();
+        assert!(!limits.is_busy(a));
+        let _two = limits.acquire(a).unwrap();
+        assert!(limits.is_busy(a) && !limits.is_busy(b));
+        let _many: Vec<_> = (0..23)
+            .map(|i| limits.acquire(IpAddr::from([10, 1, 0, i])).unwrap())
+            .collect();
+        assert!(limits.is_busy(b), "25 of 100 in all");
     }
 
     #[test]

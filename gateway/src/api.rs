@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{FromRequest, Path, Request, State},
+    extract::{DefaultBodyLimit, FromRequest, Path, Request, State},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, MethodRouter},
@@ -36,6 +36,9 @@ use crate::{
 const API_ENVELOPE_BYTES: usize = 1024;
 /// Largest `/api/disconnect` body: a user id, a code and a reason.
 const DISCONNECT_BODY_BYTES: usize = 4096;
+/// Largest body accepted (and ignored) by routes that take none, such as a `{}` that
+/// generic HTTP clients send with every POST.
+const IGNORED_BODY_BYTES: usize = 1024;
 
 /// The router of every plain HTTP request.
 pub fn router(app: Arc<AppState>) -> Router {
@@ -60,7 +63,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route(
             "/api/tickets",
             post(issue_ticket)
-                .layer(middleware::from_fn_with_state(0, limit_body))
+                .layer(middleware::from_fn_with_state(
+                    IGNORED_BODY_BYTES,
+                    limit_body,
+                ))
                 .layer(middleware::from_fn_with_state(
                     app.clone(),
                     require_user_jwt,
@@ -68,16 +74,19 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/api/publish", with_api_key(post(api_publish), data_body))
         .route("/api/send", with_api_key(post(api_send), data_body))
-        .route("/api/rooms/{*room}", with_api_key(get(api_room), 0))
+        .route(
+            "/api/rooms/{*room}",
+            with_api_key(get(api_room), IGNORED_BODY_BYTES),
+        )
         .route(
             "/api/disconnect",
             with_api_key(post(api_disconnect), DISCONNECT_BODY_BYTES),
         )
+        // Only matched routes: the fallback's admission answers 404 before any limit.
+        .route_layer(middleware::from_fn(refuse_over_limit))
         .fallback(endpoint_or_not_found)
-        .layer(middleware::from_fn_with_state(
-            app.clone(),
-            refuse_over_limit,
-        ))
+        // `limit_body` sets each route's limit; axum's own 2 MiB default must not cap it.
+        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .with_state(app)
 }
@@ -136,18 +145,17 @@ async fn deadline(State(app): State<Arc<AppState>>, req: Request, next: Next) ->
     }
 }
 
-/// On a connection accepted over a connection limit, every request other than an
-/// endpoint's (whose admission reports it in PROTOCOL.md order) gets the limit's status.
-async fn refuse_over_limit(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// On a connection accepted over a connection limit, a request to a route (health, API)
+/// gets the limit's status; endpoint and unknown paths go to admission, which answers in
+/// PROTOCOL.md order (404 and 400 first).
+async fn refuse_over_limit(req: Request, next: Next) -> Response {
     let rejection = req
         .extensions()
         .get::<ConnectionPermit>()
         .and_then(ConnectionPermit::rejection);
     match rejection {
-        Some(rejection) if app.endpoint(req.uri().path()).is_none() => {
-            rejection_response(rejection)
-        }
-        _ => next.run(req).await,
+        Some(rejection) => rejection_response(rejection),
+        None => next.run(req).await,
     }
 }
 

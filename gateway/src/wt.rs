@@ -95,16 +95,18 @@ pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppState>, router: Router
 
 async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router: Router) {
     let peer = incoming.remote_address();
-    // Counted from the first packet on, like a TCP connection from accept.
-    let permit = ConnectionPermit::acquire(&app, peer.ip());
-    let over_limit = permit.as_ref().is_none_or(|p| p.rejection().is_some());
-    if over_limit && !incoming.remote_address_validated() && incoming.may_retry() {
-        // Over a limit: a Retry makes the client prove its address before it is answered
-        // (or counted against anyone), at the cost of one round trip.
+    if !incoming.remote_address_validated()
+        && incoming.may_retry()
+        && app.services.limits.is_busy(peer.ip())
+    {
+        // Busy: a Retry makes the client prove its address before it is counted (or
+        // answered), at the cost of one round trip, so spoofed sources cannot fill another
+        // address's quota.
         let _ = incoming.retry();
         return;
     }
-    let Some(permit) = permit else {
+    // Counted from the first packet on, like a TCP connection from accept.
+    let Some(permit) = ConnectionPermit::acquire(&app, peer.ip()) else {
         debug!(%peer, "QUIC connection over the limits refused");
         return incoming.refuse();
     };
@@ -131,6 +133,8 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
         Ok(Ok(h3)) => h3,
         _ => return debug!(%peer, "HTTP/3 setup failed"),
     };
+    // Kept until the connection is closed, so the refusal's flush counts too.
+    let _held = permit.clone();
     let ending = serve_connection(h3, &quic, permit, &app, &router, peer).await;
     match ending {
         ConnectionEnd::Idle => {
@@ -178,7 +182,11 @@ async fn serve_connection(
             accepted = h3.accept(), if requests.len() < MAX_REQUESTS_PER_CONNECTION => {
                 let resolver = match accepted {
                     Ok(Some(r)) => r,
-                    Ok(None) | Err(_) => return ConnectionEnd::Done,
+                    Ok(None) | Err(_) => {
+                        // Requests in flight finish on their own deadlines.
+                        requests.detach_all();
+                        return ConnectionEnd::Done;
+                    }
                 };
                 let (mut req, mut stream) =
                     match tokio::time::timeout(timeout, resolver.resolve_request()).await {
@@ -187,7 +195,10 @@ async fn serve_connection(
                             debug!(%peer, error = %e, "bad HTTP/3 request");
                             continue;
                         }
-                        Err(_) => return ConnectionEnd::Idle,
+                        Err(_) => {
+                            requests.detach_all();
+                            return ConnectionEnd::Idle;
+                        }
                     };
                 req.extensions_mut().insert(permit.clone());
                 let is_connect = req.method() == http::Method::CONNECT;
@@ -568,7 +579,8 @@ async fn run_session(
                         let _ = tx.send(send);
                         messages = message_frames(recv, max_len);
                         has_message_stream = true;
-                    } else {
+                    } else if conn.on_control(1, Now::read()) {
+                        // Each unused stream costs a frame of the rate limit.
                         tokio::spawn(refuse_extra_stream(stream));
                     }
                 }

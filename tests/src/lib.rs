@@ -224,14 +224,20 @@ async fn https_exchange(
     })
 }
 
-/// A plain HTTP/3 GET with the `h3` client (not the gateway's server code); returns the
-/// status and body.
-pub async fn h3_get(port: u16, cert: &Path, path: &str) -> anyhow::Result<(u16, String)> {
-    use bytes::Buf;
+/// A QUIC client endpoint speaking ALPN h3 and trusting exactly the PEM certificate `cert`.
+pub fn quic_client(cert: &Path) -> anyhow::Result<quinn::Endpoint> {
     let tls = (*client_tls(cert, &[b"h3"])).clone();
     let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic_tls)));
+    Ok(endpoint)
+}
+
+/// A plain HTTP/3 GET with the `h3` client (not the gateway's server code); returns the
+/// status and body.
+pub async fn h3_get(port: u16, cert: &Path, path: &str) -> anyhow::Result<(u16, String)> {
+    use bytes::Buf;
+    let endpoint = quic_client(cert)?;
     let conn = endpoint
         .connect(format!("127.0.0.1:{port}").parse()?, "127.0.0.1")?
         .await?;

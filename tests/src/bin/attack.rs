@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use gateway_tests::{client_tls, load::proc_stats::rss_kib, tls_connect};
+use gateway_tests::{load::proc_stats::rss_kib, quic_client, tls_connect};
 use serde_json::json;
 use tokio::{io::AsyncWriteExt, task::JoinSet, time::Instant};
 
@@ -127,16 +127,8 @@ async fn http_bodies(cli: &Cli, hold: Instant) -> Seen {
     }
 }
 
-fn quic_endpoint(cli: &Cli) -> anyhow::Result<quinn::Endpoint> {
-    let tls = (*client_tls(&cli.cert, &[b"h3"])).clone();
-    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic_tls)));
-    Ok(endpoint)
-}
-
 async fn quic_connect(cli: &Cli) -> Option<(quinn::Endpoint, quinn::Connection)> {
-    let endpoint = quic_endpoint(cli).ok()?;
+    let endpoint = quic_client(&cli.cert).ok()?;
     let conn = endpoint.connect(cli.addr, "127.0.0.1").ok()?.await.ok()?;
     Some((endpoint, conn))
 }
