@@ -38,6 +38,7 @@ fn fan_out(c: &mut Criterion) {
             HubConfig {
                 node_id: "bench".into(),
                 rooms: RoomPolicies::default(),
+                history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
         );

@@ -567,6 +567,7 @@ mod tests {
                 HubConfig {
                     node_id: "n".into(),
                     rooms: RoomPolicies::default(),
+                    history_budget: crate::hub::DEFAULT_HISTORY_BUDGET,
                 },
                 Arc::new(LocalBackplane),
             ),

@@ -4,10 +4,52 @@
 
 use std::{
     collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use crate::session::Outbound;
+
+/// Bytes counted per kept message besides its frame (entry and queue slot).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// The memory the histories of all rooms may hold together. When it is spent, a room makes
+/// room from its own oldest messages; a room with none keeps nothing more.
+#[derive(Debug)]
+pub struct HistoryBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl HistoryBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn fits(&self, bytes: usize) -> bool {
+        self.used() + bytes <= self.max
+    }
+
+    fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
 
 /// One kept message.
 #[derive(Debug, Clone)]
@@ -18,11 +60,12 @@ struct Entry {
 }
 
 /// The last `capacity` non-volatile messages of a room, each kept at most `ttl`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct History {
     entries: VecDeque<Entry>,
     capacity: usize,
     ttl: Duration,
+    budget: Arc<HistoryBudget>,
 }
 
 /// What a recovery request finds in a history.
@@ -35,29 +78,42 @@ pub enum Recovery<'a> {
 }
 
 impl History {
-    /// An empty history of at most `capacity` messages, each kept at most `ttl`.
-    pub fn new(capacity: usize, ttl: Duration) -> Self {
+    /// An empty history of at most `capacity` messages, each kept at most `ttl`, drawing
+    /// on `budget`.
+    pub fn new(capacity: usize, ttl: Duration, budget: Arc<HistoryBudget>) -> Self {
         Self {
             entries: VecDeque::new(),
             capacity,
             ttl,
+            budget,
         }
     }
 
-    /// Keeps message `seq` (sequences only grow), dropping the oldest beyond the capacity.
-    pub fn push(&mut self, seq: u64, frame: Outbound, now: Instant) {
+    /// Keeps message `seq` (sequences only grow), dropping the oldest beyond the capacity
+    /// or the shared budget. Returns whether it was kept: when the budget is spent and this
+    /// history has nothing left to give, it is not (its recovery will report a gap).
+    pub fn push(&mut self, seq: u64, frame: Outbound, now: Instant) -> bool {
         self.prune(now);
+        let size = Self::size(&frame);
         if self.capacity == 0 {
-            return;
+            return false;
         }
         if self.entries.len() == self.capacity {
-            self.entries.pop_front();
+            self.pop_oldest();
         }
+        while !self.budget.fits(size) && !self.entries.is_empty() {
+            self.pop_oldest();
+        }
+        if !self.budget.fits(size) {
+            return false;
+        }
+        self.budget.take(size);
         self.entries.push_back(Entry {
             seq,
             frame,
             stored: now,
         });
+        true
     }
 
     /// Drops messages older than the lifetime.
@@ -66,8 +122,22 @@ impl History {
             if now.saturating_duration_since(e.stored) < self.ttl {
                 break;
             }
-            self.entries.pop_front();
+            self.pop_oldest();
         }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.budget.give_back(Self::size(&e.frame));
+        }
+    }
+
+    fn size(frame: &Outbound) -> usize {
+        let bytes = match frame {
+            Outbound::Text(b) | Outbound::Binary(b) | Outbound::Volatile(b) => b.len(),
+            Outbound::Ping => 0,
+        };
+        bytes + ENTRY_OVERHEAD
     }
 
     /// Whether no message is held.
@@ -108,6 +178,14 @@ impl History {
     }
 }
 
+impl Drop for History {
+    fn drop(&mut self) {
+        while !self.entries.is_empty() {
+            self.pop_oldest();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,7 +213,7 @@ mod tests {
     #[test]
     fn recovers_exactly_the_missed_messages_or_reports_a_gap() {
         let t0 = Instant::now();
-        let mut h = History::new(3, Duration::from_secs(60));
+        let mut h = History::new(3, Duration::from_secs(60), HistoryBudget::new(1 << 20));
         for seq in 1..=5 {
             h.push(seq, frame(seq), t0);
         }
@@ -153,7 +231,7 @@ mod tests {
     #[test]
     fn messages_expire_after_their_lifetime() {
         let t0 = Instant::now();
-        let mut h = History::new(10, Duration::from_secs(5));
+        let mut h = History::new(10, Duration::from_secs(5), HistoryBudget::new(1 << 20));
         h.push(1, frame(1), t0);
         h.push(2, frame(2), t0 + Duration::from_secs(3));
         h.prune(t0 + Duration::from_secs(5));
@@ -162,5 +240,28 @@ mod tests {
         assert_eq!(seqs(h.after(1, 2)), Some(vec!["2".into()]));
         h.prune(t0 + Duration::from_secs(8));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn all_histories_share_one_memory_budget() {
+        let t0 = Instant::now();
+        let entry = History::size(&frame(1));
+        let budget = HistoryBudget::new(3 * entry);
+        let mut a = History::new(10, Duration::from_secs(60), budget.clone());
+        let mut b = History::new(10, Duration::from_secs(60), budget.clone());
+        assert!(a.push(1, frame(1), t0) && a.push(2, frame(2), t0) && a.push(3, frame(3), t0));
+        // The budget is spent: a room with nothing to give keeps nothing...
+        assert!(!b.push(1, frame(1), t0));
+        assert!(b.is_empty());
+        // ...and a room with messages makes room from its own oldest.
+        assert!(a.push(4, frame(4), t0));
+        assert_eq!(
+            seqs(a.after(1, 4)),
+            Some(vec!["2".into(), "3".into(), "4".into()])
+        );
+        assert_eq!(budget.used(), 3 * entry);
+        drop(a);
+        assert_eq!(budget.used(), 0, "a forgotten room gives its memory back");
+        assert!(b.push(1, frame(1), t0));
     }
 }

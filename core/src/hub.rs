@@ -19,7 +19,7 @@ use indexmap::IndexMap;
 
 use crate::{
     backplane::Backplane,
-    history::{History, Recovery},
+    history::{History, HistoryBudget, Recovery},
     policy::RoomPolicies,
     protocol::{
         CloseReason, MemberInfo, MessageFrame, Payload, RoomName, ServerFrame, DIRECT, MESSAGE,
@@ -34,7 +34,12 @@ pub struct HubConfig {
     pub node_id: String,
     /// Room policies, first match wins.
     pub rooms: RoomPolicies,
+    /// Bytes the histories of all rooms may hold together.
+    pub history_budget: usize,
 }
+
+/// The default [`HubConfig::history_budget`]: 256 MiB.
+pub const DEFAULT_HISTORY_BUDGET: usize = 256 * 1024 * 1024;
 
 /// A recovery request: the last sequence number a client saw, and its epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,9 @@ struct RoomState {
     users: HashMap<Arc<str>, u32>,
     /// When a sweep first found the room with neither members nor history.
     idle_since: Option<Instant>,
+    /// Set under the lock when the room is removed from the map: a publish that looked it
+    /// up just before must use the room that replaces it.
+    removed: bool,
 }
 
 impl RoomState {
@@ -111,6 +119,7 @@ pub struct Hub {
     node: Arc<str>,
     policies: RoomPolicies,
     rooms: DashMap<RoomName, Arc<Room>>,
+    history_budget: Arc<HistoryBudget>,
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
@@ -133,6 +142,7 @@ impl Hub {
             node: config.node_id.into(),
             policies: config.rooms,
             rooms: DashMap::new(),
+            history_budget: HistoryBudget::new(config.history_budget),
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
@@ -154,7 +164,7 @@ impl Hub {
         self.sessions.len()
     }
 
-    /// Number of rooms with members on this node.
+    /// Number of rooms on this node: those with members, and those kept for their history.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
@@ -195,11 +205,17 @@ impl Hub {
                 seq: 0,
                 epoch: new_epoch(),
                 presence_events: policy.presence_events,
-                history: (policy.history > 0)
-                    .then(|| History::new(policy.history, policy.history_ttl)),
+                history: (policy.history > 0).then(|| {
+                    History::new(
+                        policy.history,
+                        policy.history_ttl,
+                        self.history_budget.clone(),
+                    )
+                }),
                 members: IndexMap::new(),
                 users: HashMap::new(),
                 idle_since: None,
+                removed: false,
             })))
         })
     }
@@ -222,6 +238,7 @@ impl Hub {
         let mut state = room_ref.lock();
         drop(entry);
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
+        state.idle_since = None;
         if added {
             let count = state.users.entry(user.clone()).or_insert(0);
             *count += 1;
@@ -292,8 +309,11 @@ impl Hub {
             state.is_empty_without_history()
         };
         if now_empty {
-            self.rooms
-                .remove_if(room, |_, r| r.lock().is_empty_without_history());
+            self.rooms.remove_if(room, |_, r| {
+                let mut state = r.lock();
+                state.removed = state.is_empty_without_history();
+                state.removed
+            });
         }
         true
     }
@@ -306,12 +326,17 @@ impl Hub {
             .rooms
             .iter()
             .filter_map(|entry| {
-                let mut state = entry.value().lock();
+                // A room busy right now is not idle: skip it rather than wait for it.
+                let mut state = entry.value().0.try_lock().ok()?;
                 state.is_expired(now).then(|| entry.key().clone())
             })
             .collect();
         for room in expired {
-            self.rooms.remove_if(&room, |_, r| r.lock().is_expired(now));
+            self.rooms.remove_if(&room, |_, r| {
+                let mut state = r.lock();
+                state.removed = state.is_expired(now);
+                state.removed
+            });
         }
     }
 
@@ -337,11 +362,16 @@ impl Hub {
             }
             .encode(data)
         };
-        let mut room_ref = self.rooms.get(room).map(|r| r.clone());
-        if room_ref.is_none() && !volatile && self.policies.for_room(room.as_str()).history > 0 {
-            // Nobody is here, but the message is kept for those who recover.
-            room_ref = Some(self.room_entry(room).value().clone());
-        }
+        // The room is locked while its map entry is held (shard, then room, as everywhere),
+        // so a sweep cannot remove it between the lookup and the publish.
+        let room_ref = match self.rooms.get(room) {
+            Some(entry) => Some(entry.value().clone()),
+            None if !volatile && self.policies.for_room(room.as_str()).history > 0 => {
+                // Nobody is here, but the message is kept for those who recover.
+                Some(self.room_entry(room).value().clone())
+            }
+            None => None,
+        };
         let (seq, frame) = match room_ref {
             // Nobody is here and nothing is kept: the message reaches no one on this node.
             None => {
@@ -350,6 +380,12 @@ impl Hub {
             }
             Some(room_ref) => {
                 let mut state = room_ref.lock();
+                if state.removed {
+                    // Swept in between: publish to the room that replaces it.
+                    drop(state);
+                    return self.publish(room, from, data, volatile, exclude, now);
+                }
+                state.idle_since = None;
                 let seq = (!volatile).then(|| {
                     state.seq += 1;
                     state.seq
@@ -464,6 +500,7 @@ mod tests {
             HubConfig {
                 node_id: "n1".into(),
                 rooms,
+                history_budget: DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
         )
@@ -759,6 +796,43 @@ mod tests {
         publish(&hub, &room, "1");
         let back = recover(&hub, &a, &room, 0, &first.epoch);
         assert_eq!((back.recovered, back.seq), (Some(true), 1));
+    }
+
+    #[test]
+    fn a_visit_restarts_the_lifetime_of_an_empty_room() {
+        let hub = hub_with_history(10);
+        let room = RoomName::new("r").unwrap();
+        let (a, _rx) = session(&hub, "a");
+        let t0 = Instant::now();
+        let first = join(&hub, &a, &room);
+        hub.leave(&a, &room);
+        hub.expire_history(t0); // seen empty from t0
+        // A visit between two sweeps: the client saw the epoch at t0 + 50 s.
+        join(&hub, &a, &room);
+        hub.leave(&a, &room);
+        hub.expire_history(t0 + Duration::from_secs(61));
+        assert_eq!(hub.room_count(), 1, "the visit restarted the lifetime");
+        let back = recover(&hub, &a, &room, 0, &first.epoch);
+        assert_eq!(back.recovered, Some(true));
+    }
+
+    #[test]
+    fn a_publish_after_the_room_was_swept_goes_to_the_new_room() {
+        let hub = hub_with_history(10);
+        let room = RoomName::new("r").unwrap();
+        publish(&hub, &room, "1");
+        let stale = hub.rooms.get(&room).map(|r| r.value().clone()).unwrap();
+        let later = Instant::now() + Duration::from_secs(200);
+        hub.expire_history(later);
+        hub.expire_history(later + Duration::from_secs(61));
+        assert_eq!(hub.room_count(), 0);
+        assert!(stale.lock().removed, "the swept room is marked");
+        // A publish that looked the old room up gets the new one (here: looks up afresh).
+        assert_eq!(publish(&hub, &room, "2"), Some(1), "a new sequence in a new room");
+        let (a, arx) = session(&hub, "a");
+        let outcome = join(&hub, &a, &room);
+        assert_eq!(outcome.seq, 1);
+        drop(arx);
     }
 
     #[test]

@@ -85,10 +85,42 @@ pub enum Delivery {
 struct Queue {
     frames: VecDeque<Outbound>,
     close: Option<CloseReason>,
-    /// Frames of a history replay still queued: they occupy the queue without counting
+    /// Frames of history replays still queued: they occupy the queue without counting
     /// against its capacity, so a replay larger than the queue does not make the session a
     /// slow consumer, while live frames still get exactly the configured room on top.
     replay_credit: usize,
+    /// Where the queued replays are, front to back, so that draining frames queued ahead of
+    /// a replay frees capacity and draining replayed frames spends credit.
+    replays: VecDeque<ReplaySpan>,
+}
+
+/// A replay in the queue: `ahead` other frames, then `len` replayed ones.
+#[derive(Debug, Clone, Copy)]
+struct ReplaySpan {
+    ahead: usize,
+    len: usize,
+}
+
+impl Queue {
+    /// Accounts for `n` frames taken from the front.
+    fn drained(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(span) = self.replays.front_mut() else {
+                return;
+            };
+            let ahead = n.min(span.ahead);
+            span.ahead -= ahead;
+            n -= ahead;
+            let replayed = n.min(span.len);
+            span.len -= replayed;
+            n -= replayed;
+            self.replay_credit -= replayed;
+            if span.ahead > 0 || span.len > 0 {
+                return;
+            }
+            self.replays.pop_front();
+        }
+    }
 }
 
 struct Shared {
@@ -142,6 +174,7 @@ impl SessionHandle {
                 frames: VecDeque::new(),
                 close: None,
                 replay_credit: 0,
+                replays: VecDeque::new(),
             }),
             writer: Notify::new(),
             closed: Notify::new(),
@@ -209,6 +242,11 @@ impl SessionHandle {
         let before = q.frames.len();
         q.frames.extend(frames.into_iter().cloned());
         let added = q.frames.len() - before;
+        let spanned: usize = q.replays.iter().map(|r| r.ahead + r.len).sum();
+        q.replays.push_back(ReplaySpan {
+            ahead: before - spanned,
+            len: added,
+        });
         q.replay_credit += added;
         drop(q);
         if was_empty && added > 0 {
@@ -229,6 +267,8 @@ impl SessionHandle {
         if q.frames.len() >= capacity {
             q.frames.clear();
             q.frames.shrink_to_fit();
+            q.replays.clear();
+            q.replay_credit = 0;
             drop(q);
             self.close(CloseReason::new(
                 CloseCode::TooSlowOrTooFast,
@@ -318,7 +358,7 @@ impl OutboxReceiver {
                 if !q.frames.is_empty() {
                     let n = q.frames.len().min(max.max(1));
                     out.extend(q.frames.drain(..n));
-                    q.replay_credit = q.replay_credit.saturating_sub(n);
+                    q.drained(n);
                     if q.frames.is_empty() && q.frames.capacity() > 64 {
                         q.frames.shrink_to(16);
                     }
@@ -340,7 +380,7 @@ impl OutboxReceiver {
         let mut q = lock(&self.0.queue);
         let n = q.frames.len().min(max);
         out.extend(q.frames.drain(..n));
-        q.replay_credit = q.replay_credit.saturating_sub(n);
+        q.drained(n);
         n
     }
 }
@@ -417,6 +457,21 @@ mod tests {
         assert_eq!(h.send(text("live2")), Delivery::Queued);
         assert_eq!(h.send(text("over")), Delivery::Overflow);
         drop(rx);
+    }
+
+    #[tokio::test]
+    async fn frames_ahead_of_a_replay_free_capacity_when_drained() {
+        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        assert_eq!(h.send(text("ack")), Delivery::Queued);
+        let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
+        h.send_replay(&replay);
+        let mut out = Vec::new();
+        // The ack and three replayed frames leave: two replayed frames remain...
+        rx.recv_batch(&mut out, 4).await;
+        // ...and live frames get the whole capacity on top of them.
+        assert_eq!(h.send(text("live1")), Delivery::Queued);
+        assert_eq!(h.send(text("live2")), Delivery::Queued);
+        assert_eq!(h.send(text("over")), Delivery::Overflow);
     }
 
     #[tokio::test]

@@ -18,6 +18,9 @@ use serde::Deserialize;
 /// Default listen address (dev mode and files without `listen`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 
+/// Most messages one room may keep (`[[room]] history`).
+const MAX_HISTORY: usize = 100_000;
+
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -437,10 +440,23 @@ impl Config {
                 .pattern
                 .ok_or_else(|| invalid(format!("room[{i}].pattern"), "required"))?;
             let fallback = RoomPolicy::fallback();
+            let history = r.history.unwrap_or(100);
+            if history > MAX_HISTORY {
+                return Err(invalid(
+                    format!("room[{i}].history"),
+                    format!("at most {MAX_HISTORY} messages per room"),
+                ));
+            }
+            if history > 0 && r.history_ttl_secs == Some(0) {
+                return Err(invalid(
+                    format!("room[{i}].history_ttl_secs"),
+                    "must be positive when history is kept",
+                ));
+            }
             rooms.push(RoomPolicy {
                 pattern: Pattern::new(&pattern),
                 presence_events: r.presence_events.unwrap_or(true),
-                history: r.history.unwrap_or(100),
+                history,
                 history_ttl: r
                     .history_ttl_secs
                     .map(Duration::from_secs)
@@ -521,6 +537,8 @@ mod tests {
             ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "endpoint[1].path"),
             ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\nqueue_capacity=0", "endpoint[0].queue_capacity"),
             ("", "endpoint: at least one"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[room]]\npattern=\"*\"\nhistory=100001", "room[0].history"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[room]]\npattern=\"*\"\nhistory_ttl_secs=0", "room[0].history_ttl_secs"),
         ];
         for (text, expected) in cases {
             let e = parse(text).unwrap_err().to_string();

@@ -85,6 +85,7 @@ impl Server {
             HubConfig {
                 node_id: config.node_id.clone(),
                 rooms: config.rooms.clone(),
+                history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
         );
