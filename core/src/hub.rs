@@ -807,7 +807,7 @@ mod tests {
         let first = join(&hub, &a, &room);
         hub.leave(&a, &room);
         hub.expire_history(t0); // seen empty from t0
-        // A visit between two sweeps: the client saw the epoch at t0 + 50 s.
+                                // A visit between two sweeps: the client saw the epoch at t0 + 50 s.
         join(&hub, &a, &room);
         hub.leave(&a, &room);
         hub.expire_history(t0 + Duration::from_secs(61));
@@ -828,7 +828,11 @@ mod tests {
         assert_eq!(hub.room_count(), 0);
         assert!(stale.lock().removed, "the swept room is marked");
         // A publish that looked the old room up gets the new one (here: looks up afresh).
-        assert_eq!(publish(&hub, &room, "2"), Some(1), "a new sequence in a new room");
+        assert_eq!(
+            publish(&hub, &room, "2"),
+            Some(1),
+            "a new sequence in a new room"
+        );
         let (a, arx) = session(&hub, "a");
         let outcome = join(&hub, &a, &room);
         assert_eq!(outcome.seq, 1);

@@ -55,6 +55,10 @@ impl TokenBucket {
 /// further connections over a limit are dropped (TCP) or refused (QUIC) without a status.
 pub const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 
+/// Most of those places one address may hold, so one host over its quota cannot take them
+/// all from other over-limit clients.
+pub const MAX_REFUSALS_PER_IP: usize = 16;
+
 /// Connection counts with their maxima. Cheap to share.
 ///
 /// A slot is taken per TCP or QUIC connection as soon as it is accepted (before TLS), so
@@ -66,6 +70,7 @@ pub struct ConnectionLimits {
     max_per_user: usize,
     total: AtomicUsize,
     refusals: AtomicUsize,
+    refusals_per_ip: DashMap<IpAddr, usize>,
     per_ip: DashMap<IpAddr, usize>,
     per_user: DashMap<Arc<str>, usize>,
 }
@@ -81,6 +86,7 @@ pub struct ConnectionSlot {
 #[derive(Debug)]
 pub struct RefusalSlot {
     limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
 }
 
 /// A held per-user slot; released on drop.
@@ -99,6 +105,7 @@ impl ConnectionLimits {
             max_per_user,
             total: AtomicUsize::new(0),
             refusals: AtomicUsize::new(0),
+            refusals_per_ip: DashMap::new(),
             per_ip: DashMap::new(),
             per_user: DashMap::new(),
         })
@@ -140,16 +147,22 @@ impl ConnectionLimits {
         per_ip >= self.max_per_ip.div_ceil(4) || self.total() >= self.max_total.div_ceil(4)
     }
 
-    /// Takes one of the [`MAX_REFUSALS_IN_FLIGHT`] places for a connection over a limit
-    /// that is answered with its status; `None` when all are taken (drop it instead).
-    pub fn refusal(self: &Arc<Self>) -> Option<RefusalSlot> {
+    /// Takes one of the [`MAX_REFUSALS_IN_FLIGHT`] places (at most
+    /// [`MAX_REFUSALS_PER_IP`] for `ip`) for a connection over a limit that is answered with
+    /// its status; `None` when none is left (drop it instead).
+    pub fn refusal(self: &Arc<Self>, ip: IpAddr) -> Option<RefusalSlot> {
         let previous = self.refusals.fetch_add(1, Ordering::AcqRel);
         if previous >= MAX_REFUSALS_IN_FLIGHT {
             self.refusals.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        if !increment(&self.refusals_per_ip, ip, MAX_REFUSALS_PER_IP) {
+            self.refusals.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         Some(RefusalSlot {
             limits: self.clone(),
+            ip,
         })
     }
 
@@ -185,6 +198,7 @@ impl Drop for ConnectionSlot {
 impl Drop for RefusalSlot {
     fn drop(&mut self) {
         self.limits.refusals.fetch_sub(1, Ordering::AcqRel);
+        decrement(&self.limits.refusals_per_ip, &self.ip);
     }
 }
 
@@ -246,13 +260,22 @@ mod tests {
     }
 
     #[test]
-    fn refusals_in_flight_are_bounded_and_released() {
+    fn refusals_in_flight_are_bounded_per_address_and_in_all_and_released() {
         let limits = ConnectionLimits::new(1, 1, 1);
-        let held: Vec<_> = (0..MAX_REFUSALS_IN_FLIGHT)
-            .map(|_| limits.refusal().expect("within the bound"))
+        let ip = |i: usize| IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+        let one: Vec<_> = (0..MAX_REFUSALS_PER_IP)
+            .map(|_| limits.refusal(ip(0)).expect("within the address's share"))
             .collect();
-        assert!(limits.refusal().is_none());
-        drop(held);
-        assert!(limits.refusal().is_some());
+        assert!(
+            limits.refusal(ip(0)).is_none(),
+            "one address's share is spent"
+        );
+        let others: Vec<_> = (1..=MAX_REFUSALS_IN_FLIGHT - MAX_REFUSALS_PER_IP)
+            .map(|i| limits.refusal(ip(i)).expect("within the bound"))
+            .collect();
+        assert!(limits.refusal(ip(9999)).is_none(), "all places are taken");
+        drop(others);
+        drop(one);
+        assert!(limits.refusal(ip(0)).is_some());
     }
 }

@@ -34,7 +34,7 @@ impl ConnectionPermit {
         match limits.acquire(peer) {
             Ok(slot) => Some(Self::Granted(Arc::new(slot))),
             Err(rejection) => limits
-                .refusal()
+                .refusal(peer)
                 .map(|r| Self::Refused(rejection, Arc::new(r))),
         }
     }

@@ -198,4 +198,29 @@ mod tests {
             assert_eq!(n, 7, "chunk size {chunk}");
         }
     }
+
+    #[test]
+    fn random_frames_in_random_pieces_are_counted_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let mut stream = Vec::new();
+            let mut expected = 0;
+            for _ in 0..rng.random_range(1..40) {
+                let opcode = [0x0u8, 0x1, 0x2, 0x9, 0xA][rng.random_range(0..5)];
+                let fin = if rng.random_bool(0.5) { 0x80 } else { 0 };
+                let len = [0usize, 1, 125, 126, 300, 65_535, 65_536][rng.random_range(0..7)];
+                stream.extend(frame(fin | opcode, &vec![0xAB; len]));
+                expected += u32::from(opcode == 0);
+            }
+            let mut scanner = HeaderScanner::default();
+            let (mut counted, mut rest) = (0, &stream[..]);
+            while !rest.is_empty() {
+                let n = rng.random_range(1..=rest.len().min(5000));
+                counted += scanner.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(counted, expected);
+        }
+    }
 }

@@ -203,7 +203,8 @@ async fn serve_connection(
                 req.extensions_mut().insert(permit.clone());
                 let is_connect = req.method() == http::Method::CONNECT;
                 if !is_connect {
-                    requests.spawn(serve_request(req, stream, router.clone(), peer, timeout));
+                    let permit = permit.clone();
+                    requests.spawn(serve_request(req, stream, router.clone(), peer, permit, timeout));
                     continue;
                 }
                 let is_webtransport =
@@ -268,9 +269,8 @@ async fn wait_for_peer_settings(
             Ok(Ok(Some(resolver))) => {
                 let (router, permit) = (router.clone(), permit.clone());
                 tokio::spawn(tokio::time::timeout(limit, async move {
-                    if let Ok((mut req, stream)) = resolver.resolve_request().await {
-                        req.extensions_mut().insert(permit);
-                        serve_request(req, stream, router, peer, limit).await;
+                    if let Ok((req, stream)) = resolver.resolve_request().await {
+                        serve_request(req, stream, router, peer, permit, limit).await;
                     }
                 }));
             }
@@ -313,12 +313,14 @@ async fn serve_request(
     stream: H3Stream,
     router: Router,
     peer: SocketAddr,
+    permit: ConnectionPermit,
     limit: Duration,
 ) {
     let (mut send, recv) = stream.split();
     let (parts, ()) = req.into_parts();
     let mut request = Request::from_parts(parts, Body::from_stream(request_body(recv)));
     request.extensions_mut().insert(PeerAddr(peer));
+    request.extensions_mut().insert(permit);
     let served = async move {
         let response = match router.oneshot(request).await {
             Ok(r) => r,
@@ -530,7 +532,7 @@ async fn run_session(
         mut conn,
         outbox,
         log,
-        slot: _slot,
+        slot,
     } = open_session(&app, admission, TransportKind::WebTransport, peer);
     let handle = conn.handle().clone();
 
@@ -585,8 +587,12 @@ async fn run_session(
                     }
                 }
                 Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
-                    let limit = app.config.limits.handshake_timeout;
-                    tokio::spawn(serve_request(req, stream, router.clone(), peer, limit));
+                    // Requests on a session's connection cost a frame of its rate limit.
+                    if conn.on_control(1, Now::read()) {
+                        let limit = app.config.limits.handshake_timeout;
+                        let permit = ConnectionPermit::Granted(slot.clone());
+                        tokio::spawn(serve_request(req, stream, router.clone(), peer, permit, limit));
+                    }
                 }
                 other => {
                     debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "bidirectional accept ended");
