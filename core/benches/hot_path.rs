@@ -47,7 +47,13 @@ fn fan_out(c: &mut Criterion) {
             .map(|i| {
                 let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1 << 20);
                 h.set_user(format!("u{i}").into());
-                hub.join(&h, &room, None, Instant::now(), |_| Outbound::Ping);
+                hub.join(
+                    &h,
+                    &room,
+                    None,
+                    Instant::now(),
+                    Box::new(|_| Outbound::Ping),
+                );
                 (h, rx)
             })
             .collect();

@@ -1,22 +1,123 @@
-//! The backplane: how a hub tells other nodes about publishes and direct sends.
+//! The backplane: how a hub reaches the other nodes of a cluster.
 //!
-//! The hub assigns sequence numbers and delivers to its own sessions itself; a backplane
-//! carries the already-encoded frame to the other nodes of a cluster. The embedded default,
-//! [`LocalBackplane`], is a single node: there is nobody else to tell.
+//! A single node needs none: [`LocalBackplane`] orders rooms in the hub itself (sequence,
+//! history) and has nobody else to tell. A cluster backplane ([`Cluster`]) is the authority
+//! instead: it assigns each room message its sequence number and keeps history, and every
+//! node's hub delivers what the cluster hands it ([`Hub::deliver`](crate::hub::Hub::deliver))
+//! in the cluster's order. Its operations complete later, through a [`Completion`]; core
+//! never awaits.
 
-use crate::{protocol::RoomName, session::Outbound};
+use std::sync::Arc;
+
+use crate::{
+    protocol::{Payload, RoomName},
+    session::{Outbound, SessionId},
+};
+
+/// Called once with the outcome of an operation that completes later.
+pub type Completion<T> = Box<dyn FnOnce(T) + Send>;
+
+/// Why the cluster could not do something (its store is unreachable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cluster unavailable: {0}")]
+pub struct ClusterUnavailable(pub String);
+
+/// A room message published through the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterPublish {
+    /// The room.
+    pub room: RoomName,
+    /// The publisher's user id (`None` for the HTTP API).
+    pub from: Option<Arc<str>>,
+    /// The payload.
+    pub data: Payload,
+    /// Volatile: no sequence number, never kept.
+    pub volatile: bool,
+    /// The publishing session, which does not receive its own message (`echo: false`).
+    pub origin: Option<SessionId>,
+}
+
+/// A message of a room as the cluster keeps it.
+#[derive(Debug, Clone)]
+pub struct ClusterMessage {
+    /// Its sequence number (`None` when volatile).
+    pub seq: Option<u64>,
+    /// The publisher's user id.
+    pub from: Option<Arc<str>>,
+    /// The payload.
+    pub data: Payload,
+    /// The publishing session, excluded from delivery.
+    pub origin: Option<SessionId>,
+}
+
+/// A room as the cluster sees it when a session joins it.
+#[derive(Debug, Clone)]
+pub struct RoomView {
+    /// The latest sequence number.
+    pub seq: u64,
+    /// The epoch it belongs to.
+    pub epoch: Arc<str>,
+    /// With a recovery request: the messages after `since` when every one is still held.
+    pub missed: Option<Vec<ClusterMessage>>,
+}
+
+/// A cluster backplane: the authority on room order and history, and the way to the users
+/// and rooms of other nodes. Implementations run the work on their own tasks and call each
+/// completion exactly once.
+pub trait Cluster: Send + Sync + 'static {
+    /// Assigns the message its sequence number, keeps it and publishes it to every node
+    /// that hears the room (this one included, through [`Hub::deliver`](crate::hub::Hub::deliver)).
+    fn publish(
+        &self,
+        message: ClusterPublish,
+        done: Completion<Result<Option<u64>, ClusterUnavailable>>,
+    );
+
+    /// Makes this node hear `room` (before `done`), then reports its sequence, epoch and,
+    /// with `since` and `epoch`, the missed messages.
+    fn open_room(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, String)>,
+        done: Completion<Result<RoomView, ClusterUnavailable>>,
+    );
+
+    /// This node has no member left in `room`: stop hearing it.
+    fn close_room(&self, room: &RoomName);
+
+    /// Delivers a direct message to every session of `user` on every node; `done` says
+    /// whether any node has one.
+    fn send_user(
+        &self,
+        user: &str,
+        from: Option<Arc<str>>,
+        data: Payload,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    );
+
+    /// This node has its first session of `user`: hear the user's direct messages.
+    fn open_user(&self, user: &str);
+
+    /// This node has no session of `user` left.
+    fn close_user(&self, user: &str);
+}
 
 /// Carries encoded frames to the other nodes of a cluster.
 pub trait Backplane: Send + Sync + 'static {
     /// A short name for logs and `/healthz` details.
     fn name(&self) -> &'static str;
 
-    /// A frame was published to `room` on this node.
+    /// A frame was published to `room` on this node (single-node hook).
     fn room_published(&self, room: &RoomName, frame: &Outbound);
 
     /// A frame was sent to every session of `user` from this node.
     /// Returns whether another node holds a session of that user.
     fn user_sent(&self, user: &str, frame: &Outbound) -> bool;
+
+    /// The cluster this backplane is, when it is the authority on rooms.
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        None
+    }
 }
 
 /// The in-process backplane of a single node.

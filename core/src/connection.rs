@@ -16,7 +16,8 @@ use bytes::Bytes;
 
 use crate::{
     auth::{AuthError, Identity, JwtVerifier},
-    hub::{Hub, JoinOutcome, Since},
+    backplane::ClusterUnavailable,
+    hub::{Hub, JoinOutcome, JoinReply, Since},
     limits::{ConnectionLimits, TokenBucket, UserSlot},
     liveness::{Liveness, LivenessAction},
     policy::EndpointPolicy,
@@ -24,7 +25,7 @@ use crate::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
         DecodeError, ErrorCode, Payload, Request, RequestId, RoomName, ServerFrame,
     },
-    session::{OutboxReceiver, SessionHandle, TransportKind},
+    session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
 
 /// The window over which refused frames count towards closing a flooding session.
@@ -281,7 +282,7 @@ impl Connection {
             } = request
             {
                 if self.identity.is_some() {
-                    let _ = self.publish(&room, &data, echo, true, now);
+                    self.publish(None, &room, &data, echo, true, now, false);
                 }
             }
             return;
@@ -336,25 +337,26 @@ impl Connection {
                 data,
                 echo,
                 volatile,
-            } => match self.publish(&room, &data, echo, volatile, now) {
-                Ok(seq) => self.ack(
-                    id.as_ref(),
-                    &AckFields {
-                        seq,
-                        ..Default::default()
-                    },
-                ),
-                Err((code, message)) => self.reply_error(id.as_ref(), code, message),
-            },
+            } => self.publish(id, &room, &data, echo, volatile, now, true),
             Request::Send { id, to, data } => {
                 let from = self.handle.user().cloned();
-                let delivered = self.services.hub.send_to_user(&to, from.as_deref(), &data);
-                self.ack(
-                    id.as_ref(),
-                    &AckFields {
-                        delivered: Some(delivered),
-                        ..Default::default()
-                    },
+                let handle = self.handle.clone();
+                self.services.hub.send_to_user_then(
+                    &to,
+                    from.as_ref(),
+                    &data,
+                    Box::new(move |delivered| {
+                        handle.send(match delivered {
+                            Ok(delivered) => ack_frame(
+                                id.as_ref(),
+                                &AckFields {
+                                    delivered: Some(delivered),
+                                    ..Default::default()
+                                },
+                            ),
+                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                        });
+                    }),
                 );
             }
             Request::Presence { id, room } => {
@@ -404,52 +406,79 @@ impl Connection {
                 &format!("at most {} rooms per session", self.policy.max_rooms),
             );
         }
-        // The ack is queued by the hub, before any replayed or live message of the room.
-        let ack = |outcome: &JoinOutcome| {
-            let fields = AckFields {
-                room: Some(room.to_string()),
-                seq: Some(outcome.seq),
-                epoch: Some(outcome.epoch.to_string()),
-                members: Some(AckMembers::Count(outcome.members)),
-                recovered: outcome.recovered,
-                ..Default::default()
-            };
-            ServerFrame::Ack {
-                id,
-                fields: &fields,
-            }
-            .to_outbound()
-        };
+        // The reply is queued by the hub, before any replayed or live message of the room.
+        let (id, room_text) = (id.cloned(), room.to_string());
+        let reply: JoinReply = Box::new(
+            move |outcome: Result<&JoinOutcome, &ClusterUnavailable>| match outcome {
+                Ok(outcome) => ack_frame(
+                    id.as_ref(),
+                    &AckFields {
+                        room: Some(room_text),
+                        seq: Some(outcome.seq),
+                        epoch: Some(outcome.epoch.to_string()),
+                        members: Some(AckMembers::Count(outcome.members)),
+                        recovered: outcome.recovered,
+                        ..Default::default()
+                    },
+                ),
+                Err(e) => unavailable_frame(id.as_ref(), e),
+            },
+        );
         self.services
             .hub
-            .join(&self.handle, &room, since, now.instant, ack);
+            .join(&self.handle, &room, since, now.instant, reply);
         self.joined.insert(room);
     }
 
+    /// Publishes to `room` if the identity may; with `reply`, answers with the ack (its
+    /// `seq`) or the error, now or when the cluster has taken the message.
+    #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
+        id: Option<RequestId>,
         room: &RoomName,
         data: &Payload,
         echo: bool,
         volatile: bool,
         now: Now,
-    ) -> Result<Option<u64>, (ErrorCode, &'static str)> {
+        reply: bool,
+    ) {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            return Err((
-                ErrorCode::Forbidden,
-                "publishing to that room is not allowed",
-            ));
+            if reply {
+                self.reply_error(
+                    id.as_ref(),
+                    ErrorCode::Forbidden,
+                    "publishing to that room is not allowed",
+                );
+            }
+            return;
         }
         let exclude = (!echo).then(|| self.handle.id());
-        Ok(self.services.hub.publish(
+        let handle = self.handle.clone();
+        self.services.hub.publish_then(
             room,
             Some(&identity.user),
             data,
             volatile,
             exclude,
             now.instant,
-        ))
+            Box::new(move |seq| {
+                if !reply {
+                    return;
+                }
+                handle.send(match seq {
+                    Ok(seq) => ack_frame(
+                        id.as_ref(),
+                        &AckFields {
+                            seq,
+                            ..Default::default()
+                        },
+                    ),
+                    Err(e) => unavailable_frame(id.as_ref(), &e),
+                });
+            }),
+        );
     }
 
     fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {
@@ -527,8 +556,7 @@ impl Connection {
     }
 
     fn ack(&self, id: Option<&RequestId>, fields: &AckFields) {
-        self.handle
-            .send(ServerFrame::Ack { id, fields }.to_outbound());
+        self.handle.send(ack_frame(id, fields));
     }
 
     fn reply_auth_error(&self, id: Option<&RequestId>, e: &AuthError) {
@@ -545,6 +573,21 @@ impl Connection {
             .to_outbound(),
         );
     }
+}
+
+/// An `ack` envelope.
+fn ack_frame(id: Option<&RequestId>, fields: &AckFields) -> Outbound {
+    ServerFrame::Ack { id, fields }.to_outbound()
+}
+
+/// The `error internal` a request gets when the cluster cannot take it.
+fn unavailable_frame(id: Option<&RequestId>, e: &ClusterUnavailable) -> Outbound {
+    ServerFrame::Error {
+        id,
+        code: ErrorCode::Internal.as_str(),
+        message: &e.to_string(),
+    }
+    .to_outbound()
 }
 
 impl Drop for Connection {

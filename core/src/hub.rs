@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
     time::Instant,
 };
 
@@ -18,7 +18,9 @@ use dashmap::DashMap;
 use indexmap::IndexMap;
 
 use crate::{
-    backplane::Backplane,
+    backplane::{
+        Backplane, ClusterMessage, ClusterPublish, ClusterUnavailable, Completion, RoomView,
+    },
     history::{History, HistoryBudget, Recovery},
     policy::RoomPolicies,
     protocol::{
@@ -50,6 +52,10 @@ pub struct Since<'a> {
     pub epoch: &'a str,
 }
 
+/// Builds the reply to a `join` from its outcome (or the cluster's failure); it is queued
+/// under the room's lock, before any replayed or live message of the room.
+pub type JoinReply = Box<dyn FnOnce(Result<&JoinOutcome, &ClusterUnavailable>) -> Outbound + Send>;
+
 /// What a successful join reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinOutcome {
@@ -77,6 +83,9 @@ struct RoomState {
     /// Set under the lock when the room is removed from the map: a publish that looked it
     /// up just before must use the room that replaces it.
     removed: bool,
+    /// Cluster mode: members whose join waits for the cluster, with the live frames that
+    /// arrived for them meanwhile (and their sequence numbers).
+    pending: HashMap<SessionId, Vec<(Option<u64>, Outbound)>>,
 }
 
 impl RoomState {
@@ -123,6 +132,8 @@ pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
+    /// This hub, for completions that come back later.
+    me: Weak<Hub>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -138,7 +149,7 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// A hub with this configuration and backplane.
     pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             node: config.node_id.into(),
             policies: config.rooms,
             rooms: DashMap::new(),
@@ -146,6 +157,7 @@ impl Hub {
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
+            me: me.clone(),
         })
     }
 
@@ -177,10 +189,13 @@ impl Hub {
     /// Makes an authenticated session reachable by its user id.
     pub fn register_user(&self, handle: &SessionHandle) {
         if let Some(user) = handle.user() {
-            self.users
-                .entry(user.clone())
-                .or_default()
-                .push(handle.clone());
+            let mut sessions = self.users.entry(user.clone()).or_default();
+            sessions.push(handle.clone());
+            if sessions.len() == 1 {
+                if let Some(cluster) = self.backplane.cluster() {
+                    cluster.open_user(user);
+                }
+            }
         }
     }
 
@@ -188,10 +203,13 @@ impl Hub {
     pub fn close_session(&self, handle: &SessionHandle) {
         self.sessions.remove(&handle.id());
         if let Some(user) = handle.user() {
-            self.users.remove_if_mut(user, |_, sessions| {
+            let gone = self.users.remove_if_mut(user, |_, sessions| {
                 sessions.retain(|s| !s.same_session(handle));
                 sessions.is_empty()
             });
+            if let (Some(_), Some(cluster)) = (gone, self.backplane.cluster()) {
+                cluster.close_user(user);
+            }
         }
     }
 
@@ -216,6 +234,7 @@ impl Hub {
                 users: HashMap::new(),
                 idle_since: None,
                 removed: false,
+                pending: HashMap::new(),
             })))
         })
     }
@@ -224,14 +243,18 @@ impl Hub {
     /// members when this is the user's first session there. Under the room's lock, queues
     /// `ack` (made from the outcome) and then, with `since`, the missed messages: after them
     /// come live messages only, so none is lost or doubled at the seam.
+    ///
+    /// In cluster mode the member waits (its live frames are held back) until the cluster
+    /// has made this node hear the room and reported it; then the reply, the missed
+    /// messages and the held frames newer than them are queued, and `None` is returned now.
     pub fn join(
         &self,
         handle: &SessionHandle,
         room: &RoomName,
         since: Option<Since<'_>>,
         now: Instant,
-        ack: impl FnOnce(&JoinOutcome) -> Outbound,
-    ) -> JoinOutcome {
+        reply: JoinReply,
+    ) -> Option<JoinOutcome> {
         let user = handle.user().cloned().unwrap_or_else(|| "".into());
         let entry = self.room_entry(room);
         let room_ref = entry.value().clone();
@@ -239,6 +262,10 @@ impl Hub {
         drop(entry);
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
+        let cluster = self.backplane.cluster();
+        if added && cluster.is_some() {
+            state.pending.insert(handle.id(), Vec::new());
+        }
         if added {
             let count = state.users.entry(user.clone()).or_insert(0);
             *count += 1;
@@ -250,6 +277,34 @@ impl Hub {
                     }
                 }
             }
+        }
+        if let Some(cluster) = cluster {
+            drop(state);
+            if added {
+                let since = since.map(|s| (s.seq, s.epoch.to_owned()));
+                let wants_recovery = since.is_some();
+                let (me, room2, member) = (self.me.clone(), room.clone(), handle.clone());
+                cluster.open_room(
+                    room,
+                    since,
+                    Box::new(move |view| {
+                        if let Some(hub) = me.upgrade() {
+                            hub.finish_join(&room2, &member, wants_recovery, reply, view);
+                        }
+                    }),
+                );
+            } else {
+                // Already a member (and live): nothing to replay.
+                let state = room_ref.lock();
+                let outcome = JoinOutcome {
+                    seq: state.seq,
+                    epoch: state.epoch.clone(),
+                    members: state.members.len(),
+                    recovered: since.map(|_| false),
+                };
+                handle.send(reply(Ok(&outcome)));
+            }
+            return None;
         }
         let latest = state.seq;
         let epoch = state.epoch.clone();
@@ -271,11 +326,164 @@ impl Hub {
             members: state.members.len(),
             recovered: since.map(|_| matches!(replay, Recovery::Complete(_))),
         };
-        handle.send(ack(&outcome));
+        handle.send(reply(Ok(&outcome)));
         if let Recovery::Complete(frames) = replay {
             handle.send_replay(frames);
         }
-        outcome
+        Some(outcome)
+    }
+
+    /// Cluster mode: the cluster reported the room a member joined. Queues the reply, the
+    /// missed messages, then the live frames held back that are newer than the report.
+    fn finish_join(
+        &self,
+        room: &RoomName,
+        handle: &SessionHandle,
+        wants_recovery: bool,
+        reply: JoinReply,
+        view: Result<RoomView, ClusterUnavailable>,
+    ) {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return;
+        };
+        let mut state = room_ref.lock();
+        let Some(held) = state.pending.remove(&handle.id()) else {
+            return; // left meanwhile
+        };
+        match view {
+            Ok(view) => {
+                state.seq = state.seq.max(view.seq);
+                state.epoch = view.epoch.clone();
+                let outcome = JoinOutcome {
+                    seq: view.seq,
+                    epoch: view.epoch,
+                    members: state.members.len(),
+                    recovered: wants_recovery.then_some(view.missed.is_some()),
+                };
+                handle.send(reply(Ok(&outcome)));
+                if let Some(missed) = &view.missed {
+                    let frames: Vec<Outbound> =
+                        missed.iter().map(|m| self.encode(room, m, false)).collect();
+                    handle.send_replay(&frames);
+                }
+                for (seq, frame) in held {
+                    if seq.is_none_or(|s| s > view.seq) {
+                        handle.send(frame);
+                    }
+                }
+            }
+            Err(e) => {
+                drop(state);
+                self.leave(handle, room);
+                handle.send(reply(Err(&e)));
+            }
+        }
+    }
+
+    /// Cluster mode: a room message the cluster ordered, for this node's members of the
+    /// room (encoded once; members still joining hold it until their join completes).
+    pub fn deliver(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return;
+        };
+        let frame = self.encode(room, message, volatile);
+        let mut state = room_ref.lock();
+        if let Some(seq) = message.seq {
+            state.seq = state.seq.max(seq);
+        }
+        let RoomState {
+            members, pending, ..
+        } = &mut *state;
+        for (id, member) in members.iter() {
+            if Some(*id) == message.origin {
+                continue;
+            }
+            match pending.get_mut(id) {
+                Some(held) => held.push((message.seq, frame.clone())),
+                None => {
+                    member.send(frame.clone());
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: a direct message for every session of `user` on this node.
+    pub fn deliver_user(&self, user: &str, from: Option<&str>, data: &Payload) {
+        let frame = MessageFrame {
+            kind: DIRECT,
+            room: None,
+            from,
+            seq: None,
+            volatile: false,
+        }
+        .encode(data);
+        if let Some(sessions) = self.users.get(user) {
+            for s in sessions.iter() {
+                s.send(frame.clone());
+            }
+        }
+    }
+
+    fn encode(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) -> Outbound {
+        MessageFrame {
+            kind: MESSAGE,
+            room: Some(room),
+            from: message.from.as_deref(),
+            seq: message.seq,
+            volatile,
+        }
+        .encode(&message.data)
+    }
+
+    /// Publishes as [`publish`](Self::publish) does on a single node, or through the
+    /// cluster, which orders and delivers it; `done` gets the sequence number or why the
+    /// cluster could not take it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish_then(
+        &self,
+        room: &RoomName,
+        from: Option<&Arc<str>>,
+        data: &Payload,
+        volatile: bool,
+        exclude: Option<SessionId>,
+        now: Instant,
+        done: Completion<Result<Option<u64>, ClusterUnavailable>>,
+    ) {
+        match self.backplane.cluster() {
+            Some(cluster) => cluster.publish(
+                ClusterPublish {
+                    room: room.clone(),
+                    from: from.cloned(),
+                    data: data.clone(),
+                    volatile,
+                    origin: exclude,
+                },
+                done,
+            ),
+            None => done(Ok(self.publish(
+                room,
+                from.map(|f| &**f),
+                data,
+                volatile,
+                exclude,
+                now,
+            ))),
+        }
+    }
+
+    /// Sends as [`send_to_user`](Self::send_to_user) does on a single node, or through the
+    /// cluster to the user's sessions on every node.
+    pub fn send_to_user_then(
+        &self,
+        user: &str,
+        from: Option<&Arc<str>>,
+        data: &Payload,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    ) {
+        match self.backplane.cluster() {
+            Some(cluster) => cluster.send_user(user, from.cloned(), data.clone(), done),
+            None => done(Ok(self.send_to_user(user, from.map(|f| &**f), data))),
+        }
     }
 
     /// Removes the session from `room`; returns whether it was a member. Emits a presence
@@ -284,11 +492,13 @@ impl Hub {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
             return false;
         };
+        let cluster = self.backplane.cluster();
         let now_empty = {
             let mut state = room_ref.lock();
             if state.members.swap_remove(&handle.id()).is_none() {
                 return false;
             }
+            state.pending.remove(&handle.id());
             let user = handle.user().cloned().unwrap_or_else(|| "".into());
             let last = match state.users.get_mut(&user) {
                 Some(count) if *count > 1 => {
@@ -306,14 +516,19 @@ impl Hub {
                     member.send(frame.clone());
                 }
             }
-            state.is_empty_without_history()
+            // In cluster mode history lives in the cluster: an empty room is forgotten.
+            state.is_empty_without_history() || (cluster.is_some() && state.members.is_empty())
         };
         if now_empty {
-            self.rooms.remove_if(room, |_, r| {
+            let removed = self.rooms.remove_if(room, |_, r| {
                 let mut state = r.lock();
-                state.removed = state.is_empty_without_history();
+                state.removed = state.members.is_empty()
+                    && (cluster.is_some() || state.is_empty_without_history());
                 state.removed
             });
+            if let (Some(_), Some(cluster)) = (removed, cluster) {
+                cluster.close_room(room);
+            }
         }
         true
     }
@@ -515,14 +730,16 @@ mod tests {
         }]))
     }
 
-    fn ack_frame(outcome: &JoinOutcome) -> Outbound {
+    fn ack_frame(outcome: Result<&JoinOutcome, &ClusterUnavailable>) -> Outbound {
+        let outcome = outcome.expect("single node");
         let json =
             serde_json::json!({"type": "ack", "seq": outcome.seq, "recovered": outcome.recovered});
         Outbound::Text(Bytes::from(json.to_string()))
     }
 
     fn join(hub: &Hub, h: &SessionHandle, room: &RoomName) -> JoinOutcome {
-        hub.join(h, room, None, Instant::now(), ack_frame)
+        hub.join(h, room, None, Instant::now(), Box::new(ack_frame))
+            .expect("a single node answers at once")
     }
 
     fn publish(hub: &Hub, room: &RoomName, data: &'static str) -> Option<u64> {
@@ -691,8 +908,9 @@ mod tests {
             room,
             Some(Since { seq, epoch }),
             Instant::now(),
-            ack_frame,
+            Box::new(ack_frame),
         )
+        .expect("a single node answers at once")
     }
 
     #[test]

@@ -18,6 +18,7 @@ use axum::{
 };
 use gateway_core::{
     auth::Identity,
+    backplane::ClusterUnavailable,
     connection::Now,
     protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
     tickets::TicketError,
@@ -304,10 +305,19 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let req: PublishBody<'_> = parse_body(&body)?;
     let room = room_name(&req.room)?;
     let data = data_payload(&body, req.data)?;
-    let seq = app
-        .services
-        .hub
-        .publish(&room, None, &data, false, None, Now::read().instant);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.services.hub.publish_then(
+        &room,
+        None,
+        &data,
+        false,
+        None,
+        Now::read().instant,
+        Box::new(move |seq| {
+            let _ = tx.send(seq);
+        }),
+    );
+    let seq = cluster_result(rx.await)?;
     Ok(Json(json!({ "seq": seq })))
 }
 
@@ -322,8 +332,32 @@ struct SendBody<'a> {
 async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> ApiResult {
     let req: SendBody<'_> = parse_body(&body)?;
     let data = data_payload(&body, req.data)?;
-    let delivered = app.services.hub.send_to_user(&req.user, None, &data);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.services.hub.send_to_user_then(
+        &req.user,
+        None,
+        &data,
+        Box::new(move |delivered| {
+            let _ = tx.send(delivered);
+        }),
+    );
+    let delivered = cluster_result(rx.await)?;
     Ok(Json(json!({ "delivered": delivered })))
+}
+
+/// The outcome of a cluster operation as an API result (`internal` when the cluster is
+/// unavailable or dropped the operation).
+fn cluster_result<T>(
+    outcome: Result<Result<T, ClusterUnavailable>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<T, ApiError> {
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(ApiError::new(ErrorCode::Internal, e.to_string())),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Internal,
+            "the operation was dropped",
+        )),
+    }
 }
 
 /// `GET /api/rooms/ROOM`: the members of a room.
