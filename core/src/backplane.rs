@@ -118,6 +118,12 @@ pub trait Backplane: Send + Sync + 'static {
     fn cluster(&self) -> Option<&dyn Cluster> {
         None
     }
+
+    /// Why the backplane cannot reach the rest of the cluster right now, if it cannot
+    /// (`/healthz` then says `degraded`).
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The in-process backplane of a single node.

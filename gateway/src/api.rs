@@ -163,6 +163,8 @@ async fn refuse_over_limit(req: Request, next: Next) -> Response {
 async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     if app.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if let Some(problem) = app.services.hub.backplane().unavailable() {
+        (StatusCode::OK, format!("degraded: {problem}")).into_response()
     } else {
         (StatusCode::OK, "ok").into_response()
     }

@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::{
     api,
+    cluster::RedisCluster,
     config::{Config, TlsSource},
     state::AppState,
     tls, ws, wt,
@@ -74,21 +75,25 @@ impl Server {
         let tcp_addr = tcp.local_addr()?;
         let udp_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
 
-        if let Some(redis) = &config.redis {
-            tracing::warn!(%redis, "[cluster] is not implemented yet: this node runs alone with the in-process hub");
-        }
         let verifier = match &config.jwt {
             Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
             None => None,
         };
-        let hub = Hub::new(
-            HubConfig {
-                node_id: config.node_id.clone(),
-                rooms: config.rooms.clone(),
-                history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
-            },
-            Arc::new(LocalBackplane),
-        );
+        let hub_config = HubConfig {
+            node_id: config.node_id.clone(),
+            rooms: config.rooms.clone(),
+            history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
+        };
+        let hub = match &config.redis {
+            None => Hub::new(hub_config, Arc::new(LocalBackplane)),
+            Some(url) => {
+                let cluster = RedisCluster::start(url, config.rooms.clone())?;
+                let hub = Hub::new(hub_config, cluster.clone());
+                cluster.attach(&hub);
+                info!(redis = %url, "cluster mode: rooms and direct messages go through redis");
+                hub
+            }
+        };
         let limits = ConnectionLimits::new(
             config.limits.max_connections,
             config.limits.max_connections_per_ip,

@@ -1,0 +1,311 @@
+//! Cluster mode on Redis (`[cluster] redis`): the [`Cluster`] backplane that orders every
+//! room's messages cluster-wide and carries direct messages between nodes. The design is
+//! docs/cluster.md; what it covers today is the README's "Scaling out".
+//!
+//! One worker task runs the commands in the order the hub issued them (so one session's
+//! publishes keep their order), over a reconnecting [`ConnectionManager`]; one subscriber
+//! task holds the pub/sub connection, re-subscribes every channel this node needs after a
+//! reconnect, and hands what it hears to the hub.
+
+mod wire;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock, Weak,
+    },
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use gateway_core::{
+    backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
+    hub::Hub,
+    policy::RoomPolicies,
+    protocol::{Payload, RoomName},
+    session::Outbound,
+};
+use redis::aio::{ConnectionManager, PubSubSink};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use wire::Channel;
+
+/// Longest wait between two attempts to reach Redis again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why the cluster could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The URL is not a Redis URL.
+    #[error("cluster.redis: {0}")]
+    Url(#[source] redis::RedisError),
+}
+
+/// A command for the worker, run in the order the hub issued it.
+enum Command {
+    Publish(
+        ClusterPublish,
+        Completion<Result<Option<u64>, ClusterUnavailable>>,
+    ),
+    OpenRoom(
+        RoomName,
+        Option<(u64, String)>,
+        Completion<Result<RoomView, ClusterUnavailable>>,
+    ),
+    CloseRoom(RoomName),
+    SendUser(
+        String,
+        Option<Arc<str>>,
+        Payload,
+        Completion<Result<bool, ClusterUnavailable>>,
+    ),
+    OpenUser(String),
+    CloseUser(String),
+}
+
+/// State the worker and the subscriber share.
+struct Shared {
+    /// Channels this node needs (rooms with local members, users with local sessions).
+    wanted: Mutex<HashSet<String>>,
+    /// The pub/sub connection's subscribing half, while it is up.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    /// Whether the pub/sub connection is up.
+    subscribed: AtomicBool,
+    hub: OnceLock<Weak<Hub>>,
+    policies: RoomPolicies,
+}
+
+/// The Redis backplane.
+pub struct RedisCluster {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCluster").finish_non_exhaustive()
+    }
+}
+
+impl RedisCluster {
+    /// Starts the worker and subscriber tasks for the Redis at `url`. Redis need not be up
+    /// yet: until it is, operations fail with "cluster unavailable" and `/healthz` says
+    /// `degraded`.
+    pub fn start(url: &str, policies: RoomPolicies) -> Result<Arc<Self>, ClusterError> {
+        let client = redis::Client::open(url).map_err(ClusterError::Url)?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            wanted: Mutex::new(HashSet::new()),
+            sink: tokio::sync::Mutex::new(None),
+            subscribed: AtomicBool::new(false),
+            hub: OnceLock::new(),
+            policies,
+        });
+        tokio::spawn(work(client.clone(), rx, shared.clone()));
+        tokio::spawn(subscribe(client, shared.clone()));
+        Ok(Arc::new(Self { commands, shared }))
+    }
+
+    /// Connects the hub the subscriber delivers to.
+    pub fn attach(&self, hub: &Arc<Hub>) {
+        let _ = self.shared.hub.set(Arc::downgrade(hub));
+    }
+
+    fn run(&self, command: Command) {
+        // The worker lives as long as the process; a send can only fail during shutdown.
+        let _ = self.commands.send(command);
+    }
+}
+
+impl Backplane for RedisCluster {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn room_published(&self, _room: &RoomName, _frame: &Outbound) {}
+
+    fn user_sent(&self, _user: &str, _frame: &Outbound) -> bool {
+        false
+    }
+
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        (!self.shared.subscribed.load(Ordering::Acquire))
+            .then(|| "cluster backplane (redis) unreachable".to_owned())
+    }
+}
+
+impl Cluster for RedisCluster {
+    fn publish(
+        &self,
+        message: ClusterPublish,
+        done: Completion<Result<Option<u64>, ClusterUnavailable>>,
+    ) {
+        self.run(Command::Publish(message, done));
+    }
+
+    fn open_room(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, String)>,
+        done: Completion<Result<RoomView, ClusterUnavailable>>,
+    ) {
+        self.run(Command::OpenRoom(room.clone(), since, done));
+    }
+
+    fn close_room(&self, room: &RoomName) {
+        self.run(Command::CloseRoom(room.clone()));
+    }
+
+    fn send_user(
+        &self,
+        user: &str,
+        from: Option<Arc<str>>,
+        data: Payload,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    ) {
+        self.run(Command::SendUser(user.to_owned(), from, data, done));
+    }
+
+    fn open_user(&self, user: &str) {
+        self.run(Command::OpenUser(user.to_owned()));
+    }
+
+    fn close_user(&self, user: &str) {
+        self.run(Command::CloseUser(user.to_owned()));
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
+    ClusterUnavailable(e.to_string())
+}
+
+/// Runs the hub's commands one after the other.
+async fn work(
+    client: redis::Client,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+) {
+    let mut conn: Option<ConnectionManager> = None;
+    let scripts = wire::Scripts::new();
+    while let Some(command) = rx.recv().await {
+        if conn.is_none() {
+            conn = client.get_connection_manager().await.ok();
+        }
+        match command {
+            Command::Publish(message, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => scripts.publish(c, &message, &shared.policies).await,
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+            Command::OpenRoom(room, since, done) => {
+                let channel = Channel::Room(room.clone()).name();
+                let result = match conn.as_mut() {
+                    Some(c) => match listen(&shared, channel).await {
+                        Ok(()) => scripts.view(c, &room, since, &shared.policies).await,
+                        Err(e) => Err(e),
+                    },
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+            Command::CloseRoom(room) => stop_listening(&shared, Channel::Room(room).name()).await,
+            Command::SendUser(user, from, data, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => scripts.send_user(c, &user, from.as_deref(), &data).await,
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+            Command::OpenUser(user) => {
+                if let Err(e) = listen(&shared, Channel::User(user).name()).await {
+                    warn!(error = %e, "subscribing to a user channel failed; it is retried on reconnect");
+                }
+            }
+            Command::CloseUser(user) => stop_listening(&shared, Channel::User(user).name()).await,
+        }
+    }
+}
+
+/// Adds `channel` to what this node needs and subscribes to it (confirmed by Redis).
+async fn listen(shared: &Shared, channel: String) -> Result<(), ClusterUnavailable> {
+    shared
+        .wanted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(channel.clone());
+    let mut sink = shared.sink.lock().await;
+    match sink.as_mut() {
+        Some(s) => s.subscribe(&channel).await.map_err(unavailable),
+        None => Err(unavailable("the redis subscription is down")),
+    }
+}
+
+async fn stop_listening(shared: &Shared, channel: String) {
+    shared
+        .wanted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&channel);
+    if let Some(s) = shared.sink.lock().await.as_mut() {
+        let _ = s.unsubscribe(&channel).await;
+    }
+}
+
+/// Holds the pub/sub connection: (re)connects with capped backoff, re-subscribes every
+/// wanted channel, and hands each message to the hub.
+async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "redis subscription: connecting failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let wanted: Vec<String> = shared
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let mut ok = true;
+        for channel in &wanted {
+            ok &= sink.subscribe(channel).await.is_ok();
+        }
+        if !ok {
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        *shared.sink.lock().await = Some(sink);
+        shared.subscribed.store(true, Ordering::Release);
+        backoff = Duration::from_millis(100);
+        info!(channels = wanted.len(), "redis subscription up");
+        while let Some(message) = stream.next().await {
+            let Some(hub) = shared.hub.get().and_then(Weak::upgrade) else {
+                continue;
+            };
+            wire::deliver(
+                &hub,
+                message.get_channel_name(),
+                message.get_payload_bytes(),
+            );
+        }
+        shared.subscribed.store(false, Ordering::Release);
+        *shared.sink.lock().await = None;
+        warn!("redis subscription lost; reconnecting");
+        tokio::time::sleep(backoff).await;
+    }
+}

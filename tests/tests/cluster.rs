@@ -1,0 +1,216 @@
+//! Cluster mode on a real `redis-server`: rooms across nodes and transports in one order,
+//! recovery on another node, direct messages across nodes, and a Redis outage (errors
+//! during, delivery after, no restart of any gateway). The nodes are real gateways on
+//! their own listeners, started in this process.
+
+use std::time::Duration;
+
+use gateway_tests::*;
+use serde_json::{json, Value};
+
+fn node_config(redis: &RedisServer) -> String {
+    format!(
+        "[api]\nkey = \"k\"\n[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n",
+        redis.url()
+    )
+}
+
+/// Reads messages until one of `room` arrives (presence events are skipped).
+async fn next_message(c: &mut WsClient) -> Value {
+    loop {
+        let m = c.recv().await;
+        if m["type"] == "message" {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_nodes_and_transports_in_one_order() {
+    within(60, async {
+        let redis = RedisServer::start().await;
+        let a = TestGateway::start(&node_config(&redis)).await;
+        let b = TestGateway::start(&node_config(&redis)).await;
+        let (mut on_a, _) = a.ws_welcomed("/chat").await;
+        let (mut on_b, _) = b.ws_welcomed("/chat").await;
+        let (mut wt_on_b, _) = b.wt_welcomed("/chat").await;
+        on_a.join("c-room").await;
+        on_b.join("c-room").await;
+        wt_on_b.join("c-room").await;
+        // Publishers on both nodes, interleaved.
+        let (mut pub_a, _) = a.ws_welcomed("/chat").await;
+        let (mut pub_b, _) = b.ws_welcomed("/chat").await;
+        let mut acked = Vec::new();
+        for i in 0..10 {
+            let publisher = if i % 2 == 0 { &mut pub_a } else { &mut pub_b };
+            let ack = publisher
+                .request(json!({"type":"publish","room":"c-room","data":i,"id":i}))
+                .await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            acked.push(ack["seq"].as_u64().unwrap());
+        }
+        assert_eq!(
+            acked,
+            (1..=10).collect::<Vec<u64>>(),
+            "one cluster-wide sequence"
+        );
+        for expected in 1..=10u64 {
+            let m = next_message(&mut on_a).await;
+            assert_eq!(
+                (m["seq"].as_u64(), m["data"].as_u64()),
+                (Some(expected), Some(expected - 1))
+            );
+            assert_eq!(
+                next_message(&mut on_b).await["seq"].as_u64(),
+                Some(expected)
+            );
+            let mut w = wt_on_b.recv().await;
+            while w["type"] != "message" {
+                w = wt_on_b.recv().await;
+            }
+            assert_eq!(w["seq"].as_u64(), Some(expected));
+        }
+        // The HTTP API of one node publishes to members on every node.
+        let (status, body) = b
+            .https(
+                "POST",
+                "/api/publish",
+                &[("Authorization", "Bearer k")],
+                r#"{"room":"c-room","data":"api"}"#,
+            )
+            .await;
+        assert_eq!((status, body.as_str()), (200, r#"{"seq":11}"#));
+        assert_eq!(next_message(&mut on_a).await["data"], "api");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_another_node_and_direct_messages_cross_nodes() {
+    within(60, async {
+        let redis = RedisServer::start().await;
+        let a = TestGateway::start(&node_config(&redis)).await;
+        let b = TestGateway::start(&node_config(&redis)).await;
+        let (mut client, _) = a.ws_welcomed("/chat").await;
+        let ack = client.join("c-recover").await;
+        let epoch = ack["epoch"].clone();
+        drop(client);
+        let (mut publisher, _) = b.ws_welcomed("/chat").await;
+        for i in 1..=5 {
+            let ack = publisher
+                .request(json!({"type":"publish","room":"c-recover","data":i,"id":i}))
+                .await;
+            assert_eq!(ack["seq"], i, "{ack}");
+        }
+        // Back on the other node, with what it saw.
+        let (mut client, _) = b.ws_welcomed("/chat").await;
+        let ack = client
+            .request(json!({"type":"join","room":"c-recover","id":9,"since":0,"epoch":epoch}))
+            .await;
+        assert_eq!(
+            (ack["recovered"].as_bool(), ack["seq"].as_u64()),
+            (Some(true), Some(5)),
+            "{ack}"
+        );
+        for i in 1..=5u64 {
+            assert_eq!(next_message(&mut client).await["seq"].as_u64(), Some(i));
+        }
+        let ack = client
+            .request(json!({"type":"leave","room":"c-recover","id":10}))
+            .await;
+        assert_eq!(ack["type"], "ack");
+        let ack = client
+            .request(json!({"type":"join","room":"c-recover","id":11,"since":2,"epoch":"another"}))
+            .await;
+        assert_eq!(ack["recovered"], false, "{ack}");
+
+        // Direct messages: a user on node B, a sender on node A.
+        let (mut receiver, welcome) = b.ws_welcomed("/chat").await;
+        let user = welcome["user"].as_str().unwrap().to_owned();
+        let (mut sender, _) = a.ws_welcomed("/chat").await;
+        let ack = sender
+            .request(json!({"type":"send","to":user,"data":"hi","id":1}))
+            .await;
+        assert_eq!(ack["delivered"], true, "{ack}");
+        let direct = receiver.recv().await;
+        assert_eq!(
+            (direct["type"].as_str(), direct["data"].as_str()),
+            (Some("direct"), Some("hi"))
+        );
+        let ack = sender
+            .request(json!({"type":"send","to":"nobody","data":"x","id":2}))
+            .await;
+        assert_eq!(ack["delivered"], false, "{ack}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
+    within(90, async {
+        let mut redis = RedisServer::start().await;
+        let a = TestGateway::start(&node_config(&redis)).await;
+        let b = TestGateway::start(&node_config(&redis)).await;
+        let (mut member, _) = b.ws_welcomed("/chat").await;
+        member.join("c-outage").await;
+        let (mut publisher, _) = a.ws_welcomed("/chat").await;
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-outage","data":1,"id":1}))
+            .await;
+        assert_eq!(ack["seq"], 1);
+        assert_eq!(next_message(&mut member).await["data"], 1);
+
+        redis.stop();
+        let reply = publisher
+            .request(json!({"type":"publish","room":"c-outage","data":2,"id":2}))
+            .await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["code"].as_str()),
+            (Some("error"), Some("internal")),
+            "{reply}"
+        );
+        assert!(
+            reply["message"]
+                .as_str()
+                .unwrap()
+                .contains("cluster unavailable"),
+            "{reply}"
+        );
+        // Health says degraded once the subscription notices.
+        let mut degraded = false;
+        for _ in 0..50 {
+            let (status, body) = a.https("GET", "/healthz", &[], "").await;
+            if status == 200 && body.starts_with("degraded") {
+                degraded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(degraded, "/healthz must say degraded while redis is down");
+        // The sessions stay open.
+        assert_eq!(
+            member.request(json!({"type":"ping","id":5})).await["type"],
+            "pong"
+        );
+
+        redis.restart().await;
+        // Delivery resumes: the nodes reconnect and re-subscribe by themselves.
+        let mut resumed = false;
+        for i in 0..100 {
+            let reply = publisher
+                .request(json!({"type":"publish","room":"c-outage","data":"back","id":100 + i}))
+                .await;
+            if reply["type"] == "ack" {
+                resumed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(resumed, "publishing must work again after redis is back");
+        let m = next_message(&mut member).await;
+        assert_eq!(m["data"], "back", "{m}");
+        let (status, body) = a.https("GET", "/healthz", &[], "").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    })
+    .await;
+}
