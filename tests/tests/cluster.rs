@@ -86,6 +86,46 @@ async fn a_room_spans_nodes_and_transports_in_one_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor_doubled() {
+    within(120, async {
+        let redis = RedisServer::start().await;
+        let a = TestGateway::start(&node_config(&redis)).await;
+        let b = TestGateway::start(&node_config(&redis)).await;
+        let (mut first, _) = b.ws_welcomed("/chat").await;
+        let epoch = first.join("c-race").await["epoch"].clone();
+        drop(first);
+        // A publisher on node A that never stops.
+        let (mut publisher, _) = a.ws_welcomed("/chat").await;
+        let publishing = tokio::spawn(async move {
+            for i in 0u64.. {
+                publisher.send(json!({"type":"publish","room":"c-race","data":i})).await;
+                assert_eq!(publisher.recv().await["type"], "ack");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let mut last = 0u64;
+        for round in 0..20 {
+            // Alternate nodes: recovery reads the stream, live frames come from the channel.
+            let node = if round % 2 == 0 { &b } else { &a };
+            let (mut client, _) = node.ws_welcomed("/chat").await;
+            let ack = client
+                .request(json!({"type":"join","room":"c-race","id":99,"since":last,"epoch":epoch}))
+                .await;
+            assert_eq!(ack["recovered"], true, "round {round}: {ack}");
+            let target = ack["seq"].as_u64().unwrap() + 3;
+            while last < target {
+                let m = next_message(&mut client).await;
+                assert_eq!(m["seq"].as_u64(), Some(last + 1), "round {round}: gap or duplicate");
+                last += 1;
+            }
+        }
+        assert!(!publishing.is_finished(), "the publisher kept going");
+        publishing.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_recovers_on_another_node_and_direct_messages_cross_nodes() {
     within(60, async {
         let redis = RedisServer::start().await;
