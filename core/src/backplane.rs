@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use crate::{
-    protocol::{Payload, RoomName},
+    protocol::{MemberInfo, Payload, RoomName},
     session::{Outbound, SessionId},
 };
 
@@ -59,6 +59,8 @@ pub struct RoomView {
     pub epoch: Arc<str>,
     /// With a recovery request: the messages after `since` when every one is still held.
     pub missed: Option<Vec<ClusterMessage>>,
+    /// Sessions in the room on every node.
+    pub members: usize,
 }
 
 /// A cluster backplane: the authority on room order and history, and the way to the users
@@ -84,6 +86,20 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// This node has no member left in `room`: stop hearing it.
     fn close_room(&self, room: &RoomName);
+
+    /// A session entered `room`: it is listed cluster-wide, and when it is its user's first
+    /// session there (cluster-wide) and `events` is on, a presence `join` goes to the room.
+    fn enter(&self, room: &RoomName, member: MemberInfo, events: bool);
+
+    /// A session left `room` (the mirror of [`enter`](Self::enter)).
+    fn exit(&self, room: &RoomName, member: MemberInfo, events: bool);
+
+    /// The members of `room` on every node.
+    fn members(
+        &self,
+        room: &RoomName,
+        done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    );
 
     /// Delivers a direct message to every session of `user` on every node; `done` says
     /// whether any node has one.

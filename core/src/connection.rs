@@ -363,23 +363,31 @@ impl Connection {
                 if !self.may_join(&room) {
                     return self.reply_error(id.as_ref(), ErrorCode::Forbidden, "room not allowed");
                 }
-                let members = self
-                    .services
-                    .hub
-                    .members(&room)
-                    .into_iter()
-                    .map(|mut m| {
-                        m.node = None;
-                        m
-                    })
-                    .collect();
-                self.ack(
-                    id.as_ref(),
-                    &AckFields {
-                        room: Some(room.to_string()),
-                        members: Some(AckMembers::List(members)),
-                        ..Default::default()
-                    },
+                let handle = self.handle.clone();
+                let room_text = room.to_string();
+                self.services.hub.members_then(
+                    &room,
+                    Box::new(move |members| {
+                        handle.send(match members {
+                            Ok(members) => ack_frame(
+                                id.as_ref(),
+                                &AckFields {
+                                    room: Some(room_text),
+                                    members: Some(AckMembers::List(
+                                        members
+                                            .into_iter()
+                                            .map(|mut m| {
+                                                m.node = None;
+                                                m
+                                            })
+                                            .collect(),
+                                    )),
+                                    ..Default::default()
+                                },
+                            ),
+                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                        });
+                    }),
                 );
             }
             Request::Ping { id } => {

@@ -269,7 +269,10 @@ impl Hub {
         if added {
             let count = state.users.entry(user.clone()).or_insert(0);
             *count += 1;
-            if *count == 1 && state.presence_events {
+            if let Some(cluster) = cluster {
+                // Presence is cluster-wide: the cluster lists the member and announces it.
+                cluster.enter(room, self.member_info(handle), state.presence_events);
+            } else if *count == 1 && state.presence_events {
                 let frame = presence_frame(room, "join", &user);
                 for member in state.members.values() {
                     if member.user() != Some(&user) {
@@ -357,7 +360,7 @@ impl Hub {
                 let outcome = JoinOutcome {
                     seq: view.seq,
                     epoch: view.epoch,
-                    members: state.members.len(),
+                    members: view.members.max(state.members.len()),
                     recovered: wants_recovery.then_some(view.missed.is_some()),
                 };
                 handle.send(reply(Ok(&outcome)));
@@ -404,6 +407,51 @@ impl Hub {
                     member.send(frame.clone());
                 }
             }
+        }
+    }
+
+    /// Cluster mode: a presence event the cluster announced, for this node's members of
+    /// `room` other than the sessions of the user it is about.
+    pub fn deliver_presence(&self, room: &RoomName, event: &str, user: &str) {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return;
+        };
+        let frame = presence_frame(room, event, user);
+        let mut state = room_ref.lock();
+        let RoomState {
+            members, pending, ..
+        } = &mut *state;
+        for (id, member) in members.iter() {
+            if member.user().map(|u| &**u) == Some(user) {
+                continue;
+            }
+            match pending.get_mut(id) {
+                Some(held) => held.push((None, frame.clone())),
+                None => {
+                    member.send(frame.clone());
+                }
+            }
+        }
+    }
+
+    /// The members of `room` on this node or, in cluster mode, on every node.
+    pub fn members_then(
+        &self,
+        room: &RoomName,
+        done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    ) {
+        match self.backplane.cluster() {
+            Some(cluster) => cluster.members(room, done),
+            None => done(Ok(self.members(room))),
+        }
+    }
+
+    fn member_info(&self, s: &SessionHandle) -> MemberInfo {
+        MemberInfo {
+            user: s.user().map(|u| u.to_string()).unwrap_or_default(),
+            session: s.id_str().to_owned(),
+            transport: s.transport().as_str().to_owned(),
+            node: Some(self.node.to_string()),
         }
     }
 
@@ -510,7 +558,9 @@ impl Hub {
                     true
                 }
             };
-            if last && state.presence_events {
+            if let Some(cluster) = cluster {
+                cluster.exit(room, self.member_info(handle), state.presence_events);
+            } else if last && state.presence_events {
                 let frame = presence_frame(room, "leave", &user);
                 for member in state.members.values() {
                     member.send(frame.clone());
@@ -650,12 +700,7 @@ impl Hub {
         state
             .members
             .values()
-            .map(|s| MemberInfo {
-                user: s.user().map(|u| u.to_string()).unwrap_or_default(),
-                session: s.id_str().to_owned(),
-                transport: s.transport().as_str().to_owned(),
-                node: Some(self.node.to_string()),
-            })
+            .map(|s| self.member_info(s))
             .collect()
     }
 

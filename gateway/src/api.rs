@@ -364,7 +364,14 @@ fn cluster_result<T>(
 
 /// `GET /api/rooms/ROOM`: the members of a room.
 async fn api_room(State(app): State<Arc<AppState>>, Path(room): Path<String>) -> ApiResult {
-    let members = app.services.hub.members(&room_name(&room)?);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.services.hub.members_then(
+        &room_name(&room)?,
+        Box::new(move |members| {
+            let _ = tx.send(members);
+        }),
+    );
+    let members = cluster_result(rx.await)?;
     Ok(Json(json!({ "room": room, "members": members })))
 }
 

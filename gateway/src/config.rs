@@ -18,6 +18,9 @@ use serde::Deserialize;
 /// Default listen address (dev mode and files without `listen`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 
+/// `[cluster] heartbeat_secs` when absent.
+pub const DEFAULT_CLUSTER_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// Most messages one room may keep (`[[room]] history`).
 const MAX_HISTORY: usize = 100_000;
 
@@ -112,6 +115,7 @@ struct LimitsSection {
 #[serde(deny_unknown_fields)]
 struct ClusterSection {
     redis: Option<String>,
+    heartbeat_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +193,9 @@ pub struct Config {
     pub limits: Limits,
     /// Redis URL for clustering.
     pub redis: Option<String>,
+    /// How often this node refreshes its liveness in Redis; a dead node's presence goes
+    /// within three of these.
+    pub cluster_heartbeat: Duration,
     /// Endpoints by path.
     pub endpoints: Vec<Arc<EndpointPolicy>>,
     /// Room policies.
@@ -213,6 +220,7 @@ impl Config {
             api_key: None,
             limits: Limits::default(),
             redis: None,
+            cluster_heartbeat: DEFAULT_CLUSTER_HEARTBEAT,
             endpoints: vec![Arc::new(chat)],
             rooms: RoomPolicies::default(),
             dev_mode: true,
@@ -464,6 +472,11 @@ impl Config {
             });
         }
 
+        let cluster_heartbeat = match file.cluster.as_ref().and_then(|c| c.heartbeat_secs) {
+            Some(0) => return Err(invalid("cluster.heartbeat_secs", "must be positive")),
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_CLUSTER_HEARTBEAT,
+        };
         Ok(Self {
             listen,
             node_id: file.node_id.unwrap_or_else(random_node_id),
@@ -473,6 +486,7 @@ impl Config {
             ticket_ttl,
             api_key: file.api.and_then(|a| a.key),
             limits,
+            cluster_heartbeat,
             redis: file.cluster.and_then(|c| c.redis),
             endpoints,
             rooms: RoomPolicies(rooms),

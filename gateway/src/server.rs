@@ -87,7 +87,12 @@ impl Server {
         let hub = match &config.redis {
             None => Hub::new(hub_config, Arc::new(LocalBackplane)),
             Some(url) => {
-                let cluster = RedisCluster::start(url, config.rooms.clone())?;
+                let cluster = RedisCluster::start(
+                    url,
+                    config.rooms.clone(),
+                    &config.node_id,
+                    config.cluster_heartbeat,
+                )?;
                 let hub = Hub::new(hub_config, cluster.clone());
                 cluster.attach(&hub);
                 info!(redis = %url, "cluster mode: rooms and direct messages go through redis");

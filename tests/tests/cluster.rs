@@ -9,8 +9,13 @@ use gateway_tests::*;
 use serde_json::{json, Value};
 
 fn node_config(redis: &RedisServer) -> String {
+    node_config_beating(redis, 10)
+}
+
+/// A node's configuration with a cluster heartbeat of `heartbeat_secs`.
+fn node_config_beating(redis: &RedisServer, heartbeat_secs: u64) -> String {
     format!(
-        "[api]\nkey = \"k\"\n[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n",
+        "[api]\nkey = \"k\"\n[cluster]\nredis = \"{}\"\nheartbeat_secs = {heartbeat_secs}\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n",
         redis.url()
     )
 }
@@ -98,7 +103,9 @@ async fn publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor
         let (mut publisher, _) = a.ws_welcomed("/chat").await;
         let publishing = tokio::spawn(async move {
             for i in 0u64.. {
-                publisher.send(json!({"type":"publish","room":"c-race","data":i})).await;
+                publisher
+                    .send(json!({"type":"publish","room":"c-race","data":i}))
+                    .await;
                 assert_eq!(publisher.recv().await["type"], "ack");
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -115,7 +122,11 @@ async fn publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor
             let target = ack["seq"].as_u64().unwrap() + 3;
             while last < target {
                 let m = next_message(&mut client).await;
-                assert_eq!(m["seq"].as_u64(), Some(last + 1), "round {round}: gap or duplicate");
+                assert_eq!(
+                    m["seq"].as_u64(),
+                    Some(last + 1),
+                    "round {round}: gap or duplicate"
+                );
                 last += 1;
             }
         }
@@ -251,6 +262,97 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
         assert_eq!(m["data"], "back", "{m}");
         let (status, body) = a.https("GET", "/healthz", &[], "").await;
         assert_eq!((status, body.as_str()), (200, "ok"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave() {
+    within(90, async {
+        let redis = RedisServer::start().await;
+        let config = node_config_beating(&redis, 1);
+        let a = TestGateway::start(&config).await;
+        let b = TestGateway::start(&config).await;
+        let (mut watcher, watcher_welcome) = a.ws_welcomed("/chat").await;
+        watcher.join("c-presence").await;
+        // A user with a tab on node B: one `join` for the user, listed on every node.
+        let (mut tab, welcome) = b.ws_welcomed("/chat").await;
+        let user = welcome["user"].as_str().unwrap().to_owned();
+        let ack = tab.join("c-presence").await;
+        assert_eq!(ack["members"], 2, "{ack}");
+        let event = watcher.recv().await;
+        assert_eq!(
+            event,
+            json!({"type":"presence","room":"c-presence","event":"join","user":user})
+        );
+        let listed = watcher
+            .request(json!({"type":"presence","room":"c-presence","id":3}))
+            .await;
+        let mut users: Vec<String> = listed["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["user"].as_str().unwrap().to_owned())
+            .collect();
+        users.sort();
+        let mut expected = vec![
+            user.clone(),
+            watcher_welcome["user"].as_str().unwrap().to_owned(),
+        ];
+        expected.sort();
+        assert_eq!(users, expected, "{listed}");
+        let (status, body) = a
+            .https(
+                "GET",
+                "/api/rooms/c-presence",
+                &[("Authorization", "Bearer k")],
+                "",
+            )
+            .await;
+        assert_eq!(status, 200);
+        let nodes: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(nodes["members"].as_array().unwrap().len(), 2, "{body}");
+        drop(tab);
+        let event = watcher.recv().await;
+        assert_eq!(
+            event,
+            json!({"type":"presence","room":"c-presence","event":"leave","user":user})
+        );
+
+        // A node killed without a goodbye: its members leave within 3 heartbeats.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node-c.toml");
+        std::fs::write(
+            &file,
+            format!("listen = \"127.0.0.1:0\"\nnode_id = \"node-c\"\n{config}"),
+        )
+        .unwrap();
+        let mut c = RunningGateway::start(&file, dir.path()).await;
+        let mut doomed = WsClient::connect(c.addr, &c.cert, "/chat", &[])
+            .await
+            .unwrap();
+        let doomed_user = doomed.recv().await["user"].as_str().unwrap().to_owned();
+        doomed.join("c-presence").await;
+        let event = watcher.recv().await;
+        assert_eq!(event["event"], "join");
+        c.stop(); // SIGKILL
+        let started = std::time::Instant::now();
+        let event = tokio::time::timeout(Duration::from_secs(8), watcher.recv())
+            .await
+            .expect("the dead node's member leaves");
+        assert_eq!(
+            event,
+            json!({"type":"presence","room":"c-presence","event":"leave","user":doomed_user})
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let listed = watcher
+            .request(json!({"type":"presence","room":"c-presence","id":4}))
+            .await;
+        assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
     })
     .await;
 }

@@ -23,7 +23,7 @@ use gateway_core::{
     backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
     hub::Hub,
     policy::RoomPolicies,
-    protocol::{Payload, RoomName},
+    protocol::{MemberInfo, Payload, RoomName},
     session::Outbound,
 };
 use redis::aio::{ConnectionManager, PubSubSink};
@@ -63,6 +63,12 @@ enum Command {
     ),
     OpenUser(String),
     CloseUser(String),
+    Enter(RoomName, MemberInfo, bool),
+    Exit(RoomName, MemberInfo, bool),
+    Members(
+        RoomName,
+        Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    ),
 }
 
 /// State the worker and the subscriber share.
@@ -75,6 +81,7 @@ struct Shared {
     subscribed: AtomicBool,
     hub: OnceLock<Weak<Hub>>,
     policies: RoomPolicies,
+    node: String,
 }
 
 /// The Redis backplane.
@@ -93,7 +100,12 @@ impl RedisCluster {
     /// Starts the worker and subscriber tasks for the Redis at `url`. Redis need not be up
     /// yet: until it is, operations fail with "cluster unavailable" and `/healthz` says
     /// `degraded`.
-    pub fn start(url: &str, policies: RoomPolicies) -> Result<Arc<Self>, ClusterError> {
+    pub fn start(
+        url: &str,
+        policies: RoomPolicies,
+        node: &str,
+        heartbeat: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
         let client = redis::Client::open(url).map_err(ClusterError::Url)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -102,9 +114,11 @@ impl RedisCluster {
             subscribed: AtomicBool::new(false),
             hub: OnceLock::new(),
             policies,
+            node: node.to_owned(),
         });
         tokio::spawn(work(client.clone(), rx, shared.clone()));
-        tokio::spawn(subscribe(client, shared.clone()));
+        tokio::spawn(subscribe(client.clone(), shared.clone()));
+        tokio::spawn(keep_alive(client, shared.clone(), heartbeat));
         Ok(Arc::new(Self { commands, shared }))
     }
 
@@ -176,6 +190,22 @@ impl Cluster for RedisCluster {
         self.run(Command::OpenUser(user.to_owned()));
     }
 
+    fn enter(&self, room: &RoomName, member: MemberInfo, events: bool) {
+        self.run(Command::Enter(room.clone(), member, events));
+    }
+
+    fn exit(&self, room: &RoomName, member: MemberInfo, events: bool) {
+        self.run(Command::Exit(room.clone(), member, events));
+    }
+
+    fn members(
+        &self,
+        room: &RoomName,
+        done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    ) {
+        self.run(Command::Members(room.clone(), done));
+    }
+
     fn close_user(&self, user: &str) {
         self.run(Command::CloseUser(user.to_owned()));
     }
@@ -191,8 +221,13 @@ async fn work(
     mut rx: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
 ) {
-    let mut conn: Option<ConnectionManager> = None;
     let scripts = wire::Scripts::new();
+    let mut conn = client.get_connection_manager().await.ok();
+    if let Some(c) = conn.as_mut() {
+        // Before any membership of this life: drop what an earlier process with this node
+        // id left behind.
+        let _ = scripts.sweep(c, &shared.node).await;
+    }
     while let Some(command) = rx.recv().await {
         if conn.is_none() {
             conn = client.get_connection_manager().await.ok();
@@ -230,6 +265,45 @@ async fn work(
                 }
             }
             Command::CloseUser(user) => stop_listening(&shared, Channel::User(user).name()).await,
+            Command::Enter(room, member, events) => {
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = scripts.enter(c, &shared.node, &room, &member, events).await {
+                        warn!(error = %e, "listing a member in redis failed");
+                    }
+                }
+            }
+            Command::Exit(room, member, events) => {
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = scripts.exit(c, &shared.node, &room, &member, events).await {
+                        warn!(error = %e, "removing a member from redis failed");
+                    }
+                }
+            }
+            Command::Members(room, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => scripts.members(c, &room).await,
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+        }
+    }
+}
+
+/// Refreshes this node's liveness every `heartbeat` and sweeps dead nodes' memberships.
+async fn keep_alive(client: redis::Client, shared: Arc<Shared>, heartbeat: Duration) {
+    let scripts = wire::Scripts::new();
+    let mut conn: Option<ConnectionManager> = None;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if conn.is_none() {
+            conn = client.get_connection_manager().await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        if let Err(e) = scripts.heartbeat(c, &shared.node, heartbeat).await {
+            warn!(error = %e, "cluster heartbeat failed");
         }
     }
 }

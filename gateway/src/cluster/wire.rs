@@ -12,7 +12,7 @@ use gateway_core::{
     backplane::{ClusterMessage, ClusterPublish, ClusterUnavailable, RoomView},
     hub::Hub,
     policy::RoomPolicies,
-    protocol::{Payload, RoomName},
+    protocol::{MemberInfo, Payload, RoomName},
     session::SessionId,
 };
 use redis::{aio::ConnectionManager, Script, Value};
@@ -50,6 +50,8 @@ pub(super) struct Keys {
     seq: String,
     epoch: String,
     stream: String,
+    members: String,
+    users: String,
 }
 
 impl Keys {
@@ -58,8 +60,34 @@ impl Keys {
             seq: format!("gw:{{room:{room}}}:seq"),
             epoch: format!("gw:{{room:{room}}}:epoch"),
             stream: format!("gw:{{room:{room}}}:stream"),
+            members: format!("gw:{{room:{room}}}:members"),
+            users: format!("gw:{{room:{room}}}:users"),
         }
     }
+}
+
+/// The set of every node's id.
+const NODES: &str = "gw:nodes";
+
+/// A node's liveness key.
+fn node_key(node: &str) -> String {
+    format!("gw:node:{node}")
+}
+
+/// The set of a node's room memberships, for the sweep after it died.
+fn node_members_key(node: &str) -> String {
+    format!("gw:node:{node}:members")
+}
+
+/// One membership as a node's set holds it: events flag, room, session, user.
+fn membership(room: &RoomName, member: &MemberInfo, events: bool) -> String {
+    format!(
+        "{}\n{}\n{}\n{}",
+        u8::from(events),
+        room.as_str(),
+        member.session,
+        member.user
+    )
 }
 
 /// The small header of a message on a channel or in a history entry.
@@ -114,6 +142,12 @@ fn split_meta(payload: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Hands a channel message to the hub; anything malformed is ignored.
 pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
     match Channel::parse(channel) {
+        Some(Channel::Room(room)) if payload.starts_with(b"P ") => {
+            let text = String::from_utf8_lossy(&payload[2..]);
+            if let Some((event @ ("join" | "leave"), user)) = text.split_once(' ') {
+                hub.deliver_presence(&room, event, user);
+            }
+        }
         Some(Channel::Room(room)) => {
             let Some(space) = payload.iter().position(|&b| b == b' ') else {
                 return;
@@ -144,7 +178,56 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
 pub(super) struct Scripts {
     publish: Script,
     view: Script,
+    enter: Script,
+    exit: Script,
+    sweep: Script,
 }
+
+/// A session enters a room: listed, counted per user, remembered by its node; the user's
+/// first session there cluster-wide is announced.
+const ENTER: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+redis.call('SADD', KEYS[3], ARGV[6])
+if n == 1 and ARGV[5] == '1' then
+  redis.call('PUBLISH', ARGV[4], 'P join ' .. ARGV[3])
+end
+return n
+"#;
+
+/// A session leaves a room; the user's last session there cluster-wide is announced.
+const EXIT: &str = r#"
+redis.call('SREM', KEYS[3], ARGV[5])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[2], -1)
+if n <= 0 then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  if ARGV[4] == '1' then redis.call('PUBLISH', ARGV[3], 'P leave ' .. ARGV[2]) end
+end
+return 1
+"#;
+
+/// Removes every membership of a node (dead, or restarting under the same id), with the
+/// `leave` events its users' last sessions call for.
+const SWEEP: &str = r#"
+local entries = redis.call('SMEMBERS', KEYS[1])
+for _, e in ipairs(entries) do
+  local events, room, session, user = string.match(e, '^(.-)\n(.-)\n(.-)\n(.*)$')
+  if room then
+    local prefix = 'gw:{room:' .. room .. '}'
+    if redis.call('HDEL', prefix .. ':members', session) == 1 then
+      local n = redis.call('HINCRBY', prefix .. ':users', user, -1)
+      if n <= 0 then
+        redis.call('HDEL', prefix .. ':users', user)
+        if events == '1' then redis.call('PUBLISH', prefix, 'P leave ' .. user) end
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return #entries
+"#;
 
 /// One atomic step per publish: the next sequence number (a new epoch when the sequence
 /// restarts), the history entry, the expiry of the room's keys, and the channel message.
@@ -178,7 +261,7 @@ return seq
 const VIEW: &str = r#"
 redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local out = {seq, redis.call('GET', KEYS[2])}
+local out = {seq, redis.call('GET', KEYS[2]), redis.call('HLEN', KEYS[4])}
 local since = tonumber(ARGV[3])
 if since >= 0 and since < seq then
   for _, e in ipairs(redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+')) do
@@ -208,7 +291,137 @@ impl Scripts {
         Self {
             publish: Script::new(PUBLISH),
             view: Script::new(VIEW),
+            enter: Script::new(ENTER),
+            exit: Script::new(EXIT),
+            sweep: Script::new(SWEEP),
         }
+    }
+
+    /// Lists a session in a room (see [`ENTER`]).
+    pub(super) async fn enter(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+        room: &RoomName,
+        member: &MemberInfo,
+        events: bool,
+    ) -> Result<(), ClusterUnavailable> {
+        let keys = Keys::room(room.as_str());
+        let info = serde_json::to_string(member).expect("plain struct");
+        let _: i64 = self
+            .enter
+            .key(&keys.members)
+            .key(&keys.users)
+            .key(node_members_key(node))
+            .arg(&member.session)
+            .arg(info)
+            .arg(&member.user)
+            .arg(Channel::Room(room.clone()).name())
+            .arg(if events { "1" } else { "0" })
+            .arg(membership(room, member, events))
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Removes a session from a room (see [`EXIT`]).
+    pub(super) async fn exit(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+        room: &RoomName,
+        member: &MemberInfo,
+        events: bool,
+    ) -> Result<(), ClusterUnavailable> {
+        let keys = Keys::room(room.as_str());
+        let _: i64 = self
+            .exit
+            .key(&keys.members)
+            .key(&keys.users)
+            .key(node_members_key(node))
+            .arg(&member.session)
+            .arg(&member.user)
+            .arg(Channel::Room(room.clone()).name())
+            .arg(if events { "1" } else { "0" })
+            .arg(membership(room, member, events))
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The members of a room on every node.
+    pub(super) async fn members(
+        &self,
+        conn: &mut ConnectionManager,
+        room: &RoomName,
+    ) -> Result<Vec<MemberInfo>, ClusterUnavailable> {
+        let infos: Vec<String> = redis::cmd("HVALS")
+            .arg(Keys::room(room.as_str()).members)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(infos
+            .iter()
+            .filter_map(|i| serde_json::from_str(i).ok())
+            .collect())
+    }
+
+    /// Refreshes this node's liveness (for three heartbeats) and sweeps the memberships
+    /// of nodes whose liveness expired.
+    pub(super) async fn heartbeat(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+        heartbeat: std::time::Duration,
+    ) -> Result<(), ClusterUnavailable> {
+        let ttl = (heartbeat.as_millis() as u64 * 3).max(1);
+        redis::pipe()
+            .cmd("SET")
+            .arg(node_key(node))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("SADD")
+            .arg(NODES)
+            .arg(node)
+            .ignore()
+            .query_async::<()>(conn)
+            .await
+            .map_err(unavailable)?;
+        let nodes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(NODES)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        for other in nodes.iter().filter(|n| n.as_str() != node) {
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(node_key(other))
+                .query_async(conn)
+                .await
+                .map_err(unavailable)?;
+            if !alive {
+                self.sweep(conn, other).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every membership of `node` (see [`SWEEP`]).
+    pub(super) async fn sweep(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+    ) -> Result<usize, ClusterUnavailable> {
+        self.sweep
+            .key(node_members_key(node))
+            .key(NODES)
+            .arg(node)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)
     }
 
     pub(super) async fn publish(
@@ -252,6 +465,7 @@ impl Scripts {
             .key(&keys.seq)
             .key(&keys.epoch)
             .key(&keys.stream)
+            .key(&keys.members)
             .arg(new_epoch())
             .arg(policy.history_ttl.as_millis().max(1) as u64)
             .arg(
@@ -300,8 +514,12 @@ fn parse_view(reply: &[Value], since: Option<(u64, String)>) -> Option<RoomView>
         _ => return None,
     };
     let epoch: Arc<str> = std::str::from_utf8(bytes_of(reply.get(1)?)?).ok()?.into();
+    let members = match reply.get(2)? {
+        Value::Int(n) => usize::try_from(*n).ok()?,
+        _ => return None,
+    };
     let mut entries = Vec::new();
-    for triple in reply[2..].chunks(3) {
+    for triple in reply[3..].chunks(3) {
         let [s, m, d] = triple else { return None };
         let s: u64 = std::str::from_utf8(bytes_of(s)?).ok()?.parse().ok()?;
         entries.push(message(bytes_of(m)?, bytes_of(d)?, Some(s))?);
@@ -313,7 +531,12 @@ fn parse_view(reply: &[Value], since: Option<(u64, String)>) -> Option<RoomView>
             .all(|(m, expected)| m.seq == Some(expected));
         (e == *epoch && consecutive && since + entries.len() as u64 == seq).then_some(entries)
     });
-    Some(RoomView { seq, epoch, missed })
+    Some(RoomView {
+        seq,
+        epoch,
+        missed,
+        members,
+    })
 }
 
 #[cfg(test)]
@@ -340,7 +563,11 @@ mod tests {
             ]
         };
         let reply = |entries: &[u64]| {
-            let mut r = vec![Value::Int(5), Value::BulkString(b"e1".to_vec())];
+            let mut r = vec![
+                Value::Int(5),
+                Value::BulkString(b"e1".to_vec()),
+                Value::Int(2),
+            ];
             for s in entries {
                 r.extend(entry(*s));
             }
