@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use crate::{
-    protocol::{MemberInfo, Payload, RoomName},
+    protocol::{CloseReason, MemberInfo, Payload, RoomName},
     session::{Outbound, SessionId},
 };
 
@@ -93,6 +93,14 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// A session left `room` (the mirror of [`enter`](Self::enter)).
     fn exit(&self, room: &RoomName, member: MemberInfo, events: bool);
+
+    /// Closes every session of `user` on every node (each node closes its own on receipt).
+    fn disconnect_user(
+        &self,
+        user: &str,
+        reason: CloseReason,
+        done: Completion<Result<(), ClusterUnavailable>>,
+    );
 
     /// The members of `room` on every node.
     fn members(

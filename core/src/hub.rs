@@ -713,6 +713,23 @@ impl Hub {
         sessions.len()
     }
 
+    /// Closes every session of `user`: on this node, or in cluster mode on every node (the
+    /// count is then this node's; the others close theirs when the request reaches them).
+    pub fn disconnect_user_then(
+        &self,
+        user: &str,
+        reason: CloseReason,
+        done: Completion<Result<usize, ClusterUnavailable>>,
+    ) {
+        match self.backplane.cluster() {
+            Some(cluster) => {
+                let local = self.users.get(user).map_or(0, |s| s.len());
+                cluster.disconnect_user(user, reason, Box::new(move |r| done(r.map(|()| local))));
+            }
+            None => done(Ok(self.disconnect_user(user, reason))),
+        }
+    }
+
     /// Offers each session the frame `last_frame` makes for it (a full queue skips it: the
     /// close must not turn into a 4008), then closes every session on this node.
     pub fn close_all(&self, last_frame: impl Fn() -> Option<Outbound>, reason: CloseReason) {

@@ -399,7 +399,15 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
         req.reason
             .unwrap_or_else(|| "disconnected by the server".into()),
     );
-    let n = app.services.hub.disconnect_user(&req.user, reason);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.services.hub.disconnect_user_then(
+        &req.user,
+        reason,
+        Box::new(move |n| {
+            let _ = tx.send(n);
+        }),
+    );
+    let n = cluster_result(rx.await)?;
     Ok(Json(json!({ "disconnected": n })))
 }
 

@@ -23,7 +23,7 @@ use gateway_core::{
     backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
     hub::Hub,
     policy::RoomPolicies,
-    protocol::{MemberInfo, Payload, RoomName},
+    protocol::{CloseReason, MemberInfo, Payload, RoomName},
     session::Outbound,
 };
 use redis::aio::{ConnectionManager, PubSubSink};
@@ -55,6 +55,11 @@ enum Command {
         Completion<Result<RoomView, ClusterUnavailable>>,
     ),
     CloseRoom(RoomName),
+    Disconnect(
+        String,
+        CloseReason,
+        Completion<Result<(), ClusterUnavailable>>,
+    ),
     SendUser(
         String,
         Option<Arc<str>>,
@@ -109,7 +114,8 @@ impl RedisCluster {
         let client = redis::Client::open(url).map_err(ClusterError::Url)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            wanted: Mutex::new(HashSet::new()),
+            // Every node hears the control channel.
+            wanted: Mutex::new(HashSet::from([Channel::Control.name()])),
             sink: tokio::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
             hub: OnceLock::new(),
@@ -206,6 +212,15 @@ impl Cluster for RedisCluster {
         self.run(Command::Members(room.clone(), done));
     }
 
+    fn disconnect_user(
+        &self,
+        user: &str,
+        reason: CloseReason,
+        done: Completion<Result<(), ClusterUnavailable>>,
+    ) {
+        self.run(Command::Disconnect(user.to_owned(), reason, done));
+    }
+
     fn close_user(&self, user: &str) {
         self.run(Command::CloseUser(user.to_owned()));
     }
@@ -278,6 +293,19 @@ async fn work(
                         warn!(error = %e, "removing a member from redis failed");
                     }
                 }
+            }
+            Command::Disconnect(user, reason, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => redis::cmd("PUBLISH")
+                        .arg(Channel::Control.name())
+                        .arg(wire::disconnect(&user, &reason))
+                        .query_async::<i64>(c)
+                        .await
+                        .map(drop)
+                        .map_err(unavailable),
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
             }
             Command::Members(room, done) => {
                 let result = match conn.as_mut() {

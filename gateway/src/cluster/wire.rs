@@ -12,7 +12,7 @@ use gateway_core::{
     backplane::{ClusterMessage, ClusterPublish, ClusterUnavailable, RoomView},
     hub::Hub,
     policy::RoomPolicies,
-    protocol::{MemberInfo, Payload, RoomName},
+    protocol::{CloseCode, CloseReason, MemberInfo, Payload, RoomName},
     session::SessionId,
 };
 use redis::{aio::ConnectionManager, Script, Value};
@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 pub(super) enum Channel {
     Room(RoomName),
     User(String),
+    /// Requests for every node (API disconnects).
+    Control,
 }
 
 impl Channel {
@@ -31,10 +33,14 @@ impl Channel {
         match self {
             Channel::Room(room) => format!("gw:{{room:{}}}", room.as_str()),
             Channel::User(user) => format!("gw:{{user:{user}}}"),
+            Channel::Control => "gw:control".to_owned(),
         }
     }
 
     fn parse(name: &str) -> Option<Self> {
+        if name == "gw:control" {
+            return Some(Channel::Control);
+        }
         let inner = name.strip_prefix("gw:{")?.strip_suffix('}')?;
         if let Some(room) = inner.strip_prefix("room:") {
             return RoomName::new(room).ok().map(Channel::Room);
@@ -170,8 +176,32 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
                 hub.deliver_user(&user, m.from.as_deref(), &m.data);
             }
         }
+        Some(Channel::Control) => {
+            if let Ok(d) = serde_json::from_slice::<Disconnect>(payload) {
+                let code = CloseCode::from_code(d.code).unwrap_or(CloseCode::PolicyViolation);
+                hub.disconnect_user(&d.user, CloseReason::new(code, d.reason));
+            }
+        }
         None => {}
     }
+}
+
+/// An API disconnect for every node.
+#[derive(Debug, Serialize, Deserialize)]
+struct Disconnect {
+    user: String,
+    code: u16,
+    reason: String,
+}
+
+/// The control-channel message that closes every session of `user`.
+pub(super) fn disconnect(user: &str, reason: &CloseReason) -> String {
+    serde_json::to_string(&Disconnect {
+        user: user.to_owned(),
+        code: reason.code.code(),
+        reason: reason.reason.clone(),
+    })
+    .expect("plain struct")
 }
 
 /// The scripts, loaded once (EVALSHA, falling back to EVAL after a Redis restart).
