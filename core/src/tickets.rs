@@ -156,7 +156,8 @@ impl TicketStore {
     }
 }
 
-fn random_ticket() -> String {
+/// A fresh ticket value: 24 random bytes, base64url.
+pub fn random_ticket() -> String {
     use base64::Engine;
     let bytes: [u8; 24] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)

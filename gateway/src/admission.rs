@@ -99,8 +99,13 @@ enum Credential {
     Token(String),
 }
 
-/// Decides whether the request may open a session.
-pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admission, Rejection> {
+/// Decides whether the request may open a session. Only a ticket in cluster mode waits
+/// (for the cluster store).
+pub async fn admit(
+    app: &AppState,
+    req: &UpgradeRequest<'_>,
+    now: Now,
+) -> Result<Admission, Rejection> {
     let policy = app
         .endpoint(req.path)
         .ok_or(Rejection::UnknownEndpoint)?
@@ -128,6 +133,23 @@ pub fn admit(app: &AppState, req: &UpgradeRequest<'_>, now: Now) -> Result<Admis
         mode => match credential(req) {
             None if mode == AuthMode::FirstMessage => Admitted::Pending,
             None => return Err(Rejection::MissingCredential),
+            Some(Credential::Ticket(ticket)) if app.cluster.is_some() => {
+                let cluster = app.cluster.as_ref().expect("checked");
+                let unavailable = |_| Rejection::ClusterUnavailable;
+                let identity = cluster
+                    .ticket(&ticket, false)
+                    .await
+                    .map_err(unavailable)?
+                    .ok_or(Rejection::InvalidCredential)?;
+                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                // Consumed only now that the request is admitted, once, on any node.
+                cluster
+                    .ticket(&ticket, true)
+                    .await
+                    .map_err(unavailable)?
+                    .ok_or(Rejection::InvalidCredential)?;
+                Admitted::Authenticated(identity, user_slot)
+            }
             Some(Credential::Ticket(ticket)) => {
                 let identity = app
                     .tickets

@@ -243,6 +243,20 @@ async fn issue_ticket(
     State(app): State<Arc<AppState>>,
     Extension(identity): Extension<Identity>,
 ) -> ApiResult {
+    if let Some(cluster) = &app.cluster {
+        let ticket = cluster
+            .issue_ticket(&identity, app.tickets.ttl())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+            .ok_or_else(|| ApiError {
+                status: Some(StatusCode::TOO_MANY_REQUESTS),
+                ..ApiError::new(ErrorCode::LimitExceeded, TicketError::UserLimit.to_string())
+            })?;
+        return Ok(Json(json!({
+            "ticket": ticket,
+            "expires_in": app.tickets.ttl().as_secs(),
+        })));
+    }
     let ticket = app
         .tickets
         .issue(identity, Now::read().instant)

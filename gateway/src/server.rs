@@ -84,6 +84,7 @@ impl Server {
             rooms: config.rooms.clone(),
             history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
         };
+        let mut cluster_handle = None;
         let hub = match &config.redis {
             None => Hub::new(hub_config, Arc::new(LocalBackplane)),
             Some(url) => {
@@ -95,6 +96,7 @@ impl Server {
                 )?;
                 let hub = Hub::new(hub_config, cluster.clone());
                 cluster.attach(&hub);
+                cluster_handle = Some(cluster.clone());
                 info!(redis = %url, "cluster mode: rooms and direct messages go through redis");
                 hub
             }
@@ -114,6 +116,7 @@ impl Server {
             services,
             udp_addr.map(|a| a.port()),
             dev_cert.as_ref().map(|d| d.sha256.clone()),
+            cluster_handle,
         );
         let router = api::router(state.clone());
         let mut tasks = JoinSet::new();

@@ -10,7 +10,7 @@ use std::{
 
 use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
 
-use crate::config::Config;
+use crate::{cluster::RedisCluster, config::Config};
 
 /// Most unredeemed tickets held at once (each is a few hundred bytes).
 const MAX_TICKETS: usize = 100_000;
@@ -28,8 +28,10 @@ pub struct AppState {
     pub h3_port: Option<u16>,
     /// SHA-256 (hex) of the development certificate, when one is served.
     pub dev_cert_sha256: Option<String>,
-    /// Outstanding one-time tickets.
+    /// Outstanding one-time tickets (single node).
     pub tickets: TicketStore,
+    /// The cluster, in cluster mode: tickets live there instead.
+    pub cluster: Option<Arc<RedisCluster>>,
     shutting_down: AtomicBool,
 }
 
@@ -40,6 +42,7 @@ impl AppState {
         services: Services,
         h3_port: Option<u16>,
         dev_cert_sha256: Option<String>,
+        cluster: Option<Arc<RedisCluster>>,
     ) -> Arc<Self> {
         let endpoints = config
             .endpoints
@@ -54,6 +57,7 @@ impl AppState {
             h3_port,
             dev_cert_sha256,
             tickets,
+            cluster,
             shutting_down: AtomicBool::new(false),
         })
     }

@@ -153,7 +153,8 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
         &app,
         &UpgradeRequest::of(&req, peer.ip(), valid_upgrade),
         now,
-    );
+    )
+    .await;
     let admission = match admission {
         Ok(a) => a,
         Err(rejection) => {

@@ -213,7 +213,8 @@ async fn serve_connection(
                     app,
                     &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
                     Now::read(),
-                );
+                )
+                .await;
                 match admission {
                     Err(rejection) => {
                         debug!(%peer, path = req.uri().path(), ?rejection, "CONNECT rejected");

@@ -356,3 +356,52 @@ async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
+    within(60, async {
+        let redis = RedisServer::start().await;
+        let config = format!(
+            "{AUTH_SECTION}[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\n",
+            redis.url()
+        );
+        let a = TestGateway::start(&config).await;
+        let b = TestGateway::start(&config).await;
+        let bearer = format!("Bearer {}", token("tess", 300, json!({})));
+        let (status, body) = a
+            .https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let ticket = serde_json::from_str::<Value>(&body).unwrap()["ticket"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (_session, welcome) = b.ws_welcomed(&format!("/chat?ticket={ticket}")).await;
+        assert_eq!(welcome["user"], "tess");
+        for node in [&a, &b] {
+            let e = node
+                .ws(&format!("/chat?ticket={ticket}"))
+                .await
+                .err()
+                .expect("used once");
+            assert_eq!(http_status(&e), Some(401));
+        }
+        // The per-user cap holds cluster-wide.
+        let mut statuses = Vec::new();
+        for i in 0..20 {
+            let node = if i % 2 == 0 { &a } else { &b };
+            statuses.push(
+                node.https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
+                    .await
+                    .0,
+            );
+        }
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            15,
+            "{statuses:?}"
+        );
+        assert!(statuses[15..].iter().all(|s| *s == 429), "{statuses:?}");
+    })
+    .await;
+}

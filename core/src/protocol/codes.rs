@@ -173,6 +173,8 @@ pub enum Rejection {
     TooManyForUser,
     /// The server is shutting down (503).
     ShuttingDown,
+    /// A ticket could not be checked because the cluster store is unreachable (503).
+    ClusterUnavailable,
 }
 
 impl Rejection {
@@ -181,7 +183,7 @@ impl Rejection {
         match self {
             Rejection::UnknownEndpoint => 404,
             Rejection::BadUpgrade => 400,
-            Rejection::ServerFull | Rejection::ShuttingDown => 503,
+            Rejection::ServerFull | Rejection::ShuttingDown | Rejection::ClusterUnavailable => 503,
             Rejection::TooManyFromIp | Rejection::TooManyForUser => 429,
             Rejection::ForbiddenOrigin => 403,
             Rejection::InvalidCredential | Rejection::MissingCredential => 401,
@@ -196,7 +198,7 @@ impl Rejection {
             Rejection::ServerFull | Rejection::TooManyFromIp | Rejection::TooManyForUser => {
                 ErrorCode::LimitExceeded
             }
-            Rejection::ShuttingDown => ErrorCode::Internal,
+            Rejection::ShuttingDown | Rejection::ClusterUnavailable => ErrorCode::Internal,
             Rejection::ForbiddenOrigin => ErrorCode::Forbidden,
             Rejection::InvalidCredential | Rejection::MissingCredential => ErrorCode::Unauthorized,
         }
@@ -214,6 +216,9 @@ impl Rejection {
             Rejection::MissingCredential => "credential required",
             Rejection::TooManyForUser => "too many connections for this user",
             Rejection::ShuttingDown => "shutting down",
+            Rejection::ClusterUnavailable => {
+                "cluster unavailable: the credential cannot be checked"
+            }
         }
     }
 }

@@ -20,11 +20,13 @@ use std::{
 
 use futures_util::StreamExt;
 use gateway_core::{
+    auth::Identity,
     backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
     hub::Hub,
     policy::RoomPolicies,
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
     session::Outbound,
+    tickets::{random_ticket, MAX_TICKETS_PER_USER},
 };
 use redis::aio::{ConnectionManager, PubSubSink};
 use tokio::sync::mpsc;
@@ -73,6 +75,15 @@ enum Command {
     Members(
         RoomName,
         Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    ),
+    IssueTicket(
+        wire::TicketRequest,
+        Completion<Result<bool, ClusterUnavailable>>,
+    ),
+    Ticket(
+        String,
+        bool,
+        Completion<Result<Option<String>, ClusterUnavailable>>,
     ),
 }
 
@@ -131,6 +142,48 @@ impl RedisCluster {
     /// Connects the hub the subscriber delivers to.
     pub fn attach(&self, hub: &Arc<Hub>) {
         let _ = self.shared.hub.set(Arc::downgrade(hub));
+    }
+
+    /// Issues a one-time ticket for `identity` valid `ttl` on every node; `Ok(None)` when
+    /// the user already holds the most unredeemed tickets allowed.
+    pub async fn issue_ticket(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Option<String>, ClusterUnavailable> {
+        let ticket = random_ticket();
+        let request = wire::TicketRequest::new(&ticket, identity, ttl, MAX_TICKETS_PER_USER);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.run(Command::IssueTicket(
+            request,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        let issued = rx
+            .await
+            .map_err(|_| unavailable("the cluster worker stopped"))??;
+        Ok(issued.then_some(ticket))
+    }
+
+    /// The identity of a ticket, consuming it (once, on any node) with `redeem`.
+    pub async fn ticket(
+        &self,
+        ticket: &str,
+        redeem: bool,
+    ) -> Result<Option<Identity>, ClusterUnavailable> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.run(Command::Ticket(
+            ticket.to_owned(),
+            redeem,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        let stored = rx
+            .await
+            .map_err(|_| unavailable("the cluster worker stopped"))??;
+        Ok(stored.as_deref().and_then(wire::identity_of))
     }
 
     fn run(&self, command: Command) {
@@ -302,6 +355,24 @@ async fn work(
                         .query_async::<i64>(c)
                         .await
                         .map(drop)
+                        .map_err(unavailable),
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+            Command::IssueTicket(request, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => scripts.issue_ticket(c, &request).await,
+                    None => Err(unavailable("no connection to redis")),
+                };
+                done(result);
+            }
+            Command::Ticket(ticket, redeem, done) => {
+                let result = match conn.as_mut() {
+                    Some(c) => redis::cmd(if redeem { "GETDEL" } else { "GET" })
+                        .arg(wire::ticket_key(&ticket))
+                        .query_async::<Option<String>>(c)
+                        .await
                         .map_err(unavailable),
                     None => Err(unavailable("no connection to redis")),
                 };

@@ -9,8 +9,10 @@
 use std::sync::Arc;
 
 use gateway_core::{
+    auth::Identity,
     backplane::{ClusterMessage, ClusterPublish, ClusterUnavailable, RoomView},
     hub::Hub,
+    pattern::Pattern,
     policy::RoomPolicies,
     protocol::{CloseCode, CloseReason, MemberInfo, Payload, RoomName},
     session::SessionId,
@@ -186,6 +188,81 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
     }
 }
 
+/// A ticket's key.
+pub(super) fn ticket_key(ticket: &str) -> String {
+    format!("gw:ticket:{ticket}")
+}
+
+/// An identity as a ticket keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredIdentity {
+    user: String,
+    rooms: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    expires_at: Option<u64>,
+}
+
+fn patterns(p: &Option<Vec<Pattern>>) -> Option<Vec<String>> {
+    p.as_ref()
+        .map(|v| v.iter().map(|p| p.as_str().to_owned()).collect())
+}
+
+/// The identity a stored ticket holds.
+pub(super) fn identity_of(stored: &str) -> Option<Identity> {
+    let s: StoredIdentity = serde_json::from_str(stored).ok()?;
+    let compile = |v: Option<Vec<String>>| v.map(|v| v.iter().map(|p| Pattern::new(p)).collect());
+    Some(Identity {
+        user: s.user.into(),
+        rooms: compile(s.rooms),
+        publish: compile(s.publish),
+        expires_at: s.expires_at,
+    })
+}
+
+/// What issuing a ticket needs.
+pub(super) struct TicketRequest {
+    ticket_key: String,
+    count_key: String,
+    identity: String,
+    ttl_ms: u64,
+    max_per_user: u32,
+}
+
+impl TicketRequest {
+    pub(super) fn new(
+        ticket: &str,
+        identity: &Identity,
+        ttl: std::time::Duration,
+        max_per_user: u32,
+    ) -> Self {
+        let stored = StoredIdentity {
+            user: identity.user.to_string(),
+            rooms: patterns(&identity.rooms),
+            publish: patterns(&identity.publish),
+            expires_at: identity.expires_at,
+        };
+        Self {
+            ticket_key: ticket_key(ticket),
+            count_key: format!("gw:{{user:{}}}:tickets", identity.user),
+            identity: serde_json::to_string(&stored).expect("plain struct"),
+            ttl_ms: (ttl.as_millis() as u64).max(1),
+            max_per_user,
+        }
+    }
+}
+
+/// Issues a ticket unless its user issued the most allowed within one ticket lifetime.
+const ISSUE_TICKET: &str = r#"
+local n = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if n > tonumber(ARGV[3]) then
+  redis.call('DECR', KEYS[2])
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
 /// An API disconnect for every node.
 #[derive(Debug, Serialize, Deserialize)]
 struct Disconnect {
@@ -211,6 +288,7 @@ pub(super) struct Scripts {
     enter: Script,
     exit: Script,
     sweep: Script,
+    issue_ticket: Script,
 }
 
 /// A session enters a room: listed, counted per user, remembered by its node; the user's
@@ -324,7 +402,27 @@ impl Scripts {
             enter: Script::new(ENTER),
             exit: Script::new(EXIT),
             sweep: Script::new(SWEEP),
+            issue_ticket: Script::new(ISSUE_TICKET),
         }
+    }
+
+    /// Stores a ticket (see [`ISSUE_TICKET`]); `false` when the user is at the limit.
+    pub(super) async fn issue_ticket(
+        &self,
+        conn: &mut ConnectionManager,
+        request: &TicketRequest,
+    ) -> Result<bool, ClusterUnavailable> {
+        let issued: i64 = self
+            .issue_ticket
+            .key(&request.ticket_key)
+            .key(&request.count_key)
+            .arg(&request.identity)
+            .arg(request.ttl_ms)
+            .arg(request.max_per_user)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(issued == 1)
     }
 
     /// Lists a session in a room (see [`ENTER`]).
