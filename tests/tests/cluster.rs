@@ -36,18 +36,19 @@ async fn a_room_spans_nodes_and_transports_in_one_order() {
         let redis = RedisServer::start().await;
         let a = TestGateway::start(&node_config(&redis)).await;
         let b = TestGateway::start(&node_config(&redis)).await;
+        let c = TestGateway::start(&node_config(&redis)).await;
         let (mut on_a, _) = a.ws_welcomed("/chat").await;
         let (mut on_b, _) = b.ws_welcomed("/chat").await;
-        let (mut wt_on_b, _) = b.wt_welcomed("/chat").await;
+        let (mut wt_on_c, _) = c.wt_welcomed("/chat").await;
         on_a.join("c-room").await;
         on_b.join("c-room").await;
-        wt_on_b.join("c-room").await;
+        wt_on_c.join("c-room").await;
         // Publishers on both nodes, interleaved.
         let (mut pub_a, _) = a.ws_welcomed("/chat").await;
-        let (mut pub_b, _) = b.ws_welcomed("/chat").await;
+        let (mut pub_c, _) = c.ws_welcomed("/chat").await;
         let mut acked = Vec::new();
         for i in 0..10 {
-            let publisher = if i % 2 == 0 { &mut pub_a } else { &mut pub_b };
+            let publisher = if i % 2 == 0 { &mut pub_a } else { &mut pub_c };
             let ack = publisher
                 .request(json!({"type":"publish","room":"c-room","data":i,"id":i}))
                 .await;
@@ -69,9 +70,9 @@ async fn a_room_spans_nodes_and_transports_in_one_order() {
                 next_message(&mut on_b).await["seq"].as_u64(),
                 Some(expected)
             );
-            let mut w = wt_on_b.recv().await;
+            let mut w = wt_on_c.recv().await;
             while w["type"] != "message" {
-                w = wt_on_b.recv().await;
+                w = wt_on_c.recv().await;
             }
             assert_eq!(w["seq"].as_u64(), Some(expected));
         }
@@ -332,7 +333,7 @@ async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave() {
             .await
             .unwrap();
         let doomed_user = doomed.recv().await["user"].as_str().unwrap().to_owned();
-        doomed.join("c-presence").await;
+        let seen = doomed.join("c-presence").await;
         let event = watcher.recv().await;
         assert_eq!(event["event"], "join");
         c.stop(); // SIGKILL
@@ -353,6 +354,22 @@ async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave() {
             .request(json!({"type":"presence","room":"c-presence","id":4}))
             .await;
         assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
+        // Published while the client's node is dead; it comes back on node A with `since`.
+        for i in 1..=3 {
+            let ack = watcher
+                .request(json!({"type":"publish","room":"c-presence","data":i,"id":20 + i}))
+                .await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        let (mut back, _) = a.ws_welcomed("/chat").await;
+        let ack = back
+            .request(json!({"type":"join","room":"c-presence","id":7,"since":seen["seq"],"epoch":seen["epoch"]}))
+            .await;
+        assert_eq!(ack["recovered"], true, "{ack}");
+        let first = seen["seq"].as_u64().unwrap();
+        for expected in first + 1..=first + 3 {
+            assert_eq!(next_message(&mut back).await["seq"].as_u64(), Some(expected));
+        }
     })
     .await;
 }

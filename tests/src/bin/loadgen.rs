@@ -32,6 +32,10 @@ struct Cli {
     /// Server address (TCP and UDP).
     #[arg(long, default_value = "127.0.0.1:4433")]
     addr: SocketAddr,
+    /// A second node of the same cluster: every other subscriber connects there, while
+    /// publishers stay on `--addr` (cross-node fan-out).
+    #[arg(long)]
+    second_addr: Option<SocketAddr>,
     /// Endpoint path.
     #[arg(long, default_value = "/chat")]
     path: String,
@@ -127,13 +131,14 @@ enum Subscriber {
 
 async fn open_subscriber(
     cli: &Cli,
+    addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     wt: Option<&web_transport_quinn::Client>,
     room: Option<&str>,
 ) -> anyhow::Result<Subscriber> {
     match (cli.transport, wt) {
         (Transport::Wt, Some(client)) => {
-            let url = url::Url::parse(&format!("https://{}{}", cli.addr, cli.path))?;
+            let url = url::Url::parse(&format!("https://{}{}", addr, cli.path))?;
             let mut c = wt_client::connect(client, &url).await?;
             c.wait_text("welcome").await?;
             if let Some(room) = room {
@@ -144,7 +149,7 @@ async fn open_subscriber(
             Ok(Subscriber::Wt(Box::new(c)))
         }
         _ => {
-            let mut c = ws_client::connect(cli.addr, tls.clone(), &cli.path).await?;
+            let mut c = ws_client::connect(addr, tls.clone(), &cli.path).await?;
             c.wait_text("welcome").await?;
             if let Some(room) = room {
                 c.send_text(&format!(r#"{{"type":"join","room":"{room}","id":1}}"#))
@@ -175,8 +180,12 @@ async fn open_many(
             .map(|k| {
                 let room = (rooms > 0).then(|| format!("bench-{}", k % rooms.max(1)));
                 let (tls, wt) = (tls.clone(), wt.clone());
+                let addr = match cli.second_addr {
+                    Some(second) if k % 2 == 1 => second,
+                    _ => cli.addr,
+                };
                 async move {
-                    let s = open_subscriber(cli, &tls, wt.as_ref(), room.as_deref()).await;
+                    let s = open_subscriber(cli, addr, &tls, wt.as_ref(), room.as_deref()).await;
                     (k % rooms.max(1), s)
                 }
             })
