@@ -69,6 +69,9 @@ pub struct JoinOutcome {
     pub recovered: Option<bool>,
 }
 
+/// Live frames held back for a member whose join waits for the cluster, with their `seq`.
+type HeldFrames = Vec<(Option<u64>, Outbound)>;
+
 struct RoomState {
     seq: u64,
     epoch: Arc<str>,
@@ -84,8 +87,9 @@ struct RoomState {
     /// up just before must use the room that replaces it.
     removed: bool,
     /// Cluster mode: members whose join waits for the cluster, with the live frames that
-    /// arrived for them meanwhile (and their sequence numbers).
-    pending: HashMap<SessionId, Vec<(Option<u64>, Outbound)>>,
+    /// arrived for them meanwhile (and their sequence numbers), under the token of that
+    /// join (a later join of the same session must not take an earlier answer).
+    pending: HashMap<SessionId, (u64, HeldFrames)>,
 }
 
 impl RoomState {
@@ -203,13 +207,15 @@ impl Hub {
     pub fn close_session(&self, handle: &SessionHandle) {
         self.sessions.remove(&handle.id());
         if let Some(user) = handle.user() {
-            let gone = self.users.remove_if_mut(user, |_, sessions| {
+            self.users.remove_if_mut(user, |_, sessions| {
                 sessions.retain(|s| !s.same_session(handle));
-                sessions.is_empty()
+                let gone = sessions.is_empty();
+                if let (true, Some(cluster)) = (gone, self.backplane.cluster()) {
+                    // Queued while the entry is held, before any later `open_user`.
+                    cluster.close_user(user);
+                }
+                gone
             });
-            if let (Some(_), Some(cluster)) = (gone, self.backplane.cluster()) {
-                cluster.close_user(user);
-            }
         }
     }
 
@@ -263,8 +269,9 @@ impl Hub {
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
         let cluster = self.backplane.cluster();
+        let token = rand::random::<u64>();
         if added && cluster.is_some() {
-            state.pending.insert(handle.id(), Vec::new());
+            state.pending.insert(handle.id(), (token, Vec::new()));
         }
         if added {
             let count = state.users.entry(user.clone()).or_insert(0);
@@ -292,7 +299,7 @@ impl Hub {
                     since,
                     Box::new(move |view| {
                         if let Some(hub) = me.upgrade() {
-                            hub.finish_join(&room2, &member, wants_recovery, reply, view);
+                            hub.finish_join(&room2, &member, token, wants_recovery, reply, view);
                         }
                     }),
                 );
@@ -338,10 +345,12 @@ impl Hub {
 
     /// Cluster mode: the cluster reported the room a member joined. Queues the reply, the
     /// missed messages, then the live frames held back that are newer than the report.
+    #[allow(clippy::too_many_arguments)]
     fn finish_join(
         &self,
         room: &RoomName,
         handle: &SessionHandle,
+        token: u64,
         wants_recovery: bool,
         reply: JoinReply,
         view: Result<RoomView, ClusterUnavailable>,
@@ -350,8 +359,11 @@ impl Hub {
             return;
         };
         let mut state = room_ref.lock();
-        let Some(held) = state.pending.remove(&handle.id()) else {
-            return; // left meanwhile
+        if state.pending.get(&handle.id()).map(|(t, _)| *t) != Some(token) {
+            return; // left meanwhile (and maybe joined again: that join gets its own answer)
+        }
+        let Some((_, held)) = state.pending.remove(&handle.id()) else {
+            return;
         };
         match view {
             Ok(view) => {
@@ -402,7 +414,7 @@ impl Hub {
                 continue;
             }
             match pending.get_mut(id) {
-                Some(held) => held.push((message.seq, frame.clone())),
+                Some((_, held)) => held.push((message.seq, frame.clone())),
                 None => {
                     member.send(frame.clone());
                 }
@@ -426,7 +438,7 @@ impl Hub {
                 continue;
             }
             match pending.get_mut(id) {
-                Some(held) => held.push((None, frame.clone())),
+                Some((_, held)) => held.push((None, frame.clone())),
                 None => {
                     member.send(frame.clone());
                 }
@@ -570,15 +582,17 @@ impl Hub {
             state.is_empty_without_history() || (cluster.is_some() && state.members.is_empty())
         };
         if now_empty {
-            let removed = self.rooms.remove_if(room, |_, r| {
+            self.rooms.remove_if(room, |_, r| {
                 let mut state = r.lock();
                 state.removed = state.members.is_empty()
                     && (cluster.is_some() || state.is_empty_without_history());
+                if let (true, Some(cluster)) = (state.removed, cluster) {
+                    // Queued while the shard is held, so it precedes the opening of a room
+                    // that replaces this one.
+                    cluster.close_room(room);
+                }
                 state.removed
             });
-            if let (Some(_), Some(cluster)) = (removed, cluster) {
-                cluster.close_room(room);
-            }
         }
         true
     }

@@ -54,10 +54,18 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
-    /// Starts a gateway with `toml` (which must not set `listen` or `[tls]`).
+    /// Starts a gateway with `toml` (which must not set `listen`, `node_id` or `[tls]`).
     pub async fn start(toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let text = format!("listen = \"127.0.0.1:0\"\nnode_id = \"test-node\"\n{toml}");
+        // Nodes of one cluster need their own ids; a lone node is `test-node`.
+        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let node = if toml.contains("[cluster]") {
+            let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("test-node-{}-{n}", std::process::id())
+        } else {
+            "test-node".to_owned()
+        };
+        let text = format!("listen = \"127.0.0.1:0\"\nnode_id = \"{node}\"\n{toml}");
         let config = Config::from_toml(&text, dir.path()).expect("valid test config");
         let server = Server::start(config).await.expect("gateway starts");
         Self {

@@ -36,6 +36,25 @@ use wire::Channel;
 
 /// Longest wait between two attempts to reach Redis again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest a command may wait for Redis before its operation fails as unavailable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A command connection that fails fast while Redis is unreachable (the library's
+/// defaults retry for minutes and would hold every queued operation).
+async fn command_connection(client: &redis::Client) -> Option<ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(COMMAND_TIMEOUT)
+        .set_response_timeout(COMMAND_TIMEOUT)
+        .set_number_of_retries(1)
+        .set_max_delay(500);
+    tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .ok()?
+    .ok()
+}
 
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -290,15 +309,16 @@ async fn work(
     shared: Arc<Shared>,
 ) {
     let scripts = wire::Scripts::new();
-    let mut conn = client.get_connection_manager().await.ok();
-    if let Some(c) = conn.as_mut() {
-        // Before any membership of this life: drop what an earlier process with this node
-        // id left behind.
-        let _ = scripts.sweep(c, &shared.node).await;
-    }
+    let mut conn: Option<ConnectionManager> = None;
+    let mut swept_own = false;
     while let Some(command) = rx.recv().await {
         if conn.is_none() {
-            conn = client.get_connection_manager().await.ok();
+            conn = command_connection(&client).await;
+        }
+        if let (false, Some(c)) = (swept_own, conn.as_mut()) {
+            // On the first connection, before any membership of this life: drop what an
+            // earlier process with this node id left behind.
+            swept_own = scripts.sweep(c, &shared.node, false).await.is_ok();
         }
         match command {
             Command::Publish(message, done) => {
@@ -398,7 +418,7 @@ async fn keep_alive(client: redis::Client, shared: Arc<Shared>, heartbeat: Durat
     loop {
         tick.tick().await;
         if conn.is_none() {
-            conn = client.get_connection_manager().await.ok();
+            conn = command_connection(&client).await;
         }
         let Some(c) = conn.as_mut() else { continue };
         if let Err(e) = scripts.heartbeat(c, &shared.node, heartbeat).await {

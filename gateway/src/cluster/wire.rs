@@ -55,8 +55,9 @@ impl Channel {
 
 /// The keys of one room.
 pub(super) struct Keys {
-    seq: String,
-    epoch: String,
+    /// A hash with the room's `seq` and `epoch`: one key, so they expire (or are evicted)
+    /// together and a restarted sequence always has a new epoch.
+    state: String,
     stream: String,
     members: String,
     users: String,
@@ -65,8 +66,7 @@ pub(super) struct Keys {
 impl Keys {
     pub(super) fn room(room: &str) -> Self {
         Self {
-            seq: format!("gw:{{room:{room}}}:seq"),
-            epoch: format!("gw:{{room:{room}}}:epoch"),
+            state: format!("gw:{{room:{room}}}:state"),
             stream: format!("gw:{{room:{room}}}:stream"),
             members: format!("gw:{{room:{room}}}:members"),
             users: format!("gw:{{room:{room}}}:users"),
@@ -297,6 +297,8 @@ const ENTER: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 redis.call('SADD', KEYS[3], ARGV[6])
+-- A node with members is always in the registry the sweep reads.
+redis.call('SADD', KEYS[4], ARGV[7])
 if n == 1 and ARGV[5] == '1' then
   redis.call('PUBLISH', ARGV[4], 'P join ' .. ARGV[3])
 end
@@ -333,7 +335,7 @@ for _, e in ipairs(entries) do
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
+if ARGV[2] ~= 'keep' then redis.call('SREM', KEYS[2], ARGV[1]) end
 return #entries
 "#;
 
@@ -346,20 +348,18 @@ if volatile == '1' then
   redis.call('PUBLISH', ARGV[1], '- ' .. framed)
   return 0
 end
-local seq = redis.call('INCR', KEYS[1])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if seq == 1 then
-  -- The sequence (re)starts: nothing older may stay in the stream. The epoch is kept when
-  -- a member already saw it (a join creates it); when it expired with the sequence, or
-  -- Redis lost it, a new one starts.
-  redis.call('DEL', KEYS[3])
+  -- The sequence (re)starts: nothing older may stay in the stream. The epoch is the one a
+  -- joining member already saw (the view creates it), or a new one when the state was lost.
+  redis.call('DEL', KEYS[2])
 end
-redis.call('SET', KEYS[2], ARGV[7], 'NX')
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[7])
 if history > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', history, '0-' .. seq, 'm', ARGV[4], 'd', ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ttl)
+  redis.call('XADD', KEYS[2], 'MAXLEN', history, '0-' .. seq, 'm', ARGV[4], 'd', ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PUBLISH', ARGV[1], seq .. ' ' .. framed)
 return seq
 "#;
@@ -367,12 +367,13 @@ return seq
 /// A room as a joining member sees it: its sequence number and epoch (created if the room
 /// has none), and with `since` the kept entries after it, flattened as seq, meta, data.
 const VIEW: &str = r#"
-redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local out = {seq, redis.call('GET', KEYS[2]), redis.call('HLEN', KEYS[4])}
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local out = {seq, redis.call('HGET', KEYS[1], 'epoch'), redis.call('HLEN', KEYS[3])}
 local since = tonumber(ARGV[3])
 if since >= 0 and since < seq then
-  for _, e in ipairs(redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+')) do
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '0-' .. (since + 1), '+')) do
     local f = e[2]
     local m, d
     for i = 1, #f, 2 do
@@ -441,12 +442,14 @@ impl Scripts {
             .key(&keys.members)
             .key(&keys.users)
             .key(node_members_key(node))
+            .key(NODES)
             .arg(&member.session)
             .arg(info)
             .arg(&member.user)
             .arg(Channel::Room(room.clone()).name())
             .arg(if events { "1" } else { "0" })
             .arg(membership(room, member, events))
+            .arg(node)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -531,22 +534,25 @@ impl Scripts {
                 .await
                 .map_err(unavailable)?;
             if !alive {
-                self.sweep(conn, other).await?;
+                self.sweep(conn, other, true).await?;
             }
         }
         Ok(())
     }
 
-    /// Removes every membership of `node` (see [`SWEEP`]).
+    /// Removes every membership of `node` (see [`SWEEP`]); a dead node also leaves the
+    /// registry, a node sweeping its own earlier life stays in it.
     pub(super) async fn sweep(
         &self,
         conn: &mut ConnectionManager,
         node: &str,
+        dead: bool,
     ) -> Result<usize, ClusterUnavailable> {
         self.sweep
             .key(node_members_key(node))
             .key(NODES)
             .arg(node)
+            .arg(if dead { "dead" } else { "keep" })
             .invoke_async(conn)
             .await
             .map_err(unavailable)
@@ -563,8 +569,7 @@ impl Scripts {
         let meta = meta(message.from.as_deref(), &message.data, message.origin);
         let seq: u64 = self
             .publish
-            .key(&keys.seq)
-            .key(&keys.epoch)
+            .key(&keys.state)
             .key(&keys.stream)
             .arg(Channel::Room(message.room.clone()).name())
             .arg(policy.history)
@@ -590,8 +595,7 @@ impl Scripts {
         let keys = Keys::room(room.as_str());
         let reply: Vec<Value> = self
             .view
-            .key(&keys.seq)
-            .key(&keys.epoch)
+            .key(&keys.state)
             .key(&keys.stream)
             .key(&keys.members)
             .arg(new_epoch())
