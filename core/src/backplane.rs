@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::{
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
-    session::{Outbound, SessionId},
+    session::SessionId,
 };
 
 /// Called once with the outcome of an operation that completes later.
@@ -126,17 +126,10 @@ pub trait Cluster: Send + Sync + 'static {
     fn close_user(&self, user: &str);
 }
 
-/// Carries encoded frames to the other nodes of a cluster.
+/// What a hub is connected to: nothing else (a single node), or a [`Cluster`].
 pub trait Backplane: Send + Sync + 'static {
     /// A short name for logs and `/healthz` details.
     fn name(&self) -> &'static str;
-
-    /// A frame was published to `room` on this node (single-node hook).
-    fn room_published(&self, room: &RoomName, frame: &Outbound);
-
-    /// A frame was sent to every session of `user` from this node.
-    /// Returns whether another node holds a session of that user.
-    fn user_sent(&self, user: &str, frame: &Outbound) -> bool;
 
     /// The cluster this backplane is, when it is the authority on rooms.
     fn cluster(&self) -> Option<&dyn Cluster> {
@@ -157,11 +150,5 @@ pub struct LocalBackplane;
 impl Backplane for LocalBackplane {
     fn name(&self) -> &'static str {
         "local"
-    }
-
-    fn room_published(&self, _room: &RoomName, _frame: &Outbound) {}
-
-    fn user_sent(&self, _user: &str, _frame: &Outbound) -> bool {
-        false
     }
 }

@@ -469,30 +469,28 @@ impl Hub {
 
     /// Cluster mode: a direct message for every session of `user` on this node.
     pub fn deliver_user(&self, user: &str, from: Option<&str>, data: &Payload) {
-        let frame = MessageFrame {
-            kind: DIRECT,
-            room: None,
-            from,
-            seq: None,
-            volatile: false,
-        }
-        .encode(data);
+        self.deliver_direct(user, direct_frame(from, data));
+    }
+
+    /// Queues `frame` to every session of `user` here; whether any took it.
+    fn deliver_direct(&self, user: &str, frame: Outbound) -> bool {
+        let mut delivered = false;
         if let Some(sessions) = self.users.get(user) {
             for s in sessions.iter() {
-                s.send(frame.clone());
+                delivered |= s.send(frame.clone()) == crate::session::Delivery::Queued;
             }
         }
+        delivered
     }
 
     fn encode(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) -> Outbound {
-        MessageFrame {
-            kind: MESSAGE,
-            room: Some(room),
-            from: message.from.as_deref(),
-            seq: message.seq,
+        room_frame(
+            room,
+            message.from.as_deref(),
+            message.seq,
             volatile,
-        }
-        .encode(&message.data)
+            &message.data,
+        )
     }
 
     /// Publishes as [`publish`](Self::publish) does on a single node, or through the
@@ -631,18 +629,8 @@ impl Hub {
         exclude: Option<SessionId>,
         now: Instant,
     ) -> Option<u64> {
-        let encode = |seq: Option<u64>| {
-            MessageFrame {
-                kind: MESSAGE,
-                room: Some(room),
-                from,
-                seq,
-                volatile,
-            }
-            .encode(data)
-        };
-        // The room is locked while its map entry is held (shard, then room, as everywhere),
-        // so a sweep cannot remove it between the lookup and the publish.
+        // A sweep may remove the room between this lookup and its lock: the `removed` flag,
+        // set under the lock, sends the publish to the room that replaces it.
         let room_ref = match self.rooms.get(room) {
             Some(entry) => Some(entry.value().clone()),
             None if !volatile && self.policies.for_room(room.as_str()).history > 0 => {
@@ -651,12 +639,10 @@ impl Hub {
             }
             None => None,
         };
-        let (seq, frame) = match room_ref {
-            // Nobody is here and nothing is kept: the message reaches no one on this node.
-            None => {
-                let seq = (!volatile).then_some(1);
-                (seq, encode(seq))
-            }
+        match room_ref {
+            // Nobody is here and nothing is kept: the message reaches no one (nothing to
+            // encode).
+            None => (!volatile).then_some(1),
             Some(room_ref) => {
                 let mut state = room_ref.lock();
                 if state.removed {
@@ -669,7 +655,7 @@ impl Hub {
                     state.seq += 1;
                     state.seq
                 });
-                let frame = encode(seq);
+                let frame = room_frame(room, from, seq, volatile, data);
                 if let (Some(seq), Some(history)) = (seq, state.history.as_mut()) {
                     history.push(seq, frame.clone(), now);
                 }
@@ -678,31 +664,14 @@ impl Hub {
                         member.send(frame.clone());
                     }
                 }
-                (seq, frame)
+                seq
             }
-        };
-        self.backplane.room_published(room, &frame);
-        seq
+        }
     }
 
     /// Delivers `data` to every session of `user`; returns whether any session got it.
     pub fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
-        let frame = MessageFrame {
-            kind: DIRECT,
-            room: None,
-            from,
-            seq: None,
-            volatile: false,
-        }
-        .encode(data);
-        let mut delivered = false;
-        if let Some(sessions) = self.users.get(user) {
-            for s in sessions.iter() {
-                delivered |= s.send(frame.clone()) == crate::session::Delivery::Queued;
-            }
-        }
-        let remote = self.backplane.user_sent(user, &frame);
-        delivered || remote
+        self.deliver_direct(user, direct_frame(from, data))
     }
 
     /// The members of `room` on this node.
@@ -756,6 +725,36 @@ impl Hub {
             s.close(reason.clone());
         }
     }
+}
+
+/// The `message` frame of a room message, encoded once for every recipient.
+fn room_frame(
+    room: &RoomName,
+    from: Option<&str>,
+    seq: Option<u64>,
+    volatile: bool,
+    data: &Payload,
+) -> Outbound {
+    MessageFrame {
+        kind: MESSAGE,
+        room: Some(room),
+        from,
+        seq,
+        volatile,
+    }
+    .encode(data)
+}
+
+/// The `direct` frame of a message to a user.
+fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
+    MessageFrame {
+        kind: DIRECT,
+        room: None,
+        from,
+        seq: None,
+        volatile: false,
+    }
+    .encode(data)
 }
 
 fn presence_frame(room: &RoomName, event: &str, user: &str) -> Outbound {
@@ -1111,7 +1110,7 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_after_the_room_was_swept_goes_to_the_new_room() {
+    fn a_swept_room_is_marked_and_a_new_publish_starts_its_successor() {
         let hub = hub_with_history(10);
         let room = RoomName::new("r").unwrap();
         publish(&hub, &room, "1");

@@ -25,7 +25,6 @@ use gateway_core::{
     hub::Hub,
     policy::RoomPolicies,
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
-    session::Outbound,
     tickets::{random_ticket, MAX_TICKETS_PER_USER},
 };
 use redis::aio::{ConnectionManager, PubSubSink};
@@ -216,12 +215,6 @@ impl Backplane for RedisCluster {
         "redis"
     }
 
-    fn room_published(&self, _room: &RoomName, _frame: &Outbound) {}
-
-    fn user_sent(&self, _user: &str, _frame: &Outbound) -> bool {
-        false
-    }
-
     fn cluster(&self) -> Option<&dyn Cluster> {
         Some(self)
     }
@@ -298,6 +291,14 @@ impl Cluster for RedisCluster {
     }
 }
 
+/// The command connection, or why there is none.
+fn connected(
+    conn: &mut Option<ConnectionManager>,
+) -> Result<&mut ConnectionManager, ClusterUnavailable> {
+    conn.as_mut()
+        .ok_or_else(|| unavailable("no connection to redis"))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
     ClusterUnavailable(e.to_string())
 }
@@ -322,29 +323,30 @@ async fn work(
         }
         match command {
             Command::Publish(message, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => scripts.publish(c, &message, &shared.policies).await,
-                    None => Err(unavailable("no connection to redis")),
-                };
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    scripts.publish(c, &message, &shared.policies).await
+                }
+                .await;
                 done(result);
             }
             Command::OpenRoom(room, since, done) => {
                 let channel = Channel::Room(room.clone()).name();
-                let result = match conn.as_mut() {
-                    Some(c) => match listen(&shared, channel).await {
-                        Ok(()) => scripts.view(c, &room, since, &shared.policies).await,
-                        Err(e) => Err(e),
-                    },
-                    None => Err(unavailable("no connection to redis")),
-                };
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    listen(&shared, channel).await?;
+                    scripts.view(c, &room, since, &shared.policies).await
+                }
+                .await;
                 done(result);
             }
             Command::CloseRoom(room) => stop_listening(&shared, Channel::Room(room).name()).await,
             Command::SendUser(user, from, data, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => scripts.send_user(c, &user, from.as_deref(), &data).await,
-                    None => Err(unavailable("no connection to redis")),
-                };
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    scripts.send_user(c, &user, from.as_deref(), &data).await
+                }
+                .await;
                 done(result);
             }
             Command::OpenUser(user) => {
@@ -368,41 +370,45 @@ async fn work(
                 }
             }
             Command::Disconnect(user, reason, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => redis::cmd("PUBLISH")
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    redis::cmd("PUBLISH")
                         .arg(Channel::Control.name())
                         .arg(wire::disconnect(&user, &reason))
                         .query_async::<i64>(c)
                         .await
                         .map(drop)
-                        .map_err(unavailable),
-                    None => Err(unavailable("no connection to redis")),
-                };
+                        .map_err(unavailable)
+                }
+                .await;
                 done(result);
             }
             Command::IssueTicket(request, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => scripts.issue_ticket(c, &request).await,
-                    None => Err(unavailable("no connection to redis")),
-                };
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    scripts.issue_ticket(c, &request).await
+                }
+                .await;
                 done(result);
             }
             Command::Ticket(ticket, redeem, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => redis::cmd(if redeem { "GETDEL" } else { "GET" })
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    redis::cmd(if redeem { "GETDEL" } else { "GET" })
                         .arg(wire::ticket_key(&ticket))
                         .query_async::<Option<String>>(c)
                         .await
-                        .map_err(unavailable),
-                    None => Err(unavailable("no connection to redis")),
-                };
+                        .map_err(unavailable)
+                }
+                .await;
                 done(result);
             }
             Command::Members(room, done) => {
-                let result = match conn.as_mut() {
-                    Some(c) => scripts.members(c, &room).await,
-                    None => Err(unavailable("no connection to redis")),
-                };
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    scripts.members(c, &room).await
+                }
+                .await;
                 done(result);
             }
         }

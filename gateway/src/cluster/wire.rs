@@ -307,12 +307,12 @@ return n
 
 /// A session leaves a room; the user's last session there cluster-wide is announced.
 const EXIT: &str = r#"
-redis.call('SREM', KEYS[3], ARGV[5])
+redis.call('SREM', KEYS[3], ARGV[6])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-local n = redis.call('HINCRBY', KEYS[2], ARGV[2], -1)
+local n = redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
 if n <= 0 then
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  if ARGV[4] == '1' then redis.call('PUBLISH', ARGV[3], 'P leave ' .. ARGV[2]) end
+  redis.call('HDEL', KEYS[2], ARGV[3])
+  if ARGV[5] == '1' then redis.call('PUBLISH', ARGV[4], 'P leave ' .. ARGV[3]) end
 end
 return 1
 "#;
@@ -435,25 +435,8 @@ impl Scripts {
         member: &MemberInfo,
         events: bool,
     ) -> Result<(), ClusterUnavailable> {
-        let keys = Keys::room(room.as_str());
-        let info = serde_json::to_string(member).expect("plain struct");
-        let _: i64 = self
-            .enter
-            .key(&keys.members)
-            .key(&keys.users)
-            .key(node_members_key(node))
-            .key(NODES)
-            .arg(&member.session)
-            .arg(info)
-            .arg(&member.user)
-            .arg(Channel::Room(room.clone()).name())
-            .arg(if events { "1" } else { "0" })
-            .arg(membership(room, member, events))
-            .arg(node)
-            .invoke_async(conn)
+        self.membership(&self.enter, conn, node, room, member, events)
             .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     /// Removes a session from a room (see [`EXIT`]).
@@ -465,17 +448,34 @@ impl Scripts {
         member: &MemberInfo,
         events: bool,
     ) -> Result<(), ClusterUnavailable> {
+        self.membership(&self.exit, conn, node, room, member, events)
+            .await
+    }
+
+    /// Runs [`ENTER`] or [`EXIT`], which take the same keys and arguments.
+    async fn membership(
+        &self,
+        script: &Script,
+        conn: &mut ConnectionManager,
+        node: &str,
+        room: &RoomName,
+        member: &MemberInfo,
+        events: bool,
+    ) -> Result<(), ClusterUnavailable> {
         let keys = Keys::room(room.as_str());
-        let _: i64 = self
-            .exit
+        let info = serde_json::to_string(member).expect("plain struct");
+        let _: i64 = script
             .key(&keys.members)
             .key(&keys.users)
             .key(node_members_key(node))
+            .key(NODES)
             .arg(&member.session)
+            .arg(info)
             .arg(&member.user)
             .arg(Channel::Room(room.clone()).name())
             .arg(if events { "1" } else { "0" })
             .arg(membership(room, member, events))
+            .arg(node)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
