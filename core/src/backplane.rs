@@ -124,6 +124,19 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// This node has no session of `user` left.
     fn close_user(&self, user: &str);
+
+    /// Counts a new session of `user` cluster-wide unless the user already has `max`
+    /// sessions on all nodes together; `done` says whether it was counted. A failed
+    /// operation leaves no count behind (the implementation's duty).
+    fn acquire_user(
+        &self,
+        user: &str,
+        max: usize,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    );
+
+    /// A session counted by [`acquire_user`](Self::acquire_user) ended.
+    fn release_user(&self, user: &str);
 }
 
 /// What a hub is connected to: nothing else (a single node), or a [`Cluster`].

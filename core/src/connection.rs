@@ -7,8 +7,8 @@
 //! session's own outbox. Dropping the connection leaves its rooms and unregisters it.
 
 use std::{
-    collections::HashSet,
-    sync::Arc,
+    collections::{HashSet, VecDeque},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -23,13 +23,21 @@ use crate::{
     policy::EndpointPolicy,
     protocol::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
-        DecodeError, ErrorCode, Payload, Request, RequestId, RoomName, ServerFrame,
+        DecodeError, ErrorCode, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
     },
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
 
 /// The window over which refused frames count towards closing a flooding session.
 pub const ABUSE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Requests a session may send while its first `auth` waits for the cluster's per-user
+/// count; they are handled in order once it is decided. More get `error unauthorized`.
+pub const MAX_QUEUED_DURING_AUTH: usize = 32;
+
+/// Wakes a session's driver: something the connection waited for arrived, call
+/// [`Connection::on_wake`].
+pub type WakeSignal = Arc<tokio::sync::Notify>;
 
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +108,25 @@ pub struct Connection {
     refused_since: Instant,
     liveness: Liveness,
     stats: InboundStats,
+    /// Present on sessions that may authenticate with a first message.
+    wake: Option<WakeSignal>,
+    /// A first `auth` waiting for the per-user count.
+    pending_auth: Option<PendingAuth>,
+}
+
+/// The slot an `auth` waits for, filled by the cluster's answer.
+type SlotMailbox = Arc<Mutex<Option<Result<UserSlot, Rejection>>>>;
+
+/// A first `auth` whose credential is valid, waiting for the (cluster-wide) per-user
+/// count before the session becomes its user's.
+#[derive(Debug)]
+struct PendingAuth {
+    slot: SlotMailbox,
+    identity: Identity,
+    id: Option<RequestId>,
+    with_ack: bool,
+    at: Now,
+    queued: VecDeque<Result<Request, DecodeError>>,
 }
 
 enum Via {
@@ -134,6 +161,8 @@ impl Connection {
             refused: 0,
             refused_since: now.instant,
             stats: InboundStats::default(),
+            wake: matches!(admitted, Admitted::Pending).then(WakeSignal::default),
+            pending_auth: None,
             policy,
         };
         conn.services.hub.open_session(&conn.handle);
@@ -172,6 +201,46 @@ impl Connection {
     /// Inbound counters.
     pub fn stats(&self) -> InboundStats {
         self.stats
+    }
+
+    /// What the driver awaits besides frames and the deadline, on sessions that have
+    /// something to wait for (a first-message `auth` in cluster mode).
+    pub fn wake_signal(&self) -> Option<WakeSignal> {
+        self.wake.clone()
+    }
+
+    /// The [`wake_signal`](Self::wake_signal) fired: finishes a first `auth` the cluster
+    /// has answered, then handles the requests that arrived meanwhile.
+    pub fn on_wake(&mut self, now: Now) {
+        let decided = self
+            .pending_auth
+            .as_ref()
+            .and_then(|p| p.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let Some(result) = decided else { return };
+        let pending = self.pending_auth.take().expect("checked");
+        match result {
+            Ok(slot) => {
+                self.liveness.set_auth_deadline(None);
+                if pending.with_ack {
+                    self.ack(pending.id.as_ref(), &AckFields::default());
+                }
+                self.become_authenticated(pending.identity, Some(slot), pending.at);
+            }
+            Err(rejection) => self.reply_error(
+                pending.id.as_ref(),
+                rejection.error_code(),
+                rejection.message(),
+            ),
+        }
+        let mut queued = pending.queued;
+        while let Some(request) = queued.pop_front() {
+            if let Some(next) = self.pending_auth.as_mut() {
+                // A queued `auth` started another wait: the rest waits for it.
+                next.queued.push_back(request);
+                continue;
+            }
+            self.dispatch(request, now, Via::Stream);
+        }
     }
 
     /// A JSON text frame arrived.
@@ -275,6 +344,18 @@ impl Connection {
                 return;
             }
         };
+        if let (false, Some(pending)) = (datagram, self.pending_auth.as_mut()) {
+            if pending.queued.len() < MAX_QUEUED_DURING_AUTH {
+                pending.queued.push_back(Ok(request));
+            } else {
+                self.reply_error(
+                    request.id(),
+                    ErrorCode::Unauthorized,
+                    "authentication in progress",
+                );
+            }
+            return;
+        }
         if datagram {
             // Datagrams carry volatile publishes only, and get no reply.
             if let Request::Publish {
@@ -320,8 +401,8 @@ impl Connection {
                 self.join(id.as_ref(), room, since, now)
             }
             Request::Leave { id, room } => {
-                if self.joined.remove(&room) {
-                    self.services.hub.leave(&self.handle, &room);
+                // A join the cluster refused left the room already: `not_member`.
+                if self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room) {
                     self.ack(id.as_ref(), &AckFields::default());
                 } else {
                     self.reply_error(
@@ -406,6 +487,11 @@ impl Connection {
     fn join(&mut self, id: Option<&RequestId>, room: RoomName, since: Option<Since<'_>>, now: Now) {
         if !self.may_join(&room) {
             return self.reply_error(id, ErrorCode::Forbidden, "room not allowed");
+        }
+        if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
+            // Joins the cluster refused do not count.
+            let (hub, handle) = (&self.services.hub, &self.handle);
+            self.joined.retain(|r| hub.is_member(handle, r));
         }
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
             return self.reply_error(
@@ -519,24 +605,43 @@ impl Connection {
                     self.ack(id, &AckFields::default());
                 }
             }
-            None => {
-                let slot = match self.services.limits.acquire_user(identity.user.clone()) {
-                    Ok(slot) => slot,
-                    Err(_) => {
-                        return self.reply_error(
-                            id,
-                            ErrorCode::LimitExceeded,
-                            "too many connections for this user",
-                        )
-                    }
-                };
-                self.liveness.set_auth_deadline(None);
-                if with_ack {
-                    self.ack(id, &AckFields::default());
-                }
-                self.become_authenticated(identity, Some(slot), now);
-            }
+            None => self.claim_user_slot(id, identity, now, with_ack),
         }
+    }
+
+    /// Takes the user's slot (in cluster mode, in the cluster-wide count) for a valid first
+    /// `auth`; the session becomes the user's when it is granted (at once on a single node,
+    /// in [`on_wake`](Self::on_wake) in cluster mode). Refused, it stays pending.
+    fn claim_user_slot(
+        &mut self,
+        id: Option<&RequestId>,
+        identity: Identity,
+        now: Now,
+        with_ack: bool,
+    ) {
+        let slot = SlotMailbox::default();
+        let user = identity.user.clone();
+        self.pending_auth = Some(PendingAuth {
+            slot: slot.clone(),
+            identity,
+            id: id.cloned(),
+            with_ack,
+            at: now,
+            queued: VecDeque::new(),
+        });
+        let wake = self.wake.clone();
+        self.services.limits.acquire_user_then(
+            self.services.hub.backplane(),
+            user,
+            Box::new(move |result| {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                if let Some(wake) = wake {
+                    wake.notify_one();
+                }
+            }),
+        );
+        // A single node answers at once.
+        self.on_wake(now);
     }
 
     fn become_authenticated(&mut self, identity: Identity, slot: Option<UserSlot>, now: Now) {

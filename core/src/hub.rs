@@ -90,6 +90,10 @@ struct RoomState {
     /// arrived for them meanwhile (and their sequence numbers), under the token of that
     /// join (a later join of the same session must not take an earlier answer).
     pending: HashMap<SessionId, (u64, HeldFrames)>,
+    /// Cluster mode: members that joined at this `seq` and have not had a newer message
+    /// yet. Messages the channel still carries from before the join were replayed or
+    /// reported already: they are not delivered to them again.
+    floors: HashMap<SessionId, u64>,
 }
 
 impl RoomState {
@@ -171,8 +175,16 @@ impl Hub {
     }
 
     /// The backplane in use.
-    pub fn backplane(&self) -> &dyn Backplane {
-        &*self.backplane
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.backplane
+    }
+
+    /// Whether the session is in `room` (a member, or joining).
+    pub fn is_member(&self, handle: &SessionHandle, room: &RoomName) -> bool {
+        self.rooms
+            .get(room)
+            .map(|r| r.value().clone())
+            .is_some_and(|r| r.lock().members.contains_key(&handle.id()))
     }
 
     /// Number of sessions open on this node (pending ones included).
@@ -241,6 +253,7 @@ impl Hub {
                 idle_since: None,
                 removed: false,
                 pending: HashMap::new(),
+                floors: HashMap::new(),
             })))
         })
     }
@@ -381,10 +394,15 @@ impl Hub {
                         missed.iter().map(|m| self.encode(room, m, false)).collect();
                     handle.send_replay(&frames);
                 }
+                let mut newer = false;
                 for (seq, frame) in held {
                     if seq.is_none_or(|s| s > view.seq) {
+                        newer |= seq.is_some();
                         handle.send(frame);
                     }
+                }
+                if !newer && view.seq > 0 {
+                    state.floors.insert(handle.id(), view.seq);
                 }
             }
             Err(e) => {
@@ -407,14 +425,22 @@ impl Hub {
             state.seq = state.seq.max(seq);
         }
         let RoomState {
-            members, pending, ..
+            members,
+            pending,
+            floors,
+            ..
         } = &mut *state;
+        if let (Some(seq), false) = (message.seq, floors.is_empty()) {
+            // Members whose join reported `seq` or later already have this message.
+            floors.retain(|_, floor| seq <= *floor);
+        }
         for (id, member) in members.iter() {
             if Some(*id) == message.origin {
                 continue;
             }
             match pending.get_mut(id) {
                 Some((_, held)) => held.push((message.seq, frame.clone())),
+                None if message.seq.is_some() && floors.contains_key(id) => {}
                 None => {
                     member.send(frame.clone());
                 }
@@ -557,6 +583,7 @@ impl Hub {
                 return false;
             }
             state.pending.remove(&handle.id());
+            state.floors.remove(&handle.id());
             let user = handle.user().cloned().unwrap_or_else(|| "".into());
             let last = match state.users.get_mut(&user) {
                 Some(count) if *count > 1 => {
@@ -774,7 +801,7 @@ fn new_epoch() -> Arc<str> {
 mod tests {
     use super::*;
     use crate::{
-        backplane::LocalBackplane,
+        backplane::{Cluster, LocalBackplane},
         session::{Batch, OutboxReceiver, TransportKind},
     };
     use bytes::Bytes;
@@ -1151,5 +1178,133 @@ mod tests {
             1 + 150,
             "the ack and every missed message"
         );
+    }
+
+    /// A cluster whose room views the test hands out by hand.
+    #[derive(Default)]
+    struct ScriptedCluster {
+        views: std::sync::Mutex<Vec<Completion<Result<RoomView, ClusterUnavailable>>>>,
+    }
+
+    impl Backplane for ScriptedCluster {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn cluster(&self) -> Option<&dyn Cluster> {
+            Some(self)
+        }
+    }
+
+    impl Cluster for ScriptedCluster {
+        fn publish(
+            &self,
+            _: ClusterPublish,
+            _: Completion<Result<Option<u64>, ClusterUnavailable>>,
+        ) {
+        }
+        fn open_room(
+            &self,
+            _: &RoomName,
+            _: Option<(u64, String)>,
+            done: Completion<Result<RoomView, ClusterUnavailable>>,
+        ) {
+            self.views.lock().unwrap().push(done);
+        }
+        fn close_room(&self, _: &RoomName) {}
+        fn enter(&self, _: &RoomName, _: MemberInfo, _: bool) {}
+        fn exit(&self, _: &RoomName, _: MemberInfo, _: bool) {}
+        fn disconnect_user(
+            &self,
+            _: &str,
+            _: CloseReason,
+            _: Completion<Result<(), ClusterUnavailable>>,
+        ) {
+        }
+        fn members(
+            &self,
+            _: &RoomName,
+            _: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+        ) {
+        }
+        fn send_user(
+            &self,
+            _: &str,
+            _: Option<Arc<str>>,
+            _: Payload,
+            _: Completion<Result<bool, ClusterUnavailable>>,
+        ) {
+        }
+        fn open_user(&self, _: &str) {}
+        fn close_user(&self, _: &str) {}
+        fn acquire_user(&self, _: &str, _: usize, _: Completion<Result<bool, ClusterUnavailable>>) {
+        }
+        fn release_user(&self, _: &str) {}
+    }
+
+    fn cluster_message(seq: u64) -> ClusterMessage {
+        ClusterMessage {
+            seq: Some(seq),
+            from: None,
+            data: Payload::Json(Bytes::from(seq.to_string())),
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn a_message_the_channel_brings_after_the_view_that_covered_it_is_not_delivered_twice() {
+        let cluster = Arc::new(ScriptedCluster::default());
+        let hub = Hub::new(
+            HubConfig {
+                node_id: "n1".into(),
+                rooms: RoomPolicies::default(),
+                history_budget: DEFAULT_HISTORY_BUDGET,
+            },
+            cluster.clone(),
+        );
+        let room = RoomName::new("r").unwrap();
+        let (live, live_rx) = session(&hub, "live");
+        let (late, late_rx) = session(&hub, "late");
+        let reply: JoinReply =
+            Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
+        hub.join(&live, &room, None, Instant::now(), reply);
+        let view = |seq: u64, missed: Option<Vec<ClusterMessage>>| RoomView {
+            seq,
+            epoch: "e".into(),
+            missed,
+            members: 1,
+        };
+        let done = cluster.views.lock().unwrap().pop().unwrap();
+        done(Ok(view(0, None)));
+        // The second member recovers from 0: the view (taken when seq was 2) replays 1 and 2,
+        // while the channel still carries 2 and then brings 3.
+        hub.deliver(&room, &cluster_message(1), false);
+        let reply: JoinReply =
+            Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
+        hub.join(
+            &late,
+            &room,
+            Some(Since { seq: 0, epoch: "e" }),
+            Instant::now(),
+            reply,
+        );
+        let done = cluster.views.lock().unwrap().pop().unwrap();
+        done(Ok(view(
+            2,
+            Some(vec![cluster_message(1), cluster_message(2)]),
+        )));
+        hub.deliver(&room, &cluster_message(2), false);
+        hub.deliver(&room, &cluster_message(3), false);
+        let seqs = |rx: &OutboxReceiver| -> Vec<u64> {
+            drain(rx).iter().filter_map(|m| m["seq"].as_u64()).collect()
+        };
+        assert_eq!(seqs(&late_rx), vec![1, 2, 3], "replayed once, then live");
+        assert_eq!(
+            seqs(&live_rx),
+            vec![1, 2, 3],
+            "the live member misses nothing"
+        );
+        // Once past the floor, the member gets everything again.
+        hub.deliver(&room, &cluster_message(4), false);
+        assert_eq!(seqs(&late_rx), vec![4]);
     }
 }

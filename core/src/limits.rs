@@ -13,7 +13,10 @@ use std::{
 
 use dashmap::DashMap;
 
-use crate::protocol::Rejection;
+use crate::{
+    backplane::{Backplane, Completion},
+    protocol::Rejection,
+};
 
 /// A token bucket: `rate` tokens per second, at most `burst` banked.
 #[derive(Debug, Clone)]
@@ -89,11 +92,22 @@ pub struct RefusalSlot {
     ip: IpAddr,
 }
 
-/// A held per-user slot; released on drop.
-#[derive(Debug)]
+/// A held per-user slot (on this node and, in cluster mode, in the cluster's count);
+/// released on drop.
 pub struct UserSlot {
     limits: Arc<ConnectionLimits>,
     user: Arc<str>,
+    /// The cluster that counted it too.
+    cluster: Option<Arc<dyn Backplane>>,
+}
+
+impl std::fmt::Debug for UserSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserSlot")
+            .field("user", &self.user)
+            .field("cluster", &self.cluster.is_some())
+            .finish()
+    }
 }
 
 impl ConnectionLimits {
@@ -136,7 +150,39 @@ impl ConnectionLimits {
         Ok(UserSlot {
             limits: self.clone(),
             user,
+            cluster: None,
         })
+    }
+
+    /// Takes a per-user slot on this node and, when `backplane` is a cluster, in the
+    /// cluster-wide count too; `done` gets the slot or the refusal (at once on a single
+    /// node, when the cluster has answered otherwise).
+    pub fn acquire_user_then(
+        self: &Arc<Self>,
+        backplane: &Arc<dyn Backplane>,
+        user: Arc<str>,
+        done: Completion<Result<UserSlot, Rejection>>,
+    ) {
+        let mut slot = match self.acquire_user(user.clone()) {
+            Ok(slot) => slot,
+            Err(e) => return done(Err(e)),
+        };
+        let Some(cluster) = backplane.cluster() else {
+            return done(Ok(slot));
+        };
+        let backplane = backplane.clone();
+        cluster.acquire_user(
+            &user,
+            self.max_per_user,
+            Box::new(move |counted| match counted {
+                Ok(true) => {
+                    slot.cluster = Some(backplane.clone());
+                    done(Ok(slot));
+                }
+                Ok(false) => done(Err(Rejection::TooManyForUser)),
+                Err(_) => done(Err(Rejection::ClusterUnavailable)),
+            }),
+        );
     }
 
     /// Whether connections from `ip`, or all connections, have reached a quarter of their
@@ -204,6 +250,9 @@ impl Drop for RefusalSlot {
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
+        if let Some(cluster) = self.cluster.as_ref().and_then(|b| b.cluster()) {
+            cluster.release_user(&self.user);
+        }
         decrement(&self.limits.per_user, &self.user);
     }
 }

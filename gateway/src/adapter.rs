@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use gateway_core::{
-    connection::{Connection, Now},
+    connection::{Connection, Now, WakeSignal},
     limits::ConnectionSlot,
     session::{OutboxReceiver, TransportKind},
 };
@@ -29,6 +29,14 @@ pub(crate) struct OpenedSession {
     /// Held for the session's life: releases the connection slot on drop. Bind it to a
     /// named variable (not `..`), or the slot is released at once.
     pub(crate) slot: Arc<ConnectionSlot>,
+}
+
+/// Resolves when the session's wake signal fires; never without one.
+pub(crate) async fn woken(signal: &Option<WakeSignal>) {
+    match signal {
+        Some(signal) => signal.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and

@@ -5,8 +5,9 @@
 use std::{net::IpAddr, sync::Arc};
 
 use gateway_core::{
+    auth::Identity,
     connection::{Admitted, Now},
-    limits::{ConnectionSlot, RefusalSlot},
+    limits::{ConnectionSlot, RefusalSlot, UserSlot},
     policy::{AuthMode, EndpointPolicy},
     protocol::Rejection,
 };
@@ -141,7 +142,7 @@ pub async fn admit(
                     .await
                     .map_err(unavailable)?
                     .ok_or(Rejection::InvalidCredential)?;
-                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                let user_slot = user_slot(app, &identity).await?;
                 // Consumed only now that the request is admitted, once, on any node.
                 cluster
                     .ticket(&ticket, true)
@@ -155,7 +156,7 @@ pub async fn admit(
                     .tickets
                     .peek(&ticket, now.instant)
                     .ok_or(Rejection::InvalidCredential)?;
-                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                let user_slot = user_slot(app, &identity).await?;
                 // Consumed only now that the request is admitted; of two racing requests
                 // only one redeems it.
                 app.tickets
@@ -172,7 +173,7 @@ pub async fn admit(
                 let identity = verifier
                     .verify(&token, now.unix_secs)
                     .map_err(|_| Rejection::InvalidCredential)?;
-                let user_slot = app.services.limits.acquire_user(identity.user.clone())?;
+                let user_slot = user_slot(app, &identity).await?;
                 Admitted::Authenticated(identity, user_slot)
             }
         },
@@ -182,6 +183,19 @@ pub async fn admit(
         admitted,
         slot,
     })
+}
+
+/// The user's connection slot, counted cluster-wide in cluster mode.
+async fn user_slot(app: &AppState, identity: &Identity) -> Result<UserSlot, Rejection> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.services.limits.acquire_user_then(
+        app.services.hub.backplane(),
+        identity.user.clone(),
+        Box::new(move |slot| {
+            let _ = tx.send(slot);
+        }),
+    );
+    rx.await.unwrap_or(Err(Rejection::ClusterUnavailable))
 }
 
 /// The token of an `Authorization: Bearer ...` header (scheme case-insensitive); other

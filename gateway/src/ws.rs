@@ -29,7 +29,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    adapter::{open_session, OpenedSession, WriteStats},
+    adapter::{open_session, woken, OpenedSession, WriteStats},
     admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
     linger::Lingering,
@@ -333,6 +333,7 @@ async fn run_session<IO>(
     let (sink, mut stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, outbox));
     let mut deadline = conn.poll(Instant::now().into_std());
+    let wake = conn.wake_signal();
     // Set once the read half yields nothing more; a received Close frame is not the end:
     // reading on lets tungstenite send its Close reply (else clients see 1006).
     let mut stream_ended = false;
@@ -380,6 +381,7 @@ async fn run_session<IO>(
                 }
             },
             () = sleep => deadline = conn.poll(Instant::now().into_std()),
+            () = woken(&wake) => conn.on_wake(Now::read()),
             () = handle.closed() => break,
         }
     }

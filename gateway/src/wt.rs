@@ -30,7 +30,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    adapter::{open_session, OpenedSession, WriteStats},
+    adapter::{open_session, woken, OpenedSession, WriteStats},
     admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
     state::AppState,
@@ -562,6 +562,7 @@ async fn run_session(
     let mut messages: FrameStream = Box::pin(stream::pending());
     let mut has_message_stream = false;
     let mut deadline = conn.poll(Instant::now().into_std());
+    let wake = conn.wake_signal();
     loop {
         let timer = async move {
             match deadline {
@@ -638,6 +639,7 @@ async fn run_session(
                 }
             },
             () = timer => deadline = conn.poll(Instant::now().into_std()),
+            () = woken(&wake) => conn.on_wake(Now::read()),
             () = tokio::time::sleep_until(stream_deadline), if !has_message_stream => {
                 conn.close(CloseReason::new(CloseCode::ProtocolError, "no message stream opened"));
             }

@@ -201,9 +201,9 @@ async fn a_client_recovers_on_another_node_and_direct_messages_cross_nodes() {
 async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
     within(90, async {
         let mut redis = RedisServer::start().await;
-        let a = TestGateway::start(&node_config(&redis)).await;
-        let b = TestGateway::start(&node_config(&redis)).await;
-        let (mut member, _) = b.ws_welcomed("/chat").await;
+        let a = TestGateway::start(&node_config_beating(&redis, 1)).await;
+        let b = TestGateway::start(&node_config_beating(&redis, 1)).await;
+        let (mut member, member_welcome) = b.ws_welcomed("/chat").await;
         member.join("c-outage").await;
         let (mut publisher, _) = a.ws_welcomed("/chat").await;
         let ack = publisher
@@ -244,6 +244,15 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
             member.request(json!({"type":"ping","id":5})).await["type"],
             "pong"
         );
+        // A join the cluster cannot take is refused and leaves nothing behind.
+        let refused = member
+            .request(json!({"type":"join","room":"c-elsewhere","id":6}))
+            .await;
+        assert_eq!(refused["code"], "internal", "{refused}");
+        let leave = member
+            .request(json!({"type":"leave","room":"c-elsewhere","id":7}))
+            .await;
+        assert_eq!(leave["code"], "not_member", "{leave}");
 
         redis.restart().await;
         // Delivery resumes: the nodes reconnect and re-subscribe by themselves.
@@ -263,6 +272,29 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
         assert_eq!(m["data"], "back", "{m}");
         let (status, body) = a.https("GET", "/healthz", &[], "").await;
         assert_eq!((status, body.as_str()), (200, "ok"));
+        // Redis came back without its data: node B notices its liveness had expired and
+        // lists its member again, so presence on node A sees it.
+        let mut listed = Value::Null;
+        for _ in 0..100 {
+            let (status, body) = a
+                .https(
+                    "GET",
+                    "/api/rooms/c-outage",
+                    &[("Authorization", "Bearer k")],
+                    "",
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            listed = serde_json::from_str(&body).unwrap();
+            if listed["members"].as_array().is_some_and(|m| !m.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            listed["members"][0]["user"], member_welcome["user"],
+            "{listed}"
+        );
     })
     .await;
 }
@@ -419,6 +451,99 @@ async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
             "{statuses:?}"
         );
         assert!(statuses[15..].iter().all(|s| *s == 429), "{statuses:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_connection_limit_holds_across_nodes_and_transports() {
+    within(90, async {
+        let redis = RedisServer::start().await;
+        let config = format!(
+            "{AUTH_SECTION}[limits]\nmax_connections_per_user = 2\n[cluster]\nredis = \"{}\"\n\
+             [[endpoint]]\npath = \"/chat\"\n\
+             [[endpoint]]\npath = \"/fm\"\nauth = \"first-message\"\nauth_timeout_secs = 20\n",
+            redis.url()
+        );
+        let a = TestGateway::start(&config).await;
+        let b = TestGateway::start(&config).await;
+        let jwt = token("uma", 300, json!({}));
+        let chat = format!("/chat?token={jwt}");
+        // One session on each node, one per transport.
+        let (first, _) = a.ws_welcomed(&chat).await;
+        let (_second, welcome) = b.wt_welcomed(&chat).await;
+        assert_eq!(welcome["user"], "uma");
+        for node in [&a, &b] {
+            let e = node.ws(&chat).await.err().expect("over the limit");
+            assert_eq!(http_status(&e), Some(429), "{e}");
+        }
+        // Other users are not affected.
+        b.ws_welcomed(&format!("/chat?token={}", token("vic", 300, json!({}))))
+            .await;
+
+        // First-message auth over the limit: `limit_exceeded`, the session stays pending,
+        // and a join sent right behind the auth is handled after it (still unauthorized).
+        let mut pending = b.ws("/fm").await.unwrap();
+        pending
+            .send(json!({"type":"auth","id":1,"token":jwt}))
+            .await;
+        pending
+            .send(json!({"type":"join","room":"c-limit","id":2}))
+            .await;
+        let refused = pending.recv().await;
+        assert_eq!(
+            (refused["code"].as_str(), refused["id"].as_i64()),
+            (Some("limit_exceeded"), Some(1)),
+            "{refused}"
+        );
+        let join = pending.recv().await;
+        assert_eq!(
+            (join["code"].as_str(), join["id"].as_i64()),
+            (Some("unauthorized"), Some(2)),
+            "{join}"
+        );
+
+        // A session on node A ends: its place is free on node B.
+        drop(first);
+        let mut admitted = false;
+        for attempt in 0..50 {
+            pending
+                .send(json!({"type":"auth","id":10 + attempt,"token":jwt}))
+                .await;
+            pending
+                .send(json!({"type":"join","room":"c-limit","id":100 + attempt}))
+                .await;
+            let reply = pending.recv().await;
+            if reply["type"] == "ack" {
+                assert_eq!(reply["id"], 10 + attempt);
+                let welcome = pending.recv().await;
+                assert_eq!(
+                    (welcome["type"].as_str(), welcome["user"].as_str()),
+                    (Some("welcome"), Some("uma")),
+                    "{welcome}"
+                );
+                let join = pending.recv().await;
+                assert_eq!(
+                    (join["type"].as_str(), join["id"].as_i64()),
+                    (Some("ack"), Some(100 + attempt)),
+                    "the join queued behind the auth runs after it: {join}"
+                );
+                admitted = true;
+                break;
+            }
+            assert_eq!(reply["code"], "limit_exceeded", "{reply}");
+            assert_eq!(pending.recv().await["code"], "unauthorized");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            admitted,
+            "the released slot must be usable on the other node"
+        );
+        // The user is at the limit again, on both nodes.
+        for node in [&a, &b] {
+            let e = node.ws(&chat).await.err().expect("over the limit");
+            assert_eq!(http_status(&e), Some(429), "{e}");
+        }
     })
     .await;
 }

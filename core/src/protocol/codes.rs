@@ -173,7 +173,8 @@ pub enum Rejection {
     TooManyForUser,
     /// The server is shutting down (503).
     ShuttingDown,
-    /// A ticket could not be checked because the cluster store is unreachable (503).
+    /// A ticket or the per-user count could not be checked because the cluster store is
+    /// unreachable (503).
     ClusterUnavailable,
 }
 
@@ -217,7 +218,7 @@ impl Rejection {
             Rejection::TooManyForUser => "too many connections for this user",
             Rejection::ShuttingDown => "shutting down",
             Rejection::ClusterUnavailable => {
-                "cluster unavailable: the credential cannot be checked"
+                "cluster unavailable: the credential or the connection count cannot be checked"
             }
         }
     }

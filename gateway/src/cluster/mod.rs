@@ -10,7 +10,7 @@
 mod wire;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, OnceLock, Weak,
@@ -103,6 +103,19 @@ enum Command {
         bool,
         Completion<Result<Option<String>, ClusterUnavailable>>,
     ),
+    AcquireUser(String, usize, Completion<Result<bool, ClusterUnavailable>>),
+    ReleaseUser(String),
+    /// This node's liveness had expired: list its members and session counts again.
+    Reannounce,
+}
+
+/// What this node has told Redis it holds, so that it can say it again after a sweep.
+#[derive(Default)]
+struct Announced {
+    /// Room memberships: (room, session) to the member and its presence-events flag.
+    members: HashMap<(RoomName, String), (MemberInfo, bool)>,
+    /// Sessions per user counted towards the cluster-wide limit.
+    users: HashMap<String, u32>,
 }
 
 /// State the worker and the subscriber share.
@@ -116,6 +129,10 @@ struct Shared {
     hub: OnceLock<Weak<Hub>>,
     policies: RoomPolicies,
     node: String,
+    /// This node's liveness expired and it has not been announced again since.
+    announce_owed: AtomicBool,
+    /// A [`Command::Reannounce`] waits in the worker's queue.
+    announce_queued: AtomicBool,
 }
 
 /// The Redis backplane.
@@ -150,10 +167,17 @@ impl RedisCluster {
             hub: OnceLock::new(),
             policies,
             node: node.to_owned(),
+            announce_owed: AtomicBool::new(false),
+            announce_queued: AtomicBool::new(false),
         });
         tokio::spawn(work(client.clone(), rx, shared.clone()));
         tokio::spawn(subscribe(client.clone(), shared.clone()));
-        tokio::spawn(keep_alive(client, shared.clone(), heartbeat));
+        tokio::spawn(keep_alive(
+            client,
+            shared.clone(),
+            heartbeat,
+            commands.clone(),
+        ));
         Ok(Arc::new(Self { commands, shared }))
     }
 
@@ -289,6 +313,19 @@ impl Cluster for RedisCluster {
     fn close_user(&self, user: &str) {
         self.run(Command::CloseUser(user.to_owned()));
     }
+
+    fn acquire_user(
+        &self,
+        user: &str,
+        max: usize,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    ) {
+        self.run(Command::AcquireUser(user.to_owned(), max, done));
+    }
+
+    fn release_user(&self, user: &str) {
+        self.run(Command::ReleaseUser(user.to_owned()));
+    }
 }
 
 /// The command connection, or why there is none.
@@ -312,6 +349,7 @@ async fn work(
     let scripts = wire::Scripts::new();
     let mut conn: Option<ConnectionManager> = None;
     let mut swept_own = false;
+    let mut announced = Announced::default();
     while let Some(command) = rx.recv().await {
         if conn.is_none() {
             conn = command_connection(&client).await;
@@ -356,6 +394,10 @@ async fn work(
             }
             Command::CloseUser(user) => stop_listening(&shared, Channel::User(user).name()).await,
             Command::Enter(room, member, events) => {
+                announced.members.insert(
+                    (room.clone(), member.session.clone()),
+                    (member.clone(), events),
+                );
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = scripts.enter(c, &shared.node, &room, &member, events).await {
                         warn!(error = %e, "listing a member in redis failed");
@@ -363,6 +405,9 @@ async fn work(
                 }
             }
             Command::Exit(room, member, events) => {
+                announced
+                    .members
+                    .remove(&(room.clone(), member.session.clone()));
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = scripts.exit(c, &shared.node, &room, &member, events).await {
                         warn!(error = %e, "removing a member from redis failed");
@@ -403,6 +448,55 @@ async fn work(
                 .await;
                 done(result);
             }
+            Command::AcquireUser(user, max, done) => {
+                let held = announced.users.get(&user).copied().unwrap_or(0);
+                let result = async {
+                    let c = connected(&mut conn)?;
+                    scripts
+                        .count_user(c, &shared.node, &user, held + 1, Some(max))
+                        .await
+                }
+                .await;
+                if let Ok(true) = result {
+                    announced.users.insert(user, held + 1);
+                } else if let (Err(_), Some(c)) = (&result, conn.as_mut()) {
+                    // Whether Redis counted it is unknown: say again what this node holds.
+                    let _ = scripts.count_user(c, &shared.node, &user, held, None).await;
+                }
+                done(result);
+            }
+            Command::ReleaseUser(user) => {
+                let held = announced.users.get(&user).copied().unwrap_or(0);
+                let left = held.saturating_sub(1);
+                if left == 0 {
+                    announced.users.remove(&user);
+                } else {
+                    announced.users.insert(user.clone(), left);
+                }
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = scripts.count_user(c, &shared.node, &user, left, None).await {
+                        warn!(error = %e, "uncounting a session in redis failed");
+                    }
+                }
+            }
+            Command::Reannounce => {
+                shared.announce_queued.store(false, Ordering::Release);
+                if let Some(c) = conn.as_mut() {
+                    match reannounce(&scripts, c, &shared.node, &announced).await {
+                        Ok(()) => {
+                            shared.announce_owed.store(false, Ordering::Release);
+                            info!(
+                                members = announced.members.len(),
+                                users = announced.users.len(),
+                                "liveness had expired: members and session counts announced again"
+                            );
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "announcing members again failed; retried next heartbeat");
+                        }
+                    }
+                }
+            }
             Command::Members(room, done) => {
                 let result = async {
                     let c = connected(&mut conn)?;
@@ -415,8 +509,31 @@ async fn work(
     }
 }
 
+/// Lists again every membership and session count this node holds.
+async fn reannounce(
+    scripts: &wire::Scripts,
+    conn: &mut ConnectionManager,
+    node: &str,
+    announced: &Announced,
+) -> Result<(), ClusterUnavailable> {
+    for ((room, _), (member, events)) in &announced.members {
+        scripts.enter(conn, node, room, member, *events).await?;
+    }
+    for (user, count) in &announced.users {
+        scripts.count_user(conn, node, user, *count, None).await?;
+    }
+    Ok(())
+}
+
 /// Refreshes this node's liveness every `heartbeat` and sweeps dead nodes' memberships.
-async fn keep_alive(client: redis::Client, shared: Arc<Shared>, heartbeat: Duration) {
+/// When its own liveness had expired (Redis unreachable for three heartbeats, or restarted
+/// without its data), other nodes may have swept it: the worker announces it again.
+async fn keep_alive(
+    client: redis::Client,
+    shared: Arc<Shared>,
+    heartbeat: Duration,
+    commands: mpsc::UnboundedSender<Command>,
+) {
     let scripts = wire::Scripts::new();
     let mut conn: Option<ConnectionManager> = None;
     let mut tick = tokio::time::interval(heartbeat);
@@ -427,8 +544,18 @@ async fn keep_alive(client: redis::Client, shared: Arc<Shared>, heartbeat: Durat
             conn = command_connection(&client).await;
         }
         let Some(c) = conn.as_mut() else { continue };
-        if let Err(e) = scripts.heartbeat(c, &shared.node, heartbeat).await {
-            warn!(error = %e, "cluster heartbeat failed");
+        match scripts.heartbeat(c, &shared.node, heartbeat).await {
+            Ok(expired) => {
+                if expired {
+                    shared.announce_owed.store(true, Ordering::Release);
+                }
+                if shared.announce_owed.load(Ordering::Acquire)
+                    && !shared.announce_queued.swap(true, Ordering::AcqRel)
+                {
+                    let _ = commands.send(Command::Reannounce);
+                }
+            }
+            Err(e) => warn!(error = %e, "cluster heartbeat failed"),
         }
     }
 }

@@ -87,6 +87,17 @@ fn node_members_key(node: &str) -> String {
     format!("gw:node:{node}:members")
 }
 
+/// The set of users with sessions on a node, for the sweep after it died.
+fn node_users_key(node: &str) -> String {
+    format!("gw:node:{node}:users")
+}
+
+/// A user's sessions per node (field: node id, value: its count), for the cluster-wide
+/// per-user connection limit.
+fn user_sessions_key(user: &str) -> String {
+    format!("gw:{{user:{user}}}:sessions")
+}
+
 /// One membership as a node's set holds it: events flag, room, session, user.
 fn membership(room: &RoomName, member: &MemberInfo, events: bool) -> String {
     format!(
@@ -289,16 +300,19 @@ pub(super) struct Scripts {
     exit: Script,
     sweep: Script,
     issue_ticket: Script,
+    count_user: Script,
 }
 
 /// A session enters a room: listed, counted per user, remembered by its node; the user's
-/// first session there cluster-wide is announced.
+/// first session there cluster-wide is announced. Entering again changes nothing (a node
+/// re-announces its members after it was swept).
 const ENTER: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[6])
 -- A node with members is always in the registry the sweep reads.
 redis.call('SADD', KEYS[4], ARGV[7])
+if added == 0 then return 0 end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 if n == 1 and ARGV[5] == '1' then
   redis.call('PUBLISH', ARGV[4], 'P join ' .. ARGV[3])
 end
@@ -317,9 +331,37 @@ end
 return 1
 "#;
 
-/// Removes every membership of a node (dead, or restarting under the same id), with the
-/// `leave` events its users' last sessions call for.
+/// Sets this node's session count of a user (KEYS[1], field ARGV[1]) to ARGV[2] unless
+/// that takes the user's count over all nodes past ARGV[3] (`-1`: no check); remembers
+/// the user in the node's set (KEYS[2]) and the node in the registry (KEYS[3]). Setting
+/// rather than incrementing makes a retry, or a re-announcement, exact.
+const COUNT_USER: &str = r#"
+local count, max = tonumber(ARGV[2]), tonumber(ARGV[3])
+if max >= 0 then
+  local total = count - tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+  if total > max then return 0 end
+end
+if count > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], count)
+  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('SADD', KEYS[3], ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[4])
+end
+return 1
+"#;
+
+/// Removes every membership and session count of a node (dead, or restarting under the
+/// same id), with the `leave` events its users' last sessions call for. A node whose
+/// liveness key (KEYS[3]) is back is not dead: it is left alone.
 const SWEEP: &str = r#"
+if ARGV[2] == 'dead' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+for _, user in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('HDEL', 'gw:{user:' .. user .. '}:sessions', ARGV[1])
+end
+redis.call('DEL', KEYS[4])
 local entries = redis.call('SMEMBERS', KEYS[1])
 for _, e in ipairs(entries) do
   local events, room, session, user = string.match(e, '^(.-)\n(.-)\n(.-)\n(.*)$')
@@ -404,7 +446,33 @@ impl Scripts {
             exit: Script::new(EXIT),
             sweep: Script::new(SWEEP),
             issue_ticket: Script::new(ISSUE_TICKET),
+            count_user: Script::new(COUNT_USER),
         }
+    }
+
+    /// Sets this node's session count of `user` (see [`COUNT_USER`]); with `max`, only
+    /// when the user's count over all nodes stays within it. `false`: refused.
+    pub(super) async fn count_user(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+        user: &str,
+        count: u32,
+        max: Option<usize>,
+    ) -> Result<bool, ClusterUnavailable> {
+        let set: i64 = self
+            .count_user
+            .key(user_sessions_key(user))
+            .key(node_users_key(node))
+            .key(NODES)
+            .arg(node)
+            .arg(count)
+            .arg(max.map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)))
+            .arg(user)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(set == 1)
     }
 
     /// Stores a ticket (see [`ISSUE_TICKET`]); `false` when the user is at the limit.
@@ -500,26 +568,27 @@ impl Scripts {
     }
 
     /// Refreshes this node's liveness (for three heartbeats) and sweeps the memberships
-    /// of nodes whose liveness expired.
+    /// of nodes whose liveness expired. Returns whether this node's own liveness had
+    /// expired (it may have been swept: its members must be announced again).
     pub(super) async fn heartbeat(
         &self,
         conn: &mut ConnectionManager,
         node: &str,
         heartbeat: std::time::Duration,
-    ) -> Result<(), ClusterUnavailable> {
+    ) -> Result<bool, ClusterUnavailable> {
         let ttl = (heartbeat.as_millis() as u64 * 3).max(1);
-        redis::pipe()
+        let (previous,): (Option<String>,) = redis::pipe()
             .cmd("SET")
             .arg(node_key(node))
             .arg(1)
             .arg("PX")
             .arg(ttl)
-            .ignore()
+            .arg("GET")
             .cmd("SADD")
             .arg(NODES)
             .arg(node)
             .ignore()
-            .query_async::<()>(conn)
+            .query_async(conn)
             .await
             .map_err(unavailable)?;
         let nodes: Vec<String> = redis::cmd("SMEMBERS")
@@ -537,7 +606,7 @@ impl Scripts {
                 self.sweep(conn, other, true).await?;
             }
         }
-        Ok(())
+        Ok(previous.is_none())
     }
 
     /// Removes every membership of `node` (see [`SWEEP`]); a dead node also leaves the
@@ -547,10 +616,12 @@ impl Scripts {
         conn: &mut ConnectionManager,
         node: &str,
         dead: bool,
-    ) -> Result<usize, ClusterUnavailable> {
+    ) -> Result<i64, ClusterUnavailable> {
         self.sweep
             .key(node_members_key(node))
             .key(NODES)
+            .key(node_key(node))
+            .key(node_users_key(node))
             .arg(node)
             .arg(if dead { "dead" } else { "keep" })
             .invoke_async(conn)
