@@ -439,11 +439,7 @@ async fn work(
             Command::Ticket(ticket, redeem, done) => {
                 let result = async {
                     let c = connected(&mut conn)?;
-                    redis::cmd(if redeem { "GETDEL" } else { "GET" })
-                        .arg(wire::ticket_key(&ticket))
-                        .query_async::<Option<String>>(c)
-                        .await
-                        .map_err(unavailable)
+                    scripts.ticket(c, &ticket, redeem).await
                 }
                 .await;
                 done(result);

@@ -200,7 +200,7 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
 }
 
 /// A ticket's key.
-pub(super) fn ticket_key(ticket: &str) -> String {
+fn ticket_key(ticket: &str) -> String {
     format!("gw:ticket:{ticket}")
 }
 
@@ -254,7 +254,7 @@ impl TicketRequest {
         };
         Self {
             ticket_key: ticket_key(ticket),
-            count_key: format!("gw:{{user:{}}}:tickets", identity.user),
+            count_key: ticket_count_key(&identity.user),
             identity: serde_json::to_string(&stored).expect("plain struct"),
             ttl_ms: (ttl.as_millis() as u64).max(1),
             max_per_user,
@@ -273,6 +273,17 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 "#;
+
+/// A redeemed ticket no longer counts towards its user's cap.
+const UNCOUNT_TICKET: &str = r#"
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+return 1
+"#;
+
+/// The key counting a user's unredeemed tickets.
+fn ticket_count_key(user: &str) -> String {
+    format!("gw:{{user:{user}}}:tickets")
+}
 
 /// An API disconnect for every node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -300,6 +311,7 @@ pub(super) struct Scripts {
     exit: Script,
     sweep: Script,
     issue_ticket: Script,
+    uncount_ticket: Script,
     count_user: Script,
 }
 
@@ -446,8 +458,37 @@ impl Scripts {
             exit: Script::new(EXIT),
             sweep: Script::new(SWEEP),
             issue_ticket: Script::new(ISSUE_TICKET),
+            uncount_ticket: Script::new(UNCOUNT_TICKET),
             count_user: Script::new(COUNT_USER),
         }
+    }
+
+    /// A ticket's stored identity; with `redeem`, consumed (`GETDEL`, once on any node)
+    /// and no longer counted towards its user's cap.
+    pub(super) async fn ticket(
+        &self,
+        conn: &mut ConnectionManager,
+        ticket: &str,
+        redeem: bool,
+    ) -> Result<Option<String>, ClusterUnavailable> {
+        let stored: Option<String> = redis::cmd(if redeem { "GETDEL" } else { "GET" })
+            .arg(ticket_key(ticket))
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let redeemed_by = stored
+            .as_deref()
+            .filter(|_| redeem)
+            .and_then(|s| serde_json::from_str::<StoredIdentity>(s).ok());
+        if let Some(identity) = redeemed_by {
+            // Best effort: the ticket is redeemed whether or not this succeeds.
+            let _ = self
+                .uncount_ticket
+                .key(ticket_count_key(&identity.user))
+                .invoke_async::<i64>(conn)
+                .await;
+        }
+        Ok(stored)
     }
 
     /// Sets this node's session count of `user` (see [`COUNT_USER`]); with `max`, only
