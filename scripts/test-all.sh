@@ -24,6 +24,9 @@ if [ -f tests/js/package-lock.json ] && [ ! -d tests/js/node_modules ]; then
   (cd tests/js && npm ci --silent --no-audit --no-fund)
 fi
 
+# The browser client's protocol logic, under Node's test runner.
+node --test clients/js/test/
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked

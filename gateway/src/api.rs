@@ -29,6 +29,7 @@ use serde_json::{json, value::RawValue};
 
 use crate::{
     admission::{bearer, ConnectionPermit},
+    assets,
     state::AppState,
     ws,
 };
@@ -59,7 +60,9 @@ pub fn router(app: Arc<AppState>) -> Router {
             .layer(middleware::from_fn_with_state(app.clone(), require_api_key))
     };
     Router::new()
-        .route("/", get(demo_page))
+        .route("/", get(assets::demo_page))
+        .route("/client.js", get(assets::client_js))
+        .route("/client.d.ts", get(assets::client_dts))
         .route("/healthz", get(healthz))
         .route(
             "/api/tickets",
@@ -168,19 +171,6 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::OK, "ok").into_response()
     }
-}
-
-/// The demo page; in dev mode it carries the dev certificate's hash for WebTransport.
-async fn demo_page(State(app): State<Arc<AppState>>) -> Response {
-    let page = include_str!("../assets/index.html").replace(
-        "__CERT_SHA256__",
-        app.dev_cert_sha256.as_deref().unwrap_or(""),
-    );
-    (
-        [(http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        page,
-    )
-        .into_response()
 }
 
 async fn endpoint_or_not_found(State(app): State<Arc<AppState>>, req: Request) -> Response {

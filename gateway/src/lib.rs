@@ -4,6 +4,7 @@
 mod adapter;
 pub mod admission;
 pub mod api;
+pub mod assets;
 pub mod cluster;
 pub mod config;
 pub mod linger;

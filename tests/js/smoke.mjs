@@ -2,25 +2,11 @@
 // session (trusting the dev certificate by its hash) and a WebSocket (trusting it by its
 // SPKI hash), exchange framed messages, and chat across the two transports in one room.
 // Usage: node smoke.mjs PORT CERT_SHA256_HEX SPKI_SHA256_BASE64  -> prints one JSON line.
-import { chromium } from "playwright-core";
-import { execSync } from "node:child_process";
-import fs from "node:fs";
-import os from "node:os";
-import path from "node:path";
+import { launchChromium } from "./browser.mjs";
 
 const [port, certHash, spki] = process.argv.slice(2);
-const executablePath = process.env.CHROMIUM || execSync("command -v chromium").toString().trim();
-const profile = fs.mkdtempSync(path.join(os.tmpdir(), "gw-chromium-"));
-const browser = await chromium.launch({
-  executablePath,
-  ignoreDefaultArgs: true,
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    `--user-data-dir=${profile}`, "--remote-debugging-pipe",
-    `--ignore-certificate-errors-spki-list=${spki}`,
-  ],
-});
+const chromium = await launchChromium(spki);
+const browser = chromium.browser;
 try {
   const page = await browser.newPage();
   await page.goto(`https://127.0.0.1:${port}/`);
@@ -88,6 +74,5 @@ try {
   }, { port, certHash });
   console.log(JSON.stringify(result));
 } finally {
-  await browser.close();
-  fs.rmSync(profile, { recursive: true, force: true });
+  await chromium.close();
 }

@@ -198,7 +198,7 @@ pub async fn https_head(addr: SocketAddr, cert: &Path, path: &str) -> anyhow::Re
 }
 
 /// One request over a fresh TLS connection (`Connection: close`): the response head and body.
-async fn https_exchange(
+pub async fn https_exchange(
     addr: SocketAddr,
     cert: &Path,
     method: &str,

@@ -194,3 +194,74 @@ async fn server_api_refuses_wrong_or_missing_keys() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_is_served_with_its_content_hash_over_both_protocols() {
+    within(30, async {
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let source = include_str!("../../clients/js/client.js");
+        let header = |head: &str, name: &str| {
+            head.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                })
+                .unwrap_or_default()
+        };
+        let (head, body) = https_exchange(gw.addr, &gw.cert_path, "GET", "/client.js", &[], "")
+            .await
+            .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, source);
+        assert_eq!(
+            header(&head, "content-type"),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(header(&head, "access-control-allow-origin"), "*");
+        assert_eq!(header(&head, "cache-control"), "public, no-cache");
+        let etag = header(&head, "etag");
+        assert!(etag.len() == 34 && etag.starts_with('"'), "{etag}");
+
+        // Revalidation: 304 without a body while the binary (and so the file) is the same.
+        let (head, body) = https_exchange(
+            gw.addr,
+            &gw.cert_path,
+            "GET",
+            "/client.js",
+            &[("If-None-Match", &etag)],
+            "",
+        )
+        .await
+        .unwrap();
+        assert!(head.starts_with("HTTP/1.1 304"), "{head}");
+        assert_eq!(header(&head, "etag"), etag);
+        assert!(body.is_empty());
+        let (head, _) = https_exchange(
+            gw.addr,
+            &gw.cert_path,
+            "GET",
+            "/client.js",
+            &[("If-None-Match", "\"stale\"")],
+            "",
+        )
+        .await
+        .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+        let (head, body) = https_exchange(gw.addr, &gw.cert_path, "GET", "/client.d.ts", &[], "")
+            .await
+            .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            body.contains("export function connect(url: string"),
+            "{body}"
+        );
+        assert_ne!(header(&head, "etag"), etag);
+
+        let (status, body) = h3_get(gw.udp_port(), &gw.cert_path, "/client.js")
+            .await
+            .unwrap();
+        assert_eq!((status, body.len()), (200, source.len()));
+    })
+    .await;
+}

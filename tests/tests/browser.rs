@@ -1,10 +1,79 @@
 //! Headless Chromium (Debian `chromium`, driven by Playwright) against the real gateway:
-//! a WebTransport session trusted through `serverCertificateHashes` and a wss connection
-//! trusted through the SPKI hash chat in the same room.
+//! raw WebTransport and wss sessions chat in one room (`smoke.mjs`), and the browser
+//! client `/client.js` in each scenario of `client-scenarios.mjs`: mixed transports, the
+//! fallback, moving back up to WebTransport, datagrams, and the demo page.
 
 use std::{path::Path, process::Command};
 
 use gateway_tests::*;
+use serde_json::{json, Value};
+
+/// The SPKI hash (base64) of a test gateway's dev certificate, as Chromium's flag takes it.
+fn spki(gw: &TestGateway) -> String {
+    gw.server
+        .as_ref()
+        .unwrap()
+        .dev_cert
+        .as_ref()
+        .unwrap()
+        .spki_sha256
+        .clone()
+}
+
+/// Runs one scenario of `client-scenarios.mjs` against `gw` and returns its JSON line.
+async fn scenario(name: &str, gw: &TestGateway, extra: Value) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
+    );
+    let mut args = json!({
+        "port": gw.addr.port(),
+        "certHash": gw.cert_sha256,
+        "spki": spki(gw),
+    });
+    args.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let name = name.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("client-scenarios.mjs")
+            .arg(&name)
+            .arg(args.to_string())
+            .current_dir(&dir)
+            .output()
+            .expect("node runs (is Node.js installed?)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "scenario failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON line")
+}
+
+fn events<'a>(page: &'a Value, name: &str) -> Vec<&'a Value> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == name)
+        .collect()
+}
+
+/// The `data` of each room message a page received.
+fn datas(page: &Value) -> Vec<Value> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_opens_webtransport_and_wss_and_they_chat() {
@@ -15,15 +84,7 @@ async fn chromium_opens_webtransport_and_wss_and_they_chat() {
             "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
         );
         let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
-        let spki = gw
-            .server
-            .as_ref()
-            .unwrap()
-            .dev_cert
-            .as_ref()
-            .unwrap()
-            .spki_sha256
-            .clone();
+        let spki = spki(&gw);
         let port = gw.addr.port().to_string();
         let sha = gw.cert_sha256.clone();
         let output = tokio::task::spawn_blocking(move || {
@@ -54,6 +115,157 @@ async fn chromium_opens_webtransport_and_wss_and_they_chat() {
         assert_eq!(r["fromWs"]["from"], r["wsWelcome"]["user"]);
         assert_eq!(r["fromWt"]["data"], "from webtransport");
         assert_eq!(r["fromWt"]["from"], r["welcome"]["user"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_on_webtransport_and_the_client_on_websocket_chat_in_json_and_binary() {
+    within(120, async {
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let r = scenario("mixed", &gw, json!({})).await;
+        assert_eq!(r["wt"]["transport"], "webtransport");
+        assert_eq!(r["ws"]["transport"], "websocket");
+        let reason = |page: &Value| events(page, "transport")[0]["reason"].clone();
+        assert_eq!(reason(&r["wt"]), "preferred");
+        assert_eq!(reason(&r["ws"]), "preferred");
+        for ack in r["acks"].as_array().unwrap() {
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        assert_eq!(
+            datas(&r["ws"]),
+            vec![
+                json!({"text":"from webtransport"}),
+                json!({"binary":[1,2,3,255]})
+            ]
+        );
+        assert_eq!(
+            datas(&r["wt"]),
+            vec![json!({"text":"from websocket"}), json!({"binary":[4,5,0]})]
+        );
+        let seqs: Vec<u64> = r["wt"]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![3, 4], "the room's sequence");
+        let open = events(&r["ws"], "open")[0];
+        assert!(
+            open["user"].as_str().unwrap().starts_with("anon-"),
+            "{open}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_falls_back_to_websocket_when_webtransport_is_off_or_blackholed() {
+    within(120, async {
+        let gw = TestGateway::start(
+            "webtransport = false\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n",
+        )
+        .await;
+        let off = scenario("fallback", &gw, json!({})).await;
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let blackholed = scenario("fallback", &gw, json!({"holdUdp": true})).await;
+        for (page, reasons) in [
+            (&off, &["refused", "timeout"][..]),
+            (&blackholed, &["timeout"][..]),
+        ] {
+            assert_eq!(page["transport"], "websocket", "{page}");
+            let transport = events(page, "transport");
+            assert_eq!(transport.len(), 1, "{page}");
+            assert!(
+                reasons.contains(&transport[0]["reason"].as_str().unwrap()),
+                "{page}"
+            );
+            // Within webtransportTimeoutMs (3 s) + 1 s.
+            let at = events(page, "open")[0]["at"].as_u64().unwrap();
+            assert!(at < 4000, "opened after {at} ms");
+            assert_eq!(page["ack"]["type"], "ack");
+            assert_eq!(datas(page), vec![json!("still works")]);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_fell_back_moves_up_to_webtransport_without_loss_or_duplicates() {
+    within(150, async {
+        let gw = TestGateway::start(
+            "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 1000\nrate_burst = 1000\n[[room]]\npattern = \"*\"\nhistory = 1000\nhistory_ttl_secs = 60\n",
+        )
+        .await;
+        let r = scenario("reprobe", &gw, json!({})).await;
+        assert_eq!(r["transport"], "webtransport", "{}", r["events"]);
+        let transports: Vec<(Value, Value)> = events(&r, "transport")
+            .iter()
+            .map(|e| (e["transport"].clone(), e["reason"].clone()))
+            .collect();
+        assert_eq!(
+            transports,
+            vec![
+                (json!("websocket"), json!("timeout")),
+                (json!("webtransport"), json!("reprobe"))
+            ]
+        );
+        assert_eq!(events(&r, "open").len(), 2, "one open per session");
+        assert!(events(&r, "resync").is_empty());
+        let received: Vec<u64> = datas(&r).iter().map(|d| d.as_u64().unwrap()).collect();
+        let first = received[0];
+        let expected: Vec<u64> = (first..first + received.len() as u64).collect();
+        assert_eq!(received, expected, "no gap and no duplicate across the switch");
+        assert!(received.len() as u64 >= r["switchedAt"].as_u64().unwrap() + 40);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_publishes_reach_another_webtransport_page_as_datagrams() {
+    within(120, async {
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let r = scenario("volatile", &gw, json!({})).await;
+        for ack in r["acks"].as_array().unwrap() {
+            assert_eq!(ack["type"], "ack");
+            assert!(ack.get("seq").is_none(), "volatile: no seq {ack}");
+        }
+        let to = &r["to"];
+        assert!(
+            to["stats"]["datagrams"].as_u64().unwrap() >= 10,
+            "{}",
+            to["stats"]
+        );
+        for m in to["messages"].as_array().unwrap() {
+            assert_eq!(m["volatile"], true);
+            assert!(m.get("seq").is_none_or(Value::is_null));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tabs_chat_on_the_demo_page() {
+    within(120, async {
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/browser-artifacts")
+            .canonicalize()
+            .unwrap_or_else(|_| {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
+                std::fs::create_dir_all(&dir).unwrap();
+                dir
+            });
+        let r = scenario("demo", &gw, json!({"artifacts": artifacts})).await;
+        let tabs = r["tabs"].as_array().unwrap();
+        let text = |tab: &Value| tab["messages"].to_string();
+        assert!(text(&tabs[0]).contains("Grace") && text(&tabs[0]).contains("Hi Ada, Grace here"));
+        assert!(text(&tabs[1]).contains("Ada") && text(&tabs[1]).contains("Hello from Ada"));
+        assert_eq!(tabs[0]["transport"], "WebTransport");
+        for shot in r["shots"].as_array().unwrap() {
+            let size = std::fs::metadata(shot.as_str().unwrap()).unwrap().len();
+            assert!(size > 10_000, "{shot}: {size} bytes");
+        }
     })
     .await;
 }

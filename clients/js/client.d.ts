@@ -1,0 +1,126 @@
+// Declarations of the gateway's browser client (client.js). Checked by hand against the
+// implementation; the wire contract behind them is PROTOCOL.md.
+
+/** The two transports, in the names the server uses. */
+export type TransportName = "webtransport" | "websocket";
+
+/** Why the client is on the transport it reports. */
+export type TransportReason = "preferred" | "unsupported" | "timeout" | "refused" | "reprobe";
+
+/** A certificate hash as WebTransport takes it (for short-lived self-signed certificates). */
+export interface CertificateHash {
+  algorithm: "sha-256";
+  value: BufferSource;
+}
+
+export interface ConnectOptions {
+  /** A JWT sent as `?token=` on every attempt. */
+  token?: string;
+  /** Called before every attempt for a fresh one-time ticket (sent as `?ticket=`). */
+  getTicket?: () => Promise<string>;
+  /** Transports to try, in order. Default `["webtransport", "websocket"]`. */
+  transports?: TransportName[];
+  /** Passed to `new WebTransport()` (development certificates). */
+  serverCertificateHashes?: CertificateHash[];
+  /** How long a WebTransport attempt may take before falling back. Default 3000. */
+  webtransportTimeoutMs?: number;
+  /** Overrides of the URLs derived from the first argument of `connect`. */
+  urls?: { webtransport?: string; websocket?: string };
+  /** Exponential backoff with full jitter. Default `{ minDelayMs: 250, maxDelayMs: 10000 }`. */
+  reconnect?: { minDelayMs?: number; maxDelayMs?: number };
+  /** While on WebSocket, try WebTransport again this often (0 = never). Default 300000. */
+  reprobeMs?: number;
+  /** How long a request may wait for its reply, or for a connection. Default 30000. */
+  requestTimeoutMs?: number;
+  /** Requests that may wait for a connection at once. Default 1000. */
+  maxQueuedRequests?: number;
+}
+
+/** Data as the application passes it: binary travels as a binary envelope. */
+export type Data = unknown | ArrayBuffer | ArrayBufferView;
+
+/** A room message as a room handler receives it (binary data arrives as `Uint8Array`). */
+export interface RoomMessage {
+  room: string;
+  from?: string;
+  data: unknown | Uint8Array;
+  /** Absent for volatile messages. */
+  seq?: number;
+  volatile?: true;
+}
+
+/** The server's `ack` envelope; fields depend on the request. */
+export interface Ack {
+  type: "ack";
+  id: number;
+  room?: string;
+  seq?: number;
+  epoch?: string;
+  members?: number | Member[];
+  recovered?: boolean;
+  delivered?: boolean;
+}
+
+export interface Member {
+  user: string;
+  session: string;
+  transport: TransportName;
+}
+
+/**
+ * A rejected request: the server's `error` envelope, or one the client raises with code
+ * `timeout`, `connection_lost` (the session ended before the reply), `closed` or
+ * `limit_exceeded` (too many requests waiting for a connection).
+ */
+export interface ErrorEnvelope {
+  type: "error";
+  id?: number;
+  code: string;
+  message: string;
+}
+
+export interface ClientEvents {
+  /** Every new session: the first, every reconnection, and a re-probe switch. */
+  open: { transport: TransportName; session: string; user: string; node: string };
+  /** The first connection, and whenever the transport in use changes. */
+  transport: { transport: TransportName; reason: TransportReason };
+  /** Before each new attempt. */
+  reconnecting: { attempt: number; delayMs: number; code: number };
+  /** Every session that ends; `willReconnect` says whether the client goes on. */
+  close: { code: number; reason: string; willReconnect: boolean };
+  /** A room could not be recovered after a reconnection (`recovered: false`). */
+  resync: { room: string };
+  direct: { from?: string; data: unknown | Uint8Array };
+  presence: { room: string; event: "join" | "leave"; user: string };
+}
+
+export interface Client {
+  on<E extends keyof ClientEvents>(event: E, listener: (detail: ClientEvents[E]) => void): Client;
+  off<E extends keyof ClientEvents>(event: E, listener: (detail: ClientEvents[E]) => void): Client;
+  /** Joins `room`; `handler` gets its messages in `seq` order, once, across reconnections. */
+  join(room: string, handler?: (message: RoomMessage) => void): Promise<Ack>;
+  /** Resolves with the ack (with `seq` unless volatile); rejects with the error envelope. */
+  publish(room: string, data: Data, options?: { echo?: boolean; volatile?: boolean }): Promise<Ack>;
+  send(user: string, data: Data): Promise<Ack>;
+  presence(room: string): Promise<Ack>;
+  leave(room: string): Promise<Ack>;
+  /** The transport of the session in use, `null` between sessions. */
+  readonly transport: TransportName | null;
+  /** Envelopes received, and how many of them came as WebTransport datagrams. */
+  readonly stats: { envelopes: number; datagrams: number };
+  /** Closes with 1000; no reconnection; waiting requests reject with `closed`. */
+  close(): void;
+}
+
+/** Connects to the endpoint at `url` (`https://HOST:PORT/PATH`; `wss://` works too). */
+export function connect(url: string, options?: ConnectOptions): Client;
+
+/** Backoff delay of attempt `attempt` (0-based): uniform in [0, min(max, min * 2^attempt)]. */
+export function backoffDelay(
+  attempt: number,
+  bounds: { minDelayMs: number; maxDelayMs: number },
+  random?: () => number,
+): number;
+
+/** What a client does after close code `code`. */
+export function closeAction(code: number): "stay" | "reauth" | "reconnect";

@@ -1,0 +1,231 @@
+// The browser client (`/client.js`, served by the gateway) in headless Chromium, one
+// scenario per run. Usage:
+//   node client-scenarios.mjs SCENARIO '{"port":..,"certHash":"..","spki":"..",...}'
+// Prints one JSON line with what the pages observed; the Rust tests assert on it.
+import dgram from "node:dgram";
+import fs from "node:fs";
+import path from "node:path";
+import { launchChromium } from "./browser.mjs";
+
+const [scenario, argJson] = process.argv.slice(2);
+const args = JSON.parse(argJson);
+const origin = `https://127.0.0.1:${args.port}`;
+const chromium = await launchChromium(args.spki);
+
+/** A page on the gateway's origin (so `/client.js` is same-origin). */
+async function newPage() {
+  const page = await chromium.browser.newPage();
+  page.on("pageerror", (e) => console.error(`page error: ${e.message}`));
+  page.on("console", (m) => console.error(`console: ${m.text()}`));
+  await page.goto(`${origin}/healthz`);
+  return page;
+}
+
+/** Creates `window.t.client` with `options`; records every event and room message. */
+async function openClient(page, options = {}, url = `${origin}/chat`) {
+  await page.evaluate(
+    async ({ url, options, certHash }) => {
+      const { connect } = await import("/client.js");
+      const value = Uint8Array.from(certHash.match(/../g).map((h) => parseInt(h, 16)));
+      const plain = (d) => (d instanceof Uint8Array ? { binary: [...d] } : d);
+      const t = (window.t = { events: [], messages: [], start: performance.now() });
+      t.client = connect(url, {
+        serverCertificateHashes: [{ algorithm: "sha-256", value }],
+        ...options,
+      });
+      for (const event of ["open", "transport", "reconnecting", "close", "resync", "direct", "presence"]) {
+        t.client.on(event, (d) =>
+          t.events.push({ event, at: Math.round(performance.now() - t.start), ...d, data: plain(d.data) }));
+      }
+      t.handler = (m) => t.messages.push({ ...m, data: plain(m.data) });
+    },
+    { url, options, certHash: args.certHash },
+  );
+}
+
+/** Waits until `predicate` holds in `page`; a timeout names the condition and the page's state. */
+async function until(page, predicate, arg, timeout = 30000) {
+  try {
+    await page.waitForFunction(predicate, arg, { timeout, polling: 20 });
+  } catch (e) {
+    const seen = await page
+      .evaluate(() => JSON.stringify({ events: window.t?.events, messages: window.t?.messages?.length }))
+      .catch(() => "?");
+    throw new Error(`waiting for ${predicate} failed: ${e.message}; page state ${seen}`);
+  }
+}
+const opened = (page, n = 1) =>
+  until(page, (n) => window.t.events.filter((e) => e.event === "open").length >= n, n);
+const state = (page) =>
+  page.evaluate(() => ({
+    transport: window.t.client.transport,
+    events: window.t.events,
+    messages: window.t.messages,
+    stats: window.t.client.stats,
+  }));
+const join = (page, room) => page.evaluate((room) => window.t.client.join(room, window.t.handler), room);
+
+/** A UDP relay to the gateway's QUIC port that drops everything until `forward()`. */
+function udpRelay(target) {
+  const front = dgram.createSocket("udp4");
+  const upstreams = new Map();
+  let forwarding = false;
+  front.on("message", (msg, from) => {
+    if (!forwarding) return;
+    const key = `${from.address}:${from.port}`;
+    let up = upstreams.get(key);
+    if (!up) {
+      up = dgram.createSocket("udp4");
+      up.on("message", (reply) => front.send(reply, from.port, from.address));
+      up.bind(0, "127.0.0.1");
+      upstreams.set(key, up);
+    }
+    up.send(msg, target, "127.0.0.1");
+  });
+  return new Promise((resolve) =>
+    front.bind(0, "127.0.0.1", () =>
+      resolve({
+        port: front.address().port,
+        forward() {
+          forwarding = true;
+        },
+        close() {
+          front.close();
+          for (const up of upstreams.values()) up.close();
+        },
+      })));
+}
+
+const scenarios = {
+  /** A WebTransport page and a WebSocket-only page chat in one room, JSON and binary. */
+  async mixed() {
+    const wt = await newPage();
+    const ws = await newPage();
+    await openClient(wt);
+    await openClient(ws, { transports: ["websocket"] });
+    await Promise.all([opened(wt), opened(ws)]);
+    await join(wt, "mixed");
+    await join(ws, "mixed");
+    const publish = (page, data, binary) =>
+      page.evaluate(
+        ({ data, binary }) =>
+          window.t.client.publish("mixed", binary ? new Uint8Array(data) : data),
+        { data, binary },
+      );
+    const acks = [
+      await publish(wt, { text: "from webtransport" }, false),
+      await publish(wt, [1, 2, 3, 255], true),
+      await publish(ws, { text: "from websocket" }, false),
+      await publish(ws, [4, 5, 0], true),
+    ];
+    await until(wt, () => window.t.messages.length >= 2);
+    await until(ws, () => window.t.messages.length >= 2);
+    return { acks, wt: await state(wt), ws: await state(ws) };
+  },
+
+  /** The default client where WebTransport cannot connect (`args.udpPort` as given). */
+  async fallback() {
+    const page = await newPage();
+    const holder = args.holdUdp ? dgram.createSocket("udp4") : null;
+    let urls;
+    if (holder) {
+      await new Promise((r) => holder.bind(0, "127.0.0.1", r));
+      urls = { webtransport: `https://127.0.0.1:${holder.address().port}/chat` };
+    }
+    await openClient(page, { webtransportTimeoutMs: 3000, ...(urls ? { urls } : {}) });
+    await opened(page);
+    await join(page, "fallback");
+    const ack = await page.evaluate(() => window.t.client.publish("fallback", "still works", { echo: true }));
+    await until(page, () => window.t.messages.length >= 1);
+    holder?.close();
+    return { ack, ...(await state(page)) };
+  },
+
+  /** Fell back behind a dropping relay; moves up to WebTransport once it forwards. */
+  async reprobe() {
+    const relay = await udpRelay(args.port);
+    const page = await newPage();
+    const publisher = await newPage();
+    await openClient(publisher, { transports: ["websocket"] });
+    await openClient(page, {
+      urls: { webtransport: `https://127.0.0.1:${relay.port}/chat` },
+      webtransportTimeoutMs: 1000,
+      reprobeMs: 1000,
+    });
+    await Promise.all([opened(page), opened(publisher)]);
+    await join(page, "reprobe");
+    // A steady stream of messages across the switch.
+    await publisher.evaluate(() => {
+      let n = 0;
+      window.t.pump = setInterval(() => window.t.client.publish("reprobe", n++).catch(() => {}), 20);
+    });
+    await until(page, () => window.t.messages.length >= 20);
+    relay.forward();
+    await until(page, () => window.t.client.transport === "webtransport", undefined, 30000);
+    const switchedAt = await page.evaluate(() => window.t.messages.length);
+    await until(page, (n) => window.t.messages.length >= n + 40, switchedAt);
+    await publisher.evaluate(() => clearInterval(window.t.pump));
+    await new Promise((r) => setTimeout(r, 300));
+    const result = await state(page);
+    relay.close();
+    return { switchedAt, ...result };
+  },
+
+  /** Volatile publishes between two WebTransport pages travel as datagrams. */
+  async volatile() {
+    const from = await newPage();
+    const to = await newPage();
+    await openClient(from, { transports: ["webtransport"] });
+    await openClient(to, { transports: ["webtransport"] });
+    await Promise.all([opened(from), opened(to)]);
+    await join(to, "volatile");
+    const acks = [];
+    for (let i = 0; i < 20; i++) {
+      acks.push(await from.evaluate((i) => window.t.client.publish("volatile", { i }, { volatile: true }), i));
+    }
+    await until(to, () => window.t.messages.length >= 10);
+    return { acks, from: await state(from), to: await state(to) };
+  },
+
+  /** The demo page: two tabs chat; screenshots go to `args.artifacts`. */
+  async demo() {
+    const tabs = [await chromium.browser.newPage(), await chromium.browser.newPage()];
+    for (const [i, tab] of tabs.entries()) {
+      await tab.setViewportSize({ width: i === 0 ? 1000 : 390, height: 700 });
+      await tab.goto(`${origin}/`);
+      await tab.fill("#name", i === 0 ? "Ada" : "Grace");
+      await tab.fill("#room", "demo");
+      await tab.click("#enter");
+      await tab.waitForSelector("#text:not([disabled])");
+    }
+    await tabs[0].fill("#text", "Hello from Ada");
+    await tabs[0].press("#text", "Enter");
+    await tabs[1].waitForSelector("#messages li:has-text('Hello from Ada')");
+    await tabs[1].fill("#text", "Hi Ada, Grace here");
+    await tabs[1].press("#text", "Enter");
+    await tabs[0].waitForSelector("#messages li:has-text('Grace here')");
+    await tabs[0].waitForSelector("#members li:has-text('Grace')");
+    fs.mkdirSync(args.artifacts, { recursive: true });
+    const shots = [];
+    for (const [i, tab] of tabs.entries()) {
+      const file = path.join(args.artifacts, `demo-tab-${i + 1}.png`);
+      await tab.screenshot({ path: file, fullPage: true });
+      shots.push(file);
+    }
+    const read = (tab) =>
+      tab.evaluate(() => ({
+        messages: [...document.querySelectorAll("#messages li")].map((li) => li.textContent),
+        members: [...document.querySelectorAll("#members li")].map((li) => li.textContent),
+        transport: document.getElementById("transport").textContent,
+      }));
+    return { shots, tabs: [await read(tabs[0]), await read(tabs[1])] };
+  },
+};
+
+try {
+  const run = scenarios[scenario];
+  if (!run) throw new Error(`unknown scenario ${scenario}`);
+  console.log(JSON.stringify(await run()));
+} finally {
+  await chromium.close();
+}
