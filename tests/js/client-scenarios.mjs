@@ -2,19 +2,69 @@
 // scenario per run. Usage:
 //   node client-scenarios.mjs SCENARIO '{"port":..,"certHash":"..","spki":"..",...}'
 // Prints one JSON line with what the pages observed; the Rust tests assert on it.
+import { spawn } from "node:child_process";
 import dgram from "node:dgram";
 import fs from "node:fs";
+import https from "node:https";
 import path from "node:path";
+import readline from "node:readline";
 import { launchChromium } from "./browser.mjs";
 
 const [scenario, argJson] = process.argv.slice(2);
 const args = JSON.parse(argJson);
-const origin = `https://127.0.0.1:${args.port}`;
-const chromium = await launchChromium(args.spki);
+let origin = `https://127.0.0.1:${args.port}`;
+let chromium = null;
+
+/** Chromium, launched once the gateway's certificate is known. */
+async function browser() {
+  chromium ??= await launchChromium(args.spki);
+  return chromium.browser;
+}
+
+/**
+ * Starts the gateway binary with `config` in `cwd`; resolves once it listens, with its
+ * process and certificate hashes (a restart in the same `cwd` reuses the certificate).
+ */
+function startGateway(config, cwd) {
+  const child = spawn(args.binary, ["--config", config], {
+    cwd,
+    env: { ...process.env, GATEWAY_LOG: "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const exited = new Promise((resolve) => child.on("exit", resolve));
+  return new Promise((resolve, reject) => {
+    const lines = readline.createInterface({ input: child.stdout });
+    lines.on("line", (line) => {
+      const m = line.match(/^dev certificate \S+ sha256=(\S+) spki-sha256=(\S+)/);
+      if (m) resolve({ child, exited, certHash: m[1], spki: m[2] });
+    });
+    child.on("exit", (code) => reject(new Error(`gateway exited (${code}) before listening`)));
+  });
+}
+
+/** `POST /api/publish` with the API key `k`. */
+function apiPublish(port, room, data) {
+  return new Promise((resolve, reject) => {
+    const body = JSON.stringify({ room, data });
+    const req = https.request(
+      {
+        host: "127.0.0.1", port, path: "/api/publish", method: "POST", rejectUnauthorized: false,
+        headers: { authorization: "Bearer k", "content-type": "application/json", "content-length": body.length },
+      },
+      (res) => {
+        let text = "";
+        res.on("data", (d) => (text += d));
+        res.on("end", () => (res.statusCode === 200 ? resolve(JSON.parse(text)) : reject(new Error(`${res.statusCode} ${text}`))));
+      },
+    );
+    req.on("error", reject);
+    req.end(body);
+  });
+}
 
 /** A page on the gateway's origin (so `/client.js` is same-origin). */
 async function newPage() {
-  const page = await chromium.browser.newPage();
+  const page = await (await browser()).newPage();
   page.on("pageerror", (e) => console.error(`page error: ${e.message}`));
   page.on("console", (m) => console.error(`console: ${m.text()}`));
   await page.goto(`${origin}/healthz`);
@@ -187,9 +237,52 @@ const scenarios = {
     return { acks, from: await state(from), to: await state(to) };
   },
 
+  /**
+   * The gateway process restarts under an open page (`args.mode`): `single` (SIGKILL; the
+   * new process has a new epoch), `cluster` (SIGKILL; node B publishes meanwhile and Redis
+   * keeps the history), `sigterm` (a `reconnect` frame, then the new process).
+   */
+  async restart() {
+    let a = await startGateway(args.configA, args.cwdA);
+    Object.assign(args, { certHash: a.certHash, spki: a.spki });
+    const b = args.configB ? await startGateway(args.configB, args.cwdB) : null;
+    try {
+      const page = await newPage();
+      await openClient(page, { reconnect: { minDelayMs: 100, maxDelayMs: 1000 } });
+      await opened(page);
+      await join(page, "restart");
+      for (let i = 1; i <= 3; i++) await apiPublish(args.port, "restart", `before ${i}`);
+      await until(page, () => window.t.messages.length >= 3);
+      const firstNode = (await state(page)).events.find((e) => e.event === "open").node;
+      a.child.kill(args.mode === "sigterm" ? "SIGTERM" : "SIGKILL");
+      await a.exited;
+      await until(page, () => window.t.events.some((e) => e.event === "close"));
+      // A request issued while disconnected waits and goes out on the next session.
+      await page.evaluate(() => {
+        window.t.queued = window.t.client
+          .publish("restart", "queued", { echo: true })
+          .then((ack) => (window.t.queuedAck = ack), (e) => (window.t.queuedAck = e));
+      });
+      if (b) for (let i = 1; i <= 3; i++) await apiPublish(args.portB, "restart", `during ${i}`);
+      a = await startGateway(args.configA, args.cwdA);
+      await opened(page, 2);
+      await until(page, () => window.t.queuedAck !== undefined);
+      // The rooms were joined again: recovered in the cluster, a new epoch on one node.
+      const expected = b ? 7 : 4;
+      await until(page, (n) => window.t.messages.length >= n, expected);
+      for (let i = 1; i <= 2; i++) await apiPublish(args.port, "restart", `after ${i}`);
+      await until(page, (n) => window.t.messages.length >= n, expected + 2);
+      const queuedAck = await page.evaluate(() => window.t.queuedAck);
+      return { firstNode, queuedAck, ...(await state(page)) };
+    } finally {
+      a.child.kill("SIGKILL");
+      b?.child.kill("SIGKILL");
+    }
+  },
+
   /** The demo page: two tabs chat; screenshots go to `args.artifacts`. */
   async demo() {
-    const tabs = [await chromium.browser.newPage(), await chromium.browser.newPage()];
+    const tabs = [await (await browser()).newPage(), await (await browser()).newPage()];
     for (const [i, tab] of tabs.entries()) {
       await tab.setViewportSize({ width: i === 0 ? 1000 : 390, height: 700 });
       await tab.goto(`${origin}/`);
@@ -227,5 +320,5 @@ try {
   if (!run) throw new Error(`unknown scenario ${scenario}`);
   console.log(JSON.stringify(await run()));
 } finally {
-  await chromium.close();
+  await chromium?.close();
 }

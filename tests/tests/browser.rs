@@ -22,11 +22,6 @@ fn spki(gw: &TestGateway) -> String {
 
 /// Runs one scenario of `client-scenarios.mjs` against `gw` and returns its JSON line.
 async fn scenario(name: &str, gw: &TestGateway, extra: Value) -> Value {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
-    );
     let mut args = json!({
         "port": gw.addr.port(),
         "certHash": gw.cert_sha256,
@@ -35,6 +30,16 @@ async fn scenario(name: &str, gw: &TestGateway, extra: Value) -> Value {
     args.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
+    run_scenario(name, args).await
+}
+
+/// Runs one scenario of `client-scenarios.mjs` with `args` and returns its JSON line.
+async fn run_scenario(name: &str, args: Value) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
+    );
     let name = name.to_owned();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -266,6 +271,131 @@ async fn two_tabs_chat_on_the_demo_page() {
             let size = std::fs::metadata(shot.as_str().unwrap()).unwrap().len();
             assert!(size > 10_000, "{shot}: {size} bytes");
         }
+    })
+    .await;
+}
+
+/// A port number free for both TCP and UDP on 127.0.0.1 (for a process restarted on it).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Restarts a gateway process under an open page (`mode`: see the scenario) and returns
+/// what the page saw.
+async fn restart_scenario(mode: &str, redis: Option<&RedisServer>) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, port_b) = (free_port(), free_port());
+    let cluster = redis
+        .map(|r| format!("[cluster]\nredis = \"{}\"\n", r.url()))
+        .unwrap_or_default();
+    let config = |port: u16| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[api]\nkey = \"k\"\n{cluster}[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n"
+        )
+    };
+    let mut args = json!({"binary": gateway_binary(), "mode": mode, "port": port});
+    for (name, port) in [("A", port), ("B", port_b)] {
+        if name == "B" && redis.is_none() {
+            continue;
+        }
+        let cwd = dir.path().join(name);
+        std::fs::create_dir_all(&cwd).unwrap();
+        let file = cwd.join("gateway.toml");
+        std::fs::write(&file, config(port)).unwrap();
+        args[format!("config{name}")] = json!(file);
+        args[format!("cwd{name}")] = json!(cwd);
+    }
+    args["portB"] = json!(port_b);
+    run_scenario("restart", args).await
+}
+
+fn seqs(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_recovers_what_a_cluster_node_restart_made_it_miss() {
+    within(150, async {
+        let redis = RedisServer::start().await;
+        let r = restart_scenario("cluster", Some(&redis)).await;
+        assert_eq!(events(&r, "open").len(), 2, "{}", r["events"]);
+        assert!(events(&r, "resync").is_empty(), "{}", r["events"]);
+        let close = events(&r, "close")[0];
+        assert_eq!(close["willReconnect"], true, "{close}");
+        assert_eq!(
+            seqs(&r),
+            (1..=9).collect::<Vec<u64>>(),
+            "every message once, in order"
+        );
+        assert_eq!(
+            r["queuedAck"]["seq"], 7,
+            "the publish made while disconnected went out"
+        );
+        let data: Vec<Value> = datas(&r);
+        assert_eq!(
+            data,
+            [
+                "before 1", "before 2", "before 3", "during 1", "during 2", "during 3", "queued",
+                "after 1", "after 2"
+            ]
+            .map(|d| json!(d))
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_resyncs_when_a_single_node_restarts_with_a_new_epoch() {
+    within(150, async {
+        let r = restart_scenario("single", None).await;
+        assert_eq!(events(&r, "open").len(), 2, "{}", r["events"]);
+        let resync = events(&r, "resync");
+        assert_eq!(resync.len(), 1, "{}", r["events"]);
+        assert_eq!(resync[0]["room"], "restart");
+        // The new epoch's messages are delivered, not taken for duplicates; the publish made
+        // while disconnected went out on the new session.
+        assert_eq!(seqs(&r), vec![1, 2, 3, 1, 2, 3]);
+        assert_eq!(
+            datas(&r)[3..],
+            [json!("queued"), json!("after 1"), json!("after 2")]
+        );
+        assert_eq!(r["queuedAck"]["type"], "ack");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_frame_on_sigterm_moves_the_page_to_the_next_process_after_its_delay() {
+    within(150, async {
+        let r = restart_scenario("sigterm", None).await;
+        let close = events(&r, "close")[0];
+        assert_eq!(
+            (close["code"].as_u64(), close["willReconnect"].as_bool()),
+            (Some(1001), Some(true)),
+            "{close}"
+        );
+        let reconnecting = events(&r, "reconnecting")[0];
+        assert_eq!(reconnecting["code"], 1001);
+        // The server's jittered `after_ms` (1 to 5 s), not the client's own backoff.
+        let delay = reconnecting["delayMs"].as_u64().unwrap();
+        assert!((1000..=5000).contains(&delay), "{reconnecting}");
+        let opens = events(&r, "open");
+        assert_eq!(opens.len(), 2);
+        assert_ne!(opens[0]["node"], opens[1]["node"], "a new process");
+        assert!(opens[1]["at"].as_u64().unwrap() >= close["at"].as_u64().unwrap() + delay);
+        assert_eq!(events(&r, "resync").len(), 1, "a new process: a new epoch");
+        assert_eq!(r["queuedAck"]["type"], "ack");
     })
     .await;
 }
