@@ -19,13 +19,17 @@ if ! python3 -c 'import websockets, aioquic' >/dev/null 2>&1; then
   echo "installing Python test clients (pip)"
   python3 -m pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
 fi
-if [ -f tests/js/package-lock.json ] && [ ! -d tests/js/node_modules ]; then
+if [ ! -f tests/js/node_modules/.package-lock.json ] \
+  || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
   echo "installing Node test clients (npm ci)"
   (cd tests/js && npm ci --silent --no-audit --no-fund)
 fi
 
-# The browser client's protocol logic, under Node's test runner.
+# The browser client: its protocol logic under Node's test runner, and its declarations
+# type-checked against the API as applications use it.
 node --test clients/js/test/
+(cd tests/js && node_modules/.bin/tsc --noEmit --strict --target es2022 --module nodenext \
+  --moduleResolution nodenext --lib es2022,dom client-types.ts)
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

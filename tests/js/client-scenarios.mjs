@@ -78,7 +78,17 @@ async function openClient(page, options = {}, url = `${origin}/chat`) {
       const { connect } = await import("/client.js");
       const value = Uint8Array.from(certHash.match(/../g).map((h) => parseInt(h, 16)));
       const plain = (d) => (d instanceof Uint8Array ? { binary: [...d] } : d);
-      const t = (window.t = { events: [], messages: [], start: performance.now() });
+      const t = (window.t = { events: [], messages: [], tickets: 0, start: performance.now() });
+      if (options.ticketsFor) {
+        // Fresh one-time tickets from the gateway's own API, with the user's JWT.
+        const jwt = options.ticketsFor;
+        delete options.ticketsFor;
+        options.getTicket = async () => {
+          t.tickets++;
+          const r = await fetch("/api/tickets", { method: "POST", headers: { authorization: `Bearer ${jwt}` } });
+          return (await r.json()).ticket;
+        };
+      }
       t.client = connect(url, {
         serverCertificateHashes: [{ algorithm: "sha-256", value }],
         ...options,
@@ -278,6 +288,62 @@ const scenarios = {
       a.child.kill("SIGKILL");
       b?.child.kill("SIGKILL");
     }
+  },
+
+  /**
+   * The gateway process stops answering (SIGSTOP) under a WebSocket page: the client's own
+   * liveness (two heartbeats without a frame or a `pong`) ends the session, and it
+   * reconnects once the process runs again (SIGCONT).
+   */
+  async stall() {
+    const a = await startGateway(args.configA, args.cwdA);
+    Object.assign(args, { certHash: a.certHash, spki: a.spki });
+    try {
+      const page = await newPage();
+      await openClient(page, { transports: ["websocket"], reconnect: { minDelayMs: 100, maxDelayMs: 500 } });
+      await opened(page);
+      await join(page, "stall");
+      await new Promise((r) => setTimeout(r, 1500));
+      const stoppedAt = await page.evaluate(() => Math.round(performance.now() - window.t.start));
+      a.child.kill("SIGSTOP");
+      await until(page, () => window.t.events.some((e) => e.event === "close"));
+      a.child.kill("SIGCONT");
+      await opened(page, 2);
+      const ack = await page.evaluate(() => window.t.client.publish("stall", "after", { echo: true }));
+      return { stoppedAt, ack, ...(await state(page)) };
+    } finally {
+      a.child.kill("SIGCONT");
+      a.child.kill("SIGKILL");
+    }
+  },
+
+  /**
+   * Both users' sessions are closed with 4001 through `/api/disconnect`: the page with a
+   * fixed token stays closed, the page with `getTicket` reconnects with a fresh ticket.
+   */
+  async reauth() {
+    const fixed = await newPage();
+    const renewing = await newPage();
+    await openClient(fixed, { token: args.tokenFixed });
+    await openClient(renewing, { ticketsFor: args.tokenRenewing, reconnect: { minDelayMs: 100, maxDelayMs: 500 } });
+    await Promise.all([opened(fixed), opened(renewing)]);
+    for (const user of ["tina", "gus"]) {
+      await fixed.evaluate(async (user) => {
+        const r = await fetch("/api/disconnect", {
+          method: "POST",
+          headers: { authorization: "Bearer k", "content-type": "application/json" },
+          body: JSON.stringify({ user, code: 4001, reason: "token revoked" }),
+        });
+        if (!r.ok) throw new Error(`disconnect ${r.status}`);
+      }, user);
+    }
+    await opened(renewing, 2);
+    await until(fixed, () => window.t.events.some((e) => e.event === "close"));
+    // A request on a client that stays closed settles at once.
+    const refused = await fixed.evaluate(() => window.t.client.publish("r", 1).catch((e) => e));
+    await new Promise((r) => setTimeout(r, 1000));
+    const tickets = await renewing.evaluate(() => window.t.tickets);
+    return { fixed: await state(fixed), renewing: await state(renewing), refused, tickets };
   },
 
   /** The demo page: two tabs chat; screenshots go to `args.artifacts`. */

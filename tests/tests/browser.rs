@@ -289,6 +289,17 @@ fn free_port() -> u16 {
 /// Restarts a gateway process under an open page (`mode`: see the scenario) and returns
 /// what the page saw.
 async fn restart_scenario(mode: &str, redis: Option<&RedisServer>) -> Value {
+    process_scenario("restart", mode, redis, "").await
+}
+
+/// Runs `scenario` on gateway processes the scenario starts itself (node A, and node B
+/// with `redis`), whose `/chat` endpoint has the extra settings `endpoint`.
+async fn process_scenario(
+    scenario: &str,
+    mode: &str,
+    redis: Option<&RedisServer>,
+    endpoint: &str,
+) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let (port, port_b) = (free_port(), free_port());
     let cluster = redis
@@ -296,7 +307,7 @@ async fn restart_scenario(mode: &str, redis: Option<&RedisServer>) -> Value {
         .unwrap_or_default();
     let config = |port: u16| {
         format!(
-            "listen = \"127.0.0.1:{port}\"\n[api]\nkey = \"k\"\n{cluster}[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n"
+            "listen = \"127.0.0.1:{port}\"\n[api]\nkey = \"k\"\n{cluster}[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n{endpoint}[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n"
         )
     };
     let mut args = json!({"binary": gateway_binary(), "mode": mode, "port": port});
@@ -312,7 +323,7 @@ async fn restart_scenario(mode: &str, redis: Option<&RedisServer>) -> Value {
         args[format!("cwd{name}")] = json!(cwd);
     }
     args["portB"] = json!(port_b);
-    run_scenario("restart", args).await
+    run_scenario(scenario, args).await
 }
 
 fn seqs(page: &Value) -> Vec<u64> {
@@ -396,6 +407,76 @@ async fn a_reconnect_frame_on_sigterm_moves_the_page_to_the_next_process_after_i
         assert!(opens[1]["at"].as_u64().unwrap() >= close["at"].as_u64().unwrap() + delay);
         assert_eq!(events(&r, "resync").len(), 1, "a new process: a new epoch");
         assert_eq!(r["queuedAck"]["type"], "ack");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_server_stops_answering_gives_up_after_two_heartbeats_and_reconnects() {
+    within(120, async {
+        let r = process_scenario("stall", "", None, "heartbeat_secs = 1\n").await;
+        let close = events(&r, "close")[0];
+        assert_eq!(
+            (close["code"].as_u64(), close["willReconnect"].as_bool()),
+            (Some(4009), Some(true)),
+            "{close}"
+        );
+        // Two heartbeats of 1 s without a frame (the last `pong` came up to one heartbeat
+        // before the stop), checked every half heartbeat.
+        let after = close["at"].as_u64().unwrap() - r["stoppedAt"].as_u64().unwrap();
+        assert!(
+            (1500..=4000).contains(&after),
+            "gave up {after} ms after the stop"
+        );
+        assert_eq!(events(&r, "open").len(), 2);
+        assert_eq!(r["ack"]["type"], "ack");
+        assert_eq!(datas(&r), vec![json!("after")]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_4001_a_page_reconnects_only_with_a_fresh_ticket() {
+    within(120, async {
+        let gw = TestGateway::start(&format!(
+            "{AUTH_SECTION}[api]\nkey = \"k\"\n[[endpoint]]\npath = \"/chat\"\n"
+        ))
+        .await;
+        let r = scenario(
+            "reauth",
+            &gw,
+            json!({
+                "tokenFixed": token("tina", 300, json!({})),
+                "tokenRenewing": token("gus", 300, json!({})),
+            }),
+        )
+        .await;
+        let fixed = &r["fixed"];
+        let close = events(fixed, "close")[0];
+        assert_eq!(
+            (close["code"].as_u64(), close["willReconnect"].as_bool()),
+            (Some(4001), Some(false)),
+            "{close}"
+        );
+        assert_eq!(events(fixed, "open").len(), 1);
+        assert!(events(fixed, "reconnecting").is_empty());
+        assert_eq!(fixed["transport"], Value::Null);
+        assert_eq!(r["refused"]["code"], "closed", "{}", r["refused"]);
+
+        let renewing = &r["renewing"];
+        let close = events(renewing, "close")[0];
+        assert_eq!(
+            (close["code"].as_u64(), close["willReconnect"].as_bool()),
+            (Some(4001), Some(true)),
+            "{close}"
+        );
+        let opens = events(renewing, "open");
+        assert_eq!(opens.len(), 2);
+        assert_eq!(opens[1]["user"], "gus");
+        assert!(
+            r["tickets"].as_u64().unwrap() >= 2,
+            "a fresh ticket per attempt"
+        );
     })
     .await;
 }
