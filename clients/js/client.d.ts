@@ -16,7 +16,10 @@ export interface CertificateHash {
 export interface ConnectOptions {
   /** A JWT sent as `?token=` on every attempt. */
   token?: string;
-  /** Called before every attempt for a fresh one-time ticket (sent as `?ticket=`). */
+  /**
+   * Called for a fresh one-time ticket (sent as `?ticket=`) before every connection: each
+   * transport tried in an attempt, and each re-probe. A rejection counts as a failed attempt.
+   */
   getTicket?: () => Promise<string>;
   /** Transports to try, in order. Default `["webtransport", "websocket"]`. */
   transports?: TransportName[];
@@ -30,7 +33,10 @@ export interface ConnectOptions {
   reconnect?: { minDelayMs?: number; maxDelayMs?: number };
   /** While on WebSocket, try WebTransport again this often (0 = never). Default 300000. */
   reprobeMs?: number;
-  /** How long a request may wait for its reply, or for a connection. Default 30000. */
+  /**
+   * How long a request may wait for a connection, and then again for its reply (so a
+   * request made while disconnected settles within twice this). Default 30000.
+   */
   requestTimeoutMs?: number;
   /** Requests that may wait for a connection at once. Default 1000. */
   maxQueuedRequests?: number;
@@ -88,8 +94,11 @@ export interface ClientEvents {
   reconnecting: { attempt: number; delayMs: number; code: number };
   /** Every session that ends; `willReconnect` says whether the client goes on. */
   close: { code: number; reason: string; willReconnect: boolean };
-  /** A room could not be recovered after a reconnection (`recovered: false`). */
-  resync: { room: string };
+  /**
+   * A room could not be recovered after a reconnection (`recovered: false`), or could not
+   * be joined again at all (`error`: the room is then no longer joined).
+   */
+  resync: { room: string; error?: ErrorEnvelope };
   direct: { from?: string; data: unknown | Uint8Array };
   presence: { room: string; event: "join" | "leave"; user: string };
 }
@@ -103,12 +112,17 @@ export interface Client {
   publish(room: string, data: Data, options?: { echo?: boolean; volatile?: boolean }): Promise<Ack>;
   send(user: string, data: Data): Promise<Ack>;
   presence(room: string): Promise<Ack>;
-  leave(room: string): Promise<Ack>;
+  /** Stops delivery to the room's handler at once; between sessions it resolves locally. */
+  leave(room: string): Promise<Ack | { type: "ack"; room: string }>;
   /** The transport of the session in use, `null` between sessions. */
   readonly transport: TransportName | null;
-  /** Envelopes received, and how many of them came as WebTransport datagrams. */
+  /** Envelopes received on sessions (after `welcome`), and how many came as datagrams. */
   readonly stats: { envelopes: number; datagrams: number };
-  /** Closes with 1000; no reconnection; waiting requests reject with `closed`. */
+  /**
+   * Closes with 1000 (a `close` event with `willReconnect: false` when a session was open);
+   * no reconnection; waiting requests reject with `closed`. Rejections are plain objects
+   * shaped like `ErrorEnvelope`, not `Error` instances.
+   */
   close(): void;
 }
 
@@ -124,3 +138,47 @@ export function backoffDelay(
 
 /** What a client does after close code `code`. */
 export function closeAction(code: number): "stay" | "reauth" | "reconnect";
+
+// Lower-level building blocks the client is made of (exported for tests and other clients).
+
+/** A binary envelope: u16 header length, JSON header, payload. */
+export function encodeBinary(header: object, payload: ArrayBuffer | ArrayBufferView): Uint8Array;
+export function decodeBinary(bytes: Uint8Array): { header: any; payload: Uint8Array };
+/** One WebTransport frame: kind (0 JSON, 1 binary), u32 big-endian length, payload. */
+export function encodeFrame(kind: 0 | 1, payload: Uint8Array): Uint8Array;
+export function isBinary(data: unknown): data is ArrayBuffer | ArrayBufferView;
+export function transportUrls(
+  url: string,
+  overrides?: { webtransport?: string; websocket?: string },
+): { webtransport: string; websocket: string };
+export function clientError(code: string, message: string): ErrorEnvelope;
+
+/** Reassembles WebTransport frames from stream chunks. */
+export class FrameReader {
+  push(chunk: Uint8Array): { kind: number; payload: Uint8Array }[];
+}
+
+/** Per-room `seq` and `epoch` tracking, for rejoins and deduplication. */
+export class RoomTracker {
+  joined(room: string, ack: { seq?: number; epoch?: string }): void;
+  left(room: string): void;
+  has(room: string): boolean;
+  rooms(): string[];
+  position(room: string): { since: number; epoch: string | null } | null;
+  rejoined(room: string, ack: { seq?: number; epoch?: string; recovered?: boolean }): boolean;
+  accept(room: string, seq: number | undefined | null): boolean;
+}
+
+/** Request ids and the promises waiting for their replies. */
+export class Requests {
+  open(
+    resolve: (ack: any) => void,
+    reject: (error: ErrorEnvelope) => void,
+    timeoutMs: number,
+    label: string,
+  ): number;
+  settle(envelope: { type: string; id?: number }): boolean;
+  fail(id: number, error: ErrorEnvelope): void;
+  failAll(error: ErrorEnvelope, ids?: number[]): void;
+  readonly size: number;
+}

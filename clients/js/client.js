@@ -220,6 +220,30 @@ function withCredential(url, credential) {
   return u.toString();
 }
 
+/** A JSON envelope from bytes, or `null` when malformed (it is skipped). */
+function parseJson(bytes) {
+  try {
+    const value = JSON.parse(decoder.decode(bytes));
+    return value && typeof value === "object" ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The envelope (and binary payload) of a frame, or `null` when malformed. */
+function parseFrame({ kind, payload, text }) {
+  try {
+    if (kind === 0) {
+      const envelope = text !== undefined ? JSON.parse(text) : parseJson(payload);
+      return envelope && typeof envelope === "object" ? { envelope, payload: null } : null;
+    }
+    const { header, payload: data } = decodeBinary(payload);
+    return { envelope: header, payload: data };
+  } catch {
+    return null;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Transports: each yields envelopes and then its end to the listener `listen` attaches;
 // what arrives before (a `welcome` can come as soon as the stream opens) is kept for it.
@@ -268,11 +292,11 @@ class WebSocketTransport extends Transport {
       this.ws.onerror = () => reject(new Error("websocket failed"));
     });
     this.ws.onmessage = (e) => {
-      if (typeof e.data === "string") this.emitEnvelope(JSON.parse(e.data), null, false);
-      else {
-        const { header, payload } = decodeBinary(new Uint8Array(e.data));
-        this.emitEnvelope(header, payload, false);
-      }
+      const decoded =
+        typeof e.data === "string"
+          ? parseFrame({ kind: 0, text: e.data })
+          : parseFrame({ kind: 1, payload: new Uint8Array(e.data) });
+      if (decoded) this.emitEnvelope(decoded.envelope, decoded.payload, false);
     };
     this.ws.onclose = (e) => this.emitClose({ code: e.code || 1006, reason: e.reason || "" });
   }
@@ -303,9 +327,10 @@ class WebTransportTransport extends Transport {
     this.wt = new WebTransport(url, options);
     this.closeFrame = null;
     this.writer = null;
+    this.readDone = null;
     this.opened = this.#open();
     this.wt.closed.then(
-      (info) => this.#end(info?.closeCode ?? 1006, info?.reason ?? ""),
+      (info) => this.#end(info?.closeCode || 1006, info?.reason ?? ""),
       () => this.#end(1006, "connection lost"),
     );
   }
@@ -315,7 +340,7 @@ class WebTransportTransport extends Transport {
     const stream = await this.wt.createBidirectionalStream();
     this.writer = stream.writable.getWriter();
     this.writer.write(encodeFrame(0, encoder.encode('{"type":"hello"}'))).catch(() => {});
-    this.#read(stream.readable.getReader());
+    this.readDone = this.#read(stream.readable.getReader());
     this.#readDatagrams();
   }
 
@@ -326,14 +351,10 @@ class WebTransportTransport extends Transport {
         const { value, done } = await reader.read();
         if (done) break;
         for (const f of frames.push(value)) {
-          if (f.kind === 0) {
-            const envelope = JSON.parse(decoder.decode(f.payload));
-            if (envelope.type === "close") this.closeFrame = envelope;
-            else this.emitEnvelope(envelope, null, false);
-          } else {
-            const { header, payload } = decodeBinary(f.payload);
-            this.emitEnvelope(header, payload, false);
-          }
+          const decoded = parseFrame(f);
+          if (!decoded) continue;
+          if (decoded.envelope.type === "close") this.closeFrame = decoded.envelope;
+          else this.emitEnvelope(decoded.envelope, decoded.payload, false);
         }
       }
     } catch {
@@ -348,15 +369,20 @@ class WebTransportTransport extends Transport {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) return;
-        this.emitEnvelope(JSON.parse(decoder.decode(value)), null, true);
+        const envelope = parseJson(value);
+        if (envelope) this.emitEnvelope(envelope, null, true);
       }
     } catch {
       // Ends with the session.
     }
   }
 
-  #end(code, reason) {
-    // Browsers do not reliably surface the session's close code: the `close` envelope does.
+  async #end(code, reason) {
+    // Browsers do not reliably surface the session's close code: the `close` envelope does,
+    // once the stream has been read to its end (or shortly after the session closed).
+    if (this.readDone) {
+      await Promise.race([this.readDone, new Promise((r) => setTimeout(r, 500))]);
+    }
     const frame = this.closeFrame;
     this.emitClose(frame ? { code: frame.code, reason: frame.reason } : { code, reason });
   }
@@ -381,9 +407,26 @@ class WebTransportTransport extends Transport {
 // ---------------------------------------------------------------------------------------
 // The client.
 
+/** A session that lived this long resets the reconnection backoff. */
+const STABLE_MS = 5000;
+
 /** Connects to the gateway endpoint at `url`; see client.d.ts for the options. */
 export function connect(url, options = {}) {
   return new Client(url, options);
+}
+
+/** Calls an application callback; what it throws is reported, never breaks the client. */
+function callSafely(fn, arg) {
+  try {
+    fn(arg);
+  } catch (e) {
+    // Reported like an uncaught error (the page's `error` event, the console).
+    if (typeof globalThis.reportError === "function") globalThis.reportError(e);
+    else
+      setTimeout(() => {
+        throw e;
+      });
+  }
 }
 
 class Client {
@@ -393,23 +436,31 @@ class Client {
   #requests = new Requests();
   #rooms = new RoomTracker();
   #handlers = new Map();
-  /** The session in use: `{ transport, welcome, ids }` (ids: requests sent on it). */
+  /** Per room, bumped by every join and leave: an ack answers only the latest join. */
+  #generations = new Map();
+  /**
+   * The session in use: `{ transport, welcome, ids, openedAt, liveness }` (ids: requests
+   * sent on it and not yet answered).
+   */
   #session = null;
-  /** Requests waiting for a session: functions that send them once there is one. */
+  /** A transport being connected or waiting for `welcome`. */
+  #connecting = null;
+  /** Requests waiting for a session: `{ send(session), fail(error) }`. */
   #queue = [];
   #closed = false;
   #attempt = 0;
+  /** WebTransport failed and WebSocket worked: reconnections go straight to WebSocket. */
   #fellBack = false;
-  /** Why the last WebTransport attempt failed (the reason of a remembered fallback). */
+  /** Why that WebTransport attempt failed. */
   #lastReason = null;
   #lastTransport = null;
   #reconnectAfter = null;
   #reconnectUrl = null;
   #timers = new Set();
   #probing = false;
-  #liveness = null;
+  #reprobeTimer = null;
 
-  /** Counters for diagnostics: frames and datagrams received. */
+  /** Envelopes received on sessions (after `welcome`), and how many came as datagrams. */
   stats = { envelopes: 0, datagrams: 0 };
 
   constructor(url, options) {
@@ -439,22 +490,20 @@ class Client {
   }
 
   #emit(event, detail) {
-    for (const listener of this.#listeners.get(event) || []) {
-      try {
-        listener(detail);
-      } catch (e) {
-        setTimeout(() => {
-          throw e;
-        });
-      }
-    }
+    for (const listener of this.#listeners.get(event) || []) callSafely(listener, detail);
   }
 
   join(room, handler) {
+    const generation = this.#bump(room);
     // Tracked as the ack is read, before any message that follows it in the same chunk.
-    return this.#request({ type: "join", room }, "join", undefined, (ack) => {
+    return this.#request({ type: "join", room }, "join", undefined, (ack, carrier) => {
+      if (this.#generations.get(room) !== generation) return; // left (or joined again) since
       if (handler) this.#handlers.set(room, handler);
+      else this.#handlers.delete(room);
       this.#rooms.joined(room, ack);
+      // Joined on a session that a re-probe has replaced meanwhile: join on the new one too.
+      const current = this.#session;
+      if (current && current !== carrier) this.#rejoin(current, false, [room]);
     });
   }
 
@@ -470,40 +519,61 @@ class Client {
     return this.#request({ type: "presence", room }, "presence");
   }
 
-  async leave(room) {
+  leave(room) {
+    this.#bump(room);
+    const wasTracked = this.#rooms.has(room);
     this.#rooms.left(room);
     this.#handlers.delete(room);
+    // Between sessions the next one simply does not join it again.
+    if (!this.#session && wasTracked) return Promise.resolve({ type: "ack", room });
     return this.#request({ type: "leave", room }, "leave");
   }
 
   close() {
     if (this.#closed) return;
     this.#closed = true;
-    for (const t of this.#timers) clearTimeout(t);
-    this.#timers.clear();
-    this.#stopLiveness();
+    this.#clearTimers();
     const closed = clientError("closed", "the client was closed");
     this.#requests.failAll(closed);
     for (const q of this.#queue.splice(0)) q.fail(closed);
+    if (this.#connecting) {
+      this.#connecting.mute();
+      this.#connecting.close(1000, "closed by client");
+      this.#connecting = null;
+    }
     const session = this.#session;
     this.#session = null;
     if (session) {
+      this.#stopLiveness(session);
       session.transport.mute();
       session.transport.close(1000, "closed by client");
       this.#emit("close", { code: 1000, reason: "closed by client", willReconnect: false });
     }
   }
 
+  #bump(room) {
+    const next = (this.#generations.get(room) ?? 0) + 1;
+    this.#generations.set(room, next);
+    return next;
+  }
+
+  #clearTimers() {
+    for (const t of this.#timers) clearTimeout(t);
+    this.#timers.clear();
+    this.#reprobeTimer = null;
+  }
+
   // --- requests ---------------------------------------------------------------------
 
+  /** Sends a request now, or on the next session; `onAck(ack, session)` runs as it is read. */
   #request(envelope, label, data, onAck) {
     return new Promise((resolve, reject) => {
       if (this.#closed) return reject(clientError("closed", "the client was closed"));
-      const settle = (ack) => {
-        onAck?.(ack);
-        resolve(ack);
-      };
       const send = (session) => {
+        const settle = (ack) => {
+          onAck?.(ack, session);
+          resolve(ack);
+        };
         const id = this.#requests.open(settle, reject, this.#options.requestTimeoutMs, label);
         session.ids.add(id);
         const out = { ...envelope, id };
@@ -515,8 +585,8 @@ class Client {
       if (this.#queue.length >= this.#options.maxQueuedRequests) {
         return reject(clientError("limit_exceeded", "too many requests waiting for a connection"));
       }
-      // Waits (bounded) for the next session.
-      const entry = { send, fail: reject };
+      // Waits (at most requestTimeoutMs) for the next session.
+      const entry = { fail: reject };
       const timer = this.#timer(() => {
         const at = this.#queue.indexOf(entry);
         if (at >= 0) {
@@ -544,6 +614,7 @@ class Client {
 
   // --- connecting -------------------------------------------------------------------
 
+  /** A credential for one attempt (a fresh ticket each time); throws what `getTicket` throws. */
   async #credential() {
     if (this.#options.getTicket) return { kind: "ticket", value: await this.#options.getTicket() };
     if (this.#options.token) return { kind: "token", value: this.#options.token };
@@ -555,17 +626,18 @@ class Client {
   }
 
   /** Opens a WebTransport session within the timeout, or says why not. */
-  async #openWebTransport(url) {
+  async #openWebTransport(url, credential) {
     if (typeof WebTransport === "undefined") return { reason: "unsupported" };
     let transport;
     try {
       transport = new WebTransportTransport(
-        withCredential(url, await this.#credential()),
+        withCredential(url, credential),
         this.#options.serverCertificateHashes,
       );
     } catch {
       return { reason: "refused" };
     }
+    this.#connecting = transport;
     let timer;
     const timeout = new Promise((resolve) => {
       timer = setTimeout(() => resolve("timeout"), this.#options.webtransportTimeoutMs);
@@ -578,18 +650,20 @@ class Client {
       timeout,
     ]);
     clearTimeout(timer);
-    if (outcome === "open") return { transport };
+    if (outcome === "open" && !this.#closed) return { transport };
     transport.mute();
     transport.close(1000, outcome);
     return { reason: outcome };
   }
 
-  async #openWebSocket(url) {
-    const transport = new WebSocketTransport(withCredential(url, await this.#credential()));
+  async #openWebSocket(url, credential) {
+    const transport = new WebSocketTransport(withCredential(url, credential));
+    this.#connecting = transport;
     try {
       await transport.opened;
       return { transport };
     } catch {
+      transport.mute();
       return { reason: "refused" };
     }
   }
@@ -597,43 +671,53 @@ class Client {
   /** One connection attempt: the preferred transport, then the fallback. */
   async #attemptSession() {
     const order = this.#options.transports;
+    // A `reconnect` frame's URL is for the next attempt only.
+    const urls = this.#reconnectUrl ?? this.#urls;
+    this.#reconnectUrl = null;
     let reason = "preferred";
+    let webtransportFailed = false;
     for (const name of order) {
+      if (this.#closed) return null;
       if (name === "webtransport") {
         if (this.#fellBack && order.includes("websocket")) {
           // Remembered: do not wait on a blocked path again (the re-probe moves back up).
           reason = this.#lastReason ?? reason;
           continue;
         }
-        const r = await this.#openWebTransport(this.#reconnectUrlFor("webtransport"));
+        const r = await this.#openWebTransport(urls.webtransport, await this.#credential());
         if (r.transport) return { transport: r.transport, reason: "preferred" };
-        reason = r.reason;
-        this.#lastReason = r.reason;
-        if (order.includes("websocket")) this.#fellBack = true;
+        reason = this.#lastReason = r.reason;
+        webtransportFailed = true;
       } else if (name === "websocket") {
-        const r = await this.#openWebSocket(this.#reconnectUrlFor("websocket"));
-        if (r.transport) return { transport: r.transport, reason };
+        const r = await this.#openWebSocket(urls.websocket, await this.#credential());
+        if (r.transport) {
+          if (webtransportFailed) this.#fellBack = true;
+          return { transport: r.transport, reason };
+        }
+        // WebSocket failed too: the next attempt tries WebTransport again.
+        this.#fellBack = false;
       }
     }
     return null;
   }
 
-  #reconnectUrlFor(kind) {
-    if (!this.#reconnectUrl) return this.#urls[kind];
-    return transportUrls(this.#reconnectUrl)[kind];
-  }
-
   /** One connection attempt; on failure, the next one after a backoff. */
   async #start() {
     if (this.#closed) return;
-    const opened = await this.#attemptSession().catch(() => null);
+    let opened = null;
+    try {
+      opened = await this.#attemptSession();
+    } catch {
+      // `getTicket` failed: retried like a failed connection.
+    }
     if (this.#closed) {
+      opened?.transport.mute();
       opened?.transport.close(1000, "closed by client");
       return;
     }
     if (!opened) return this.#scheduleRetry(1006);
     const adopted = await this.#adopt(opened.transport, opened.reason);
-    if (adopted.session) return;
+    if (adopted.session || this.#closed) return;
     // Closed before `welcome`: the close code decides, as for a session that ended.
     this.#afterClose(adopted.close, false);
   }
@@ -643,79 +727,94 @@ class Client {
    * use unless `reprobe`), or `{ close }` when the transport ended first.
    */
   #adopt(transport, reason, { reprobe = false } = {}) {
+    this.#connecting = transport;
     return new Promise((resolve) => {
       const session = { transport, welcome: null, ids: new Set(), lastRx: Date.now() };
       let settled = false;
+      const finish = (result) => {
+        settled = true;
+        clearTimeout(timer);
+        if (this.#connecting === transport) this.#connecting = null;
+        resolve(result);
+      };
       // A session that never says `welcome` is given up (and retried).
       const timer = setTimeout(() => {
         if (settled) return;
-        settled = true;
         transport.mute();
         transport.close(1000, "no welcome");
-        resolve({ close: { code: 1006, reason: "no welcome from the server" } });
+        finish({ close: { code: 1006, reason: "no welcome from the server" } });
       }, WELCOME_TIMEOUT_MS);
       transport.listen(
         (envelope, payload, datagram) => {
           session.lastRx = Date.now();
-          if (!session.welcome) {
-            if (envelope.type === "welcome" && !settled) {
-              session.welcome = envelope;
-              settled = true;
-              clearTimeout(timer);
-              if (!reprobe) this.#activate(session, reason);
-              resolve({ session });
-            }
-            return;
+          if (session.welcome) return this.#dispatch(session, envelope, payload, datagram);
+          if (envelope.type !== "welcome" || settled) return;
+          session.welcome = envelope;
+          session.openedAt = Date.now();
+          if (this.#closed) {
+            transport.mute();
+            transport.close(1000, "closed by client");
+            return finish({ close: { code: 1000, reason: "closed by client" } });
           }
-          this.#dispatch(session, envelope, payload, datagram);
+          finish({ session });
+          if (!reprobe) this.#activate(session, reason);
         },
         (info) => {
-          if (!settled) {
-            settled = true;
-            clearTimeout(timer);
-            resolve({ close: info });
-            return;
-          }
+          if (!settled) return finish({ close: info });
           this.#ended(session, info);
         },
       );
     });
   }
 
+  /** Makes `session` the one in use (rejoining every room unless a re-probe did). */
   #activate(session, reason, rejoin = true) {
     this.#session = session;
-    this.#attempt = 0;
     this.#reconnectAfter = null;
-    this.#reconnectUrl = null;
     const name = session.transport.name;
+    this.#startLiveness(session);
     if (name !== this.#lastTransport) {
       this.#lastTransport = name;
       this.#emit("transport", { transport: name, reason });
+      if (this.#session !== session) return; // closed by a listener
     }
     const w = session.welcome;
     this.#emit("open", { transport: name, session: w.session, user: w.user, node: w.node });
+    if (this.#session !== session) return;
     if (rejoin) this.#rejoin(session);
     for (const q of this.#queue.splice(0)) q.send(session);
-    this.#startLiveness(session);
     this.#scheduleReprobe();
   }
 
   /**
-   * Joins every tracked room on `session` with `since`; returns the acks' promises. On a
-   * re-probe the old session still delivers, so an unrecovered room with the same epoch
-   * is caught up by it (see `#caughtUp`) rather than resynchronised.
+   * Joins `rooms` (every tracked room by default) on `session` with `since`; returns the
+   * acks' promises (`null` for a failed rejoin). On a re-probe the old session still
+   * delivers, so an unrecovered room with the same epoch is caught up by it (see
+   * `#caughtUp`) rather than resynchronised.
    */
-  #rejoin(session, reprobe = false) {
-    return this.#rooms.rooms().map((room) => {
+  #rejoin(session, reprobe = false, rooms = this.#rooms.rooms()) {
+    return rooms.map((room) => {
       const position = this.#rooms.position(room);
+      const generation = this.#generations.get(room);
       return new Promise((resolve) => {
+        const current = () => this.#generations.get(room) === generation;
         const id = this.#requests.open(
           (ack) => {
-            const continues = reprobe && ack.epoch === position.epoch;
-            if (!continues && !this.#rooms.rejoined(room, ack)) this.#emit("resync", { room });
+            if (current()) {
+              const continues = reprobe && ack.epoch === position.epoch;
+              if (!continues && !this.#rooms.rejoined(room, ack)) this.#emit("resync", { room });
+            }
             resolve(ack);
           },
-          () => resolve(null),
+          (error) => {
+            // Refused (forbidden, limit...) or unanswered: the room is no longer joined.
+            if (current() && !reprobe && error.code !== "connection_lost" && error.code !== "closed") {
+              this.#rooms.left(room);
+              this.#handlers.delete(room);
+              this.#emit("resync", { room, error });
+            }
+            resolve(null);
+          },
           this.#options.requestTimeoutMs,
           "rejoin",
         );
@@ -742,11 +841,14 @@ class Client {
       case "message": {
         // During a re-probe both sessions deliver: volatile messages only from the one in use.
         const seq = envelope.seq;
-        if ((seq === undefined || seq === null) && session !== this.#session) return;
+        const volatile = seq === undefined || seq === null;
+        if (volatile && session !== this.#session) return;
         if (!this.#rooms.accept(envelope.room, seq)) return;
-        const msg = { room: envelope.room, from: envelope.from, seq, data: payload ?? envelope.data };
+        const msg = { room: envelope.room, from: envelope.from, data: payload ?? envelope.data };
+        if (!volatile) msg.seq = seq;
         if (envelope.volatile) msg.volatile = true;
-        this.#handlers.get(envelope.room)?.(msg);
+        const handler = this.#handlers.get(envelope.room);
+        if (handler) callSafely(handler, msg);
         return;
       }
       case "direct":
@@ -760,22 +862,32 @@ class Client {
       case "reconnect":
         if (session !== this.#session) return;
         this.#reconnectAfter = envelope.after_ms ?? 0;
-        this.#reconnectUrl = envelope.url ?? null;
+        this.#reconnectUrl = null;
+        if (envelope.url) {
+          try {
+            const base = this.#urls.webtransport;
+            this.#reconnectUrl = transportUrls(new URL(envelope.url, base).toString());
+          } catch {
+            // Not a URL: reconnect where we were.
+          }
+        }
         return;
       default:
     }
   }
 
-  /** A session in use ended: report it and reconnect unless the code says otherwise. */
+  /** A session ended: report it and reconnect unless the code says otherwise. */
   #ended(session, { code, reason }) {
     session.closed = true;
+    this.#stopLiveness(session);
     const current = session === this.#session;
     const lost = clientError("connection_lost", `the connection closed (${code})`);
     this.#requests.failAll(lost, [...session.ids]);
     if (!current) return;
     this.#session = null;
-    this.#stopLiveness();
     if (this.#closed) return;
+    // A session that did not last does not reset the backoff.
+    if (Date.now() - session.openedAt >= STABLE_MS) this.#attempt = 0;
     this.#afterClose({ code, reason }, true);
   }
 
@@ -785,10 +897,10 @@ class Client {
     const willReconnect =
       action === "reconnect" || (action === "reauth" && Boolean(this.#options.getTicket));
     if (hadSession || !willReconnect) this.#emit("close", { code, reason, willReconnect });
+    if (this.#closed) return;
     if (!willReconnect) {
       this.#closed = true;
-      for (const t of this.#timers) clearTimeout(t);
-      this.#timers.clear();
+      this.#clearTimers();
       const closed = clientError("closed", `the connection closed (${code}) and stays closed`);
       for (const q of this.#queue.splice(0)) q.fail(closed);
       return;
@@ -803,15 +915,16 @@ class Client {
     this.#reconnectAfter = null;
     this.#attempt++;
     this.#emit("reconnecting", { attempt: this.#attempt, delayMs, code });
+    if (this.#closed) return;
     this.#timer(() => this.#start(), delayMs);
   }
 
   // --- liveness ---------------------------------------------------------------------
 
   #startLiveness(session) {
-    this.#stopLiveness();
     const beat = session.welcome.heartbeat_ms || 25000;
-    this.#liveness = setInterval(() => {
+    session.liveness = setInterval(() => {
+      if (session.closed || this.#closed) return this.#stopLiveness(session);
       const idle = Date.now() - session.lastRx;
       if (idle >= 2 * beat) {
         // No frame and no answer to `ping` for two heartbeats: the connection is lost.
@@ -824,42 +937,64 @@ class Client {
     }, Math.max(250, beat / 2));
   }
 
-  #stopLiveness() {
-    if (this.#liveness) clearInterval(this.#liveness);
-    this.#liveness = null;
+  #stopLiveness(session) {
+    if (session.liveness) clearInterval(session.liveness);
+    session.liveness = null;
   }
 
   // --- moving back up to WebTransport -------------------------------------------------
 
   #scheduleReprobe() {
     const every = this.#options.reprobeMs;
+    if (this.#reprobeTimer) {
+      clearTimeout(this.#reprobeTimer);
+      this.#timers.delete(this.#reprobeTimer);
+      this.#reprobeTimer = null;
+    }
     if (!every || this.transport !== "websocket" || !this.#wantsWebTransport()) return;
     if (typeof WebTransport === "undefined") return;
-    this.#timer(() => this.#reprobe(), every);
+    this.#reprobeTimer = this.#timer(() => {
+      this.#reprobeTimer = null;
+      this.#reprobe();
+    }, every);
   }
 
   async #reprobe() {
     if (this.#closed || this.#probing || this.transport !== "websocket") return;
     this.#probing = true;
     try {
-      const r = await this.#openWebTransport(this.#urls.webtransport);
+      let r;
+      try {
+        r = await this.#openWebTransport(this.#urls.webtransport, await this.#credential());
+      } catch {
+        return; // `getTicket` failed: the next re-probe tries again
+      }
       if (!r.transport) return;
-      if (this.#closed) return r.transport.close(1000, "closed by client");
-      const session = await this.#adopt(r.transport, "reprobe", { reprobe: true });
-      if (!session.session) return;
-      const fresh = session.session;
+      const adopted = await this.#adopt(r.transport, "reprobe", { reprobe: true });
+      const fresh = adopted.session;
+      if (!fresh) return;
       // Both sessions deliver meanwhile; the rooms' seq tracking drops what arrives twice.
-      const acks = await Promise.all(this.#rejoin(fresh, true));
+      const rejoined = this.#rooms.rooms();
+      const acks = await Promise.all(this.#rejoin(fresh, true, rejoined));
       await this.#caughtUp(acks);
       const old = this.#session;
       if (fresh.closed) return;
-      if (!old || this.#closed) {
+      if (this.#closed || !old || old.closed) {
+        // The client closed, or the old session ended meanwhile (a retry is scheduled):
+        // nothing to switch from; let the regular reconnection take over.
         fresh.transport.mute();
-        fresh.transport.close(1000, "closed by client");
+        fresh.transport.close(1000, "not needed");
         return;
+      }
+      // Rooms joined or left on the old session while the new one was joining.
+      const now = new Set(this.#rooms.rooms());
+      const missing = [...now].filter((room) => !rejoined.includes(room));
+      for (const room of rejoined.filter((room) => !now.has(room))) {
+        fresh.transport.send({ type: "leave", room });
       }
       this.#fellBack = false;
       this.#activate(fresh, "reprobe", false);
+      if (missing.length) this.#rejoin(fresh, false, missing);
       this.#retire(old);
     } finally {
       this.#probing = false;
@@ -881,11 +1016,17 @@ class Client {
 
   /** Closes a replaced session once its requests are answered (or after 2 s). */
   async #retire(old) {
+    this.#stopLiveness(old);
     const deadline = Date.now() + 2000;
-    while (old.ids.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    while (old.ids.size > 0 && !old.closed && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    old.closed = true;
     old.transport.mute();
     old.transport.close(1000, "moved to webtransport");
     this.#requests.failAll(clientError("connection_lost", "the old session closed"), [...old.ids]);
-    this.#emit("close", { code: 1000, reason: "moved to webtransport", willReconnect: true });
+    if (!this.#closed) {
+      this.#emit("close", { code: 1000, reason: "moved to webtransport", willReconnect: true });
+    }
   }
 }

@@ -1,0 +1,241 @@
+// The Client under Node with a scripted WebSocket (no network): session lifecycle, rejoin
+// with recovery, deduplication, request bookkeeping and close codes. The same behaviours run
+// against the real gateway in headless Chromium (tests/tests/browser.rs).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { connect } from "../client.js";
+
+/** A WebSocket the test drives: `server.accept()`, `server.say(envelope)`, `server.drop(code)`. */
+class FakeSocket {
+  static OPEN = 1;
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeSocket.all.push(this);
+  }
+  send(data) {
+    this.sent.push(JSON.parse(data));
+  }
+  close(code) {
+    this.closedWith = code;
+    this.readyState = 3;
+  }
+  // The server's side.
+  /** Opens and says `welcome`; resolves once the client has taken the session. */
+  async accept(welcome = {}) {
+    this.readyState = 1;
+    this.onopen();
+    this.say({ type: "welcome", session: `s${FakeSocket.all.length}`, user: "u", node: "n",
+      transport: "websocket", heartbeat_ms: 60000, ...welcome });
+    await new Promise((r) => setTimeout(r, 0));
+  }
+  refuse() {
+    this.onerror();
+    this.onclose({ code: 1006, reason: "" });
+  }
+  say(envelope) {
+    this.onmessage({ data: JSON.stringify(envelope) });
+  }
+  drop(code, reason = "") {
+    this.readyState = 3;
+    this.onclose({ code, reason });
+  }
+  /** Answers the last request of `type` with `fields` (an ack unless `type` is given). */
+  reply(type, fields = {}) {
+    const request = [...this.sent].reverse().find((r) => r.type === type);
+    this.say({ type: "ack", id: request.id, ...fields });
+    return request;
+  }
+}
+globalThis.WebSocket = FakeSocket;
+
+const tick = () => new Promise((r) => setTimeout(r, 0));
+const until = async (f) => {
+  for (let i = 0; i < 200 && !f(); i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(f(), "condition not reached");
+};
+const newest = () => FakeSocket.all[FakeSocket.all.length - 1];
+
+function open(options = {}) {
+  FakeSocket.all = [];
+  const events = [];
+  const client = connect("https://gw.test/chat", {
+    transports: ["websocket"],
+    reconnect: { minDelayMs: 1, maxDelayMs: 2 },
+    ...options,
+  });
+  for (const e of ["open", "transport", "reconnecting", "close", "resync"]) {
+    client.on(e, (d) => events.push({ event: e, ...d }));
+  }
+  return { client, events, of: (name) => events.filter((e) => e.event === name) };
+}
+
+test("a session opens on welcome; requests made before it wait and then go out", async () => {
+  const { client, of } = open({ token: "jwt" });
+  await until(() => FakeSocket.all.length === 1);
+  assert.equal(newest().url, "wss://gw.test/chat?token=jwt");
+  const published = client.publish("r", { a: 1 });
+  await newest().accept();
+  assert.equal(client.transport, "websocket");
+  assert.deepEqual(of("transport").map((e) => e.reason), ["preferred"]);
+  await until(() => newest().sent.length === 1);
+  const request = newest().reply("publish", { seq: 7 });
+  assert.deepEqual(request.data, { a: 1 });
+  assert.equal((await published).seq, 7);
+  client.close();
+});
+
+test("a reconnection rejoins with since and epoch, replays once, and resyncs a lost epoch", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const got = [];
+  const joining = client.join("r", (m) => got.push(m.seq));
+  newest().reply("join", { room: "r", seq: 4, epoch: "e1" });
+  // The ack and the next message in one go: the message is not dropped.
+  newest().say({ type: "message", room: "r", seq: 5, data: 5 });
+  await joining;
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 2);
+  assert.equal(of("close")[0].willReconnect, true);
+  await newest().accept();
+  const rejoin = newest().sent.find((r) => r.type === "join");
+  assert.deepEqual([rejoin.since, rejoin.epoch], [5, "e1"]);
+  newest().say({ type: "ack", id: rejoin.id, room: "r", seq: 7, epoch: "e1", recovered: true });
+  for (const seq of [5, 6, 7, 7, 8]) newest().say({ type: "message", room: "r", seq, data: seq });
+  assert.deepEqual(got, [5, 6, 7, 8], "duplicates dropped");
+  newest().drop(4008);
+  await until(() => FakeSocket.all.length === 3);
+  await newest().accept();
+  const again = newest().sent.find((r) => r.type === "join");
+  newest().say({ type: "ack", id: again.id, room: "r", seq: 2, epoch: "e2", recovered: false });
+  newest().say({ type: "message", room: "r", seq: 3, data: 3 });
+  assert.deepEqual(of("resync").map((e) => e.room), ["r"]);
+  assert.deepEqual(got, [5, 6, 7, 8, 3], "the new epoch's messages are delivered");
+  client.close();
+});
+
+test("final close codes stay closed and settle waiting requests; 4001 needs getTicket", async () => {
+  for (const [code, options, reconnects] of [
+    [1000, {}, false], [4003, {}, false], [4001, { token: "t" }, false],
+    [4001, { getTicket: async () => "fresh" }, true], [1011, {}, true],
+  ]) {
+    const { client, of } = open(options);
+    await until(() => FakeSocket.all.length === 1);
+    await newest().accept();
+    const pending = client.presence("r");
+    newest().drop(code);
+    await assert.rejects(pending, (e) => e.code === "connection_lost");
+    assert.equal(of("close")[0].willReconnect, reconnects, `code ${code}`);
+    if (reconnects) {
+      await until(() => FakeSocket.all.length === 2);
+      if (options.getTicket) assert.match(newest().url, /ticket=fresh/);
+    } else {
+      await tick();
+      assert.equal(FakeSocket.all.length, 1, `code ${code} stays closed`);
+      await assert.rejects(client.publish("r", 1), (e) => e.code === "closed");
+    }
+    client.close();
+  }
+});
+
+test("close() before welcome leaves nothing running", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  const socket = newest();
+  // Connected, waiting for `welcome`, when the application closes.
+  socket.readyState = 1;
+  socket.onopen();
+  await tick();
+  client.close();
+  socket.say({ type: "welcome", session: "s", user: "u", node: "n", heartbeat_ms: 60000 });
+  await tick();
+  assert.equal(of("open").length, 0);
+  assert.equal(client.transport, null);
+  assert.equal(socket.closedWith, 1000);
+});
+
+test("a handler that throws does not stop delivery", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const got = [];
+  const joining = client.join("r", (m) => {
+    got.push(m.seq);
+    if (m.seq === 1) throw new Error("application bug");
+  });
+  newest().reply("join", { room: "r", seq: 0, epoch: "e" });
+  await joining;
+  const uncaught = [];
+  globalThis.reportError = (e) => uncaught.push(e.message);
+  newest().say({ type: "message", room: "r", seq: 1, data: 1 });
+  newest().say({ type: "message", room: "r", seq: 2, data: 2 });
+  delete globalThis.reportError;
+  assert.deepEqual(got, [1, 2]);
+  assert.deepEqual(uncaught, ["application bug"], "reported, not swallowed");
+  client.close();
+});
+
+test("a room left before its join was acknowledged is not joined again", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const joining = client.join("r", () => {});
+  const leaving = client.leave("r");
+  newest().reply("join", { room: "r", seq: 0, epoch: "e" });
+  newest().reply("leave");
+  await Promise.all([joining, leaving]);
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 2);
+  await newest().accept();
+  await tick();
+  assert.equal(newest().sent.filter((r) => r.type === "join").length, 0);
+  client.close();
+});
+
+test("a refused rejoin untracks the room and says so", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const joining = client.join("r", () => {});
+  newest().reply("join", { room: "r", seq: 0, epoch: "e" });
+  await joining;
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 2);
+  await newest().accept();
+  const rejoin = newest().sent.find((r) => r.type === "join");
+  newest().say({ type: "error", id: rejoin.id, code: "forbidden", message: "no" });
+  await tick();
+  assert.deepEqual(of("resync").map((e) => [e.room, e.error.code]), [["r", "forbidden"]]);
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 3);
+  await newest().accept();
+  await tick();
+  assert.equal(newest().sent.filter((r) => r.type === "join").length, 0);
+  client.close();
+});
+
+test("a reconnect frame's after_ms replaces the backoff", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  newest().say({ type: "reconnect", after_ms: 30, reason: "drain" });
+  newest().drop(1001);
+  assert.deepEqual(of("reconnecting").map((e) => [e.delayMs, e.code]), [[30, 1001]]);
+  await until(() => FakeSocket.all.length === 2);
+  client.close();
+});
+
+test("a session that dies right after opening does not reset the backoff", async () => {
+  const { client, of } = open({ reconnect: { minDelayMs: 1, maxDelayMs: 1000 } });
+  for (let i = 1; i <= 4; i++) {
+    await until(() => FakeSocket.all.length === i);
+    await newest().accept();
+    newest().drop(1011);
+  }
+  const attempts = of("reconnecting").map((e) => e.attempt);
+  assert.deepEqual(attempts, [1, 2, 3, 4]);
+  client.close();
+});
