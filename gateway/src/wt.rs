@@ -403,6 +403,12 @@ fn message_frames(recv: MessageRecv, max_len: usize) -> FrameStream {
     )
 }
 
+/// Most frames one wake-up of a session's writer takes from its outbox.
+const MAX_BATCH: usize = 512;
+
+/// A session's writer writes once it has this many bytes of frames.
+const WRITE_CHUNK: usize = 64 * 1024;
+
 /// Writes one frame (header and payload) on the message stream.
 async fn write_frame(
     send: &mut MessageSend,
@@ -451,9 +457,17 @@ async fn write_loop(
     };
     let mut datagrams = session.datagram_sender();
     let prefix = datagram_prefix_len(&session);
+    // Every frame of a wake-up goes out in one write (a few when they are large).
+    let mut out = BytesMut::new();
     loop {
-        match outbox.recv_batch(&mut batch, 512).await {
+        match outbox.recv_batch(&mut batch, MAX_BATCH).await {
             Batch::Frames => {
+                // Let the fan-out run once more before writing, so a burst leaves together.
+                if batch.len() < MAX_BATCH {
+                    tokio::task::yield_now().await;
+                    let room = MAX_BATCH - batch.len();
+                    outbox.drain_ready(&mut batch, room);
+                }
                 for frame in batch.drain(..) {
                     let (kind, bytes) = match frame {
                         Outbound::Volatile(b) => {
@@ -472,9 +486,21 @@ async fn write_loop(
                     };
                     stats.frames += 1;
                     stats.bytes += bytes.len() as u64;
-                    if write_frame(&mut send, kind, &bytes).await.is_err() {
-                        return stats;
+                    out.extend_from_slice(&encode_header(kind, bytes.len()));
+                    out.extend_from_slice(&bytes);
+                    if out.len() >= WRITE_CHUNK {
+                        if send.write_all(&out).await.is_err() {
+                            return stats;
+                        }
+                        out.clear();
                     }
+                }
+                if !out.is_empty() && send.write_all(&out).await.is_err() {
+                    return stats;
+                }
+                out.clear();
+                if out.capacity() > 4 * WRITE_CHUNK {
+                    out = BytesMut::new();
                 }
             }
             Batch::Close(reason) => {
