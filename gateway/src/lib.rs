@@ -1,7 +1,6 @@
 //! The gateway server: configuration, the TCP front (HTTPS + secure WebSocket), the HTTP API,
 //! and the wiring around the transport-neutral hub of `gateway-core`.
 
-mod adapter;
 pub mod admission;
 pub mod api;
 pub mod assets;
@@ -9,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod linger;
 pub mod server;
+mod session;
 pub mod state;
 pub mod tls;
 pub mod ws;

@@ -9,12 +9,12 @@ use futures_util::{SinkExt, StreamExt};
 use gateway_core::{
     connection::Now,
     protocol::{CloseCode, CloseReason},
-    session::{Batch, Outbound, OutboxReceiver, TransportKind},
+    session::{Outbound, TransportKind},
 };
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, time::Instant};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::{
@@ -29,18 +29,14 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    adapter::{open_session, woken, OpenedSession, WriteStats},
     admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
     linger::Lingering,
+    session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
     state::AppState,
     ws_frames::{CountingReader, FrameCount},
 };
 
-/// How long a closing session may take to flush its close frame and hear the peer's reply.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
-/// Most frames the writer takes from the queue per flush.
-const MAX_BATCH: usize = 512;
 /// tungstenite's read buffer per connection (measured: the default 128 KiB, and even 4 KiB,
 /// dominate idle memory).
 const READ_BUFFER: usize = 1024;
@@ -220,55 +216,6 @@ fn to_message(frame: Outbound) -> Message {
     }
 }
 
-/// Drains the session's outbox to the socket: each wake-up takes every queued frame, feeds
-/// them to tungstenite and flushes once. Ends after writing the close frame.
-async fn write_loop<S>(mut sink: S, outbox: OutboxReceiver) -> WriteStats
-where
-    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
-{
-    let mut stats = WriteStats::default();
-    // Allocated on the first frame after the welcome, and shrunk back after large bursts.
-    let mut batch = Vec::new();
-    loop {
-        match outbox.recv_batch(&mut batch, MAX_BATCH).await {
-            Batch::Frames => {
-                // Let the fan-out and the other writers run once before writing: under load
-                // more frames arrive meanwhile and a burst leaves in one write and few TLS
-                // records; when idle the yield returns at once.
-                if batch.len() < MAX_BATCH {
-                    tokio::task::yield_now().await;
-                    let room = MAX_BATCH - batch.len();
-                    outbox.drain_ready(&mut batch, room);
-                }
-                for frame in batch.drain(..) {
-                    if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame
-                    {
-                        stats.frames += 1;
-                        stats.bytes += b.len() as u64;
-                    }
-                    if sink.feed(to_message(frame)).await.is_err() {
-                        return stats;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return stats;
-                }
-                if batch.capacity() > 4 * MAX_BATCH {
-                    batch.shrink_to(16);
-                }
-            }
-            Batch::Close(reason) => {
-                let frame = CloseFrame {
-                    code: reason.code.code().into(),
-                    reason: reason.reason.into(),
-                };
-                let _ = sink.send(Message::Close(Some(frame))).await;
-                return stats;
-            }
-        }
-    }
-}
-
 /// The close a tungstenite read error calls for; `None` when the connection is just gone.
 fn close_for(error: &tungstenite::Error) -> Option<CloseReason> {
     use tungstenite::Error as E;
@@ -323,95 +270,102 @@ async fn run_session<IO>(
     let config = websocket_config(admission.policy.max_message_bytes);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
     let OpenedSession {
-        mut conn,
+        conn,
         outbox,
         log,
         slot: _slot,
     } = open_session(&app, admission, TransportKind::WebSocket, peer);
-    let handle = conn.handle().clone();
-    let admission_burst = conn.policy().rate_burst;
-    let (sink, mut stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(sink, outbox));
-    let mut deadline = conn.poll(Instant::now().into_std());
-    let wake = conn.wake_signal();
-    // Set once the read half yields nothing more; a received Close frame is not the end:
-    // reading on lets tungstenite send its Close reply (else clients see 1006).
-    let mut stream_ended = false;
-    loop {
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            message = stream.next() => {
-                let now = Now::read();
-                let extra = continuations.take();
-                if extra > 0 {
-                    conn.on_control(extra, now);
-                }
-                match message {
-                    Some(Ok(Message::Text(text))) => conn.on_text(text.into(), now),
-                    Some(Ok(Message::Binary(bytes))) => conn.on_binary(bytes, now),
-                    Some(Ok(Message::Pong(_))) => {
-                        conn.on_pong();
-                        conn.on_control(1, now);
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Frame(_))) => {
-                        conn.on_control(1, now);
-                    }
-                    Some(Ok(Message::Close(_))) => break,
-                    None => {
-                        stream_ended = true;
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        match close_for(&e) {
-                            Some(reason) => conn.close(reason),
-                            // The counting reader stopped a message of endless fragments.
-                            None if extra > admission_burst => conn.close(CloseReason::new(
-                                CloseCode::TooSlowOrTooFast,
-                                "rate limit exceeded",
-                            )),
-                            None => stream_ended = true,
-                        }
-                        break;
-                    }
-                }
+    let (sink, stream) = ws.split();
+    let inbound = WsInbound {
+        burst: conn.policy().rate_burst,
+        stream,
+        continuations,
+        pending: None,
+    };
+    drive(conn, outbox, inbound, WsSink(sink), log).await;
+}
+
+/// The receiving half of a WebSocket session.
+struct WsInbound<S> {
+    stream: S,
+    continuations: Arc<FrameCount>,
+    /// The endpoint's rate burst: more hidden continuation frames than this behind a read
+    /// error is a flood, not a broken connection.
+    burst: u32,
+    /// An event read together with continuation frames, reported after them.
+    pending: Option<Event>,
+}
+
+impl<S> Inbound for WsInbound<S>
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
+{
+    async fn next(&mut self) -> Event {
+        if let Some(event) = self.pending.take() {
+            return event;
+        }
+        let message = self.stream.next().await;
+        let extra = self.continuations.take();
+        let event = match message {
+            Some(Ok(Message::Text(text))) => Event::Text(text.into()),
+            Some(Ok(Message::Binary(bytes))) => Event::Binary(bytes),
+            Some(Ok(Message::Pong(_))) => Event::Pong,
+            Some(Ok(Message::Ping(_) | Message::Frame(_))) => Event::Control {
+                frames: 1,
+                then: None,
             },
-            () = sleep => deadline = conn.poll(Instant::now().into_std()),
-            () = woken(&wake) => conn.on_wake(Now::read()),
-            () = handle.closed() => break,
+            // Reading on lets tungstenite send its Close reply (else clients see 1006).
+            Some(Ok(Message::Close(_))) => Event::PeerClosed,
+            None => Event::Gone,
+            Some(Err(e)) => match close_for(&e) {
+                Some(reason) => Event::Fault(reason),
+                // The counting reader stopped a message of endless fragments.
+                None if extra > self.burst => Event::Fault(CloseReason::new(
+                    CloseCode::TooSlowOrTooFast,
+                    "rate limit exceeded",
+                )),
+                None => Event::Gone,
+            },
+        };
+        if extra == 0 {
+            return event;
+        }
+        self.pending = Some(event);
+        Event::Control {
+            frames: extra,
+            then: None,
         }
     }
-    // Let the writer flush what is queued and the close frame, and hear the peer's reply,
-    // within the grace period; then drop the connection whatever state it is in.
-    if !handle.is_closed() {
-        handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
-    }
-    let grace = tokio::time::sleep(CLOSE_GRACE);
-    tokio::pin!(grace);
-    let mut stats = WriteStats::default();
-    let mut writer_done = false;
-    loop {
-        tokio::select! {
-            result = &mut writer, if !writer_done => {
-                stats = result.unwrap_or_default();
-                writer_done = true;
-                if stream_ended { break; }
+}
+
+/// The sending half of a WebSocket session: a batch is fed to tungstenite (which buffers
+/// up to its write buffer) and flushed once.
+struct WsSink<S>(S);
+
+impl<S> FrameSink for WsSink<S>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin + Send + 'static,
+{
+    async fn write_batch(
+        &mut self,
+        frames: &mut Vec<Outbound>,
+        stats: &mut WriteStats,
+    ) -> Result<(), ()> {
+        for frame in frames.drain(..) {
+            if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame {
+                stats.frames += 1;
+                stats.bytes += b.len() as u64;
             }
-            message = stream.next(), if !stream_ended => {
-                if matches!(message, None | Some(Err(_))) {
-                    stream_ended = true;
-                    if writer_done { break; }
-                }
-            }
-            () = &mut grace => {
-                writer.abort();
-                break;
-            }
+            self.0.feed(to_message(frame)).await.map_err(drop)?;
         }
+        self.0.flush().await.map_err(drop)
     }
-    log.closed(&conn, stats);
+
+    async fn close(mut self, reason: CloseReason) {
+        let frame = CloseFrame {
+            code: reason.code.code().into(),
+            reason: reason.reason.into(),
+        };
+        let _ = self.0.send(Message::Close(Some(frame))).await;
+    }
 }

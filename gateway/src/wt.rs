@@ -14,7 +14,7 @@ use gateway_core::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
         CloseCode, CloseReason, ErrorCode, Rejection, ServerFrame,
     },
-    session::{Batch, Outbound, OutboxReceiver, TransportKind},
+    session::{Outbound, SessionHandle, TransportKind},
 };
 use h3::{ext::Protocol, quic::BidiStream as _, quic::RecvStream as _, server::RequestStream};
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
@@ -30,11 +30,11 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    adapter::{open_session, woken, OpenedSession, WriteStats},
     admission::{self, Admission, ConnectionPermit, UpgradeRequest},
     api::rejection_response,
+    session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
     state::AppState,
-    ws::{PeerAddr, CLOSE_GRACE},
+    ws::PeerAddr,
 };
 
 type WtSession = WebTransportSession<h3_quinn::Connection, Bytes>;
@@ -403,9 +403,6 @@ fn message_frames(recv: MessageRecv, max_len: usize) -> FrameStream {
     )
 }
 
-/// Most frames one wake-up of a session's writer takes from its outbox.
-const MAX_BATCH: usize = 512;
-
 /// A session's writer writes once it has this many bytes of frames.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -431,92 +428,100 @@ fn datagram_prefix_len(session: &WtSession) -> usize {
     }
 }
 
-/// Drains the outbox: volatile messages as datagrams when they fit the connection's current
-/// maximum datagram size, everything else framed on the message stream. On close, writes
-/// the `close` envelope, finishes the stream and closes the connection.
-async fn write_loop(
-    send: oneshot::Receiver<MessageSend>,
-    outbox: OutboxReceiver,
-    session: Arc<WtSession>,
+/// The sending half of a WebTransport session: frames on the message stream (every frame
+/// of a batch in one write), volatile messages as datagrams when they fit the connection's
+/// current maximum datagram size. Closing writes the `close` envelope, finishes the
+/// stream and closes the connection.
+struct WtSink {
+    /// The message stream's sending half, once the client has opened it.
+    send: Option<MessageSend>,
+    opened: Option<oneshot::Receiver<MessageSend>>,
+    datagrams: h3_datagram::datagram_handler::DatagramSender<
+        <h3_quinn::Connection as h3_datagram::quic_traits::DatagramConnectionExt<Bytes>>::SendDatagramHandler,
+        Bytes,
+    >,
+    prefix: usize,
     quic: quinn::Connection,
-) -> WriteStats {
-    let mut stats = WriteStats::default();
-    let mut batch = Vec::with_capacity(16);
-    let mut send = match send.await {
-        Ok(s) => s,
-        Err(_) => {
-            // The session ended before the client opened its message stream.
-            loop {
-                batch.clear();
-                if let Batch::Close(reason) = outbox.recv_batch(&mut batch, usize::MAX).await {
-                    close_connection(&quic, &reason);
-                    return stats;
-                }
-            }
+    out: BytesMut,
+}
+
+impl WtSink {
+    /// The message stream, waiting until the client opens it; `None` if it never will.
+    async fn stream(&mut self) -> Option<&mut MessageSend> {
+        if self.send.is_none() {
+            self.send = self.opened.take()?.await.ok();
         }
-    };
-    let mut datagrams = session.datagram_sender();
-    let prefix = datagram_prefix_len(&session);
-    // Every frame of a wake-up goes out in one write (a few when they are large).
-    let mut out = BytesMut::new();
-    loop {
-        match outbox.recv_batch(&mut batch, MAX_BATCH).await {
-            Batch::Frames => {
-                // Let the fan-out run once more before writing, so a burst leaves together.
-                if batch.len() < MAX_BATCH {
-                    tokio::task::yield_now().await;
-                    let room = MAX_BATCH - batch.len();
-                    outbox.drain_ready(&mut batch, room);
-                }
-                for frame in batch.drain(..) {
-                    let (kind, bytes) = match frame {
-                        Outbound::Volatile(b) => {
-                            let fits = quic
-                                .max_datagram_size()
-                                .is_some_and(|max| b.len() + prefix <= max);
-                            if fits && datagrams.send_datagram(b.clone()).is_ok() {
-                                stats.datagrams += 1;
-                                continue;
-                            }
-                            (FrameKind::Json, b)
-                        }
-                        Outbound::Text(b) => (FrameKind::Json, b),
-                        Outbound::Binary(b) => (FrameKind::Binary, b),
-                        Outbound::Ping => continue,
-                    };
-                    stats.frames += 1;
-                    stats.bytes += bytes.len() as u64;
-                    out.extend_from_slice(&encode_header(kind, bytes.len()));
-                    out.extend_from_slice(&bytes);
-                    if out.len() >= WRITE_CHUNK {
-                        if send.write_all(&out).await.is_err() {
-                            return stats;
-                        }
-                        out.clear();
+        self.send.as_mut()
+    }
+}
+
+impl FrameSink for WtSink {
+    async fn write_batch(
+        &mut self,
+        frames: &mut Vec<Outbound>,
+        stats: &mut WriteStats,
+    ) -> Result<(), ()> {
+        if self.stream().await.is_none() {
+            return Err(());
+        }
+        let Self {
+            send,
+            datagrams,
+            prefix,
+            quic,
+            out,
+            ..
+        } = self;
+        let send = send.as_mut().expect("opened above");
+        for frame in frames.drain(..) {
+            let (kind, bytes) = match frame {
+                Outbound::Volatile(b) => {
+                    let fits = quic
+                        .max_datagram_size()
+                        .is_some_and(|max| b.len() + *prefix <= max);
+                    if fits && datagrams.send_datagram(b.clone()).is_ok() {
+                        stats.datagrams += 1;
+                        continue;
                     }
+                    (FrameKind::Json, b)
                 }
-                if !out.is_empty() && send.write_all(&out).await.is_err() {
-                    return stats;
-                }
+                Outbound::Text(b) => (FrameKind::Json, b),
+                Outbound::Binary(b) => (FrameKind::Binary, b),
+                Outbound::Ping => continue,
+            };
+            stats.frames += 1;
+            stats.bytes += bytes.len() as u64;
+            out.extend_from_slice(&encode_header(kind, bytes.len()));
+            out.extend_from_slice(&bytes);
+            if out.len() >= WRITE_CHUNK {
+                send.write_all(out).await.map_err(drop)?;
                 out.clear();
-                if out.capacity() > 4 * WRITE_CHUNK {
-                    out = BytesMut::new();
-                }
-            }
-            Batch::Close(reason) => {
-                let envelope = ServerFrame::Close {
-                    code: reason.code.code(),
-                    reason: &reason.reason,
-                }
-                .to_bytes();
-                let _ = write_frame(&mut send, FrameKind::Json, &envelope).await;
-                let _ = send.shutdown().await;
-                // Give the peer time to read the `close` envelope and close the connection.
-                let _ = tokio::time::timeout(CLOSE_FLUSH, quic.closed()).await;
-                close_connection(&quic, &reason);
-                return stats;
             }
         }
+        if !out.is_empty() {
+            send.write_all(out).await.map_err(drop)?;
+        }
+        out.clear();
+        if out.capacity() > 4 * WRITE_CHUNK {
+            *out = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    async fn close(mut self, reason: CloseReason) {
+        // A session closed before its message stream opened has nothing to write on.
+        if let Some(send) = self.send.as_mut() {
+            let envelope = ServerFrame::Close {
+                code: reason.code.code(),
+                reason: &reason.reason,
+            }
+            .to_bytes();
+            let _ = write_frame(send, FrameKind::Json, &envelope).await;
+            let _ = send.shutdown().await;
+            // Give the peer time to read the `close` envelope and close the connection.
+            let _ = tokio::time::timeout(CLOSE_FLUSH, self.quic.closed()).await;
+        }
+        close_connection(&self.quic, &reason);
     }
 }
 
@@ -556,137 +561,199 @@ async fn run_session(
     let max_len = admission.policy.max_message_bytes;
     let stream_deadline = Instant::now() + app.config.limits.handshake_timeout;
     let OpenedSession {
-        mut conn,
+        conn,
         outbox,
         log,
         slot,
     } = open_session(&app, admission, TransportKind::WebTransport, peer);
-    let handle = conn.handle().clone();
-
     let (send_tx, send_rx) = oneshot::channel();
-    let mut send_tx = Some(send_tx);
-    let mut writer = tokio::spawn(write_loop(send_rx, outbox, session.clone(), quic.clone()));
-    let mut bidi = Box::pin(stream::unfold(session.clone(), |s| async move {
-        let r = s.accept_bi().await;
-        Some((r, s))
-    }))
-    .fuse();
-    let mut uni = Box::pin(stream::unfold(session.clone(), |s| async move {
-        let r = s.accept_uni().await;
-        Some((r, s))
-    }))
-    .fuse();
-    let mut datagrams = Box::pin(stream::unfold(
-        session.datagram_reader(),
-        |mut r| async move {
-            let d = r.read_datagram().await;
-            Some((d, r))
-        },
-    ))
-    .fuse();
-    // Pending until the client opens its message stream.
-    let mut messages: FrameStream = Box::pin(stream::pending());
-    let mut has_message_stream = false;
-    let mut deadline = conn.poll(Instant::now().into_std());
-    let wake = conn.wake_signal();
-    loop {
-        let timer = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        // Biased, in this order: h3 resolves a new unidirectional stream while polling for
-        // bidirectional ones and stores it without waking the uni acceptor, so the uni
-        // acceptor must be polled after the bidi one in every turn.
-        tokio::select! {
-            biased;
-            () = handle.closed() => break,
-            accepted = bidi.next() => match accepted {
-                Some(Ok(Some(AcceptedBi::BidiStream(_, stream)))) => {
-                    if let Some(tx) = send_tx.take() {
-                        let (send, recv) = stream.split();
-                        let _ = tx.send(send);
-                        messages = message_frames(recv, max_len);
-                        has_message_stream = true;
-                    } else if conn.on_control(1, Now::read()) {
-                        // Each unused stream costs a frame of the rate limit.
-                        tokio::spawn(refuse_extra_stream(stream));
-                    }
-                }
-                Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
-                    // Requests on a session's connection cost a frame of its rate limit.
-                    if conn.on_control(1, Now::read()) {
-                        let limit = app.config.limits.handshake_timeout;
-                        let permit = ConnectionPermit::Granted(slot.clone());
-                        tokio::spawn(serve_request(req, stream, router.clone(), peer, permit, limit));
-                    }
-                }
-                other => {
-                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "bidirectional accept ended");
-                    break;
-                }
-            },
-            accepted = uni.next() => match accepted {
-                Some(Ok(Some((_, mut recv)))) => {
-                    recv.stop_sending(0);
-                    // Each stream costs a frame of the rate limit; past it, no reply.
-                    if conn.on_control(1, Now::read()) {
-                        handle.send(ServerFrame::Error {
-                        id: None,
-                        code: ErrorCode::BadRequest.as_str(),
-                            message: "unidirectional streams are not used; send frames on the message stream",
-                        }.to_outbound());
-                    }
-                }
-                other => {
-                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "unidirectional accept ended");
-                    break;
-                }
-            },
-            frame = messages.next() => match frame {
-                Some(Ok((FrameKind::Json, payload))) => conn.on_text(payload, Now::read()),
-                Some(Ok((FrameKind::Binary, payload))) => conn.on_binary(payload, Now::read()),
-                Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
-                    conn.close(CloseReason::new(CloseCode::TooLarge, "message too large"));
-                }
-                Some(Err(StreamEnd::Frame(e))) => {
-                    conn.close(CloseReason::new(CloseCode::ProtocolError, e.to_string()));
-                }
-                Some(Err(StreamEnd::Closed)) | None => {
-                    conn.close(CloseReason::new(CloseCode::Normal, "message stream closed by client"));
-                }
-            },
-            datagram = datagrams.next() => match datagram {
-                Some(Ok(d)) => conn.on_datagram(d.into_payload(), Now::read()),
-                other => {
-                    debug!(session = handle.id_str(), result = ?other.map(|r| r.map(|_| ()).map_err(|e| e.to_string())), "datagram reader ended");
-                    break;
-                }
-            },
-            () = timer => deadline = conn.poll(Instant::now().into_std()),
-            () = woken(&wake) => conn.on_wake(Now::read()),
-            () = tokio::time::sleep_until(stream_deadline), if !has_message_stream => {
-                conn.close(CloseReason::new(CloseCode::ProtocolError, "no message stream opened"));
-            }
-        }
-    }
-    if !handle.is_closed() {
-        handle.close(CloseReason::new(
-            CloseCode::Normal,
-            "connection closed by client",
-        ));
-    }
-    drop(send_tx);
-    let stats = match tokio::time::timeout(CLOSE_GRACE, &mut writer).await {
-        Ok(Ok(stats)) => stats,
-        _ => {
-            writer.abort();
-            WriteStats::default()
-        }
+    let sink = WtSink {
+        send: None,
+        opened: Some(send_rx),
+        datagrams: session.datagram_sender(),
+        prefix: datagram_prefix_len(&session),
+        quic: quic.clone(),
+        out: BytesMut::new(),
     };
-    if let Some(reason) = handle.close_reason() {
-        close_connection(&quic, &reason);
+    let inbound = WtInbound {
+        bidi: boxed(stream::unfold(session.clone(), |s| async move {
+            let r = s.accept_bi().await;
+            Some((r, s))
+        })),
+        uni: boxed(stream::unfold(session.clone(), |s| async move {
+            let r = s.accept_uni().await;
+            Some((r, s))
+        })),
+        datagrams: boxed(stream::unfold(
+            session.datagram_reader(),
+            |mut r| async move {
+                let d = r.read_datagram().await;
+                Some((d, r))
+            },
+        )),
+        // Pending until the client opens its message stream.
+        messages: Box::pin(stream::pending()),
+        send_tx: Some(send_tx),
+        stream_deadline: Some(stream_deadline),
+        max_len,
+        handle: conn.handle().clone(),
+        requests: RequestContext {
+            router,
+            peer,
+            permit: ConnectionPermit::Granted(slot),
+            limit: app.config.limits.handshake_timeout,
+        },
+        quic,
+    };
+    drive(conn, outbox, inbound, sink, log).await;
+}
+
+/// What serving an HTTP/3 request on a session's connection needs.
+struct RequestContext {
+    router: Router,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+    limit: Duration,
+}
+
+/// An acceptor as a long-lived, cancel-safe stream (h3's accept futures are not
+/// cancel-safe: they must not be re-created in each `select!` turn).
+type Accepted<T> = futures_util::stream::Fuse<Pin<Box<dyn Stream<Item = T> + Send>>>;
+
+fn boxed<S: Stream + Send + 'static>(s: S) -> Accepted<S::Item> {
+    let s: Pin<Box<dyn Stream<Item = S::Item> + Send>> = Box::pin(s);
+    s.fuse()
+}
+
+/// The receiving side of a WebTransport session: the message stream, datagrams, and the
+/// streams and requests the client opens besides.
+struct WtInbound {
+    bidi: Accepted<Result<Option<AcceptedBi<h3_quinn::Connection, Bytes>>, h3::error::StreamError>>,
+    uni: Accepted<
+        Result<Option<(h3_webtransport::SessionId, MessageRecv)>, h3::error::ConnectionError>,
+    >,
+    datagrams: Accepted<Result<h3_datagram::datagram::Datagram<Bytes>, h3::error::StreamError>>,
+    messages: FrameStream,
+    /// Hands the message stream's sending half to the writer.
+    send_tx: Option<oneshot::Sender<MessageSend>>,
+    /// Until the client opens its message stream.
+    stream_deadline: Option<Instant>,
+    max_len: usize,
+    handle: SessionHandle,
+    requests: RequestContext,
+    quic: quinn::Connection,
+}
+
+impl Inbound for WtInbound {
+    async fn next(&mut self) -> Event {
+        loop {
+            let deadline = self.stream_deadline;
+            let no_stream = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Biased, in this order: h3 resolves a new unidirectional stream while polling
+            // for bidirectional ones and stores it without waking the uni acceptor, so the
+            // uni acceptor must be polled after the bidi one in every turn.
+            tokio::select! {
+                biased;
+                accepted = self.bidi.next() => match accepted {
+                    Some(Ok(Some(AcceptedBi::BidiStream(_, stream)))) => {
+                        if let Some(tx) = self.send_tx.take() {
+                            let (send, recv) = stream.split();
+                            let _ = tx.send(send);
+                            self.messages = message_frames(recv, self.max_len);
+                            self.stream_deadline = None;
+                            continue;
+                        }
+                        // Each unused stream costs a frame of the rate limit.
+                        return Event::Control {
+                            frames: 1,
+                            then: Some(Box::new(move || {
+                                tokio::spawn(refuse_extra_stream(stream));
+                            })),
+                        };
+                    }
+                    Some(Ok(Some(AcceptedBi::Request(req, stream)))) => {
+                        // Requests on a session's connection cost a frame of its rate limit.
+                        let r = &self.requests;
+                        let (router, peer, permit, limit) =
+                            (r.router.clone(), r.peer, r.permit.clone(), r.limit);
+                        return Event::Control {
+                            frames: 1,
+                            then: Some(Box::new(move || {
+                                tokio::spawn(serve_request(req, stream, router, peer, permit, limit));
+                            })),
+                        };
+                    }
+                    other => {
+                        debug!(session = self.handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "bidirectional accept ended");
+                        return Event::Gone;
+                    }
+                },
+                accepted = self.uni.next() => match accepted {
+                    Some(Ok(Some((_, mut recv)))) => {
+                        recv.stop_sending(0);
+                        // Each stream costs a frame of the rate limit; past it, no reply.
+                        let handle = self.handle.clone();
+                        return Event::Control {
+                            frames: 1,
+                            then: Some(Box::new(move || {
+                                handle.send(ServerFrame::Error {
+                                    id: None,
+                                    code: ErrorCode::BadRequest.as_str(),
+                                    message: "unidirectional streams are not used; send frames on the message stream",
+                                }.to_outbound());
+                            })),
+                        };
+                    }
+                    other => {
+                        debug!(session = self.handle.id_str(), result = ?other.map(|r| r.map(|o| o.is_some()).map_err(|e| e.to_string())), "unidirectional accept ended");
+                        return Event::Gone;
+                    }
+                },
+                frame = self.messages.next() => return match frame {
+                    Some(Ok((FrameKind::Json, payload))) => Event::Text(payload),
+                    Some(Ok((FrameKind::Binary, payload))) => Event::Binary(payload),
+                    Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
+                        Event::Fault(CloseReason::new(CloseCode::TooLarge, "message too large"))
+                    }
+                    Some(Err(StreamEnd::Frame(e))) => {
+                        Event::Fault(CloseReason::new(CloseCode::ProtocolError, e.to_string()))
+                    }
+                    Some(Err(StreamEnd::Closed)) | None => Event::Fault(CloseReason::new(
+                        CloseCode::Normal,
+                        "message stream closed by client",
+                    )),
+                },
+                datagram = self.datagrams.next() => return match datagram {
+                    Some(Ok(d)) => Event::Datagram(d.into_payload()),
+                    other => {
+                        debug!(session = self.handle.id_str(), result = ?other.map(|r| r.map(|_| ()).map_err(|e| e.to_string())), "datagram reader ended");
+                        Event::Gone
+                    }
+                },
+                () = no_stream => {
+                    self.stream_deadline = None;
+                    return Event::Fault(CloseReason::new(
+                        CloseCode::ProtocolError,
+                        "no message stream opened",
+                    ));
+                }
+            }
+        }
     }
-    log.closed(&conn, stats);
+
+    fn closing(&mut self) {
+        // A writer still waiting for the message stream stops waiting.
+        self.send_tx = None;
+    }
+
+    fn finished(self, reason: Option<&CloseReason>) {
+        if let Some(reason) = reason {
+            close_connection(&self.quic, reason);
+        }
+    }
 }

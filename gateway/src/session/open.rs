@@ -1,10 +1,10 @@
-//! What both transport adapters do around a session: open it in the hub from an admission,
-//! and write its access-log lines (one at open, one at close).
+//! Opening a session in the hub from an admission, and its access-log lines (one at open,
+//! one at close).
 
 use std::{net::SocketAddr, sync::Arc};
 
 use gateway_core::{
-    connection::{Connection, Now, WakeSignal},
+    connection::{Connection, Now},
     limits::ConnectionSlot,
     session::{OutboxReceiver, TransportKind},
 };
@@ -29,14 +29,6 @@ pub(crate) struct OpenedSession {
     /// Held for the session's life: releases the connection slot on drop. Bind it to a
     /// named variable (not `..`), or the slot is released at once.
     pub(crate) slot: Arc<ConnectionSlot>,
-}
-
-/// Resolves when the session's wake signal fires; never without one.
-pub(crate) async fn woken(signal: &Option<WakeSignal>) {
-    match signal {
-        Some(signal) => signal.notified().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and

@@ -1,0 +1,159 @@
+//! Runs one session over a transport: inbound events into the core [`Connection`], its
+//! deadlines and wake-ups, the writer task, and the close procedure.
+
+use std::{future::Future, time::Duration};
+
+use bytes::Bytes;
+use gateway_core::{
+    connection::{Connection, Now, WakeSignal},
+    protocol::{CloseCode, CloseReason},
+    session::OutboxReceiver,
+};
+use tokio::time::Instant;
+
+use super::{
+    open::AccessLog,
+    writer::{write_loop, FrameSink},
+    WriteStats,
+};
+
+/// How long a closing session may take to flush its close and hear the peer's reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// What a transport reports from its peer.
+pub(crate) enum Event {
+    /// A JSON envelope.
+    Text(Bytes),
+    /// A binary envelope.
+    Binary(Bytes),
+    /// A WebTransport datagram.
+    Datagram(Bytes),
+    /// The peer answered a transport ping (it costs a frame of the rate limit too).
+    Pong,
+    /// Frames that carry no request (control frames, streams the protocol does not use):
+    /// each costs a token of the rate limit; `then` runs when they were within it.
+    Control {
+        frames: u32,
+        then: Option<Box<dyn FnOnce() + Send>>,
+    },
+    /// The transport broke the protocol or a limit: the session closes with this reason.
+    Fault(CloseReason),
+    /// The peer started the close: the session ends, reading goes on until the transport
+    /// has finished its closing handshake.
+    PeerClosed,
+    /// Nothing more will arrive.
+    Gone,
+}
+
+/// The receiving side of a session's transport.
+pub(crate) trait Inbound: Send {
+    /// The next event (cancel-safe: state lives in `self`, not in the future).
+    fn next(&mut self) -> impl Future<Output = Event> + Send;
+
+    /// The session is closing: release what the writer may be waiting for.
+    fn closing(&mut self) {}
+
+    /// The session is over (the writer has finished or was given up).
+    fn finished(self, _reason: Option<&CloseReason>)
+    where
+        Self: Sized,
+    {
+    }
+}
+
+/// Resolves when the session's wake signal fires; never without one.
+async fn woken(signal: &Option<WakeSignal>) {
+    match signal {
+        Some(signal) => signal.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a session to its end: feeds `inbound`'s events to `conn`, runs its timers, writes
+/// its outbox through `sink`, and closes it (within [`CLOSE_GRACE`]), then logs it.
+pub(crate) async fn drive<I: Inbound, S: FrameSink>(
+    mut conn: Connection,
+    outbox: OutboxReceiver,
+    mut inbound: I,
+    sink: S,
+    log: AccessLog,
+) {
+    let handle = conn.handle().clone();
+    let mut writer = tokio::spawn(write_loop(sink, outbox));
+    let mut deadline = conn.poll(Instant::now().into_std());
+    let wake = conn.wake_signal();
+    let mut gone = false;
+    loop {
+        let timer = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = handle.closed() => break,
+            event = inbound.next() => {
+                let now = Now::read();
+                match event {
+                    Event::Text(frame) => conn.on_text(frame, now),
+                    Event::Binary(frame) => conn.on_binary(frame, now),
+                    Event::Datagram(frame) => conn.on_datagram(frame, now),
+                    Event::Pong => {
+                        conn.on_pong();
+                        conn.on_control(1, now);
+                    }
+                    Event::Control { frames, then } => {
+                        if conn.on_control(frames, now) {
+                            if let Some(then) = then {
+                                then();
+                            }
+                        }
+                    }
+                    Event::Fault(reason) => {
+                        conn.close(reason);
+                        break;
+                    }
+                    Event::PeerClosed => break,
+                    Event::Gone => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            () = timer => deadline = conn.poll(Instant::now().into_std()),
+            () = woken(&wake) => conn.on_wake(Now::read()),
+        }
+    }
+    if !handle.is_closed() {
+        handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
+    }
+    inbound.closing();
+    // Let the writer flush what is queued and the close, and keep reading so the
+    // transport can finish its closing handshake, within the grace period.
+    let grace = tokio::time::sleep(CLOSE_GRACE);
+    tokio::pin!(grace);
+    let mut stats = WriteStats::default();
+    let mut writer_done = false;
+    loop {
+        tokio::select! {
+            result = &mut writer, if !writer_done => {
+                stats = result.unwrap_or_default();
+                writer_done = true;
+                if gone { break; }
+            }
+            event = inbound.next(), if !gone => {
+                if matches!(event, Event::Gone | Event::Fault(_)) {
+                    gone = true;
+                    if writer_done { break; }
+                }
+            }
+            () = &mut grace => {
+                writer.abort();
+                break;
+            }
+        }
+    }
+    inbound.finished(handle.close_reason().as_ref());
+    log.closed(&conn, stats);
+}
