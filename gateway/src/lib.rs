@@ -1,19 +1,17 @@
-//! The gateway server: configuration, the TCP front (HTTPS + secure WebSocket), the HTTP API,
-//! and the wiring around the transport-neutral hub of `gateway-core`.
+//! The gateway server: the TCP front (TLS, HTTPS, secure WebSocket), the QUIC front
+//! (HTTP/3, WebTransport), the HTTP router and API they share, the one session driver both
+//! transports use, the Redis cluster backplane, and the wiring around the transport-neutral
+//! hub of `gateway-core`.
 
-pub mod admission;
-pub mod api;
-pub mod assets;
 pub mod cluster;
 pub mod config;
-pub mod linger;
+pub mod http;
+pub mod quic;
 pub mod server;
 mod session;
 pub mod state;
+pub mod tcp;
 pub mod tls;
-pub mod ws;
-pub mod ws_frames;
-pub mod wt;
 
 pub use config::Config;
 pub use server::Server;

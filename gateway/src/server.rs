@@ -17,11 +17,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
 use crate::{
-    api,
     cluster::RedisCluster,
     config::{Config, TlsSource},
+    http::api,
+    quic,
     state::AppState,
-    tls, ws, wt,
+    tcp, tls,
 };
 
 /// A started gateway: its bound addresses and the tasks serving them.
@@ -118,12 +119,12 @@ impl Server {
             dev_cert.as_ref().map(|d| d.sha256.clone()),
             cluster_handle,
         );
-        let router = api::router(state.clone());
+        let router = api::router(state.clone(), tcp::endpoint);
         let mut tasks = JoinSet::new();
         let acceptor = TlsAcceptor::from(tls::tcp_config(resolver.clone()));
-        tasks.spawn(ws::serve(tcp, acceptor, state.clone(), router.clone()));
+        tasks.spawn(tcp::serve(tcp, acceptor, state.clone(), router.clone()));
         if let Some(endpoint) = quic.clone() {
-            tasks.spawn(wt::serve(endpoint, state.clone(), router));
+            tasks.spawn(quic::serve(endpoint, state.clone(), router));
         }
         tasks.spawn(expire_history(state.clone()));
 
@@ -221,7 +222,7 @@ async fn bind_same_port(
             return Ok((tcp, None));
         };
         let udp_addr = tcp.local_addr()?;
-        match wt::bind(udp_addr, tls.clone(), heartbeat) {
+        match quic::bind(udp_addr, tls.clone(), heartbeat) {
             Ok(endpoint) => return Ok((tcp, Some(endpoint))),
             Err(e) => last_error = Some(e.context(format!("binding UDP {udp_addr}"))),
         }

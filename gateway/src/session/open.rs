@@ -11,7 +11,7 @@ use gateway_core::{
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::{admission::Admission, state::AppState};
+use crate::{http::admission::Admission, state::AppState};
 
 /// Outbound counters an adapter's writer reports at the end.
 #[derive(Debug, Default, Clone, Copy)]

@@ -30,11 +30,13 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    admission::{self, Admission, ConnectionPermit, UpgradeRequest},
-    api::rejection_response,
+    http::{
+        admission::{self, Admission, ConnectionPermit, UpgradeRequest},
+        api::rejection_response,
+        PeerAddr,
+    },
     session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
     state::AppState,
-    ws::PeerAddr,
 };
 
 type WtSession = WebTransportSession<h3_quinn::Connection, Bytes>;

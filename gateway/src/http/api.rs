@@ -1,6 +1,6 @@
 //! The HTTP router served on both HTTPS and HTTP/3: health, the server API, and endpoint
-//! paths (WebSocket upgrades on HTTPS; anything else there is answered with the admission
-//! status).
+//! paths (the `endpoints` fallback the caller passes: WebSocket upgrades on HTTPS; anything
+//! else there is answered with the admission status).
 //!
 //! Every request must complete within the handshake timeout; API routes check their
 //! credential from the headers before any byte of the body is read, and each route reads
@@ -27,12 +27,11 @@ use http::{header::CONTENT_LENGTH, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{
+use super::{
     admission::{bearer, ConnectionPermit},
     assets,
-    state::AppState,
-    ws,
 };
+use crate::state::AppState;
 
 /// Room or user name, JSON keys and punctuation of an API body around its `data`.
 const API_ENVELOPE_BYTES: usize = 1024;
@@ -43,7 +42,11 @@ const DISCONNECT_BODY_BYTES: usize = 4096;
 const IGNORED_BODY_BYTES: usize = 1024;
 
 /// The router of every plain HTTP request.
-pub fn router(app: Arc<AppState>) -> Router {
+pub fn router<H, T>(app: Arc<AppState>, endpoints: H) -> Router
+where
+    H: axum::handler::Handler<T, Arc<AppState>>,
+    T: 'static,
+{
     // `data` may be as large as the largest message any endpoint accepts.
     let data_body = app
         .config
@@ -88,7 +91,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         // Only matched routes: the fallback's admission answers 404 before any limit.
         .route_layer(middleware::from_fn(refuse_over_limit))
-        .fallback(endpoint_or_not_found)
+        .fallback(endpoints)
         // `limit_body` sets each route's limit; axum's own 2 MiB default must not cap it.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(app.clone(), deadline))
@@ -171,10 +174,6 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::OK, "ok").into_response()
     }
-}
-
-async fn endpoint_or_not_found(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    ws::upgrade(app, req).await
 }
 
 /// An API failure; it becomes the JSON error body with the status of its code.

@@ -64,7 +64,7 @@ impl Asset {
 /// The browser client, an ES module.
 pub static CLIENT_JS: LazyLock<Asset> = LazyLock::new(|| {
     Asset::new(
-        include_str!("../../clients/js/client.js"),
+        include_str!("../../../clients/js/client.js"),
         "text/javascript; charset=utf-8",
     )
 });
@@ -72,7 +72,7 @@ pub static CLIENT_JS: LazyLock<Asset> = LazyLock::new(|| {
 /// Its TypeScript declarations.
 pub static CLIENT_DTS: LazyLock<Asset> = LazyLock::new(|| {
     Asset::new(
-        include_str!("../../clients/js/client.d.ts"),
+        include_str!("../../../clients/js/client.d.ts"),
         "application/typescript; charset=utf-8",
     )
 });
@@ -89,7 +89,7 @@ pub async fn client_dts(request: HeaderMap) -> Response {
 
 /// The demo page; in dev mode it carries the dev certificate's hash for WebTransport.
 pub async fn demo_page(State(app): State<Arc<AppState>>) -> Response {
-    let page = include_str!("../assets/index.html").replace(
+    let page = include_str!("../../assets/index.html").replace(
         "__CERT_SHA256__",
         app.dev_cert_sha256.as_deref().unwrap_or(""),
     );

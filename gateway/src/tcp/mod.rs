@@ -1,5 +1,9 @@
 //! The TCP front: TLS accept loop, HTTP/1.1 (hyper) serving the shared router, WebSocket
-//! upgrades on endpoint paths, and the WebSocket session adapter (tokio-tungstenite).
+//! upgrades on endpoint paths, and the WebSocket implementation of the session driver's
+//! transport interface (tokio-tungstenite).
+
+pub mod frames;
+pub mod linger;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -29,23 +33,22 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
-    admission::{self, Admission, ConnectionPermit, UpgradeRequest},
-    api::rejection_response,
-    linger::Lingering,
+    http::{
+        admission::{self, Admission, ConnectionPermit, UpgradeRequest},
+        api::rejection_response,
+        PeerAddr,
+    },
     session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
     state::AppState,
-    ws_frames::{CountingReader, FrameCount},
 };
+use frames::{CountingReader, FrameCount};
+use linger::Lingering;
 
 /// tungstenite's read buffer per connection (measured: the default 128 KiB, and even 4 KiB,
 /// dominate idle memory).
 const READ_BUFFER: usize = 1024;
 /// Largest request head accepted (431 beyond).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-
-/// The client address of a request, set by the front that received it.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// Accepts TCP connections until the listener fails; each is served on its own task.
 pub async fn serve(
@@ -132,6 +135,15 @@ fn is_websocket_upgrade(req: &Request<Body>) -> bool {
         && h.get(header::SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v == "13")
         && h.get(header::SEC_WEBSOCKET_KEY).is_some()
+}
+
+/// The router's fallback on HTTPS: a WebSocket upgrade on an endpoint path, or the status
+/// admission answers (404 for unknown paths).
+pub async fn endpoint(
+    axum::extract::State(app): axum::extract::State<Arc<AppState>>,
+    req: Request<Body>,
+) -> Response<Body> {
+    upgrade(app, req).await
 }
 
 /// Handles a request on an endpoint path (or an unknown path): admission, then the 101
