@@ -136,10 +136,14 @@ enum Via {
 
 impl Connection {
     /// Opens a session: registers it with the hub and, if authenticated, queues `welcome`.
+    /// With `pings`, liveness queues a transport ping ([`Outbound::Ping`]) every heartbeat
+    /// and closes a session that did not answer the previous one (transports whose own
+    /// keep-alive does this, like QUIC, pass `false`).
     pub fn open(
         services: Services,
         policy: Arc<EndpointPolicy>,
         transport: TransportKind,
+        pings: bool,
         admitted: Admitted,
         now: Now,
     ) -> (Connection, OutboxReceiver) {
@@ -148,7 +152,7 @@ impl Connection {
             policy.path.as_str().into(),
             policy.queue_capacity,
         );
-        let ping = (transport == TransportKind::WebSocket).then_some(policy.heartbeat);
+        let ping = pings.then_some(policy.heartbeat);
         let mut conn = Connection {
             bucket: TokenBucket::new(policy.rate_per_sec, policy.rate_burst, now.instant),
             liveness: Liveness::new(now.instant, ping),
@@ -741,6 +745,7 @@ mod tests {
             services,
             Arc::new(policy),
             TransportKind::WebSocket,
+            true,
             Admitted::Anonymous,
             now,
         )

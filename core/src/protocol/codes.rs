@@ -151,6 +151,42 @@ impl CloseReason {
     }
 }
 
+/// Why a transport cannot go on with a session, as either front detects it; each maps to
+/// the one close the protocol prescribes ([`close_reason`](Self::close_reason)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportFault {
+    /// A message (or its frame header) above `max_message_bytes`: 1009.
+    TooLarge,
+    /// The transport's framing was broken (what, for the reason): 1002.
+    Malformed(String),
+    /// A WebSocket text message that is not UTF-8: 1007.
+    InvalidUtf8,
+    /// More frames than the rate limit allows hidden inside one message (continuation
+    /// frames): 4008.
+    Flood,
+    /// The client ended the session's message stream: 1000.
+    StreamClosed,
+}
+
+impl TransportFault {
+    /// The close this fault calls for.
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            TransportFault::TooLarge => CloseReason::new(CloseCode::TooLarge, "message too large"),
+            TransportFault::Malformed(what) => CloseReason::new(CloseCode::ProtocolError, what),
+            TransportFault::InvalidUtf8 => {
+                CloseReason::new(CloseCode::InvalidPayload, "invalid UTF-8")
+            }
+            TransportFault::Flood => {
+                CloseReason::new(CloseCode::TooSlowOrTooFast, "rate limit exceeded")
+            }
+            TransportFault::StreamClosed => {
+                CloseReason::new(CloseCode::Normal, "message stream closed by client")
+            }
+        }
+    }
+}
+
 /// Why a WebSocket upgrade or WebTransport CONNECT is refused before any session exists
 /// (PROTOCOL.md section 1), in the order the checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

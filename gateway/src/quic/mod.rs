@@ -12,7 +12,7 @@ use gateway_core::{
     connection::Now,
     protocol::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
-        CloseCode, CloseReason, ErrorCode, Rejection, ServerFrame,
+        CloseReason, ErrorCode, Rejection, ServerFrame, TransportFault,
     },
     session::{Outbound, SessionHandle, TransportKind},
 };
@@ -567,7 +567,14 @@ async fn run_session(
         outbox,
         log,
         slot,
-    } = open_session(&app, admission, TransportKind::WebTransport, peer);
+    } = open_session(
+        &app,
+        admission,
+        TransportKind::WebTransport,
+        // QUIC keep-alive and idle timeout (transport_config) watch liveness.
+        false,
+        peer,
+    );
     let (send_tx, send_rx) = oneshot::channel();
     let sink = WtSink {
         send: None,
@@ -720,15 +727,12 @@ impl Inbound for WtInbound {
                     Some(Ok((FrameKind::Json, payload))) => Event::Text(payload),
                     Some(Ok((FrameKind::Binary, payload))) => Event::Binary(payload),
                     Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
-                        Event::Fault(CloseReason::new(CloseCode::TooLarge, "message too large"))
+                        Event::Fault(TransportFault::TooLarge)
                     }
                     Some(Err(StreamEnd::Frame(e))) => {
-                        Event::Fault(CloseReason::new(CloseCode::ProtocolError, e.to_string()))
+                        Event::Fault(TransportFault::Malformed(e.to_string()))
                     }
-                    Some(Err(StreamEnd::Closed)) | None => Event::Fault(CloseReason::new(
-                        CloseCode::Normal,
-                        "message stream closed by client",
-                    )),
+                    Some(Err(StreamEnd::Closed)) | None => Event::Fault(TransportFault::StreamClosed),
                 },
                 datagram = self.datagrams.next() => return match datagram {
                     Some(Ok(d)) => Event::Datagram(d.into_payload()),
@@ -739,9 +743,8 @@ impl Inbound for WtInbound {
                 },
                 () = no_stream => {
                     self.stream_deadline = None;
-                    return Event::Fault(CloseReason::new(
-                        CloseCode::ProtocolError,
-                        "no message stream opened",
+                    return Event::Fault(TransportFault::Malformed(
+                        "no message stream opened".into(),
                     ));
                 }
             }

@@ -6,7 +6,7 @@ use std::{future::Future, time::Duration};
 use bytes::Bytes;
 use gateway_core::{
     connection::{Connection, Now, WakeSignal},
-    protocol::{CloseCode, CloseReason},
+    protocol::{CloseCode, CloseReason, TransportFault},
     session::OutboxReceiver,
 };
 use tokio::time::Instant;
@@ -36,8 +36,8 @@ pub(crate) enum Event {
         frames: u32,
         then: Option<Box<dyn FnOnce() + Send>>,
     },
-    /// The transport broke the protocol or a limit: the session closes with this reason.
-    Fault(CloseReason),
+    /// The transport broke the protocol or a limit: the session closes as the fault says.
+    Fault(TransportFault),
     /// The peer started the close: the session ends, reading goes on until the transport
     /// has finished its closing handshake.
     PeerClosed,
@@ -110,8 +110,8 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
                             }
                         }
                     }
-                    Event::Fault(reason) => {
-                        conn.close(reason);
+                    Event::Fault(fault) => {
+                        conn.close(fault.close_reason());
                         break;
                     }
                     Event::PeerClosed => break,

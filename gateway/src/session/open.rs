@@ -32,11 +32,13 @@ pub(crate) struct OpenedSession {
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and
-/// logs its opening.
+/// logs its opening. `pings`: the transport needs pings for liveness (see
+/// `Connection::open`).
 pub(crate) fn open_session(
     app: &Arc<AppState>,
     admission: Admission,
     transport: TransportKind,
+    pings: bool,
     peer: SocketAddr,
 ) -> OpenedSession {
     let Admission {
@@ -48,6 +50,7 @@ pub(crate) fn open_session(
         app.services.clone(),
         policy,
         transport,
+        pings,
         admitted,
         Now::read(),
     );

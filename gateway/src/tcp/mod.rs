@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use gateway_core::{
     connection::Now,
-    protocol::{CloseCode, CloseReason},
+    protocol::{CloseReason, TransportFault},
     session::{Outbound, TransportKind},
 };
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -228,13 +228,13 @@ fn to_message(frame: Outbound) -> Message {
     }
 }
 
-/// The close a tungstenite read error calls for; `None` when the connection is just gone.
-fn close_for(error: &tungstenite::Error) -> Option<CloseReason> {
+/// The fault a tungstenite read error is; `None` when the connection is just gone.
+fn fault_of(error: &tungstenite::Error) -> Option<TransportFault> {
     use tungstenite::Error as E;
     match error {
-        E::Capacity(_) => Some(CloseReason::new(CloseCode::TooLarge, "message too large")),
-        E::Protocol(p) => Some(CloseReason::new(CloseCode::ProtocolError, p.to_string())),
-        E::Utf8(_) => Some(CloseReason::new(CloseCode::InvalidPayload, "invalid UTF-8")),
+        E::Capacity(_) => Some(TransportFault::TooLarge),
+        E::Protocol(p) => Some(TransportFault::Malformed(p.to_string())),
+        E::Utf8(_) => Some(TransportFault::InvalidUtf8),
         _ => None,
     }
 }
@@ -252,7 +252,7 @@ where
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
             Ok(_) => continue,
             Err(e) => {
-                if let Some(reason) = close_for(&e) {
+                if let Some(reason) = fault_of(&e).map(TransportFault::close_reason) {
                     let frame = CloseFrame {
                         code: reason.code.code().into(),
                         reason: reason.reason.into(),
@@ -286,7 +286,14 @@ async fn run_session<IO>(
         outbox,
         log,
         slot: _slot,
-    } = open_session(&app, admission, TransportKind::WebSocket, peer);
+    } = open_session(
+        &app,
+        admission,
+        TransportKind::WebSocket,
+        // WebSocket liveness is ping/pong (the browser answers; PROTOCOL.md section 8).
+        true,
+        peer,
+    );
     let (sink, stream) = ws.split();
     let inbound = WsInbound {
         burst: conn.policy().rate_burst,
@@ -329,13 +336,10 @@ where
             // Reading on lets tungstenite send its Close reply (else clients see 1006).
             Some(Ok(Message::Close(_))) => Event::PeerClosed,
             None => Event::Gone,
-            Some(Err(e)) => match close_for(&e) {
-                Some(reason) => Event::Fault(reason),
+            Some(Err(e)) => match fault_of(&e) {
+                Some(fault) => Event::Fault(fault),
                 // The counting reader stopped a message of endless fragments.
-                None if extra > self.burst => Event::Fault(CloseReason::new(
-                    CloseCode::TooSlowOrTooFast,
-                    "rate limit exceeded",
-                )),
+                None if extra > self.burst => Event::Fault(TransportFault::Flood),
                 None => Event::Gone,
             },
         };
