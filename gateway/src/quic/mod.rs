@@ -551,14 +551,17 @@ async fn refuse_extra_stream(
 }
 
 /// Runs one WebTransport session to its end.
-async fn run_session(
+///
+/// Not an `async fn`: the session's state is built here and moved into the driver's
+/// future (an async wrapper would keep a second copy of it for the session's whole life).
+fn run_session(
     session: WtSession,
     quic: quinn::Connection,
     admission: Admission,
     app: Arc<AppState>,
     router: Router,
     peer: SocketAddr,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let session = Arc::new(session);
     let max_len = admission.policy.max_message_bytes;
     let stream_deadline = Instant::now() + app.config.limits.handshake_timeout;
@@ -614,7 +617,7 @@ async fn run_session(
         },
         quic,
     };
-    drive(conn, outbox, inbound, sink, log).await;
+    drive(conn, outbox, inbound, sink, log)
 }
 
 /// What serving an HTTP/3 request on a session's connection needs.

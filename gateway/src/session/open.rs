@@ -63,6 +63,7 @@ pub(crate) fn open_session(
         log: AccessLog {
             opened: Instant::now(),
             peer,
+            _slot: slot.clone(),
         },
         slot,
     }
@@ -72,6 +73,8 @@ pub(crate) fn open_session(
 pub(crate) struct AccessLog {
     opened: Instant,
     peer: SocketAddr,
+    /// The session's connection slot, held until the log's last line.
+    _slot: Arc<ConnectionSlot>,
 }
 
 impl AccessLog {

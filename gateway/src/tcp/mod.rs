@@ -9,7 +9,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{body::Body, Router};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use gateway_core::{
     connection::Now,
     protocol::{CloseReason, TransportFault},
@@ -268,24 +268,29 @@ where
     }
 }
 
-/// Runs one WebSocket session to its end. `continuations` counts the frames tungstenite
-/// reads without showing them; each is charged to the rate limit like any frame.
-async fn run_session<IO>(
+/// One WebSocket session, to be run to its end. `continuations` counts the frames
+/// tungstenite reads without showing them; each is charged to the rate limit like any frame.
+///
+/// Not an `async fn`: the session's state is built here and moved into the driver's
+/// future, which is all the task holds (an async wrapper would keep a second copy of it
+/// for the session's whole life).
+fn run_session<IO>(
     io: IO,
     continuations: Arc<FrameCount>,
     admission: Admission,
     app: Arc<AppState>,
     peer: SocketAddr,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let config = websocket_config(admission.policy.max_message_bytes);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    // tokio-tungstenite's constructor is `async` but never waits.
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
+        .now_or_never()
+        .expect("constructing a WebSocketStream does not wait");
     let OpenedSession {
-        conn,
-        outbox,
-        log,
-        slot: _slot,
+        conn, outbox, log, ..
     } = open_session(
         &app,
         admission,
@@ -301,7 +306,7 @@ async fn run_session<IO>(
         continuations,
         pending: None,
     };
-    drive(conn, outbox, inbound, WsSink(sink), log).await;
+    drive(conn, outbox, inbound, WsSink(sink), log)
 }
 
 /// The receiving half of a WebSocket session.
