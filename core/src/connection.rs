@@ -110,8 +110,9 @@ pub struct Connection {
     stats: InboundStats,
     /// Present on sessions that may authenticate with a first message.
     wake: Option<WakeSignal>,
-    /// A first `auth` waiting for the per-user count.
-    pending_auth: Option<PendingAuth>,
+    /// A first `auth` waiting for the per-user count (boxed: rare, and idle sessions
+    /// should not carry its size).
+    pending_auth: Option<Box<PendingAuth>>,
 }
 
 /// The slot an `auth` waits for, filled by the cluster's answer.
@@ -625,14 +626,14 @@ impl Connection {
     ) {
         let slot = SlotMailbox::default();
         let user = identity.user.clone();
-        self.pending_auth = Some(PendingAuth {
+        self.pending_auth = Some(Box::new(PendingAuth {
             slot: slot.clone(),
             identity,
             id: id.cloned(),
             with_ack,
             at: now,
             queued: VecDeque::new(),
-        });
+        }));
         let wake = self.wake.clone();
         self.services.limits.acquire_user_then(
             self.services.hub.backplane(),
