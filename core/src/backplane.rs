@@ -17,6 +17,18 @@ use crate::{
 /// Called once with the outcome of an operation that completes later.
 pub type Completion<T> = Box<dyn FnOnce(T) + Send>;
 
+/// A [`Completion`] and the receiver its outcome arrives on, for async callers of the
+/// hub and the cluster. The receiver errs only if the completion was dropped uncalled.
+pub fn completion<T: Send + 'static>() -> (Completion<T>, tokio::sync::oneshot::Receiver<T>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (
+        Box::new(move |outcome| {
+            let _ = tx.send(outcome);
+        }),
+        rx,
+    )
+}
+
 /// Why the cluster could not do something (its store is unreachable).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cluster unavailable: {0}")]

@@ -35,17 +35,20 @@ async fn scenario(name: &str, gw: &TestGateway, extra: Value) -> Value {
 
 /// Runs one scenario of `client-scenarios.mjs` with `args` and returns its JSON line.
 async fn run_scenario(name: &str, args: Value) -> Value {
+    run_node(&["client-scenarios.mjs".into(), name.into(), args.to_string()]).await
+}
+
+/// Runs `node ARGS` in `tests/js` and returns the one JSON line it prints.
+async fn run_node(args: &[String]) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
     assert!(
         dir.join("node_modules/playwright-core").exists(),
         "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
     );
-    let name = name.to_owned();
+    let args = args.to_vec();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
-            .arg("client-scenarios.mjs")
-            .arg(&name)
-            .arg(args.to_string())
+            .args(&args)
             .current_dir(&dir)
             .output()
             .expect("node runs (is Node.js installed?)")
@@ -55,7 +58,7 @@ async fn run_scenario(name: &str, args: Value) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "scenario failed: {stdout}\n{}",
+        "node failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_str(stdout.trim()).expect("one JSON line")
@@ -83,32 +86,14 @@ fn datas(page: &Value) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_opens_webtransport_and_wss_and_they_chat() {
     within(120, async {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-        assert!(
-            dir.join("node_modules/playwright-core").exists(),
-            "playwright-core is missing: run ./scripts/test-all.sh (it runs `npm ci` in tests/js)"
-        );
         let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
-        let spki = spki(&gw);
-        let port = gw.addr.port().to_string();
-        let sha = gw.cert_sha256.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new("node")
-                .arg("smoke.mjs")
-                .args([&port, &sha, &spki])
-                .current_dir(&dir)
-                .output()
-                .expect("node runs (is Node.js installed?)")
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "browser smoke failed: {stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+        let r = run_node(&[
+            "smoke.mjs".into(),
+            gw.addr.port().to_string(),
+            gw.cert_sha256.clone(),
+            spki(&gw),
+        ])
+        .await;
         assert_eq!(r["welcome"]["type"], "welcome");
         assert_eq!(r["welcome"]["transport"], "webtransport");
         assert_eq!(r["joinAck"]["type"], "ack");

@@ -21,7 +21,9 @@ use std::{
 use futures_util::StreamExt;
 use gateway_core::{
     auth::Identity,
-    backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
+    backplane::{
+        completion, Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView,
+    },
     hub::Hub,
     policy::RoomPolicies,
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
@@ -195,13 +197,8 @@ impl RedisCluster {
     ) -> Result<Option<String>, ClusterUnavailable> {
         let ticket = random_ticket();
         let request = wire::TicketRequest::new(&ticket, identity, ttl, MAX_TICKETS_PER_USER);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.run(Command::IssueTicket(
-            request,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        ));
+        let (done, rx) = completion();
+        self.run(Command::IssueTicket(request, done));
         let issued = rx
             .await
             .map_err(|_| unavailable("the cluster worker stopped"))??;
@@ -214,14 +211,8 @@ impl RedisCluster {
         ticket: &str,
         redeem: bool,
     ) -> Result<Option<Identity>, ClusterUnavailable> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.run(Command::Ticket(
-            ticket.to_owned(),
-            redeem,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        ));
+        let (done, rx) = completion();
+        self.run(Command::Ticket(ticket.to_owned(), redeem, done));
         let stored = rx
             .await
             .map_err(|_| unavailable("the cluster worker stopped"))??;

@@ -6,6 +6,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use gateway_core::{
     auth::Identity,
+    backplane::completion,
     connection::{Admitted, Now},
     limits::{ConnectionSlot, RefusalSlot, UserSlot},
     policy::{AuthMode, EndpointPolicy},
@@ -187,13 +188,11 @@ pub async fn admit(
 
 /// The user's connection slot, counted cluster-wide in cluster mode.
 async fn user_slot(app: &AppState, identity: &Identity) -> Result<UserSlot, Rejection> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (done, rx) = completion();
     app.services.limits.acquire_user_then(
         app.services.hub.backplane(),
         identity.user.clone(),
-        Box::new(move |slot| {
-            let _ = tx.send(slot);
-        }),
+        done,
     );
     rx.await.unwrap_or(Err(Rejection::ClusterUnavailable))
 }

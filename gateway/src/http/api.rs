@@ -18,7 +18,7 @@ use axum::{
 };
 use gateway_core::{
     auth::Identity,
-    backplane::ClusterUnavailable,
+    backplane::{completion, ClusterUnavailable},
     connection::Now,
     protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
     tickets::TicketError,
@@ -310,18 +310,10 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let req: PublishBody<'_> = parse_body(&body)?;
     let room = room_name(&req.room)?;
     let data = data_payload(&body, req.data)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.services.hub.publish_then(
-        &room,
-        None,
-        &data,
-        false,
-        None,
-        Now::read().instant,
-        Box::new(move |seq| {
-            let _ = tx.send(seq);
-        }),
-    );
+    let (done, rx) = completion();
+    app.services
+        .hub
+        .publish_then(&room, None, &data, false, None, Now::read().instant, done);
     let seq = cluster_result(rx.await)?;
     Ok(Json(json!({ "seq": seq })))
 }
@@ -337,15 +329,10 @@ struct SendBody<'a> {
 async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> ApiResult {
     let req: SendBody<'_> = parse_body(&body)?;
     let data = data_payload(&body, req.data)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.services.hub.send_to_user_then(
-        &req.user,
-        None,
-        &data,
-        Box::new(move |delivered| {
-            let _ = tx.send(delivered);
-        }),
-    );
+    let (done, rx) = completion();
+    app.services
+        .hub
+        .send_to_user_then(&req.user, None, &data, done);
     let delivered = cluster_result(rx.await)?;
     Ok(Json(json!({ "delivered": delivered })))
 }
@@ -367,13 +354,8 @@ fn cluster_result<T>(
 
 /// `GET /api/rooms/ROOM`: the members of a room.
 async fn api_room(State(app): State<Arc<AppState>>, Path(room): Path<String>) -> ApiResult {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.services.hub.members_then(
-        &room_name(&room)?,
-        Box::new(move |members| {
-            let _ = tx.send(members);
-        }),
-    );
+    let (done, rx) = completion();
+    app.services.hub.members_then(&room_name(&room)?, done);
     let members = cluster_result(rx.await)?;
     Ok(Json(json!({ "room": room, "members": members })))
 }
@@ -402,14 +384,10 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
         req.reason
             .unwrap_or_else(|| "disconnected by the server".into()),
     );
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.services.hub.disconnect_user_then(
-        &req.user,
-        reason,
-        Box::new(move |n| {
-            let _ = tx.send(n);
-        }),
-    );
+    let (done, rx) = completion();
+    app.services
+        .hub
+        .disconnect_user_then(&req.user, reason, done);
     let n = cluster_result(rx.await)?;
     Ok(Json(json!({ "disconnected": n })))
 }

@@ -26,8 +26,8 @@ pub(crate) struct OpenedSession {
     pub(crate) conn: Connection,
     pub(crate) outbox: OutboxReceiver,
     pub(crate) log: AccessLog,
-    /// Held for the session's life: releases the connection slot on drop. Bind it to a
-    /// named variable (not `..`), or the slot is released at once.
+    /// The session's connection slot (the access log holds it for the session's life);
+    /// a front may clone it, e.g. as the permit of requests on the same connection.
     pub(crate) slot: Arc<ConnectionSlot>,
 }
 
