@@ -131,11 +131,22 @@ struct Shared {
     user: OnceLock<Arc<str>>,
     capacity: usize,
     queue: Mutex<Queue>,
-    /// Wakes the writer: a frame arrived in an empty queue, or the session closed.
+    /// Wakes the writer task: a frame arrived in an empty queue (without a doorbell), the
+    /// session closed, or the doorbell's owner handed the writing back to it.
     writer: Notify,
+    /// Rung instead of `writer` when a frame arrives in an empty queue, once set.
+    doorbell: OnceLock<Arc<dyn Doorbell>>,
     /// Wakes everyone waiting in [`SessionHandle::closed`].
     closed: Notify,
     is_closed: AtomicBool,
+}
+
+/// What rings when a frame arrives in a session's empty queue, instead of waking its writer
+/// task directly: the transport's write scheduler, which writes the frames of many sessions
+/// in one pass (see the gateway's `session::cork`).
+pub trait Doorbell: Send + Sync {
+    /// Frames wait in the session's queue.
+    fn ring(&self);
 }
 
 /// The hub's side of a session: identity, transport, and the sending half of its bounded
@@ -177,6 +188,7 @@ impl SessionHandle {
                 replays: VecDeque::new(),
             }),
             writer: Notify::new(),
+            doorbell: OnceLock::new(),
             closed: Notify::new(),
             is_closed: AtomicBool::new(false),
         });
@@ -250,7 +262,7 @@ impl SessionHandle {
         q.replay_credit += added;
         drop(q);
         if was_empty && added > 0 {
-            self.0.writer.notify_one();
+            self.0.frames_waiting();
         }
         Delivery::Queued
     }
@@ -280,7 +292,7 @@ impl SessionHandle {
         q.frames.push_back(frame);
         drop(q);
         if was_empty {
-            self.0.writer.notify_one();
+            self.0.frames_waiting();
         }
         Delivery::Queued
     }
@@ -297,6 +309,12 @@ impl SessionHandle {
         self.0.is_closed.store(true, Ordering::Release);
         self.0.writer.notify_one();
         self.0.closed.notify_waiters();
+    }
+
+    /// From now on, a frame arriving in the empty queue rings `doorbell` instead of waking
+    /// the writer task (closing still wakes the task). Only the first call takes effect.
+    pub fn set_doorbell(&self, doorbell: Arc<dyn Doorbell>) {
+        let _ = self.0.doorbell.set(doorbell);
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -332,6 +350,16 @@ impl SessionHandle {
     }
 }
 
+impl Shared {
+    /// Frames arrived in the empty queue: ring the doorbell, or wake the writer task.
+    fn frames_waiting(&self) {
+        match self.doorbell.get() {
+            Some(doorbell) => doorbell.ring(),
+            None => self.writer.notify_one(),
+        }
+    }
+}
+
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     // The queue holds plain data; a panic elsewhere cannot leave it inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -353,27 +381,29 @@ impl OutboxReceiver {
     /// queue is drained.
     pub async fn recv_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Batch {
         loop {
-            {
-                let mut q = lock(&self.0.queue);
-                if !q.frames.is_empty() {
-                    let n = q.frames.len().min(max.max(1));
-                    out.extend(q.frames.drain(..n));
-                    q.drained(n);
-                    if q.frames.is_empty() && q.frames.capacity() > 64 {
-                        q.frames.shrink_to(16);
-                    }
-                    return Batch::Frames;
-                }
-                if let Some(reason) = &q.close {
-                    return Batch::Close(reason.clone());
-                }
+            if let Some(batch) = self.try_batch(out, max) {
+                return batch;
             }
-            self.0.writer.notified().await;
+            self.woken().await;
         }
     }
-}
 
-impl OutboxReceiver {
+    /// [`recv_batch`](Self::recv_batch) without waiting: `None` when the queue is empty and
+    /// the session open.
+    pub fn try_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Option<Batch> {
+        let mut q = lock(&self.0.queue);
+        if !q.frames.is_empty() {
+            let n = q.frames.len().min(max.max(1));
+            out.extend(q.frames.drain(..n));
+            q.drained(n);
+            if q.frames.is_empty() && q.frames.capacity() > 64 {
+                q.frames.shrink_to(16);
+            }
+            return Some(Batch::Frames);
+        }
+        q.close.as_ref().map(|reason| Batch::Close(reason.clone()))
+    }
+
     /// Moves up to `max` more queued frames into `out` without waiting; returns how many.
     /// Frames only: a pending close is reported by the next [`recv_batch`](Self::recv_batch).
     pub fn drain_ready(&self, out: &mut Vec<Outbound>, max: usize) -> usize {
@@ -382,6 +412,18 @@ impl OutboxReceiver {
         out.extend(q.frames.drain(..n));
         q.drained(n);
         n
+    }
+
+    /// Resolves when the writer task is woken: frames arrived in the empty queue (without a
+    /// doorbell), the session closed, or [`wake_writer`](Self::wake_writer) was called. A
+    /// wake-up while nobody waits is kept for the next call.
+    pub async fn woken(&self) {
+        self.0.writer.notified().await;
+    }
+
+    /// Wakes the writer task (see [`woken`](Self::woken)).
+    pub fn wake_writer(&self) {
+        self.0.writer.notify_one();
     }
 }
 

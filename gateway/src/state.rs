@@ -10,7 +10,7 @@ use std::{
 
 use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
 
-use crate::{cluster::RedisCluster, config::Config};
+use crate::{cluster::RedisCluster, config::Config, session::Flushers};
 
 /// Most unredeemed tickets held at once (each is a few hundred bytes).
 const MAX_TICKETS: usize = 100_000;
@@ -32,11 +32,14 @@ pub struct AppState {
     pub tickets: TicketStore,
     /// The cluster, in cluster mode: tickets live there instead.
     pub cluster: Option<Arc<RedisCluster>>,
+    /// The cross-session write passes sessions' frames leave through.
+    pub(crate) flushers: Flushers,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
-    /// Shared state for `config` around `services`.
+    /// Shared state for `config` around `services`; starts the flushers on the current
+    /// tokio runtime.
     pub fn new(
         config: Config,
         services: Services,
@@ -58,6 +61,7 @@ impl AppState {
             dev_cert_sha256,
             tickets,
             cluster,
+            flushers: Flushers::spawn(),
             shutting_down: AtomicBool::new(false),
         })
     }

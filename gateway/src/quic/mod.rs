@@ -3,7 +3,14 @@
 //! an endpoint path goes through the same admission as a WebSocket upgrade and becomes a
 //! session of the same hub. This module only adapts streams and datagrams.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{body::Body, Router};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -35,7 +42,9 @@ use crate::{
         api::rejection_response,
         PeerAddr,
     },
-    session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
+    session::{
+        drive, open_session, Event, FrameSink, Inbound, OpenedSession, SessionWriter, WriteStats,
+    },
     state::AppState,
 };
 
@@ -444,44 +453,42 @@ struct WtSink {
     >,
     prefix: usize,
     quic: quinn::Connection,
+    /// Encoded frames not yet written, from `written` on.
     out: BytesMut,
+    written: usize,
 }
 
 impl WtSink {
-    /// The message stream, waiting until the client opens it; `None` if it never will.
-    async fn stream(&mut self) -> Option<&mut MessageSend> {
-        if self.send.is_none() {
-            self.send = self.opened.take()?.await.ok();
+    /// Waits until the client has opened the message stream; `Err` if it never will.
+    fn poll_opened(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        if self.send.is_some() {
+            return Poll::Ready(Ok(()));
         }
-        self.send.as_mut()
+        let Some(opened) = self.opened.as_mut() else {
+            return Poll::Ready(Err(()));
+        };
+        let send = std::task::ready!(Pin::new(opened).poll(cx));
+        self.opened = None;
+        self.send = send.ok();
+        Poll::Ready(if self.send.is_some() { Ok(()) } else { Err(()) })
     }
-}
 
-impl FrameSink for WtSink {
-    async fn write_batch(
-        &mut self,
-        frames: &mut Vec<Outbound>,
-        stats: &mut WriteStats,
-    ) -> Result<(), ()> {
-        if self.stream().await.is_none() {
-            return Err(());
-        }
-        let Self {
-            send,
-            datagrams,
-            prefix,
-            quic,
-            out,
-            ..
-        } = self;
-        let send = send.as_mut().expect("opened above");
-        for frame in frames.drain(..) {
+    /// Encodes frames from the front of `frames` into `out` until it holds a chunk; volatile
+    /// frames that fit go out as datagrams instead.
+    fn encode(&mut self, frames: &mut Vec<Outbound>, stats: &mut WriteStats) {
+        let mut taken = 0;
+        for frame in frames.iter() {
+            if self.out.len() >= WRITE_CHUNK {
+                break;
+            }
+            taken += 1;
             let (kind, bytes) = match frame {
                 Outbound::Volatile(b) => {
-                    let fits = quic
+                    let fits = self
+                        .quic
                         .max_datagram_size()
-                        .is_some_and(|max| b.len() + *prefix <= max);
-                    if fits && datagrams.send_datagram(b.clone()).is_ok() {
+                        .is_some_and(|max| b.len() + self.prefix <= max);
+                    if fits && self.datagrams.send_datagram(b.clone()).is_ok() {
                         stats.datagrams += 1;
                         continue;
                     }
@@ -493,21 +500,46 @@ impl FrameSink for WtSink {
             };
             stats.frames += 1;
             stats.bytes += bytes.len() as u64;
-            out.extend_from_slice(&encode_header(kind, bytes.len()));
-            out.extend_from_slice(&bytes);
-            if out.len() >= WRITE_CHUNK {
-                send.write_all(out).await.map_err(drop)?;
-                out.clear();
+            self.out
+                .extend_from_slice(&encode_header(kind, bytes.len()));
+            self.out.extend_from_slice(bytes);
+        }
+        frames.drain(..taken);
+    }
+}
+
+impl FrameSink for WtSink {
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut Vec<Outbound>,
+        stats: &mut WriteStats,
+    ) -> Poll<Result<(), ()>> {
+        if self.out.is_empty() && frames.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        std::task::ready!(self.poll_opened(cx))?;
+        loop {
+            let send = self.send.as_mut().expect("opened above");
+            while self.written < self.out.len() {
+                let n = std::task::ready!(tokio::io::AsyncWrite::poll_write(
+                    Pin::new(&mut *send),
+                    cx,
+                    &self.out[self.written..]
+                ))
+                .map_err(drop)?;
+                self.written += n;
             }
+            self.out.clear();
+            self.written = 0;
+            if frames.is_empty() {
+                if self.out.capacity() > 4 * WRITE_CHUNK {
+                    self.out = BytesMut::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            self.encode(frames, stats);
         }
-        if !out.is_empty() {
-            send.write_all(out).await.map_err(drop)?;
-        }
-        out.clear();
-        if out.capacity() > 4 * WRITE_CHUNK {
-            *out = BytesMut::new();
-        }
-        Ok(())
     }
 
     async fn close(mut self, reason: CloseReason) {
@@ -586,6 +618,7 @@ fn run_session(
         prefix: datagram_prefix_len(&session),
         quic: quic.clone(),
         out: BytesMut::new(),
+        written: 0,
     };
     let inbound = WtInbound {
         bidi: boxed(stream::unfold(session.clone(), |s| async move {
@@ -617,7 +650,8 @@ fn run_session(
         },
         quic,
     };
-    drive(conn, outbox, inbound, sink, log)
+    let writer = SessionWriter::corked(conn.handle(), outbox, sink, &app.flushers);
+    drive(conn, inbound, writer, log)
 }
 
 /// What serving an HTTP/3 request on a session's connection needs.

@@ -1,19 +1,18 @@
 //! Runs one session over a transport: inbound events into the core [`Connection`], its
 //! deadlines and wake-ups, the writer task, and the close procedure.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use gateway_core::{
     connection::{Connection, Now, WakeSignal},
     protocol::{CloseCode, CloseReason, TransportFault},
-    session::OutboxReceiver,
 };
 use tokio::time::Instant;
 
 use super::{
     open::AccessLog,
-    writer::{write_loop, FrameSink},
+    writer::{FrameSink, SessionWriter},
     WriteStats,
 };
 
@@ -70,16 +69,15 @@ async fn woken(signal: &Option<WakeSignal>) {
 }
 
 /// Runs a session to its end: feeds `inbound`'s events to `conn`, runs its timers, writes
-/// its outbox through `sink`, and closes it (within [`CLOSE_GRACE`]), then logs it.
+/// its outbox through `writer`, and closes it (within [`CLOSE_GRACE`]), then logs it.
 pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     mut conn: Connection,
-    outbox: OutboxReceiver,
     mut inbound: I,
-    sink: S,
+    writer: Arc<SessionWriter<S>>,
     log: AccessLog,
 ) {
     let handle = conn.handle().clone();
-    let mut writer = tokio::spawn(write_loop(sink, outbox));
+    let mut writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(Instant::now().into_std());
     let wake = conn.wake_signal();
     let mut gone = false;

@@ -1,61 +1,165 @@
-//! The writer of a session: drains its outbox in batches into a [`FrameSink`].
+//! The write side of a session: what a transport implements ([`FrameSink`]), and the
+//! [`SessionWriter`] that moves the session's queued frames into it, either from the
+//! cross-session flusher (`cork`) in one pass with every other session, or from the
+//! session's own writer task when the transport cannot take them at once.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+};
 
 use gateway_core::{
     protocol::CloseReason,
-    session::{Batch, Outbound, OutboxReceiver},
+    session::{Batch, Outbound, OutboxReceiver, SessionHandle},
 };
 
-use super::WriteStats;
+use super::{
+    cork::{Flush, Flushers},
+    WriteStats,
+};
 
-/// Most frames one wake-up of a writer takes from its outbox.
+/// Most frames taken from the outbox at once.
 const MAX_BATCH: usize = 512;
 
 /// How a transport sends what a session's outbox holds.
 pub(crate) trait FrameSink: Send + 'static {
-    /// Writes `frames` (all taken: the vector is left empty) in as few writes as the
-    /// transport allows, counting them in `stats`; `Err` when the transport is gone.
-    fn write_batch(
+    /// Moves frames from the front of `frames` into the transport and pushes them out,
+    /// without waiting, counting them in `stats`. `Ready(Ok)` once every frame is taken
+    /// and nothing is left buffered; `Pending` when the transport cannot take more now
+    /// (what is left stays in `frames` or in the sink, and `cx` is woken when it can);
+    /// `Ready(Err)` when the transport is gone. Called with an empty `frames` it finishes
+    /// what an earlier `Pending` left buffered.
+    fn poll_write(
         &mut self,
+        cx: &mut Context<'_>,
         frames: &mut Vec<Outbound>,
         stats: &mut WriteStats,
-    ) -> impl Future<Output = Result<(), ()>> + Send;
+    ) -> Poll<Result<(), ()>>;
 
     /// Ends the session on the wire with `reason` (close frame, or `close` envelope and
     /// connection close).
     fn close(self, reason: CloseReason) -> impl Future<Output = ()> + Send;
 }
 
-/// Drains `outbox` into `sink` until the session closes; each wake-up writes every queued
-/// frame at once. Returns what was written.
-pub(crate) async fn write_loop<S: FrameSink>(mut sink: S, outbox: OutboxReceiver) -> WriteStats {
-    let mut stats = WriteStats::default();
-    // Allocated on the first frame after the welcome, and shrunk back after large bursts.
-    let mut batch = Vec::new();
-    loop {
-        match outbox.recv_batch(&mut batch, MAX_BATCH).await {
-            Batch::Frames => {
-                // Let the fan-out and the other writers run once before writing: under load
-                // more frames arrive meanwhile and a burst leaves in one write; when idle the
-                // yield returns at once.
-                if batch.len() < MAX_BATCH {
-                    tokio::task::yield_now().await;
-                    let room = MAX_BATCH - batch.len();
-                    outbox.drain_ready(&mut batch, room);
-                }
-                if sink.write_batch(&mut batch, &mut stats).await.is_err() {
+/// A session's sink, the frames taken from its outbox and not yet in the sink, and what was
+/// written.
+struct WriteState<S> {
+    sink: S,
+    pending: Vec<Outbound>,
+    stats: WriteStats,
+}
+
+/// The write side of one session, shared by the flusher and the session's writer task.
+///
+/// Invariant: the flusher only writes with a waker that is never woken, and whenever that
+/// leaves work behind it wakes the writer task, which writes with its own waker. While
+/// the task writes it holds the state (the slot is empty) and the flusher keeps off.
+pub(crate) struct SessionWriter<S> {
+    outbox: OutboxReceiver,
+    state: Mutex<Option<WriteState<S>>>,
+}
+
+impl<S: FrameSink> SessionWriter<S> {
+    /// The writer of `session`'s `outbox` into `sink`, corked by one of `flushers`.
+    pub(crate) fn corked(
+        session: &SessionHandle,
+        outbox: OutboxReceiver,
+        sink: S,
+        flushers: &Flushers,
+    ) -> Arc<Self> {
+        let writer = Arc::new(Self {
+            outbox,
+            state: Mutex::new(Some(WriteState {
+                sink,
+                pending: Vec::new(),
+                stats: WriteStats::default(),
+            })),
+        });
+        let flush: Arc<dyn Flush> = writer.clone();
+        session.set_doorbell(flushers.doorbell(session.id().0, Arc::downgrade(&flush)));
+        writer
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<WriteState<S>>> {
+        // The state is only ever replaced whole: a panic cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session's writer task: writes whatever the flusher handed back or could not
+    /// take, and the close. Returns what was written.
+    pub(crate) async fn run(self: Arc<Self>) -> WriteStats {
+        loop {
+            let mut state = self
+                .lock()
+                .take()
+                .expect("only the writer task takes the state");
+            let done = self.write_all(&mut state).await;
+            let stats = state.stats;
+            match done {
+                Some(reason) => {
+                    if let Some(reason) = reason {
+                        state.sink.close(reason).await;
+                    }
                     return stats;
                 }
-                batch.clear();
-                if batch.capacity() > 4 * MAX_BATCH {
-                    batch.shrink_to(16);
-                }
+                None => *self.lock() = Some(state),
             }
-            Batch::Close(reason) => {
-                sink.close(reason).await;
-                return stats;
+            self.outbox.woken().await;
+        }
+    }
+
+    /// Writes until the outbox is empty. `Some(Some(reason))`: the session is closing and
+    /// everything before its close is written; `Some(None)`: the transport is gone.
+    async fn write_all(&self, state: &mut WriteState<S>) -> Option<Option<CloseReason>> {
+        loop {
+            let written = std::future::poll_fn(|cx| {
+                state
+                    .sink
+                    .poll_write(cx, &mut state.pending, &mut state.stats)
+            })
+            .await;
+            if written.is_err() {
+                return Some(None);
+            }
+            match self.outbox.try_batch(&mut state.pending, MAX_BATCH) {
+                Some(Batch::Frames) => continue,
+                Some(Batch::Close(reason)) => return Some(Some(reason)),
+                None => return None,
             }
         }
+    }
+}
+
+impl<S: FrameSink> Flush for SessionWriter<S> {
+    fn flush(&self) {
+        let mut slot = self.lock();
+        let Some(state) = slot.as_mut() else {
+            // The writer task is writing: it looks at the outbox again when done.
+            return self.outbox.wake_writer();
+        };
+        // Frames still pending mean the transport was full: the task is on it.
+        if !state.pending.is_empty() {
+            return self.outbox.wake_writer();
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..4 {
+            match self.outbox.try_batch(&mut state.pending, MAX_BATCH) {
+                Some(Batch::Frames) => {}
+                // Nothing left, or the close: the task writes the close.
+                None => return,
+                Some(Batch::Close(_)) => return self.outbox.wake_writer(),
+            }
+            match state
+                .sink
+                .poll_write(&mut cx, &mut state.pending, &mut state.stats)
+            {
+                Poll::Ready(Ok(())) => {}
+                // Full or gone: the task waits for the transport with its own waker.
+                Poll::Pending | Poll::Ready(Err(())) => return self.outbox.wake_writer(),
+            }
+        }
+        // A long backlog: the rest is the task's, so one session cannot hold up the pass.
+        self.outbox.wake_writer();
     }
 }

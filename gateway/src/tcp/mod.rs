@@ -5,7 +5,13 @@
 pub mod frames;
 pub mod linger;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{body::Body, Router};
 use bytes::Bytes;
@@ -38,7 +44,9 @@ use crate::{
         api::rejection_response,
         PeerAddr,
     },
-    session::{drive, open_session, Event, FrameSink, Inbound, OpenedSession, WriteStats},
+    session::{
+        drive, open_session, Event, FrameSink, Inbound, OpenedSession, SessionWriter, WriteStats,
+    },
     state::AppState,
 };
 use frames::{CountingReader, FrameCount};
@@ -306,7 +314,8 @@ where
         continuations,
         pending: None,
     };
-    drive(conn, outbox, inbound, WsSink(sink), log)
+    let writer = SessionWriter::corked(conn.handle(), outbox, WsSink(sink), &app.flushers);
+    drive(conn, inbound, writer, log)
 }
 
 /// The receiving half of a WebSocket session.
@@ -359,27 +368,49 @@ where
     }
 }
 
-/// The sending half of a WebSocket session: a batch is fed to tungstenite (which buffers
-/// up to its write buffer) and flushed once.
+/// The sending half of a WebSocket session: frames are fed to tungstenite (which buffers
+/// up to its write buffer) and flushed once per batch.
 struct WsSink<S>(S);
 
 impl<S> FrameSink for WsSink<S>
 where
     S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin + Send + 'static,
 {
-    async fn write_batch(
+    fn poll_write(
         &mut self,
+        cx: &mut Context<'_>,
         frames: &mut Vec<Outbound>,
         stats: &mut WriteStats,
-    ) -> Result<(), ()> {
-        for frame in frames.drain(..) {
-            if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = &frame {
+    ) -> Poll<Result<(), ()>> {
+        let mut fed = 0;
+        let mut ready = Poll::Ready(Ok(()));
+        for frame in frames.iter() {
+            match self.0.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    ready = Poll::Ready(Err(()));
+                    break;
+                }
+                Poll::Pending => {
+                    ready = Poll::Pending;
+                    break;
+                }
+            }
+            if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = frame {
                 stats.frames += 1;
                 stats.bytes += b.len() as u64;
             }
-            self.0.feed(to_message(frame)).await.map_err(drop)?;
+            fed += 1;
+            if self.0.start_send_unpin(to_message(frame.clone())).is_err() {
+                ready = Poll::Ready(Err(()));
+                break;
+            }
         }
-        self.0.flush().await.map_err(drop)
+        frames.drain(..fed);
+        match ready {
+            Poll::Ready(Ok(())) => self.0.poll_flush_unpin(cx).map_err(drop),
+            other => other,
+        }
     }
 
     async fn close(mut self, reason: CloseReason) {

@@ -126,8 +126,8 @@ impl WsConn {
         }
     }
 
-    /// Subscriber loop: records every binary delivery until the connection ends or `stop`
-    /// (ns since epoch) passes.
+    /// Subscriber loop: records every binary delivery until the connection ends, `stop`
+    /// (ns since epoch) passes, or the task is aborted (reads have no timeout).
     pub async fn subscribe(
         mut self,
         epoch: Instant,
@@ -165,14 +165,10 @@ impl WsConn {
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
-            let read = tokio::time::timeout(
-                std::time::Duration::from_millis(500),
-                self.reader.read_buf(&mut self.buf),
-            )
-            .await;
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
-                _ => {}
+            // No timer per read: the caller aborts the task once the run is over.
+            match self.reader.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
             }
         }
     }

@@ -96,15 +96,10 @@ impl WtConn {
             if now_ns > stop_ns {
                 return Ok(());
             }
-            let read = tokio::time::timeout(
-                std::time::Duration::from_millis(500),
-                self.recv.read_chunk(256 * 1024, true),
-            )
-            .await;
-            match read {
-                Ok(Ok(Some(c))) => self.buf.extend_from_slice(&c.bytes),
-                Ok(Ok(None)) | Ok(Err(_)) => return Ok(()),
-                Err(_) => {}
+            // No timer per read: the caller aborts the task once the run is over.
+            match self.recv.read_chunk(256 * 1024, true).await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
+                Ok(None) | Err(_) => return Ok(()),
             }
         }
     }

@@ -1,0 +1,285 @@
+//! Corked writes across sessions, the way uWebSockets corks: a frame that arrives in a
+//! session's empty queue rings the session's doorbell, which puts the session on its
+//! flusher's list; the flusher, one task per runtime worker, takes the whole list at once
+//! and writes each session's queued frames in one write. Deliveries produced while a pass
+//! runs (a fan-out, many publishes read at once) leave together in the next pass, so a
+//! delivery waits about one pass however busy the core is, instead of waiting for its
+//! session's own task to come round the scheduler, and under load each write carries more
+//! frames.
+//!
+//! Fairness: the list is served in the order sessions became ready, one write per session
+//! per pass (a long backlog goes back to the session's own task), and the flusher yields
+//! to the scheduler every [`YIELD_EVERY`] sessions, so one huge room neither starves the
+//! small ones nor stops the reading of new requests. A session whose transport is full is
+//! handed to its own writer task, which waits for the transport; meanwhile its bounded
+//! queue still cuts off a slow consumer.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use gateway_core::session::Doorbell;
+use tokio::sync::Notify;
+
+/// Sessions written between two yields of a flusher to the scheduler.
+const YIELD_EVERY: usize = 128;
+
+/// Something a flusher writes: one session's writer.
+pub(crate) trait Flush: Send + Sync {
+    /// Writes what the session's queue holds without waiting; whatever cannot be written
+    /// at once is left to the session's own writer task.
+    fn flush(&self);
+}
+
+/// One flusher's list of sessions with frames waiting, and its wake-up.
+#[derive(Default)]
+struct Pass {
+    ready: Mutex<Vec<Weak<dyn Flush>>>,
+    wake: Notify,
+}
+
+impl Pass {
+    fn push(&self, session: Weak<dyn Flush>) {
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        ready.push(session);
+        if ready.len() == 1 {
+            drop(ready);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Runs the flusher: each pass takes every ready session and writes it.
+    async fn run(self: Arc<Self>) {
+        let mut batch = Vec::new();
+        loop {
+            self.wake.notified().await;
+            loop {
+                std::mem::swap(
+                    &mut batch,
+                    &mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()),
+                );
+                if batch.is_empty() {
+                    break;
+                }
+                for (i, session) in batch.drain(..).enumerate() {
+                    if let Some(session) = session.upgrade() {
+                        // Writes from here are not charged to the flusher's cooperative
+                        // budget: it yields on its own below.
+                        tokio::task::unconstrained(async { session.flush() }).await;
+                    }
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                if batch.capacity() > 4096 {
+                    batch.shrink_to(64);
+                }
+            }
+        }
+    }
+}
+
+/// The flushers of one gateway process: one per runtime worker; sessions are spread over
+/// them.
+pub(crate) struct Flushers {
+    passes: Vec<Arc<Pass>>,
+}
+
+impl std::fmt::Debug for Flushers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flushers")
+            .field("count", &self.passes.len())
+            .finish()
+    }
+}
+
+impl Flushers {
+    /// One flusher per worker of the current tokio runtime, each on its own task.
+    pub(crate) fn spawn() -> Self {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        let passes: Vec<Arc<Pass>> = (0..workers.max(1)).map(|_| Arc::default()).collect();
+        for pass in &passes {
+            tokio::spawn(pass.clone().run());
+        }
+        Self { passes }
+    }
+
+    /// The doorbell of a session written by `writer`; `key` spreads sessions over the
+    /// flushers.
+    pub(crate) fn doorbell(&self, key: u64, writer: Weak<dyn Flush>) -> Arc<dyn Doorbell> {
+        let pass = self.passes[(key % self.passes.len() as u64) as usize].clone();
+        Arc::new(Bell { pass, writer })
+    }
+}
+
+/// A session's doorbell: puts its writer on its flusher's list.
+struct Bell {
+    pass: Arc<Pass>,
+    writer: Weak<dyn Flush>,
+}
+
+impl Doorbell for Bell {
+    fn ring(&self) {
+        self.pass.push(self.writer.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        task::{Context, Poll},
+    };
+
+    use bytes::Bytes;
+    use gateway_core::{
+        protocol::{CloseCode, CloseReason},
+        session::{Delivery, Outbound, SessionHandle, TransportKind},
+    };
+
+    use super::Flushers;
+    use crate::session::{FrameSink, SessionWriter, WriteStats};
+
+    /// What a test sink saw: each write's frames, and the close.
+    #[derive(Default)]
+    struct Wire {
+        writes: Vec<Vec<Outbound>>,
+        closed: Option<CloseReason>,
+    }
+
+    /// An in-memory transport: takes at most `room` frames per poll (then `Pending`, and
+    /// asks to be polled again unless `stuck`).
+    struct TestSink {
+        wire: Arc<Mutex<Wire>>,
+        room: usize,
+        stuck: bool,
+    }
+
+    impl FrameSink for TestSink {
+        fn poll_write(
+            &mut self,
+            cx: &mut Context<'_>,
+            frames: &mut Vec<Outbound>,
+            stats: &mut WriteStats,
+        ) -> Poll<Result<(), ()>> {
+            if frames.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if self.stuck {
+                return Poll::Pending;
+            }
+            let n = frames.len().min(self.room);
+            stats.frames += n as u64;
+            self.wire
+                .lock()
+                .unwrap()
+                .writes
+                .push(frames.drain(..n).collect());
+            if frames.is_empty() {
+                Poll::Ready(Ok(()))
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+
+        async fn close(self, reason: CloseReason) {
+            self.wire.lock().unwrap().closed = Some(reason);
+        }
+    }
+
+    fn frame(i: usize) -> Outbound {
+        Outbound::Binary(Bytes::from(i.to_string()))
+    }
+
+    fn session(
+        flushers: &Flushers,
+        room: usize,
+        stuck: bool,
+    ) -> (
+        SessionHandle,
+        Arc<Mutex<Wire>>,
+        tokio::task::JoinHandle<WriteStats>,
+    ) {
+        let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let sink = TestSink {
+            wire: wire.clone(),
+            room,
+            stuck,
+        };
+        let writer = SessionWriter::corked(&handle, outbox, sink, flushers);
+        let task = tokio::spawn(writer.run());
+        (handle, wire, task)
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_queued_in_one_pass_leave_as_one_write_per_session() {
+        let flushers = Flushers::spawn();
+        let sessions: Vec<_> = (0..3).map(|_| session(&flushers, 100, false)).collect();
+        settle().await;
+        // A fan-out of five publishes to three sessions, without yielding in between.
+        for i in 0..5 {
+            for (handle, _, _) in &sessions {
+                assert_eq!(handle.send(frame(i)), Delivery::Queued);
+            }
+        }
+        settle().await;
+        for (_, wire, _) in &sessions {
+            let wire = wire.lock().unwrap();
+            assert_eq!(wire.writes, vec![(0..5).map(frame).collect::<Vec<_>>()]);
+        }
+        // The next publish is a new pass and a new write.
+        sessions[0].0.send(frame(5));
+        settle().await;
+        assert_eq!(sessions[0].1.lock().unwrap().writes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_transport_that_takes_little_at_a_time_gets_every_frame_in_order_then_the_close() {
+        let flushers = Flushers::spawn();
+        let (handle, wire, task) = session(&flushers, 3, false);
+        settle().await;
+        for i in 0..8 {
+            handle.send(frame(i));
+        }
+        handle.close(CloseReason::new(CloseCode::Normal, "bye"));
+        let stats = task.await.unwrap();
+        assert_eq!(stats.frames, 8);
+        let wire = wire.lock().unwrap();
+        let sent: Vec<Outbound> = wire.writes.iter().flatten().cloned().collect();
+        assert_eq!(sent, (0..8).map(frame).collect::<Vec<_>>());
+        assert!(wire.writes.iter().all(|w| w.len() <= 3));
+        assert_eq!(
+            wire.closed.as_ref().map(|r| r.code),
+            Some(CloseCode::Normal)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stuck_transport_still_makes_its_session_a_slow_consumer() {
+        let flushers = Flushers::spawn();
+        let (handle, wire, _task) = session(&flushers, 100, true);
+        let (other, other_wire, _other_task) = session(&flushers, 100, false);
+        settle().await;
+        let mut outcomes = Vec::new();
+        for i in 0..40 {
+            outcomes.push(handle.send(frame(i)));
+            other.send(frame(i));
+            settle().await;
+        }
+        assert!(outcomes.contains(&Delivery::Overflow), "{outcomes:?}");
+        assert_eq!(
+            handle.close_reason().map(|r| r.code),
+            Some(CloseCode::TooSlowOrTooFast)
+        );
+        assert!(wire.lock().unwrap().writes.is_empty());
+        // The other session of the same flusher got everything.
+        let got: usize = other_wire.lock().unwrap().writes.iter().map(Vec::len).sum();
+        assert_eq!(got, 40);
+    }
+}
