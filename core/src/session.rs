@@ -396,8 +396,9 @@ impl OutboxReceiver {
             let n = q.frames.len().min(max.max(1));
             out.extend(q.frames.drain(..n));
             q.drained(n);
-            if q.frames.is_empty() && q.frames.capacity() > 64 {
-                q.frames.shrink_to(16);
+            if q.frames.is_empty() {
+                // An idle session holds no queue storage.
+                q.frames = VecDeque::new();
             }
             return Some(Batch::Frames);
         }

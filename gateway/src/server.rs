@@ -13,7 +13,6 @@ use gateway_core::{
     protocol::{CloseCode, CloseReason, ServerFrame},
 };
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
 use crate::{
@@ -121,8 +120,8 @@ impl Server {
         );
         let router = api::router(state.clone(), tcp::endpoint);
         let mut tasks = JoinSet::new();
-        let acceptor = TlsAcceptor::from(tls::tcp_config(resolver.clone()));
-        tasks.spawn(tcp::serve(tcp, acceptor, state.clone(), router.clone()));
+        let tls_config = tls::tcp_config(resolver.clone());
+        tasks.spawn(tcp::serve(tcp, tls_config, state.clone(), router.clone()));
         if let Some(endpoint) = quic.clone() {
             tasks.spawn(quic::serve(endpoint, state.clone(), router));
         }

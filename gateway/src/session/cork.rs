@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
-use gateway_core::session::Doorbell;
+use gateway_core::session::{Doorbell, Outbound};
 use tokio::sync::Notify;
 
 /// Sessions written between two yields of a flusher to the scheduler.
@@ -24,9 +24,10 @@ const YIELD_EVERY: usize = 128;
 
 /// Something a flusher writes: one session's writer.
 pub(crate) trait Flush: Send + Sync {
-    /// Writes what the session's queue holds without waiting; whatever cannot be written
-    /// at once is left to the session's own writer task.
-    fn flush(&self);
+    /// Writes what the session's queue holds without waiting, through `batch` (the
+    /// flusher's buffer, empty before and after); whatever cannot be written at once is
+    /// left to the session's own writer task.
+    fn flush(&self, batch: &mut Vec<Outbound>);
 }
 
 /// One flusher's list of sessions with frames waiting, and its wake-up.
@@ -49,6 +50,7 @@ impl Pass {
     /// Runs the flusher: each pass takes every ready session and writes it.
     async fn run(self: Arc<Self>) {
         let mut batch = Vec::new();
+        let mut frames = Vec::new();
         loop {
             self.wake.notified().await;
             loop {
@@ -63,7 +65,7 @@ impl Pass {
                     if let Some(session) = session.upgrade() {
                         // Writes from here are not charged to the flusher's cooperative
                         // budget: it yields on its own below.
-                        tokio::task::unconstrained(async { session.flush() }).await;
+                        tokio::task::unconstrained(async { session.flush(&mut frames) }).await;
                     }
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
@@ -71,6 +73,9 @@ impl Pass {
                 }
                 if batch.capacity() > 4096 {
                     batch.shrink_to(64);
+                }
+                if frames.capacity() > 4096 {
+                    frames.shrink_to(512);
                 }
             }
         }

@@ -8,7 +8,7 @@ use gateway_core::{
     connection::{Connection, Now, WakeSignal},
     protocol::{CloseCode, CloseReason, TransportFault},
 };
-use tokio::time::Instant;
+use tokio::{task::JoinHandle, time::Instant};
 
 use super::{
     open::AccessLog,
@@ -77,7 +77,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     log: AccessLog,
 ) {
     let handle = conn.handle().clone();
-    let mut writer = tokio::spawn(writer.run());
+    let writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(Instant::now().into_std());
     let wake = conn.wake_signal();
     let mut gone = false;
@@ -126,9 +126,22 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     if !handle.is_closed() {
         handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
     }
+    // Boxed: the task of an open session does not carry the closing procedure's state.
+    Box::pin(finish(conn, inbound, writer, gone, log)).await;
+}
+
+/// The close procedure: lets the writer flush what is queued and the close, and keeps
+/// reading so the transport can finish its closing handshake, within [`CLOSE_GRACE`]; then
+/// logs the session.
+async fn finish<I: Inbound>(
+    conn: Connection,
+    mut inbound: I,
+    mut writer: JoinHandle<WriteStats>,
+    mut gone: bool,
+    log: AccessLog,
+) {
+    let handle = conn.handle();
     inbound.closing();
-    // Let the writer flush what is queued and the close, and keep reading so the
-    // transport can finish its closing handshake, within the grace period.
     let grace = tokio::time::sleep(CLOSE_GRACE);
     tokio::pin!(grace);
     let mut stats = WriteStats::default();

@@ -42,7 +42,8 @@ pub(crate) trait FrameSink: Send + 'static {
     fn close(self, reason: CloseReason) -> impl Future<Output = ()> + Send;
 }
 
-/// A session's sink, the frames taken from its outbox and not yet in the sink, and what was
+/// A session's sink, the frames taken from its outbox and not yet in the sink (only while
+/// its transport is full: normally frames pass through the flusher's buffer), and what was
 /// written.
 struct WriteState<S> {
     sink: S,
@@ -99,7 +100,8 @@ impl<S: FrameSink> SessionWriter<S> {
             match done {
                 Some(reason) => {
                     if let Some(reason) = reason {
-                        state.sink.close(reason).await;
+                        // Boxed: the task of an idle session does not carry its size.
+                        Box::pin(state.sink.close(reason)).await;
                     }
                     return stats;
                 }
@@ -125,14 +127,18 @@ impl<S: FrameSink> SessionWriter<S> {
             match self.outbox.try_batch(&mut state.pending, MAX_BATCH) {
                 Some(Batch::Frames) => continue,
                 Some(Batch::Close(reason)) => return Some(Some(reason)),
-                None => return None,
+                None => {
+                    // Frames normally pass through the flusher's buffer, not this one.
+                    state.pending = Vec::new();
+                    return None;
+                }
             }
         }
     }
 }
 
 impl<S: FrameSink> Flush for SessionWriter<S> {
-    fn flush(&self) {
+    fn flush(&self, batch: &mut Vec<Outbound>) {
         let mut slot = self.lock();
         let Some(state) = slot.as_mut() else {
             // The writer task is writing: it looks at the outbox again when done.
@@ -144,19 +150,20 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
         }
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..4 {
-            match self.outbox.try_batch(&mut state.pending, MAX_BATCH) {
+            match self.outbox.try_batch(batch, MAX_BATCH) {
                 Some(Batch::Frames) => {}
                 // Nothing left, or the close: the task writes the close.
                 None => return,
                 Some(Batch::Close(_)) => return self.outbox.wake_writer(),
             }
-            match state
-                .sink
-                .poll_write(&mut cx, &mut state.pending, &mut state.stats)
-            {
+            match state.sink.poll_write(&mut cx, batch, &mut state.stats) {
                 Poll::Ready(Ok(())) => {}
                 // Full or gone: the task waits for the transport with its own waker.
-                Poll::Pending | Poll::Ready(Err(())) => return self.outbox.wake_writer(),
+                Poll::Pending | Poll::Ready(Err(())) => {
+                    // What the transport did not take stays with the session, in order.
+                    state.pending.append(batch);
+                    return self.outbox.wake_writer();
+                }
             }
         }
         // A long backlog: the rest is the task's, so one session cannot hold up the pass.

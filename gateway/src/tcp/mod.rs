@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod linger;
+pub mod tls;
 
 use std::{
     convert::Infallible,
@@ -25,7 +26,6 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::{
         self,
@@ -51,17 +51,18 @@ use crate::{
 };
 use frames::{CountingReader, FrameCount};
 use linger::Lingering;
+use tls::TlsStream;
 
 /// tungstenite's read buffer per connection (measured: the default 128 KiB, and even 4 KiB,
 /// dominate idle memory).
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 256;
 /// Largest request head accepted (431 beyond).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// Accepts TCP connections until the listener fails; each is served on its own task.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     app: Arc<AppState>,
     router: Router,
 ) {
@@ -82,10 +83,10 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (acceptor, app, router) = (acceptor.clone(), app.clone(), router.clone());
+        let (tls, app, router) = (tls.clone(), app.clone(), router.clone());
         tokio::spawn(async move {
             let timeout = app.config.limits.handshake_timeout;
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(timeout, TlsStream::accept(stream, tls)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return debug!(%peer, "TLS handshake timed out"),
@@ -211,7 +212,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
 /// 128 KiB eager read buffer, unbounded write buffer) are unsafe or wasteful for a gateway.
 fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        // Allocated eagerly per connection: 1 KiB instead of 128 KiB keeps idle connections
+        // Allocated eagerly per connection: 256 B instead of 128 KiB keeps idle connections
         // small; larger inbound messages are read in more (memory-to-memory) steps.
         .read_buffer_size(READ_BUFFER)
         // Frames accumulate up to 16 KiB (about one TLS record) before a write.
