@@ -238,9 +238,10 @@ async fn serve_connection(
                         // Requests already running finish on their own deadlines.
                         requests.detach_all();
                         match WebTransportSession::accept(req, stream, h3).await {
+                            // On a task of its own: this connection's task (and the state of
+                            // its handshake and request phase) ends here.
                             Ok(session) => {
-                                run_session(session, quic.clone(), admission, app.clone(), router.clone(), peer)
-                                    .await;
+                                tokio::spawn(run_session(session, quic.clone(), admission, app.clone(), router.clone(), peer));
                             }
                             Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
                         }
