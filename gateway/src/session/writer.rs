@@ -59,6 +59,9 @@ struct WriteState<S> {
 pub(crate) struct SessionWriter<S> {
     outbox: OutboxReceiver,
     state: Mutex<Option<WriteState<S>>>,
+    /// Written by a flusher; else only by the session's task, which then lets the other
+    /// ready tasks run once before it writes, so that under load more frames go together.
+    corked: bool,
 }
 
 impl<S: FrameSink> SessionWriter<S> {
@@ -69,17 +72,27 @@ impl<S: FrameSink> SessionWriter<S> {
         sink: S,
         flushers: &Flushers,
     ) -> Arc<Self> {
-        let writer = Arc::new(Self {
+        let writer = Self::new(outbox, sink, true);
+        let flush: Arc<dyn Flush> = writer.clone();
+        session.set_doorbell(flushers.doorbell(session.id().0, Arc::downgrade(&flush)));
+        writer
+    }
+
+    /// The writer of `outbox` into `sink` on the session's own task only.
+    pub(crate) fn own_task(outbox: OutboxReceiver, sink: S) -> Arc<Self> {
+        Self::new(outbox, sink, false)
+    }
+
+    fn new(outbox: OutboxReceiver, sink: S, corked: bool) -> Arc<Self> {
+        Arc::new(Self {
             outbox,
             state: Mutex::new(Some(WriteState {
                 sink,
                 pending: Vec::new(),
                 stats: WriteStats::default(),
             })),
-        });
-        let flush: Arc<dyn Flush> = writer.clone();
-        session.set_doorbell(flushers.doorbell(session.id().0, Arc::downgrade(&flush)));
-        writer
+            corked,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<WriteState<S>>> {
@@ -95,25 +108,24 @@ impl<S: FrameSink> SessionWriter<S> {
                 .lock()
                 .take()
                 .expect("only the writer task takes the state");
-            let done = self.write_all(&mut state).await;
-            let stats = state.stats;
-            match done {
-                Some(reason) => {
-                    if let Some(reason) = reason {
-                        // Boxed: the task of an idle session does not carry its size.
-                        Box::pin(state.sink.close(reason)).await;
-                    }
-                    return stats;
+            match self.write_all(&mut state).await {
+                Written::Drained => *self.lock() = Some(state),
+                Written::Closing(reason) => {
+                    // Boxed: the task of an idle session does not carry its size.
+                    Box::pin(state.sink.close(reason)).await;
+                    return state.stats;
                 }
-                None => *self.lock() = Some(state),
+                Written::Gone => return state.stats,
             }
             self.outbox.woken().await;
+            if !self.corked {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
-    /// Writes until the outbox is empty. `Some(Some(reason))`: the session is closing and
-    /// everything before its close is written; `Some(None)`: the transport is gone.
-    async fn write_all(&self, state: &mut WriteState<S>) -> Option<Option<CloseReason>> {
+    /// Writes until the outbox is empty, or up to the session's close.
+    async fn write_all(&self, state: &mut WriteState<S>) -> Written {
         loop {
             let written = std::future::poll_fn(|cx| {
                 state
@@ -122,19 +134,29 @@ impl<S: FrameSink> SessionWriter<S> {
             })
             .await;
             if written.is_err() {
-                return Some(None);
+                return Written::Gone;
             }
             match self.outbox.try_batch(&mut state.pending, MAX_BATCH) {
                 Some(Batch::Frames) => continue,
-                Some(Batch::Close(reason)) => return Some(Some(reason)),
+                Some(Batch::Close(reason)) => return Written::Closing(reason),
                 None => {
                     // Frames normally pass through the flusher's buffer, not this one.
                     state.pending = Vec::new();
-                    return None;
+                    return Written::Drained;
                 }
             }
         }
     }
+}
+
+/// How far the writer task got.
+enum Written {
+    /// Everything queued is written.
+    Drained,
+    /// Everything before the session's close is written; the close is next.
+    Closing(CloseReason),
+    /// The transport is gone.
+    Gone,
 }
 
 impl<S: FrameSink> Flush for SessionWriter<S> {

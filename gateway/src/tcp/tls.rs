@@ -436,7 +436,9 @@ mod tests {
             (got, held, eof)
         });
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.identity().unwrap().chain[0].clone()).unwrap();
+        roots
+            .add(cert.identity().unwrap().chain[0].clone())
+            .unwrap();
         let client = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
