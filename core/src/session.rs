@@ -426,6 +426,12 @@ impl OutboxReceiver {
     pub fn wake_writer(&self) {
         self.0.writer.notify_one();
     }
+
+    /// Closes the session from the writing side (its transport failed), as
+    /// [`SessionHandle::close`] does.
+    pub fn close(&self, reason: CloseReason) {
+        SessionHandle(self.0.clone()).close(reason);
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Corked writes across sessions, the way uWebSockets corks: a frame that arrives in a
 //! session's empty queue rings the session's doorbell, which puts the session on its
-//! flusher's list; the flusher, one task per runtime worker, takes the whole list at once
-//! and writes each session's queued frames in one write. Deliveries produced while a pass
+//! flusher's list; a flusher (there are as many as runtime workers) takes its whole list
+//! at once and writes each session's queued frames at once (one flush). Deliveries
+//! produced while a pass
 //! runs (a fan-out, many publishes read at once) leave together in the next pass, so a
 //! delivery waits about one pass however busy the core is, instead of waiting for its
 //! session's own task to come round the scheduler, and under load each write carries more
@@ -14,7 +15,10 @@
 //! handed to its own writer task, which waits for the transport; meanwhile its bounded
 //! queue still cuts off a slow consumer.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex, Weak},
+};
 
 use gateway_core::session::{Doorbell, Outbound};
 use tokio::sync::Notify;
@@ -28,16 +32,19 @@ pub(crate) trait Flush: Send + Sync {
     /// flusher's buffer, empty before and after); whatever cannot be written at once is
     /// left to the session's own writer task.
     fn flush(&self, batch: &mut Vec<Outbound>);
+
+    /// A flush panicked: the session is closed (1011), the flusher goes on.
+    fn abandon(&self);
 }
 
-/// One flusher's list of sessions with frames waiting, and its wake-up.
+/// One flusher: its list of sessions with frames waiting, and its wake-up.
 #[derive(Default)]
-struct Pass {
+struct Flusher {
     ready: Mutex<Vec<Weak<dyn Flush>>>,
     wake: Notify,
 }
 
-impl Pass {
+impl Flusher {
     fn push(&self, session: Weak<dyn Flush>) {
         let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
         ready.push(session);
@@ -65,7 +72,17 @@ impl Pass {
                     if let Some(session) = session.upgrade() {
                         // Writes from here are not charged to the flusher's cooperative
                         // budget: it yields on its own below.
-                        tokio::task::unconstrained(async { session.flush(&mut frames) }).await;
+                        let flushed = tokio::task::unconstrained(async {
+                            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                session.flush(&mut frames)
+                            }))
+                        })
+                        .await;
+                        // One broken session must not stop the writes of all the others.
+                        if flushed.is_err() {
+                            frames.clear();
+                            session.abandon();
+                        }
                     }
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
@@ -85,13 +102,13 @@ impl Pass {
 /// The flushers of one gateway process: one per runtime worker; sessions are spread over
 /// them.
 pub(crate) struct Flushers {
-    passes: Vec<Arc<Pass>>,
+    flushers: Vec<Arc<Flusher>>,
 }
 
 impl std::fmt::Debug for Flushers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Flushers")
-            .field("count", &self.passes.len())
+            .field("count", &self.flushers.len())
             .finish()
     }
 }
@@ -100,30 +117,30 @@ impl Flushers {
     /// One flusher per worker of the current tokio runtime, each on its own task.
     pub(crate) fn spawn() -> Self {
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        let passes: Vec<Arc<Pass>> = (0..workers.max(1)).map(|_| Arc::default()).collect();
-        for pass in &passes {
-            tokio::spawn(pass.clone().run());
+        let flushers: Vec<Arc<Flusher>> = (0..workers.max(1)).map(|_| Arc::default()).collect();
+        for flusher in &flushers {
+            tokio::spawn(flusher.clone().run());
         }
-        Self { passes }
+        Self { flushers }
     }
 
     /// The doorbell of a session written by `writer`; `key` spreads sessions over the
     /// flushers.
     pub(crate) fn doorbell(&self, key: u64, writer: Weak<dyn Flush>) -> Arc<dyn Doorbell> {
-        let pass = self.passes[(key % self.passes.len() as u64) as usize].clone();
-        Arc::new(Bell { pass, writer })
+        let flusher = self.flushers[(key % self.flushers.len() as u64) as usize].clone();
+        Arc::new(Bell { flusher, writer })
     }
 }
 
 /// A session's doorbell: puts its writer on its flusher's list.
 struct Bell {
-    pass: Arc<Pass>,
+    flusher: Arc<Flusher>,
     writer: Weak<dyn Flush>,
 }
 
 impl Doorbell for Bell {
     fn ring(&self) {
-        self.pass.push(self.writer.clone());
+        self.flusher.push(self.writer.clone());
     }
 }
 
@@ -156,6 +173,7 @@ mod tests {
         wire: Arc<Mutex<Wire>>,
         room: usize,
         stuck: bool,
+        panics: bool,
     }
 
     impl FrameSink for TestSink {
@@ -168,6 +186,7 @@ mod tests {
             if frames.is_empty() {
                 return Poll::Ready(Ok(()));
             }
+            assert!(!self.panics, "a broken transport");
             if self.stuck {
                 return Poll::Pending;
             }
@@ -195,21 +214,24 @@ mod tests {
         Outbound::Binary(Bytes::from(i.to_string()))
     }
 
-    fn session(
-        flushers: &Flushers,
-        room: usize,
-        stuck: bool,
-    ) -> (
+    type TestSession = (
         SessionHandle,
         Arc<Mutex<Wire>>,
         tokio::task::JoinHandle<WriteStats>,
-    ) {
+    );
+
+    fn session(flushers: &Flushers, room: usize, stuck: bool) -> TestSession {
+        session_with(flushers, room, stuck, false)
+    }
+
+    fn session_with(flushers: &Flushers, room: usize, stuck: bool, panics: bool) -> TestSession {
         let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
         let wire = Arc::new(Mutex::new(Wire::default()));
         let sink = TestSink {
             wire: wire.clone(),
             room,
             stuck,
+            panics,
         };
         let writer = SessionWriter::corked(&handle, outbox, sink, flushers);
         let task = tokio::spawn(writer.run());
@@ -286,5 +308,24 @@ mod tests {
         // The other session of the same flusher got everything.
         let got: usize = other_wire.lock().unwrap().writes.iter().map(Vec::len).sum();
         assert_eq!(got, 40);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_transport_closes_its_session_and_the_flusher_goes_on() {
+        let flushers = Flushers::spawn();
+        let (broken, _, _broken_task) = session_with(&flushers, 100, false, true);
+        let (other, other_wire, _other_task) = session(&flushers, 100, false);
+        settle().await;
+        broken.send(frame(0));
+        other.send(frame(0));
+        settle().await;
+        assert_eq!(
+            broken.close_reason().map(|r| r.code),
+            Some(CloseCode::Internal)
+        );
+        other.send(frame(1));
+        settle().await;
+        let got: Vec<Outbound> = other_wire.lock().unwrap().writes.concat();
+        assert_eq!(got, vec![frame(0), frame(1)]);
     }
 }

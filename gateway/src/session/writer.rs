@@ -10,7 +10,7 @@ use std::{
 };
 
 use gateway_core::{
-    protocol::CloseReason,
+    protocol::{CloseCode, CloseReason},
     session::{Batch, Outbound, OutboxReceiver, SessionHandle},
 };
 
@@ -166,7 +166,8 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
             // The writer task is writing: it looks at the outbox again when done.
             return self.outbox.wake_writer();
         };
-        // Frames still pending mean the transport was full: the task is on it.
+        // Frames still pending mean the transport was full and the task was asked to
+        // finish them: it writes these first.
         if !state.pending.is_empty() {
             return self.outbox.wake_writer();
         }
@@ -179,7 +180,7 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
                 Some(Batch::Close(_)) => return self.outbox.wake_writer(),
             }
             match state.sink.poll_write(&mut cx, batch, &mut state.stats) {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => debug_assert!(batch.is_empty(), "a sink left frames"),
                 // Full or gone: the task waits for the transport with its own waker.
                 Poll::Pending | Poll::Ready(Err(())) => {
                     // What the transport did not take stays with the session, in order.
@@ -190,5 +191,10 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
         }
         // A long backlog: the rest is the task's, so one session cannot hold up the pass.
         self.outbox.wake_writer();
+    }
+
+    fn abandon(&self) {
+        self.outbox
+            .close(CloseReason::new(CloseCode::Internal, "write failed"));
     }
 }

@@ -397,14 +397,14 @@ where
                     break;
                 }
             }
-            if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = frame {
-                stats.frames += 1;
-                stats.bytes += b.len() as u64;
-            }
-            fed += 1;
             if self.0.start_send_unpin(to_message(frame.clone())).is_err() {
                 ready = Poll::Ready(Err(()));
                 break;
+            }
+            fed += 1;
+            if let Outbound::Text(b) | Outbound::Volatile(b) | Outbound::Binary(b) = frame {
+                stats.frames += 1;
+                stats.bytes += b.len() as u64;
             }
         }
         frames.drain(..fed);

@@ -10,12 +10,12 @@ use std::{
     io,
     pin::Pin,
     sync::Arc,
-    task::{ready, Context, Poll},
+    task::{ready, Context, Poll, Waker},
 };
 
 use rustls::{
-    server::UnbufferedServerConnection,
-    unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError},
+    server::{ServerConnectionData, UnbufferedServerConnection},
+    unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic},
     ServerConfig,
 };
 use tokio::{
@@ -42,6 +42,8 @@ pub struct TlsStream {
     out_at: usize,
     /// The peer closed its side (close_notify or end of stream).
     read_closed: bool,
+    /// The reader waiting for the socket, woken when the write side decrypts records.
+    read_waker: Option<Waker>,
     /// Our close_notify is queued.
     write_closed: bool,
 }
@@ -133,6 +135,7 @@ impl TlsStream {
             out: Vec::new(),
             out_at: 0,
             read_closed: false,
+            read_waker: None,
             write_closed: false,
         };
         loop {
@@ -261,6 +264,70 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Brings the connection to its write state and runs `write` in it. What rustls must
+    /// send first goes to `out`; records already decrypted go to `plain` (waking the
+    /// reader). The received bytes are always passed whole: they may hold part of a
+    /// handshake message rustls has started to take apart.
+    fn in_write_state<T>(
+        &mut self,
+        write: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut write = Some(write);
+        loop {
+            let Self {
+                conn,
+                incoming,
+                plain,
+                out,
+                read_closed,
+                read_waker,
+                ..
+            } = self;
+            let status = conn.process_tls_records(incoming);
+            let discard = status.discard;
+            let written = match status.state.map_err(tls_error)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let write = write.take().expect("the write state ends the loop");
+                    Some(write(&mut traffic, out)?)
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    append(out, 0, |buf| data.encode(buf), encode_needs).map_err(tls_error)?;
+                    None
+                }
+                ConnectionState::TransmitTlsData(data) => {
+                    data.done();
+                    None
+                }
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        plain.extend_from_slice(record.map_err(tls_error)?.payload);
+                    }
+                    if let Some(waker) = read_waker.take() {
+                        waker.wake();
+                    }
+                    None
+                }
+                ConnectionState::PeerClosed => {
+                    *read_closed = true;
+                    if let Some(waker) = read_waker.take() {
+                        waker.wake();
+                    }
+                    None
+                }
+                _ => return Err(io::ErrorKind::NotConnected.into()),
+            };
+            if discard > 0 {
+                incoming.drain(..discard);
+            }
+            if incoming.is_empty() && incoming.capacity() > 0 {
+                *incoming = Vec::new();
+            }
+            if let Some(written) = written {
+                return Ok(written);
+            }
+        }
+    }
+
     /// Copies decrypted bytes the reader has not taken into `buf`; whether any were.
     fn take_plain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         if self.plain_at == self.plain.len() {
@@ -306,7 +373,10 @@ impl AsyncRead for TlsStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_receive(cx))?;
+            if this.poll_receive(cx)?.is_pending() {
+                this.read_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
         }
     }
 }
@@ -324,37 +394,15 @@ impl AsyncWrite for TlsStream {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        // Encrypting needs the connection's write state; anything it must emit first
-        // (post-handshake messages) is appended to `out` ahead of the data.
-        let Self {
-            conn, plain, out, ..
-        } = this;
-        loop {
-            let status = conn.process_tls_records(&mut []);
-            match status.state.map_err(tls_error)? {
-                ConnectionState::EncodeTlsData(mut e) => {
-                    append(out, 0, |buf| e.encode(buf), encode_needs).map_err(tls_error)?
-                }
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                ConnectionState::WriteTraffic(mut w) => {
-                    append(
-                        out,
-                        sealed_len(data.len()),
-                        |buf| w.encrypt(data, buf),
-                        encrypt_needs,
-                    )
-                    .map_err(tls_error)?;
-                    break;
-                }
-                // Records decrypted earlier and not yet read: kept for the reader.
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        plain.extend_from_slice(record.map_err(tls_error)?.payload);
-                    }
-                }
-                _ => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-            }
-        }
+        this.in_write_state(|traffic, out| {
+            append(
+                out,
+                sealed_len(data.len()),
+                |buf| traffic.encrypt(data, buf),
+                encrypt_needs,
+            )
+            .map_err(tls_error)
+        })?;
         // Push it out now if the socket takes it; else it waits for the next flush.
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
@@ -372,15 +420,17 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.write_closed {
             this.write_closed = true;
-            let status = this.conn.process_tls_records(&mut []);
-            if let Ok(ConnectionState::WriteTraffic(mut w)) = status.state {
-                let _ = append(
-                    &mut this.out,
+            // Without a close_notify (the connection is already broken) the TCP close
+            // still ends the stream.
+            let _ = this.in_write_state(|traffic, out| {
+                append(
+                    out,
                     64,
-                    |buf| w.queue_close_notify(buf),
+                    |buf| traffic.queue_close_notify(buf),
                     encrypt_needs,
-                );
-            }
+                )
+                .map_err(tls_error)
+            });
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
@@ -405,6 +455,75 @@ mod tests {
         fn held(&self) -> usize {
             self.incoming.capacity() + self.plain.capacity() + self.out.capacity()
         }
+    }
+
+    /// A client that sent part of a handshake message in a record of its own (here the
+    /// first byte of a KeyUpdate), sealed with its extracted traffic keys.
+    #[tokio::test]
+    async fn a_partial_post_handshake_message_does_not_break_writing() {
+        use rustls::{
+            crypto::{
+                cipher::{OutboundChunks, OutboundPlainMessage},
+                ring::{cipher_suite::TLS13_AES_128_GCM_SHA256, default_provider},
+                CryptoProvider,
+            },
+            ConnectionTrafficSecrets, ContentType, ProtocolVersion,
+        };
+        crate::tls::install_crypto_provider();
+        let cert = DevCert::generate().unwrap();
+        let resolver = ReloadableResolver::new(&cert.identity().unwrap()).unwrap();
+        let config = crate::tls::tcp_config(resolver);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (fragment_sent, fragment_arrived) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsStream::accept(tcp, config).await.unwrap();
+            fragment_arrived.await.unwrap();
+            // The reader takes the fragment in (nothing to deliver yet)...
+            let mut buf = [0u8; 16];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(300), tls.read(&mut buf))
+                    .await;
+            assert!(read.is_err(), "nothing readable was sent: {read:?}");
+            // ...and a write afterwards must work.
+            tls.write_all(b"still here").await.unwrap();
+            tls.flush().await.unwrap();
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(cert.identity().unwrap().chain[0].clone())
+            .unwrap();
+        let provider = CryptoProvider {
+            cipher_suites: vec![TLS13_AES_128_GCM_SHA256],
+            ..default_provider()
+        };
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (mut tcp, conn) = tls.into_inner();
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        let (seq, ConnectionTrafficSecrets::Aes128Gcm { key, iv }) = secrets.tx else {
+            panic!("AES-128-GCM was the only suite offered");
+        };
+        let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+        let mut sealer = suite.aead_alg.encrypter(key, iv);
+        let fragment = OutboundPlainMessage {
+            typ: ContentType::Handshake,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(&[24]), // KeyUpdate's type byte only
+        };
+        let record = sealer.encrypt(fragment, seq).unwrap().encode();
+        tcp.write_all(&record).await.unwrap();
+        fragment_sent.send(()).unwrap();
+        server.await.expect("the server's write path survives");
     }
 
     #[tokio::test]
