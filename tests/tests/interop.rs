@@ -121,3 +121,24 @@ async fn aioquic_unidirectional_stream_flood_is_rate_limited() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_arrives_before_the_clients_settings_waits_for_them() {
+    within(60, async {
+        let gw = TestGateway::start("[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
+        let args = vec![
+            gw.addr.port().to_string(),
+            gw.cert_path.display().to_string(),
+            "0.5".to_string(),
+        ];
+        let script = tests_dir().join("interop/late_settings.py");
+        let r = tokio::task::spawn_blocking(move || run("python3", &script, &args))
+            .await
+            .unwrap();
+        // Not refused while the settings are unknown, accepted once they arrive.
+        assert_eq!(r["answered_before_settings"], false, "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["welcome"], "welcome", "{r}");
+    })
+    .await;
+}

@@ -274,22 +274,39 @@ async fn wait_for_peer_settings(
     limit: Duration,
 ) {
     use h3::ConnectionState;
-    let deadline = Instant::now() + limit;
-    while !h3.settings().enable_webtransport() && Instant::now() < deadline {
-        // `accept` is cancel-safe until it yields a request.
-        match tokio::time::timeout(Duration::from_millis(5), h3.accept()).await {
-            Err(_) => {}
-            Ok(Ok(Some(resolver))) => {
-                let (router, permit) = (router.clone(), permit.clone());
-                tokio::spawn(tokio::time::timeout(limit, async move {
-                    if let Ok((req, stream)) = resolver.resolve_request().await {
-                        serve_request(req, stream, router, peer, permit, limit).await;
-                    }
-                }));
+    let wait = async {
+        loop {
+            // Each poll drives the connection once: it reads the control stream, and the
+            // task is woken when more arrives; the settings are looked at after every poll.
+            // `accept` is cancel-safe until it yields a request, so its future is dropped
+            // after each poll to let go of the connection.
+            let accepted = std::future::poll_fn(|cx| {
+                if h3.settings().enable_webtransport() {
+                    return Poll::Ready(None);
+                }
+                let polled = std::pin::pin!(h3.accept()).poll(cx);
+                match polled {
+                    Poll::Ready(accepted) => Poll::Ready(Some(accepted)),
+                    Poll::Pending if h3.settings().enable_webtransport() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match accepted {
+                Some(Ok(Some(resolver))) => {
+                    let (router, permit) = (router.clone(), permit.clone());
+                    tokio::spawn(tokio::time::timeout(limit, async move {
+                        if let Ok((req, stream)) = resolver.resolve_request().await {
+                            serve_request(req, stream, router, peer, permit, limit).await;
+                        }
+                    }));
+                }
+                // Known settings, or the connection is over.
+                None | Some(_) => return,
             }
-            Ok(_) => return,
         }
-    }
+    };
+    let _ = tokio::time::timeout(limit, wait).await;
 }
 
 /// Answers a refused CONNECT with its status, then keeps the stream until the client is
