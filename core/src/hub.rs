@@ -275,10 +275,32 @@ impl Hub {
         reply: JoinReply,
     ) -> Option<JoinOutcome> {
         let user = handle.user().cloned().unwrap_or_else(|| "".into());
-        let entry = self.room_entry(room);
-        let room_ref = entry.value().clone();
-        let mut state = room_ref.lock();
-        drop(entry);
+        // The map's shard guard is released before waiting for the room's lock: a fan-out
+        // holding this room must not stall every other room of the shard. A removal in
+        // between sets `removed` under the room's lock: then join the room replacing it.
+        loop {
+            let room_ref = self.room_entry(room).value().clone();
+            let state = room_ref.lock();
+            if state.removed {
+                continue;
+            }
+            return self.join_locked(room, &room_ref, state, handle, user, since, now, reply);
+        }
+    }
+
+    /// [`join`](Self::join) with the room's lock held.
+    #[allow(clippy::too_many_arguments)]
+    fn join_locked(
+        &self,
+        room: &RoomName,
+        room_ref: &Arc<Room>,
+        mut state: MutexGuard<'_, RoomState>,
+        handle: &SessionHandle,
+        user: Arc<str>,
+        since: Option<Since<'_>>,
+        now: Instant,
+        reply: JoinReply,
+    ) -> Option<JoinOutcome> {
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
         let cluster = self.backplane.cluster();
@@ -1306,5 +1328,48 @@ mod tests {
         // Once past the floor, the member gets everything again.
         hub.deliver(&room, &cluster_message(4), false);
         assert_eq!(seqs(&late_rx), vec![4]);
+    }
+
+    #[test]
+    fn a_join_waiting_for_a_busy_room_does_not_stall_the_other_rooms_of_its_shard() {
+        let hub = hub();
+        let busy = RoomName::new("busy").unwrap();
+        let (a, _a_rx) = session(&hub, "a");
+        join(&hub, &a, &busy);
+        // Enough other rooms that some share the busy room's shard (dashmap has a few
+        // shards per core), whichever hash the names get.
+        let others: Vec<RoomName> = (0..64)
+            .map(|i| RoomName::new(&format!("other-{i}")).unwrap())
+            .collect();
+        // A fan-out in progress holds the busy room's lock.
+        let room_ref = hub.rooms.get(&busy).unwrap().value().clone();
+        let held = room_ref.lock();
+        let waiting = std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let (b, _b_rx) = session(&hub, "b");
+                join(&hub, &b, &RoomName::new("busy").unwrap());
+            }
+        });
+        // Let the join reach the busy room's lock.
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let (c, _c_rx) = session(&hub, "c");
+                for other in &others {
+                    join(&hub, &c, other);
+                }
+                let _ = done_tx.send(());
+            }
+        });
+        let other_joined = done_rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        drop(held);
+        waiting.join().unwrap();
+        assert!(
+            other_joined,
+            "joins to other rooms waited for the busy room"
+        );
     }
 }
