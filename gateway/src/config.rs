@@ -15,6 +15,24 @@ use gateway_core::{
 };
 use serde::Deserialize;
 
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name the system resolves
+/// (`localhost:4433`; the first address it gives is used).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let not = || format!("`{text}` is not HOST:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(not)?;
+    port.parse::<u16>().map_err(|_| not())?;
+    if host.is_empty() {
+        return Err(not());
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("`{text}`: cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{text}`: `{host}` has no address"))
+}
+
 /// Default listen address (dev mode and files without `listen`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 
@@ -253,12 +271,7 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
         let listen = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("`{listen}` is not HOST:PORT (an IP address and port)"),
-            )
-        })?;
+        let listen = parse_listen(listen).map_err(|message| invalid("listen", message))?;
 
         let tls = match file.tls {
             None => TlsSource::Dev(base.join(".gateway")),

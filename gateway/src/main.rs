@@ -1,6 +1,6 @@
 //! The `gateway` command (CONFIG.md): run, `check-config`, `certs dev`.
 
-use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use gateway::{config::Config, Server};
@@ -20,9 +20,10 @@ struct Cli {
     /// Run from this TOML file (without it: dev mode on loopback).
     #[arg(long, env = "GATEWAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Override `listen` (HOST:PORT; port 0 picks a free port).
-    #[arg(long, env = "GATEWAY_LISTEN")]
-    listen: Option<String>,
+    /// Override `listen` (HOST:PORT, an IP address or a host name; port 0 picks a free
+    /// port).
+    #[arg(long, env = "GATEWAY_LISTEN", value_parser = gateway::config::parse_listen)]
+    listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -83,7 +84,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
@@ -102,13 +103,7 @@ fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         None => Config::dev(),
     };
     if let Some(listen) = listen {
-        match listen.parse() {
-            Ok(addr) => config.listen = addr,
-            Err(_) => {
-                eprintln!("--listen: `{listen}` is not HOST:PORT");
-                return ExitCode::FAILURE;
-            }
-        }
+        config.listen = listen;
     }
     if config.dev_mode && !config.listen.ip().is_loopback() {
         eprintln!("--listen: dev mode (no --config) only listens on loopback");

@@ -108,6 +108,45 @@ async fn dev_mode_serves_wss_with_its_printed_certificate() {
     .await;
 }
 
+#[tokio::test]
+async fn listen_takes_a_host_name() {
+    within(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_gw, lines) = start(&["--listen", "localhost:0"], dir.path(), 3);
+        // `localhost` resolves to a loopback address, whichever family comes first.
+        assert!(
+            lines[0].starts_with("listening https+wss on 127.0.0.1:")
+                || lines[0].starts_with("listening https+wss on [::1]:"),
+            "{lines:?}"
+        );
+        assert_ne!(port_of(&lines[0]), 0);
+    })
+    .await;
+}
+
+#[test]
+fn listen_refuses_what_is_not_host_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [
+        "localhost",
+        "localhost:http",
+        ":4433",
+        "no-such-host.invalid:4433",
+    ] {
+        let out = Command::new(gateway_binary())
+            .args(["--listen", bad])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--listen") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}
+
 #[test]
 fn dev_mode_refuses_to_listen_beyond_loopback() {
     let dir = tempfile::tempdir().unwrap();
