@@ -56,10 +56,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::from_file(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
+            Ok(config) => match check_tls_files(&config) {
+                Ok(()) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: tls: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -82,6 +88,17 @@ fn main() -> ExitCode {
         },
         None => run(cli.config, cli.listen),
     }
+}
+
+/// Loads the `[tls]` certificate and key as start-up would: both files readable, PEM,
+/// a certificate and a private key rustls can sign with.
+fn check_tls_files(config: &Config) -> Result<(), gateway_certs::CertError> {
+    if let gateway::config::TlsSource::Files { cert, key } = &config.tls {
+        gateway::tls::install_crypto_provider();
+        let identity = gateway_certs::load_pem(cert, key)?;
+        gateway_certs::ReloadableResolver::new(&identity)?;
+    }
+    Ok(())
 }
 
 fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {

@@ -160,6 +160,46 @@ fn dev_mode_refuses_to_listen_beyond_loopback() {
 }
 
 #[test]
+fn check_config_loads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(gateway_binary())
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let check = |cert: &str, key: &str| {
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+                 [[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n"
+            ),
+        )
+        .unwrap();
+        Command::new(gateway_binary())
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = check("certs/cert.pem", "certs/key.pem");
+    assert!(out.status.success(), "{out:?}");
+    // A missing certificate, and a key file that holds a certificate.
+    for (cert, key, named) in [
+        ("certs/missing.pem", "certs/key.pem", "missing.pem"),
+        ("certs/cert.pem", "certs/cert.pem", "cert.pem"),
+    ] {
+        let out = check(cert, key);
+        assert_eq!(out.status.code(), Some(1), "{cert} {key}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("tls") && err.contains(named), "{err}");
+    }
+}
+
+#[test]
 fn check_config_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
