@@ -1,4 +1,6 @@
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
@@ -8,42 +10,37 @@ use rustls::{
 use crate::{load::CertError, PemIdentity};
 
 /// A rustls certificate resolver whose certificate can be replaced at run time; new
-/// handshakes use the new certificate, established connections keep theirs.
+/// handshakes use the new certificate, established connections keep theirs. Handshakes
+/// read it without a lock (arc-swap).
 #[derive(Debug)]
 pub struct ReloadableResolver {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: ArcSwap<CertifiedKey>,
 }
 
 impl ReloadableResolver {
     /// A resolver serving `identity`.
     pub fn new(identity: &PemIdentity) -> Result<Arc<Self>, CertError> {
         Ok(Arc::new(Self {
-            current: RwLock::new(certified(identity)?),
+            current: ArcSwap::new(certified(identity)?),
         }))
     }
 
     /// Swaps in a new certificate atomically.
     pub fn replace(&self, identity: &PemIdentity) -> Result<(), CertError> {
-        let key = certified(identity)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        self.current.store(certified(identity)?);
         Ok(())
     }
 
     /// The leaf certificate currently served, DER.
     pub fn leaf_der(&self) -> Vec<u8> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let current = self.current.load();
         current.cert.first().map(|c| c.to_vec()).unwrap_or_default()
     }
 }
 
 impl ResolvesServerCert for ReloadableResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        Some(self.current.load_full())
     }
 }
 
@@ -54,4 +51,28 @@ fn certified(identity: &PemIdentity) -> Result<Arc<CertifiedKey>, CertError> {
         .load_private_key(identity.key.clone_key())
         .map_err(|e| CertError::Key(e.to_string()))?;
     Ok(Arc::new(CertifiedKey::new(identity.chain.clone(), key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::ReloadableResolver;
+    use crate::{DevCert, PemIdentity};
+
+    #[test]
+    fn a_replaced_certificate_is_served_and_an_unusable_one_keeps_the_old() {
+        let (a, b) = (DevCert::generate().unwrap(), DevCert::generate().unwrap());
+        let resolver = ReloadableResolver::new(&a.identity().unwrap()).unwrap();
+        let der = |c: &DevCert| c.identity().unwrap().chain[0].to_vec();
+        assert_eq!(resolver.leaf_der(), der(&a));
+        resolver.replace(&b.identity().unwrap()).unwrap();
+        assert_eq!(resolver.leaf_der(), der(&b));
+        let broken = PemIdentity {
+            chain: a.identity().unwrap().chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(vec![0u8; 16])),
+        };
+        assert!(resolver.replace(&broken).is_err());
+        assert_eq!(resolver.leaf_der(), der(&b));
+    }
 }
