@@ -176,11 +176,10 @@ impl Server {
             reconnect,
             CloseReason::new(CloseCode::GoingAway, "server shutting down"),
         );
-        let deadline = tokio::time::Instant::now() + drain;
-        while self.state.services.hub.session_count() > 0 && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Every session task ends once its queued frames and its close are written (or its
+        // close grace runs out); the drain deadline bounds the wait.
+        self.state.sessions.close();
+        let _ = tokio::time::timeout(drain, self.state.sessions.wait()).await;
         if let Some(q) = &self.quic {
             q.close(0x100u32.into(), b"shutting down");
         }

@@ -10,6 +10,8 @@ use std::{
 
 use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
 
+use tokio_util::task::TaskTracker;
+
 use crate::{cluster::RedisCluster, config::Config, session::Flushers};
 
 /// Most unredeemed tickets held at once (each is a few hundred bytes).
@@ -34,6 +36,8 @@ pub struct AppState {
     pub cluster: Option<Arc<RedisCluster>>,
     /// The cross-session write passes sessions' frames leave through.
     pub(crate) flushers: Flushers,
+    /// Every session's task (WebSocket and WebTransport): shutdown waits for them.
+    pub(crate) sessions: TaskTracker,
     shutting_down: AtomicBool,
 }
 
@@ -62,6 +66,7 @@ impl AppState {
             tickets,
             cluster,
             flushers: Flushers::spawn(),
+            sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
         })
     }

@@ -241,7 +241,7 @@ async fn serve_connection(
                             // On a task of its own: this connection's task (and the state of
                             // its handshake and request phase) ends here.
                             Ok(session) => {
-                                tokio::spawn(run_session(session, quic.clone(), admission, app.clone(), router.clone(), peer));
+                                app.sessions.spawn(run_session(session, quic.clone(), admission, app.clone(), router.clone(), peer));
                             }
                             Err(e) => debug!(%peer, error = %e, "WebTransport accept failed"),
                         }

@@ -184,7 +184,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
         return rejection_response(gateway_core::protocol::Rejection::BadUpgrade);
     };
     let accept = derive_accept_key(key.as_bytes());
-    tokio::spawn(async move {
+    app.clone().sessions.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) if admission.policy.echo => echo(TokioIo::new(upgraded), &admission).await,
             Ok(upgraded) => {
