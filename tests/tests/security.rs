@@ -267,7 +267,8 @@ async fn silent_and_slowloris_clients_are_dropped_within_the_handshake_timeout()
         let n = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut silent, &mut buf))
             .await
             .expect("server closes the silent connection");
-        assert!(matches!(n, Ok(0) | Err(_)));
+        // A clean close (the server drops the socket it never read from), not a reset.
+        assert!(matches!(n, Ok(0)), "{n:?}");
         assert!(started.elapsed() < Duration::from_millis(2500), "{:?}", started.elapsed());
 
         // Completes TLS, then drips the request head a byte at a time.
@@ -328,7 +329,8 @@ async fn a_flood_trips_the_rate_limit_then_4008_while_others_are_served() {
             }
         };
         assert_eq!(pongs, 5, "the burst is served");
-        assert!(limited >= 1, "excess frames are answered rate_limited");
+        // Refusals 1, 2 and 4 are answered (powers of two); the 6th (> rate_burst) closes.
+        assert_eq!(limited, 3, "excess frames are answered rate_limited");
         assert_eq!(ending, Some(4008));
         assert_eq!(
             calm.request(json!({"type":"ping","id":1})).await["type"],

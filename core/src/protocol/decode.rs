@@ -539,8 +539,12 @@ mod tests {
 
     #[test]
     fn binary_envelope_errors() {
-        assert!(decode_binary(&Bytes::from_static(&[0])).is_err());
-        assert!(decode_binary(&Bytes::from_static(&[0, 9, b'{'])).is_err());
+        let short = decode_binary(&Bytes::from_static(&[0])).unwrap_err();
+        assert!(short
+            .message
+            .contains("shorter than its 2-byte header length"));
+        let cut = decode_binary(&Bytes::from_static(&[0, 9, b'{'])).unwrap_err();
+        assert!(cut.message.contains("header length 9 exceeds the frame"));
         let header = br#"{"type":"publish","room":"r","data":1}"#;
         let mut frame = (header.len() as u16).to_be_bytes().to_vec();
         frame.extend_from_slice(header);

@@ -284,8 +284,14 @@ mod tests {
             json!({"type":"message","room":"r","from":"u","seq":1})
         );
         assert_eq!(&b[2 + header_len..], &[1, 2, 3]);
-        // The decoder reads the same layout (and rejects the unknown type cleanly).
-        assert!(decode_binary(&b).is_err());
+        // The decoder reads the same layout: it gets as far as the header's type, which is
+        // not a request.
+        let e = decode_binary(&b).unwrap_err();
+        assert!(
+            e.message.contains("unknown type `message`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
