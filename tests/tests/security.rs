@@ -242,8 +242,20 @@ async fn connection_limits_answer_503_and_429_before_the_session() {
         let b = per_ip.ws_welcomed("/chat").await;
         assert_eq!(http_status(&per_ip.ws("/chat").await.err().unwrap()), Some(429));
         drop(b);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        per_ip.ws_welcomed("/chat").await; // the slot came back
+        // The slot comes back once the server has seen the close: retried until it has
+        // (the connections refused meanwhile must be 429s).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match per_ip.ws("/chat").await {
+                Ok(mut c) => {
+                    assert_eq!(c.recv().await["type"], "welcome");
+                    break;
+                }
+                Err(e) => assert_eq!(http_status(&e), Some(429)),
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the slot never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         let toml = format!("[limits]\nmax_connections_per_user = 1\n{AUTH_SECTION}[[endpoint]]\npath = \"/chat\"\n");
         let per_user = TestGateway::start(&toml).await;
