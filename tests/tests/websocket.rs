@@ -278,6 +278,29 @@ async fn unknown_path_is_404_and_bad_or_missing_credentials_are_401_before_upgra
             ),
             Some(401)
         );
+        // The key must be 16 bytes in base64 (RFC 6455 section 4.2.1).
+        for (key, expected) in [
+            ("dGhlIHNhbXBsZSBub25jZQ==", "HTTP/1.1 101"),
+            ("abc", "HTTP/1.1 400"),
+            ("dGhlIHNhbXBsZSBub25jZQ", "HTTP/1.1 400"),
+            ("dGhlIHNhbXBsZSBub25jZSBi", "HTTP/1.1 400"),
+        ] {
+            let mut tls = tls_connect(gw.addr, &gw.cert_path).await.unwrap();
+            let request = format!(
+                "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: {key}\r\nAuthorization: Bearer {}\r\n\r\n",
+                token("alice", 300, json!({}))
+            );
+            tokio::io::AsyncWriteExt::write_all(&mut tls, request.as_bytes())
+                .await
+                .unwrap();
+            let mut head = vec![0u8; 12];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut head)
+                .await
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&head), expected, "key {key:?}");
+        }
         // A plain GET on an endpoint path is not an upgrade.
         let (code, body) = gw.https("GET", "/chat", &[], "").await;
         assert_eq!(code, 400);

@@ -143,7 +143,17 @@ fn is_websocket_upgrade(req: &Request<Body>) -> bool {
         && has_token(header::UPGRADE, "websocket")
         && h.get(header::SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v == "13")
-        && h.get(header::SEC_WEBSOCKET_KEY).is_some()
+        && h.get(header::SEC_WEBSOCKET_KEY)
+            .is_some_and(|key| is_valid_key(key.as_bytes()))
+}
+
+/// RFC 6455 section 4.2.1: the key is 16 bytes, base64-encoded (24 characters).
+fn is_valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 /// The router's fallback on HTTPS: a WebSocket upgrade on an endpoint path, or the status
