@@ -36,7 +36,7 @@ pub struct DevCert {
 impl DevCert {
     /// Generates a fresh certificate valid from an hour ago for [`DEV_CERT_VALIDITY`].
     pub fn generate() -> Result<Self, CertError> {
-        let gen = |e: rcgen::Error| CertError::Generate(e.to_string());
+        let gen = CertError::Generate;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
         let mut params = CertificateParams::new(vec![
             "localhost".to_owned(),

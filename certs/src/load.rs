@@ -36,10 +36,10 @@ pub enum CertError {
     NoCertificate(PathBuf),
     /// rustls refused the key.
     #[error("unusable private key: {0}")]
-    Key(String),
+    Key(#[source] rustls::Error),
     /// Generating a certificate failed.
     #[error("generating a certificate: {0}")]
-    Generate(String),
+    Generate(#[source] rcgen::Error),
     /// Writing files failed.
     #[error("{path}: {source}")]
     Io {

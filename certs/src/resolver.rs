@@ -49,7 +49,7 @@ fn certified(identity: &PemIdentity) -> Result<Arc<CertifiedKey>, CertError> {
     let key = provider
         .key_provider
         .load_private_key(identity.key.clone_key())
-        .map_err(|e| CertError::Key(e.to_string()))?;
+        .map_err(CertError::Key)?;
     Ok(Arc::new(CertifiedKey::new(identity.chain.clone(), key)))
 }
 
@@ -72,7 +72,9 @@ mod tests {
             chain: a.identity().unwrap().chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(vec![0u8; 16])),
         };
-        assert!(resolver.replace(&broken).is_err());
+        let refused = resolver.replace(&broken).unwrap_err();
+        // The error keeps rustls's own as its source.
+        assert!(std::error::Error::source(&refused).is_some(), "{refused}");
         assert_eq!(resolver.leaf_der(), der(&b));
     }
 }

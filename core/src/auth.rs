@@ -63,7 +63,7 @@ pub enum AuthError {
     WrongAudience,
     /// The key in the configuration cannot be used.
     #[error("verification key unusable: {0}")]
-    BadKey(String),
+    BadKey(#[source] jsonwebtoken::errors::Error),
 }
 
 /// Longest user id (`sub`) accepted, in bytes: it travels in every message envelope.
@@ -137,7 +137,7 @@ impl std::fmt::Debug for JwtVerifier {
 impl JwtVerifier {
     /// Builds a verifier; fails when the key cannot be parsed for the algorithm.
     pub fn new(config: &JwtConfig) -> Result<Self, AuthError> {
-        let bad_key = |e: jsonwebtoken::errors::Error| AuthError::BadKey(e.to_string());
+        let bad_key = AuthError::BadKey;
         let (algorithm, key) = match config.algorithm {
             JwtAlgorithm::Hs256 => (Algorithm::HS256, DecodingKey::from_secret(&config.key)),
             JwtAlgorithm::Rs256 => (

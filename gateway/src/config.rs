@@ -347,8 +347,12 @@ impl Config {
                     leeway_secs: a.leeway_secs.unwrap_or(30),
                 };
                 // Fail now, not at the first connection, when the key is unusable.
+                let key_field = match algorithm {
+                    JwtAlgorithm::Hs256 => "auth.secret",
+                    JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => "auth.public_key",
+                };
                 gateway_core::auth::JwtVerifier::new(&jwt)
-                    .map_err(|e| invalid("auth.public_key", e.to_string()))?;
+                    .map_err(|e| invalid(key_field, e.to_string()))?;
                 let ttl = a.ticket_ttl_secs.unwrap_or(30);
                 if ttl == 0 {
                     return Err(invalid("auth.ticket_ttl_secs", "must be at least 1"));
