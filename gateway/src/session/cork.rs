@@ -238,6 +238,22 @@ mod tests {
         (handle, wire, task)
     }
 
+    /// A session whose own writer task never runs: only the flusher can write it.
+    fn flusher_only_session(
+        flushers: &Flushers,
+    ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
+        let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let sink = TestSink {
+            wire: wire.clone(),
+            room: 100,
+            stuck: false,
+            panics: false,
+        };
+        let writer = SessionWriter::corked(&handle, outbox, sink, flushers);
+        (handle, wire, writer)
+    }
+
     async fn settle() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
@@ -247,7 +263,8 @@ mod tests {
     #[tokio::test]
     async fn frames_queued_in_one_pass_leave_as_one_write_per_session() {
         let flushers = Flushers::spawn();
-        let sessions: Vec<_> = (0..3).map(|_| session(&flushers, 100, false)).collect();
+        // The sessions' own writer tasks never run: every write below is the flusher's.
+        let sessions: Vec<_> = (0..3).map(|_| flusher_only_session(&flushers)).collect();
         settle().await;
         // A fan-out of five publishes to three sessions, without yielding in between.
         for i in 0..5 {

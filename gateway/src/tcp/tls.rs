@@ -89,6 +89,22 @@ fn append<E>(
     }
 }
 
+/// Removes the `discard` bytes rustls has processed from the front of `incoming`, and
+/// frees it once empty (an idle connection holds no buffer).
+fn drop_processed(incoming: &mut Vec<u8>, discard: usize) {
+    incoming.drain(..discard);
+    if incoming.is_empty() && incoming.capacity() > 0 {
+        *incoming = Vec::new();
+    }
+}
+
+/// Wakes the reader parked in `slot`, if any.
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(waker) = slot.take() {
+        waker.wake();
+    }
+}
+
 /// Room for `len` bytes of application data once encrypted (TLS record overhead).
 fn sealed_len(len: usize) -> usize {
     len + (len / (16 * 1024) + 1) * 64
@@ -217,12 +233,7 @@ impl TlsStream {
                 ))
             }
         };
-        if discard > 0 {
-            incoming.drain(..discard);
-        }
-        if incoming.is_empty() && incoming.capacity() > 0 {
-            *incoming = Vec::new();
-        }
+        drop_processed(incoming, discard);
         Ok(step)
     }
 
@@ -302,26 +313,17 @@ impl TlsStream {
                     while let Some(record) = traffic.next_record() {
                         plain.extend_from_slice(record.map_err(tls_error)?.payload);
                     }
-                    if let Some(waker) = read_waker.take() {
-                        waker.wake();
-                    }
+                    wake(read_waker);
                     None
                 }
                 ConnectionState::PeerClosed => {
                     *read_closed = true;
-                    if let Some(waker) = read_waker.take() {
-                        waker.wake();
-                    }
+                    wake(read_waker);
                     None
                 }
                 _ => return Err(io::ErrorKind::NotConnected.into()),
             };
-            if discard > 0 {
-                incoming.drain(..discard);
-            }
-            if incoming.is_empty() && incoming.capacity() > 0 {
-                *incoming = Vec::new();
-            }
+            drop_processed(incoming, discard);
             if let Some(written) = written {
                 return Ok(written);
             }
