@@ -60,7 +60,7 @@ fn fan_out(c: &mut Criterion) {
         // Drop the presence events queued by the joins.
         let mut sink = Vec::new();
         for (_, rx) in &sessions {
-            rx.drain_ready(&mut sink, usize::MAX);
+            rx.try_batch(&mut sink, usize::MAX);
             sink.clear();
         }
         let data = Payload::Binary(Bytes::from(vec![7u8; 100]));
@@ -70,7 +70,7 @@ fn fan_out(c: &mut Criterion) {
                 hub.publish(&room, Some("publisher"), &data, false, None, Instant::now());
                 // Keep queues from growing: drain what one publish queued.
                 for (_, rx) in &sessions {
-                    rx.drain_ready(&mut sink, usize::MAX);
+                    rx.try_batch(&mut sink, usize::MAX);
                 }
                 sink.clear();
             })

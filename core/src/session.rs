@@ -378,7 +378,8 @@ impl fmt::Debug for SessionHandle {
 impl OutboxReceiver {
     /// Waits until frames are queued or the session closes, then moves up to `max` frames
     /// into `out` (one lock for the whole batch). Returns [`Batch::Close`] only once the
-    /// queue is drained.
+    /// queue is drained. For a session without a doorbell: with one, new frames ring it
+    /// instead of waking this.
     pub async fn recv_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Batch {
         loop {
             if let Some(batch) = self.try_batch(out, max) {
@@ -403,16 +404,6 @@ impl OutboxReceiver {
             return Some(Batch::Frames);
         }
         q.close.as_ref().map(|reason| Batch::Close(reason.clone()))
-    }
-
-    /// Moves up to `max` more queued frames into `out` without waiting; returns how many.
-    /// Frames only: a pending close is reported by the next [`recv_batch`](Self::recv_batch).
-    pub fn drain_ready(&self, out: &mut Vec<Outbound>, max: usize) -> usize {
-        let mut q = lock(&self.0.queue);
-        let n = q.frames.len().min(max);
-        out.extend(q.frames.drain(..n));
-        q.drained(n);
-        n
     }
 
     /// Resolves when the writer task is woken: frames arrived in the empty queue (without a
