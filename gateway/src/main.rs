@@ -1,6 +1,12 @@
 //! The `gateway` command (CONFIG.md): run, `check-config`, `certs dev`.
 
-use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::{IsTerminal, Write},
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use gateway::{config::Config, Server};
@@ -138,10 +144,14 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // A closed stdout must not take the server down.
+        // A closed stdout must not take the server down. When stdout and the log (stderr)
+        // are both the terminal, the line shows once, as printed.
         let mut stdout = std::io::stdout();
+        let one_terminal = stdout.is_terminal() && std::io::stderr().is_terminal();
         for line in server.listener_lines() {
-            tracing::info!("{line}");
+            if !one_terminal {
+                tracing::info!("{line}");
+            }
             let _ = writeln!(stdout, "{line}");
         }
         let _ = stdout.flush();

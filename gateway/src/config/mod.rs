@@ -1,0 +1,372 @@
+//! The configuration file and its validation (CONFIG.md). Every error names the key.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use gateway_core::{
+    auth::JwtConfig,
+    policy::{AuthMode, EndpointPolicy, RoomPolicies},
+};
+
+mod file;
+mod validate;
+
+pub use file::LogFormat;
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name the system resolves
+/// (`localhost:4433`; the first address it gives is used).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let not = || format!("`{text}` is not HOST:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(not)?;
+    port.parse::<u16>().map_err(|_| not())?;
+    if host.is_empty() {
+        return Err(not());
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("`{text}`: cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{text}`: `{host}` has no address"))
+}
+
+/// Default listen address (dev mode and files without `listen`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+
+/// `[cluster] heartbeat_secs` when absent.
+pub const DEFAULT_CLUSTER_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type.
+    #[error("{}{message}", file_prefix(path))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and key.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `endpoint[1].path`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `path: ` before a message about a file, nothing for text that came from no file.
+fn file_prefix(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("{}: ", path.display())
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// A development certificate generated into (and reused from) this directory.
+    Dev(PathBuf),
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// The filter (`info`, `gateway=debug,access=info`); `GATEWAY_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Connection limits (CONFIG.md `[limits]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Global maximum of open connections.
+    pub max_connections: usize,
+    /// Maximum per client IP.
+    pub max_connections_per_ip: usize,
+    /// Maximum per user.
+    pub max_connections_per_user: usize,
+    /// TCP accept to upgraded session, TLS included.
+    pub handshake_timeout: Duration,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCP and UDP listen address.
+    pub listen: SocketAddr,
+    /// Node id (random when not configured).
+    pub node_id: String,
+    /// Whether the UDP (HTTP/3, WebTransport) listener runs.
+    pub webtransport: bool,
+    /// Whether every TCP connection starts with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
+    /// Log format and level.
+    pub log: LogConfig,
+    /// The drain window: reconnect hints are spread over it, and shutdown waits at most
+    /// this long for sessions to go.
+    pub drain: Duration,
+    /// Certificate source.
+    pub tls: TlsSource,
+    /// JWT verification, when `[auth]` is present.
+    pub jwt: Option<JwtConfig>,
+    /// Lifetime of one-time tickets.
+    pub ticket_ttl: Duration,
+    /// Server API bearer key.
+    pub api_key: Option<String>,
+    /// Connection limits.
+    pub limits: Limits,
+    /// Redis URL for clustering.
+    pub redis: Option<String>,
+    /// How often this node refreshes its liveness in Redis; a dead node's presence goes
+    /// within three of these.
+    pub cluster_heartbeat: Duration,
+    /// Endpoints by path.
+    pub endpoints: Vec<Arc<EndpointPolicy>>,
+    /// Room policies.
+    pub rooms: RoomPolicies,
+    /// Whether this is the built-in dev configuration.
+    pub dev_mode: bool,
+}
+
+impl Config {
+    /// The built-in development configuration: loopback, dev certificate in `.gateway/`,
+    /// endpoint `/chat` with `auth = "none"`.
+    pub fn dev() -> Self {
+        let mut chat = EndpointPolicy::new("/chat");
+        chat.auth = AuthMode::None;
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            node_id: random_node_id(),
+            webtransport: true,
+            proxy_protocol: false,
+            log: LogConfig::default(),
+            drain: Duration::from_secs(10),
+            tls: TlsSource::Dev(PathBuf::from(".gateway")),
+            jwt: None,
+            ticket_ttl: Duration::from_secs(30),
+            api_key: None,
+            limits: Limits::default(),
+            redis: None,
+            cluster_heartbeat: DEFAULT_CLUSTER_HEARTBEAT,
+            endpoints: vec![Arc::new(chat)],
+            rooms: RoomPolicies::default(),
+            dev_mode: true,
+        }
+    }
+
+    /// Reads and validates a configuration file. Relative paths in it are relative to the
+    /// file's directory.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text; relative paths are resolved against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let file = parse_file(text)?;
+        let (jwt, ticket_ttl) = validate::auth(file.auth, base)?;
+        Ok(Self {
+            listen: validate::listen(file.listen.as_deref())?,
+            node_id: file.node_id.unwrap_or_else(random_node_id),
+            webtransport: file.webtransport,
+            proxy_protocol: file.proxy_protocol,
+            log: validate::log(file.log)?,
+            drain: Duration::from_secs(file.shutdown.drain_secs),
+            tls: validate::tls(file.tls, base)?,
+            endpoints: validate::endpoints(file.endpoints, jwt.is_some())?,
+            jwt,
+            ticket_ttl,
+            api_key: file.api.key,
+            limits: validate::limits(file.limits),
+            redis: file.cluster.redis,
+            cluster_heartbeat: Duration::from_secs(file.cluster.heartbeat_secs.get()),
+            rooms: RoomPolicies(validate::rooms(file.rooms)?),
+            dev_mode: false,
+        })
+    }
+}
+
+/// Deserializes the file's types; an error names the key it is about (`endpoint[0].auth`)
+/// and the line.
+fn parse_file(text: &str) -> Result<file::File, ConfigError> {
+    let parse_error = |key: String, e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|span| format!(" (line {})", text[..span.start].matches('\n').count() + 1))
+            .unwrap_or_default();
+        let message = if key == "." {
+            e.to_string().trim_end().replace('\n', " ")
+        } else {
+            format!("{key}: {}{line}", e.message().trim_end())
+        };
+        ConfigError::Parse {
+            path: PathBuf::new(),
+            message,
+        }
+    };
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(".".into(), e))?;
+    serde_path_to_error::deserialize(deserializer)
+        .map_err(|e| parse_error(e.path().to_string(), e.into_inner()))
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_connections_per_ip: 1000,
+            max_connections_per_user: 100,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn random_node_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/gw"))
+    }
+
+    const MINIMAL: &str = "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n";
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:4433");
+        assert!(c.webtransport);
+        assert!(matches!(c.tls, TlsSource::Dev(ref d) if d == Path::new("/etc/gw/.gateway")));
+        let e = &c.endpoints[0];
+        assert_eq!(
+            (e.max_message_bytes, e.max_rooms, e.queue_capacity),
+            (65536, 128, 1024)
+        );
+        assert_eq!((e.rate_per_sec, e.rate_burst), (100, 200));
+        assert_eq!(e.heartbeat, Duration::from_secs(25));
+        assert_eq!(c.limits.max_connections_per_user, 100);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("colour = 1\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "unknown field `colour`"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\nmax_mesage_bytes=1", "unknown field `max_mesage_bytes`"),
+            ("listen = \"nowhere\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "listen:"),
+            ("[[endpoint]]\npath=\"a\"\nauth=\"none\"", "endpoint[0].path"),
+            ("[[endpoint]]\npath=\"/a\"", "endpoint[0].auth: needs an [auth]"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"maybe\"", "endpoint[0].auth"),
+            ("[auth]\nalgorithm=\"HS512\"\n[[endpoint]]\npath=\"/a\"", "auth.algorithm"),
+            ("[auth]\n[[endpoint]]\npath=\"/a\"", "auth.secret: required"),
+            ("[tls]\ncert=\"c.pem\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "tls.key"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "endpoint[1].path"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\nqueue_capacity=0", "endpoint[0].queue_capacity"),
+            ("", "endpoint: at least one"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[room]]\npattern=\"*\"\nhistory=100001", "room[0].history"),
+            ("[[endpoint]]\npath=\"/a\"\nauth=\"none\"\n[[room]]\npattern=\"*\"\nhistory_ttl_secs=0", "room[0].history_ttl_secs"),
+            ("[[endpoint]]\nauth=\"none\"", "endpoint[0]: missing field `path`"),
+            ("[log]\nformat=\"xml\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "log.format: unknown variant `xml`"),
+            ("[log]\nlevel=\"info,[\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "log.level"),
+            ("[shutdown]\ndrain_secs=-1\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "shutdown.drain_secs"),
+            ("proxy_protocol=\"yes\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "proxy_protocol"),
+            ("[cluster]\nheartbeat_secs=0\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.heartbeat_secs"),
+            ("[limits]\nmax_connections=0\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "limits.max_connections: invalid value: integer `0`"),
+        ];
+        for (text, expected) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn operations_keys_are_read() {
+        let c = parse(&format!(
+            "proxy_protocol = true\n[log]\nformat = \"json\"\nlevel = \"debug\"\n\
+             [shutdown]\ndrain_secs = 3\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(c.proxy_protocol);
+        assert_eq!(
+            (c.log.format, c.log.level.as_str()),
+            (LogFormat::Json, "debug")
+        );
+        assert_eq!(c.drain, Duration::from_secs(3));
+        let d = parse(MINIMAL).unwrap();
+        assert!(!d.proxy_protocol);
+        assert_eq!(
+            (d.log.format, d.log.level.as_str()),
+            (LogFormat::Text, "info")
+        );
+        assert_eq!(d.drain, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn relative_tls_paths_resolve_against_the_file() {
+        let c = parse(
+            "[tls]\ncert=\"c.pem\"\nkey=\"/abs/k.pem\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"",
+        )
+        .unwrap();
+        match c.tls {
+            TlsSource::Files { cert, key } => {
+                assert_eq!(cert, Path::new("/etc/gw/c.pem"));
+                assert_eq!(key, Path::new("/abs/k.pem"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Turning each section of the file into what the server runs with, checking what its type
+//! cannot say: one function per section, each error naming its key.
+
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
+
+use gateway_core::{
+    auth::{JwtAlgorithm, JwtConfig, JwtVerifier},
+    pattern::Pattern,
+    policy::{self, EndpointPolicy, RoomPolicy},
+};
+
+use super::{
+    file::{self, Algorithm},
+    invalid, ConfigError, Limits, LogConfig, TlsSource, DEFAULT_LISTEN,
+};
+
+/// Most messages one room may keep (`[[room]] history`).
+const MAX_HISTORY: usize = 100_000;
+
+/// Largest `max_message_bytes` an endpoint may set.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// HS256 secrets shorter than this are refused.
+const MIN_SECRET_BYTES: usize = 16;
+
+/// `listen`.
+pub(super) fn listen(listen: Option<&str>) -> Result<std::net::SocketAddr, ConfigError> {
+    super::parse_listen(listen.unwrap_or(DEFAULT_LISTEN)).map_err(|m| invalid("listen", m))
+}
+
+/// `[log]`: the level must be a filter tracing understands.
+pub(super) fn log(section: file::LogSection) -> Result<LogConfig, ConfigError> {
+    if let Some(level) = &section.level {
+        tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| invalid("log.level", format!("`{level}`: {e}")))?;
+    }
+    Ok(LogConfig {
+        format: section.format,
+        level: section.level.unwrap_or_else(|| "info".to_owned()),
+    })
+}
+
+/// `[tls]`: both files or neither (then the dev certificate in `base/.gateway`).
+pub(super) fn tls(
+    section: Option<file::TlsSection>,
+    base: &Path,
+) -> Result<TlsSource, ConfigError> {
+    let dev = || TlsSource::Dev(base.join(".gateway"));
+    match section {
+        None => Ok(dev()),
+        Some(file::TlsSection { cert, key }) => match (cert, key) {
+            (None, None) => Ok(dev()),
+            (Some(cert), Some(key)) => Ok(TlsSource::Files {
+                cert: resolve(base, cert),
+                key: resolve(base, key),
+            }),
+            (None, Some(_)) => Err(invalid("tls.cert", "required when tls.key is set")),
+            (Some(_), None) => Err(invalid("tls.key", "required when tls.cert is set")),
+        },
+    }
+}
+
+/// `[auth]`: the key the algorithm reads is present, the other absent, and usable now
+/// rather than at the first connection.
+pub(super) fn auth(
+    section: Option<file::AuthSection>,
+    base: &Path,
+) -> Result<(Option<JwtConfig>, Duration), ConfigError> {
+    let Some(a) = section else {
+        return Ok((None, Duration::from_secs(30)));
+    };
+    let (algorithm, key_field) = match a.algorithm {
+        Algorithm::Hs256 => (JwtAlgorithm::Hs256, "auth.secret"),
+        Algorithm::Rs256 => (JwtAlgorithm::Rs256, "auth.public_key"),
+        Algorithm::Es256 => (JwtAlgorithm::Es256, "auth.public_key"),
+    };
+    let key = if algorithm == JwtAlgorithm::Hs256 {
+        if a.public_key.is_some() {
+            return Err(invalid(
+                "auth.public_key",
+                "not used with HS256; set auth.secret",
+            ));
+        }
+        let secret = a
+            .secret
+            .ok_or_else(|| invalid("auth.secret", "required for HS256"))?;
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(invalid(
+                "auth.secret",
+                format!("must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+        secret.into_bytes()
+    } else {
+        if a.secret.is_some() {
+            return Err(invalid(
+                "auth.secret",
+                "not used with RS256/ES256; set auth.public_key",
+            ));
+        }
+        let path = a
+            .public_key
+            .ok_or_else(|| invalid("auth.public_key", "required for RS256 and ES256"))?;
+        let path = resolve(base, path);
+        std::fs::read(&path)
+            .map_err(|e| invalid("auth.public_key", format!("{}: {e}", path.display())))?
+    };
+    let jwt = JwtConfig {
+        algorithm,
+        key,
+        issuer: a.issuer,
+        audience: a.audience,
+        leeway_secs: a.leeway_secs,
+    };
+    JwtVerifier::new(&jwt).map_err(|e| invalid(key_field, e.to_string()))?;
+    Ok((Some(jwt), Duration::from_secs(a.ticket_ttl_secs.get())))
+}
+
+/// `[limits]`.
+pub(super) fn limits(section: file::LimitsSection) -> Limits {
+    let defaults = Limits::default();
+    Limits {
+        max_connections: section
+            .max_connections
+            .map_or(defaults.max_connections, |v| v.get()),
+        max_connections_per_ip: section
+            .max_connections_per_ip
+            .map_or(defaults.max_connections_per_ip, |v| v.get()),
+        max_connections_per_user: section
+            .max_connections_per_user
+            .map_or(defaults.max_connections_per_user, |v| v.get()),
+        handshake_timeout: section
+            .handshake_timeout_secs
+            .map_or(defaults.handshake_timeout, |v| Duration::from_secs(v.get())),
+    }
+}
+
+/// `[[endpoint]]`: at least one, distinct absolute paths, tokens verifiable where needed.
+pub(super) fn endpoints(
+    sections: Vec<file::EndpointSection>,
+    has_auth: bool,
+) -> Result<Vec<Arc<EndpointPolicy>>, ConfigError> {
+    if sections.is_empty() {
+        return Err(invalid("endpoint", "at least one [[endpoint]] is required"));
+    }
+    let mut seen = HashSet::new();
+    sections
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let key = |k: &str| format!("endpoint[{i}].{k}");
+            if !e.path.starts_with('/') || e.path.contains(['?', '#', ' ']) {
+                return Err(invalid(key("path"), "must be an absolute path like /chat"));
+            }
+            if !seen.insert(e.path.clone()) {
+                return Err(invalid(
+                    key("path"),
+                    format!("`{}` is configured twice", e.path),
+                ));
+            }
+            endpoint(e, has_auth).map_err(|(k, message)| invalid(key(k), message))
+        })
+        .collect()
+}
+
+/// One endpoint; an error names the key within the endpoint.
+fn endpoint(
+    e: file::EndpointSection,
+    has_auth: bool,
+) -> Result<Arc<EndpointPolicy>, (&'static str, String)> {
+    let mut p = EndpointPolicy::new(&e.path);
+    p.auth = match e.auth {
+        file::AuthMode::Required => policy::AuthMode::Required,
+        file::AuthMode::FirstMessage => policy::AuthMode::FirstMessage,
+        file::AuthMode::None => policy::AuthMode::None,
+    };
+    if p.auth != policy::AuthMode::None && !has_auth {
+        return Err(("auth", "needs an [auth] section to verify tokens".into()));
+    }
+    p.allowed_origins = e.allowed_origins;
+    if let Some(rooms) = e.rooms {
+        p.rooms = rooms.iter().map(|r| Pattern::new(r)).collect();
+    }
+    if let Some(v) = e.max_message_bytes {
+        if v.get() > MAX_MESSAGE_BYTES {
+            return Err(("max_message_bytes", "must be at most 16 MiB".into()));
+        }
+        p.max_message_bytes = v.get();
+    }
+    let secs = |v: std::num::NonZeroU64| Duration::from_secs(v.get());
+    p.max_rooms = e.max_rooms.map_or(p.max_rooms, |v| v.get());
+    p.queue_capacity = e.queue_capacity.map_or(p.queue_capacity, |v| v.get());
+    p.rate_per_sec = e.rate_per_sec.map_or(p.rate_per_sec, |v| v.get());
+    p.rate_burst = e.rate_burst.map_or(p.rate_burst, |v| v.get());
+    p.heartbeat = e.heartbeat_secs.map_or(p.heartbeat, secs);
+    p.auth_timeout = e.auth_timeout_secs.map_or(p.auth_timeout, secs);
+    p.echo = e.echo;
+    Ok(Arc::new(p))
+}
+
+/// `[[room]]`: bounded history, and a positive lifetime for history that is kept.
+pub(super) fn rooms(sections: Vec<file::RoomSection>) -> Result<Vec<RoomPolicy>, ConfigError> {
+    sections
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if r.history > MAX_HISTORY {
+                return Err(invalid(
+                    format!("room[{i}].history"),
+                    format!("at most {MAX_HISTORY} messages per room"),
+                ));
+            }
+            if r.history > 0 && r.history_ttl_secs == Some(0) {
+                return Err(invalid(
+                    format!("room[{i}].history_ttl_secs"),
+                    "must be positive when history is kept",
+                ));
+            }
+            Ok(RoomPolicy {
+                pattern: Pattern::new(&r.pattern),
+                presence_events: r.presence_events,
+                history: r.history,
+                history_ttl: r
+                    .history_ttl_secs
+                    .map_or(RoomPolicy::fallback().history_ttl, Duration::from_secs),
+            })
+        })
+        .collect()
+}
+
+/// A path from the file: relative paths are relative to the file's directory.
+fn resolve(base: &Path, path: std::path::PathBuf) -> std::path::PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
