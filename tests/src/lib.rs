@@ -15,7 +15,7 @@ use std::{
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use gateway::{Config, Server};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 use tokio_tungstenite::{
@@ -32,6 +32,9 @@ pub const AUTH_SECTION: &str =
 
 /// How long any single wait in a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(10);
+
+/// The request id of the `ping` that ends an `expect_silence` window.
+pub const SILENCE_MARKER: u64 = 9_000_001;
 
 /// Runs a test body with a hard timeout.
 pub async fn within<F: Future<Output = T>, T>(secs: u64, f: F) -> T {
@@ -369,16 +372,24 @@ impl WsClient {
         self.recv().await
     }
 
-    /// Asserts that no data message arrives within `d`.
+    /// Asserts that no data message arrives within `d`, then that the session is still
+    /// served: a `ping` sent afterwards is answered by the very next frame (so a window
+    /// that was quiet because the session died, or a frame that was merely late, fails).
     pub async fn expect_silence(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return,
+                Err(_) => break,
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
                 Ok(other) => panic!("expected silence, got {other:?}"),
             }
         }
+        let marker = self.request(json!({"type":"ping","id":SILENCE_MARKER})).await;
+        assert_eq!(
+            marker,
+            json!({"type":"pong","id":SILENCE_MARKER}),
+            "after the silence"
+        );
     }
 
     /// Reads until the session ends; data messages before the end are counted.

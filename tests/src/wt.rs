@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
+use serde_json::{json, Value};
 use web_transport_quinn::{
     ClientBuilder, ClientError, ConnectError, RecvStream, SendStream, Session,
 };
@@ -151,7 +151,8 @@ impl WtClient {
         serde_json::from_slice(&d).expect("JSON datagram")
     }
 
-    /// Asserts that no frame arrives on the message stream within `d`.
+    /// Asserts that no frame arrives on the message stream within `d`, then that the
+    /// session is still served: a `ping` sent afterwards is answered by the next frame.
     pub async fn expect_silence(&mut self, d: Duration) {
         let mut chunk = [0u8; 1024];
         if !self.buf.is_empty() {
@@ -160,5 +161,13 @@ impl WtClient {
         if let Ok(r) = tokio::time::timeout(d, self.recv.read(&mut chunk)).await {
             panic!("expected silence, got {r:?}");
         }
+        let marker = self
+            .request(json!({"type":"ping","id":crate::SILENCE_MARKER}))
+            .await;
+        assert_eq!(
+            marker,
+            json!({"type":"pong","id":crate::SILENCE_MARKER}),
+            "after the silence"
+        );
     }
 }

@@ -1,6 +1,5 @@
 //! The HTTP API over HTTPS: one-time tickets and the server API behind its key.
 
-use std::time::Duration;
 
 use gateway_tests::*;
 use serde_json::{json, Value};
@@ -28,10 +27,12 @@ async fn ticket(gw: &TestGateway, jwt: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_admits_exactly_one_connection_and_expires() {
     within(60, async {
-        let gw = TestGateway::start(&config(1)).await;
+        // Expiry after `expires_in` is tested in core (tickets.rs) on an explicit clock; here
+        // the configured lifetime reaches the API.
+        let gw = TestGateway::start(&config(7)).await;
         let (status, body) = ticket(&gw, &token("tia", 300, json!({}))).await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body["expires_in"], 1);
+        assert_eq!(body["expires_in"], 7);
         let t = body["ticket"].as_str().unwrap().to_owned();
         let (_c, w) = gw.ws_welcomed(&format!("/chat?ticket={t}")).await;
         assert_eq!(w["user"], "tia");
@@ -58,16 +59,6 @@ async fn a_ticket_admits_exactly_one_connection_and_expires() {
         );
         assert!(statuses.contains(&Some(401)), "{statuses:?}");
 
-        // A ticket not used within its lifetime is refused.
-        let (_, body) = ticket(&gw, &token("tia", 300, json!({}))).await;
-        let t = body["ticket"].as_str().unwrap().to_owned();
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let late = gw
-            .ws(&format!("/chat?ticket={t}"))
-            .await
-            .err()
-            .expect("expired");
-        assert_eq!(http_status(&late), Some(401));
     })
     .await;
 }

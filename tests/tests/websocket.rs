@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use gateway_tests::*;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 const OPEN: &str = "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n";
@@ -424,15 +425,43 @@ async fn a_client_that_does_not_answer_pings_is_closed_4009() {
         let gw = TestGateway::start(&format!("{OPEN}heartbeat_secs = 1\n")).await;
         let (mut quiet, w) = gw.ws_welcomed("/chat").await;
         assert_eq!(w["heartbeat_ms"], 1000);
+        // `lively` keeps reading, so tungstenite answers its pings, until `quiet` is closed.
         let (mut lively, _) = gw.ws_welcomed("/chat").await;
-        // `lively` keeps reading, so tungstenite answers its pings; `quiet` reads nothing.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let keep = tokio::spawn(async move {
-            lively.expect_silence(Duration::from_millis(3500)).await;
-            lively
+            let mut stopped = std::pin::pin!(stopped);
+            loop {
+                tokio::select! {
+                    m = lively.ws.next() => match m {
+                        Some(Ok(Message::Ping(_))) => {}
+                        m => panic!("lively got {m:?} while quiet timed out"),
+                    },
+                    _ = &mut stopped => return lively,
+                }
+            }
         });
-        tokio::time::sleep(Duration::from_millis(3500)).await;
-        let (ending, _) = quiet.ending().await;
-        assert_eq!(ending, Ending::Close(4009, "heartbeat timeout".into()));
+        // `quiet` reads the raw TLS stream, below tungstenite, so no ping is answered, until
+        // the close frame: 4009 "heartbeat timeout" (unmasked, from the server).
+        let started = std::time::Instant::now();
+        let close = [&[0x88u8, 19, 0x0f, 0xa9][..], b"heartbeat timeout"].concat();
+        let raw_tls = quiet.ws.get_mut();
+        let mut raw = Vec::new();
+        while !raw.windows(close.len()).any(|w| w == close) {
+            let mut chunk = [0u8; 256];
+            let n = tokio::time::timeout(STEP, raw_tls.read(&mut chunk))
+                .await
+                .expect("the close frame came in time")
+                .unwrap();
+            assert!(n > 0, "connection ended without the close frame: {raw:?}");
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        // One ping unanswered by the next: between one and three heartbeats.
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_millis(900)..Duration::from_secs(4)).contains(&waited),
+            "{waited:?}"
+        );
+        stop.send(()).unwrap();
         let mut lively = keep.await.unwrap();
         assert_eq!(
             lively.request(json!({"type":"ping","id":1})).await["type"],
