@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod quic;
 pub mod server;
 mod session;

@@ -12,7 +12,7 @@ use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::Ticket
 
 use tokio_util::task::TaskTracker;
 
-use crate::{cluster::RedisCluster, config::Config, session::Flushers};
+use crate::{cluster::RedisCluster, config::Config, metrics::Metrics, session::Flushers};
 
 /// Most unredeemed tickets held at once (each is a few hundred bytes).
 const MAX_TICKETS: usize = 100_000;
@@ -34,6 +34,8 @@ pub struct AppState {
     pub tickets: TicketStore,
     /// The cluster, in cluster mode: tickets live there instead.
     pub cluster: Option<Arc<RedisCluster>>,
+    /// The Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// The cross-session write passes sessions' frames leave through.
     pub(crate) flushers: Flushers,
     /// Every session's task (WebSocket and WebTransport): shutdown waits for them.
@@ -65,6 +67,7 @@ impl AppState {
             dev_cert_sha256,
             tickets,
             cluster,
+            metrics: Metrics::new(env!("CARGO_PKG_VERSION")),
             flushers: Flushers::spawn(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),

@@ -23,7 +23,10 @@ use gateway_core::{
     protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
     tickets::TicketError,
 };
-use http::{header::CONTENT_LENGTH, StatusCode};
+use http::{
+    header::{self, CONTENT_LENGTH},
+    StatusCode,
+};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
@@ -67,6 +70,7 @@ where
         .route("/client.js", get(assets::client_js))
         .route("/client.d.ts", get(assets::client_dts))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route(
             "/api/tickets",
             post(issue_ticket)
@@ -174,6 +178,21 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::OK, "ok").into_response()
     }
+}
+
+/// The Prometheus text exposition (OpenMetrics).
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    app.metrics
+        .rooms
+        .set(app.services.hub.room_count().try_into().unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// An API failure; it becomes the JSON error body with the status of its code.
@@ -315,6 +334,7 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
         .hub
         .publish_then(&room, None, &data, false, None, Now::read().instant, done);
     let seq = cluster_result(rx.await)?;
+    app.metrics.api_published();
     Ok(Json(json!({ "seq": seq })))
 }
 

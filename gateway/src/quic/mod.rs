@@ -670,7 +670,7 @@ fn run_session(
     };
     // Not corked: each write is a QUIC packet, and the session's own task, which yields
     // once before writing, puts more frames in each under load (measured, see README).
-    let writer = SessionWriter::own_task(outbox, sink);
+    let writer = SessionWriter::own_task(conn.handle(), outbox, sink, &app.metrics);
     drive(conn, inbound, writer, log)
 }
 

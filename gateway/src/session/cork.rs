@@ -23,6 +23,8 @@ use std::{
 use gateway_core::session::{Doorbell, Outbound};
 use tokio::sync::Notify;
 
+use super::writer::sample_this_ring;
+
 /// Sessions written between two yields of a flusher to the scheduler.
 const YIELD_EVERY: usize = 128;
 
@@ -32,6 +34,9 @@ pub(crate) trait Flush: Send + Sync {
     /// flusher's buffer, empty before and after); whatever cannot be written at once is
     /// left to the session's own writer task.
     fn flush(&self, batch: &mut Vec<Outbound>);
+
+    /// A sampled ring of the session's doorbell: frames arrived in its empty queue now.
+    fn sampled_ring(&self);
 
     /// A flush panicked: the session is closed (1011), the flusher goes on.
     fn abandon(&self);
@@ -140,6 +145,11 @@ struct Bell {
 
 impl Doorbell for Bell {
     fn ring(&self) {
+        if sample_this_ring() {
+            if let Some(writer) = self.writer.upgrade() {
+                writer.sampled_ring();
+            }
+        }
         self.flusher.push(self.writer.clone());
     }
 }
@@ -158,6 +168,8 @@ mod tests {
     };
 
     use super::Flushers;
+    use crate::metrics::Metrics;
+    use crate::session::writer::LATENCY_SAMPLE_EVERY;
     use crate::session::{FrameSink, SessionWriter, WriteStats};
 
     /// What a test sink saw: each write's frames, and the close.
@@ -192,6 +204,13 @@ mod tests {
             }
             let n = frames.len().min(self.room);
             stats.frames += n as u64;
+            stats.bytes += frames[..n]
+                .iter()
+                .map(|f| match f {
+                    Outbound::Binary(b) => b.len() as u64,
+                    _ => 0,
+                })
+                .sum::<u64>();
             self.wire
                 .lock()
                 .unwrap()
@@ -233,7 +252,7 @@ mod tests {
             stuck,
             panics,
         };
-        let writer = SessionWriter::corked(&handle, outbox, sink, flushers);
+        let writer = SessionWriter::corked(&handle, outbox, sink, flushers, &Metrics::new("t"));
         let task = tokio::spawn(writer.run());
         (handle, wire, task)
     }
@@ -241,6 +260,13 @@ mod tests {
     /// A session whose own writer task never runs: only the flusher can write it.
     fn flusher_only_session(
         flushers: &Flushers,
+    ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
+        flusher_only_session_counted(flushers, &Metrics::new("t"))
+    }
+
+    fn flusher_only_session_counted(
+        flushers: &Flushers,
+        metrics: &Arc<Metrics>,
     ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
         let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
         let wire = Arc::new(Mutex::new(Wire::default()));
@@ -250,7 +276,7 @@ mod tests {
             stuck: false,
             panics: false,
         };
-        let writer = SessionWriter::corked(&handle, outbox, sink, flushers);
+        let writer = SessionWriter::corked(&handle, outbox, sink, flushers, metrics);
         (handle, wire, writer)
     }
 
@@ -281,6 +307,40 @@ mod tests {
         sessions[0].0.send(frame(5));
         settle().await;
         assert_eq!(sessions[0].1.lock().unwrap().writes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn writes_are_counted_and_sampled_rings_timed() {
+        let flushers = Flushers::spawn();
+        let metrics = Metrics::new("t");
+        let (handle, _wire, _keep) = flusher_only_session_counted(&flushers, &metrics);
+        settle().await;
+        // Every ring of an emptied queue is a new pass; one in 64 is timed.
+        for i in 0..(2 * LATENCY_SAMPLE_EVERY as usize) {
+            handle.send(frame(i));
+            settle().await;
+        }
+        let text = metrics.encode();
+        let sent = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("transport=\"websocket\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.to_owned())
+        };
+        assert_eq!(
+            sent("gateway_frames_sent_total").as_deref(),
+            Some("128"),
+            "{text}"
+        );
+        let bytes: usize = (0..128usize).map(|i| i.to_string().len()).sum();
+        assert_eq!(sent("gateway_bytes_sent_total"), Some(bytes.to_string()));
+        // The thread-local sample counter is shared with other tests on this thread: at
+        // least one of 128 consecutive rings is a sampled one.
+        let timed: u64 = sent("gateway_delivery_seconds_count")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&timed), "{timed} samples\n{text}");
     }
 
     #[tokio::test]

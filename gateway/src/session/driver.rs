@@ -77,6 +77,11 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     log: AccessLog,
 ) {
     let handle = conn.handle().clone();
+    let inbound_counters = log.metrics().transport(handle.transport());
+    let received = |frame: &Bytes| {
+        inbound_counters.frames_received.inc();
+        inbound_counters.bytes_received.inc_by(frame.len() as u64);
+    };
     let writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(Instant::now().into_std());
     let wake = conn.wake_signal();
@@ -94,9 +99,18 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
             event = inbound.next() => {
                 let now = Now::read();
                 match event {
-                    Event::Text(frame) => conn.on_text(frame, now),
-                    Event::Binary(frame) => conn.on_binary(frame, now),
-                    Event::Datagram(frame) => conn.on_datagram(frame, now),
+                    Event::Text(frame) => {
+                        received(&frame);
+                        conn.on_text(frame, now)
+                    }
+                    Event::Binary(frame) => {
+                        received(&frame);
+                        conn.on_binary(frame, now)
+                    }
+                    Event::Datagram(frame) => {
+                        received(&frame);
+                        conn.on_datagram(frame, now)
+                    }
                     Event::Pong => {
                         conn.on_pong();
                         conn.on_control(1, now);

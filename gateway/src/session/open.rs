@@ -6,12 +6,13 @@ use std::{net::SocketAddr, sync::Arc};
 use gateway_core::{
     connection::{Connection, Now},
     limits::ConnectionSlot,
+    protocol::{CloseCode, CloseReason},
     session::{OutboxReceiver, TransportKind},
 };
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::{http::admission::Admission, state::AppState};
+use crate::{http::admission::Admission, metrics::Metrics, state::AppState};
 
 /// Outbound counters an adapter's writer reports at the end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,12 +58,16 @@ pub(crate) fn open_session(
     let handle = conn.handle();
     info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
         transport = transport.as_str(), user = handle.user().map(|u| &**u), "session open");
+    let counters = app.metrics.session(handle.endpoint(), transport);
+    counters.opened.inc();
+    counters.sessions.inc();
     OpenedSession {
         conn,
         outbox,
         log: AccessLog {
             opened: Instant::now(),
             peer,
+            metrics: app.metrics.clone(),
             _slot: slot.clone(),
         },
         slot,
@@ -73,11 +78,17 @@ pub(crate) fn open_session(
 pub(crate) struct AccessLog {
     opened: Instant,
     peer: SocketAddr,
+    metrics: Arc<Metrics>,
     /// The session's connection slot, held until the log's last line.
     _slot: Arc<ConnectionSlot>,
 }
 
 impl AccessLog {
+    /// The process's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Logs the session's end: duration, traffic both ways and the close code.
     pub(crate) fn closed(&self, conn: &Connection, out: WriteStats) {
         let handle = conn.handle();
@@ -91,5 +102,19 @@ impl AccessLog {
             frames_out = out.frames, bytes_out = out.bytes, datagrams_out = out.datagrams,
             close_code = reason.as_ref().map(|r| r.code.code()),
             close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+        let (endpoint, transport) = (handle.endpoint(), handle.transport());
+        let counters = self.metrics.session(endpoint, transport);
+        counters.sessions.dec();
+        let code = reason.as_ref().map_or(1006, |r| r.code.code());
+        self.metrics.session_closed(endpoint, transport, code);
+        if reason.as_ref().is_some_and(is_slow_consumer) {
+            counters.slow_consumer_closes.inc();
+        }
     }
+}
+
+/// Whether a session was closed because its outbound queue overflowed (4008 is also the
+/// code of rate-limit abuse).
+fn is_slow_consumer(reason: &CloseReason) -> bool {
+    reason.code == CloseCode::TooSlowOrTooFast && reason.reason.starts_with("slow consumer")
 }

@@ -5,19 +5,28 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
+    },
     task::{Context, Poll, Waker},
+    time::Instant,
 };
 
 use gateway_core::{
     protocol::{CloseCode, CloseReason},
-    session::{Batch, Outbound, OutboxReceiver, SessionHandle},
+    session::{Batch, Doorbell, Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
 
 use super::{
     cork::{Flush, Flushers},
     WriteStats,
 };
+use crate::metrics::Metrics;
+
+/// One in this many doorbell rings (per runtime thread) times its frames' way to the wire
+/// for `gateway_delivery_seconds`: a clock read per sample, not per delivery.
+pub(super) const LATENCY_SAMPLE_EVERY: u32 = 64;
 
 /// Most frames taken from the outbox at once.
 const MAX_BATCH: usize = 512;
@@ -62,6 +71,11 @@ pub(crate) struct SessionWriter<S> {
     /// Written by a flusher; else only by the session's task, which then lets the other
     /// ready tasks run once before it writes, so that under load more frames go together.
     corked: bool,
+    transport: TransportKind,
+    metrics: Arc<Metrics>,
+    /// When a sampled ring put frames in the empty queue (nanoseconds after [`epoch`],
+    /// 0: none pending).
+    sampled_at: AtomicU64,
 }
 
 impl<S: FrameSink> SessionWriter<S> {
@@ -71,19 +85,34 @@ impl<S: FrameSink> SessionWriter<S> {
         outbox: OutboxReceiver,
         sink: S,
         flushers: &Flushers,
+        metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
-        let writer = Self::new(outbox, sink, true);
+        let writer = Self::new(session, outbox, sink, true, metrics);
         let flush: Arc<dyn Flush> = writer.clone();
         session.set_doorbell(flushers.doorbell(session.id().0, Arc::downgrade(&flush)));
         writer
     }
 
     /// The writer of `outbox` into `sink` on the session's own task only.
-    pub(crate) fn own_task(outbox: OutboxReceiver, sink: S) -> Arc<Self> {
-        Self::new(outbox, sink, false)
+    pub(crate) fn own_task(
+        session: &SessionHandle,
+        outbox: OutboxReceiver,
+        sink: S,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
+        let writer = Self::new(session, outbox, sink, false, metrics);
+        let weak: Weak<Self> = Arc::downgrade(&writer);
+        session.set_doorbell(Arc::new(TaskBell(weak)));
+        writer
     }
 
-    fn new(outbox: OutboxReceiver, sink: S, corked: bool) -> Arc<Self> {
+    fn new(
+        session: &SessionHandle,
+        outbox: OutboxReceiver,
+        sink: S,
+        corked: bool,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             outbox,
             state: Mutex::new(Some(WriteState {
@@ -92,7 +121,42 @@ impl<S: FrameSink> SessionWriter<S> {
                 stats: WriteStats::default(),
             })),
             corked,
+            transport: session.transport(),
+            metrics: metrics.clone(),
+            sampled_at: AtomicU64::new(0),
         })
+    }
+
+    /// Notes when frames arrived in the empty queue (a sampled ring).
+    fn note_ring(&self) {
+        let at = epoch().elapsed().as_nanos() as u64 + 1;
+        let _ = self
+            .sampled_at
+            .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Counts what a write moved (`before` → `after`), and the latency of a sampled ring
+    /// once its frames are written (`all_written`).
+    fn count(&self, before: WriteStats, after: WriteStats, all_written: bool) {
+        let counters = self.metrics.transport(self.transport);
+        if after.frames > before.frames {
+            counters.frames_sent.inc_by(after.frames - before.frames);
+            counters.bytes_sent.inc_by(after.bytes - before.bytes);
+        }
+        if after.datagrams > before.datagrams {
+            self.metrics
+                .datagrams_sent
+                .inc_by(after.datagrams - before.datagrams);
+        }
+        if all_written {
+            let at = self.sampled_at.swap(0, Ordering::Relaxed);
+            if at != 0 {
+                let now = epoch().elapsed().as_nanos() as u64 + 1;
+                counters
+                    .delivery_seconds
+                    .observe(now.saturating_sub(at) as f64 / 1e9);
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<WriteState<S>>> {
@@ -127,12 +191,14 @@ impl<S: FrameSink> SessionWriter<S> {
     /// Writes until the outbox is empty, or up to the session's close.
     async fn write_all(&self, state: &mut WriteState<S>) -> Written {
         loop {
+            let before = state.stats;
             let written = std::future::poll_fn(|cx| {
                 state
                     .sink
                     .poll_write(cx, &mut state.pending, &mut state.stats)
             })
             .await;
+            self.count(before, state.stats, written.is_ok());
             if written.is_err() {
                 return Written::Gone;
             }
@@ -179,7 +245,10 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
                 None => return,
                 Some(Batch::Close(_)) => return self.outbox.wake_writer(),
             }
-            match state.sink.poll_write(&mut cx, batch, &mut state.stats) {
+            let before = state.stats;
+            let written = state.sink.poll_write(&mut cx, batch, &mut state.stats);
+            self.count(before, state.stats, matches!(written, Poll::Ready(Ok(()))));
+            match written {
                 Poll::Ready(Ok(())) => debug_assert!(batch.is_empty(), "a sink left frames"),
                 // Full or gone: the task waits for the transport with its own waker.
                 Poll::Pending | Poll::Ready(Err(())) => {
@@ -193,8 +262,44 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
         self.outbox.wake_writer();
     }
 
+    fn sampled_ring(&self) {
+        self.note_ring();
+    }
+
     fn abandon(&self) {
         self.outbox
             .close(CloseReason::new(CloseCode::Internal, "write failed"));
     }
+}
+
+/// The doorbell of a session written by its own task: notes a sampled ring, wakes the task.
+struct TaskBell<S>(Weak<SessionWriter<S>>);
+
+impl<S: FrameSink> Doorbell for TaskBell<S> {
+    fn ring(&self) {
+        if let Some(writer) = self.0.upgrade() {
+            if sample_this_ring() {
+                writer.note_ring();
+            }
+            writer.outbox.wake_writer();
+        }
+    }
+}
+
+/// The instant sampled rings are measured from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Whether this ring (on this thread) is one of the sampled ones.
+pub(super) fn sample_this_ring() -> bool {
+    thread_local! {
+        static RINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    RINGS.with(|rings| {
+        let n = rings.get().wrapping_add(1);
+        rings.set(n);
+        n % LATENCY_SAMPLE_EVERY == 0
+    })
 }

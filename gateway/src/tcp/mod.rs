@@ -325,7 +325,13 @@ where
         continuations,
         pending: None,
     };
-    let writer = SessionWriter::corked(conn.handle(), outbox, WsSink(sink), &app.flushers);
+    let writer = SessionWriter::corked(
+        conn.handle(),
+        outbox,
+        WsSink(sink),
+        &app.flushers,
+        &app.metrics,
+    );
     drive(conn, inbound, writer, log)
 }
 

@@ -1,0 +1,346 @@
+//! The Prometheus metrics of one gateway process (`GET /metrics`), on `prometheus-client`.
+//!
+//! Hot paths never look a label up: the counters of each transport and endpoint are
+//! resolved once (a clone shares the atomic) and kept where they are counted, and writers
+//! add a whole flush at once. Only rare events (a close code, a rejection status, a
+//! backplane error) go through a labelled family.
+
+use std::sync::Arc;
+
+use gateway_core::session::TransportKind;
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+/// Labels of a per-transport metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+/// Labels of a per-endpoint metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+/// Labels of a per-session metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    endpoint: String,
+    transport: &'static str,
+}
+
+/// Labels of `gateway_sessions_closed_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    endpoint: String,
+    transport: &'static str,
+    code: u16,
+}
+
+/// Labels of `gateway_handshake_rejections_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    endpoint: String,
+    transport: &'static str,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// The counters of one transport, resolved once.
+#[derive(Debug, Clone)]
+pub struct TransportCounters {
+    /// Frames read from clients.
+    pub frames_received: Counter,
+    /// Frames written to clients.
+    pub frames_sent: Counter,
+    /// Payload bytes read from clients.
+    pub bytes_received: Counter,
+    /// Payload bytes written to clients.
+    pub bytes_sent: Counter,
+    /// Messages queued for members and recipients.
+    pub deliveries: Counter,
+    /// Publish-to-write latency (sampled, see [`Metrics::delivery_seconds`]).
+    pub delivery_seconds: Histogram,
+}
+
+/// The counters of one endpoint and transport, resolved when a session opens.
+#[derive(Debug, Clone)]
+pub struct SessionCounters {
+    /// Open sessions.
+    pub sessions: Gauge,
+    /// Sessions opened.
+    pub opened: Counter,
+    /// Publishes accepted.
+    pub publishes: Counter,
+    /// Sessions closed as slow consumers (4008, queue full).
+    pub slow_consumer_closes: Counter,
+    /// Frames refused by the rate limit.
+    pub rate_limited: Counter,
+}
+
+/// Every metric of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    websocket: TransportCounters,
+    webtransport: TransportCounters,
+    sessions: Family<SessionLabels, Gauge>,
+    opened: Family<SessionLabels, Counter>,
+    closed: Family<CloseLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
+    publishes: Family<EndpointLabel, Counter>,
+    slow_consumer_closes: Family<EndpointLabel, Counter>,
+    rate_limited: Family<EndpointLabel, Counter>,
+    /// Datagrams written (WebTransport volatile messages).
+    pub datagrams_sent: Counter,
+    /// Rooms with members on this node (set at each scrape).
+    pub rooms: Gauge,
+    backplane_errors: Family<OpLabel, Counter>,
+    recoveries: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric; `version` goes into `gateway_build_info`.
+    pub fn new(version: &'static str) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let transport_family = |registry: &mut Registry| {
+            let frames_received = Family::<TransportLabel, Counter>::default();
+            let frames_sent = Family::<TransportLabel, Counter>::default();
+            let bytes_received = Family::<TransportLabel, Counter>::default();
+            let bytes_sent = Family::<TransportLabel, Counter>::default();
+            let deliveries = Family::<TransportLabel, Counter>::default();
+            let latency = Family::<TransportLabel, Histogram>::new_with_constructor(
+                (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
+            );
+            registry.register(
+                "gateway_frames_received",
+                "Frames read from clients",
+                frames_received.clone(),
+            );
+            registry.register(
+                "gateway_frames_sent",
+                "Frames written to clients",
+                frames_sent.clone(),
+            );
+            registry.register(
+                "gateway_bytes_received",
+                "Payload bytes read from clients",
+                bytes_received.clone(),
+            );
+            registry.register(
+                "gateway_bytes_sent",
+                "Payload bytes written to clients",
+                bytes_sent.clone(),
+            );
+            registry.register(
+                "gateway_deliveries",
+                "Messages queued for room members and direct recipients",
+                deliveries.clone(),
+            );
+            registry.register(
+                "gateway_delivery_seconds",
+                "From a frame entering a session's queue to its write (sampled)",
+                latency.clone(),
+            );
+            let of = |kind: TransportKind| {
+                let label = TransportLabel {
+                    transport: kind.as_str(),
+                };
+                TransportCounters {
+                    frames_received: frames_received.get_or_create_owned(&label),
+                    frames_sent: frames_sent.get_or_create_owned(&label),
+                    bytes_received: bytes_received.get_or_create_owned(&label),
+                    bytes_sent: bytes_sent.get_or_create_owned(&label),
+                    deliveries: deliveries.get_or_create_owned(&label),
+                    delivery_seconds: latency.get_or_create_owned(&label),
+                }
+            };
+            (
+                of(TransportKind::WebSocket),
+                of(TransportKind::WebTransport),
+            )
+        };
+        let (websocket, webtransport) = transport_family(&mut registry);
+
+        let sessions = Family::default();
+        registry.register("gateway_sessions", "Open sessions", sessions.clone());
+        let opened = Family::default();
+        registry.register("gateway_sessions_opened", "Sessions opened", opened.clone());
+        let closed = Family::default();
+        registry.register(
+            "gateway_sessions_closed",
+            "Sessions closed, by close code",
+            closed.clone(),
+        );
+        let rejections = Family::default();
+        registry.register(
+            "gateway_handshake_rejections",
+            "Upgrades and CONNECTs refused before a session, by HTTP status (or timeout)",
+            rejections.clone(),
+        );
+        let publishes = Family::default();
+        registry.register(
+            "gateway_publishes",
+            "Publishes accepted (endpoint `api`: the HTTP API)",
+            publishes.clone(),
+        );
+        let datagrams_sent = Counter::default();
+        registry.register(
+            "gateway_datagrams_sent",
+            "WebTransport datagrams written",
+            datagrams_sent.clone(),
+        );
+        let slow_consumer_closes = Family::default();
+        registry.register(
+            "gateway_slow_consumer_closes",
+            "Sessions closed because their outbound queue was full",
+            slow_consumer_closes.clone(),
+        );
+        let rate_limited = Family::default();
+        registry.register(
+            "gateway_rate_limited",
+            "Inbound frames refused by the per-session rate limit",
+            rate_limited.clone(),
+        );
+        let rooms = Gauge::default();
+        registry.register(
+            "gateway_rooms",
+            "Rooms with members on this node",
+            rooms.clone(),
+        );
+        let backplane_errors = Family::default();
+        registry.register(
+            "gateway_backplane_errors",
+            "Failed cluster backplane (Redis) operations",
+            backplane_errors.clone(),
+        );
+        let recoveries = Family::default();
+        registry.register(
+            "gateway_recoveries",
+            "Joins with `since`: recovered exactly, or not",
+            recoveries.clone(),
+        );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info.get_or_create(&VersionLabel { version }).set(1);
+        registry.register("gateway_build_info", "The gateway's version", build_info);
+
+        Arc::new(Self {
+            registry,
+            websocket,
+            webtransport,
+            sessions,
+            opened,
+            closed,
+            rejections,
+            publishes,
+            slow_consumer_closes,
+            rate_limited,
+            datagrams_sent,
+            rooms,
+            backplane_errors,
+            recoveries,
+        })
+    }
+
+    /// The counters of `transport`.
+    pub fn transport(&self, transport: TransportKind) -> &TransportCounters {
+        match transport {
+            TransportKind::WebSocket => &self.websocket,
+            TransportKind::WebTransport => &self.webtransport,
+        }
+    }
+
+    /// The counters a session of `endpoint` over `transport` keeps.
+    pub fn session(&self, endpoint: &str, transport: TransportKind) -> SessionCounters {
+        let labels = SessionLabels {
+            endpoint: endpoint.to_owned(),
+            transport: transport.as_str(),
+        };
+        let endpoint = EndpointLabel {
+            endpoint: endpoint.to_owned(),
+        };
+        SessionCounters {
+            sessions: self.sessions.get_or_create_owned(&labels),
+            opened: self.opened.get_or_create_owned(&labels),
+            publishes: self.publishes.get_or_create_owned(&endpoint),
+            slow_consumer_closes: self.slow_consumer_closes.get_or_create_owned(&endpoint),
+            rate_limited: self.rate_limited.get_or_create_owned(&endpoint),
+        }
+    }
+
+    /// Counts a session's close with `code`.
+    pub fn session_closed(&self, endpoint: &str, transport: TransportKind, code: u16) {
+        self.closed
+            .get_or_create(&CloseLabels {
+                endpoint: endpoint.to_owned(),
+                transport: transport.as_str(),
+                code,
+            })
+            .inc();
+    }
+
+    /// Counts a refused upgrade or CONNECT: `status` is the HTTP status, or `timeout`.
+    pub fn handshake_rejected(&self, endpoint: &str, transport: TransportKind, status: &str) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                endpoint: endpoint.to_owned(),
+                transport: transport.as_str(),
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a publish through the HTTP API.
+    pub fn api_published(&self) {
+        self.publishes
+            .get_or_create(&EndpointLabel {
+                endpoint: "api".to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed backplane operation.
+    pub fn backplane_error(&self, op: &'static str) {
+        self.backplane_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    /// Counts a join with `since`: `recovered` exactly, or not.
+    pub fn recovery(&self, recovered: bool) {
+        let result = if recovered {
+            "recovered"
+        } else {
+            "not_recovered"
+        };
+        self.recoveries.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
