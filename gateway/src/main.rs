@@ -5,7 +5,6 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
-    time::Duration,
 };
 
 use clap::{Parser, Subcommand};
@@ -108,13 +107,6 @@ fn check_tls_files(config: &Config) -> Result<(), gateway_certs::CertError> {
 }
 
 fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let mut config = match config_path {
         Some(path) => match Config::from_file(&path) {
             Ok(c) => c,
@@ -125,6 +117,7 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         },
         None => Config::dev(),
     };
+    init_logging(&config.log);
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -157,9 +150,28 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         let _ = stdout.flush();
         shutdown_signal().await;
         tracing::info!("shutting down");
-        server.shutdown(Duration::from_secs(5)).await;
-        ExitCode::SUCCESS
+        tokio::select! {
+            () = server.shutdown() => ExitCode::SUCCESS,
+            () = shutdown_signal() => {
+                tracing::warn!("second signal: exiting without waiting for the drain");
+                ExitCode::FAILURE
+            }
+        }
     })
+}
+
+/// Logs to stderr as `[log]` says: text or JSON lines, at its level unless `GATEWAY_LOG`
+/// sets a filter.
+fn init_logging(log: &gateway::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        gateway::config::LogFormat::Text => builder.init(),
+        gateway::config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 async fn shutdown_signal() {

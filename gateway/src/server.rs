@@ -10,7 +10,6 @@ use gateway_core::{
     connection::Services,
     hub::{Hub, HubConfig},
     limits::ConnectionLimits,
-    protocol::{CloseCode, CloseReason, ServerFrame},
 };
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::info;
@@ -156,29 +155,15 @@ impl Server {
         lines
     }
 
-    /// Graceful shutdown: refuse new sessions, tell every session to reconnect elsewhere
-    /// (`reconnect`, then close 1001), give them `drain` to go, then stop.
-    pub async fn shutdown(mut self, drain: Duration) {
-        self.state.begin_shutdown();
-        // Each session gets its own delay, so clients do not all return at once.
-        let reconnect = || {
-            let after_ms = 1000 + u64::from(rand::random::<u16>() % 4000);
-            Some(
-                ServerFrame::Reconnect {
-                    after_ms,
-                    reason: "server shutting down",
-                    url: None,
-                }
-                .to_outbound(),
-            )
-        };
-        self.state.services.hub.close_all(
-            reconnect,
-            CloseReason::new(CloseCode::GoingAway, "server shutting down"),
-        );
+    /// Graceful shutdown: drain (refuse new sessions, tell every session to reconnect
+    /// within the drain window, then close 1001), wait up to the drain window for the
+    /// sessions to go, then stop.
+    pub async fn shutdown(mut self) {
+        self.state.drain();
         // Every session task ends once its queued frames and its close are written (or its
         // close grace runs out); the drain deadline bounds the wait.
         self.state.sessions.close();
+        let drain = self.state.config.drain;
         let _ = tokio::time::timeout(drain, self.state.sessions.wait()).await;
         if let Some(q) = &self.quic {
             q.close(0x100u32.into(), b"shutting down");

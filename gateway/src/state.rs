@@ -8,7 +8,12 @@ use std::{
     },
 };
 
-use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
+use gateway_core::{
+    connection::Services,
+    policy::EndpointPolicy,
+    protocol::{CloseCode, CloseReason, ServerFrame},
+    tickets::TicketStore,
+};
 
 use tokio_util::task::TaskTracker;
 
@@ -87,5 +92,34 @@ impl AppState {
     /// Marks the start of graceful shutdown: new sessions are refused, `/healthz` says 503.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Drains this node (SIGTERM, `POST /api/drain`): new sessions are refused, `/healthz`
+    /// answers 503, and every session gets `reconnect`, its `after_ms` drawn over the drain
+    /// window so clients do not all come back at once, then close 1001 once the frames
+    /// queued before it are written. Returns how many sessions were told.
+    pub fn drain(&self) -> usize {
+        self.begin_shutdown();
+        let window_ms = u64::try_from(self.config.drain.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let reconnect = || {
+            let after_ms = rand::random_range(0..window_ms);
+            Some(
+                ServerFrame::Reconnect {
+                    after_ms,
+                    reason: "server draining",
+                    url: None,
+                }
+                .to_outbound(),
+            )
+        };
+        let sessions = self.services.hub.session_count();
+        self.services.hub.close_all(
+            reconnect,
+            CloseReason::new(CloseCode::GoingAway, "server draining"),
+        );
+        tracing::info!(sessions, window_ms, "draining");
+        sessions
     }
 }

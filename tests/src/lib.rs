@@ -384,7 +384,9 @@ impl WsClient {
                 Ok(other) => panic!("expected silence, got {other:?}"),
             }
         }
-        let marker = self.request(json!({"type":"ping","id":SILENCE_MARKER})).await;
+        let marker = self
+            .request(json!({"type":"ping","id":SILENCE_MARKER}))
+            .await;
         assert_eq!(
             marker,
             json!({"type":"pong","id":SILENCE_MARKER}),

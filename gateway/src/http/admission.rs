@@ -2,7 +2,10 @@
 //! section 1): admit with an identity, or reject with a status. Checks run in the documented
 //! order and the first failure decides.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use gateway_core::{
     auth::Identity,
@@ -11,6 +14,7 @@ use gateway_core::{
     limits::{ConnectionSlot, RefusalSlot, UserSlot},
     policy::{AuthMode, EndpointPolicy},
     protocol::Rejection,
+    session::TransportKind,
 };
 use http::HeaderMap;
 
@@ -262,4 +266,34 @@ mod tests {
             Some(Credential::Bearer("hdr".into()))
         );
     }
+}
+
+/// The `endpoint` label of a request for `path`: the configured path, or `unknown` (so a
+/// scan of random paths cannot grow the metrics).
+fn endpoint_label<'a>(app: &'a AppState, path: &str) -> &'a str {
+    app.endpoint(path).map_or("unknown", |p| p.path.as_str())
+}
+
+/// Logs (target `access`) and counts an upgrade or CONNECT refused with `rejection`.
+pub fn rejected(
+    app: &AppState,
+    path: &str,
+    transport: TransportKind,
+    peer: SocketAddr,
+    rejection: Rejection,
+) {
+    let status = rejection.http_status();
+    let endpoint = endpoint_label(app, path);
+    tracing::info!(target: "access", %peer, endpoint, transport = transport.as_str(), status,
+        reason = ?rejection, "handshake rejected");
+    app.metrics
+        .handshake_rejected(endpoint, transport, &status.to_string());
+}
+
+/// Logs and counts a connection that did not finish its TLS or QUIC handshake in time.
+pub fn timed_out(app: &AppState, transport: TransportKind, peer: SocketAddr) {
+    tracing::info!(target: "access", %peer, transport = transport.as_str(), status = "timeout",
+        "handshake rejected");
+    app.metrics
+        .handshake_rejected("unknown", transport, "timeout");
 }

@@ -90,6 +90,10 @@ where
             with_api_key(get(api_room), IGNORED_BODY_BYTES),
         )
         .route(
+            "/api/drain",
+            with_api_key(post(api_drain), IGNORED_BODY_BYTES),
+        )
+        .route(
             "/api/disconnect",
             with_api_key(post(api_disconnect), DISCONNECT_BODY_BYTES),
         )
@@ -410,6 +414,13 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
         .disconnect_user_then(&req.user, reason, done);
     let n = cluster_result(rx.await)?;
     Ok(Json(json!({ "disconnected": n })))
+}
+
+/// `POST /api/drain`: drains this node without exiting (rolling deploys): `reconnect`
+/// then 1001 for every session, `/healthz` 503, new sessions refused.
+async fn api_drain(State(app): State<Arc<AppState>>, ApiBody(_): ApiBody) -> ApiResult {
+    let sessions = app.drain();
+    Ok(Json(json!({ "draining": true, "sessions": sessions })))
 }
 
 /// The JSON error body of the HTTP API and of rejected upgrades.

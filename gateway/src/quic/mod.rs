@@ -129,7 +129,7 @@ async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router
     let quic = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC handshake failed"),
-        Err(_) => return debug!(%peer, "QUIC handshake timed out"),
+        Err(_) => return admission::timed_out(&app, TransportKind::WebTransport, peer),
     };
     let mut builder = h3::server::builder();
     builder
@@ -228,7 +228,8 @@ async fn serve_connection(
                 .await;
                 match admission {
                     Err(rejection) => {
-                        debug!(%peer, path = req.uri().path(), ?rejection, "CONNECT rejected");
+                        let path = req.uri().path();
+                        admission::rejected(app, path, TransportKind::WebTransport, peer, rejection);
                         reject(&mut stream, rejection).await;
                         quic.close(H3_NO_ERROR.into(), b"");
                         return ConnectionEnd::Done;

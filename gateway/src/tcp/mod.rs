@@ -89,7 +89,7 @@ pub async fn serve(
             let tls = match tokio::time::timeout(timeout, TlsStream::accept(stream, tls)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                Err(_) => return admission::timed_out(&app, TransportKind::WebSocket, peer),
             };
             let alt_svc = app
                 .h3_port
@@ -185,13 +185,17 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
     let admission = match admission {
         Ok(a) => a,
         Err(rejection) => {
-            debug!(%peer, path = req.uri().path(), ?rejection, "upgrade rejected");
+            let path = req.uri().path();
+            admission::rejected(&app, path, TransportKind::WebSocket, peer, rejection);
             return rejection_response(rejection);
         }
     };
     let (Some(on_upgrade), Some(key)) = (on_upgrade, req.headers().get(header::SEC_WEBSOCKET_KEY))
     else {
-        return rejection_response(gateway_core::protocol::Rejection::BadUpgrade);
+        let rejection = gateway_core::protocol::Rejection::BadUpgrade;
+        let path = req.uri().path();
+        admission::rejected(&app, path, TransportKind::WebSocket, peer, rejection);
+        return rejection_response(rejection);
     };
     let accept = derive_accept_key(key.as_bytes());
     app.clone().sessions.spawn(async move {
