@@ -90,6 +90,10 @@ pub struct InboundStats {
     pub frames: u64,
     /// Bytes received.
     pub bytes: u64,
+    /// Publishes handed to the hub (allowed by the identity's rooms).
+    pub publishes: u64,
+    /// Frames refused by the rate limit.
+    pub rate_limited: u64,
 }
 
 /// One session's protocol state.
@@ -327,6 +331,7 @@ impl Connection {
             self.refused = 0;
         }
         self.refused += 1;
+        self.stats.rate_limited += 1;
         if self.refused > self.policy.rate_burst.max(1) {
             self.handle.close(CloseReason::new(
                 CloseCode::TooSlowOrTooFast,
@@ -367,8 +372,10 @@ impl Connection {
                 room, data, echo, ..
             } = request
             {
-                if self.identity.is_some() {
-                    self.publish(None, &room, &data, echo, true, now, false);
+                if self.identity.is_some()
+                    && self.publish(None, &room, &data, echo, true, now, false)
+                {
+                    self.stats.publishes += 1;
                 }
             }
             return;
@@ -423,7 +430,11 @@ impl Connection {
                 data,
                 echo,
                 volatile,
-            } => self.publish(id, &room, &data, echo, volatile, now, true),
+            } => {
+                if self.publish(id, &room, &data, echo, volatile, now, true) {
+                    self.stats.publishes += 1;
+                }
+            }
             Request::Send { id, to, data } => {
                 let from = self.handle.user().cloned();
                 let handle = self.handle.clone();
@@ -507,19 +518,25 @@ impl Connection {
         }
         // The reply is queued by the hub, before any replayed or live message of the room.
         let (id, room_text) = (id.cloned(), room.to_string());
+        let hub = self.services.hub.clone();
         let reply: JoinReply = Box::new(
             move |outcome: Result<&JoinOutcome, &ClusterUnavailable>| match outcome {
-                Ok(outcome) => ack_frame(
-                    id.as_ref(),
-                    &AckFields {
-                        room: Some(room_text),
-                        seq: Some(outcome.seq),
-                        epoch: Some(outcome.epoch.to_string()),
-                        members: Some(AckMembers::Count(outcome.members)),
-                        recovered: outcome.recovered,
-                        ..Default::default()
-                    },
-                ),
+                Ok(outcome) => {
+                    if let Some(recovered) = outcome.recovered {
+                        hub.stats().count_recovery(recovered);
+                    }
+                    ack_frame(
+                        id.as_ref(),
+                        &AckFields {
+                            room: Some(room_text),
+                            seq: Some(outcome.seq),
+                            epoch: Some(outcome.epoch.to_string()),
+                            members: Some(AckMembers::Count(outcome.members)),
+                            recovered: outcome.recovered,
+                            ..Default::default()
+                        },
+                    )
+                }
                 Err(e) => unavailable_frame(id.as_ref(), e),
             },
         );
@@ -529,8 +546,8 @@ impl Connection {
         self.joined.insert(room);
     }
 
-    /// Publishes to `room` if the identity may; with `reply`, answers with the ack (its
-    /// `seq`) or the error, now or when the cluster has taken the message.
+    /// Publishes to `room` if the identity may (then returns true); with `reply`, answers
+    /// with the ack (its `seq`) or the error, now or when the cluster has taken the message.
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -541,7 +558,7 @@ impl Connection {
         volatile: bool,
         now: Now,
         reply: bool,
-    ) {
+    ) -> bool {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
             if reply {
@@ -551,7 +568,7 @@ impl Connection {
                     "publishing to that room is not allowed",
                 );
             }
-            return;
+            return false;
         }
         let exclude = (!echo).then(|| self.handle.id());
         let handle = self.handle.clone();
@@ -578,6 +595,7 @@ impl Connection {
                 });
             }),
         );
+        true
     }
 
     fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {

@@ -10,7 +10,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
     time::Instant,
 };
 
@@ -26,7 +29,7 @@ use crate::{
     protocol::{
         CloseReason, MemberInfo, MessageFrame, Payload, RoomName, ServerFrame, DIRECT, MESSAGE,
     },
-    session::{Outbound, SessionHandle, SessionId},
+    session::{Outbound, SessionHandle, SessionId, TransportKind},
 };
 
 /// Settings of a hub.
@@ -140,8 +143,63 @@ pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
+    /// What the hub has done, for metrics.
+    stats: HubStats,
     /// This hub, for completions that come back later.
     me: Weak<Hub>,
+}
+
+/// Running totals of the hub's work, read by the gateway's metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Messages queued for members and direct recipients, by transport (WebSocket,
+    /// WebTransport).
+    deliveries: [AtomicU64; 2],
+    /// Joins with `since` that recovered exactly, and that did not.
+    recovered: AtomicU64,
+    not_recovered: AtomicU64,
+}
+
+impl HubStats {
+    /// Adds the deliveries of one fan-out, counted per transport by [`transport_index`].
+    fn add_deliveries(&self, counted: [u64; 2]) {
+        for (total, n) in self.deliveries.iter().zip(counted) {
+            if n > 0 {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts the outcome of a join with `since`.
+    pub fn count_recovery(&self, recovered: bool) {
+        let counter = if recovered {
+            &self.recovered
+        } else {
+            &self.not_recovered
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages queued so far for sessions on `transport`.
+    pub fn deliveries(&self, transport: TransportKind) -> u64 {
+        self.deliveries[transport_index(transport)].load(Ordering::Relaxed)
+    }
+
+    /// Joins with `since` so far: (recovered, not recovered).
+    pub fn recoveries(&self) -> (u64, u64) {
+        (
+            self.recovered.load(Ordering::Relaxed),
+            self.not_recovered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The slot of `transport` in per-transport counts.
+fn transport_index(transport: TransportKind) -> usize {
+    match transport {
+        TransportKind::WebSocket => 0,
+        TransportKind::WebTransport => 1,
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -165,6 +223,7 @@ impl Hub {
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
+            stats: HubStats::default(),
             me: me.clone(),
         })
     }
@@ -185,6 +244,11 @@ impl Hub {
             .get(room)
             .map(|r| r.value().clone())
             .is_some_and(|r| r.lock().members.contains_key(&handle.id()))
+    }
+
+    /// What the hub has done so far.
+    pub fn stats(&self) -> &HubStats {
+        &self.stats
     }
 
     /// Number of sessions open on this node (pending ones included).
@@ -456,6 +520,7 @@ impl Hub {
             // Members whose join reported `seq` or later already have this message.
             floors.retain(|_, floor| seq <= *floor);
         }
+        let mut counted = [0; 2];
         for (id, member) in members.iter() {
             if Some(*id) == message.origin {
                 continue;
@@ -465,9 +530,11 @@ impl Hub {
                 None if message.seq.is_some() && floors.contains_key(id) => {}
                 None => {
                     member.send(frame.clone());
+                    counted[transport_index(member.transport())] += 1;
                 }
             }
         }
+        self.stats.add_deliveries(counted);
     }
 
     /// Cluster mode: a presence event the cluster announced, for this node's members of
@@ -523,11 +590,14 @@ impl Hub {
     /// Queues `frame` to every session of `user` here; whether any took it.
     fn deliver_direct(&self, user: &str, frame: Outbound) -> bool {
         let mut delivered = false;
+        let mut counted = [0; 2];
         if let Some(sessions) = self.users.get(user) {
             for s in sessions.iter() {
                 delivered |= s.send(frame.clone()) == crate::session::Delivery::Queued;
+                counted[transport_index(s.transport())] += 1;
             }
         }
+        self.stats.add_deliveries(counted);
         delivered
     }
 
@@ -708,11 +778,14 @@ impl Hub {
                 if let (Some(seq), Some(history)) = (seq, state.history.as_mut()) {
                     history.push(seq, frame.clone(), now);
                 }
+                let mut counted = [0; 2];
                 for (id, member) in &state.members {
                     if Some(*id) != exclude {
                         member.send(frame.clone());
+                        counted[transport_index(member.transport())] += 1;
                     }
                 }
+                self.stats.add_deliveries(counted);
                 seq
             }
         }

@@ -101,10 +101,22 @@ pub struct SessionCounters {
     pub rate_limited: Counter,
 }
 
+/// The counters of one configured endpoint, resolved at start.
+#[derive(Debug, Clone)]
+pub struct EndpointCounters {
+    /// Publishes accepted.
+    pub publishes: Counter,
+    /// Frames refused by the rate limit.
+    pub rate_limited: Counter,
+}
+
 /// Every metric of the process.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    endpoints: std::collections::HashMap<String, EndpointCounters>,
+    /// Serialises copying the hub's totals into their counters at a scrape.
+    hub_sync: std::sync::Mutex<()>,
     websocket: TransportCounters,
     webtransport: TransportCounters,
     sessions: Family<SessionLabels, Gauge>,
@@ -123,8 +135,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; `version` goes into `gateway_build_info`.
-    pub fn new(version: &'static str) -> Arc<Self> {
+    /// Registers every metric, with the counters of each of `endpoints` resolved;
+    /// `version` goes into `gateway_build_info`.
+    pub fn new<'a>(
+        version: &'static str,
+        endpoints: impl IntoIterator<Item = &'a str>,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
         let transport_family = |registry: &mut Registry| {
             let frames_received = Family::<TransportLabel, Counter>::default();
@@ -247,8 +263,23 @@ impl Metrics {
         build_info.get_or_create(&VersionLabel { version }).set(1);
         registry.register("gateway_build_info", "The gateway's version", build_info);
 
+        let endpoints = endpoints
+            .into_iter()
+            .map(|path| {
+                let label = EndpointLabel {
+                    endpoint: path.to_owned(),
+                };
+                let counters = EndpointCounters {
+                    publishes: publishes.get_or_create_owned(&label),
+                    rate_limited: rate_limited.get_or_create_owned(&label),
+                };
+                (path.to_owned(), counters)
+            })
+            .collect();
         Arc::new(Self {
             registry,
+            endpoints,
+            hub_sync: std::sync::Mutex::new(()),
             websocket,
             webtransport,
             sessions,
@@ -291,6 +322,36 @@ impl Metrics {
         }
     }
 
+    /// The counters of the configured endpoint at `path`.
+    pub fn endpoint(&self, path: &str) -> Option<&EndpointCounters> {
+        self.endpoints.get(path)
+    }
+
+    /// Brings the delivery and recovery counters up to the hub's running totals (at a
+    /// scrape: the hub counts with plain atomics on its fan-out path).
+    pub fn sync_hub(&self, stats: &gateway_core::hub::HubStats) {
+        let _one_at_a_time = self.hub_sync.lock().unwrap_or_else(|e| e.into_inner());
+        let catch_up = |counter: &Counter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        for kind in [TransportKind::WebSocket, TransportKind::WebTransport] {
+            catch_up(&self.transport(kind).deliveries, stats.deliveries(kind));
+        }
+        let (recovered, not_recovered) = stats.recoveries();
+        catch_up(
+            &self.recoveries.get_or_create_owned(&ResultLabel {
+                result: "recovered",
+            }),
+            recovered,
+        );
+        catch_up(
+            &self.recoveries.get_or_create_owned(&ResultLabel {
+                result: "not_recovered",
+            }),
+            not_recovered,
+        );
+    }
+
     /// Counts a session's close with `code`.
     pub fn session_closed(&self, endpoint: &str, transport: TransportKind, code: u16) {
         self.closed
@@ -325,16 +386,6 @@ impl Metrics {
     /// Counts a failed backplane operation.
     pub fn backplane_error(&self, op: &'static str) {
         self.backplane_errors.get_or_create(&OpLabel { op }).inc();
-    }
-
-    /// Counts a join with `since`: `recovered` exactly, or not.
-    pub fn recovery(&self, recovered: bool) {
-        let result = if recovered {
-            "recovered"
-        } else {
-            "not_recovered"
-        };
-        self.recoveries.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The Prometheus text exposition.

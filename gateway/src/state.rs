@@ -64,6 +64,10 @@ impl AppState {
             .map(|e| (e.path.clone(), e.clone()))
             .collect();
         let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS);
+        let metrics = Metrics::new(
+            env!("CARGO_PKG_VERSION"),
+            config.endpoints.iter().map(|e| e.path.as_str()),
+        );
         Arc::new(Self {
             services,
             endpoints,
@@ -72,7 +76,7 @@ impl AppState {
             dev_cert_sha256,
             tickets,
             cluster,
-            metrics: Metrics::new(env!("CARGO_PKG_VERSION")),
+            metrics,
             flushers: Flushers::spawn(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),

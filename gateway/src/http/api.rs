@@ -189,6 +189,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     app.metrics
         .rooms
         .set(app.services.hub.room_count().try_into().unwrap_or(i64::MAX));
+    app.metrics.sync_hub(app.services.hub.stats());
     (
         [(
             header::CONTENT_TYPE,

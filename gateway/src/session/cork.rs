@@ -252,7 +252,7 @@ mod tests {
             stuck,
             panics,
         };
-        let writer = SessionWriter::corked(&handle, outbox, sink, flushers, &Metrics::new("t"));
+        let writer = SessionWriter::corked(&handle, outbox, sink, flushers, &Metrics::new("t", []));
         let task = tokio::spawn(writer.run());
         (handle, wire, task)
     }
@@ -261,7 +261,7 @@ mod tests {
     fn flusher_only_session(
         flushers: &Flushers,
     ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
-        flusher_only_session_counted(flushers, &Metrics::new("t"))
+        flusher_only_session_counted(flushers, &Metrics::new("t", []))
     }
 
     fn flusher_only_session_counted(
@@ -312,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn writes_are_counted_and_sampled_rings_timed() {
         let flushers = Flushers::spawn();
-        let metrics = Metrics::new("t");
+        let metrics = Metrics::new("t", []);
         let (handle, _wire, _keep) = flusher_only_session_counted(&flushers, &metrics);
         settle().await;
         // Every ring of an emptied queue is a new pass; one in 64 is timed.

@@ -5,10 +5,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use gateway_core::{
-    connection::{Connection, Now, WakeSignal},
+    connection::{Connection, InboundStats, Now, WakeSignal},
     protocol::{CloseCode, CloseReason, TransportFault},
 };
 use tokio::{task::JoinHandle, time::Instant};
+
+use crate::metrics::EndpointCounters;
 
 use super::{
     open::AccessLog,
@@ -82,6 +84,8 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
         inbound_counters.frames_received.inc();
         inbound_counters.bytes_received.inc_by(frame.len() as u64);
     };
+    let endpoint_counters = log.metrics().endpoint(handle.endpoint());
+    let mut counted = conn.stats();
     let writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(Instant::now().into_std());
     let wake = conn.wake_signal();
@@ -132,6 +136,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
                         break;
                     }
                 }
+                count_requests(endpoint_counters, &mut counted, conn.stats());
             }
             () = timer => deadline = conn.poll(Instant::now().into_std()),
             () = woken(&wake) => conn.on_wake(Now::read()),
@@ -142,6 +147,24 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     }
     // Boxed: the task of an open session does not carry the closing procedure's state.
     Box::pin(finish(conn, inbound, writer, gone, log)).await;
+}
+
+/// Adds the publishes and rate-limited frames since `counted` to the endpoint's counters.
+fn count_requests(
+    counters: Option<&EndpointCounters>,
+    counted: &mut InboundStats,
+    now: InboundStats,
+) {
+    if let Some(c) = counters {
+        if now.publishes != counted.publishes {
+            c.publishes.inc_by(now.publishes - counted.publishes);
+        }
+        if now.rate_limited != counted.rate_limited {
+            c.rate_limited
+                .inc_by(now.rate_limited - counted.rate_limited);
+        }
+    }
+    *counted = now;
 }
 
 /// The close procedure: lets the writer flush what is queued and the close, and keeps
