@@ -225,6 +225,36 @@ fn credential(req: &UpgradeRequest<'_>) -> Option<Credential> {
     token
 }
 
+/// The `endpoint` label of a request for `path`: the configured path, or `unknown` (so a
+/// scan of random paths cannot grow the metrics).
+fn endpoint_label<'a>(app: &'a AppState, path: &str) -> &'a str {
+    app.endpoint(path).map_or("unknown", |p| p.path.as_str())
+}
+
+/// Logs (target `access`) and counts an upgrade or CONNECT refused with `rejection`.
+pub fn rejected(
+    app: &AppState,
+    path: &str,
+    transport: TransportKind,
+    peer: SocketAddr,
+    rejection: Rejection,
+) {
+    let status = rejection.http_status();
+    let endpoint = endpoint_label(app, path);
+    tracing::info!(target: "access", %peer, endpoint, transport = transport.as_str(), status,
+        reason = ?rejection, "handshake rejected");
+    app.metrics
+        .handshake_rejected(endpoint, transport, &status.to_string());
+}
+
+/// Logs and counts a connection that did not finish its TLS or QUIC handshake in time.
+pub fn timed_out(app: &AppState, transport: TransportKind, peer: SocketAddr) {
+    tracing::info!(target: "access", %peer, transport = transport.as_str(), status = "timeout",
+        "handshake rejected");
+    app.metrics
+        .handshake_rejected("unknown", transport, "timeout");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,34 +296,4 @@ mod tests {
             Some(Credential::Bearer("hdr".into()))
         );
     }
-}
-
-/// The `endpoint` label of a request for `path`: the configured path, or `unknown` (so a
-/// scan of random paths cannot grow the metrics).
-fn endpoint_label<'a>(app: &'a AppState, path: &str) -> &'a str {
-    app.endpoint(path).map_or("unknown", |p| p.path.as_str())
-}
-
-/// Logs (target `access`) and counts an upgrade or CONNECT refused with `rejection`.
-pub fn rejected(
-    app: &AppState,
-    path: &str,
-    transport: TransportKind,
-    peer: SocketAddr,
-    rejection: Rejection,
-) {
-    let status = rejection.http_status();
-    let endpoint = endpoint_label(app, path);
-    tracing::info!(target: "access", %peer, endpoint, transport = transport.as_str(), status,
-        reason = ?rejection, "handshake rejected");
-    app.metrics
-        .handshake_rejected(endpoint, transport, &status.to_string());
-}
-
-/// Logs and counts a connection that did not finish its TLS or QUIC handshake in time.
-pub fn timed_out(app: &AppState, transport: TransportKind, peer: SocketAddr) {
-    tracing::info!(target: "access", %peer, transport = transport.as_str(), status = "timeout",
-        "handshake rejected");
-    app.metrics
-        .handshake_rejected("unknown", transport, "timeout");
 }
