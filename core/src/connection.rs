@@ -198,11 +198,6 @@ impl Connection {
         &self.policy
     }
 
-    /// Whether the session is authenticated.
-    pub fn is_authenticated(&self) -> bool {
-        self.identity.is_some()
-    }
-
     /// Inbound counters.
     pub fn stats(&self) -> InboundStats {
         self.stats

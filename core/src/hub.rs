@@ -192,11 +192,6 @@ impl Hub {
         self.sessions.len()
     }
 
-    /// Number of rooms on this node: those with members, and those kept for their history.
-    pub fn room_count(&self) -> usize {
-        self.rooms.len()
-    }
-
     /// Records a newly opened session (authenticated or not).
     pub fn open_session(&self, handle: &SessionHandle) {
         self.sessions.insert(handle.id(), handle.clone());
@@ -718,13 +713,13 @@ impl Hub {
         }
     }
 
-    /// Delivers `data` to every session of `user`; returns whether any session got it.
-    pub fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
+    /// Delivers `data` to every session of `user` here; returns whether any session got it.
+    fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
         self.deliver_direct(user, direct_frame(from, data))
     }
 
     /// The members of `room` on this node.
-    pub fn members(&self, room: &RoomName) -> Vec<MemberInfo> {
+    fn members(&self, room: &RoomName) -> Vec<MemberInfo> {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
             return Vec::new();
         };
@@ -973,7 +968,7 @@ mod tests {
         assert!(!hub.leave(&t2, &room));
         assert_eq!(hub.members(&room).len(), 1);
         hub.leave(&watcher, &room);
-        assert_eq!(hub.room_count(), 0, "empty rooms are dropped");
+        assert_eq!(hub.rooms.len(), 0, "empty rooms are dropped");
     }
 
     #[test]
@@ -1098,9 +1093,9 @@ mod tests {
         let outcome = join(&hub, &a, &room);
         assert_eq!(outcome.seq, 2);
         hub.leave(&a, &room);
-        assert_eq!(hub.room_count(), 1, "kept for its history");
+        assert_eq!(hub.rooms.len(), 1, "kept for its history");
         hub.expire_history(Instant::now());
-        assert_eq!(hub.room_count(), 1, "kept while its history lives");
+        assert_eq!(hub.rooms.len(), 1, "kept while its history lives");
         let again = recover(&hub, &a, &room, 0, &outcome.epoch);
         assert_eq!((again.seq, again.recovered), (2, Some(true)));
         assert_eq!(again.epoch, outcome.epoch);
@@ -1112,10 +1107,10 @@ mod tests {
         hub.leave(&a, &room);
         let later = Instant::now() + Duration::from_secs(61);
         hub.expire_history(later);
-        assert_eq!(hub.room_count(), 1, "seen empty: kept one more lifetime");
+        assert_eq!(hub.rooms.len(), 1, "seen empty: kept one more lifetime");
         hub.expire_history(later + Duration::from_secs(60));
         assert_eq!(
-            hub.room_count(),
+            hub.rooms.len(),
             0,
             "forgotten a lifetime after its history expired"
         );
@@ -1153,7 +1148,7 @@ mod tests {
         join(&hub, &a, &room);
         hub.leave(&a, &room);
         hub.expire_history(t0 + Duration::from_secs(61));
-        assert_eq!(hub.room_count(), 1, "the visit restarted the lifetime");
+        assert_eq!(hub.rooms.len(), 1, "the visit restarted the lifetime");
         let back = recover(&hub, &a, &room, 0, &first.epoch);
         assert_eq!(back.recovered, Some(true));
     }
@@ -1167,7 +1162,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(200);
         hub.expire_history(later);
         hub.expire_history(later + Duration::from_secs(61));
-        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.rooms.len(), 0);
         assert!(stale.lock().removed, "the swept room is marked");
         // A publish that looked the old room up gets the new one (here: looks up afresh).
         assert_eq!(
@@ -1209,9 +1204,6 @@ mod tests {
     }
 
     impl Backplane for ScriptedCluster {
-        fn name(&self) -> &'static str {
-            "scripted"
-        }
         fn cluster(&self) -> Option<&dyn Cluster> {
             Some(self)
         }

@@ -20,20 +20,6 @@ pub enum Payload {
     Binary(Bytes),
 }
 
-impl Payload {
-    /// Length of the payload in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(b) | Payload::Binary(b) => b.len(),
-        }
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// A decoded client request (PROTOCOL.md section 4).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -115,20 +101,6 @@ impl Request {
             | Request::Send { id, .. }
             | Request::Presence { id, .. }
             | Request::Ping { id } => id.as_ref(),
-        }
-    }
-
-    /// The wire `type` of this request.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Request::Hello { .. } => "hello",
-            Request::Auth { .. } => "auth",
-            Request::Join { .. } => "join",
-            Request::Leave { .. } => "leave",
-            Request::Publish { .. } => "publish",
-            Request::Send { .. } => "send",
-            Request::Presence { .. } => "presence",
-            Request::Ping { .. } => "ping",
         }
     }
 }

@@ -226,10 +226,6 @@ impl RedisCluster {
 }
 
 impl Backplane for RedisCluster {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
     fn cluster(&self) -> Option<&dyn Cluster> {
         Some(self)
     }
