@@ -23,7 +23,7 @@ use crate::{
     policy::EndpointPolicy,
     protocol::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
-        DecodeError, ErrorCode, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
+        ErrorCode, InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
     },
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
@@ -127,7 +127,7 @@ struct PendingAuth {
     id: Option<RequestId>,
     with_ack: bool,
     at: Now,
-    queued: VecDeque<Result<Request, DecodeError>>,
+    queued: VecDeque<Result<Request, InvalidRequest>>,
 }
 
 enum Via {
@@ -333,13 +333,13 @@ impl Connection {
         None
     }
 
-    fn dispatch(&mut self, request: Result<Request, DecodeError>, now: Now, via: Via) {
+    fn dispatch(&mut self, request: Result<Request, InvalidRequest>, now: Now, via: Via) {
         let datagram = matches!(via, Via::Datagram);
         let request = match request {
             Ok(r) => r,
             Err(e) => {
                 if !datagram {
-                    self.reply_error(e.id.as_ref(), e.code, &e.message);
+                    self.reply_error(e.id.as_ref(), e.error.code(), &e.error.to_string());
                 }
                 return;
             }

@@ -222,7 +222,7 @@ impl MessageFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::decode_binary;
+    use crate::protocol::{decode_binary, DecodeError};
     use serde_json::{json, Value};
 
     fn text(o: Outbound) -> Value {
@@ -288,9 +288,8 @@ mod tests {
         // not a request.
         let e = decode_binary(&b).unwrap_err();
         assert!(
-            e.message.contains("unknown type `message`"),
-            "{}",
-            e.message
+            matches!(&e.error, DecodeError::UnknownType(t) if t == "message"),
+            "{e:?}"
         );
     }
 
