@@ -24,7 +24,8 @@ use crate::{
     history::{History, HistoryBudget, Recovery},
     policy::RoomPolicies,
     protocol::{
-        CloseReason, MemberInfo, MessageFrame, Payload, RoomName, ServerFrame, DIRECT, MESSAGE,
+        CloseReason, MemberInfo, MessageFrame, MessageKind, Payload, PresenceEvent, RoomName,
+        ServerFrame,
     },
     session::{Outbound, SessionHandle, SessionId},
 };
@@ -310,7 +311,7 @@ impl Hub {
                 // Presence is cluster-wide: the cluster lists the member and announces it.
                 cluster.enter(room, self.member_info(handle), state.presence_events);
             } else if *count == 1 && state.presence_events {
-                let frame = presence_frame(room, "join", &user);
+                let frame = presence_frame(room, PresenceEvent::Join, &user);
                 for member in state.members.values() {
                     if member.user() != Some(&user) {
                         member.send(frame.clone());
@@ -467,7 +468,7 @@ impl Hub {
 
     /// Cluster mode: a presence event the cluster announced, for this node's members of
     /// `room` other than the sessions of the user it is about.
-    pub fn deliver_presence(&self, room: &RoomName, event: &str, user: &str) {
+    pub fn deliver_presence(&self, room: &RoomName, event: PresenceEvent, user: &str) {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
@@ -615,7 +616,7 @@ impl Hub {
             if let Some(cluster) = cluster {
                 cluster.exit(room, self.member_info(handle), state.presence_events);
             } else if last && state.presence_events {
-                let frame = presence_frame(room, "leave", &user);
+                let frame = presence_frame(room, PresenceEvent::Leave, &user);
                 for member in state.members.values() {
                     member.send(frame.clone());
                 }
@@ -780,7 +781,7 @@ fn room_frame(
     data: &Payload,
 ) -> Outbound {
     MessageFrame {
-        kind: MESSAGE,
+        kind: MessageKind::Message,
         room: Some(room),
         from,
         seq,
@@ -792,7 +793,7 @@ fn room_frame(
 /// The `direct` frame of a message to a user.
 fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
     MessageFrame {
-        kind: DIRECT,
+        kind: MessageKind::Direct,
         room: None,
         from,
         seq: None,
@@ -801,7 +802,7 @@ fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
     .encode(data)
 }
 
-fn presence_frame(room: &RoomName, event: &str, user: &str) -> Outbound {
+fn presence_frame(room: &RoomName, event: PresenceEvent, user: &str) -> Outbound {
     ServerFrame::Presence {
         room: room.as_str(),
         event,

@@ -12,5 +12,7 @@ pub use decode::{
     check_data, decode_binary, decode_json, DataError, DecodeError, InvalidRequest, Payload,
     Request, RequestId, MAX_DATA_DEPTH,
 };
-pub use encode::{AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE};
+pub use encode::{
+    AckFields, AckMembers, MemberInfo, MessageFrame, MessageKind, PresenceEvent, ServerFrame,
+};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};

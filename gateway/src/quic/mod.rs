@@ -564,7 +564,7 @@ impl FrameSink for WtSink {
         // A session closed before its message stream opened has nothing to write on.
         if let Some(send) = self.send.as_mut() {
             let envelope = ServerFrame::Close {
-                code: reason.code.code(),
+                code: reason.code,
                 reason: &reason.reason,
             }
             .to_bytes();
@@ -592,7 +592,7 @@ async fn refuse_extra_stream(
     recv.stop_sending(0);
     let error = ServerFrame::Error {
         id: None,
-        code: ErrorCode::BadRequest.as_str(),
+        code: ErrorCode::BadRequest,
         message: "one message stream per session: this stream is not used",
     }
     .to_bytes();
@@ -769,7 +769,7 @@ impl Inbound for WtInbound {
                             then: Some(Box::new(move || {
                                 handle.send(ServerFrame::Error {
                                     id: None,
-                                    code: ErrorCode::BadRequest.as_str(),
+                                    code: ErrorCode::BadRequest,
                                     message: "unidirectional streams are not used; send frames on the message stream",
                                 }.to_outbound());
                             })),

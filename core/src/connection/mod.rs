@@ -6,6 +6,10 @@
 //! deadline it returns, and writes what the session's outbox yields. Replies go to the
 //! session's own outbox. Dropping the connection leaves its rooms and unregisters it.
 
+mod error;
+
+pub use error::RequestError;
+
 use std::{
     collections::{HashSet, VecDeque},
     sync::{Arc, Mutex},
@@ -15,7 +19,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    auth::{AuthError, Identity, JwtVerifier},
+    auth::{Identity, JwtVerifier},
     backplane::ClusterUnavailable,
     hub::{Hub, JoinOutcome, JoinReply, Since},
     limits::{ConnectionLimits, TokenBucket, UserSlot},
@@ -23,7 +27,7 @@ use crate::{
     policy::EndpointPolicy,
     protocol::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
-        ErrorCode, InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
+        InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
     },
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
@@ -127,7 +131,7 @@ struct PendingAuth {
     id: Option<RequestId>,
     with_ack: bool,
     at: Now,
-    queued: VecDeque<Result<Request, InvalidRequest>>,
+    queued: VecDeque<Request>,
 }
 
 enum Via {
@@ -226,11 +230,9 @@ impl Connection {
                 }
                 self.become_authenticated(pending.identity, Some(slot), pending.at);
             }
-            Err(rejection) => self.reply_error(
-                pending.id.as_ref(),
-                rejection.error_code(),
-                rejection.message(),
-            ),
+            Err(rejection) => {
+                self.reply_error(pending.id.as_ref(), RequestError::UserSlot(rejection))
+            }
         }
         let mut queued = pending.queued;
         while let Some(request) = queued.pop_front() {
@@ -239,7 +241,7 @@ impl Connection {
                 next.queued.push_back(request);
                 continue;
             }
-            self.dispatch(request, now, Via::Stream);
+            self.dispatch(Ok(request), now, Via::Stream);
         }
     }
 
@@ -328,7 +330,7 @@ impl Connection {
                 "rate limit exceeded",
             ));
         } else if self.refused.is_power_of_two() {
-            self.reply_error(None, ErrorCode::RateLimited, "rate limit exceeded");
+            self.reply_error(None, RequestError::RateLimited);
         }
         None
     }
@@ -339,20 +341,16 @@ impl Connection {
             Ok(r) => r,
             Err(e) => {
                 if !datagram {
-                    self.reply_error(e.id.as_ref(), e.error.code(), &e.error.to_string());
+                    self.reply_error(e.id.as_ref(), e.error.into());
                 }
                 return;
             }
         };
         if let (false, Some(pending)) = (datagram, self.pending_auth.as_mut()) {
             if pending.queued.len() < MAX_QUEUED_DURING_AUTH {
-                pending.queued.push_back(Ok(request));
+                pending.queued.push_back(request);
             } else {
-                self.reply_error(
-                    request.id(),
-                    ErrorCode::Unauthorized,
-                    "authentication in progress",
-                );
+                self.reply_error(request.id(), RequestError::AuthInProgress);
             }
             return;
         }
@@ -363,28 +361,32 @@ impl Connection {
             } = request
             {
                 if self.identity.is_some() {
-                    self.publish(None, &room, &data, echo, true, now, false);
+                    let _ = self.publish(None, &room, &data, echo, true, now, false);
                 }
             }
             return;
         }
+        let id = request.id().cloned();
+        if let Err(e) = self.handle_request(request, now) {
+            self.reply_error(id.as_ref(), e);
+        }
+    }
+
+    /// Handles a request from the message stream. Refusals known at once are returned;
+    /// the answers that come later are queued by the completions.
+    fn handle_request(&mut self, request: Request, now: Now) -> Result<(), RequestError> {
         if self.identity.is_none() {
-            match request {
+            return match request {
                 Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
                 Request::Hello { token: Some(token) } => {
                     self.authenticate(None, &token, now, false)
                 }
-                Request::Hello { token: None } => {}
-                other => self.reply_error(
-                    other.id(),
-                    ErrorCode::Unauthorized,
-                    "authenticate first with an `auth` frame",
-                ),
-            }
-            return;
+                Request::Hello { token: None } => Ok(()),
+                _ => Err(RequestError::NotAuthenticated),
+            };
         }
         match request {
-            Request::Hello { token: None } => {}
+            Request::Hello { token: None } => Ok(()),
             Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
             Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
             Request::Join {
@@ -398,19 +400,15 @@ impl Connection {
                     // Without an epoch nothing can match: `recovered: false`.
                     epoch: epoch.as_deref().unwrap_or(""),
                 });
-                self.join(id.as_ref(), room, since, now)
+                self.join(id, room, since, now)
             }
             Request::Leave { id, room } => {
                 // A join the cluster refused left the room already: `not_member`.
-                if self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room) {
-                    self.ack(id.as_ref(), &AckFields::default());
-                } else {
-                    self.reply_error(
-                        id.as_ref(),
-                        ErrorCode::NotMember,
-                        "not a member of that room",
-                    );
+                if !(self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room)) {
+                    return Err(RequestError::NotMember);
                 }
+                self.ack(id.as_ref(), &AckFields::default());
+                Ok(())
             }
             Request::Publish {
                 id,
@@ -435,14 +433,15 @@ impl Connection {
                                     ..Default::default()
                                 },
                             ),
-                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                            Err(e) => error_frame(id.as_ref(), &e.into()),
                         });
                     }),
                 );
+                Ok(())
             }
             Request::Presence { id, room } => {
                 if !self.may_join(&room) {
-                    return self.reply_error(id.as_ref(), ErrorCode::Forbidden, "room not allowed");
+                    return Err(RequestError::RoomNotAllowed);
                 }
                 let handle = self.handle.clone();
                 let room_text = room.to_string();
@@ -466,14 +465,16 @@ impl Connection {
                                     ..Default::default()
                                 },
                             ),
-                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                            Err(e) => error_frame(id.as_ref(), &e.into()),
                         });
                     }),
                 );
+                Ok(())
             }
             Request::Ping { id } => {
                 self.handle
                     .send(ServerFrame::Pong { id: id.as_ref() }.to_outbound());
+                Ok(())
             }
         }
     }
@@ -484,9 +485,15 @@ impl Connection {
             .is_some_and(|i| i.may_join(&self.policy.rooms, room.as_str()))
     }
 
-    fn join(&mut self, id: Option<&RequestId>, room: RoomName, since: Option<Since<'_>>, now: Now) {
+    fn join(
+        &mut self,
+        id: Option<RequestId>,
+        room: RoomName,
+        since: Option<Since<'_>>,
+        now: Now,
+    ) -> Result<(), RequestError> {
         if !self.may_join(&room) {
-            return self.reply_error(id, ErrorCode::Forbidden, "room not allowed");
+            return Err(RequestError::RoomNotAllowed);
         }
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
             // Joins the cluster refused do not count.
@@ -494,14 +501,10 @@ impl Connection {
             self.joined.retain(|r| hub.is_member(handle, r));
         }
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
-            return self.reply_error(
-                id,
-                ErrorCode::LimitExceeded,
-                &format!("at most {} rooms per session", self.policy.max_rooms),
-            );
+            return Err(RequestError::TooManyRooms(self.policy.max_rooms));
         }
         // The reply is queued by the hub, before any replayed or live message of the room.
-        let (id, room_text) = (id.cloned(), room.to_string());
+        let room_text = room.to_string();
         let reply: JoinReply = Box::new(
             move |outcome: Result<&JoinOutcome, &ClusterUnavailable>| match outcome {
                 Ok(outcome) => ack_frame(
@@ -515,17 +518,18 @@ impl Connection {
                         ..Default::default()
                     },
                 ),
-                Err(e) => unavailable_frame(id.as_ref(), e),
+                Err(e) => error_frame(id.as_ref(), &e.clone().into()),
             },
         );
         self.services
             .hub
             .join(&self.handle, &room, since, now.instant, reply);
         self.joined.insert(room);
+        Ok(())
     }
 
     /// Publishes to `room` if the identity may; with `reply`, answers with the ack (its
-    /// `seq`) or the error, now or when the cluster has taken the message.
+    /// `seq`) or the cluster's failure when the cluster has taken the message.
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -536,17 +540,10 @@ impl Connection {
         volatile: bool,
         now: Now,
         reply: bool,
-    ) {
+    ) -> Result<(), RequestError> {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            if reply {
-                self.reply_error(
-                    id.as_ref(),
-                    ErrorCode::Forbidden,
-                    "publishing to that room is not allowed",
-                );
-            }
-            return;
+            return Err(RequestError::PublishNotAllowed);
         }
         let exclude = (!echo).then(|| self.handle.id());
         let handle = self.handle.clone();
@@ -569,35 +566,31 @@ impl Connection {
                             ..Default::default()
                         },
                     ),
-                    Err(e) => unavailable_frame(id.as_ref(), &e),
+                    Err(e) => error_frame(id.as_ref(), &e.into()),
                 });
             }),
         );
+        Ok(())
     }
 
-    fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {
+    fn authenticate(
+        &mut self,
+        id: Option<&RequestId>,
+        token: &str,
+        now: Now,
+        with_ack: bool,
+    ) -> Result<(), RequestError> {
         if self.anonymous {
-            return self.reply_error(
-                id,
-                ErrorCode::BadRequest,
-                "this endpoint does not use authentication",
-            );
+            return Err(RequestError::AuthNotUsed);
         }
-        let Some(verifier) = self.services.verifier.clone() else {
-            return self.reply_error(id, ErrorCode::Unauthorized, "no authentication configured");
-        };
-        let identity = match verifier.verify(token, now.unix_secs) {
-            Ok(identity) => identity,
-            Err(e) => return self.reply_auth_error(id, &e),
-        };
+        let verifier = self
+            .services
+            .verifier
+            .clone()
+            .ok_or(RequestError::NoVerifier)?;
+        let identity = verifier.verify(token, now.unix_secs)?;
         match &self.identity {
-            Some(current) if current.user != identity.user => {
-                self.reply_error(
-                    id,
-                    ErrorCode::Unauthorized,
-                    "token is for another user than this session",
-                );
-            }
+            Some(current) if current.user != identity.user => return Err(RequestError::OtherUser),
             Some(_) => {
                 self.set_token_deadline(&identity, now);
                 self.identity = Some(identity);
@@ -607,6 +600,7 @@ impl Connection {
             }
             None => self.claim_user_slot(id, identity, now, with_ack),
         }
+        Ok(())
     }
 
     /// Takes the user's slot (in cluster mode, in the cluster-wide count) for a valid first
@@ -654,7 +648,7 @@ impl Connection {
             session: self.handle.id_str(),
             user: &user,
             endpoint: &self.policy.path,
-            transport: self.handle.transport().as_str(),
+            transport: self.handle.transport(),
             heartbeat_ms: self.policy.heartbeat.as_millis() as u64,
             node: self.services.hub.node_id(),
         };
@@ -672,19 +666,8 @@ impl Connection {
         self.handle.send(ack_frame(id, fields));
     }
 
-    fn reply_auth_error(&self, id: Option<&RequestId>, e: &AuthError) {
-        self.reply_error(id, ErrorCode::Unauthorized, &e.to_string());
-    }
-
-    fn reply_error(&self, id: Option<&RequestId>, code: ErrorCode, message: &str) {
-        self.handle.send(
-            ServerFrame::Error {
-                id,
-                code: code.as_str(),
-                message,
-            }
-            .to_outbound(),
-        );
+    fn reply_error(&self, id: Option<&RequestId>, error: RequestError) {
+        self.handle.send(error_frame(id, &error));
     }
 }
 
@@ -693,12 +676,12 @@ fn ack_frame(id: Option<&RequestId>, fields: &AckFields) -> Outbound {
     ServerFrame::Ack { id, fields }.to_outbound()
 }
 
-/// The `error internal` a request gets when the cluster cannot take it.
-fn unavailable_frame(id: Option<&RequestId>, e: &ClusterUnavailable) -> Outbound {
+/// The `error` envelope of a refused request.
+fn error_frame(id: Option<&RequestId>, error: &RequestError) -> Outbound {
     ServerFrame::Error {
         id,
-        code: ErrorCode::Internal.as_str(),
-        message: &e.to_string(),
+        code: error.code(),
+        message: &error.to_string(),
     }
     .to_outbound()
 }
