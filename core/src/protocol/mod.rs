@@ -7,7 +7,7 @@ mod encode;
 mod room;
 pub mod stream_frame;
 
-pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection, TransportFault};
+pub use codes::{CloseCode, CloseReason, ErrorCode, HttpFailure, Rejection, TransportFault};
 pub use decode::{
     check_data, decode_binary, decode_json, DataError, DecodeError, InvalidRequest, Payload,
     Request, RequestId, MAX_DATA_DEPTH,

@@ -20,7 +20,9 @@ use gateway_core::{
     auth::Identity,
     backplane::{completion, ClusterUnavailable},
     connection::Now,
-    protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
+    protocol::{
+        check_data, CloseCode, CloseReason, ErrorCode, HttpFailure, Payload, Rejection, RoomName,
+    },
     tickets::TicketError,
 };
 use http::{header::CONTENT_LENGTH, StatusCode};
@@ -127,14 +129,12 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
             .await
             .map(ApiBody)
             .map_err(|e| {
+                // axum answers 413 for a body over the limit and 400 for any other failure.
                 let code = match e.status() {
                     StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
                     _ => ErrorCode::BadRequest,
                 };
-                ApiError {
-                    status: Some(e.status()),
-                    ..ApiError::new(code, e.body_text())
-                }
+                ApiError::new(code, e.body_text())
             })
     }
 }
@@ -144,9 +144,8 @@ async fn deadline(State(app): State<Arc<AppState>>, req: Request, next: Next) ->
     let limit: Duration = app.config.limits.handshake_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::BadRequest.as_str(),
+        Err(_) => failure_response(
+            HttpFailure::Timeout,
             "the request did not complete within the handshake timeout",
         ),
     }
@@ -176,30 +175,25 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// An API failure; it becomes the JSON error body with the status of its code.
+/// An API failure; it becomes the JSON error body with the failure's status and code.
 #[derive(Debug)]
 struct ApiError {
-    code: ErrorCode,
+    failure: HttpFailure,
     message: String,
-    status: Option<StatusCode>,
 }
 
 impl ApiError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    fn new(failure: impl Into<HttpFailure>, message: impl Into<String>) -> Self {
         Self {
-            code,
+            failure: failure.into(),
             message: message.into(),
-            status: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status.unwrap_or_else(|| {
-            StatusCode::from_u16(self.code.http_status()).expect("valid status")
-        });
-        error_response(status, self.code.as_str(), &self.message)
+        failure_response(self.failure, &self.message)
     }
 }
 
@@ -237,9 +231,8 @@ async fn issue_ticket(
             .issue_ticket(&identity, app.tickets.ttl())
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-            .ok_or_else(|| ApiError {
-                status: Some(StatusCode::TOO_MANY_REQUESTS),
-                ..ApiError::new(ErrorCode::LimitExceeded, TicketError::UserLimit.to_string())
+            .ok_or_else(|| {
+                ApiError::new(TicketError::UserLimit, TicketError::UserLimit.to_string())
             })?;
         return Ok(Json(json!({
             "ticket": ticket,
@@ -249,16 +242,7 @@ async fn issue_ticket(
     let ticket = app
         .tickets
         .issue(identity, Now::read().instant)
-        .map_err(|e| {
-            let status = match e {
-                TicketError::Full => StatusCode::SERVICE_UNAVAILABLE,
-                TicketError::UserLimit => StatusCode::TOO_MANY_REQUESTS,
-            };
-            ApiError {
-                status: Some(status),
-                ..ApiError::new(ErrorCode::LimitExceeded, e.to_string())
-            }
-        })?;
+        .map_err(|e| ApiError::new(e.clone(), e.to_string()))?;
     Ok(Json(json!({
         "ticket": ticket,
         "expires_in": app.tickets.ttl().as_secs(),
@@ -392,17 +376,19 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
     Ok(Json(json!({ "disconnected": n })))
 }
 
-/// The JSON error body of the HTTP API and of rejected upgrades.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+/// The JSON error body of the HTTP API and of rejected upgrades, with the status core's
+/// code table gives the failure.
+pub fn failure_response(failure: HttpFailure, message: &str) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(failure.http_status()).expect("the table's statuses are valid");
     (
         status,
-        Json(serde_json::json!({ "error": code, "message": message })),
+        Json(serde_json::json!({ "error": failure.error_code(), "message": message })),
     )
         .into_response()
 }
 
 /// The response to a refused upgrade or CONNECT.
 pub fn rejection_response(rejection: Rejection) -> Response<Body> {
-    let status = StatusCode::from_u16(rejection.http_status()).expect("valid status");
-    error_response(status, rejection.error_code().as_str(), rejection.message())
+    failure_response(rejection.into(), rejection.message())
 }

@@ -580,8 +580,7 @@ impl FrameSink for WtSink {
 /// Closes the QUIC connection. The WebTransport close code travels in the `close` envelope;
 /// the connection itself closes with `H3_NO_ERROR` and "CODE reason" as its reason.
 fn close_connection(quic: &quinn::Connection, reason: &CloseReason) {
-    let text = format!("{} {}", reason.code.code(), reason.reason);
-    quic.close(H3_NO_ERROR.into(), text.as_bytes());
+    quic.close(H3_NO_ERROR.into(), reason.to_string().as_bytes());
 }
 
 /// Answers a second bidirectional stream with an `error` frame and finishes it.
@@ -783,12 +782,7 @@ impl Inbound for WtInbound {
                 frame = self.messages.next() => return match frame {
                     Some(Ok((FrameKind::Json, payload))) => Event::Text(payload),
                     Some(Ok((FrameKind::Binary, payload))) => Event::Binary(payload),
-                    Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
-                        Event::Fault(TransportFault::TooLarge)
-                    }
-                    Some(Err(StreamEnd::Frame(e))) => {
-                        Event::Fault(TransportFault::Malformed(e.to_string()))
-                    }
+                    Some(Err(StreamEnd::Frame(e))) => Event::Fault(e.into()),
                     Some(Err(StreamEnd::Closed)) | None => Event::Fault(TransportFault::StreamClosed),
                 },
                 datagram = self.datagrams.next() => return match datagram {

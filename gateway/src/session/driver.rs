@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use bytes::Bytes;
 use gateway_core::{
     connection::{Connection, Now, WakeSignal},
-    protocol::{CloseCode, CloseReason, TransportFault},
+    protocol::{CloseReason, TransportFault},
 };
 use tokio::{task::JoinHandle, time::Instant};
 
@@ -124,7 +124,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
         }
     }
     if !handle.is_closed() {
-        handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
+        handle.close(TransportFault::PeerClosed.close_reason());
     }
     // Boxed: the task of an open session does not carry the closing procedure's state.
     Box::pin(finish(conn, inbound, writer, gone, log)).await;

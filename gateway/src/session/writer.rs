@@ -10,7 +10,7 @@ use std::{
 };
 
 use gateway_core::{
-    protocol::{CloseCode, CloseReason},
+    protocol::{CloseReason, TransportFault},
     session::{Batch, Outbound, OutboxReceiver, SessionHandle},
 };
 
@@ -195,6 +195,6 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
 
     fn abandon(&self) {
         self.outbox
-            .close(CloseReason::new(CloseCode::Internal, "write failed"));
+            .close(TransportFault::WriteFailed.close_reason());
     }
 }

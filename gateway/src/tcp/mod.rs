@@ -247,6 +247,14 @@ fn to_message(frame: Outbound) -> Message {
     }
 }
 
+/// The WebSocket close frame of a close reason (its code from core's table).
+fn close_frame(reason: CloseReason) -> CloseFrame {
+    CloseFrame {
+        code: reason.code.code().into(),
+        reason: reason.reason.into(),
+    }
+}
+
 /// The fault a tungstenite read error is; `None` when the connection is just gone.
 fn fault_of(error: &tungstenite::Error) -> Option<TransportFault> {
     use tungstenite::Error as E;
@@ -271,12 +279,8 @@ where
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
             Ok(_) => continue,
             Err(e) => {
-                if let Some(reason) = fault_of(&e).map(TransportFault::close_reason) {
-                    let frame = CloseFrame {
-                        code: reason.code.code().into(),
-                        reason: reason.reason.into(),
-                    };
-                    let _ = ws.close(Some(frame)).await;
+                if let Some(fault) = fault_of(&e) {
+                    let _ = ws.close(Some(close_frame(fault.close_reason()))).await;
                 }
                 break;
             }
@@ -425,10 +429,6 @@ where
     }
 
     async fn close(mut self, reason: CloseReason) {
-        let frame = CloseFrame {
-            code: reason.code.code().into(),
-            reason: reason.reason.into(),
-        };
-        let _ = self.0.send(Message::Close(Some(frame))).await;
+        let _ = self.0.send(Message::Close(Some(close_frame(reason)))).await;
     }
 }
