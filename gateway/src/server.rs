@@ -196,10 +196,7 @@ async fn expire_history(state: Arc<AppState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        state
-            .services
-            .hub
-            .expire_history(tokio::time::Instant::now().into_std());
+        state.services.hub.expire_history(crate::clock::instant());
     }
 }
 

@@ -44,25 +44,13 @@ pub const MAX_QUEUED_DURING_AUTH: usize = 32;
 pub type WakeSignal = Arc<tokio::sync::Notify>;
 
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
+/// Core reads no clock: the adapter that drives a connection reads its own and passes it in.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
     /// Monotonic time.
     pub instant: Instant,
     /// Wall-clock seconds since the Unix epoch.
     pub unix_secs: u64,
-}
-
-impl Now {
-    /// Reads both clocks. Adapters call this; core code takes `Now` as an argument.
-    pub fn read() -> Self {
-        Self {
-            instant: Instant::now(),
-            unix_secs: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }
-    }
 }
 
 /// How a session was admitted before it opened.

@@ -19,7 +19,6 @@ use axum::{
 use gateway_core::{
     auth::Identity,
     backplane::{completion, ClusterUnavailable},
-    connection::Now,
     protocol::{
         check_data, CloseCode, CloseReason, ErrorCode, HttpFailure, Payload, Rejection, RoomName,
     },
@@ -33,7 +32,7 @@ use super::{
     admission::{bearer, ConnectionPermit},
     assets,
 };
-use crate::state::AppState;
+use crate::{clock, state::AppState};
 
 /// Room or user name, JSON keys and punctuation of an API body around its `data`.
 const API_ENVELOPE_BYTES: usize = 1024;
@@ -212,7 +211,7 @@ async fn require_user_jwt(
     let Some(token) = bearer(req.headers()) else {
         return ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required").into_response();
     };
-    match verifier.verify(token, Now::read().unix_secs) {
+    match verifier.verify(token, clock::now().unix_secs) {
         Ok(identity) => {
             req.extensions_mut().insert(identity);
             next.run(req).await
@@ -241,7 +240,7 @@ async fn issue_ticket(
     }
     let ticket = app
         .tickets
-        .issue(identity, Now::read().instant)
+        .issue(identity, clock::now().instant)
         .map_err(|e| ApiError::new(e.clone(), e.to_string()))?;
     Ok(Json(json!({
         "ticket": ticket,
@@ -297,7 +296,7 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let (done, rx) = completion();
     app.services
         .hub
-        .publish_then(&room, None, &data, false, None, Now::read().instant, done);
+        .publish_then(&room, None, &data, false, None, clock::now().instant, done);
     let seq = cluster_result(rx.await)?;
     Ok(Json(json!({ "seq": seq })))
 }

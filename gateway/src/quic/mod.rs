@@ -16,7 +16,6 @@ use axum::{body::Body, Router};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
 use gateway_core::{
-    connection::Now,
     protocol::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
         CloseReason, ErrorCode, Rejection, ServerFrame, TransportFault,
@@ -37,6 +36,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
+    clock,
     http::{
         admission::{self, Admission, ConnectionPermit, UpgradeRequest},
         api::rejection_response,
@@ -223,7 +223,7 @@ async fn serve_connection(
                 let admission = admission::admit(
                     app,
                     &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
-                    Now::read(),
+                    clock::now(),
                 )
                 .await;
                 match admission {

@@ -5,10 +5,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use gateway_core::{
-    connection::{Connection, Now, WakeSignal},
+    connection::{Connection, WakeSignal},
     protocol::{CloseReason, TransportFault},
 };
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::task::JoinHandle;
+
+use crate::clock;
 
 use super::{
     open::AccessLog,
@@ -78,7 +80,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
 ) {
     let handle = conn.handle().clone();
     let writer = tokio::spawn(writer.run());
-    let mut deadline = conn.poll(Instant::now().into_std());
+    let mut deadline = conn.poll(clock::instant());
     let wake = conn.wake_signal();
     let mut gone = false;
     loop {
@@ -92,7 +94,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
             biased;
             () = handle.closed() => break,
             event = inbound.next() => {
-                let now = Now::read();
+                let now = clock::now();
                 match event {
                     Event::Text(frame) => conn.on_text(frame, now),
                     Event::Binary(frame) => conn.on_binary(frame, now),
@@ -119,8 +121,8 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
                     }
                 }
             }
-            () = timer => deadline = conn.poll(Instant::now().into_std()),
-            () = woken(&wake) => conn.on_wake(Now::read()),
+            () = timer => deadline = conn.poll(clock::instant()),
+            () = woken(&wake) => conn.on_wake(clock::now()),
         }
     }
     if !handle.is_closed() {

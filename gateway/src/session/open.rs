@@ -4,14 +4,14 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use gateway_core::{
-    connection::{Connection, Now},
+    connection::Connection,
     limits::ConnectionSlot,
     session::{OutboxReceiver, TransportKind},
 };
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::{http::admission::Admission, state::AppState};
+use crate::{clock, http::admission::Admission, state::AppState};
 
 /// Outbound counters an adapter's writer reports at the end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -52,7 +52,7 @@ pub(crate) fn open_session(
         transport,
         pings,
         admitted,
-        Now::read(),
+        clock::now(),
     );
     let handle = conn.handle();
     info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),

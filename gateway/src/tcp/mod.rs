@@ -18,7 +18,6 @@ use axum::{body::Body, Router};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use gateway_core::{
-    connection::Now,
     protocol::{CloseReason, TransportFault},
     session::{Outbound, TransportKind},
 };
@@ -39,6 +38,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
+    clock,
     http::{
         admission::{self, Admission, ConnectionPermit, UpgradeRequest},
         api::rejection_response,
@@ -175,7 +175,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
     let valid_upgrade = on_upgrade.is_some() && is_websocket_upgrade(&req);
-    let now = Now::read();
+    let now = clock::now();
     let admission = admission::admit(
         &app,
         &UpgradeRequest::of(&req, peer.ip(), valid_upgrade),
