@@ -10,12 +10,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
     time::Instant,
 };
 
 use dashmap::DashMap;
 use indexmap::IndexMap;
+use rand::{rngs::StdRng, RngCore};
 
 use crate::{
     backplane::{
@@ -141,6 +145,10 @@ pub struct Hub {
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
+    /// Where session ids and epochs come from (the owner seeds it).
+    rng: Mutex<StdRng>,
+    /// Tells a member's successive joins of a room apart.
+    join_tokens: AtomicU64,
     /// This hub, for completions that come back later.
     me: Weak<Hub>,
 }
@@ -156,8 +164,9 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub with this configuration and backplane.
-    pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>) -> Arc<Self> {
+    /// A hub with this configuration and backplane, drawing session ids and room epochs
+    /// from `rng` (seeded from the OS in production, from a constant in tests).
+    pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>, rng: StdRng) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             node: config.node_id.into(),
             policies: config.rooms,
@@ -166,8 +175,27 @@ impl Hub {
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
+            rng: Mutex::new(rng),
+            join_tokens: AtomicU64::new(0),
             me: me.clone(),
         })
+    }
+
+    /// A fresh session id for a session about to open.
+    pub fn new_session_id(&self) -> SessionId {
+        SessionId(self.random_u64())
+    }
+
+    fn random_u64(&self) -> u64 {
+        self.rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_u64()
+    }
+
+    /// A new room epoch: the sequence restarts, clients must not take it for the old one.
+    fn new_epoch(&self) -> Arc<str> {
+        format!("{:016x}", self.random_u64()).into()
     }
 
     /// This node's id.
@@ -235,7 +263,7 @@ impl Hub {
             let policy = self.policies.for_room(room.as_str());
             Arc::new(Room(Mutex::new(RoomState {
                 seq: 0,
-                epoch: new_epoch(),
+                epoch: self.new_epoch(),
                 presence_events: policy.presence_events,
                 history: (policy.history > 0).then(|| {
                     History::new(
@@ -300,7 +328,7 @@ impl Hub {
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
         let cluster = self.backplane.cluster();
-        let token = rand::random::<u64>();
+        let token = self.join_tokens.fetch_add(1, Ordering::Relaxed);
         if added && cluster.is_some() {
             state.pending.insert(handle.id(), (token, Vec::new()));
         }
@@ -811,10 +839,6 @@ fn presence_frame(room: &RoomName, event: PresenceEvent, user: &str) -> Outbound
     .to_outbound()
 }
 
-fn new_epoch() -> Arc<str> {
-    format!("{:016x}", rand::random::<u64>()).into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,6 +847,7 @@ mod tests {
         session::{Batch, OutboxReceiver, TransportKind},
     };
     use bytes::Bytes;
+    use rand::SeedableRng;
     use serde_json::{json, Value};
     use std::time::Duration;
 
@@ -838,6 +863,7 @@ mod tests {
                 history_budget: DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(1),
         )
     }
 
@@ -867,7 +893,12 @@ mod tests {
     }
 
     fn session(hub: &Hub, user: &str) -> (SessionHandle, OutboxReceiver) {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 64);
+        let (h, rx) = SessionHandle::new(
+            hub.new_session_id(),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            64,
+        );
         h.set_user(user.into());
         hub.open_session(&h);
         hub.register_user(&h);
@@ -901,6 +932,29 @@ mod tests {
 
     fn json_data(s: &'static str) -> Payload {
         Payload::Json(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[test]
+    fn session_ids_and_epochs_come_from_the_given_source() {
+        let (a, b) = (hub(), hub());
+        let ids = |hub: &Hub| [hub.new_session_id(), hub.new_session_id()];
+        let (ids_a, ids_b) = (ids(&a), ids(&b));
+        assert_eq!(ids_a, ids_b, "same seed, same ids");
+        assert_ne!(ids_a[0], ids_a[1]);
+        let room = RoomName::new("r").unwrap();
+        let (sa, _ra) = session(&a, "u");
+        let (sb, _rb) = session(&b, "u");
+        assert_eq!(join(&a, &sa, &room).epoch, join(&b, &sb, &room).epoch);
+        let other = Hub::new(
+            HubConfig {
+                node_id: "n1".into(),
+                rooms: RoomPolicies::default(),
+                history_budget: DEFAULT_HISTORY_BUDGET,
+            },
+            Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(2),
+        );
+        assert_ne!(ids(&other), ids_a, "another seed, other ids");
     }
 
     #[test]
@@ -1275,6 +1329,7 @@ mod tests {
                 history_budget: DEFAULT_HISTORY_BUDGET,
             },
             cluster.clone(),
+            StdRng::seed_from_u64(1),
         );
         let room = RoomName::new("r").unwrap();
         let (live, live_rx) = session(&hub, "live");

@@ -12,6 +12,7 @@ use gateway_core::{
     limits::ConnectionLimits,
     protocol::{CloseCode, CloseReason, ServerFrame},
 };
+use rand::{rngs::StdRng, SeedableRng};
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::info;
 
@@ -86,7 +87,7 @@ impl Server {
         };
         let mut cluster_handle = None;
         let hub = match &config.redis {
-            None => Hub::new(hub_config, Arc::new(LocalBackplane)),
+            None => Hub::new(hub_config, Arc::new(LocalBackplane), StdRng::from_os_rng()),
             Some(url) => {
                 let cluster = RedisCluster::start(
                     url,
@@ -94,7 +95,7 @@ impl Server {
                     &config.node_id,
                     config.cluster_heartbeat,
                 )?;
-                let hub = Hub::new(hub_config, cluster.clone());
+                let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);
                 cluster_handle = Some(cluster.clone());
                 info!(redis = %url, "cluster mode: rooms and direct messages go through redis");

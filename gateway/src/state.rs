@@ -9,6 +9,7 @@ use std::{
 };
 
 use gateway_core::{connection::Services, policy::EndpointPolicy, tickets::TicketStore};
+use rand::{rngs::StdRng, SeedableRng};
 
 use tokio_util::task::TaskTracker;
 
@@ -56,7 +57,8 @@ impl AppState {
             .iter()
             .map(|e| (e.path.clone(), e.clone()))
             .collect();
-        let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS);
+        // Ticket values are credentials: drawn from a CSPRNG seeded by the OS.
+        let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS, StdRng::from_os_rng());
         Arc::new(Self {
             services,
             endpoints,

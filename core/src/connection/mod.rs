@@ -141,6 +141,7 @@ impl Connection {
         now: Now,
     ) -> (Connection, OutboxReceiver) {
         let (handle, outbox) = SessionHandle::new(
+            services.hub.new_session_id(),
             transport,
             policy.path.as_str().into(),
             policy.queue_capacity,
@@ -697,6 +698,7 @@ mod tests {
                     history_budget: crate::hub::DEFAULT_HISTORY_BUDGET,
                 },
                 Arc::new(LocalBackplane),
+                rand::SeedableRng::seed_from_u64(1),
             ),
             verifier: None,
             limits: ConnectionLimits::new(10, 10, 10),
