@@ -12,6 +12,7 @@ use gateway_core::{
     protocol::{decode_binary, decode_json, Payload, RoomName},
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
+use rand::{rngs::StdRng, SeedableRng};
 
 fn decoders(c: &mut Criterion) {
     let json = Bytes::from_static(
@@ -41,11 +42,17 @@ fn fan_out(c: &mut Criterion) {
                 history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(1),
         );
         let room = RoomName::new("r").unwrap();
         let sessions: Vec<(SessionHandle, OutboxReceiver)> = (0..members)
             .map(|i| {
-                let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1 << 20);
+                let (h, rx) = SessionHandle::new(
+                    hub.new_session_id(),
+                    TransportKind::WebSocket,
+                    "/chat".into(),
+                    1 << 20,
+                );
                 h.set_user(format!("u{i}").into());
                 hub.join(
                     &h,

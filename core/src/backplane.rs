@@ -153,9 +153,6 @@ pub trait Cluster: Send + Sync + 'static {
 
 /// What a hub is connected to: nothing else (a single node), or a [`Cluster`].
 pub trait Backplane: Send + Sync + 'static {
-    /// A short name for logs and `/healthz` details.
-    fn name(&self) -> &'static str;
-
     /// The cluster this backplane is, when it is the authority on rooms.
     fn cluster(&self) -> Option<&dyn Cluster> {
         None
@@ -172,8 +169,4 @@ pub trait Backplane: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalBackplane;
 
-impl Backplane for LocalBackplane {
-    fn name(&self) -> &'static str {
-        "local"
-    }
-}
+impl Backplane for LocalBackplane {}

@@ -19,6 +19,7 @@ use std::{
 
 use dashmap::DashMap;
 use indexmap::IndexMap;
+use rand::{rngs::StdRng, RngCore};
 
 use crate::{
     backplane::{
@@ -27,7 +28,8 @@ use crate::{
     history::{History, HistoryBudget, Recovery},
     policy::RoomPolicies,
     protocol::{
-        CloseReason, MemberInfo, MessageFrame, Payload, RoomName, ServerFrame, DIRECT, MESSAGE,
+        CloseReason, MemberInfo, MessageFrame, MessageKind, Payload, PresenceEvent, RoomName,
+        ServerFrame,
     },
     session::{Outbound, SessionHandle, SessionId, TransportKind},
 };
@@ -145,6 +147,10 @@ pub struct Hub {
     backplane: Arc<dyn Backplane>,
     /// What the hub has done, for metrics.
     stats: HubStats,
+    /// Where session ids and epochs come from (the owner seeds it).
+    rng: Mutex<StdRng>,
+    /// Tells a member's successive joins of a room apart.
+    join_tokens: AtomicU64,
     /// This hub, for completions that come back later.
     me: Weak<Hub>,
 }
@@ -213,8 +219,9 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub with this configuration and backplane.
-    pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>) -> Arc<Self> {
+    /// A hub with this configuration and backplane, drawing session ids and room epochs
+    /// from `rng` (seeded from the OS in production, from a constant in tests).
+    pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>, rng: StdRng) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             node: config.node_id.into(),
             policies: config.rooms,
@@ -224,8 +231,27 @@ impl Hub {
             sessions: DashMap::new(),
             backplane,
             stats: HubStats::default(),
+            rng: Mutex::new(rng),
+            join_tokens: AtomicU64::new(0),
             me: me.clone(),
         })
+    }
+
+    /// A fresh session id for a session about to open.
+    pub fn new_session_id(&self) -> SessionId {
+        SessionId(self.random_u64())
+    }
+
+    fn random_u64(&self) -> u64 {
+        self.rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_u64()
+    }
+
+    /// A new room epoch: the sequence restarts, clients must not take it for the old one.
+    fn new_epoch(&self) -> Arc<str> {
+        format!("{:016x}", self.random_u64()).into()
     }
 
     /// This node's id.
@@ -251,14 +277,14 @@ impl Hub {
         &self.stats
     }
 
-    /// Number of sessions open on this node (pending ones included).
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
-    }
-
     /// Number of rooms on this node: those with members, and those kept for their history.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// Number of sessions open on this node (pending ones included).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Records a newly opened session (authenticated or not).
@@ -303,7 +329,7 @@ impl Hub {
             let policy = self.policies.for_room(room.as_str());
             Arc::new(Room(Mutex::new(RoomState {
                 seq: 0,
-                epoch: new_epoch(),
+                epoch: self.new_epoch(),
                 presence_events: policy.presence_events,
                 history: (policy.history > 0).then(|| {
                     History::new(
@@ -368,7 +394,7 @@ impl Hub {
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
         let cluster = self.backplane.cluster();
-        let token = rand::random::<u64>();
+        let token = self.join_tokens.fetch_add(1, Ordering::Relaxed);
         if added && cluster.is_some() {
             state.pending.insert(handle.id(), (token, Vec::new()));
         }
@@ -379,7 +405,7 @@ impl Hub {
                 // Presence is cluster-wide: the cluster lists the member and announces it.
                 cluster.enter(room, self.member_info(handle), state.presence_events);
             } else if *count == 1 && state.presence_events {
-                let frame = presence_frame(room, "join", &user);
+                let frame = presence_frame(room, PresenceEvent::Join, &user);
                 for member in state.members.values() {
                     if member.user() != Some(&user) {
                         member.send(frame.clone());
@@ -539,7 +565,7 @@ impl Hub {
 
     /// Cluster mode: a presence event the cluster announced, for this node's members of
     /// `room` other than the sessions of the user it is about.
-    pub fn deliver_presence(&self, room: &RoomName, event: &str, user: &str) {
+    pub fn deliver_presence(&self, room: &RoomName, event: PresenceEvent, user: &str) {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
@@ -690,7 +716,7 @@ impl Hub {
             if let Some(cluster) = cluster {
                 cluster.exit(room, self.member_info(handle), state.presence_events);
             } else if last && state.presence_events {
-                let frame = presence_frame(room, "leave", &user);
+                let frame = presence_frame(room, PresenceEvent::Leave, &user);
                 for member in state.members.values() {
                     member.send(frame.clone());
                 }
@@ -791,13 +817,13 @@ impl Hub {
         }
     }
 
-    /// Delivers `data` to every session of `user`; returns whether any session got it.
-    pub fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
+    /// Delivers `data` to every session of `user` here; returns whether any session got it.
+    fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
         self.deliver_direct(user, direct_frame(from, data))
     }
 
     /// The members of `room` on this node.
-    pub fn members(&self, room: &RoomName) -> Vec<MemberInfo> {
+    fn members(&self, room: &RoomName) -> Vec<MemberInfo> {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
             return Vec::new();
         };
@@ -858,7 +884,7 @@ fn room_frame(
     data: &Payload,
 ) -> Outbound {
     MessageFrame {
-        kind: MESSAGE,
+        kind: MessageKind::Message,
         room: Some(room),
         from,
         seq,
@@ -870,7 +896,7 @@ fn room_frame(
 /// The `direct` frame of a message to a user.
 fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
     MessageFrame {
-        kind: DIRECT,
+        kind: MessageKind::Direct,
         room: None,
         from,
         seq: None,
@@ -879,17 +905,13 @@ fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
     .encode(data)
 }
 
-fn presence_frame(room: &RoomName, event: &str, user: &str) -> Outbound {
+fn presence_frame(room: &RoomName, event: PresenceEvent, user: &str) -> Outbound {
     ServerFrame::Presence {
         room: room.as_str(),
         event,
         user,
     }
     .to_outbound()
-}
-
-fn new_epoch() -> Arc<str> {
-    format!("{:016x}", rand::random::<u64>()).into()
 }
 
 #[cfg(test)]
@@ -900,6 +922,7 @@ mod tests {
         session::{Batch, OutboxReceiver, TransportKind},
     };
     use bytes::Bytes;
+    use rand::SeedableRng;
     use serde_json::{json, Value};
     use std::time::Duration;
 
@@ -915,6 +938,7 @@ mod tests {
                 history_budget: DEFAULT_HISTORY_BUDGET,
             },
             Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(1),
         )
     }
 
@@ -944,7 +968,12 @@ mod tests {
     }
 
     fn session(hub: &Hub, user: &str) -> (SessionHandle, OutboxReceiver) {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 64);
+        let (h, rx) = SessionHandle::new(
+            hub.new_session_id(),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            64,
+        );
         h.set_user(user.into());
         hub.open_session(&h);
         hub.register_user(&h);
@@ -978,6 +1007,29 @@ mod tests {
 
     fn json_data(s: &'static str) -> Payload {
         Payload::Json(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[test]
+    fn session_ids_and_epochs_come_from_the_given_source() {
+        let (a, b) = (hub(), hub());
+        let ids = |hub: &Hub| [hub.new_session_id(), hub.new_session_id()];
+        let (ids_a, ids_b) = (ids(&a), ids(&b));
+        assert_eq!(ids_a, ids_b, "same seed, same ids");
+        assert_ne!(ids_a[0], ids_a[1]);
+        let room = RoomName::new("r").unwrap();
+        let (sa, _ra) = session(&a, "u");
+        let (sb, _rb) = session(&b, "u");
+        assert_eq!(join(&a, &sa, &room).epoch, join(&b, &sb, &room).epoch);
+        let other = Hub::new(
+            HubConfig {
+                node_id: "n1".into(),
+                rooms: RoomPolicies::default(),
+                history_budget: DEFAULT_HISTORY_BUDGET,
+            },
+            Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(2),
+        );
+        assert_ne!(ids(&other), ids_a, "another seed, other ids");
     }
 
     #[test]
@@ -1046,7 +1098,7 @@ mod tests {
         assert!(!hub.leave(&t2, &room));
         assert_eq!(hub.members(&room).len(), 1);
         hub.leave(&watcher, &room);
-        assert_eq!(hub.room_count(), 0, "empty rooms are dropped");
+        assert_eq!(hub.rooms.len(), 0, "empty rooms are dropped");
     }
 
     #[test]
@@ -1171,9 +1223,9 @@ mod tests {
         let outcome = join(&hub, &a, &room);
         assert_eq!(outcome.seq, 2);
         hub.leave(&a, &room);
-        assert_eq!(hub.room_count(), 1, "kept for its history");
+        assert_eq!(hub.rooms.len(), 1, "kept for its history");
         hub.expire_history(Instant::now());
-        assert_eq!(hub.room_count(), 1, "kept while its history lives");
+        assert_eq!(hub.rooms.len(), 1, "kept while its history lives");
         let again = recover(&hub, &a, &room, 0, &outcome.epoch);
         assert_eq!((again.seq, again.recovered), (2, Some(true)));
         assert_eq!(again.epoch, outcome.epoch);
@@ -1185,10 +1237,10 @@ mod tests {
         hub.leave(&a, &room);
         let later = Instant::now() + Duration::from_secs(61);
         hub.expire_history(later);
-        assert_eq!(hub.room_count(), 1, "seen empty: kept one more lifetime");
+        assert_eq!(hub.rooms.len(), 1, "seen empty: kept one more lifetime");
         hub.expire_history(later + Duration::from_secs(60));
         assert_eq!(
-            hub.room_count(),
+            hub.rooms.len(),
             0,
             "forgotten a lifetime after its history expired"
         );
@@ -1226,7 +1278,7 @@ mod tests {
         join(&hub, &a, &room);
         hub.leave(&a, &room);
         hub.expire_history(t0 + Duration::from_secs(61));
-        assert_eq!(hub.room_count(), 1, "the visit restarted the lifetime");
+        assert_eq!(hub.rooms.len(), 1, "the visit restarted the lifetime");
         let back = recover(&hub, &a, &room, 0, &first.epoch);
         assert_eq!(back.recovered, Some(true));
     }
@@ -1240,7 +1292,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(200);
         hub.expire_history(later);
         hub.expire_history(later + Duration::from_secs(61));
-        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.rooms.len(), 0);
         assert!(stale.lock().removed, "the swept room is marked");
         // A publish that looked the old room up gets the new one (here: looks up afresh).
         assert_eq!(
@@ -1282,9 +1334,6 @@ mod tests {
     }
 
     impl Backplane for ScriptedCluster {
-        fn name(&self) -> &'static str {
-            "scripted"
-        }
         fn cluster(&self) -> Option<&dyn Cluster> {
             Some(self)
         }
@@ -1355,6 +1404,7 @@ mod tests {
                 history_budget: DEFAULT_HISTORY_BUDGET,
             },
             cluster.clone(),
+            StdRng::seed_from_u64(1),
         );
         let room = RoomName::new("r").unwrap();
         let (live, live_rx) = session(&hub, "live");

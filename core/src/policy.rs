@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::pattern::{any_matches, Pattern};
+use crate::pattern::Pattern;
 
 /// How an endpoint authenticates sessions (CONFIG.md `auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,9 +112,4 @@ impl RoomPolicies {
             .cloned()
             .unwrap_or_else(RoomPolicy::fallback)
     }
-}
-
-/// Whether `room` is allowed by `patterns`.
-pub fn room_allowed(patterns: &[Pattern], room: &str) -> bool {
-    any_matches(patterns, room)
 }

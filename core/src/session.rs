@@ -51,16 +51,12 @@ impl TransportKind {
     }
 }
 
-/// A session id, unique across the cluster with overwhelming probability (64 random bits).
+/// A session id, unique across the cluster with overwhelming probability: 64 random bits
+/// the hub draws from the random source its owner gave it ([`Hub::new_session_id`]).
+///
+/// [`Hub::new_session_id`]: crate::hub::Hub::new_session_id
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
-
-impl SessionId {
-    /// A fresh random id.
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-}
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -167,13 +163,13 @@ pub enum Batch {
 }
 
 impl SessionHandle {
-    /// A new session with an outbound queue of `capacity` frames.
+    /// A new session `id` with an outbound queue of `capacity` frames.
     pub fn new(
+        id: SessionId,
         transport: TransportKind,
         endpoint: Arc<str>,
         capacity: usize,
     ) -> (SessionHandle, OutboxReceiver) {
-        let id = SessionId::random();
         let shared = Arc::new(Shared {
             id,
             id_text: id.to_string(),
@@ -435,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_in_order_then_closes() {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 8);
+        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 8);
         assert_eq!(h.send(text("a")), Delivery::Queued);
         assert_eq!(h.send(text("b")), Delivery::Queued);
         h.close(CloseReason::new(CloseCode::Normal, "bye"));
@@ -452,7 +448,8 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_with_4008_and_drops_the_backlog() {
-        let (h, rx) = SessionHandle::new(TransportKind::WebTransport, "/chat".into(), 2);
+        let (h, rx) =
+            SessionHandle::new(SessionId(1), TransportKind::WebTransport, "/chat".into(), 2);
         h.send(text("a"));
         h.send(text("b"));
         assert_eq!(h.send(text("c")), Delivery::Overflow);
@@ -468,7 +465,8 @@ mod tests {
 
     #[test]
     fn volatile_and_offered_frames_are_dropped_not_fatal_when_full() {
-        let (h, _rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 1);
+        let (h, _rx) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 1);
         h.send(text("a"));
         let volatile = Outbound::Volatile(Bytes::from_static(b"{}"));
         assert_eq!(h.send(volatile), Delivery::Dropped);
@@ -479,7 +477,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replay_larger_than_the_queue_is_not_a_slow_consumer() {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
         let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
         assert_eq!(h.send_replay(&replay), Delivery::Queued);
         // Live frames still get the configured room on top of the replay...
@@ -487,7 +485,8 @@ mod tests {
         assert_eq!(h.send(text("live2")), Delivery::Queued);
         // ...and no more.
         assert_eq!(h.send(text("live3")), Delivery::Overflow);
-        let (h, rx2) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        let (h, rx2) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
         h.send_replay(&replay);
         let mut out = Vec::new();
         rx2.recv_batch(&mut out, 4).await;
@@ -501,7 +500,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_ahead_of_a_replay_free_capacity_when_drained() {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 2);
+        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
         assert_eq!(h.send(text("ack")), Delivery::Queued);
         let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
         h.send_replay(&replay);
@@ -516,7 +515,7 @@ mod tests {
 
     #[tokio::test]
     async fn writer_wakes_for_a_frame_sent_later() {
-        let (h, rx) = SessionHandle::new(TransportKind::WebSocket, "/chat".into(), 4);
+        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 4);
         let task = tokio::spawn(async move {
             let mut out = Vec::new();
             rx.recv_batch(&mut out, 4).await;

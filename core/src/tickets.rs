@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rand::{rngs::StdRng, RngCore};
+
 use crate::auth::Identity;
 
 /// Most unredeemed tickets one user may hold at once.
@@ -34,8 +36,9 @@ struct Entry {
     expires: Instant,
 }
 
-#[derive(Default)]
 struct Tickets {
+    /// Where ticket values come from.
+    rng: StdRng,
     entries: HashMap<String, Entry>,
     /// Every ticket issued within the last `ttl`, in issue order, which is also expiry order
     /// because the lifetime is the same for all. Redeemed tickets stay here until they expire.
@@ -90,12 +93,19 @@ impl std::fmt::Debug for TicketStore {
 }
 
 impl TicketStore {
-    /// A store whose tickets live `ttl`, holding at most `capacity` of them.
-    pub fn new(ttl: Duration, capacity: usize) -> Self {
+    /// A store whose tickets live `ttl`, holding at most `capacity` of them, drawing ticket
+    /// values from `rng`: it must be cryptographically secure and seeded from the OS in
+    /// production (tickets are credentials); tests seed it with a constant.
+    pub fn new(ttl: Duration, capacity: usize, rng: StdRng) -> Self {
         Self {
             ttl,
             capacity,
-            inner: Mutex::new(Tickets::default()),
+            inner: Mutex::new(Tickets {
+                rng,
+                entries: HashMap::new(),
+                expiry: VecDeque::new(),
+                per_user: HashMap::new(),
+            }),
         }
     }
 
@@ -106,7 +116,6 @@ impl TicketStore {
 
     /// Issues a ticket for `identity`, valid until `now + ttl`.
     pub fn issue(&self, identity: Identity, now: Instant) -> Result<String, TicketError> {
-        let ticket = random_ticket();
         let mut t = self.lock();
         t.sweep(now);
         if t.per_user.get(&identity.user).copied().unwrap_or(0) >= MAX_TICKETS_PER_USER {
@@ -115,6 +124,7 @@ impl TicketStore {
         if t.expiry.len() >= self.capacity {
             return Err(TicketError::Full);
         }
+        let ticket = ticket_value(&mut t.rng);
         *t.per_user.entry(identity.user.clone()).or_insert(0) += 1;
         let expires = now + self.ttl;
         t.expiry.push_back((expires, ticket.clone()));
@@ -156,16 +166,21 @@ impl TicketStore {
     }
 }
 
-/// A fresh ticket value: 24 random bytes, base64url.
-pub fn random_ticket() -> String {
+/// A fresh ticket value: 24 bytes from `rng`, base64url.
+pub fn ticket_value<R: RngCore + ?Sized>(rng: &mut R) -> String {
     use base64::Engine;
-    let bytes: [u8; 24] = rand::random();
+    let mut bytes = [0u8; 24];
+    rng.fill_bytes(&mut bytes);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rng() -> StdRng {
+        rand::SeedableRng::seed_from_u64(7)
+    }
 
     fn id() -> Identity {
         Identity::anonymous("u".into())
@@ -176,9 +191,26 @@ mod tests {
     }
 
     #[test]
+    fn ticket_values_come_from_the_given_source() {
+        let t0 = Instant::now();
+        let (a, b) = (
+            TicketStore::new(Duration::from_secs(30), 10, rng()),
+            TicketStore::new(Duration::from_secs(30), 10, rng()),
+        );
+        let first = a.issue(id(), t0).unwrap();
+        assert_eq!(first, b.issue(id(), t0).unwrap(), "same seed, same tickets");
+        assert_ne!(first, a.issue(id(), t0).unwrap());
+        // 24 bytes, base64url without padding.
+        assert_eq!(first.len(), 32);
+        assert!(first
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+    }
+
+    #[test]
     fn a_ticket_is_redeemed_once_and_expires() {
         let t0 = Instant::now();
-        let store = TicketStore::new(Duration::from_secs(30), 10);
+        let store = TicketStore::new(Duration::from_secs(30), 10, rng());
         let t = store.issue(id(), t0).unwrap();
         assert!(store.peek(&t, t0).is_some());
         assert_eq!(&*store.redeem(&t, t0).unwrap().user, "u");
@@ -191,7 +223,7 @@ mod tests {
     #[test]
     fn the_store_is_bounded_and_sweeps_expired_tickets() {
         let t0 = Instant::now();
-        let store = TicketStore::new(Duration::from_secs(1), 2);
+        let store = TicketStore::new(Duration::from_secs(1), 2, rng());
         store.issue(user("a"), t0).unwrap();
         store.issue(user("b"), t0).unwrap();
         assert_eq!(store.issue(user("c"), t0), Err(TicketError::Full));
@@ -202,7 +234,7 @@ mod tests {
     #[test]
     fn one_user_cannot_hold_more_than_the_per_user_cap() {
         let t0 = Instant::now();
-        let store = TicketStore::new(Duration::from_secs(30), 1000);
+        let store = TicketStore::new(Duration::from_secs(30), 1000, rng());
         let mut held: Vec<_> = (0..MAX_TICKETS_PER_USER)
             .map(|_| store.issue(user("greedy"), t0).unwrap())
             .collect();
@@ -220,7 +252,7 @@ mod tests {
     #[test]
     fn each_operation_sweeps_a_bounded_number_of_expired_tickets() {
         let t0 = Instant::now();
-        let store = TicketStore::new(Duration::from_secs(1), 10_000);
+        let store = TicketStore::new(Duration::from_secs(1), 10_000, rng());
         for i in 0..1000 {
             store.issue(user(&format!("u{i}")), t0).unwrap();
         }

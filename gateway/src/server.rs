@@ -11,6 +11,7 @@ use gateway_core::{
     hub::{Hub, HubConfig},
     limits::ConnectionLimits,
 };
+use rand::{rngs::StdRng, SeedableRng};
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::info;
 
@@ -85,7 +86,7 @@ impl Server {
         };
         let mut cluster_handle = None;
         let hub = match &config.redis {
-            None => Hub::new(hub_config, Arc::new(LocalBackplane)),
+            None => Hub::new(hub_config, Arc::new(LocalBackplane), StdRng::from_os_rng()),
             Some(url) => {
                 let cluster = RedisCluster::start(
                     url,
@@ -93,7 +94,7 @@ impl Server {
                     &config.node_id,
                     config.cluster_heartbeat,
                 )?;
-                let hub = Hub::new(hub_config, cluster.clone());
+                let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);
                 cluster_handle = Some(cluster.clone());
                 info!(redis = %url, "cluster mode: rooms and direct messages go through redis");
@@ -181,10 +182,7 @@ async fn expire_history(state: Arc<AppState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        state
-            .services
-            .hub
-            .expire_history(tokio::time::Instant::now().into_std());
+        state.services.hub.expire_history(crate::clock::instant());
     }
 }
 

@@ -14,6 +14,7 @@ use gateway_core::{
     protocol::{CloseCode, CloseReason, ServerFrame},
     tickets::TicketStore,
 };
+use rand::{rngs::StdRng, SeedableRng};
 
 use tokio_util::task::TaskTracker;
 
@@ -63,7 +64,8 @@ impl AppState {
             .iter()
             .map(|e| (e.path.clone(), e.clone()))
             .collect();
-        let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS);
+        // Ticket values are credentials: drawn from a CSPRNG seeded by the OS.
+        let tickets = TicketStore::new(config.ticket_ttl, MAX_TICKETS, StdRng::from_os_rng());
         let metrics = Metrics::new(
             env!("CARGO_PKG_VERSION"),
             config.endpoints.iter().map(|e| e.path.as_str()),

@@ -1,6 +1,10 @@
-//! The one table of failure codes: `error` codes, close codes and pre-session HTTP statuses.
+//! The one table of failure codes: `error` codes, close codes and HTTP statuses. Both
+//! fronts and the HTTP API take their codes and statuses from here.
 
 use std::fmt;
+
+use super::stream_frame::FrameError;
+use crate::tickets::TicketError;
 
 /// The `code` of an `error` envelope (PROTOCOL.md section 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,6 +155,13 @@ impl CloseReason {
     }
 }
 
+impl fmt::Display for CloseReason {
+    /// `CODE reason`, as a WebTransport connection's close reason carries it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code.code(), self.reason)
+    }
+}
+
 /// Why a transport cannot go on with a session, as either front detects it; each maps to
 /// the one close the protocol prescribes ([`close_reason`](Self::close_reason)).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +177,10 @@ pub enum TransportFault {
     Flood,
     /// The client ended the session's message stream: 1000.
     StreamClosed,
+    /// The client closed the session or its connection went away: 1000.
+    PeerClosed,
+    /// Writing to the transport failed: 1011.
+    WriteFailed,
 }
 
 impl TransportFault {
@@ -183,6 +198,19 @@ impl TransportFault {
             TransportFault::StreamClosed => {
                 CloseReason::new(CloseCode::Normal, "message stream closed by client")
             }
+            TransportFault::PeerClosed => CloseReason::new(CloseCode::Normal, "closed by client"),
+            TransportFault::WriteFailed => CloseReason::new(CloseCode::Internal, "write failed"),
+        }
+    }
+}
+
+impl From<FrameError> for TransportFault {
+    /// A frame over the limit is [`TooLarge`](Self::TooLarge); any other framing error is
+    /// [`Malformed`](Self::Malformed).
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { .. } => TransportFault::TooLarge,
+            other => TransportFault::Malformed(other.to_string()),
         }
     }
 }
@@ -257,5 +285,148 @@ impl Rejection {
                 "cluster unavailable: the credential or the connection count cannot be checked"
             }
         }
+    }
+}
+
+/// A failed plain HTTP request (PROTOCOL.md sections 1 and 9): the status and the `error`
+/// code of its JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpFailure {
+    /// An API failure, answered with its code's status ([`ErrorCode::http_status`]).
+    Code(ErrorCode),
+    /// A refused upgrade or CONNECT ([`Rejection::http_status`]).
+    Rejected(Rejection),
+    /// The request did not complete within the handshake timeout: 408, `bad_request`.
+    Timeout,
+    /// The one-time ticket store is full: 503, `limit_exceeded`.
+    TicketsFull,
+}
+
+impl HttpFailure {
+    /// The HTTP status.
+    pub fn http_status(self) -> u16 {
+        match self {
+            HttpFailure::Code(code) => code.http_status(),
+            HttpFailure::Rejected(rejection) => rejection.http_status(),
+            HttpFailure::Timeout => 408,
+            HttpFailure::TicketsFull => 503,
+        }
+    }
+
+    /// The `error` code of the body.
+    pub fn error_code(self) -> ErrorCode {
+        match self {
+            HttpFailure::Code(code) => code,
+            HttpFailure::Rejected(rejection) => rejection.error_code(),
+            HttpFailure::Timeout => ErrorCode::BadRequest,
+            HttpFailure::TicketsFull => ErrorCode::LimitExceeded,
+        }
+    }
+}
+
+impl From<ErrorCode> for HttpFailure {
+    fn from(code: ErrorCode) -> Self {
+        HttpFailure::Code(code)
+    }
+}
+
+impl From<Rejection> for HttpFailure {
+    fn from(rejection: Rejection) -> Self {
+        HttpFailure::Rejected(rejection)
+    }
+}
+
+impl From<TicketError> for HttpFailure {
+    fn from(e: TicketError) -> Self {
+        match e {
+            TicketError::Full => HttpFailure::TicketsFull,
+            TicketError::UserLimit => HttpFailure::Code(ErrorCode::LimitExceeded),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statuses of PROTOCOL.md sections 1 and 9, row by row.
+    #[test]
+    fn http_statuses_are_the_protocols() {
+        let rejections = [
+            (Rejection::UnknownEndpoint, 404, "not_found"),
+            (Rejection::BadUpgrade, 400, "bad_request"),
+            (Rejection::ServerFull, 503, "limit_exceeded"),
+            (Rejection::TooManyFromIp, 429, "limit_exceeded"),
+            (Rejection::ForbiddenOrigin, 403, "forbidden"),
+            (Rejection::InvalidCredential, 401, "unauthorized"),
+            (Rejection::MissingCredential, 401, "unauthorized"),
+            (Rejection::TooManyForUser, 429, "limit_exceeded"),
+            (Rejection::ShuttingDown, 503, "internal"),
+            (Rejection::ClusterUnavailable, 503, "internal"),
+        ];
+        for (rejection, status, code) in rejections {
+            let failure = HttpFailure::from(rejection);
+            assert_eq!(failure.http_status(), status, "{rejection:?}");
+            assert_eq!(failure.error_code().as_str(), code, "{rejection:?}");
+        }
+        let api = [
+            (HttpFailure::Code(ErrorCode::BadRequest), 400),
+            (HttpFailure::Code(ErrorCode::Unauthorized), 401),
+            (HttpFailure::Code(ErrorCode::Forbidden), 403),
+            (HttpFailure::Code(ErrorCode::NotFound), 404),
+            (HttpFailure::Code(ErrorCode::NotMember), 404),
+            (HttpFailure::Code(ErrorCode::TooLarge), 413),
+            (HttpFailure::Code(ErrorCode::RateLimited), 429),
+            (HttpFailure::Code(ErrorCode::LimitExceeded), 429),
+            (HttpFailure::Code(ErrorCode::Internal), 500),
+            (HttpFailure::Timeout, 408),
+            (TicketError::Full.into(), 503),
+            (TicketError::UserLimit.into(), 429),
+        ];
+        for (failure, status) in api {
+            assert_eq!(failure.http_status(), status, "{failure:?}");
+        }
+        assert_eq!(
+            HttpFailure::from(TicketError::Full).error_code(),
+            ErrorCode::LimitExceeded
+        );
+    }
+
+    #[test]
+    fn every_transport_fault_has_its_close_code() {
+        let faults = [
+            (TransportFault::TooLarge, 1009),
+            (TransportFault::Malformed("x".into()), 1002),
+            (TransportFault::InvalidUtf8, 1007),
+            (TransportFault::Flood, 4008),
+            (TransportFault::StreamClosed, 1000),
+            (TransportFault::PeerClosed, 1000),
+            (TransportFault::WriteFailed, 1011),
+        ];
+        for (fault, code) in faults {
+            assert_eq!(fault.clone().close_reason().code.code(), code, "{fault:?}");
+        }
+        let too_large = FrameError::TooLarge { len: 9, max: 8 };
+        assert_eq!(TransportFault::from(too_large), TransportFault::TooLarge);
+        assert_eq!(
+            TransportFault::from(FrameError::UnknownKind(7)),
+            TransportFault::Malformed("unknown frame kind 0x07".into())
+        );
+    }
+
+    #[test]
+    fn close_codes_round_trip_and_reasons_fit_a_close_frame() {
+        for code in [
+            1000, 1001, 1002, 1007, 1008, 1009, 1011, 4001, 4003, 4008, 4009,
+        ] {
+            assert_eq!(CloseCode::from_code(code).map(CloseCode::code), Some(code));
+        }
+        assert_eq!(CloseCode::from_code(1005), None);
+        let long = CloseReason::new(CloseCode::Normal, "é".repeat(100));
+        assert!(long.reason.len() <= 123 && long.reason.is_char_boundary(long.reason.len()));
+        assert_eq!(
+            CloseReason::new(CloseCode::GoingAway, "bye").to_string(),
+            "1001 bye"
+        );
     }
 }

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::{ErrorCode, RoomName};
+use super::{ErrorCode, RoomName, RoomNameError};
 
 /// A client-chosen request id, echoed back in the matching `ack`, `error` or `pong`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,20 +18,6 @@ pub enum Payload {
     Json(Bytes),
     /// The payload bytes of a binary envelope.
     Binary(Bytes),
-}
-
-impl Payload {
-    /// Length of the payload in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(b) | Payload::Binary(b) => b.len(),
-        }
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A decoded client request (PROTOCOL.md section 4).
@@ -117,41 +103,88 @@ impl Request {
             | Request::Ping { id } => id.as_ref(),
         }
     }
-
-    /// The wire `type` of this request.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Request::Hello { .. } => "hello",
-            Request::Auth { .. } => "auth",
-            Request::Join { .. } => "join",
-            Request::Leave { .. } => "leave",
-            Request::Publish { .. } => "publish",
-            Request::Send { .. } => "send",
-            Request::Presence { .. } => "presence",
-            Request::Ping { .. } => "ping",
-        }
-    }
 }
 
-/// A frame that could not be decoded: answered with an `error` envelope, the session stays open.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct DecodeError {
-    /// The request id, when it could be read before the failure.
-    pub id: Option<RequestId>,
-    /// The error code (always `bad_request` today).
-    pub code: ErrorCode,
-    /// What is wrong, naming the field.
-    pub message: String,
+/// What is wrong with a frame that is not a valid request. The text is the `message` of the
+/// `error` envelope the client gets.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A JSON text frame that is not UTF-8.
+    #[error("text frame is not valid UTF-8")]
+    NotUtf8,
+    /// A binary envelope without its header length.
+    #[error("binary envelope shorter than its 2-byte header length")]
+    BinaryTooShort,
+    /// A binary envelope whose header length runs past the frame.
+    #[error("binary envelope header length {0} exceeds the frame")]
+    HeaderBeyondFrame(usize),
+    /// A binary envelope header that is not UTF-8.
+    #[error("binary envelope header is not valid UTF-8")]
+    HeaderNotUtf8,
+    /// A binary envelope header with a `data` field (the payload is the data).
+    #[error("binary envelope header must not contain `data`")]
+    DataInBinaryHeader,
+    /// Not JSON at all.
+    #[error("invalid JSON: {0}")]
+    Json(serde_json::Error),
+    /// A JSON object that is not an envelope (for example a duplicate field).
+    #[error("invalid envelope: {0}")]
+    Envelope(serde_json::Error),
+    /// JSON, but not an object.
+    #[error("envelope must be a JSON object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// A field of the wrong type.
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        /// The field.
+        field: &'static str,
+        /// What it must be ("a string", ...).
+        expected: &'static str,
+    },
+    /// A `room` that is not a room name.
+    #[error("field `room`: {0}")]
+    Room(RoomNameError),
+    /// A `send` to the empty user id.
+    #[error("field `to` must not be empty")]
+    EmptyRecipient,
+    /// A `data` value unsafe to forward.
+    #[error("field `data` {0}")]
+    Data(DataError),
+    /// A `type` that is no request (its first 32 characters).
+    #[error("unknown type `{0}`")]
+    UnknownType(String),
 }
 
 impl DecodeError {
-    fn new(id: Option<RequestId>, message: impl Into<String>) -> Self {
-        Self {
-            id,
-            code: ErrorCode::BadRequest,
-            message: message.into(),
-        }
+    /// The `error` code it is answered with: always `bad_request` (PROTOCOL.md section 5).
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::BadRequest
+    }
+}
+
+/// A frame that is not a valid request, with its id when it could be read: answered with
+/// an `error` envelope that echoes the id; the session stays open.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct InvalidRequest {
+    /// The request id, when it could be read before the failure.
+    pub id: Option<RequestId>,
+    /// What is wrong.
+    pub error: DecodeError,
+}
+
+impl InvalidRequest {
+    fn new(id: Option<RequestId>, error: DecodeError) -> Self {
+        Self { id, error }
+    }
+}
+
+impl From<DecodeError> for InvalidRequest {
+    fn from(error: DecodeError) -> Self {
+        Self::new(None, error)
     }
 }
 
@@ -187,14 +220,13 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 
 /// Decodes a JSON text envelope. `text` must be the whole frame; `data` is sliced out of it
 /// without copying.
-pub fn decode_json(text: &Bytes) -> Result<Request, DecodeError> {
-    let s = std::str::from_utf8(text)
-        .map_err(|_| DecodeError::new(None, "text frame is not valid UTF-8"))?;
+pub fn decode_json(text: &Bytes) -> Result<Request, InvalidRequest> {
+    let s = std::str::from_utf8(text).map_err(|_| DecodeError::NotUtf8)?;
     let raw = parse_envelope(s)?;
     if let Some(d) = raw.data {
         if let Err(problem) = check_data(d.get()) {
             let id = raw.id.and_then(|r| read_id(r).ok());
-            return Err(DecodeError::new(id, format!("field `data` {problem}")));
+            return Err(InvalidRequest::new(id, DecodeError::Data(problem)));
         }
     }
     let data = raw
@@ -264,29 +296,19 @@ pub fn check_data(json: &str) -> Result<(), DataError> {
 }
 
 /// Decodes a binary envelope: `u16` header length, JSON header without `data`, payload.
-pub fn decode_binary(frame: &Bytes) -> Result<Request, DecodeError> {
+pub fn decode_binary(frame: &Bytes) -> Result<Request, InvalidRequest> {
     if frame.len() < 2 {
-        return Err(DecodeError::new(
-            None,
-            "binary envelope shorter than its 2-byte header length",
-        ));
+        return Err(DecodeError::BinaryTooShort.into());
     }
     let header_len = u16::from_be_bytes([frame[0], frame[1]]) as usize;
     let Some(header) = frame.get(2..2 + header_len) else {
-        return Err(DecodeError::new(
-            None,
-            format!("binary envelope header length {header_len} exceeds the frame"),
-        ));
+        return Err(DecodeError::HeaderBeyondFrame(header_len).into());
     };
-    let header = std::str::from_utf8(header)
-        .map_err(|_| DecodeError::new(None, "binary envelope header is not valid UTF-8"))?;
+    let header = std::str::from_utf8(header).map_err(|_| DecodeError::HeaderNotUtf8)?;
     let raw = parse_envelope(header)?;
     if raw.data.is_some() {
         let id = raw.id.and_then(|r| read_id(r).ok());
-        return Err(DecodeError::new(
-            id,
-            "binary envelope header must not contain `data`",
-        ));
+        return Err(InvalidRequest::new(id, DecodeError::DataInBinaryHeader));
     }
     let payload = frame.slice(2 + header_len..);
     build(raw, Some(Payload::Binary(payload)))
@@ -294,77 +316,55 @@ pub fn decode_binary(frame: &Bytes) -> Result<Request, DecodeError> {
 
 fn parse_envelope(s: &str) -> Result<RawEnvelope<'_>, DecodeError> {
     serde_json::from_str::<RawEnvelope<'_>>(s).map_err(|e| {
-        let message = if e.is_syntax() || e.is_eof() {
-            format!("invalid JSON: {e}")
+        if e.is_syntax() || e.is_eof() {
+            DecodeError::Json(e)
         } else if s.trim_start().starts_with('{') {
-            format!("invalid envelope: {e}")
+            DecodeError::Envelope(e)
         } else {
-            "envelope must be a JSON object".to_owned()
-        };
-        DecodeError::new(None, message)
+            DecodeError::NotAnObject
+        }
     })
 }
 
-fn read_id(raw: &RawValue) -> Result<RequestId, ()> {
+fn read_id(raw: &RawValue) -> Result<RequestId, DecodeError> {
     match serde_json::from_str::<serde_json::Number>(raw.get()) {
         Ok(n) if n.is_i64() || n.is_u64() => Ok(RequestId(n)),
-        _ => Err(()),
+        _ => Err(DecodeError::WrongType {
+            field: "id",
+            expected: "an integer",
+        }),
     }
 }
 
-fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, DecodeError> {
-    let id = match raw.id {
-        None => None,
-        Some(r) => {
-            Some(read_id(r).map_err(|()| DecodeError::new(None, "field `id` must be an integer"))?)
-        }
-    };
-    let err = |msg: String| DecodeError::new(id.clone(), msg);
-    let ty: String = match raw.ty {
-        None => return Err(err("missing field `type`".into())),
-        Some(t) => field(t, "type", "a string").map_err(err)?,
-    };
-    let required = |v: Option<&'a RawValue>, name: &str| -> Result<&'a RawValue, DecodeError> {
-        v.ok_or_else(|| DecodeError::new(id.clone(), format!("missing field `{name}`")))
-    };
-    let room = |v: Option<&'a RawValue>| -> Result<RoomName, DecodeError> {
-        let s: String = field(required(v, "room")?, "room", "a string")
-            .map_err(|m| DecodeError::new(id.clone(), m))?;
-        RoomName::new(&s).map_err(|e| DecodeError::new(id.clone(), format!("field `room`: {e}")))
-    };
-    let flag = |v: Option<&RawValue>, name: &str| -> Result<bool, DecodeError> {
-        v.map_or(Ok(false), |v| {
-            field(v, name, "a boolean").map_err(|m| DecodeError::new(id.clone(), m))
-        })
-    };
-    let data = || {
-        data.clone()
-            .ok_or_else(|| err("missing field `data`".into()))
-    };
+fn build(raw: RawEnvelope<'_>, data: Option<Payload>) -> Result<Request, InvalidRequest> {
+    let id = raw.id.map(read_id).transpose()?;
+    fields(&raw, data, id.clone()).map_err(|error| InvalidRequest::new(id, error))
+}
+
+/// The request the envelope's `type` names, from its fields.
+fn fields(
+    raw: &RawEnvelope<'_>,
+    data: Option<Payload>,
+    id: Option<RequestId>,
+) -> Result<Request, DecodeError> {
+    let ty: String = field(
+        raw.ty.ok_or(DecodeError::MissingField("type"))?,
+        "type",
+        "a string",
+    )?;
+    let data = || data.clone().ok_or(DecodeError::MissingField("data"));
     let request = match ty.as_str() {
         "hello" => Request::Hello {
-            token: raw
-                .token
-                .map(|t| field(t, "token", "a string"))
-                .transpose()
-                .map_err(err)?,
+            token: optional(raw.token, "token", "a string")?,
         },
         "auth" => Request::Auth {
-            token: field(required(raw.token, "token")?, "token", "a string").map_err(err)?,
+            token: field(required(raw.token, "token")?, "token", "a string")?,
             id,
         },
         "join" => Request::Join {
             room: room(raw.room)?,
-            since: raw
-                .since
-                .map(|s| field(s, "since", "a non-negative integer"))
-                .transpose()
-                .map_err(err)?,
-            epoch: raw
-                .epoch
-                .map(|e| field(e, "epoch", "a string"))
-                .transpose()
-                .map_err(err)?,
+            since: optional(raw.since, "since", "a non-negative integer")?,
+            epoch: optional(raw.epoch, "epoch", "a string")?,
             id,
         },
         "leave" => Request::Leave {
@@ -379,9 +379,9 @@ fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, Dec
             id,
         },
         "send" => {
-            let to: String = field(required(raw.to, "to")?, "to", "a string").map_err(err)?;
+            let to: String = field(required(raw.to, "to")?, "to", "a string")?;
             if to.is_empty() {
-                return Err(err("field `to` must not be empty".into()));
+                return Err(DecodeError::EmptyRecipient);
             }
             Request::Send {
                 to,
@@ -394,23 +394,53 @@ fn build<'a>(raw: RawEnvelope<'a>, data: Option<Payload>) -> Result<Request, Dec
             id,
         },
         "ping" => Request::Ping { id },
-        other => {
-            let shown: String = other.chars().take(32).collect();
-            return Err(err(format!("unknown type `{shown}`")));
-        }
+        other => return Err(DecodeError::UnknownType(other.chars().take(32).collect())),
     };
     Ok(request)
 }
 
-fn field<T: DeserializeOwned>(raw: &RawValue, name: &str, expected: &str) -> Result<T, String> {
-    serde_json::from_str(raw.get()).map_err(|_| format!("field `{name}` must be {expected}"))
+/// A field that must be present.
+fn required<'a>(v: Option<&'a RawValue>, name: &'static str) -> Result<&'a RawValue, DecodeError> {
+    v.ok_or(DecodeError::MissingField(name))
+}
+
+/// A field read as `T`, which it must be (`expected` says what that is).
+fn field<T: DeserializeOwned>(
+    raw: &RawValue,
+    name: &'static str,
+    expected: &'static str,
+) -> Result<T, DecodeError> {
+    serde_json::from_str(raw.get()).map_err(|_| DecodeError::WrongType {
+        field: name,
+        expected,
+    })
+}
+
+/// A field that may be absent.
+fn optional<T: DeserializeOwned>(
+    raw: Option<&RawValue>,
+    name: &'static str,
+    expected: &'static str,
+) -> Result<Option<T>, DecodeError> {
+    raw.map(|r| field(r, name, expected)).transpose()
+}
+
+/// The `room` field: present, a string, and a room name.
+fn room(raw: Option<&RawValue>) -> Result<RoomName, DecodeError> {
+    let s: String = field(required(raw, "room")?, "room", "a string")?;
+    RoomName::new(&s).map_err(DecodeError::Room)
+}
+
+/// A boolean flag, false when absent.
+fn flag(raw: Option<&RawValue>, name: &'static str) -> Result<bool, DecodeError> {
+    Ok(optional(raw, name, "a boolean")?.unwrap_or(false))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn json(s: &str) -> Result<Request, DecodeError> {
+    fn json(s: &str) -> Result<Request, InvalidRequest> {
         decode_json(&Bytes::copy_from_slice(s.as_bytes()))
     }
 
@@ -478,8 +508,8 @@ mod tests {
         ];
         for (input, expected) in cases {
             let e = json(input).unwrap_err();
-            assert_eq!(e.code, ErrorCode::BadRequest);
-            assert!(e.message.contains(expected), "{input}: got {:?}", e.message);
+            assert_eq!(e.error.code(), ErrorCode::BadRequest);
+            assert!(e.to_string().contains(expected), "{input}: got {e}");
         }
     }
 
@@ -492,7 +522,14 @@ mod tests {
         );
         let e = json(&deep).unwrap_err();
         assert_eq!(e.id, Some(RequestId(9.into())));
-        assert!(e.message.contains("nested deeper than 64"), "{}", e.message);
+        assert!(
+            matches!(e.error, DecodeError::Data(DataError::TooDeep)),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "field `data` is nested deeper than 64 levels"
+        );
         let ok = format!(
             r#"{{"type":"publish","room":"r","data":{}"[[[\"{{"{}}}"#,
             "[".repeat(64),
@@ -516,7 +553,11 @@ mod tests {
             assert_eq!(check_data(good), Ok(()), "{good}");
         }
         let e = json(r#"{"type":"publish","room":"r","id":1,"data":1e999}"#).unwrap_err();
-        assert!(e.message.contains("64-bit float"), "{}", e.message);
+        assert!(
+            matches!(e.error, DecodeError::Data(DataError::NumberOutOfRange)),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("64-bit float"), "{e}");
     }
 
     #[test]
@@ -540,15 +581,34 @@ mod tests {
     #[test]
     fn binary_envelope_errors() {
         let short = decode_binary(&Bytes::from_static(&[0])).unwrap_err();
-        assert!(short
-            .message
-            .contains("shorter than its 2-byte header length"));
+        assert!(
+            matches!(short.error, DecodeError::BinaryTooShort),
+            "{short:?}"
+        );
+        assert_eq!(
+            short.to_string(),
+            "binary envelope shorter than its 2-byte header length"
+        );
         let cut = decode_binary(&Bytes::from_static(&[0, 9, b'{'])).unwrap_err();
-        assert!(cut.message.contains("header length 9 exceeds the frame"));
-        let header = br#"{"type":"publish","room":"r","data":1}"#;
+        assert!(
+            matches!(cut.error, DecodeError::HeaderBeyondFrame(9)),
+            "{cut:?}"
+        );
+        assert_eq!(
+            cut.to_string(),
+            "binary envelope header length 9 exceeds the frame"
+        );
+        let bad_utf8 = decode_binary(&Bytes::from_static(&[0, 1, 0xff])).unwrap_err();
+        assert!(matches!(bad_utf8.error, DecodeError::HeaderNotUtf8));
+        let header = br#"{"type":"publish","room":"r","id":4,"data":1}"#;
         let mut frame = (header.len() as u16).to_be_bytes().to_vec();
         frame.extend_from_slice(header);
         let e = decode_binary(&Bytes::from(frame)).unwrap_err();
-        assert!(e.message.contains("must not contain `data`"));
+        assert!(matches!(e.error, DecodeError::DataInBinaryHeader), "{e:?}");
+        assert_eq!(e.id, Some(RequestId(4.into())));
+        assert_eq!(
+            e.to_string(),
+            "binary envelope header must not contain `data`"
+        );
     }
 }

@@ -4,12 +4,57 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{decode::RequestId, Payload, RoomName};
-use crate::session::Outbound;
+use super::{decode::RequestId, CloseCode, ErrorCode, Payload, RoomName};
+use crate::session::{Outbound, TransportKind};
 
 impl Serialize for RequestId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl Serialize for CloseCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u16(self.code())
+    }
+}
+
+impl Serialize for TransportKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The `event` of a `presence` envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceEvent {
+    /// A user's first session joined the room.
+    Join,
+    /// A user's last session left the room.
+    Leave,
+}
+
+impl PresenceEvent {
+    /// The wire string: `join` or `leave`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceEvent::Join => "join",
+            PresenceEvent::Leave => "leave",
+        }
+    }
+
+    /// The event a wire string names, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        [PresenceEvent::Join, PresenceEvent::Leave]
+            .into_iter()
+            .find(|e| e.as_str() == s)
     }
 }
 
@@ -72,8 +117,8 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         /// Endpoint path.
         endpoint: &'a str,
-        /// `websocket` or `webtransport`.
-        transport: &'a str,
+        /// The session's transport.
+        transport: TransportKind,
         /// WebSocket ping interval.
         heartbeat_ms: u64,
         /// Node id.
@@ -94,7 +139,7 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
         /// Error code.
-        code: &'a str,
+        code: ErrorCode,
         /// Human-readable message.
         message: &'a str,
     },
@@ -102,8 +147,8 @@ pub enum ServerFrame<'a> {
     Presence {
         /// The room.
         room: &'a str,
-        /// `join` or `leave`.
-        event: &'a str,
+        /// Whether the user joined or left.
+        event: PresenceEvent,
         /// The user.
         user: &'a str,
     },
@@ -126,7 +171,7 @@ pub enum ServerFrame<'a> {
     /// The server closes this WebTransport session.
     Close {
         /// Close code.
-        code: u16,
+        code: CloseCode,
         /// Close reason.
         reason: &'a str,
     },
@@ -144,16 +189,30 @@ impl ServerFrame<'_> {
     }
 }
 
-/// Wire `type` of a room message.
-pub const MESSAGE: &str = "message";
-/// Wire `type` of a direct message.
-pub const DIRECT: &str = "direct";
+/// Which envelope carries a message: a room's or a user's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// `message`: a publish to a room.
+    Message,
+    /// `direct`: a `send` to a user.
+    Direct,
+}
+
+impl MessageKind {
+    /// The wire `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Message => "message",
+            MessageKind::Direct => "direct",
+        }
+    }
+}
 
 /// A `message` or `direct` envelope, encoded once per publish and shared by all recipients.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageFrame<'a> {
-    /// [`MESSAGE`] or [`DIRECT`].
-    pub kind: &'static str,
+    /// `message` or `direct`.
+    pub kind: MessageKind,
     /// The room (`message` only).
     pub room: Option<&'a RoomName>,
     /// The sender's user id, absent for the HTTP API.
@@ -197,7 +256,7 @@ impl MessageFrame<'_> {
     /// Writes `{"type":..,"room":..,"from":..,"seq":..,"volatile":..` (no closing brace).
     fn write_fields(&self, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b"{\"type\":\"");
-        buf.extend_from_slice(self.kind.as_bytes());
+        buf.extend_from_slice(self.kind.as_str().as_bytes());
         buf.push(b'"');
         if let Some(room) = self.room {
             // Room names are restricted to characters that need no escaping.
@@ -222,7 +281,7 @@ impl MessageFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::decode_binary;
+    use crate::protocol::{decode_binary, DecodeError};
     use serde_json::{json, Value};
 
     fn text(o: Outbound) -> Value {
@@ -236,7 +295,7 @@ mod tests {
     fn message_envelope_is_valid_json_with_raw_data() {
         let room = RoomName::new("lobby").unwrap();
         let frame = MessageFrame {
-            kind: MESSAGE,
+            kind: MessageKind::Message,
             room: Some(&room),
             from: Some("al\"ice"),
             seq: Some(9),
@@ -252,7 +311,7 @@ mod tests {
     #[test]
     fn volatile_direct_without_sender() {
         let frame = MessageFrame {
-            kind: DIRECT,
+            kind: MessageKind::Direct,
             room: None,
             from: None,
             seq: None,
@@ -267,7 +326,7 @@ mod tests {
     fn binary_message_round_trips_through_the_decoder_shape() {
         let room = RoomName::new("r").unwrap();
         let frame = MessageFrame {
-            kind: MESSAGE,
+            kind: MessageKind::Message,
             room: Some(&room),
             from: Some("u"),
             seq: Some(1),
@@ -288,9 +347,8 @@ mod tests {
         // not a request.
         let e = decode_binary(&b).unwrap_err();
         assert!(
-            e.message.contains("unknown type `message`"),
-            "{}",
-            e.message
+            matches!(&e.error, DecodeError::UnknownType(t) if t == "message"),
+            "{e:?}"
         );
     }
 

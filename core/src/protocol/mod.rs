@@ -7,10 +7,12 @@ mod encode;
 mod room;
 pub mod stream_frame;
 
-pub use codes::{CloseCode, CloseReason, ErrorCode, Rejection, TransportFault};
+pub use codes::{CloseCode, CloseReason, ErrorCode, HttpFailure, Rejection, TransportFault};
 pub use decode::{
-    check_data, decode_binary, decode_json, DataError, DecodeError, Payload, Request, RequestId,
-    MAX_DATA_DEPTH,
+    check_data, decode_binary, decode_json, DataError, DecodeError, InvalidRequest, Payload,
+    Request, RequestId, MAX_DATA_DEPTH,
 };
-pub use encode::{AckFields, AckMembers, MemberInfo, MessageFrame, ServerFrame, DIRECT, MESSAGE};
+pub use encode::{
+    AckFields, AckMembers, MemberInfo, MessageFrame, MessageKind, PresenceEvent, ServerFrame,
+};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};

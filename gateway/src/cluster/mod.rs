@@ -27,7 +27,7 @@ use gateway_core::{
     hub::Hub,
     policy::RoomPolicies,
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
-    tickets::{random_ticket, MAX_TICKETS_PER_USER},
+    tickets::{ticket_value, MAX_TICKETS_PER_USER},
 };
 use redis::aio::{ConnectionManager, PubSubSink};
 use tokio::sync::mpsc;
@@ -195,7 +195,8 @@ impl RedisCluster {
         identity: &Identity,
         ttl: Duration,
     ) -> Result<Option<String>, ClusterUnavailable> {
-        let ticket = random_ticket();
+        // Ticket values are credentials: the thread's CSPRNG, seeded and reseeded by the OS.
+        let ticket = ticket_value(&mut rand::rng());
         let request = wire::TicketRequest::new(&ticket, identity, ttl, MAX_TICKETS_PER_USER);
         let (done, rx) = completion();
         self.run(Command::IssueTicket(request, done));
@@ -226,10 +227,6 @@ impl RedisCluster {
 }
 
 impl Backplane for RedisCluster {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
     fn cluster(&self) -> Option<&dyn Cluster> {
         Some(self)
     }

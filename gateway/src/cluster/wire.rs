@@ -14,7 +14,7 @@ use gateway_core::{
     hub::Hub,
     pattern::Pattern,
     policy::RoomPolicies,
-    protocol::{CloseCode, CloseReason, MemberInfo, Payload, RoomName},
+    protocol::{CloseCode, CloseReason, MemberInfo, Payload, PresenceEvent, RoomName},
     session::SessionId,
 };
 use redis::{aio::ConnectionManager, Script, Value};
@@ -163,8 +163,10 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
     match Channel::parse(channel) {
         Some(Channel::Room(room)) if payload.starts_with(b"P ") => {
             let text = String::from_utf8_lossy(&payload[2..]);
-            if let Some((event @ ("join" | "leave"), user)) = text.split_once(' ') {
-                hub.deliver_presence(&room, event, user);
+            if let Some((event, user)) = text.split_once(' ') {
+                if let Some(event) = PresenceEvent::parse(event) {
+                    hub.deliver_presence(&room, event, user);
+                }
             }
         }
         Some(Channel::Room(room)) => {

@@ -19,8 +19,9 @@ use axum::{
 use gateway_core::{
     auth::Identity,
     backplane::{completion, ClusterUnavailable},
-    connection::Now,
-    protocol::{check_data, CloseCode, CloseReason, ErrorCode, Payload, Rejection, RoomName},
+    protocol::{
+        check_data, CloseCode, CloseReason, ErrorCode, HttpFailure, Payload, Rejection, RoomName,
+    },
     tickets::TicketError,
 };
 use http::{
@@ -34,7 +35,7 @@ use super::{
     admission::{bearer, ConnectionPermit},
     assets,
 };
-use crate::state::AppState;
+use crate::{clock, state::AppState};
 
 /// Room or user name, JSON keys and punctuation of an API body around its `data`.
 const API_ENVELOPE_BYTES: usize = 1024;
@@ -135,14 +136,12 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
             .await
             .map(ApiBody)
             .map_err(|e| {
+                // axum answers 413 for a body over the limit and 400 for any other failure.
                 let code = match e.status() {
                     StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
                     _ => ErrorCode::BadRequest,
                 };
-                ApiError {
-                    status: Some(e.status()),
-                    ..ApiError::new(code, e.body_text())
-                }
+                ApiError::new(code, e.body_text())
             })
     }
 }
@@ -152,9 +151,8 @@ async fn deadline(State(app): State<Arc<AppState>>, req: Request, next: Next) ->
     let limit: Duration = app.config.limits.handshake_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::BadRequest.as_str(),
+        Err(_) => failure_response(
+            HttpFailure::Timeout,
             "the request did not complete within the handshake timeout",
         ),
     }
@@ -200,30 +198,25 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// An API failure; it becomes the JSON error body with the status of its code.
+/// An API failure; it becomes the JSON error body with the failure's status and code.
 #[derive(Debug)]
 struct ApiError {
-    code: ErrorCode,
+    failure: HttpFailure,
     message: String,
-    status: Option<StatusCode>,
 }
 
 impl ApiError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    fn new(failure: impl Into<HttpFailure>, message: impl Into<String>) -> Self {
         Self {
-            code,
+            failure: failure.into(),
             message: message.into(),
-            status: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status.unwrap_or_else(|| {
-            StatusCode::from_u16(self.code.http_status()).expect("valid status")
-        });
-        error_response(status, self.code.as_str(), &self.message)
+        failure_response(self.failure, &self.message)
     }
 }
 
@@ -242,7 +235,7 @@ async fn require_user_jwt(
     let Some(token) = bearer(req.headers()) else {
         return ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required").into_response();
     };
-    match verifier.verify(token, Now::read().unix_secs) {
+    match verifier.verify(token, clock::now().unix_secs) {
         Ok(identity) => {
             req.extensions_mut().insert(identity);
             next.run(req).await
@@ -261,9 +254,8 @@ async fn issue_ticket(
             .issue_ticket(&identity, app.tickets.ttl())
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-            .ok_or_else(|| ApiError {
-                status: Some(StatusCode::TOO_MANY_REQUESTS),
-                ..ApiError::new(ErrorCode::LimitExceeded, TicketError::UserLimit.to_string())
+            .ok_or_else(|| {
+                ApiError::new(TicketError::UserLimit, TicketError::UserLimit.to_string())
             })?;
         return Ok(Json(json!({
             "ticket": ticket,
@@ -272,17 +264,8 @@ async fn issue_ticket(
     }
     let ticket = app
         .tickets
-        .issue(identity, Now::read().instant)
-        .map_err(|e| {
-            let status = match e {
-                TicketError::Full => StatusCode::SERVICE_UNAVAILABLE,
-                TicketError::UserLimit => StatusCode::TOO_MANY_REQUESTS,
-            };
-            ApiError {
-                status: Some(status),
-                ..ApiError::new(ErrorCode::LimitExceeded, e.to_string())
-            }
-        })?;
+        .issue(identity, clock::now().instant)
+        .map_err(|e| ApiError::new(e.clone(), e.to_string()))?;
     Ok(Json(json!({
         "ticket": ticket,
         "expires_in": app.tickets.ttl().as_secs(),
@@ -337,7 +320,7 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let (done, rx) = completion();
     app.services
         .hub
-        .publish_then(&room, None, &data, false, None, Now::read().instant, done);
+        .publish_then(&room, None, &data, false, None, clock::now().instant, done);
     let seq = cluster_result(rx.await)?;
     app.metrics.api_published();
     Ok(Json(json!({ "seq": seq })))
@@ -424,17 +407,19 @@ async fn api_drain(State(app): State<Arc<AppState>>, ApiBody(_): ApiBody) -> Api
     Ok(Json(json!({ "draining": true, "sessions": sessions })))
 }
 
-/// The JSON error body of the HTTP API and of rejected upgrades.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+/// The JSON error body of the HTTP API and of rejected upgrades, with the status core's
+/// code table gives the failure.
+pub fn failure_response(failure: HttpFailure, message: &str) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(failure.http_status()).expect("the table's statuses are valid");
     (
         status,
-        Json(serde_json::json!({ "error": code, "message": message })),
+        Json(serde_json::json!({ "error": failure.error_code(), "message": message })),
     )
         .into_response()
 }
 
 /// The response to a refused upgrade or CONNECT.
 pub fn rejection_response(rejection: Rejection) -> Response<Body> {
-    let status = StatusCode::from_u16(rejection.http_status()).expect("valid status");
-    error_response(status, rejection.error_code().as_str(), rejection.message())
+    failure_response(rejection.into(), rejection.message())
 }

@@ -16,7 +16,6 @@ use axum::{body::Body, Router};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
 use gateway_core::{
-    connection::Now,
     protocol::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
         CloseReason, ErrorCode, Rejection, ServerFrame, TransportFault,
@@ -37,6 +36,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
+    clock,
     http::{
         admission::{self, Admission, ConnectionPermit, UpgradeRequest},
         api::rejection_response,
@@ -223,7 +223,7 @@ async fn serve_connection(
                 let admission = admission::admit(
                     app,
                     &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
-                    Now::read(),
+                    clock::now(),
                 )
                 .await;
                 match admission {
@@ -565,7 +565,7 @@ impl FrameSink for WtSink {
         // A session closed before its message stream opened has nothing to write on.
         if let Some(send) = self.send.as_mut() {
             let envelope = ServerFrame::Close {
-                code: reason.code.code(),
+                code: reason.code,
                 reason: &reason.reason,
             }
             .to_bytes();
@@ -581,8 +581,7 @@ impl FrameSink for WtSink {
 /// Closes the QUIC connection. The WebTransport close code travels in the `close` envelope;
 /// the connection itself closes with `H3_NO_ERROR` and "CODE reason" as its reason.
 fn close_connection(quic: &quinn::Connection, reason: &CloseReason) {
-    let text = format!("{} {}", reason.code.code(), reason.reason);
-    quic.close(H3_NO_ERROR.into(), text.as_bytes());
+    quic.close(H3_NO_ERROR.into(), reason.to_string().as_bytes());
 }
 
 /// Answers a second bidirectional stream with an `error` frame and finishes it.
@@ -593,7 +592,7 @@ async fn refuse_extra_stream(
     recv.stop_sending(0);
     let error = ServerFrame::Error {
         id: None,
-        code: ErrorCode::BadRequest.as_str(),
+        code: ErrorCode::BadRequest,
         message: "one message stream per session: this stream is not used",
     }
     .to_bytes();
@@ -770,7 +769,7 @@ impl Inbound for WtInbound {
                             then: Some(Box::new(move || {
                                 handle.send(ServerFrame::Error {
                                     id: None,
-                                    code: ErrorCode::BadRequest.as_str(),
+                                    code: ErrorCode::BadRequest,
                                     message: "unidirectional streams are not used; send frames on the message stream",
                                 }.to_outbound());
                             })),
@@ -784,12 +783,7 @@ impl Inbound for WtInbound {
                 frame = self.messages.next() => return match frame {
                     Some(Ok((FrameKind::Json, payload))) => Event::Text(payload),
                     Some(Ok((FrameKind::Binary, payload))) => Event::Binary(payload),
-                    Some(Err(StreamEnd::Frame(FrameError::TooLarge { .. }))) => {
-                        Event::Fault(TransportFault::TooLarge)
-                    }
-                    Some(Err(StreamEnd::Frame(e))) => {
-                        Event::Fault(TransportFault::Malformed(e.to_string()))
-                    }
+                    Some(Err(StreamEnd::Frame(e))) => Event::Fault(e.into()),
                     Some(Err(StreamEnd::Closed)) | None => Event::Fault(TransportFault::StreamClosed),
                 },
                 datagram = self.datagrams.next() => return match datagram {

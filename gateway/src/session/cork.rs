@@ -164,7 +164,7 @@ mod tests {
     use bytes::Bytes;
     use gateway_core::{
         protocol::{CloseCode, CloseReason},
-        session::{Delivery, Outbound, SessionHandle, TransportKind},
+        session::{Delivery, Outbound, SessionHandle, SessionId, TransportKind},
     };
 
     use super::Flushers;
@@ -244,7 +244,8 @@ mod tests {
     }
 
     fn session_with(flushers: &Flushers, room: usize, stuck: bool, panics: bool) -> TestSession {
-        let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
+        let (handle, outbox) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/t".into(), 8);
         let wire = Arc::new(Mutex::new(Wire::default()));
         let sink = TestSink {
             wire: wire.clone(),
@@ -268,7 +269,8 @@ mod tests {
         flushers: &Flushers,
         metrics: &Arc<Metrics>,
     ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
-        let (handle, outbox) = SessionHandle::new(TransportKind::WebSocket, "/t".into(), 8);
+        let (handle, outbox) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/t".into(), 8);
         let wire = Arc::new(Mutex::new(Wire::default()));
         let sink = TestSink {
             wire: wire.clone(),

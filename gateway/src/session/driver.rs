@@ -5,10 +5,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use gateway_core::{
-    connection::{Connection, InboundStats, Now, WakeSignal},
-    protocol::{CloseCode, CloseReason, TransportFault},
+    connection::{Connection, InboundStats, WakeSignal},
+    protocol::{CloseReason, TransportFault},
 };
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::task::JoinHandle;
+
+use crate::clock;
 
 use crate::metrics::EndpointCounters;
 
@@ -87,7 +89,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     let endpoint_counters = log.metrics().endpoint(handle.endpoint());
     let mut counted = conn.stats();
     let writer = tokio::spawn(writer.run());
-    let mut deadline = conn.poll(Instant::now().into_std());
+    let mut deadline = conn.poll(clock::instant());
     let wake = conn.wake_signal();
     let mut gone = false;
     loop {
@@ -101,7 +103,7 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
             biased;
             () = handle.closed() => break,
             event = inbound.next() => {
-                let now = Now::read();
+                let now = clock::now();
                 match event {
                     Event::Text(frame) => {
                         received(&frame);
@@ -138,12 +140,12 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
                 }
                 count_requests(endpoint_counters, &mut counted, conn.stats());
             }
-            () = timer => deadline = conn.poll(Instant::now().into_std()),
-            () = woken(&wake) => conn.on_wake(Now::read()),
+            () = timer => deadline = conn.poll(clock::instant()),
+            () = woken(&wake) => conn.on_wake(clock::now()),
         }
     }
     if !handle.is_closed() {
-        handle.close(CloseReason::new(CloseCode::Normal, "closed by client"));
+        handle.close(TransportFault::PeerClosed.close_reason());
     }
     // Boxed: the task of an open session does not carry the closing procedure's state.
     Box::pin(finish(conn, inbound, writer, gone, log)).await;

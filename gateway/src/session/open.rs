@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use gateway_core::{
-    connection::{Connection, Now},
+    connection::Connection,
     limits::ConnectionSlot,
     protocol::{CloseCode, CloseReason},
     session::{OutboxReceiver, TransportKind},
@@ -12,7 +12,7 @@ use gateway_core::{
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::{http::admission::Admission, metrics::Metrics, state::AppState};
+use crate::{clock, http::admission::Admission, metrics::Metrics, state::AppState};
 
 /// Outbound counters an adapter's writer reports at the end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -53,7 +53,7 @@ pub(crate) fn open_session(
         transport,
         pings,
         admitted,
-        Now::read(),
+        clock::now(),
     );
     let handle = conn.handle();
     info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),

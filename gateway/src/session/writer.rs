@@ -14,7 +14,7 @@ use std::{
 };
 
 use gateway_core::{
-    protocol::{CloseCode, CloseReason},
+    protocol::{CloseReason, TransportFault},
     session::{Batch, Doorbell, Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
 
@@ -268,7 +268,7 @@ impl<S: FrameSink> Flush for SessionWriter<S> {
 
     fn abandon(&self) {
         self.outbox
-            .close(CloseReason::new(CloseCode::Internal, "write failed"));
+            .close(TransportFault::WriteFailed.close_reason());
     }
 }
 

@@ -18,7 +18,6 @@ use axum::{body::Body, Router};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use gateway_core::{
-    connection::Now,
     protocol::{CloseReason, TransportFault},
     session::{Outbound, TransportKind},
 };
@@ -39,6 +38,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{
+    clock,
     http::{
         admission::{self, Admission, ConnectionPermit, UpgradeRequest},
         api::rejection_response,
@@ -175,7 +175,7 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
     let valid_upgrade = on_upgrade.is_some() && is_websocket_upgrade(&req);
-    let now = Now::read();
+    let now = clock::now();
     let admission = admission::admit(
         &app,
         &UpgradeRequest::of(&req, peer.ip(), valid_upgrade),
@@ -251,6 +251,14 @@ fn to_message(frame: Outbound) -> Message {
     }
 }
 
+/// The WebSocket close frame of a close reason (its code from core's table).
+fn close_frame(reason: CloseReason) -> CloseFrame {
+    CloseFrame {
+        code: reason.code.code().into(),
+        reason: reason.reason.into(),
+    }
+}
+
 /// The fault a tungstenite read error is; `None` when the connection is just gone.
 fn fault_of(error: &tungstenite::Error) -> Option<TransportFault> {
     use tungstenite::Error as E;
@@ -275,12 +283,8 @@ where
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
             Ok(_) => continue,
             Err(e) => {
-                if let Some(reason) = fault_of(&e).map(TransportFault::close_reason) {
-                    let frame = CloseFrame {
-                        code: reason.code.code().into(),
-                        reason: reason.reason.into(),
-                    };
-                    let _ = ws.close(Some(frame)).await;
+                if let Some(fault) = fault_of(&e) {
+                    let _ = ws.close(Some(close_frame(fault.close_reason()))).await;
                 }
                 break;
             }
@@ -435,10 +439,6 @@ where
     }
 
     async fn close(mut self, reason: CloseReason) {
-        let frame = CloseFrame {
-            code: reason.code.code().into(),
-            reason: reason.reason.into(),
-        };
-        let _ = self.0.send(Message::Close(Some(frame))).await;
+        let _ = self.0.send(Message::Close(Some(close_frame(reason)))).await;
     }
 }

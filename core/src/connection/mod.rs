@@ -6,6 +6,10 @@
 //! deadline it returns, and writes what the session's outbox yields. Replies go to the
 //! session's own outbox. Dropping the connection leaves its rooms and unregisters it.
 
+mod error;
+
+pub use error::RequestError;
+
 use std::{
     collections::{HashSet, VecDeque},
     sync::{Arc, Mutex},
@@ -15,7 +19,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    auth::{AuthError, Identity, JwtVerifier},
+    auth::{Identity, JwtVerifier},
     backplane::ClusterUnavailable,
     hub::{Hub, JoinOutcome, JoinReply, Since},
     limits::{ConnectionLimits, TokenBucket, UserSlot},
@@ -23,7 +27,7 @@ use crate::{
     policy::EndpointPolicy,
     protocol::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
-        DecodeError, ErrorCode, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
+        InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
     },
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
 };
@@ -40,25 +44,13 @@ pub const MAX_QUEUED_DURING_AUTH: usize = 32;
 pub type WakeSignal = Arc<tokio::sync::Notify>;
 
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
+/// Core reads no clock: the adapter that drives a connection reads its own and passes it in.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
     /// Monotonic time.
     pub instant: Instant,
     /// Wall-clock seconds since the Unix epoch.
     pub unix_secs: u64,
-}
-
-impl Now {
-    /// Reads both clocks. Adapters call this; core code takes `Now` as an argument.
-    pub fn read() -> Self {
-        Self {
-            instant: Instant::now(),
-            unix_secs: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }
-    }
 }
 
 /// How a session was admitted before it opened.
@@ -131,7 +123,7 @@ struct PendingAuth {
     id: Option<RequestId>,
     with_ack: bool,
     at: Now,
-    queued: VecDeque<Result<Request, DecodeError>>,
+    queued: VecDeque<Request>,
 }
 
 enum Via {
@@ -153,6 +145,7 @@ impl Connection {
         now: Now,
     ) -> (Connection, OutboxReceiver) {
         let (handle, outbox) = SessionHandle::new(
+            services.hub.new_session_id(),
             transport,
             policy.path.as_str().into(),
             policy.queue_capacity,
@@ -202,11 +195,6 @@ impl Connection {
         &self.policy
     }
 
-    /// Whether the session is authenticated.
-    pub fn is_authenticated(&self) -> bool {
-        self.identity.is_some()
-    }
-
     /// Inbound counters.
     pub fn stats(&self) -> InboundStats {
         self.stats
@@ -235,11 +223,9 @@ impl Connection {
                 }
                 self.become_authenticated(pending.identity, Some(slot), pending.at);
             }
-            Err(rejection) => self.reply_error(
-                pending.id.as_ref(),
-                rejection.error_code(),
-                rejection.message(),
-            ),
+            Err(rejection) => {
+                self.reply_error(pending.id.as_ref(), RequestError::UserSlot(rejection))
+            }
         }
         let mut queued = pending.queued;
         while let Some(request) = queued.pop_front() {
@@ -248,7 +234,7 @@ impl Connection {
                 next.queued.push_back(request);
                 continue;
             }
-            self.dispatch(request, now, Via::Stream);
+            self.dispatch(Ok(request), now, Via::Stream);
         }
     }
 
@@ -338,31 +324,27 @@ impl Connection {
                 "rate limit exceeded",
             ));
         } else if self.refused.is_power_of_two() {
-            self.reply_error(None, ErrorCode::RateLimited, "rate limit exceeded");
+            self.reply_error(None, RequestError::RateLimited);
         }
         None
     }
 
-    fn dispatch(&mut self, request: Result<Request, DecodeError>, now: Now, via: Via) {
+    fn dispatch(&mut self, request: Result<Request, InvalidRequest>, now: Now, via: Via) {
         let datagram = matches!(via, Via::Datagram);
         let request = match request {
             Ok(r) => r,
             Err(e) => {
                 if !datagram {
-                    self.reply_error(e.id.as_ref(), e.code, &e.message);
+                    self.reply_error(e.id.as_ref(), e.error.into());
                 }
                 return;
             }
         };
         if let (false, Some(pending)) = (datagram, self.pending_auth.as_mut()) {
             if pending.queued.len() < MAX_QUEUED_DURING_AUTH {
-                pending.queued.push_back(Ok(request));
+                pending.queued.push_back(request);
             } else {
-                self.reply_error(
-                    request.id(),
-                    ErrorCode::Unauthorized,
-                    "authentication in progress",
-                );
+                self.reply_error(request.id(), RequestError::AuthInProgress);
             }
             return;
         }
@@ -373,30 +355,36 @@ impl Connection {
             } = request
             {
                 if self.identity.is_some()
-                    && self.publish(None, &room, &data, echo, true, now, false)
+                    && self
+                        .publish(None, &room, &data, echo, true, now, false)
+                        .is_ok()
                 {
                     self.stats.publishes += 1;
                 }
             }
             return;
         }
+        let id = request.id().cloned();
+        if let Err(e) = self.handle_request(request, now) {
+            self.reply_error(id.as_ref(), e);
+        }
+    }
+
+    /// Handles a request from the message stream. Refusals known at once are returned;
+    /// the answers that come later are queued by the completions.
+    fn handle_request(&mut self, request: Request, now: Now) -> Result<(), RequestError> {
         if self.identity.is_none() {
-            match request {
+            return match request {
                 Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
                 Request::Hello { token: Some(token) } => {
                     self.authenticate(None, &token, now, false)
                 }
-                Request::Hello { token: None } => {}
-                other => self.reply_error(
-                    other.id(),
-                    ErrorCode::Unauthorized,
-                    "authenticate first with an `auth` frame",
-                ),
-            }
-            return;
+                Request::Hello { token: None } => Ok(()),
+                _ => Err(RequestError::NotAuthenticated),
+            };
         }
         match request {
-            Request::Hello { token: None } => {}
+            Request::Hello { token: None } => Ok(()),
             Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
             Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
             Request::Join {
@@ -410,19 +398,15 @@ impl Connection {
                     // Without an epoch nothing can match: `recovered: false`.
                     epoch: epoch.as_deref().unwrap_or(""),
                 });
-                self.join(id.as_ref(), room, since, now)
+                self.join(id, room, since, now)
             }
             Request::Leave { id, room } => {
                 // A join the cluster refused left the room already: `not_member`.
-                if self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room) {
-                    self.ack(id.as_ref(), &AckFields::default());
-                } else {
-                    self.reply_error(
-                        id.as_ref(),
-                        ErrorCode::NotMember,
-                        "not a member of that room",
-                    );
+                if !(self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room)) {
+                    return Err(RequestError::NotMember);
                 }
+                self.ack(id.as_ref(), &AckFields::default());
+                Ok(())
             }
             Request::Publish {
                 id,
@@ -431,9 +415,9 @@ impl Connection {
                 echo,
                 volatile,
             } => {
-                if self.publish(id, &room, &data, echo, volatile, now, true) {
-                    self.stats.publishes += 1;
-                }
+                self.publish(id, &room, &data, echo, volatile, now, true)?;
+                self.stats.publishes += 1;
+                Ok(())
             }
             Request::Send { id, to, data } => {
                 let from = self.handle.user().cloned();
@@ -451,14 +435,15 @@ impl Connection {
                                     ..Default::default()
                                 },
                             ),
-                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                            Err(e) => error_frame(id.as_ref(), &e.into()),
                         });
                     }),
                 );
+                Ok(())
             }
             Request::Presence { id, room } => {
                 if !self.may_join(&room) {
-                    return self.reply_error(id.as_ref(), ErrorCode::Forbidden, "room not allowed");
+                    return Err(RequestError::RoomNotAllowed);
                 }
                 let handle = self.handle.clone();
                 let room_text = room.to_string();
@@ -482,14 +467,16 @@ impl Connection {
                                     ..Default::default()
                                 },
                             ),
-                            Err(e) => unavailable_frame(id.as_ref(), &e),
+                            Err(e) => error_frame(id.as_ref(), &e.into()),
                         });
                     }),
                 );
+                Ok(())
             }
             Request::Ping { id } => {
                 self.handle
                     .send(ServerFrame::Pong { id: id.as_ref() }.to_outbound());
+                Ok(())
             }
         }
     }
@@ -500,9 +487,15 @@ impl Connection {
             .is_some_and(|i| i.may_join(&self.policy.rooms, room.as_str()))
     }
 
-    fn join(&mut self, id: Option<&RequestId>, room: RoomName, since: Option<Since<'_>>, now: Now) {
+    fn join(
+        &mut self,
+        id: Option<RequestId>,
+        room: RoomName,
+        since: Option<Since<'_>>,
+        now: Now,
+    ) -> Result<(), RequestError> {
         if !self.may_join(&room) {
-            return self.reply_error(id, ErrorCode::Forbidden, "room not allowed");
+            return Err(RequestError::RoomNotAllowed);
         }
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
             // Joins the cluster refused do not count.
@@ -510,14 +503,10 @@ impl Connection {
             self.joined.retain(|r| hub.is_member(handle, r));
         }
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
-            return self.reply_error(
-                id,
-                ErrorCode::LimitExceeded,
-                &format!("at most {} rooms per session", self.policy.max_rooms),
-            );
+            return Err(RequestError::TooManyRooms(self.policy.max_rooms));
         }
         // The reply is queued by the hub, before any replayed or live message of the room.
-        let (id, room_text) = (id.cloned(), room.to_string());
+        let room_text = room.to_string();
         let hub = self.services.hub.clone();
         let reply: JoinReply = Box::new(
             move |outcome: Result<&JoinOutcome, &ClusterUnavailable>| match outcome {
@@ -537,17 +526,18 @@ impl Connection {
                         },
                     )
                 }
-                Err(e) => unavailable_frame(id.as_ref(), e),
+                Err(e) => error_frame(id.as_ref(), &e.clone().into()),
             },
         );
         self.services
             .hub
             .join(&self.handle, &room, since, now.instant, reply);
         self.joined.insert(room);
+        Ok(())
     }
 
-    /// Publishes to `room` if the identity may (then returns true); with `reply`, answers
-    /// with the ack (its `seq`) or the error, now or when the cluster has taken the message.
+    /// Publishes to `room` if the identity may; with `reply`, answers with the ack (its
+    /// `seq`) or the cluster's failure when the cluster has taken the message.
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -558,17 +548,10 @@ impl Connection {
         volatile: bool,
         now: Now,
         reply: bool,
-    ) -> bool {
+    ) -> Result<(), RequestError> {
         let identity = self.identity.as_ref().expect("authenticated");
         if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            if reply {
-                self.reply_error(
-                    id.as_ref(),
-                    ErrorCode::Forbidden,
-                    "publishing to that room is not allowed",
-                );
-            }
-            return false;
+            return Err(RequestError::PublishNotAllowed);
         }
         let exclude = (!echo).then(|| self.handle.id());
         let handle = self.handle.clone();
@@ -591,36 +574,31 @@ impl Connection {
                             ..Default::default()
                         },
                     ),
-                    Err(e) => unavailable_frame(id.as_ref(), &e),
+                    Err(e) => error_frame(id.as_ref(), &e.into()),
                 });
             }),
         );
-        true
+        Ok(())
     }
 
-    fn authenticate(&mut self, id: Option<&RequestId>, token: &str, now: Now, with_ack: bool) {
+    fn authenticate(
+        &mut self,
+        id: Option<&RequestId>,
+        token: &str,
+        now: Now,
+        with_ack: bool,
+    ) -> Result<(), RequestError> {
         if self.anonymous {
-            return self.reply_error(
-                id,
-                ErrorCode::BadRequest,
-                "this endpoint does not use authentication",
-            );
+            return Err(RequestError::AuthNotUsed);
         }
-        let Some(verifier) = self.services.verifier.clone() else {
-            return self.reply_error(id, ErrorCode::Unauthorized, "no authentication configured");
-        };
-        let identity = match verifier.verify(token, now.unix_secs) {
-            Ok(identity) => identity,
-            Err(e) => return self.reply_auth_error(id, &e),
-        };
+        let verifier = self
+            .services
+            .verifier
+            .clone()
+            .ok_or(RequestError::NoVerifier)?;
+        let identity = verifier.verify(token, now.unix_secs)?;
         match &self.identity {
-            Some(current) if current.user != identity.user => {
-                self.reply_error(
-                    id,
-                    ErrorCode::Unauthorized,
-                    "token is for another user than this session",
-                );
-            }
+            Some(current) if current.user != identity.user => return Err(RequestError::OtherUser),
             Some(_) => {
                 self.set_token_deadline(&identity, now);
                 self.identity = Some(identity);
@@ -630,6 +608,7 @@ impl Connection {
             }
             None => self.claim_user_slot(id, identity, now, with_ack),
         }
+        Ok(())
     }
 
     /// Takes the user's slot (in cluster mode, in the cluster-wide count) for a valid first
@@ -677,7 +656,7 @@ impl Connection {
             session: self.handle.id_str(),
             user: &user,
             endpoint: &self.policy.path,
-            transport: self.handle.transport().as_str(),
+            transport: self.handle.transport(),
             heartbeat_ms: self.policy.heartbeat.as_millis() as u64,
             node: self.services.hub.node_id(),
         };
@@ -695,19 +674,8 @@ impl Connection {
         self.handle.send(ack_frame(id, fields));
     }
 
-    fn reply_auth_error(&self, id: Option<&RequestId>, e: &AuthError) {
-        self.reply_error(id, ErrorCode::Unauthorized, &e.to_string());
-    }
-
-    fn reply_error(&self, id: Option<&RequestId>, code: ErrorCode, message: &str) {
-        self.handle.send(
-            ServerFrame::Error {
-                id,
-                code: code.as_str(),
-                message,
-            }
-            .to_outbound(),
-        );
+    fn reply_error(&self, id: Option<&RequestId>, error: RequestError) {
+        self.handle.send(error_frame(id, &error));
     }
 }
 
@@ -716,12 +684,12 @@ fn ack_frame(id: Option<&RequestId>, fields: &AckFields) -> Outbound {
     ServerFrame::Ack { id, fields }.to_outbound()
 }
 
-/// The `error internal` a request gets when the cluster cannot take it.
-fn unavailable_frame(id: Option<&RequestId>, e: &ClusterUnavailable) -> Outbound {
+/// The `error` envelope of a refused request.
+fn error_frame(id: Option<&RequestId>, error: &RequestError) -> Outbound {
     ServerFrame::Error {
         id,
-        code: ErrorCode::Internal.as_str(),
-        message: &e.to_string(),
+        code: error.code(),
+        message: &error.to_string(),
     }
     .to_outbound()
 }
@@ -749,6 +717,7 @@ mod tests {
                     history_budget: crate::hub::DEFAULT_HISTORY_BUDGET,
                 },
                 Arc::new(LocalBackplane),
+                rand::SeedableRng::seed_from_u64(1),
             ),
             verifier: None,
             limits: ConnectionLimits::new(10, 10, 10),
