@@ -110,6 +110,28 @@ pub struct EndpointCounters {
     pub rate_limited: Counter,
 }
 
+/// `gateway_backplane_errors_total`, by operation.
+#[derive(Debug, Clone)]
+pub struct BackplaneErrors(Family<OpLabel, Counter>);
+
+impl BackplaneErrors {
+    /// The operations counted.
+    pub const OPS: [&'static str; 7] = [
+        "subscribe",
+        "enter",
+        "exit",
+        "count_user",
+        "reannounce",
+        "heartbeat",
+        "pubsub",
+    ];
+
+    /// Counts a failed `op` (one of [`Self::OPS`]).
+    pub fn count(&self, op: &'static str) {
+        self.0.get_or_create(&OpLabel { op }).inc();
+    }
+}
+
 /// Every metric of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -383,9 +405,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a failed backplane operation.
-    pub fn backplane_error(&self, op: &'static str) {
-        self.backplane_errors.get_or_create(&OpLabel { op }).inc();
+    /// The counter of failed backplane operations, for the cluster worker; every known
+    /// operation starts at 0 so dashboards see the series before the first failure.
+    pub fn backplane_errors(&self) -> BackplaneErrors {
+        for op in BackplaneErrors::OPS {
+            drop(self.backplane_errors.get_or_create(&OpLabel { op }));
+        }
+        BackplaneErrors(self.backplane_errors.clone())
     }
 
     /// The Prometheus text exposition.

@@ -118,6 +118,9 @@ impl Server {
             dev_cert.as_ref().map(|d| d.sha256.clone()),
             cluster_handle,
         );
+        if let Some(cluster) = &state.cluster {
+            cluster.count_errors_in(state.metrics.backplane_errors());
+        }
         let router = api::router(state.clone(), tcp::endpoint);
         let mut tasks = JoinSet::new();
         let tls_config = tls::tcp_config(resolver.clone());

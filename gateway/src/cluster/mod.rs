@@ -122,6 +122,8 @@ struct Announced {
 
 /// State the worker and the subscriber share.
 struct Shared {
+    /// Where failed operations are counted, once the server has set it.
+    errors: OnceLock<crate::metrics::BackplaneErrors>,
     /// Channels this node needs (rooms with local members, users with local sessions).
     wanted: Mutex<HashSet<String>>,
     /// The pub/sub connection's subscribing half, while it is up.
@@ -162,6 +164,7 @@ impl RedisCluster {
         let client = redis::Client::open(url).map_err(ClusterError::Url)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            errors: OnceLock::new(),
             // Every node hears the control channel.
             wanted: Mutex::new(HashSet::from([Channel::Control.name()])),
             sink: tokio::sync::Mutex::new(None),
@@ -186,6 +189,11 @@ impl RedisCluster {
     /// Connects the hub the subscriber delivers to.
     pub fn attach(&self, hub: &Arc<Hub>) {
         let _ = self.shared.hub.set(Arc::downgrade(hub));
+    }
+
+    /// Counts failed backplane operations in `errors` from now on.
+    pub fn count_errors_in(&self, errors: crate::metrics::BackplaneErrors) {
+        let _ = self.shared.errors.set(errors);
     }
 
     /// Issues a one-time ticket for `identity` valid `ttl` on every node; `Ok(None)` when
@@ -377,6 +385,7 @@ async fn work(
             }
             Command::OpenUser(user) => {
                 if let Err(e) = listen(&shared, Channel::User(user).name()).await {
+                    shared.count_error("subscribe");
                     warn!(error = %e, "subscribing to a user channel failed; it is retried on reconnect");
                 }
             }
@@ -388,6 +397,7 @@ async fn work(
                 );
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = scripts.enter(c, &shared.node, &room, &member, events).await {
+                        shared.count_error("enter");
                         warn!(error = %e, "listing a member in redis failed");
                     }
                 }
@@ -398,6 +408,7 @@ async fn work(
                     .remove(&(room.clone(), member.session.clone()));
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = scripts.exit(c, &shared.node, &room, &member, events).await {
+                        shared.count_error("exit");
                         warn!(error = %e, "removing a member from redis failed");
                     }
                 }
@@ -459,6 +470,7 @@ async fn work(
                 }
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = scripts.count_user(c, &shared.node, &user, left, None).await {
+                        shared.count_error("count_user");
                         warn!(error = %e, "uncounting a session in redis failed");
                     }
                 }
@@ -476,6 +488,7 @@ async fn work(
                             );
                         }
                         Err(e) => {
+                            shared.count_error("reannounce");
                             warn!(error = %e, "announcing members again failed; retried next heartbeat");
                         }
                     }
@@ -539,7 +552,10 @@ async fn keep_alive(
                     let _ = commands.send(Command::Reannounce);
                 }
             }
-            Err(e) => warn!(error = %e, "cluster heartbeat failed"),
+            Err(e) => {
+                shared.count_error("heartbeat");
+                warn!(error = %e, "cluster heartbeat failed")
+            }
         }
     }
 }
@@ -577,6 +593,7 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
+                shared.count_error("pubsub");
                 warn!(error = %e, "redis subscription: connecting failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -615,7 +632,17 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
         }
         shared.subscribed.store(false, Ordering::Release);
         *shared.sink.lock().await = None;
+        shared.count_error("pubsub");
         warn!("redis subscription lost; reconnecting");
         tokio::time::sleep(backoff).await;
+    }
+}
+
+impl Shared {
+    /// Counts a failed backplane operation.
+    fn count_error(&self, op: &'static str) {
+        if let Some(errors) = self.errors.get() {
+            errors.count(op);
+        }
     }
 }
