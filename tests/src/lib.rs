@@ -503,14 +503,29 @@ impl RunningGateway {
     /// Starts `gateway --config config` in `cwd` (the config must listen on port 0 and use
     /// the dev certificate) and waits for its listener lines.
     pub async fn start(config: &Path, cwd: &Path) -> Self {
+        let mut command = std::process::Command::new(gateway_binary());
+        command
+            .env("GATEWAY_LOG", "warn")
+            .stderr(std::process::Stdio::inherit());
+        Self::spawn(command, config, cwd).await
+    }
+
+    /// As [`start`](Self::start), logging as the config's `[log]` says into the file `log`.
+    pub async fn start_logged(config: &Path, cwd: &Path, log: &Path) -> Self {
+        let mut command = std::process::Command::new(gateway_binary());
+        command
+            .env_remove("GATEWAY_LOG")
+            .stderr(std::fs::File::create(log).expect("log file"));
+        Self::spawn(command, config, cwd).await
+    }
+
+    async fn spawn(mut command: std::process::Command, config: &Path, cwd: &Path) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(gateway_binary())
+        let mut child = command
             .arg("--config")
             .arg(config)
             .current_dir(cwd)
-            .env("GATEWAY_LOG", "warn")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("gateway starts");
         let stdout = child.stdout.take().expect("stdout");
