@@ -980,30 +980,29 @@ mod tests {
         (h, rx)
     }
 
-    fn drain(rx: &OutboxReceiver) -> Vec<Value> {
+    /// Every JSON frame queued for an open session (everything is queued synchronously).
+    /// Panics if the session was closed: an empty result always means "nothing queued".
+    fn drain_all(rx: &OutboxReceiver) -> Vec<Value> {
         let mut out = Vec::new();
-        // Everything is queued synchronously, so one poll without waiting suffices.
-        let ready = {
-            let mut fut = std::pin::pin!(rx.recv_batch(&mut out, 1000));
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            matches!(
-                fut.as_mut().poll(&mut cx),
-                std::task::Poll::Ready(Batch::Frames)
-            )
-        };
-        if !ready {
-            return Vec::new();
+        while let Some(batch) = rx.try_batch(&mut out, usize::MAX) {
+            if let Batch::Close(reason) = batch {
+                panic!("the session was closed: {reason:?}");
+            }
         }
         out.into_iter()
             .map(|o| match o {
                 Outbound::Text(b) | Outbound::Volatile(b) => serde_json::from_slice(&b).unwrap(),
                 other => panic!("{other:?}"),
             })
-            .filter(|v: &Value| v["type"] != "ack")
             .collect()
     }
 
-    use std::future::Future;
+    /// Like [`drain_all`], without acks.
+    fn drain(rx: &OutboxReceiver) -> Vec<Value> {
+        let mut frames = drain_all(rx);
+        frames.retain(|v| v["type"] != "ack");
+        frames
+    }
 
     fn json_data(s: &'static str) -> Payload {
         Payload::Json(Bytes::from_static(s.as_bytes()))
@@ -1087,9 +1086,13 @@ mod tests {
         let (t2, _r2) = session(&hub, "u");
         join(&hub, &t1, &room);
         join(&hub, &t2, &room);
-        assert_eq!(drain(&wrx).len(), 1, "second tab does not re-announce");
+        assert_eq!(
+            drain(&wrx),
+            vec![json!({"type":"presence","room":"r","event":"join","user":"u"})],
+            "second tab does not re-announce"
+        );
         assert!(hub.leave(&t1, &room));
-        assert!(drain(&wrx).is_empty());
+        assert!(drain(&wrx).is_empty(), "the user still has a tab there");
         assert!(hub.leave(&t2, &room));
         assert_eq!(
             drain(&wrx),
@@ -1113,6 +1116,61 @@ mod tests {
         assert_eq!(drain(&a1rx), expected);
         assert_eq!(drain(&a2rx), expected);
         assert!(drain(&brx).is_empty());
+        // Bob's session works: what reaches him is his own direct message, nothing before.
+        assert!(hub.send_to_user("bob", None, &json_data("2")));
+        assert_eq!(drain(&brx), vec![json!({"type":"direct","data":2})]);
+    }
+
+    #[test]
+    fn disconnect_closes_every_session_of_the_user_and_no_other() {
+        let hub = hub();
+        let (a1, _a1rx) = session(&hub, "alice");
+        let (a2, _a2rx) = session(&hub, "alice");
+        let (b, brx) = session(&hub, "bob");
+        let reason = CloseReason::new(crate::protocol::CloseCode::PolicyViolation, "bye");
+        assert_eq!(hub.disconnect_user("alice", reason.clone()), 2);
+        assert_eq!(a1.close_reason(), Some(reason.clone()));
+        assert_eq!(a2.close_reason(), Some(reason));
+        assert!(!b.is_closed());
+        assert!(drain(&brx).is_empty());
+        assert_eq!(
+            hub.disconnect_user(
+                "nobody",
+                CloseReason::new(crate::protocol::CloseCode::Normal, "")
+            ),
+            0
+        );
+    }
+
+    #[test]
+    fn close_all_offers_the_last_frame_then_closes_every_session() {
+        let hub = hub();
+        let (a, arx) = session(&hub, "a");
+        let (b, brx) = session(&hub, "b");
+        let going = CloseReason::new(crate::protocol::CloseCode::GoingAway, "shutting down");
+        hub.close_all(
+            || {
+                Some(Outbound::Text(Bytes::from_static(
+                    br#"{"type":"reconnect"}"#,
+                )))
+            },
+            going.clone(),
+        );
+        for (handle, rx) in [(a, arx), (b, brx)] {
+            assert_eq!(handle.close_reason(), Some(going.clone()));
+            let mut out = Vec::new();
+            assert_eq!(rx.try_batch(&mut out, 10), Some(Batch::Frames));
+            assert_eq!(
+                out,
+                [Outbound::Text(Bytes::from_static(
+                    br#"{"type":"reconnect"}"#
+                ))]
+            );
+            assert_eq!(
+                rx.try_batch(&mut out, 10),
+                Some(Batch::Close(going.clone()))
+            );
+        }
     }
 
     #[test]
@@ -1127,22 +1185,6 @@ mod tests {
         let second = join(&hub, &a, &room);
         assert_eq!(second.seq, 0);
         assert_ne!(first.epoch, second.epoch);
-    }
-
-    /// Like `drain`, acks included.
-    fn drain_all(rx: &OutboxReceiver) -> Vec<Value> {
-        let mut out = Vec::new();
-        {
-            let mut fut = std::pin::pin!(rx.recv_batch(&mut out, 10_000));
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let _ = fut.as_mut().poll(&mut cx);
-        }
-        out.into_iter()
-            .map(|o| match o {
-                Outbound::Text(b) => serde_json::from_slice(&b).unwrap(),
-                other => panic!("{other:?}"),
-            })
-            .collect()
     }
 
     fn recover(

@@ -424,6 +424,7 @@ impl OutboxReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     fn text(s: &'static str) -> Outbound {
         Outbound::Text(Bytes::from_static(s.as_bytes()))
@@ -513,16 +514,71 @@ mod tests {
         assert_eq!(h.send(text("over")), Delivery::Overflow);
     }
 
-    #[tokio::test]
-    async fn writer_wakes_for_a_frame_sent_later() {
+    /// A waker that records whether it was woken.
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn writer_wakes_for_a_frame_sent_later() {
+        use std::task::{Context, Poll, Waker};
         let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 4);
-        let task = tokio::spawn(async move {
-            let mut out = Vec::new();
-            rx.recv_batch(&mut out, 4).await;
-            out
-        });
-        tokio::task::yield_now().await;
-        h.send(text("late"));
-        assert_eq!(task.await.unwrap(), vec![text("late")]);
+        let flag = Arc::new(Flag::default());
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        {
+            let mut batch = std::pin::pin!(rx.recv_batch(&mut out, 4));
+            assert!(
+                batch.as_mut().poll(&mut cx).is_pending(),
+                "nothing queued yet"
+            );
+            assert!(!flag.0.load(Ordering::SeqCst));
+            h.send(text("late"));
+            assert!(
+                flag.0.load(Ordering::SeqCst),
+                "a frame in the empty queue wakes the writer"
+            );
+            assert_eq!(batch.as_mut().poll(&mut cx), Poll::Ready(Batch::Frames));
+        }
+        assert_eq!(out, vec![text("late")]);
+    }
+
+    #[test]
+    fn with_a_doorbell_a_frame_rings_it_instead_of_the_writer() {
+        use std::task::{Context, Waker};
+        #[derive(Default)]
+        struct Bell(std::sync::atomic::AtomicUsize);
+        impl Doorbell for Bell {
+            fn ring(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 4);
+        let bell = Arc::new(Bell::default());
+        h.set_doorbell(bell.clone());
+        let flag = Arc::new(Flag::default());
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut woken = std::pin::pin!(rx.woken());
+        assert!(woken.as_mut().poll(&mut cx).is_pending());
+        h.send(text("a"));
+        h.send(text("b"));
+        assert_eq!(
+            bell.0.load(Ordering::SeqCst),
+            1,
+            "rung once, for the empty queue"
+        );
+        assert!(!flag.0.load(Ordering::SeqCst), "the writer task sleeps on");
+        h.close(CloseReason::new(CloseCode::Normal, "bye"));
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "closing wakes the writer task"
+        );
     }
 }

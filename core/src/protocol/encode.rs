@@ -352,6 +352,72 @@ mod tests {
         );
     }
 
+    fn frame(f: ServerFrame<'_>) -> Value {
+        serde_json::from_slice(&f.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn codes_events_and_kinds_go_out_as_the_protocols_strings() {
+        let id = RequestId(3.into());
+        let codes = [
+            (ErrorCode::BadRequest, "bad_request"),
+            (ErrorCode::Unauthorized, "unauthorized"),
+            (ErrorCode::Forbidden, "forbidden"),
+            (ErrorCode::NotFound, "not_found"),
+            (ErrorCode::NotMember, "not_member"),
+            (ErrorCode::TooLarge, "too_large"),
+            (ErrorCode::RateLimited, "rate_limited"),
+            (ErrorCode::LimitExceeded, "limit_exceeded"),
+            (ErrorCode::Internal, "internal"),
+        ];
+        for (code, text) in codes {
+            assert_eq!(
+                frame(ServerFrame::Error {
+                    id: Some(&id),
+                    code,
+                    message: "m"
+                }),
+                json!({"type":"error","id":3,"code":text,"message":"m"})
+            );
+        }
+        for (event, text) in [
+            (PresenceEvent::Join, "join"),
+            (PresenceEvent::Leave, "leave"),
+        ] {
+            assert_eq!(PresenceEvent::parse(text), Some(event));
+            assert_eq!(
+                frame(ServerFrame::Presence {
+                    room: "r",
+                    event,
+                    user: "u"
+                }),
+                json!({"type":"presence","room":"r","event":text,"user":"u"})
+            );
+        }
+        assert_eq!(PresenceEvent::parse("Join"), None);
+        assert_eq!(
+            frame(ServerFrame::Welcome {
+                session: "s",
+                user: "u",
+                endpoint: "/chat",
+                transport: TransportKind::WebTransport,
+                heartbeat_ms: 25_000,
+                node: "n",
+            }),
+            json!({"type":"welcome","session":"s","user":"u","endpoint":"/chat",
+                "transport":"webtransport","heartbeat_ms":25000,"node":"n"})
+        );
+        assert_eq!(
+            frame(ServerFrame::Close {
+                code: CloseCode::HeartbeatTimeout,
+                reason: "heartbeat timeout"
+            }),
+            json!({"type":"close","code":4009,"reason":"heartbeat timeout"})
+        );
+        assert_eq!(MessageKind::Message.as_str(), "message");
+        assert_eq!(MessageKind::Direct.as_str(), "direct");
+    }
+
     #[test]
     fn ack_flattens_its_fields() {
         let id = RequestId(5.into());
