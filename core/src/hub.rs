@@ -169,6 +169,9 @@ pub struct HubStats {
 impl HubStats {
     /// Adds the deliveries of one fan-out, counted per transport by [`transport_index`].
     fn add_deliveries(&self, counted: [u64; 2]) {
+        if !cfg!(feature = "stats") {
+            return;
+        }
         for (total, n) in self.deliveries.iter().zip(counted) {
             if n > 0 {
                 total.fetch_add(n, Ordering::Relaxed);
@@ -178,6 +181,9 @@ impl HubStats {
 
     /// Counts the outcome of a join with `since`.
     pub fn count_recovery(&self, recovered: bool) {
+        if !cfg!(feature = "stats") {
+            return;
+        }
         let counter = if recovered {
             &self.recovered
         } else {

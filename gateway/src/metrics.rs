@@ -19,6 +19,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// Whether this build counts (the `metrics` feature). Without it every count is compiled
+/// out and `/metrics` shows the series at zero.
+pub const ENABLED: bool = cfg!(feature = "metrics");
+
 /// Labels of a per-transport metric.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransportLabel {

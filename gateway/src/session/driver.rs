@@ -83,6 +83,9 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     let handle = conn.handle().clone();
     let inbound_counters = log.metrics().transport(handle.transport());
     let received = |frame: &Bytes| {
+        if !crate::metrics::ENABLED {
+            return;
+        }
         inbound_counters.frames_received.inc();
         inbound_counters.bytes_received.inc_by(frame.len() as u64);
     };
@@ -157,7 +160,7 @@ fn count_requests(
     counted: &mut InboundStats,
     now: InboundStats,
 ) {
-    if let Some(c) = counters {
+    if let Some(c) = counters.filter(|_| crate::metrics::ENABLED) {
         if now.publishes != counted.publishes {
             c.publishes.inc_by(now.publishes - counted.publishes);
         }

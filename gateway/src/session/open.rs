@@ -58,9 +58,11 @@ pub(crate) fn open_session(
     let handle = conn.handle();
     info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
         transport = transport.as_str(), user = handle.user().map(|u| &**u), "session open");
-    let counters = app.metrics.session(handle.endpoint(), transport);
-    counters.opened.inc();
-    counters.sessions.inc();
+    if crate::metrics::ENABLED {
+        let counters = app.metrics.session(handle.endpoint(), transport);
+        counters.opened.inc();
+        counters.sessions.inc();
+    }
     OpenedSession {
         conn,
         outbox,
@@ -102,6 +104,9 @@ impl AccessLog {
             frames_out = out.frames, bytes_out = out.bytes, datagrams_out = out.datagrams,
             close_code = reason.as_ref().map(|r| r.code.code()),
             close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
+        if !crate::metrics::ENABLED {
+            return;
+        }
         let (endpoint, transport) = (handle.endpoint(), handle.transport());
         let counters = self.metrics.session(endpoint, transport);
         counters.sessions.dec();

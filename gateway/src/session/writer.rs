@@ -138,6 +138,9 @@ impl<S: FrameSink> SessionWriter<S> {
     /// Counts what a write moved (`before` → `after`), and the latency of a sampled ring
     /// once its frames are written (`all_written`).
     fn count(&self, before: WriteStats, after: WriteStats, all_written: bool) {
+        if !crate::metrics::ENABLED {
+            return;
+        }
         let counters = self.metrics.transport(self.transport);
         if after.frames > before.frames {
             counters.frames_sent.inc_by(after.frames - before.frames);
@@ -294,6 +297,9 @@ fn epoch() -> Instant {
 
 /// Whether this ring (on this thread) is one of the sampled ones.
 pub(super) fn sample_this_ring() -> bool {
+    if !crate::metrics::ENABLED {
+        return false;
+    }
     thread_local! {
         static RINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
