@@ -1,6 +1,5 @@
 //! The HTTP API over HTTPS: one-time tickets and the server API behind its key.
 
-
 use gateway_tests::*;
 use serde_json::{json, Value};
 
@@ -58,7 +57,6 @@ async fn a_ticket_admits_exactly_one_connection_and_expires() {
             "{statuses:?}"
         );
         assert!(statuses.contains(&Some(401)), "{statuses:?}");
-
     })
     .await;
 }
