@@ -37,6 +37,9 @@ pub enum CertError {
     /// rustls refused the key.
     #[error("unusable private key: {0}")]
     Key(#[source] rustls::Error),
+    /// The private key is not the key of the (leaf) certificate.
+    #[error("the private key does not match the certificate")]
+    KeyMismatch,
     /// Generating a certificate failed.
     #[error("generating a certificate: {0}")]
     Generate(#[source] rcgen::Error),

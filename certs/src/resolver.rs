@@ -38,13 +38,18 @@ impl ResolvesServerCert for ReloadableResolver {
     }
 }
 
+/// The identity as rustls serves it: a key rustls can sign with, whose public key is the
+/// leaf certificate's.
 fn certified(identity: &PemIdentity) -> Result<Arc<CertifiedKey>, CertError> {
     let provider = rustls::crypto::ring::default_provider();
-    let key = provider
-        .key_provider
-        .load_private_key(identity.key.clone_key())
-        .map_err(CertError::Key)?;
-    Ok(Arc::new(CertifiedKey::new(identity.chain.clone(), key)))
+    CertifiedKey::from_der(identity.chain.clone(), identity.key.clone_key(), &provider)
+        .map(Arc::new)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                CertError::KeyMismatch
+            }
+            e => CertError::Key(e),
+        })
 }
 
 #[cfg(test)]
@@ -52,7 +57,7 @@ mod tests {
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
     use super::ReloadableResolver;
-    use crate::{DevCert, PemIdentity};
+    use crate::{CertError, DevCert, PemIdentity};
 
     #[test]
     fn a_replaced_certificate_is_served_and_an_unusable_one_keeps_the_old() {
@@ -71,5 +76,24 @@ mod tests {
         // The error keeps rustls's own as its source.
         assert!(std::error::Error::source(&refused).is_some(), "{refused}");
         assert_eq!(served(&resolver), der(&b));
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let (a, b) = (DevCert::generate().unwrap(), DevCert::generate().unwrap());
+        let resolver = ReloadableResolver::new(&a.identity().unwrap()).unwrap();
+        let mismatched = PemIdentity {
+            chain: b.identity().unwrap().chain,
+            key: a.identity().unwrap().key,
+        };
+        assert!(matches!(
+            ReloadableResolver::new(&mismatched),
+            Err(CertError::KeyMismatch)
+        ));
+        assert!(matches!(
+            resolver.replace(&mismatched),
+            Err(CertError::KeyMismatch)
+        ));
+        assert_eq!(resolver.leaf_der(), a.identity().unwrap().chain[0].to_vec());
     }
 }

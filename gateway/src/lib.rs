@@ -3,6 +3,7 @@
 //! transports use, the Redis cluster backplane, and the wiring around the transport-neutral
 //! hub of `gateway-core`.
 
+pub mod cert_reload;
 pub mod clock;
 pub mod cluster;
 pub mod config;

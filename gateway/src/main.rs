@@ -148,7 +148,7 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
             let _ = writeln!(stdout, "{line}");
         }
         let _ = stdout.flush();
-        shutdown_signal().await;
+        wait_for_shutdown(&server).await;
         tracing::info!("shutting down");
         tokio::select! {
             () = server.shutdown() => ExitCode::SUCCESS,
@@ -171,6 +171,36 @@ fn init_logging(log: &gateway::config::LogConfig) {
     match log.format {
         gateway::config::LogFormat::Text => builder.init(),
         gateway::config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C; each SIGHUP reloads the TLS certificate meanwhile.
+async fn wait_for_shutdown(server: &Server) {
+    #[cfg(unix)]
+    {
+        use gateway::cert_reload::{CertReload, Trigger};
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = hangup.recv() => {
+                    // The outcome is logged by the reload itself.
+                    if let Ok(CertReload::DevCertificate) =
+                        server.reload_certificate(Trigger::Signal)
+                    {
+                        tracing::info!("SIGHUP: the development certificate is not reloaded");
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = server;
+        shutdown_signal().await;
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tracing::info;
 
 use crate::{
+    cert_reload::{CertReload, CertReloader, ReloadError, Trigger, POLL_INTERVAL},
     cluster::RedisCluster,
     config::{Config, TlsSource},
     http::api,
@@ -37,6 +38,8 @@ pub struct Server {
     pub dev_cert_path: Option<std::path::PathBuf>,
     /// Shared state.
     pub state: Arc<AppState>,
+    /// Reloads the `[tls]` files (none with a dev certificate).
+    reloader: Option<Arc<CertReloader>>,
     tasks: JoinSet<()>,
 }
 
@@ -61,6 +64,14 @@ impl Server {
             }
         };
         let resolver = ReloadableResolver::new(&identity)?;
+        let reloader = match &config.tls {
+            TlsSource::Files { cert, key } => Some(CertReloader::new(
+                cert.clone(),
+                key.clone(),
+                resolver.clone(),
+            )),
+            TlsSource::Dev(_) => None,
+        };
 
         let heartbeat = config
             .endpoints
@@ -129,6 +140,9 @@ impl Server {
             tasks.spawn(quic::serve(endpoint, state.clone(), router));
         }
         tasks.spawn(expire_history(state.clone()));
+        if let Some(reloader) = &reloader {
+            tasks.spawn(reloader.clone().watch(POLL_INTERVAL));
+        }
 
         info!(%tcp_addr, node = state.config.node_id, "gateway started");
         Ok(Self {
@@ -138,8 +152,20 @@ impl Server {
             dev_cert,
             dev_cert_path,
             state,
+            reloader,
             tasks,
         })
+    }
+
+    /// Loads the `[tls]` certificate and key again (as SIGHUP does): new TCP and QUIC
+    /// handshakes use them, established connections keep theirs. A pair that cannot be used
+    /// is refused and the current one stays; either outcome is logged. With a development
+    /// certificate there is nothing to reload.
+    pub fn reload_certificate(&self, trigger: Trigger) -> Result<CertReload, ReloadError> {
+        match &self.reloader {
+            Some(reloader) => reloader.reload(trigger),
+            None => Ok(CertReload::DevCertificate),
+        }
     }
 
     /// The lines printed on start, one per listener (CONFIG.md).

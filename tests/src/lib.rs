@@ -60,17 +60,7 @@ impl TestGateway {
     /// Starts a gateway with `toml` (which must not set `listen`, `node_id` or `[tls]`).
     pub async fn start(toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Nodes of one cluster need their own ids; a lone node is `test-node`.
-        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let node = if toml.contains("[cluster]") {
-            let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("test-node-{}-{n}", std::process::id())
-        } else {
-            "test-node".to_owned()
-        };
-        let text = format!("listen = \"127.0.0.1:0\"\nnode_id = \"{node}\"\n{toml}");
-        let config = Config::from_toml(&text, dir.path()).expect("valid test config");
-        let server = Server::start(config).await.expect("gateway starts");
+        let server = Self::start_server(toml, dir.path()).await;
         Self {
             addr: server.tcp_addr,
             cert_sha256: server
@@ -83,6 +73,41 @@ impl TestGateway {
             server: Some(server),
             _dir: dir,
         }
+    }
+
+    /// Starts a gateway with `toml` (as [`start`](Self::start)) serving the certificate
+    /// and key files `cert` and `key` (`[tls]` is appended to `toml`).
+    pub async fn start_with_tls(toml: &str, cert: &Path, key: &Path) -> Self {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml = format!(
+            "{toml}\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        let der = CertificateDer::from_pem_file(cert).expect("certificate file");
+        let server = Self::start_server(&toml, dir.path()).await;
+        Self {
+            addr: server.tcp_addr,
+            cert_sha256: gateway_certs::sha256_hex(&der),
+            cert_path: cert.to_owned(),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    async fn start_server(toml: &str, dir: &Path) -> Server {
+        // Nodes of one cluster need their own ids; a lone node is `test-node`.
+        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let node = if toml.contains("[cluster]") {
+            let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("test-node-{}-{n}", std::process::id())
+        } else {
+            "test-node".to_owned()
+        };
+        let text = format!("listen = \"127.0.0.1:0\"\nnode_id = \"{node}\"\n{toml}");
+        let config = Config::from_toml(&text, dir).expect("valid test config");
+        Server::start(config).await.expect("gateway starts")
     }
 
     /// Opens a WebTransport session and message stream on `path`.
@@ -170,8 +195,20 @@ pub fn client_tls(cert: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
 
 /// A TLS connection (ALPN http/1.1) to `addr`, trusting `cert`.
 pub async fn tls_connect(addr: SocketAddr, cert: &Path) -> anyhow::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_connect_with_prefix(addr, cert, &[]).await
+}
+
+/// A TLS connection (ALPN http/1.1) to `addr`, trusting `cert`, that first sends `prefix`
+/// (a PROXY protocol header) in the clear.
+pub async fn tls_connect_with_prefix(
+    addr: SocketAddr,
+    cert: &Path,
+    prefix: &[u8],
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    tcp.write_all(prefix).await?;
     let connector = TlsConnector::from(client_tls(cert, &[b"http/1.1"]));
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     Ok(connector.connect(name, tcp).await?)
@@ -305,7 +342,19 @@ impl WsClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Self, tungstenite::Error> {
-        let tls = tls_connect(addr, cert)
+        Self::connect_with_prefix(addr, cert, path, headers, &[]).await
+    }
+
+    /// Connects as [`connect`](Self::connect), sending `prefix` (a PROXY protocol header)
+    /// before TLS.
+    pub async fn connect_with_prefix(
+        addr: SocketAddr,
+        cert: &Path,
+        path: &str,
+        headers: &[(&str, &str)],
+        prefix: &[u8],
+    ) -> Result<Self, tungstenite::Error> {
+        let tls = tls_connect_with_prefix(addr, cert, prefix)
             .await
             .map_err(|e| tungstenite::Error::Io(std::io::Error::other(e.to_string())))?;
         let mut req = format!("wss://127.0.0.1:{}{path}", addr.port())

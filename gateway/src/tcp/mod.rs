@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod linger;
+pub mod proxy_header;
 pub mod tls;
 
 use std::{
@@ -24,7 +25,11 @@ use gateway_core::{
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::{timeout_at, Instant},
+};
 use tokio_tungstenite::{
     tungstenite::{
         self,
@@ -60,14 +65,26 @@ const READ_BUFFER: usize = 256;
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// Accepts TCP connections until the listener fails; each is served on its own task.
+///
+/// With `proxy_protocol`, each connection must first send a PROXY header (see
+/// [`proxy_header`]); the client address it carries is the connection's address from then
+/// on (limits, logs, sessions). At most `max_connections` connections may be waiting for
+/// their header at once (they are not counted by the limits before it); beyond that a new
+/// connection is dropped at accept.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Arc<AppState>,
     router: Router,
 ) {
+    let awaiting_header = Arc::new(Semaphore::new(
+        app.config
+            .limits
+            .max_connections
+            .min(Semaphore::MAX_PERMITS),
+    ));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, socket_peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -76,53 +93,99 @@ pub async fn serve(
                 continue;
             }
         };
-        // Counted from accept on, so idle and plain HTTP connections count too. Over a limit,
-        // a bounded number are still answered with the status; the rest are dropped here.
-        let Some(permit) = ConnectionPermit::acquire(&app, peer.ip()) else {
-            debug!(%peer, "connection over the limits dropped");
+        let _ = stream.set_nodelay(true);
+        // The handshake timeout runs from accept: PROXY header and TLS handshake included.
+        let deadline = Instant::now() + app.config.limits.handshake_timeout;
+        let (tls, app, router) = (tls.clone(), app.clone(), router.clone());
+        if !app.config.proxy_protocol {
+            // Counted from accept on, so idle and plain HTTP connections count too.
+            let Some(permit) = ConnectionPermit::acquire(&app, socket_peer.ip()) else {
+                debug!(peer = %socket_peer, "connection over the limits dropped");
+                continue;
+            };
+            tokio::spawn(serve_connection(
+                stream,
+                socket_peer,
+                permit,
+                deadline,
+                tls,
+                app,
+                router,
+            ));
+            continue;
+        }
+        let Ok(waiting) = awaiting_header.clone().try_acquire_owned() else {
+            debug!(peer = %socket_peer, "too many connections waiting for a PROXY header: dropped");
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let (tls, app, router) = (tls.clone(), app.clone(), router.clone());
         tokio::spawn(async move {
-            let timeout = app.config.limits.handshake_timeout;
-            let tls = match tokio::time::timeout(timeout, TlsStream::accept(stream, tls)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return admission::timed_out(&app, TransportKind::WebSocket, peer),
-            };
-            let alt_svc = app
-                .h3_port
-                .and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
-            let refused = permit.rejection().is_some();
-            // Held by the socket itself, so a lingering close still counts.
-            let guard = permit.clone();
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                req.extensions_mut().insert(permit.clone());
-                let (router, alt_svc) = (router.clone(), alt_svc.clone());
-                async move {
-                    let mut response = router.oneshot(req.map(Body::new)).await?;
-                    if let Some(v) = alt_svc {
-                        response.headers_mut().insert(header::ALT_SVC, v);
-                    }
-                    Ok::<_, Infallible>(response)
+            let mut stream = stream;
+            let header = timeout_at(deadline, proxy_header::read_proxy_header(&mut stream)).await;
+            drop(waiting);
+            let peer = match header {
+                Ok(Ok(source)) => source.or(socket_peer),
+                Ok(Err(e)) => {
+                    return debug!(socket = %socket_peer, error = %e, "PROXY header refused")
                 }
-            });
-            // The header timeout also runs while a kept-alive connection waits for its next
-            // request, so an idle connection is closed after it. A refused connection
-            // answers one request and closes.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .keep_alive(!refused)
-                .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(Lingering::new(tls, guard)), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "HTTP connection ended with an error");
-            }
+                Err(_) => return debug!(socket = %socket_peer, "PROXY header timed out"),
+            };
+            // Counted from the header on, by the address it carries.
+            let Some(permit) = ConnectionPermit::acquire(&app, peer.ip()) else {
+                return debug!(%peer, socket = %socket_peer, "connection over the limits dropped");
+            };
+            serve_connection(stream, peer, permit, deadline, tls, app, router).await;
         });
+    }
+}
+
+/// Serves one accepted connection from `peer` (its client address): the TLS handshake by
+/// `deadline`, then HTTP/1.1 and WebSocket upgrades. Over a limit (`permit` refused), a
+/// bounded number are still answered with the status; the rest were dropped at accept.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+    deadline: Instant,
+    tls: Arc<rustls::ServerConfig>,
+    app: Arc<AppState>,
+    router: Router,
+) {
+    let timeout = app.config.limits.handshake_timeout;
+    let tls = match timeout_at(deadline, TlsStream::accept(stream, tls)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return admission::timed_out(&app, TransportKind::WebSocket, peer),
+    };
+    let alt_svc = app
+        .h3_port
+        .and_then(|p| HeaderValue::from_str(&format!("h3=\":{p}\"; ma=86400")).ok());
+    let refused = permit.rejection().is_some();
+    // Held by the socket itself, so a lingering close still counts.
+    let guard = permit.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(PeerAddr(peer));
+        req.extensions_mut().insert(permit.clone());
+        let (router, alt_svc) = (router.clone(), alt_svc.clone());
+        async move {
+            let mut response = router.oneshot(req.map(Body::new)).await?;
+            if let Some(v) = alt_svc {
+                response.headers_mut().insert(header::ALT_SVC, v);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    // The header timeout also runs while a kept-alive connection waits for its next
+    // request, so an idle connection is closed after it. A refused connection answers one
+    // request and closes.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(!refused)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(Lingering::new(tls, guard)), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
 }
 
