@@ -94,6 +94,9 @@ mod tests {
             resolver.replace(&mismatched),
             Err(CertError::KeyMismatch)
         ));
-        assert_eq!(resolver.leaf_der(), a.identity().unwrap().chain[0].to_vec());
+        assert_eq!(
+            resolver.current.load().cert[0].to_vec(),
+            a.identity().unwrap().chain[0].to_vec()
+        );
     }
 }
