@@ -30,6 +30,12 @@ impl ReloadableResolver {
         self.current.store(certified(identity)?);
         Ok(())
     }
+
+    /// The leaf certificate currently served, DER.
+    pub fn leaf_der(&self) -> Vec<u8> {
+        let current = self.current.load();
+        current.cert.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
 }
 
 impl ResolvesServerCert for ReloadableResolver {
