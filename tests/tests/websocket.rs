@@ -415,6 +415,28 @@ async fn a_client_that_stops_reading_is_closed_4008_while_others_get_everything(
             (delivered as u64) < N,
             "slow consumer was not cut off ({delivered} delivered)"
         );
+        // Counted once as a slow consumer of its endpoint, and as a 4008 close, when its
+        // session has ended on the server.
+        drop(slow);
+        let counted = [
+            r#"gateway_slow_consumer_closes_total{endpoint="/tiny"} 1"#,
+            r#"gateway_sessions_closed_total{endpoint="/tiny",transport="websocket",code="4008"} 1"#,
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let (status, text) = gw.https("GET", "/metrics", &[], "").await;
+            assert_eq!(status, 200);
+            if counted.iter().all(|line| text.lines().any(|l| l == *line)) {
+                break text;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{counted:?} not in\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            text.lines()
+                .any(|l| l == r#"gateway_slow_consumer_closes_total{endpoint="/chat"} 0"#),
+            "{text}"
+        );
     })
     .await;
 }
