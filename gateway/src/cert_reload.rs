@@ -129,12 +129,16 @@ impl CertReloader {
     /// Loads the files now and swaps them in, or refuses them (keeping the current pair).
     /// Either outcome is logged once.
     pub fn reload(&self, trigger: Trigger) -> Result<CertReload, ReloadError> {
-        // Taken before reading: a write after this is a change the next poll sees.
-        *self.seen.lock().expect("stamps lock") = self.stamps();
+        // Held for the whole reload, so a signal and the watcher cannot interleave (the
+        // slower storing older files last). Stamps are taken before reading: a write after
+        // this is a change the next poll sees.
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        *seen = self.stamps();
         let loaded = load_pem(&self.cert, &self.key).and_then(|identity| {
             self.resolver.replace(&identity)?;
             Ok(sha256_hex(&identity.chain[0]))
         });
+        drop(seen);
         match loaded {
             Ok(sha256) => {
                 info!(trigger = trigger.as_str(), cert = %self.cert.display(),

@@ -120,7 +120,16 @@ pub struct BackplaneErrors(Family<OpLabel, Counter>);
 
 impl BackplaneErrors {
     /// The operations counted.
-    pub const OPS: [&'static str; 7] = [
+    pub const OPS: [&'static str; 16] = [
+        "publish",
+        "view",
+        "send_user",
+        "disconnect",
+        "issue_ticket",
+        "ticket",
+        "members",
+        "acquire_user",
+        "sweep",
         "subscribe",
         "enter",
         "exit",

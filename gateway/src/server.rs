@@ -108,7 +108,7 @@ impl Server {
                 let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);
                 cluster_handle = Some(cluster.clone());
-                info!(redis = %url, "cluster mode: rooms and direct messages go through redis");
+                info!(redis = %redacted(url), "cluster mode: rooms and direct messages go through redis");
                 hub
             }
         };
@@ -238,4 +238,30 @@ async fn bind_same_port(
         }
     }
     Err(last_error.expect("at least one attempt"))
+}
+
+/// A Redis URL for the log: a password in it (`redis://:secret@host`) is replaced by `***`.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_redis_password_is_not_logged() {
+        assert_eq!(
+            super::redacted("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(super::redacted("rediss://user:pw@h:1"), "rediss://***@h:1");
+        assert_eq!(
+            super::redacted("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
 }

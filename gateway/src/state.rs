@@ -12,6 +12,7 @@ use gateway_core::{
     connection::Services,
     policy::EndpointPolicy,
     protocol::{CloseCode, CloseReason, ServerFrame},
+    session::{Outbound, SessionHandle},
     tickets::TicketStore,
 };
 use rand::{rngs::StdRng, SeedableRng};
@@ -19,6 +20,13 @@ use rand::{rngs::StdRng, SeedableRng};
 use tokio_util::task::TaskTracker;
 
 use crate::{cluster::RedisCluster, config::Config, metrics::Metrics, session::Flushers};
+
+/// The reason of the `reconnect` and of the 1001 close a drain sends.
+const DRAIN_REASON: &str = "server draining";
+
+fn drain_reason() -> CloseReason {
+    CloseReason::new(CloseCode::GoingAway, DRAIN_REASON)
+}
 
 /// Most unredeemed tickets held at once (each is a few hundred bytes).
 const MAX_TICKETS: usize = 100_000;
@@ -106,26 +114,32 @@ impl AppState {
     /// queued before it are written. Returns how many sessions were told.
     pub fn drain(&self) -> usize {
         self.begin_shutdown();
+        let sessions = self.services.hub.session_count();
+        self.services
+            .hub
+            .close_all(|| Some(self.reconnect_frame()), drain_reason());
+        tracing::info!(sessions, window = ?self.config.drain, "draining");
+        sessions
+    }
+
+    /// Sends one session away as a drain does: `reconnect`, then 1001. For a session that
+    /// opened while the drain ran (it passed admission before the flag was set, and was
+    /// not yet in the hub when the drain went through it).
+    pub(crate) fn send_away(&self, session: &SessionHandle) {
+        session.offer(self.reconnect_frame());
+        session.close(drain_reason());
+    }
+
+    /// A `reconnect` whose `after_ms` is drawn over the drain window.
+    fn reconnect_frame(&self) -> Outbound {
         let window_ms = u64::try_from(self.config.drain.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let reconnect = || {
-            let after_ms = rand::random_range(0..window_ms);
-            Some(
-                ServerFrame::Reconnect {
-                    after_ms,
-                    reason: "server draining",
-                    url: None,
-                }
-                .to_outbound(),
-            )
-        };
-        let sessions = self.services.hub.session_count();
-        self.services.hub.close_all(
-            reconnect,
-            CloseReason::new(CloseCode::GoingAway, "server draining"),
-        );
-        tracing::info!(sessions, window_ms, "draining");
-        sessions
+        ServerFrame::Reconnect {
+            after_ms: rand::random_range(0..window_ms),
+            reason: DRAIN_REASON,
+            url: None,
+        }
+        .to_outbound()
     }
 }

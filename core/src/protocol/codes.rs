@@ -90,6 +90,9 @@ pub enum CloseCode {
     TooSlowOrTooFast,
     /// 4009: heartbeat timeout.
     HeartbeatTimeout,
+    /// 1006: the connection was lost without a close. Never sent (the transport is gone):
+    /// it is what logs and metrics record for such a session.
+    Abnormal,
 }
 
 impl CloseCode {
@@ -107,6 +110,7 @@ impl CloseCode {
             CloseCode::Forbidden => 4003,
             CloseCode::TooSlowOrTooFast => 4008,
             CloseCode::HeartbeatTimeout => 4009,
+            CloseCode::Abnormal => 1006,
         }
     }
 
@@ -177,8 +181,10 @@ pub enum TransportFault {
     Flood,
     /// The client ended the session's message stream: 1000.
     StreamClosed,
-    /// The client closed the session or its connection went away: 1000.
+    /// The client closed the session: 1000.
     PeerClosed,
+    /// The connection went away without a close: 1006 (recorded, never sent).
+    ConnectionLost,
     /// Writing to the transport failed: 1011.
     WriteFailed,
 }
@@ -199,6 +205,9 @@ impl TransportFault {
                 CloseReason::new(CloseCode::Normal, "message stream closed by client")
             }
             TransportFault::PeerClosed => CloseReason::new(CloseCode::Normal, "closed by client"),
+            TransportFault::ConnectionLost => {
+                CloseReason::new(CloseCode::Abnormal, "connection lost")
+            }
             TransportFault::WriteFailed => CloseReason::new(CloseCode::Internal, "write failed"),
         }
     }

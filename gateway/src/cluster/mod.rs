@@ -354,6 +354,9 @@ async fn work(
             // On the first connection, before any membership of this life: drop what an
             // earlier process with this node id left behind.
             swept_own = scripts.sweep(c, &shared.node, false).await.is_ok();
+            if !swept_own {
+                shared.count_error("sweep");
+            }
         }
         match command {
             Command::Publish(message, done) => {
@@ -362,6 +365,7 @@ async fn work(
                     scripts.publish(c, &message, &shared.policies).await
                 }
                 .await;
+                shared.count_failure("publish", &result);
                 done(result);
             }
             Command::OpenRoom(room, since, done) => {
@@ -372,6 +376,7 @@ async fn work(
                     scripts.view(c, &room, since, &shared.policies).await
                 }
                 .await;
+                shared.count_failure("view", &result);
                 done(result);
             }
             Command::CloseRoom(room) => stop_listening(&shared, Channel::Room(room).name()).await,
@@ -381,6 +386,7 @@ async fn work(
                     scripts.send_user(c, &user, from.as_deref(), &data).await
                 }
                 .await;
+                shared.count_failure("send_user", &result);
                 done(result);
             }
             Command::OpenUser(user) => {
@@ -425,6 +431,7 @@ async fn work(
                         .map_err(unavailable)
                 }
                 .await;
+                shared.count_failure("disconnect", &result);
                 done(result);
             }
             Command::IssueTicket(request, done) => {
@@ -433,6 +440,7 @@ async fn work(
                     scripts.issue_ticket(c, &request).await
                 }
                 .await;
+                shared.count_failure("issue_ticket", &result);
                 done(result);
             }
             Command::Ticket(ticket, redeem, done) => {
@@ -441,6 +449,7 @@ async fn work(
                     scripts.ticket(c, &ticket, redeem).await
                 }
                 .await;
+                shared.count_failure("ticket", &result);
                 done(result);
             }
             Command::AcquireUser(user, max, done) => {
@@ -458,6 +467,7 @@ async fn work(
                     // Whether Redis counted it is unknown: say again what this node holds.
                     let _ = scripts.count_user(c, &shared.node, &user, held, None).await;
                 }
+                shared.count_failure("acquire_user", &result);
                 done(result);
             }
             Command::ReleaseUser(user) => {
@@ -500,6 +510,7 @@ async fn work(
                     scripts.members(c, &room).await
                 }
                 .await;
+                shared.count_failure("members", &result);
                 done(result);
             }
         }
@@ -639,6 +650,13 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
 }
 
 impl Shared {
+    /// Counts `op` as failed when `result` is an error.
+    fn count_failure<T>(&self, op: &'static str, result: &Result<T, ClusterUnavailable>) {
+        if result.is_err() {
+            self.count_error(op);
+        }
+    }
+
     /// Counts a failed backplane operation.
     fn count_error(&self, op: &'static str) {
         if let Some(errors) = self.errors.get() {

@@ -62,7 +62,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub(super) struct ShutdownSection {
     #[serde(default = "default_drain_secs")]
-    pub drain_secs: u64,
+    pub drain_secs: NonZeroU64,
 }
 
 impl Default for ShutdownSection {
@@ -191,8 +191,8 @@ fn yes() -> bool {
     true
 }
 
-fn default_drain_secs() -> u64 {
-    10
+fn default_drain_secs() -> NonZeroU64 {
+    NonZeroU64::new(10).expect("positive")
 }
 
 fn default_leeway_secs() -> u64 {

@@ -562,8 +562,13 @@ impl FrameSink for WtSink {
     }
 
     async fn close(mut self, reason: CloseReason) {
-        // A session closed before its message stream opened has nothing to write on.
-        if let Some(send) = self.send.as_mut() {
+        // A session closed before its message stream opened has nothing to write on, and a
+        // lost connection has nobody to tell.
+        if let Some(send) = self
+            .send
+            .as_mut()
+            .filter(|_| reason.code != gateway_core::protocol::CloseCode::Abnormal)
+        {
             let envelope = ServerFrame::Close {
                 code: reason.code,
                 reason: &reason.reason,

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock;
 
-use crate::metrics::EndpointCounters;
+use crate::metrics::{EndpointCounters, TransportCounters};
 
 use super::{
     open::AccessLog,
@@ -81,16 +81,11 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     log: AccessLog,
 ) {
     let handle = conn.handle().clone();
-    let inbound_counters = log.metrics().transport(handle.transport());
-    let received = |frame: &Bytes| {
-        if !crate::metrics::ENABLED {
-            return;
-        }
-        inbound_counters.frames_received.inc();
-        inbound_counters.bytes_received.inc_by(frame.len() as u64);
+    let mut counting = InboundCounting {
+        transport: log.metrics().transport(handle.transport()),
+        endpoint: log.metrics().endpoint(handle.endpoint()),
+        counted: InboundStats::default(),
     };
-    let endpoint_counters = log.metrics().endpoint(handle.endpoint());
-    let mut counted = conn.stats();
     let writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(clock::instant());
     let wake = conn.wake_signal();
@@ -108,18 +103,9 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
             event = inbound.next() => {
                 let now = clock::now();
                 match event {
-                    Event::Text(frame) => {
-                        received(&frame);
-                        conn.on_text(frame, now)
-                    }
-                    Event::Binary(frame) => {
-                        received(&frame);
-                        conn.on_binary(frame, now)
-                    }
-                    Event::Datagram(frame) => {
-                        received(&frame);
-                        conn.on_datagram(frame, now)
-                    }
+                    Event::Text(frame) => conn.on_text(frame, now),
+                    Event::Binary(frame) => conn.on_binary(frame, now),
+                    Event::Datagram(frame) => conn.on_datagram(frame, now),
                     Event::Pong => {
                         conn.on_pong();
                         conn.on_control(1, now);
@@ -141,35 +127,52 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
                         break;
                     }
                 }
-                count_requests(endpoint_counters, &mut counted, conn.stats());
             }
             () = timer => deadline = conn.poll(clock::instant()),
             () = woken(&wake) => conn.on_wake(clock::now()),
         }
+        counting.update(conn.stats());
     }
+    counting.update(conn.stats());
     if !handle.is_closed() {
-        handle.close(TransportFault::PeerClosed.close_reason());
+        let ended = if gone {
+            TransportFault::ConnectionLost
+        } else {
+            TransportFault::PeerClosed
+        };
+        handle.close(ended.close_reason());
     }
     // Boxed: the task of an open session does not carry the closing procedure's state.
     Box::pin(finish(conn, inbound, writer, gone, log)).await;
 }
 
-/// Adds the publishes and rate-limited frames since `counted` to the endpoint's counters.
-fn count_requests(
-    counters: Option<&EndpointCounters>,
-    counted: &mut InboundStats,
-    now: InboundStats,
-) {
-    if let Some(c) = counters.filter(|_| crate::metrics::ENABLED) {
-        if now.publishes != counted.publishes {
-            c.publishes.inc_by(now.publishes - counted.publishes);
+/// Brings a session's inbound counters up to its connection's running totals: frames and
+/// bytes per transport, publishes and rate-limited frames per endpoint (atomic adds of
+/// what changed since the last update).
+struct InboundCounting<'a> {
+    transport: &'a TransportCounters,
+    endpoint: Option<&'a EndpointCounters>,
+    counted: InboundStats,
+}
+
+impl InboundCounting<'_> {
+    fn update(&mut self, now: InboundStats) {
+        if !crate::metrics::ENABLED {
+            return;
         }
-        if now.rate_limited != counted.rate_limited {
-            c.rate_limited
-                .inc_by(now.rate_limited - counted.rate_limited);
+        let add = |counter: &prometheus_client::metrics::counter::Counter, was: u64, is: u64| {
+            if is > was {
+                counter.inc_by(is - was);
+            }
+        };
+        let was = std::mem::replace(&mut self.counted, now);
+        add(&self.transport.frames_received, was.frames, now.frames);
+        add(&self.transport.bytes_received, was.bytes, now.bytes);
+        if let Some(c) = self.endpoint {
+            add(&c.publishes, was.publishes, now.publishes);
+            add(&c.rate_limited, was.rate_limited, now.rate_limited);
         }
     }
-    *counted = now;
 }
 
 /// The close procedure: lets the writer flush what is queued and the close, and keeps

@@ -7,7 +7,7 @@ use gateway_core::{
     connection::Connection,
     limits::ConnectionSlot,
     protocol::{CloseCode, CloseReason},
-    session::{OutboxReceiver, TransportKind},
+    session::{OutboxReceiver, SessionHandle, TransportKind},
 };
 use tokio::time::Instant;
 use tracing::info;
@@ -55,7 +55,12 @@ pub(crate) fn open_session(
         admitted,
         clock::now(),
     );
-    let handle = conn.handle();
+    let handle = conn.handle().clone();
+    // A drain that began after this session's admission may have gone through the hub
+    // before the session was in it: this session is sent away too.
+    if app.is_shutting_down() {
+        app.send_away(&handle);
+    }
     info!(target: "access", session = handle.id_str(), %peer, endpoint = handle.endpoint(),
         transport = transport.as_str(), user = handle.user().map(|u| &**u), "session open");
     if crate::metrics::ENABLED {
@@ -70,6 +75,8 @@ pub(crate) fn open_session(
             opened: Instant::now(),
             peer,
             metrics: app.metrics.clone(),
+            session: handle.clone(),
+            counted: false,
             _slot: slot.clone(),
         },
         slot,
@@ -81,6 +88,10 @@ pub(crate) struct AccessLog {
     opened: Instant,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
+    session: SessionHandle,
+    /// Whether the session's end is counted in the metrics (once: by `closed`, or on drop
+    /// if its task ended otherwise).
+    counted: bool,
     /// The session's connection slot, held until the log's last line.
     _slot: Arc<ConnectionSlot>,
 }
@@ -92,7 +103,7 @@ impl AccessLog {
     }
 
     /// Logs the session's end: duration, traffic both ways and the close code.
-    pub(crate) fn closed(&self, conn: &Connection, out: WriteStats) {
+    pub(crate) fn closed(mut self, conn: &Connection, out: WriteStats) {
         let handle = conn.handle();
         let reason = handle.close_reason();
         let inbound = conn.stats();
@@ -104,17 +115,34 @@ impl AccessLog {
             frames_out = out.frames, bytes_out = out.bytes, datagrams_out = out.datagrams,
             close_code = reason.as_ref().map(|r| r.code.code()),
             close_reason = reason.as_ref().map(|r| r.reason.as_str()), "session closed");
-        if !crate::metrics::ENABLED {
+        self.count_end();
+    }
+
+    /// Counts the session's end (its close code; 1011 for a session whose task ended
+    /// without one) and takes it off the gauge, once.
+    fn count_end(&mut self) {
+        if std::mem::replace(&mut self.counted, true) || !crate::metrics::ENABLED {
             return;
         }
-        let (endpoint, transport) = (handle.endpoint(), handle.transport());
+        let (endpoint, transport) = (self.session.endpoint(), self.session.transport());
+        let reason = self.session.close_reason();
         let counters = self.metrics.session(endpoint, transport);
         counters.sessions.dec();
-        let code = reason.as_ref().map_or(1006, |r| r.code.code());
+        let code = reason
+            .as_ref()
+            .map_or(CloseCode::Internal, |r| r.code)
+            .code();
         self.metrics.session_closed(endpoint, transport, code);
         if reason.as_ref().is_some_and(is_slow_consumer) {
             counters.slow_consumer_closes.inc();
         }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // A session task that panicked or was dropped still leaves the gauge.
+        self.count_end();
     }
 }
 

@@ -248,8 +248,11 @@ pub async fn upgrade(app: Arc<AppState>, mut req: Request<Body>) -> Response<Bod
     let admission = match admission {
         Ok(a) => a,
         Err(rejection) => {
-            let path = req.uri().path();
-            admission::rejected(&app, path, TransportKind::WebSocket, peer, rejection);
+            // Only upgrade attempts are handshakes: a stray GET (a scanner, a favicon) is not.
+            if req.headers().contains_key(header::UPGRADE) {
+                let path = req.uri().path();
+                admission::rejected(&app, path, TransportKind::WebSocket, peer, rejection);
+            }
             return rejection_response(rejection);
         }
     };
@@ -327,6 +330,8 @@ fn fault_of(error: &tungstenite::Error) -> Option<TransportFault> {
     use tungstenite::Error as E;
     match error {
         E::Capacity(_) => Some(TransportFault::TooLarge),
+        // The peer went away without a close (EOF, even after TLS close_notify): gone.
+        E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
         E::Protocol(p) => Some(TransportFault::Malformed(p.to_string())),
         E::Utf8(_) => Some(TransportFault::InvalidUtf8),
         _ => None,
@@ -502,6 +507,9 @@ where
     }
 
     async fn close(mut self, reason: CloseReason) {
-        let _ = self.0.send(Message::Close(Some(close_frame(reason)))).await;
+        // A lost connection has nobody to tell.
+        if reason.code != gateway_core::protocol::CloseCode::Abnormal {
+            let _ = self.0.send(Message::Close(Some(close_frame(reason)))).await;
+        }
     }
 }
