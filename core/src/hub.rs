@@ -531,6 +531,106 @@ impl Hub {
         }
     }
 
+    /// Cluster mode: every room with members on this node (and no join waiting for the
+    /// cluster), with the sequence number and epoch it has delivered up to. After this node's subscription was down (messages
+    /// published meanwhile never reached it), each is checked against the cluster with
+    /// [`catch_up`](Self::catch_up).
+    pub fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
+        let rooms: Vec<(RoomName, Arc<Room>)> = self
+            .rooms
+            .iter()
+            .map(|r| (r.key().clone(), r.value().clone()))
+            .collect();
+        rooms
+            .into_iter()
+            .filter_map(|(name, room)| {
+                let state = room.lock();
+                // A room whose join still waits for the cluster learns its position from
+                // that join's view.
+                (!state.members.is_empty() && state.pending.is_empty())
+                    .then(|| (name, state.seq, state.epoch.clone()))
+            })
+            .collect()
+    }
+
+    /// Cluster mode, after this node's subscription was down: `view` is the cluster's view
+    /// of `room` from the position [`positions`](Self::positions) gave. The messages this
+    /// node missed are delivered as live ones; when they cannot be (the room is in another
+    /// epoch, or its history no longer holds them all) every member here gets `reconnect`
+    /// and close 1001, so its client rejoins with `since` and recovers what the history
+    /// holds or resynchronises: a member never silently skips messages. Returns the last
+    /// sequence number accounted for (channel messages up to it are not delivered again).
+    pub fn catch_up(&self, room: &RoomName, view: RoomView) -> u64 {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return view.seq;
+        };
+        let (seq, epoch) = {
+            let state = room_ref.lock();
+            (state.seq, state.epoch.clone())
+        };
+        match view.missed {
+            Some(missed) if view.epoch == epoch => {
+                for m in missed.iter().filter(|m| m.seq.is_some_and(|s| s > seq)) {
+                    self.deliver(room, m, false);
+                }
+            }
+            _ => {
+                let members: Vec<SessionHandle> = {
+                    let mut state = room_ref.lock();
+                    state.epoch = view.epoch.clone();
+                    state.seq = view.seq;
+                    state.members.values().cloned().collect()
+                };
+                self.send_to_rejoin(members);
+            }
+        }
+        view.seq
+    }
+
+    /// Sends `members` to rejoin: `reconnect` (within a second), then close 1001.
+    fn send_to_rejoin(&self, members: Vec<SessionHandle>) {
+        const REASON: &str = "room continuity lost: rejoin to recover";
+        for member in members {
+            let frame = ServerFrame::Reconnect {
+                after_ms: self.random_u64() % 1000,
+                reason: REASON,
+                url: None,
+            }
+            .to_outbound();
+            member.offer(frame);
+            member.close(CloseReason::new(
+                crate::protocol::CloseCode::GoingAway,
+                REASON,
+            ));
+        }
+    }
+
+    /// Cluster mode: as [`deliver`](Self::deliver), for a message of the room's `epoch`.
+    /// A message of another epoch than this node's members are in (the room restarted in
+    /// the cluster, e.g. after a Redis failover lost its state) cannot continue their
+    /// sequence: they are sent to rejoin (`reconnect`, 1001) and recover or resynchronise.
+    /// While a join waits for the cluster the epoch is not known yet and is not checked.
+    pub fn deliver_in_epoch(&self, room: &RoomName, message: &ClusterMessage, epoch: &str) {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return;
+        };
+        let members = {
+            let mut state = room_ref.lock();
+            if *state.epoch == *epoch || !state.pending.is_empty() {
+                None
+            } else {
+                state.epoch = epoch.into();
+                state.seq = message.seq.unwrap_or(0);
+                state.floors.clear();
+                Some(state.members.values().cloned().collect::<Vec<_>>())
+            }
+        };
+        match members {
+            None => self.deliver(room, message, false),
+            Some(members) => self.send_to_rejoin(members),
+        }
+    }
+
     /// Cluster mode: a room message the cluster ordered, for this node's members of the
     /// room (encoded once; members still joining hold it until their join completes).
     pub fn deliver(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) {

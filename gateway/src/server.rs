@@ -18,7 +18,7 @@ use tracing::info;
 use crate::{
     cert_reload::{CertReload, CertReloader, ReloadError, Trigger, POLL_INTERVAL},
     cluster::RedisCluster,
-    config::{Config, TlsSource},
+    config::{Config, RedisTarget, TlsSource},
     http::api,
     quic,
     state::AppState,
@@ -108,7 +108,13 @@ impl Server {
                 let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);
                 cluster_handle = Some(cluster.clone());
-                info!(redis = %redacted(url), "cluster mode: rooms and direct messages go through redis");
+                let (kind, urls) = match url {
+                    RedisTarget::Single(u) => ("redis", vec![redacted(u)]),
+                    RedisTarget::Cluster(seeds) => {
+                        ("redis cluster", seeds.iter().map(|u| redacted(u)).collect())
+                    }
+                };
+                info!(redis = ?urls, "cluster mode: rooms and direct messages go through {kind}");
                 hub
             }
         };

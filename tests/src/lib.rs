@@ -2,6 +2,7 @@
 //! clients that trust that certificate and speak PROTOCOL.md.
 
 pub mod load;
+pub mod redis_cluster;
 pub mod wt;
 
 use std::{

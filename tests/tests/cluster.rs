@@ -5,18 +5,68 @@
 
 use std::time::Duration;
 
-use gateway_tests::*;
+use gateway_tests::{redis_cluster::RedisCluster, *};
 use serde_json::{json, Value};
 
-fn node_config(redis: &RedisServer) -> String {
+/// The Redis the nodes share: one `redis-server`, or a Redis Cluster of three masters.
+enum Backplane {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backplane {
+    /// Its `[cluster]` key.
+    fn config(&self) -> String {
+        match self {
+            Backplane::One(r) => format!("redis = \"{}\"", r.url()),
+            Backplane::Cluster(c) => format!("redis_cluster = {}", c.seeds_toml()),
+        }
+    }
+
+    /// The single `redis-server` (tests that stop and restart it).
+    fn one(&mut self) -> &mut RedisServer {
+        match self {
+            Backplane::One(r) => r,
+            Backplane::Cluster(_) => panic!("a single redis-server test"),
+        }
+    }
+}
+
+/// Runs the test body `NAME_on` against one Redis (`NAME::one_redis`) and against a Redis
+/// Cluster of three masters (`NAME::redis_cluster`).
+macro_rules! on_both_backplanes {
+    ($name:ident, $body:ident, $secs:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_redis() {
+                within($secs, async {
+                    $body(Backplane::One(RedisServer::start().await)).await
+                })
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                within($secs, async {
+                    $body(Backplane::Cluster(RedisCluster::start(3, 0).await)).await
+                })
+                .await;
+            }
+        }
+    };
+}
+
+fn node_config(redis: &Backplane) -> String {
     node_config_beating(redis, 10)
 }
 
 /// A node's configuration with a cluster heartbeat of `heartbeat_secs`.
-fn node_config_beating(redis: &RedisServer, heartbeat_secs: u64) -> String {
+fn node_config_beating(redis: &Backplane, heartbeat_secs: u64) -> String {
     format!(
-        "[api]\nkey = \"k\"\n[cluster]\nredis = \"{}\"\nheartbeat_secs = {heartbeat_secs}\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n",
-        redis.url()
+        "[api]\nkey = \"k\"\n[cluster]\n{}\nheartbeat_secs = {heartbeat_secs}\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 100\nhistory_ttl_secs = 60\n",
+        redis.config()
     )
 }
 
@@ -30,181 +80,189 @@ async fn next_message(c: &mut WsClient) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_spans_nodes_and_transports_in_one_order() {
-    within(60, async {
-        let redis = RedisServer::start().await;
-        let a = TestGateway::start(&node_config(&redis)).await;
-        let b = TestGateway::start(&node_config(&redis)).await;
-        let c = TestGateway::start(&node_config(&redis)).await;
-        let (mut on_a, _) = a.ws_welcomed("/chat").await;
-        let (mut on_b, _) = b.ws_welcomed("/chat").await;
-        let (mut wt_on_c, _) = c.wt_welcomed("/chat").await;
-        on_a.join("c-room").await;
-        on_b.join("c-room").await;
-        wt_on_c.join("c-room").await;
-        // Publishers on both nodes, interleaved.
-        let (mut pub_a, _) = a.ws_welcomed("/chat").await;
-        let (mut pub_c, _) = c.ws_welcomed("/chat").await;
-        let mut acked = Vec::new();
-        for i in 0..10 {
-            let publisher = if i % 2 == 0 { &mut pub_a } else { &mut pub_c };
-            let ack = publisher
-                .request(json!({"type":"publish","room":"c-room","data":i,"id":i}))
-                .await;
-            assert_eq!(ack["type"], "ack", "{ack}");
-            acked.push(ack["seq"].as_u64().unwrap());
-        }
-        assert_eq!(
-            acked,
-            (1..=10).collect::<Vec<u64>>(),
-            "one cluster-wide sequence"
-        );
-        for expected in 1..=10u64 {
-            let m = next_message(&mut on_a).await;
-            assert_eq!(
-                (m["seq"].as_u64(), m["data"].as_u64()),
-                (Some(expected), Some(expected - 1))
-            );
-            assert_eq!(
-                next_message(&mut on_b).await["seq"].as_u64(),
-                Some(expected)
-            );
-            let mut w = wt_on_c.recv().await;
-            while w["type"] != "message" {
-                w = wt_on_c.recv().await;
-            }
-            assert_eq!(w["seq"].as_u64(), Some(expected));
-        }
-        // The HTTP API of one node publishes to members on every node.
-        let (status, body) = b
-            .https(
-                "POST",
-                "/api/publish",
-                &[("Authorization", "Bearer k")],
-                r#"{"room":"c-room","data":"api"}"#,
-            )
+on_both_backplanes!(
+    a_room_spans_nodes_and_transports_in_one_order,
+    a_room_spans_nodes_and_transports_in_one_order_on,
+    60
+);
+
+async fn a_room_spans_nodes_and_transports_in_one_order_on(redis: Backplane) {
+    let a = TestGateway::start(&node_config(&redis)).await;
+    let b = TestGateway::start(&node_config(&redis)).await;
+    let c = TestGateway::start(&node_config(&redis)).await;
+    let (mut on_a, _) = a.ws_welcomed("/chat").await;
+    let (mut on_b, _) = b.ws_welcomed("/chat").await;
+    let (mut wt_on_c, _) = c.wt_welcomed("/chat").await;
+    on_a.join("c-room").await;
+    on_b.join("c-room").await;
+    wt_on_c.join("c-room").await;
+    // Publishers on both nodes, interleaved.
+    let (mut pub_a, _) = a.ws_welcomed("/chat").await;
+    let (mut pub_c, _) = c.ws_welcomed("/chat").await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let publisher = if i % 2 == 0 { &mut pub_a } else { &mut pub_c };
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-room","data":i,"id":i}))
             .await;
-        assert_eq!((status, body.as_str()), (200, r#"{"seq":11}"#));
-        assert_eq!(next_message(&mut on_a).await["data"], "api");
-    })
-    .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acked.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        acked,
+        (1..=10).collect::<Vec<u64>>(),
+        "one cluster-wide sequence"
+    );
+    for expected in 1..=10u64 {
+        let m = next_message(&mut on_a).await;
+        assert_eq!(
+            (m["seq"].as_u64(), m["data"].as_u64()),
+            (Some(expected), Some(expected - 1))
+        );
+        assert_eq!(
+            next_message(&mut on_b).await["seq"].as_u64(),
+            Some(expected)
+        );
+        let mut w = wt_on_c.recv().await;
+        while w["type"] != "message" {
+            w = wt_on_c.recv().await;
+        }
+        assert_eq!(w["seq"].as_u64(), Some(expected));
+    }
+    // The HTTP API of one node publishes to members on every node.
+    let (status, body) = b
+        .https(
+            "POST",
+            "/api/publish",
+            &[("Authorization", "Bearer k")],
+            r#"{"room":"c-room","data":"api"}"#,
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"seq":11}"#));
+    assert_eq!(next_message(&mut on_a).await["data"], "api");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor_doubled() {
-    within(120, async {
-        let redis = RedisServer::start().await;
-        let a = TestGateway::start(&node_config(&redis)).await;
-        let b = TestGateway::start(&node_config(&redis)).await;
-        let (mut first, _) = b.ws_welcomed("/chat").await;
-        let epoch = first.join("c-race").await["epoch"].clone();
-        drop(first);
-        // A publisher on node A that never stops.
-        let (mut publisher, _) = a.ws_welcomed("/chat").await;
-        let publishing = tokio::spawn(async move {
-            for i in 0u64.. {
-                publisher
-                    .send(json!({"type":"publish","room":"c-race","data":i}))
-                    .await;
-                assert_eq!(publisher.recv().await["type"], "ack");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
-        let mut last = 0u64;
-        for round in 0..20 {
-            // Alternate nodes: recovery reads the stream, live frames come from the channel.
-            let node = if round % 2 == 0 { &b } else { &a };
-            let (mut client, _) = node.ws_welcomed("/chat").await;
-            let ack = client
-                .request(json!({"type":"join","room":"c-race","id":99,"since":last,"epoch":epoch}))
+on_both_backplanes!(
+    publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor_doubled,
+    publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor_doubled_on,
+    120
+);
+
+async fn publishes_racing_a_recovering_join_on_another_node_are_neither_lost_nor_doubled_on(
+    redis: Backplane,
+) {
+    let a = TestGateway::start(&node_config(&redis)).await;
+    let b = TestGateway::start(&node_config(&redis)).await;
+    let (mut first, _) = b.ws_welcomed("/chat").await;
+    let epoch = first.join("c-race").await["epoch"].clone();
+    drop(first);
+    // A publisher on node A that never stops.
+    let (mut publisher, _) = a.ws_welcomed("/chat").await;
+    let publishing = tokio::spawn(async move {
+        for i in 0u64.. {
+            publisher
+                .send(json!({"type":"publish","room":"c-race","data":i}))
                 .await;
-            assert_eq!(ack["recovered"], true, "round {round}: {ack}");
-            let target = ack["seq"].as_u64().unwrap() + 3;
-            while last < target {
-                let m = next_message(&mut client).await;
-                assert_eq!(
-                    m["seq"].as_u64(),
-                    Some(last + 1),
-                    "round {round}: gap or duplicate"
-                );
-                last += 1;
-            }
+            assert_eq!(publisher.recv().await["type"], "ack");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert!(!publishing.is_finished(), "the publisher kept going");
-        publishing.abort();
-    })
-    .await;
+    });
+    let mut last = 0u64;
+    for round in 0..20 {
+        // Alternate nodes: recovery reads the stream, live frames come from the channel.
+        let node = if round % 2 == 0 { &b } else { &a };
+        let (mut client, _) = node.ws_welcomed("/chat").await;
+        let ack = client
+            .request(json!({"type":"join","room":"c-race","id":99,"since":last,"epoch":epoch}))
+            .await;
+        assert_eq!(ack["recovered"], true, "round {round}: {ack}");
+        let target = ack["seq"].as_u64().unwrap() + 3;
+        while last < target {
+            let m = next_message(&mut client).await;
+            assert_eq!(
+                m["seq"].as_u64(),
+                Some(last + 1),
+                "round {round}: gap or duplicate"
+            );
+            last += 1;
+        }
+    }
+    assert!(!publishing.is_finished(), "the publisher kept going");
+    publishing.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_recovers_on_another_node_and_direct_messages_cross_nodes() {
-    within(60, async {
-        let redis = RedisServer::start().await;
-        let a = TestGateway::start(&node_config(&redis)).await;
-        let b = TestGateway::start(&node_config(&redis)).await;
-        let (mut client, _) = a.ws_welcomed("/chat").await;
-        let ack = client.join("c-recover").await;
-        let epoch = ack["epoch"].clone();
-        drop(client);
-        let (mut publisher, _) = b.ws_welcomed("/chat").await;
-        for i in 1..=5 {
-            let ack = publisher
-                .request(json!({"type":"publish","room":"c-recover","data":i,"id":i}))
-                .await;
-            assert_eq!(ack["seq"], i, "{ack}");
-        }
-        // Back on the other node, with what it saw.
-        let (mut client, _) = b.ws_welcomed("/chat").await;
-        let ack = client
-            .request(json!({"type":"join","room":"c-recover","id":9,"since":0,"epoch":epoch}))
-            .await;
-        assert_eq!(
-            (ack["recovered"].as_bool(), ack["seq"].as_u64()),
-            (Some(true), Some(5)),
-            "{ack}"
-        );
-        for i in 1..=5u64 {
-            assert_eq!(next_message(&mut client).await["seq"].as_u64(), Some(i));
-        }
-        let ack = client
-            .request(json!({"type":"leave","room":"c-recover","id":10}))
-            .await;
-        assert_eq!(ack["type"], "ack");
-        let ack = client
-            .request(json!({"type":"join","room":"c-recover","id":11,"since":2,"epoch":"another"}))
-            .await;
-        assert_eq!(ack["recovered"], false, "{ack}");
+on_both_backplanes!(
+    a_client_recovers_on_another_node_and_direct_messages_cross_nodes,
+    a_client_recovers_on_another_node_and_direct_messages_cross_nodes_on,
+    60
+);
 
-        // Direct messages: a user on node B, a sender on node A.
-        let (mut receiver, welcome) = b.ws_welcomed("/chat").await;
-        let user = welcome["user"].as_str().unwrap().to_owned();
-        let (mut sender, _) = a.ws_welcomed("/chat").await;
-        let ack = sender
-            .request(json!({"type":"send","to":user,"data":"hi","id":1}))
+async fn a_client_recovers_on_another_node_and_direct_messages_cross_nodes_on(redis: Backplane) {
+    let a = TestGateway::start(&node_config(&redis)).await;
+    let b = TestGateway::start(&node_config(&redis)).await;
+    let (mut client, _) = a.ws_welcomed("/chat").await;
+    let ack = client.join("c-recover").await;
+    let epoch = ack["epoch"].clone();
+    drop(client);
+    let (mut publisher, _) = b.ws_welcomed("/chat").await;
+    for i in 1..=5 {
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-recover","data":i,"id":i}))
             .await;
-        assert_eq!(ack["delivered"], true, "{ack}");
-        let direct = receiver.recv().await;
-        assert_eq!(
-            (direct["type"].as_str(), direct["data"].as_str()),
-            (Some("direct"), Some("hi"))
-        );
-        let ack = sender
-            .request(json!({"type":"send","to":"nobody","data":"x","id":2}))
-            .await;
-        assert_eq!(ack["delivered"], false, "{ack}");
-    })
-    .await;
+        assert_eq!(ack["seq"], i, "{ack}");
+    }
+    // Back on the other node, with what it saw.
+    let (mut client, _) = b.ws_welcomed("/chat").await;
+    let ack = client
+        .request(json!({"type":"join","room":"c-recover","id":9,"since":0,"epoch":epoch}))
+        .await;
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["seq"].as_u64()),
+        (Some(true), Some(5)),
+        "{ack}"
+    );
+    for i in 1..=5u64 {
+        assert_eq!(next_message(&mut client).await["seq"].as_u64(), Some(i));
+    }
+    let ack = client
+        .request(json!({"type":"leave","room":"c-recover","id":10}))
+        .await;
+    assert_eq!(ack["type"], "ack");
+    let ack = client
+        .request(json!({"type":"join","room":"c-recover","id":11,"since":2,"epoch":"another"}))
+        .await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+
+    // Direct messages: a user on node B, a sender on node A.
+    let (mut receiver, welcome) = b.ws_welcomed("/chat").await;
+    let user = welcome["user"].as_str().unwrap().to_owned();
+    let (mut sender, _) = a.ws_welcomed("/chat").await;
+    let ack = sender
+        .request(json!({"type":"send","to":user,"data":"hi","id":1}))
+        .await;
+    assert_eq!(ack["delivered"], true, "{ack}");
+    let direct = receiver.recv().await;
+    assert_eq!(
+        (direct["type"].as_str(), direct["data"].as_str()),
+        (Some("direct"), Some("hi"))
+    );
+    let ack = sender
+        .request(json!({"type":"send","to":"nobody","data":"x","id":2}))
+        .await;
+    assert_eq!(ack["delivered"], false, "{ack}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
     within(90, async {
-        let mut redis = RedisServer::start().await;
+        let mut redis = Backplane::One(RedisServer::start().await);
         let a = TestGateway::start(&node_config_beating(&redis, 1)).await;
         let b = TestGateway::start(&node_config_beating(&redis, 1)).await;
-        let (mut member, member_welcome) = b.ws_welcomed("/chat").await;
-        member.join("c-outage").await;
+        let (mut member, _) = b.ws_welcomed("/chat").await;
+        let epoch = member.join("c-outage").await["epoch"].clone();
+        // A member of a room nobody publishes to during the outage.
+        let (mut quiet, quiet_welcome) = b.ws_welcomed("/chat").await;
+        quiet.join("c-quiet").await;
         let (mut publisher, _) = a.ws_welcomed("/chat").await;
         let ack = publisher
             .request(json!({"type":"publish","room":"c-outage","data":1,"id":1}))
@@ -212,7 +270,7 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
         assert_eq!(ack["seq"], 1);
         assert_eq!(next_message(&mut member).await["data"], 1);
 
-        redis.stop();
+        redis.one().stop();
         let reply = publisher
             .request(json!({"type":"publish","room":"c-outage","data":2,"id":2}))
             .await;
@@ -254,7 +312,7 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
             .await;
         assert_eq!(leave["code"], "not_member", "{leave}");
 
-        redis.restart().await;
+        redis.one().restart().await;
         // Delivery resumes: the nodes reconnect and re-subscribe by themselves.
         let mut resumed = false;
         for i in 0..100 {
@@ -268,18 +326,45 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(resumed, "publishing must work again after redis is back");
-        let m = next_message(&mut member).await;
-        assert_eq!(m["data"], "back", "{m}");
+        // Redis came back without its data: the room restarted in a new epoch, which the
+        // member's sequence cannot continue. Node B checked its rooms when its subscription
+        // came back and sent the member to rejoin rather than let it skip silently.
+        let mut sent_away = Value::Null;
+        while sent_away["type"] != "reconnect" {
+            sent_away = member.recv().await;
+            assert_ne!(sent_away["type"], "message", "{sent_away}");
+        }
+        assert_eq!(
+            sent_away["reason"],
+            "room continuity lost: rejoin to recover"
+        );
+        let (ending, _) = member.ending().await;
+        assert_eq!(
+            ending,
+            Ending::Close(1001, "room continuity lost: rejoin to recover".into())
+        );
+        // Rejoining with what it saw: not recovered (the history went with Redis's data),
+        // and live from then on.
+        let (mut back, _) = b.ws_welcomed("/chat").await;
+        let ack = back
+            .request(json!({"type":"join","room":"c-outage","id":1,"since":1,"epoch":epoch}))
+            .await;
+        assert_eq!(ack["recovered"], false, "{ack}");
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-outage","data":"again","id":500}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(next_message(&mut back).await["data"], "again");
         let (status, body) = a.https("GET", "/healthz", &[], "").await;
         assert_eq!((status, body.as_str()), (200, "ok"));
-        // Redis came back without its data: node B notices its liveness had expired and
-        // lists its member again, so presence on node A sees it.
+        // Node B notices its liveness had expired and lists its members again, so the HTTP
+        // API on node A sees the quiet room's member (still connected) again.
         let mut listed = Value::Null;
         for _ in 0..100 {
             let (status, body) = a
                 .https(
                     "GET",
-                    "/api/rooms/c-outage",
+                    "/api/rooms/c-quiet",
                     &[("Authorization", "Bearer k")],
                     "",
                 )
@@ -292,259 +377,265 @@ async fn a_redis_outage_gives_errors_then_delivery_resumes_without_restarts() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(
-            listed["members"][0]["user"], member_welcome["user"],
+            listed["members"][0]["user"], quiet_welcome["user"],
             "{listed}"
         );
     })
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave() {
-    within(90, async {
-        let redis = RedisServer::start().await;
-        let config = node_config_beating(&redis, 1);
-        let a = TestGateway::start(&config).await;
-        let b = TestGateway::start(&config).await;
-        let (mut watcher, watcher_welcome) = a.ws_welcomed("/chat").await;
-        watcher.join("c-presence").await;
-        // A user with a tab on node B: one `join` for the user, listed on every node.
-        let (mut tab, welcome) = b.ws_welcomed("/chat").await;
-        let user = welcome["user"].as_str().unwrap().to_owned();
-        let ack = tab.join("c-presence").await;
-        assert_eq!(ack["members"], 2, "{ack}");
-        let event = watcher.recv().await;
-        assert_eq!(
-            event,
-            json!({"type":"presence","room":"c-presence","event":"join","user":user})
-        );
-        let listed = watcher
-            .request(json!({"type":"presence","room":"c-presence","id":3}))
-            .await;
-        let mut users: Vec<String> = listed["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["user"].as_str().unwrap().to_owned())
-            .collect();
-        users.sort();
-        let mut expected = vec![
-            user.clone(),
-            watcher_welcome["user"].as_str().unwrap().to_owned(),
-        ];
-        expected.sort();
-        assert_eq!(users, expected, "{listed}");
-        let (status, body) = a
-            .https(
-                "GET",
-                "/api/rooms/c-presence",
-                &[("Authorization", "Bearer k")],
-                "",
-            )
-            .await;
-        assert_eq!(status, 200);
-        let nodes: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(nodes["members"].as_array().unwrap().len(), 2, "{body}");
-        drop(tab);
-        let event = watcher.recv().await;
-        assert_eq!(
-            event,
-            json!({"type":"presence","room":"c-presence","event":"leave","user":user})
-        );
+on_both_backplanes!(
+    presence_is_cluster_wide_and_a_killed_node_s_members_leave,
+    presence_is_cluster_wide_and_a_killed_node_s_members_leave_on,
+    90
+);
 
-        // A node killed without a goodbye: its members leave within 3 heartbeats.
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("node-c.toml");
-        std::fs::write(
-            &file,
-            format!("listen = \"127.0.0.1:0\"\nnode_id = \"node-c\"\n{config}"),
+async fn presence_is_cluster_wide_and_a_killed_node_s_members_leave_on(redis: Backplane) {
+    let config = node_config_beating(&redis, 1);
+    let a = TestGateway::start(&config).await;
+    let b = TestGateway::start(&config).await;
+    let (mut watcher, watcher_welcome) = a.ws_welcomed("/chat").await;
+    watcher.join("c-presence").await;
+    // A user with a tab on node B: one `join` for the user, listed on every node.
+    let (mut tab, welcome) = b.ws_welcomed("/chat").await;
+    let user = welcome["user"].as_str().unwrap().to_owned();
+    let ack = tab.join("c-presence").await;
+    assert_eq!(ack["members"], 2, "{ack}");
+    let event = watcher.recv().await;
+    assert_eq!(
+        event,
+        json!({"type":"presence","room":"c-presence","event":"join","user":user})
+    );
+    let listed = watcher
+        .request(json!({"type":"presence","room":"c-presence","id":3}))
+        .await;
+    let mut users: Vec<String> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap().to_owned())
+        .collect();
+    users.sort();
+    let mut expected = vec![
+        user.clone(),
+        watcher_welcome["user"].as_str().unwrap().to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(users, expected, "{listed}");
+    let (status, body) = a
+        .https(
+            "GET",
+            "/api/rooms/c-presence",
+            &[("Authorization", "Bearer k")],
+            "",
         )
+        .await;
+    assert_eq!(status, 200);
+    let nodes: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(nodes["members"].as_array().unwrap().len(), 2, "{body}");
+    drop(tab);
+    let event = watcher.recv().await;
+    assert_eq!(
+        event,
+        json!({"type":"presence","room":"c-presence","event":"leave","user":user})
+    );
+
+    // A node killed without a goodbye: its members leave within 3 heartbeats.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node-c.toml");
+    std::fs::write(
+        &file,
+        format!("listen = \"127.0.0.1:0\"\nnode_id = \"node-c\"\n{config}"),
+    )
+    .unwrap();
+    let mut c = RunningGateway::start(&file, dir.path()).await;
+    let mut doomed = WsClient::connect(c.addr, &c.cert, "/chat", &[])
+        .await
         .unwrap();
-        let mut c = RunningGateway::start(&file, dir.path()).await;
-        let mut doomed = WsClient::connect(c.addr, &c.cert, "/chat", &[])
-            .await
-            .unwrap();
-        let doomed_user = doomed.recv().await["user"].as_str().unwrap().to_owned();
-        let seen = doomed.join("c-presence").await;
-        let event = watcher.recv().await;
-        assert_eq!(event["event"], "join");
-        c.stop(); // SIGKILL
-        let started = std::time::Instant::now();
-        let event = tokio::time::timeout(Duration::from_secs(8), watcher.recv())
-            .await
-            .expect("the dead node's member leaves");
-        assert_eq!(
-            event,
-            json!({"type":"presence","room":"c-presence","event":"leave","user":doomed_user})
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
-        let listed = watcher
-            .request(json!({"type":"presence","room":"c-presence","id":4}))
+    let doomed_user = doomed.recv().await["user"].as_str().unwrap().to_owned();
+    let seen = doomed.join("c-presence").await;
+    let event = watcher.recv().await;
+    assert_eq!(event["event"], "join");
+    c.stop(); // SIGKILL
+    let started = std::time::Instant::now();
+    let event = tokio::time::timeout(Duration::from_secs(8), watcher.recv())
+        .await
+        .expect("the dead node's member leaves");
+    assert_eq!(
+        event,
+        json!({"type":"presence","room":"c-presence","event":"leave","user":doomed_user})
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let listed = watcher
+        .request(json!({"type":"presence","room":"c-presence","id":4}))
+        .await;
+    assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
+    // Published while the client's node is dead; it comes back on node A with `since`.
+    for i in 1..=3 {
+        let ack = watcher
+            .request(json!({"type":"publish","room":"c-presence","data":i,"id":20 + i}))
             .await;
-        assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
-        // Published while the client's node is dead; it comes back on node A with `since`.
-        for i in 1..=3 {
-            let ack = watcher
-                .request(json!({"type":"publish","room":"c-presence","data":i,"id":20 + i}))
-                .await;
-            assert_eq!(ack["type"], "ack", "{ack}");
-        }
-        let (mut back, _) = a.ws_welcomed("/chat").await;
-        let ack = back
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let (mut back, _) = a.ws_welcomed("/chat").await;
+    let ack = back
             .request(json!({"type":"join","room":"c-presence","id":7,"since":seen["seq"],"epoch":seen["epoch"]}))
             .await;
-        assert_eq!(ack["recovered"], true, "{ack}");
-        let first = seen["seq"].as_u64().unwrap();
-        for expected in first + 1..=first + 3 {
-            assert_eq!(next_message(&mut back).await["seq"].as_u64(), Some(expected));
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
-    within(60, async {
-        let redis = RedisServer::start().await;
-        let config = format!(
-            "{AUTH_SECTION}[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\n",
-            redis.url()
-        );
-        let a = TestGateway::start(&config).await;
-        let b = TestGateway::start(&config).await;
-        let bearer = format!("Bearer {}", token("tess", 300, json!({})));
-        let (status, body) = a
-            .https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let ticket = serde_json::from_str::<Value>(&body).unwrap()["ticket"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let (_session, welcome) = b.ws_welcomed(&format!("/chat?ticket={ticket}")).await;
-        assert_eq!(welcome["user"], "tess");
-        for node in [&a, &b] {
-            let e = node
-                .ws(&format!("/chat?ticket={ticket}"))
-                .await
-                .err()
-                .expect("used once");
-            assert_eq!(http_status(&e), Some(401));
-        }
-        // The per-user cap of 16 unredeemed tickets holds cluster-wide (the redeemed one no
-        // longer counts).
-        let mut statuses = Vec::new();
-        for i in 0..20 {
-            let node = if i % 2 == 0 { &a } else { &b };
-            statuses.push(
-                node.https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
-                    .await
-                    .0,
-            );
-        }
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let first = seen["seq"].as_u64().unwrap();
+    for expected in first + 1..=first + 3 {
         assert_eq!(
-            statuses.iter().filter(|s| **s == 200).count(),
-            16,
-            "{statuses:?}"
+            next_message(&mut back).await["seq"].as_u64(),
+            Some(expected)
         );
-        assert!(statuses[16..].iter().all(|s| *s == 429), "{statuses:?}");
-    })
-    .await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_per_user_connection_limit_holds_across_nodes_and_transports() {
-    within(90, async {
-        let redis = RedisServer::start().await;
-        let config = format!(
-            "{AUTH_SECTION}[limits]\nmax_connections_per_user = 2\n[cluster]\nredis = \"{}\"\n\
+on_both_backplanes!(
+    a_ticket_minted_on_one_node_is_redeemed_once_on_any_node,
+    a_ticket_minted_on_one_node_is_redeemed_once_on_any_node_on,
+    60
+);
+
+async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node_on(redis: Backplane) {
+    let config = format!(
+        "{AUTH_SECTION}[cluster]\n{}\n[[endpoint]]\npath = \"/chat\"\n",
+        redis.config()
+    );
+    let a = TestGateway::start(&config).await;
+    let b = TestGateway::start(&config).await;
+    let bearer = format!("Bearer {}", token("tess", 300, json!({})));
+    let (status, body) = a
+        .https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ticket = serde_json::from_str::<Value>(&body).unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_session, welcome) = b.ws_welcomed(&format!("/chat?ticket={ticket}")).await;
+    assert_eq!(welcome["user"], "tess");
+    for node in [&a, &b] {
+        let e = node
+            .ws(&format!("/chat?ticket={ticket}"))
+            .await
+            .err()
+            .expect("used once");
+        assert_eq!(http_status(&e), Some(401));
+    }
+    // The per-user cap of 16 unredeemed tickets holds cluster-wide (the redeemed one no
+    // longer counts).
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        statuses.push(
+            node.https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
+                .await
+                .0,
+        );
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        16,
+        "{statuses:?}"
+    );
+    assert!(statuses[16..].iter().all(|s| *s == 429), "{statuses:?}");
+}
+
+on_both_backplanes!(
+    the_per_user_connection_limit_holds_across_nodes_and_transports,
+    the_per_user_connection_limit_holds_across_nodes_and_transports_on,
+    90
+);
+
+async fn the_per_user_connection_limit_holds_across_nodes_and_transports_on(redis: Backplane) {
+    let config = format!(
+        "{AUTH_SECTION}[limits]\nmax_connections_per_user = 2\n[cluster]\n{}\n\
              [[endpoint]]\npath = \"/chat\"\n\
              [[endpoint]]\npath = \"/fm\"\nauth = \"first-message\"\nauth_timeout_secs = 20\n",
-            redis.url()
-        );
-        let a = TestGateway::start(&config).await;
-        let b = TestGateway::start(&config).await;
-        let jwt = token("uma", 300, json!({}));
-        let chat = format!("/chat?token={jwt}");
-        // One session on each node, one per transport.
-        let (first, _) = a.ws_welcomed(&chat).await;
-        let (_second, welcome) = b.wt_welcomed(&chat).await;
-        assert_eq!(welcome["user"], "uma");
-        for node in [&a, &b] {
-            let e = node.ws(&chat).await.err().expect("over the limit");
-            assert_eq!(http_status(&e), Some(429), "{e}");
-        }
-        // Other users are not affected.
-        b.ws_welcomed(&format!("/chat?token={}", token("vic", 300, json!({}))))
-            .await;
+        redis.config()
+    );
+    let a = TestGateway::start(&config).await;
+    let b = TestGateway::start(&config).await;
+    let jwt = token("uma", 300, json!({}));
+    let chat = format!("/chat?token={jwt}");
+    // One session on each node, one per transport.
+    let (first, _) = a.ws_welcomed(&chat).await;
+    let (_second, welcome) = b.wt_welcomed(&chat).await;
+    assert_eq!(welcome["user"], "uma");
+    for node in [&a, &b] {
+        let e = node.ws(&chat).await.err().expect("over the limit");
+        assert_eq!(http_status(&e), Some(429), "{e}");
+    }
+    // Other users are not affected.
+    b.ws_welcomed(&format!("/chat?token={}", token("vic", 300, json!({}))))
+        .await;
 
-        // First-message auth over the limit: `limit_exceeded`, the session stays pending,
-        // and a join sent right behind the auth is handled after it (still unauthorized).
-        let mut pending = b.ws("/fm").await.unwrap();
-        pending
-            .send(json!({"type":"auth","id":1,"token":jwt}))
-            .await;
-        pending
-            .send(json!({"type":"join","room":"c-limit","id":2}))
-            .await;
-        let refused = pending.recv().await;
-        assert_eq!(
-            (refused["code"].as_str(), refused["id"].as_i64()),
-            (Some("limit_exceeded"), Some(1)),
-            "{refused}"
-        );
-        let join = pending.recv().await;
-        assert_eq!(
-            (join["code"].as_str(), join["id"].as_i64()),
-            (Some("unauthorized"), Some(2)),
-            "{join}"
-        );
+    // First-message auth over the limit: `limit_exceeded`, the session stays pending,
+    // and a join sent right behind the auth is handled after it (still unauthorized).
+    let mut pending = b.ws("/fm").await.unwrap();
+    pending
+        .send(json!({"type":"auth","id":1,"token":jwt}))
+        .await;
+    pending
+        .send(json!({"type":"join","room":"c-limit","id":2}))
+        .await;
+    let refused = pending.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_i64()),
+        (Some("limit_exceeded"), Some(1)),
+        "{refused}"
+    );
+    let join = pending.recv().await;
+    assert_eq!(
+        (join["code"].as_str(), join["id"].as_i64()),
+        (Some("unauthorized"), Some(2)),
+        "{join}"
+    );
 
-        // A session on node A ends: its place is free on node B.
-        drop(first);
-        let mut admitted = false;
-        for attempt in 0..50 {
-            pending
-                .send(json!({"type":"auth","id":10 + attempt,"token":jwt}))
-                .await;
-            pending
-                .send(json!({"type":"join","room":"c-limit","id":100 + attempt}))
-                .await;
-            let reply = pending.recv().await;
-            if reply["type"] == "ack" {
-                assert_eq!(reply["id"], 10 + attempt);
-                let welcome = pending.recv().await;
-                assert_eq!(
-                    (welcome["type"].as_str(), welcome["user"].as_str()),
-                    (Some("welcome"), Some("uma")),
-                    "{welcome}"
-                );
-                let join = pending.recv().await;
-                assert_eq!(
-                    (join["type"].as_str(), join["id"].as_i64()),
-                    (Some("ack"), Some(100 + attempt)),
-                    "the join queued behind the auth runs after it: {join}"
-                );
-                admitted = true;
-                break;
-            }
-            assert_eq!(reply["code"], "limit_exceeded", "{reply}");
-            assert_eq!(pending.recv().await["code"], "unauthorized");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // A session on node A ends: its place is free on node B.
+    drop(first);
+    let mut admitted = false;
+    for attempt in 0..50 {
+        pending
+            .send(json!({"type":"auth","id":10 + attempt,"token":jwt}))
+            .await;
+        pending
+            .send(json!({"type":"join","room":"c-limit","id":100 + attempt}))
+            .await;
+        let reply = pending.recv().await;
+        if reply["type"] == "ack" {
+            assert_eq!(reply["id"], 10 + attempt);
+            let welcome = pending.recv().await;
+            assert_eq!(
+                (welcome["type"].as_str(), welcome["user"].as_str()),
+                (Some("welcome"), Some("uma")),
+                "{welcome}"
+            );
+            let join = pending.recv().await;
+            assert_eq!(
+                (join["type"].as_str(), join["id"].as_i64()),
+                (Some("ack"), Some(100 + attempt)),
+                "the join queued behind the auth runs after it: {join}"
+            );
+            admitted = true;
+            break;
         }
-        assert!(
-            admitted,
-            "the released slot must be usable on the other node"
-        );
-        // The user is at the limit again, on both nodes.
-        for node in [&a, &b] {
-            let e = node.ws(&chat).await.err().expect("over the limit");
-            assert_eq!(http_status(&e), Some(429), "{e}");
-        }
-    })
-    .await;
+        assert_eq!(reply["code"], "limit_exceeded", "{reply}");
+        assert_eq!(pending.recv().await["code"], "unauthorized");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        admitted,
+        "the released slot must be usable on the other node"
+    );
+    // The user is at the limit again, on both nodes.
+    for node in [&a, &b] {
+        let e = node.ws(&chat).await.err().expect("over the limit");
+        assert_eq!(http_status(&e), Some(429), "{e}");
+    }
 }

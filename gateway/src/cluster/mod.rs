@@ -3,10 +3,12 @@
 //! docs/cluster.md; what it covers today is the README's "Scaling out".
 //!
 //! One worker task runs the commands in the order the hub issued them (so one session's
-//! publishes keep their order), over a reconnecting [`ConnectionManager`]; one subscriber
-//! task holds the pub/sub connection, re-subscribes every channel this node needs after a
-//! reconnect, and hands what it hears to the hub.
+//! publishes keep their order), over a reconnecting connection ([`conn`]: one Redis, or a
+//! Redis Cluster where each script touches one slot); one subscriber task holds the
+//! pub/sub connection (sharded on a cluster), re-subscribes every channel this node needs
+//! after a reconnect or a topology change, and hands what it hears to the hub.
 
+mod conn;
 mod wire;
 
 use std::{
@@ -29,39 +31,22 @@ use gateway_core::{
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
     tickets::{ticket_value, MAX_TICKETS_PER_USER},
 };
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use conn::{Conn, Subscriber, Target};
 use wire::Channel;
+
+use crate::config::RedisTarget;
 
 /// Longest wait between two attempts to reach Redis again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Longest a command may wait for Redis before its operation fails as unavailable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A command connection that fails fast while Redis is unreachable (the library's
-/// defaults retry for minutes and would hold every queued operation).
-async fn command_connection(client: &redis::Client) -> Option<ConnectionManager> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(COMMAND_TIMEOUT)
-        .set_response_timeout(COMMAND_TIMEOUT)
-        .set_number_of_retries(1)
-        .set_max_delay(500);
-    tokio::time::timeout(
-        COMMAND_TIMEOUT,
-        client.get_connection_manager_with_config(config),
-    )
-    .await
-    .ok()?
-    .ok()
-}
-
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The URL is not a Redis URL.
-    #[error("cluster.redis: {0}")]
+    /// A URL is not a Redis URL.
+    #[error("cluster: {0}")]
     Url(#[source] redis::RedisError),
 }
 
@@ -127,7 +112,7 @@ struct Shared {
     /// Channels this node needs (rooms with local members, users with local sessions).
     wanted: Mutex<HashSet<String>>,
     /// The pub/sub connection's subscribing half, while it is up.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    sink: tokio::sync::Mutex<Option<Subscriber>>,
     /// Whether the pub/sub connection is up.
     subscribed: AtomicBool,
     hub: OnceLock<Weak<Hub>>,
@@ -152,16 +137,16 @@ impl std::fmt::Debug for RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts the worker and subscriber tasks for the Redis at `url`. Redis need not be up
-    /// yet: until it is, operations fail with "cluster unavailable" and `/healthz` says
-    /// `degraded`.
+    /// Starts the worker and subscriber tasks for `redis` (one Redis, or a Redis Cluster).
+    /// Redis need not be up yet: until it is, operations fail with "cluster unavailable"
+    /// and `/healthz` says `degraded`.
     pub fn start(
-        url: &str,
+        redis: &RedisTarget,
         policies: RoomPolicies,
         node: &str,
         heartbeat: Duration,
     ) -> Result<Arc<Self>, ClusterError> {
-        let client = redis::Client::open(url).map_err(ClusterError::Url)?;
+        let target = Target::new(redis).map_err(ClusterError::Url)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             errors: OnceLock::new(),
@@ -175,10 +160,19 @@ impl RedisCluster {
             announce_owed: AtomicBool::new(false),
             announce_queued: AtomicBool::new(false),
         });
-        tokio::spawn(work(client.clone(), rx, shared.clone()));
-        tokio::spawn(subscribe(client.clone(), shared.clone()));
+        tokio::spawn(work(target.clone(), rx, shared.clone()));
+        match &target {
+            Target::Single(client) => {
+                tokio::spawn(subscribe(client.clone(), target.clone(), shared.clone()))
+            }
+            Target::Cluster(seeds) => tokio::spawn(subscribe_sharded(
+                seeds.clone(),
+                target.clone(),
+                shared.clone(),
+            )),
+        };
         tokio::spawn(keep_alive(
-            client,
+            target,
             shared.clone(),
             heartbeat,
             commands.clone(),
@@ -325,9 +319,7 @@ impl Cluster for RedisCluster {
 }
 
 /// The command connection, or why there is none.
-fn connected(
-    conn: &mut Option<ConnectionManager>,
-) -> Result<&mut ConnectionManager, ClusterUnavailable> {
+fn connected(conn: &mut Option<Conn>) -> Result<&mut Conn, ClusterUnavailable> {
     conn.as_mut()
         .ok_or_else(|| unavailable("no connection to redis"))
 }
@@ -337,18 +329,14 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
 }
 
 /// Runs the hub's commands one after the other.
-async fn work(
-    client: redis::Client,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    shared: Arc<Shared>,
-) {
-    let scripts = wire::Scripts::new();
-    let mut conn: Option<ConnectionManager> = None;
+async fn work(target: Target, mut rx: mpsc::UnboundedReceiver<Command>, shared: Arc<Shared>) {
+    let scripts = wire::Scripts::new(target.sharded());
+    let mut conn: Option<Conn> = None;
     let mut swept_own = false;
     let mut announced = Announced::default();
     while let Some(command) = rx.recv().await {
         if conn.is_none() {
-            conn = command_connection(&client).await;
+            conn = target.command_connection().await;
         }
         if let (false, Some(c)) = (swept_own, conn.as_mut()) {
             // On the first connection, before any membership of this life: drop what an
@@ -520,7 +508,7 @@ async fn work(
 /// Lists again every membership and session count this node holds.
 async fn reannounce(
     scripts: &wire::Scripts,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     node: &str,
     announced: &Announced,
 ) -> Result<(), ClusterUnavailable> {
@@ -537,19 +525,19 @@ async fn reannounce(
 /// When its own liveness had expired (Redis unreachable for three heartbeats, or restarted
 /// without its data), other nodes may have swept it: the worker announces it again.
 async fn keep_alive(
-    client: redis::Client,
+    target: Target,
     shared: Arc<Shared>,
     heartbeat: Duration,
     commands: mpsc::UnboundedSender<Command>,
 ) {
-    let scripts = wire::Scripts::new();
-    let mut conn: Option<ConnectionManager> = None;
+    let scripts = wire::Scripts::new(target.sharded());
+    let mut conn: Option<Conn> = None;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if conn.is_none() {
-            conn = command_connection(&client).await;
+            conn = target.command_connection().await;
         }
         let Some(c) = conn.as_mut() else { continue };
         match scripts.heartbeat(c, &shared.node, heartbeat).await {
@@ -578,10 +566,19 @@ async fn listen(shared: &Shared, channel: String) -> Result<(), ClusterUnavailab
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(channel.clone());
-    let mut sink = shared.sink.lock().await;
-    match sink.as_mut() {
-        Some(s) => s.subscribe(&channel).await.map_err(unavailable),
-        None => Err(unavailable("the redis subscription is down")),
+    // The subscriber may be connecting again (on a cluster it does after every failover):
+    // wait a little for it rather than fail the join at once.
+    let deadline = tokio::time::Instant::now() + conn::COMMAND_TIMEOUT;
+    loop {
+        let mut sink = shared.sink.lock().await;
+        if let Some(s) = sink.as_mut() {
+            return s.subscribe(&channel).await.map_err(unavailable);
+        }
+        drop(sink);
+        if tokio::time::Instant::now() >= deadline {
+            return Err(unavailable("the redis subscription is down"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -598,7 +595,7 @@ async fn stop_listening(shared: &Shared, channel: String) {
 
 /// Holds the pub/sub connection: (re)connects with capped backoff, re-subscribes every
 /// wanted channel, and hands each message to the hub.
-async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
+async fn subscribe(client: redis::Client, target: Target, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let pubsub = match client.get_async_pubsub().await {
@@ -611,7 +608,8 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let (mut sink, mut stream) = pubsub.split();
+        let (sink, mut stream) = pubsub.split();
+        let mut sink = Subscriber::Single(sink);
         let wanted: Vec<String> = shared
             .wanted
             .lock()
@@ -631,15 +629,15 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
         shared.subscribed.store(true, Ordering::Release);
         backoff = Duration::from_millis(100);
         info!(channels = wanted.len(), "redis subscription up");
+        let mut caught = catch_up(&target, &shared).await;
         while let Some(message) = stream.next().await {
-            let Some(hub) = shared.hub.get().and_then(Weak::upgrade) else {
+            let (channel, payload) = (message.get_channel_name(), message.get_payload_bytes());
+            if caught_up_already(&mut caught, channel, payload) {
                 continue;
-            };
-            wire::deliver(
-                &hub,
-                message.get_channel_name(),
-                message.get_payload_bytes(),
-            );
+            }
+            if let Some(hub) = shared.hub.get().and_then(Weak::upgrade) {
+                wire::deliver(&hub, channel, payload);
+            }
         }
         shared.subscribed.store(false, Ordering::Release);
         *shared.sink.lock().await = None;
@@ -647,6 +645,180 @@ async fn subscribe(client: redis::Client, shared: Arc<Shared>) {
         warn!("redis subscription lost; reconnecting");
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Holds the sharded pub/sub of a Redis Cluster: room and user channels are subscribed
+/// with `SSUBSCRIBE` on their slot's master (one connection per shard, through the
+/// library's cluster connection), the control channel with `SUBSCRIBE`. The library
+/// resubscribes only part of it after a failover or a slot move, so this task does it:
+/// on a new connection with every wanted channel when a node connection drops, and a
+/// channel again when Redis unsubscribes it (its slot moved). Messages go to the hub.
+async fn subscribe_sharded(seeds: Vec<String>, target: Target, shared: Arc<Shared>) {
+    // A failover takes a few seconds: retry often enough to be back soon after it.
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
+        let connection = match conn::cluster_client(&seeds, Some(tx)) {
+            Ok(client) => client.get_async_connection().await,
+            Err(e) => Err(e),
+        };
+        let connection = match connection {
+            Ok(c) => c,
+            Err(e) => {
+                shared.count_error("pubsub");
+                warn!(error = %e, "redis cluster subscription: connecting failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        *shared.sink.lock().await = Some(Subscriber::Cluster(connection));
+        if !resubscribe(&shared).await {
+            *shared.sink.lock().await = None;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        info!("redis cluster subscription up (sharded)");
+        let mut caught = catch_up(&target, &shared).await;
+        while let Some(push) = pushes.recv().await {
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => {
+                    let (Some(channel), Some(payload)) = (push.data.first(), push.data.get(1))
+                    else {
+                        continue;
+                    };
+                    let (Ok(channel), Ok(payload)) = (
+                        redis::from_redis_value::<String>(channel),
+                        redis::from_redis_value::<Vec<u8>>(payload),
+                    ) else {
+                        continue;
+                    };
+                    if caught_up_already(&mut caught, &channel, &payload) {
+                        continue;
+                    }
+                    if let Some(hub) = shared.hub.get().and_then(Weak::upgrade) {
+                        wire::deliver(&hub, &channel, &payload);
+                    }
+                }
+                PushKind::Disconnection => {
+                    // A node's connection dropped (a failover, a restart): a new connection
+                    // that learns the topology afresh, and every channel again, each on
+                    // its slot's master as the cluster now is. (Resubscribing on the old
+                    // connection can keep failing on its stale view of the cluster.)
+                    shared.count_error("pubsub");
+                    warn!("a redis cluster node connection dropped; resubscribing on a new connection");
+                    break;
+                }
+                PushKind::SUnsubscribe => {
+                    // Redis unsubscribed a channel whose slot moved: again, if still wanted.
+                    let Some(Ok(channel)) =
+                        push.data.first().map(redis::from_redis_value::<String>)
+                    else {
+                        continue;
+                    };
+                    let wanted = shared
+                        .wanted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&channel);
+                    if wanted {
+                        if let Some(s) = shared.sink.lock().await.as_mut() {
+                            if let Err(e) = s.subscribe(&channel).await {
+                                shared.count_error("subscribe");
+                                warn!(error = %e, "resubscribing a moved channel failed");
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        shared.subscribed.store(false, Ordering::Release);
+        *shared.sink.lock().await = None;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Once the subscription is (again) up: messages published while it was down never reach
+/// this node, so each room with members here is checked against the cluster and what was
+/// missed is delivered, or the members are sent to rejoin (see `Hub::catch_up`). Returns
+/// per room channel the sequence number accounted for: channel messages up to it, which
+/// may still be on their way, are not delivered twice.
+async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
+    let mut caught = HashMap::new();
+    let Some(hub) = shared.hub.get().and_then(Weak::upgrade) else {
+        return caught;
+    };
+    let positions = hub.positions();
+    if positions.is_empty() {
+        return caught;
+    }
+    let scripts = wire::Scripts::new(target.sharded());
+    let mut conn = target.command_connection().await;
+    for (room, seq, epoch) in positions {
+        let since = Some((seq, epoch.to_string()));
+        let view = match conn.as_mut() {
+            Some(c) => scripts.view(c, &room, since, &shared.policies).await,
+            None => Err(unavailable("no connection to redis")),
+        };
+        let view = view.unwrap_or_else(|e| {
+            // Unknown what was missed: the members rejoin and recover from the history.
+            shared.count_error("view");
+            warn!(error = %e, room = room.as_str(), "catching up a room failed; its members rejoin");
+            gateway_core::backplane::RoomView {
+                seq,
+                epoch: "unknown".into(),
+                missed: None,
+                members: 0,
+            }
+        });
+        let upto = hub.catch_up(&room, view);
+        caught.insert(Channel::Room(room).name(), upto);
+    }
+    caught
+}
+
+/// Whether a channel message is one the catch-up accounted for already (its room's
+/// sequence number up to the caught-up one); the first newer one ends the check.
+fn caught_up_already(caught: &mut HashMap<String, u64>, channel: &str, payload: &[u8]) -> bool {
+    let Some(&upto) = caught.get(channel) else {
+        return false;
+    };
+    match wire::message_seq(payload) {
+        Some(seq) if seq <= upto => true,
+        Some(_) => {
+            caught.remove(channel);
+            false
+        }
+        None => false,
+    }
+}
+
+/// Subscribes every wanted channel, one at a time (each to its own slot); whether all
+/// succeeded. The subscription counts as up only then.
+async fn resubscribe(shared: &Shared) -> bool {
+    let wanted: Vec<String> = shared
+        .wanted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    let mut sink = shared.sink.lock().await;
+    let Some(s) = sink.as_mut() else { return false };
+    for channel in &wanted {
+        if let Err(e) = s.subscribe(channel).await {
+            shared.count_error("subscribe");
+            warn!(error = %e, channel, "redis cluster subscription: subscribing failed; retrying");
+            return false;
+        }
+    }
+    shared.subscribed.store(true, Ordering::Release);
+    true
 }
 
 impl Shared {

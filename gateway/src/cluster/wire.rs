@@ -1,8 +1,8 @@
 //! What the cluster keeps in Redis and sends through it: key and channel names, the two
 //! scripts (publish, room view), and the format of channel messages.
 //!
-//! A room message on its channel is `SEQ LEN META DATA` (`-` for the sequence of a volatile
-//! message), a direct message on a user's channel `LEN META DATA`, where META is a small
+//! A room message on its channel is `SEQ EPOCH LEN META DATA` (`- LEN META DATA` for a
+//! volatile message), a direct message on a user's channel `LEN META DATA`, where META is a small
 //! JSON object of LEN bytes (`f`: from, `b`: binary payload, `o`: origin session) and DATA
 //! the payload bytes. History entries carry META and DATA under the stream id `0-SEQ`.
 
@@ -17,7 +17,9 @@ use gateway_core::{
     protocol::{CloseCode, CloseReason, MemberInfo, Payload, PresenceEvent, RoomName},
     session::SessionId,
 };
-use redis::{aio::ConnectionManager, Script, Value};
+use redis::{Script, Value};
+
+use super::conn::Conn;
 use serde::{Deserialize, Serialize};
 
 /// A channel this node can hear.
@@ -75,21 +77,27 @@ impl Keys {
 }
 
 /// The set of every node's id.
-const NODES: &str = "gw:nodes";
+const NODES: &str = "gw:{nodes}";
 
-/// A node's liveness key.
+/// A node's liveness key. A node's keys share its hash tag (one slot on a cluster).
 fn node_key(node: &str) -> String {
-    format!("gw:node:{node}")
+    format!("gw:{{node:{node}}}")
 }
 
 /// The set of a node's room memberships, for the sweep after it died.
 fn node_members_key(node: &str) -> String {
-    format!("gw:node:{node}:members")
+    format!("gw:{{node:{node}}}:members")
 }
 
 /// The set of users with sessions on a node, for the sweep after it died.
 fn node_users_key(node: &str) -> String {
-    format!("gw:node:{node}:users")
+    format!("gw:{{node:{node}}}:users")
+}
+
+/// Whether `channel` is a room's or a user's (sharded on a cluster) rather than the
+/// control channel (broadcast to every node).
+pub(super) fn is_sharded(channel: &str) -> bool {
+    channel.starts_with("gw:{")
 }
 
 /// A user's sessions per node (field: node id, value: its count), for the cluster-wide
@@ -158,6 +166,13 @@ fn split_meta(payload: &[u8]) -> Option<(&[u8], &[u8])> {
     (rest.len() >= len).then(|| rest.split_at(len))
 }
 
+/// The sequence number of a room message on its channel (`None` for presence events and
+/// volatile messages).
+pub(super) fn message_seq(payload: &[u8]) -> Option<u64> {
+    let space = payload.iter().position(|&b| b == b' ')?;
+    std::str::from_utf8(&payload[..space]).ok()?.parse().ok()
+}
+
 /// Hands a channel message to the hub; anything malformed is ignored.
 pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
     match Channel::parse(channel) {
@@ -170,17 +185,36 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
             }
         }
         Some(Channel::Room(room)) => {
+            // `SEQ EPOCH LEN META DATA`, or `- LEN META DATA` for a volatile message.
             let Some(space) = payload.iter().position(|&b| b == b' ') else {
                 return;
             };
-            let seq = std::str::from_utf8(&payload[..space])
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok());
-            let Some((meta, data)) = split_meta(&payload[space + 1..]) else {
+            let rest = &payload[space + 1..];
+            let Ok(seq) = std::str::from_utf8(&payload[..space]).map(|s| s.parse::<u64>().ok())
+            else {
                 return;
             };
-            if let Some(m) = message(meta, data, seq) {
-                hub.deliver(&room, &m, seq.is_none());
+            match seq {
+                None => {
+                    if let Some((meta, data)) = split_meta(rest) {
+                        if let Some(m) = message(meta, data, None) {
+                            hub.deliver(&room, &m, true);
+                        }
+                    }
+                }
+                Some(seq) => {
+                    let Some(epoch_end) = rest.iter().position(|&b| b == b' ') else {
+                        return;
+                    };
+                    let Ok(epoch) = std::str::from_utf8(&rest[..epoch_end]) else {
+                        return;
+                    };
+                    if let Some((meta, data)) = split_meta(&rest[epoch_end + 1..]) {
+                        if let Some(m) = message(meta, data, Some(seq)) {
+                            hub.deliver_in_epoch(&room, &m, epoch);
+                        }
+                    }
+                }
             }
         }
         Some(Channel::User(user)) => {
@@ -203,7 +237,7 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
 
 /// A ticket's key.
 fn ticket_key(ticket: &str) -> String {
-    format!("gw:ticket:{ticket}")
+    format!("gw:{{ticket:{ticket}}}")
 }
 
 /// An identity as a ticket keeps it.
@@ -264,15 +298,16 @@ impl TicketRequest {
     }
 }
 
-/// Issues a ticket unless its user issued the most allowed within one ticket lifetime.
-const ISSUE_TICKET: &str = r#"
-local n = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-if n > tonumber(ARGV[3]) then
-  redis.call('DECR', KEYS[2])
+/// Reserves one of a user's tickets (KEYS[1]: the user's count) unless the user issued
+/// the most allowed (ARGV[2]) within one ticket lifetime (ARGV[1] ms). The ticket itself
+/// is stored next, under its own key (another slot on a cluster).
+const RESERVE_TICKET: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if n > tonumber(ARGV[2]) then
+  redis.call('DECR', KEYS[1])
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 "#;
 
@@ -305,50 +340,53 @@ pub(super) fn disconnect(user: &str, reason: &CloseReason) -> String {
     .expect("plain struct")
 }
 
-/// The scripts, loaded once (EVALSHA, falling back to EVAL after a Redis restart).
+/// The scripts, loaded once (EVALSHA, falling back to EVAL after a Redis restart), and
+/// how this backplane publishes.
 pub(super) struct Scripts {
     publish: Script,
     view: Script,
     enter: Script,
     exit: Script,
     sweep: Script,
-    issue_ticket: Script,
+    sweep_list: Script,
+    reserve_ticket: Script,
     uncount_ticket: Script,
     count_user: Script,
+    /// A Redis Cluster: sharded pub/sub, single-slot steps, rooms tied to their master.
+    cluster: bool,
 }
 
-/// A session enters a room: listed, counted per user, remembered by its node; the user's
-/// first session there cluster-wide is announced. Entering again changes nothing (a node
-/// re-announces its members after it was swept).
+/// A session enters a room (KEYS: the room's members and users): listed, counted per
+/// user; the user's first session there cluster-wide is announced (ARGV[6]: `PUBLISH` or
+/// `SPUBLISH`). Entering again changes nothing (a node re-announces its members after it
+/// was swept). The node's own record of the membership is written before, apart (its keys
+/// are in another slot on a cluster).
 const ENTER: &str = r#"
 local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[6])
--- A node with members is always in the registry the sweep reads.
-redis.call('SADD', KEYS[4], ARGV[7])
 if added == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 if n == 1 and ARGV[5] == '1' then
-  redis.call('PUBLISH', ARGV[4], 'P join ' .. ARGV[3])
+  redis.call(ARGV[6], ARGV[4], 'P join ' .. ARGV[3])
 end
 return n
 "#;
 
-/// A session leaves a room; the user's last session there cluster-wide is announced.
+/// A session leaves a room; the user's last session there cluster-wide is announced. Also
+/// what a sweep runs for each membership of a dead node on a cluster.
 const EXIT: &str = r#"
-redis.call('SREM', KEYS[3], ARGV[6])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
 if n <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[3])
-  if ARGV[5] == '1' then redis.call('PUBLISH', ARGV[4], 'P leave ' .. ARGV[3]) end
+  if ARGV[5] == '1' then redis.call(ARGV[6], ARGV[4], 'P leave ' .. ARGV[3]) end
 end
 return 1
 "#;
 
 /// Sets this node's session count of a user (KEYS[1], field ARGV[1]) to ARGV[2] unless
-/// that takes the user's count over all nodes past ARGV[3] (`-1`: no check); remembers
-/// the user in the node's set (KEYS[2]) and the node in the registry (KEYS[3]). Setting
-/// rather than incrementing makes a retry, or a re-announcement, exact.
+/// that takes the user's count over all nodes past ARGV[3] (`-1`: no check). Setting
+/// rather than incrementing makes a retry, or a re-announcement, exact. The node's set of
+/// users is updated apart (another slot on a cluster).
 const COUNT_USER: &str = r#"
 local count, max = tonumber(ARGV[2]), tonumber(ARGV[3])
 if max >= 0 then
@@ -358,18 +396,16 @@ if max >= 0 then
 end
 if count > 0 then
   redis.call('HSET', KEYS[1], ARGV[1], count)
-  redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('SADD', KEYS[3], ARGV[1])
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[4])
 end
 return 1
 "#;
 
-/// Removes every membership and session count of a node (dead, or restarting under the
-/// same id), with the `leave` events its users' last sessions call for. A node whose
-/// liveness key (KEYS[3]) is back is not dead: it is left alone.
+/// On one Redis: removes every membership and session count of a node (dead, or
+/// restarting under the same id) atomically, with the `leave` events its users' last
+/// sessions call for. A node whose liveness key (KEYS[3]) is back is not dead: it is left
+/// alone. (On a cluster the same work is done step by step: [`Scripts::sweep`].)
 const SWEEP: &str = r#"
 if ARGV[2] == 'dead' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 for _, user in ipairs(redis.call('SMEMBERS', KEYS[4])) do
@@ -395,13 +431,36 @@ if ARGV[2] ~= 'keep' then redis.call('SREM', KEYS[2], ARGV[1]) end
 return #entries
 "#;
 
+/// On a cluster, the first step of a sweep (KEYS: the node's liveness, memberships and
+/// users): `-1` when the node is alive again (ARGV[1] = `dead`), else what it held.
+const SWEEP_LIST: &str = r#"
+if ARGV[1] == 'dead' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
+"#;
+
+/// On a cluster (the last argument `1`), a room's state remembers which master it was written on
+/// (`rid`, the master's replication id): after a failover or a move of its slot the
+/// promoted replica or new master has another id, and whatever it holds of the room may
+/// lack the last writes, so the room starts over in a new epoch (clients then get
+/// `recovered: false`, never a silent gap). KEYS[1]: state, KEYS[2]: stream.
+const SAME_MASTER: &str = r#"
+if ARGV[#ARGV] == '1' then
+  local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local had = redis.call('HGET', KEYS[1], 'rid')
+  if had ~= rid then
+    if had then redis.call('DEL', KEYS[1], KEYS[2]) end
+    redis.call('HSET', KEYS[1], 'rid', rid)
+  end
+end
+"#;
+
 /// One atomic step per publish: the next sequence number (a new epoch when the sequence
 /// restarts), the history entry, the expiry of the room's keys, and the channel message.
 const PUBLISH: &str = r#"
 local history, ttl, volatile = tonumber(ARGV[2]), ARGV[3], ARGV[6]
 local framed = #ARGV[4] .. ' ' .. ARGV[4] .. ARGV[5]
 if volatile == '1' then
-  redis.call('PUBLISH', ARGV[1], '- ' .. framed)
+  redis.call(ARGV[8], ARGV[1], '- ' .. framed)
   return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -416,7 +475,7 @@ if history > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. framed)
+redis.call(ARGV[8], ARGV[1], seq .. ' ' .. redis.call('HGET', KEYS[1], 'epoch') .. ' ' .. framed)
 return seq
 "#;
 
@@ -452,16 +511,37 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
+    /// The scripts for one Redis, or for a Redis Cluster (`cluster`).
+    pub(super) fn new(cluster: bool) -> Self {
         Self {
-            publish: Script::new(PUBLISH),
-            view: Script::new(VIEW),
+            publish: Script::new(&format!("{SAME_MASTER}{PUBLISH}")),
+            view: Script::new(&format!("{SAME_MASTER}{VIEW}")),
             enter: Script::new(ENTER),
             exit: Script::new(EXIT),
             sweep: Script::new(SWEEP),
-            issue_ticket: Script::new(ISSUE_TICKET),
+            sweep_list: Script::new(SWEEP_LIST),
+            reserve_ticket: Script::new(RESERVE_TICKET),
             uncount_ticket: Script::new(UNCOUNT_TICKET),
             count_user: Script::new(COUNT_USER),
+            cluster,
+        }
+    }
+
+    /// The command that publishes on room and user channels.
+    fn publish_command(&self) -> &'static str {
+        if self.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The last argument of the publish and view scripts (see [`SAME_MASTER`]).
+    fn same_master_flag(&self) -> &'static str {
+        if self.cluster {
+            "1"
+        } else {
+            "0"
         }
     }
 
@@ -469,7 +549,7 @@ impl Scripts {
     /// and no longer counted towards its user's cap.
     pub(super) async fn ticket(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         ticket: &str,
         redeem: bool,
     ) -> Result<Option<String>, ClusterUnavailable> {
@@ -497,7 +577,7 @@ impl Scripts {
     /// when the user's count over all nodes stays within it. `false`: refused.
     pub(super) async fn count_user(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         node: &str,
         user: &str,
         count: u32,
@@ -506,69 +586,126 @@ impl Scripts {
         let set: i64 = self
             .count_user
             .key(user_sessions_key(user))
-            .key(node_users_key(node))
-            .key(NODES)
             .arg(node)
             .arg(count)
             .arg(max.map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)))
-            .arg(user)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
+        if set == 1 {
+            // The node's record, for the sweep after it died.
+            if count > 0 {
+                redis::cmd("SADD")
+                    .arg(node_users_key(node))
+                    .arg(user)
+                    .exec_async(conn)
+                    .await
+                    .map_err(unavailable)?;
+                self.register(conn, node).await?;
+            } else {
+                redis::cmd("SREM")
+                    .arg(node_users_key(node))
+                    .arg(user)
+                    .exec_async(conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
         Ok(set == 1)
     }
 
     /// Stores a ticket (see [`ISSUE_TICKET`]); `false` when the user is at the limit.
     pub(super) async fn issue_ticket(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         request: &TicketRequest,
     ) -> Result<bool, ClusterUnavailable> {
-        let issued: i64 = self
-            .issue_ticket
-            .key(&request.ticket_key)
+        let reserved: i64 = self
+            .reserve_ticket
             .key(&request.count_key)
-            .arg(&request.identity)
             .arg(request.ttl_ms)
             .arg(request.max_per_user)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
-        Ok(issued == 1)
+        if reserved != 1 {
+            return Ok(false);
+        }
+        let stored = redis::cmd("SET")
+            .arg(&request.ticket_key)
+            .arg(&request.identity)
+            .arg("PX")
+            .arg(request.ttl_ms)
+            .exec_async(conn)
+            .await;
+        if let Err(e) = stored {
+            // Best effort: give the reservation back.
+            let _ = self
+                .uncount_ticket
+                .key(&request.count_key)
+                .invoke_async::<i64>(conn)
+                .await;
+            return Err(unavailable(e));
+        }
+        Ok(true)
     }
 
-    /// Lists a session in a room (see [`ENTER`]).
+    /// Puts `node` in the registry the sweep reads (a node with members or sessions is
+    /// always in it).
+    async fn register(&self, conn: &mut Conn, node: &str) -> Result<(), ClusterUnavailable> {
+        redis::cmd("SADD")
+            .arg(NODES)
+            .arg(node)
+            .exec_async(conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Lists a session in a room (see [`ENTER`]): first in its node's record, so a sweep
+    /// after the node died finds every membership it may have left.
     pub(super) async fn enter(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         node: &str,
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
     ) -> Result<(), ClusterUnavailable> {
-        self.membership(&self.enter, conn, node, room, member, events)
+        redis::cmd("SADD")
+            .arg(node_members_key(node))
+            .arg(membership(room, member, events))
+            .exec_async(conn)
+            .await
+            .map_err(unavailable)?;
+        self.register(conn, node).await?;
+        self.room_membership(&self.enter, conn, room, member, events)
             .await
     }
 
-    /// Removes a session from a room (see [`EXIT`]).
+    /// Removes a session from a room (see [`EXIT`]), then from its node's record.
     pub(super) async fn exit(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         node: &str,
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
     ) -> Result<(), ClusterUnavailable> {
-        self.membership(&self.exit, conn, node, room, member, events)
+        self.room_membership(&self.exit, conn, room, member, events)
+            .await?;
+        redis::cmd("SREM")
+            .arg(node_members_key(node))
+            .arg(membership(room, member, events))
+            .exec_async(conn)
             .await
+            .map_err(unavailable)
     }
 
-    /// Runs [`ENTER`] or [`EXIT`], which take the same keys and arguments.
-    async fn membership(
+    /// Runs [`ENTER`] or [`EXIT`] (the same keys and arguments) on the room's slot.
+    async fn room_membership(
         &self,
         script: &Script,
-        conn: &mut ConnectionManager,
-        node: &str,
+        conn: &mut Conn,
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
@@ -578,15 +715,12 @@ impl Scripts {
         let _: i64 = script
             .key(&keys.members)
             .key(&keys.users)
-            .key(node_members_key(node))
-            .key(NODES)
             .arg(&member.session)
             .arg(info)
             .arg(&member.user)
             .arg(Channel::Room(room.clone()).name())
             .arg(if events { "1" } else { "0" })
-            .arg(membership(room, member, events))
-            .arg(node)
+            .arg(self.publish_command())
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -596,7 +730,7 @@ impl Scripts {
     /// The members of a room on every node.
     pub(super) async fn members(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         room: &RoomName,
     ) -> Result<Vec<MemberInfo>, ClusterUnavailable> {
         let infos: Vec<String> = redis::cmd("HVALS")
@@ -615,25 +749,21 @@ impl Scripts {
     /// expired (it may have been swept: its members must be announced again).
     pub(super) async fn heartbeat(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         node: &str,
         heartbeat: std::time::Duration,
     ) -> Result<bool, ClusterUnavailable> {
         let ttl = (heartbeat.as_millis() as u64 * 3).max(1);
-        let (previous,): (Option<String>,) = redis::pipe()
-            .cmd("SET")
+        let previous: Option<String> = redis::cmd("SET")
             .arg(node_key(node))
             .arg(1)
             .arg("PX")
             .arg(ttl)
             .arg("GET")
-            .cmd("SADD")
-            .arg(NODES)
-            .arg(node)
-            .ignore()
             .query_async(conn)
             .await
             .map_err(unavailable)?;
+        self.register(conn, node).await?;
         let nodes: Vec<String> = redis::cmd("SMEMBERS")
             .arg(NODES)
             .query_async(conn)
@@ -652,14 +782,18 @@ impl Scripts {
         Ok(previous.is_none())
     }
 
-    /// Removes every membership of `node` (see [`SWEEP`]); a dead node also leaves the
-    /// registry, a node sweeping its own earlier life stays in it.
+    /// Removes every membership and session count of `node` (see [`SWEEP`]); a dead
+    /// node also leaves the registry, a node sweeping its own earlier life stays in it.
+    /// `-1`: the node is alive again and was left alone.
     pub(super) async fn sweep(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         node: &str,
         dead: bool,
     ) -> Result<i64, ClusterUnavailable> {
+        if self.cluster {
+            return self.sweep_in_steps(conn, node, dead).await;
+        }
         self.sweep
             .key(node_members_key(node))
             .key(NODES)
@@ -672,9 +806,75 @@ impl Scripts {
             .map_err(unavailable)
     }
 
+    /// The sweep on a cluster, where a node's, its users' and its rooms' keys are in
+    /// different slots: list what the node held (unless it is alive again), remove its
+    /// session counts, leave each room (with the `leave` events, as [`EXIT`] does), then
+    /// drop its record. Each step can be repeated: a sweep cut short is finished by the
+    /// next heartbeat's.
+    async fn sweep_in_steps(
+        &self,
+        conn: &mut Conn,
+        node: &str,
+        dead: bool,
+    ) -> Result<i64, ClusterUnavailable> {
+        let listed: Value = self
+            .sweep_list
+            .key(node_key(node))
+            .key(node_members_key(node))
+            .key(node_users_key(node))
+            .arg(if dead { "dead" } else { "keep" })
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let (entries, users): (Vec<String>, Vec<String>) = match listed {
+            Value::Int(-1) => return Ok(-1),
+            other => redis::from_redis_value(&other).map_err(unavailable)?,
+        };
+        for user in &users {
+            redis::cmd("HDEL")
+                .arg(user_sessions_key(user))
+                .arg(node)
+                .exec_async(conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        for entry in &entries {
+            let mut parts = entry.splitn(4, '\n');
+            let (Some(events), Some(room), Some(session), Some(user)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(room) = RoomName::new(room) else {
+                continue;
+            };
+            let member = MemberInfo {
+                user: user.to_owned(),
+                session: session.to_owned(),
+                transport: String::new(),
+                node: Some(node.to_owned()),
+            };
+            self.room_membership(&self.exit, conn, &room, &member, events == "1")
+                .await?;
+        }
+        let mut done = redis::pipe();
+        done.cmd("DEL").arg(node_members_key(node)).ignore();
+        done.cmd("DEL").arg(node_users_key(node)).ignore();
+        done.exec_async(conn).await.map_err(unavailable)?;
+        if dead {
+            redis::cmd("SREM")
+                .arg(NODES)
+                .arg(node)
+                .exec_async(conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(entries.len() as i64)
+    }
+
     pub(super) async fn publish(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         message: &ClusterPublish,
         policies: &RoomPolicies,
     ) -> Result<Option<u64>, ClusterUnavailable> {
@@ -692,6 +892,8 @@ impl Scripts {
             .arg(payload_bytes(&message.data))
             .arg(if message.volatile { "1" } else { "0" })
             .arg(new_epoch())
+            .arg(self.publish_command())
+            .arg(self.same_master_flag())
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -700,7 +902,7 @@ impl Scripts {
 
     pub(super) async fn view(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         room: &RoomName,
         since: Option<(u64, String)>,
         policies: &RoomPolicies,
@@ -719,6 +921,7 @@ impl Scripts {
                     .as_ref()
                     .map_or(-1, |(s, _)| i64::try_from(*s).unwrap_or(i64::MAX)),
             )
+            .arg(self.same_master_flag())
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -727,7 +930,7 @@ impl Scripts {
 
     pub(super) async fn send_user(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         user: &str,
         from: Option<&str>,
         data: &Payload,
@@ -735,7 +938,7 @@ impl Scripts {
         let meta = meta(from, data, None);
         let mut framed = format!("{} {meta}", meta.len()).into_bytes();
         framed.extend_from_slice(payload_bytes(data));
-        let receivers: i64 = redis::cmd("PUBLISH")
+        let receivers: i64 = redis::cmd(self.publish_command())
             .arg(Channel::User(user.to_owned()).name())
             .arg(framed)
             .query_async(conn)

@@ -131,6 +131,7 @@ pub(super) struct LimitsSection {
 #[serde(deny_unknown_fields)]
 pub(super) struct ClusterSection {
     pub redis: Option<String>,
+    pub redis_cluster: Option<Vec<String>>,
     #[serde(default = "default_cluster_heartbeat_secs")]
     pub heartbeat_secs: NonZeroU64,
 }
@@ -139,6 +140,7 @@ impl Default for ClusterSection {
     fn default() -> Self {
         Self {
             redis: None,
+            redis_cluster: None,
             heartbeat_secs: default_cluster_heartbeat_secs(),
         }
     }

@@ -100,6 +100,15 @@ pub enum TlsSource {
     Dev(PathBuf),
 }
 
+/// The Redis of cluster mode (`[cluster]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (`redis`).
+    Single(String),
+    /// A Redis Cluster, by its seed nodes (`redis_cluster`).
+    Cluster(Vec<String>),
+}
+
 /// `[log]`.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -157,8 +166,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Connection limits.
     pub limits: Limits,
-    /// Redis URL for clustering.
-    pub redis: Option<String>,
+    /// The Redis the cluster goes through, in cluster mode.
+    pub redis: Option<RedisTarget>,
     /// How often this node refreshes its liveness in Redis; a dead node's presence goes
     /// within three of these.
     pub cluster_heartbeat: Duration,
@@ -230,7 +239,7 @@ impl Config {
             ticket_ttl,
             api_key: file.api.key,
             limits: validate::limits(file.limits),
-            redis: file.cluster.redis,
+            redis: validate::redis(file.cluster.redis, file.cluster.redis_cluster)?,
             cluster_heartbeat: Duration::from_secs(file.cluster.heartbeat_secs.get()),
             rooms: RoomPolicies(validate::rooms(file.rooms)?),
             dev_mode: false,
@@ -326,6 +335,10 @@ mod tests {
             ("proxy_protocol=\"yes\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "proxy_protocol"),
             ("[cluster]\nheartbeat_secs=0\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.heartbeat_secs"),
             ("[limits]\nmax_connections=0\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "limits.max_connections: invalid value: integer `0`"),
+            ("[cluster]\nredis=\"redis://a:1\"\nredis_cluster=[\"redis://b:1\"]\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.redis_cluster: set either"),
+            ("[cluster]\nredis_cluster=[]\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.redis_cluster: at least one"),
+            ("[cluster]\nredis_cluster=[\"http://b:1\"]\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.redis_cluster: `http://b:1` is not a redis:// URL"),
+            ("[cluster]\nredis=\"nope\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"", "cluster.redis: `nope`"),
         ];
         for (text, expected) in cases {
             let e = parse(text).unwrap_err().to_string();
@@ -353,6 +366,24 @@ mod tests {
             (LogFormat::Text, "info")
         );
         assert_eq!(d.drain, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn one_redis_or_a_redis_cluster() {
+        let c = parse(&format!("[cluster]\nredis = \"redis://r:6379\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.redis, Some(RedisTarget::Single("redis://r:6379".into())));
+        let c = parse(&format!(
+            "[cluster]\nredis_cluster = [\"redis://a:7000\", \"redis://b:7000\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.redis,
+            Some(RedisTarget::Cluster(vec![
+                "redis://a:7000".into(),
+                "redis://b:7000".into()
+            ]))
+        );
+        assert_eq!(parse(MINIMAL).unwrap().redis, None);
     }
 
     #[test]

@@ -116,6 +116,38 @@ pub(super) fn auth(
     Ok((Some(jwt), Duration::from_secs(a.ticket_ttl_secs.get())))
 }
 
+/// `[cluster] redis` or `redis_cluster` (not both): URLs the Redis client accepts.
+pub(super) fn redis(
+    single: Option<String>,
+    cluster: Option<Vec<String>>,
+) -> Result<Option<super::RedisTarget>, ConfigError> {
+    let check = |key: &str, url: &str| {
+        redis::parse_redis_url(url)
+            .map(drop)
+            .ok_or_else(|| invalid(key, format!("`{url}` is not a redis:// URL")))
+    };
+    match (single, cluster) {
+        (Some(_), Some(_)) => Err(invalid(
+            "cluster.redis_cluster",
+            "set either cluster.redis (one Redis) or cluster.redis_cluster (a Redis Cluster), not both",
+        )),
+        (Some(url), None) => {
+            check("cluster.redis", &url)?;
+            Ok(Some(super::RedisTarget::Single(url)))
+        }
+        (None, Some(seeds)) => {
+            if seeds.is_empty() {
+                return Err(invalid("cluster.redis_cluster", "at least one seed node"));
+            }
+            for url in &seeds {
+                check("cluster.redis_cluster", url)?;
+            }
+            Ok(Some(super::RedisTarget::Cluster(seeds)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// `[limits]`.
 pub(super) fn limits(section: file::LimitsSection) -> Limits {
     let defaults = Limits::default();

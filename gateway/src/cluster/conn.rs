@@ -1,0 +1,212 @@
+//! The connections of the backplane, to one Redis or to a Redis Cluster: commands (one
+//! [`Conn`] that either kind answers the same way, scripts routed by their first key's
+//! slot), and the subscriber's [`Subscriber`] (classic pub/sub on one Redis; sharded
+//! pub/sub for room and user channels on a cluster, so a message travels only within its
+//! shard).
+
+use std::time::Duration;
+
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, PubSubSink},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    Cmd, Pipeline, PushInfo, RedisFuture, Value,
+};
+
+use crate::config::RedisTarget;
+
+/// Longest a command may wait for Redis before its operation fails as unavailable.
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the backplane's Redis is.
+#[derive(Clone)]
+pub(super) enum Target {
+    /// One Redis.
+    Single(redis::Client),
+    /// A Redis Cluster, by its seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// The target the configuration names.
+    pub(super) fn new(config: &RedisTarget) -> Result<Self, redis::RedisError> {
+        Ok(match config {
+            RedisTarget::Single(url) => Target::Single(redis::Client::open(url.as_str())?),
+            RedisTarget::Cluster(seeds) => {
+                // Checked now, so a bad seed fails at start like a bad single URL.
+                cluster_client(seeds, None)?;
+                Target::Cluster(seeds.clone())
+            }
+        })
+    }
+
+    /// Whether room and user channels use sharded pub/sub (`SPUBLISH`): on a cluster.
+    pub(super) fn sharded(&self) -> bool {
+        matches!(self, Target::Cluster(_))
+    }
+
+    /// A command connection that fails fast while Redis is unreachable (the libraries'
+    /// defaults retry for minutes and would hold every queued operation).
+    pub(super) async fn command_connection(&self) -> Option<Conn> {
+        let connect = async {
+            match self {
+                Target::Single(client) => {
+                    let config = redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(COMMAND_TIMEOUT)
+                        .set_response_timeout(COMMAND_TIMEOUT)
+                        .set_number_of_retries(1)
+                        .set_max_delay(500);
+                    client
+                        .get_connection_manager_with_config(config)
+                        .await
+                        .ok()
+                        .map(Conn::Single)
+                }
+                Target::Cluster(seeds) => {
+                    let client = cluster_client(seeds, None).ok()?;
+                    let conn = client.get_async_connection().await.ok()?;
+                    Some(Conn::Cluster(Box::new(ClusterConn { client, conn })))
+                }
+            }
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, connect)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// A client of the cluster at `seeds` that gives up quickly (a failover is followed by
+/// the library's own retries within that budget); with `push`, on RESP3 with pushes
+/// (pub/sub messages and disconnections) sent there.
+pub(super) fn cluster_client(
+    seeds: &[String],
+    push: Option<tokio::sync::mpsc::UnboundedSender<PushInfo>>,
+) -> Result<ClusterClient, redis::RedisError> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .connection_timeout(COMMAND_TIMEOUT)
+        .response_timeout(COMMAND_TIMEOUT)
+        .retries(3)
+        .min_retry_wait(100)
+        .max_retry_wait(1000);
+    if let Some(push) = push {
+        builder = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push);
+    }
+    builder.build()
+}
+
+/// A command connection to either kind of Redis.
+pub(super) enum Conn {
+    /// One Redis, reconnecting.
+    Single(ConnectionManager),
+    /// A Redis Cluster: commands go to their slot's master, following MOVED and ASK.
+    Cluster(Box<ClusterConn>),
+}
+
+/// A cluster connection that starts afresh after a connection failure: the library's
+/// connection can keep failing on its stale view of the cluster after a failover
+/// ("no connections found"), so the command that failed fails, and the next one goes
+/// through a new connection that discovered the topology again.
+pub(super) struct ClusterConn {
+    client: ClusterClient,
+    conn: ClusterConnection,
+}
+
+impl ClusterConn {
+    async fn after<T>(&mut self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &result {
+            if is_connection_failure(e) {
+                if let Ok(Ok(fresh)) =
+                    tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_connection()).await
+                {
+                    self.conn = fresh;
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Whether `e` says the connection (or the cluster's view of it) is broken, rather than
+/// the command.
+fn is_connection_failure(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+        )
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => Box::pin(async move {
+                let result = c.conn.req_packed_command(cmd).await;
+                c.after(result).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => Box::pin(async move {
+                let result = c.conn.req_packed_commands(cmd, offset, count).await;
+                c.after(result).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.conn.get_db(),
+        }
+    }
+}
+
+/// The subscribing half of the pub/sub connection.
+pub(super) enum Subscriber {
+    /// Classic pub/sub on one Redis.
+    Single(PubSubSink),
+    /// On a cluster: sharded subscriptions for room and user channels (each on its
+    /// slot's master), classic for the control channel (broadcast to every node).
+    Cluster(ClusterConnection),
+}
+
+impl Subscriber {
+    /// Subscribes to `channel`; returns once Redis confirmed it.
+    pub(super) async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Subscriber::Single(sink) => sink.subscribe(channel).await,
+            Subscriber::Cluster(c) if super::wire::is_sharded(channel) => {
+                c.ssubscribe(channel).await
+            }
+            Subscriber::Cluster(c) => c.subscribe(channel).await,
+        }
+    }
+
+    /// Unsubscribes from `channel`.
+    pub(super) async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Subscriber::Single(sink) => sink.unsubscribe(channel).await,
+            Subscriber::Cluster(c) if super::wire::is_sharded(channel) => {
+                c.sunsubscribe(channel).await
+            }
+            Subscriber::Cluster(c) => c.unsubscribe(channel).await,
+        }
+    }
+}
