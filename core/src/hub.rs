@@ -498,6 +498,17 @@ impl Hub {
         };
         match view {
             Ok(view) => {
+                // Members whose joins completed are in the epoch they were told; a view in
+                // another one means the room restarted in the cluster meanwhile: their
+                // sequence cannot continue, they are sent to rejoin.
+                let stale: Vec<SessionHandle> = if *state.epoch != *view.epoch {
+                    established(&state)
+                        .filter(|m| m.id() != handle.id())
+                        .cloned()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 state.seq = state.seq.max(view.seq);
                 state.epoch = view.epoch.clone();
                 let outcome = JoinOutcome {
@@ -522,6 +533,8 @@ impl Hub {
                 if !newer && view.seq > 0 {
                     state.floors.insert(handle.id(), view.seq);
                 }
+                drop(state);
+                self.send_to_rejoin(stale);
             }
             Err(e) => {
                 drop(state);
@@ -531,10 +544,10 @@ impl Hub {
         }
     }
 
-    /// Cluster mode: every room with members on this node (and no join waiting for the
-    /// cluster), with the sequence number and epoch it has delivered up to. After this node's subscription was down (messages
-    /// published meanwhile never reached it), each is checked against the cluster with
-    /// [`catch_up`](Self::catch_up).
+    /// Cluster mode: every room with members on this node whose joins completed, with the
+    /// sequence number and epoch it has delivered up to. After this node's subscription
+    /// was down (messages published meanwhile never reached it), each is checked against
+    /// the cluster with [`catch_up`](Self::catch_up).
     pub fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
         let rooms: Vec<(RoomName, Arc<Room>)> = self
             .rooms
@@ -545,10 +558,9 @@ impl Hub {
             .into_iter()
             .filter_map(|(name, room)| {
                 let state = room.lock();
-                // A room whose join still waits for the cluster learns its position from
-                // that join's view.
-                (!state.members.is_empty() && state.pending.is_empty())
-                    .then(|| (name, state.seq, state.epoch.clone()))
+                // Members still joining learn their position from their join's view.
+                let any = established(&state).next().is_some();
+                any.then(|| (name, state.seq, state.epoch.clone()))
             })
             .collect()
     }
@@ -560,17 +572,22 @@ impl Hub {
     /// and close 1001, so its client rejoins with `since` and recovers what the history
     /// holds or resynchronises: a member never silently skips messages. Returns the last
     /// sequence number accounted for (channel messages up to it are not delivered again).
-    pub fn catch_up(&self, room: &RoomName, view: RoomView) -> u64 {
+    pub fn catch_up(&self, room: &RoomName, from: (u64, &str), view: RoomView) -> u64 {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return view.seq;
         };
-        let (seq, epoch) = {
-            let state = room_ref.lock();
-            (state.seq, state.epoch.clone())
-        };
+        let (from_seq, from_epoch) = from;
+        if *room_ref.lock().epoch != *from_epoch {
+            // A join moved the room to another epoch meanwhile (and sent the members of
+            // the old one to rejoin).
+            return view.seq;
+        }
         match view.missed {
-            Some(missed) if view.epoch == epoch => {
-                for m in missed.iter().filter(|m| m.seq.is_some_and(|s| s > seq)) {
+            Some(missed) if *view.epoch == *from_epoch => {
+                for m in missed
+                    .iter()
+                    .filter(|m| m.seq.is_some_and(|s| s > from_seq))
+                {
                     self.deliver(room, m, false);
                 }
             }
@@ -579,7 +596,7 @@ impl Hub {
                     let mut state = room_ref.lock();
                     state.epoch = view.epoch.clone();
                     state.seq = view.seq;
-                    state.members.values().cloned().collect()
+                    established(&state).cloned().collect()
                 };
                 self.send_to_rejoin(members);
             }
@@ -609,20 +626,21 @@ impl Hub {
     /// A message of another epoch than this node's members are in (the room restarted in
     /// the cluster, e.g. after a Redis failover lost its state) cannot continue their
     /// sequence: they are sent to rejoin (`reconnect`, 1001) and recover or resynchronise.
-    /// While a join waits for the cluster the epoch is not known yet and is not checked.
+    /// While every member's join waits for the cluster the epoch is not known yet and is
+    /// not checked.
     pub fn deliver_in_epoch(&self, room: &RoomName, message: &ClusterMessage, epoch: &str) {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
         let members = {
             let mut state = room_ref.lock();
-            if *state.epoch == *epoch || !state.pending.is_empty() {
+            if *state.epoch == *epoch || established(&state).next().is_none() {
                 None
             } else {
                 state.epoch = epoch.into();
                 state.seq = message.seq.unwrap_or(0);
                 state.floors.clear();
-                Some(state.members.values().cloned().collect::<Vec<_>>())
+                Some(established(&state).cloned().collect::<Vec<_>>())
             }
         };
         match members {
@@ -979,6 +997,15 @@ impl Hub {
             s.close(reason.clone());
         }
     }
+}
+
+/// The members of a room whose joins completed (not waiting for the cluster).
+fn established(state: &RoomState) -> impl Iterator<Item = &SessionHandle> {
+    state
+        .members
+        .iter()
+        .filter(|(id, _)| !state.pending.contains_key(*id))
+        .map(|(_, member)| member)
 }
 
 /// The `message` frame of a room message, encoded once for every recipient.
@@ -1599,6 +1626,115 @@ mod tests {
         // Once past the floor, the member gets everything again.
         hub.deliver(&room, &cluster_message(4), false);
         assert_eq!(seqs(&late_rx), vec![4]);
+    }
+
+    /// A cluster hub with one member `live` in room `r`, joined at seq 2 of epoch `e`.
+    fn clustered_member() -> (
+        Arc<Hub>,
+        Arc<ScriptedCluster>,
+        RoomName,
+        SessionHandle,
+        OutboxReceiver,
+    ) {
+        let cluster = Arc::new(ScriptedCluster::default());
+        let hub = Hub::new(
+            HubConfig {
+                node_id: "n1".into(),
+                rooms: RoomPolicies::default(),
+                history_budget: DEFAULT_HISTORY_BUDGET,
+            },
+            cluster.clone(),
+            StdRng::seed_from_u64(1),
+        );
+        let room = RoomName::new("r").unwrap();
+        let (live, rx) = session(&hub, "live");
+        let reply: JoinReply =
+            Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
+        hub.join(&live, &room, None, Instant::now(), reply);
+        let done = cluster.views.lock().unwrap().pop().unwrap();
+        done(Ok(RoomView {
+            seq: 2,
+            epoch: "e".into(),
+            missed: None,
+            members: 1,
+        }));
+        (hub, cluster, room, live, rx)
+    }
+
+    /// Everything queued for `rx`, and the close if it was closed.
+    fn frames_and_close(rx: &OutboxReceiver) -> (Vec<Value>, Option<CloseReason>) {
+        let mut out = Vec::new();
+        let mut closed = None;
+        while let Some(batch) = rx.try_batch(&mut out, usize::MAX) {
+            if let Batch::Close(reason) = batch {
+                closed = Some(reason);
+                break;
+            }
+        }
+        let frames = out
+            .into_iter()
+            .filter_map(|o| match o {
+                Outbound::Text(b) => serde_json::from_slice(&b).ok(),
+                _ => None,
+            })
+            .collect();
+        (frames, closed)
+    }
+
+    #[test]
+    fn a_message_of_another_epoch_sends_the_members_to_rejoin() {
+        let (hub, _cluster, room, _live, rx) = clustered_member();
+        hub.deliver_in_epoch(&room, &cluster_message(3), "e");
+        hub.deliver_in_epoch(&room, &cluster_message(1), "e2");
+        let (frames, closed) = frames_and_close(&rx);
+        let types: Vec<&str> = frames.iter().filter_map(|f| f["type"].as_str()).collect();
+        assert_eq!(types, ["ack", "message", "reconnect"], "{frames:?}");
+        assert_eq!(frames[1]["seq"], 3);
+        assert_eq!(
+            closed.map(|r| (r.code, r.reason)),
+            Some((
+                crate::protocol::CloseCode::GoingAway,
+                "room continuity lost: rejoin to recover".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn catching_up_delivers_what_was_missed_or_sends_the_members_to_rejoin() {
+        let (hub, _cluster, room, _live, rx) = clustered_member();
+        assert_eq!(hub.positions(), vec![(room.clone(), 2, Arc::from("e"))]);
+        // Missed 3 and 4 while the subscription was down; the history holds them.
+        let upto = hub.catch_up(
+            &room,
+            (2, "e"),
+            RoomView {
+                seq: 4,
+                epoch: "e".into(),
+                missed: Some(vec![cluster_message(3), cluster_message(4)]),
+                members: 1,
+            },
+        );
+        assert_eq!(upto, 4);
+        let (frames, closed) = frames_and_close(&rx);
+        let seqs: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();
+        assert_eq!((seqs, closed), (vec![3, 4], None), "{frames:?}");
+        // Later the room restarted (another epoch): nothing can be delivered in order.
+        hub.catch_up(
+            &room,
+            (4, "e"),
+            RoomView {
+                seq: 1,
+                epoch: "e2".into(),
+                missed: None,
+                members: 1,
+            },
+        );
+        let (frames, closed) = frames_and_close(&rx);
+        assert_eq!(
+            frames.last().map(|f| f["type"].clone()),
+            Some(json!("reconnect"))
+        );
+        assert!(closed.is_some());
     }
 
     #[test]

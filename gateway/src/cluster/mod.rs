@@ -330,7 +330,7 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
 
 /// Runs the hub's commands one after the other.
 async fn work(target: Target, mut rx: mpsc::UnboundedReceiver<Command>, shared: Arc<Shared>) {
-    let scripts = wire::Scripts::new(target.sharded());
+    let scripts = wire::Scripts::new(target.sharded(), shared.policies.clone());
     let mut conn: Option<Conn> = None;
     let mut swept_own = false;
     let mut announced = Announced::default();
@@ -530,7 +530,7 @@ async fn keep_alive(
     heartbeat: Duration,
     commands: mpsc::UnboundedSender<Command>,
 ) {
-    let scripts = wire::Scripts::new(target.sharded());
+    let scripts = wire::Scripts::new(target.sharded(), shared.policies.clone());
     let mut conn: Option<Conn> = None;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -757,14 +757,26 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
     if positions.is_empty() {
         return caught;
     }
-    let scripts = wire::Scripts::new(target.sharded());
+    let scripts = wire::Scripts::new(target.sharded(), shared.policies.clone());
     let mut conn = target.command_connection().await;
     for (room, seq, epoch) in positions {
-        let since = Some((seq, epoch.to_string()));
-        let view = match conn.as_mut() {
-            Some(c) => scripts.view(c, &room, since, &shared.policies).await,
-            None => Err(unavailable("no connection to redis")),
-        };
+        // A few tries: giving up sends the room's members to rejoin.
+        let mut view = Err(unavailable("no connection to redis"));
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if conn.is_none() {
+                conn = target.command_connection().await;
+            }
+            let since = Some((seq, epoch.to_string()));
+            if let Some(c) = conn.as_mut() {
+                view = scripts.view(c, &room, since, &shared.policies).await;
+                if view.is_ok() {
+                    break;
+                }
+            }
+        }
         let view = view.unwrap_or_else(|e| {
             // Unknown what was missed: the members rejoin and recover from the history.
             shared.count_error("view");
@@ -776,7 +788,7 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
                 members: 0,
             }
         });
-        let upto = hub.catch_up(&room, view);
+        let upto = hub.catch_up(&room, (seq, &epoch), view);
         caught.insert(Channel::Room(room).name(), upto);
     }
     caught

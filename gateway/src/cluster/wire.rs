@@ -354,15 +354,19 @@ pub(super) struct Scripts {
     count_user: Script,
     /// A Redis Cluster: sharded pub/sub, single-slot steps, rooms tied to their master.
     cluster: bool,
+    /// Room policies (a room state's lifetime once its last member left).
+    policies: RoomPolicies,
 }
 
-/// A session enters a room (KEYS: the room's members and users): listed, counted per
-/// user; the user's first session there cluster-wide is announced (ARGV[6]: `PUBLISH` or
+/// A session enters a room (KEYS: the room's members, users and state): listed, counted
+/// per user, the room's state kept without expiry while it has members; the user's first session there cluster-wide is announced (ARGV[6]: `PUBLISH` or
 /// `SPUBLISH`). Entering again changes nothing (a node re-announces its members after it
 /// was swept). The node's own record of the membership is written before, apart (its keys
 /// are in another slot on a cluster).
 const ENTER: &str = r#"
 local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+-- A room with members keeps its sequence and epoch however long it is quiet.
+redis.call('PERSIST', KEYS[3])
 if added == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 if n == 1 and ARGV[5] == '1' then
@@ -371,10 +375,16 @@ end
 return n
 "#;
 
-/// A session leaves a room; the user's last session there cluster-wide is announced. Also
+/// A session leaves a room; the user's last session there cluster-wide is announced, and
+/// with the last member gone the room's state expires after a history lifetime (ARGV[7]
+/// ms). Also
 /// what a sweep runs for each membership of a dead node on a cluster.
 const EXIT: &str = r#"
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+-- The last member gone: the room's state lives on for one history lifetime.
+if redis.call('HLEN', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
 if n <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[3])
@@ -418,6 +428,9 @@ for _, e in ipairs(entries) do
   if room then
     local prefix = 'gw:{room:' .. room .. '}'
     if redis.call('HDEL', prefix .. ':members', session) == 1 then
+      if redis.call('HLEN', prefix .. ':members') == 0 then
+        redis.call('PEXPIRE', prefix .. ':state', ARGV[3])
+      end
       local n = redis.call('HINCRBY', prefix .. ':users', user, -1)
       if n <= 0 then
         redis.call('HDEL', prefix .. ':users', user)
@@ -445,7 +458,7 @@ return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
 /// `recovered: false`, never a silent gap). KEYS[1]: state, KEYS[2]: stream.
 const SAME_MASTER: &str = r#"
 if ARGV[#ARGV] == '1' then
-  local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
   local had = redis.call('HGET', KEYS[1], 'rid')
   if had ~= rid then
     if had then redis.call('DEL', KEYS[1], KEYS[2]) end
@@ -474,7 +487,7 @@ if history > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', history, '0-' .. seq, 'm', ARGV[4], 'd', ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+if redis.call('HLEN', KEYS[3]) == 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call(ARGV[8], ARGV[1], seq .. ' ' .. redis.call('HGET', KEYS[1], 'epoch') .. ' ' .. framed)
 return seq
 "#;
@@ -483,7 +496,7 @@ return seq
 /// has none), and with `since` the kept entries after it, flattened as seq, meta, data.
 const VIEW: &str = r#"
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('HLEN', KEYS[3]) == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local out = {seq, redis.call('HGET', KEYS[1], 'epoch'), redis.call('HLEN', KEYS[3])}
 local since = tonumber(ARGV[3])
@@ -512,7 +525,7 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
 
 impl Scripts {
     /// The scripts for one Redis, or for a Redis Cluster (`cluster`).
-    pub(super) fn new(cluster: bool) -> Self {
+    pub(super) fn new(cluster: bool, policies: RoomPolicies) -> Self {
         Self {
             publish: Script::new(&format!("{SAME_MASTER}{PUBLISH}")),
             view: Script::new(&format!("{SAME_MASTER}{VIEW}")),
@@ -524,6 +537,7 @@ impl Scripts {
             uncount_ticket: Script::new(UNCOUNT_TICKET),
             count_user: Script::new(COUNT_USER),
             cluster,
+            policies,
         }
     }
 
@@ -712,15 +726,18 @@ impl Scripts {
     ) -> Result<(), ClusterUnavailable> {
         let keys = Keys::room(room.as_str());
         let info = serde_json::to_string(member).expect("plain struct");
+        let ttl = self.policies.for_room(room.as_str()).history_ttl;
         let _: i64 = script
             .key(&keys.members)
             .key(&keys.users)
+            .key(&keys.state)
             .arg(&member.session)
             .arg(info)
             .arg(&member.user)
             .arg(Channel::Room(room.clone()).name())
             .arg(if events { "1" } else { "0" })
             .arg(self.publish_command())
+            .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -801,9 +818,22 @@ impl Scripts {
             .key(node_users_key(node))
             .arg(node)
             .arg(if dead { "dead" } else { "keep" })
+            .arg(self.longest_history_ttl_ms())
             .invoke_async(conn)
             .await
             .map_err(unavailable)
+    }
+
+    /// The longest history lifetime of any room policy, for rooms a sweep leaves empty.
+    fn longest_history_ttl_ms(&self) -> u64 {
+        self.policies
+            .0
+            .iter()
+            .map(|p| p.history_ttl)
+            .max()
+            .unwrap_or(gateway_core::policy::RoomPolicy::fallback().history_ttl)
+            .as_millis()
+            .max(1) as u64
     }
 
     /// The sweep on a cluster, where a node's, its users' and its rooms' keys are in
@@ -885,6 +915,7 @@ impl Scripts {
             .publish
             .key(&keys.state)
             .key(&keys.stream)
+            .key(&keys.members)
             .arg(Channel::Room(message.room.clone()).name())
             .arg(policy.history)
             .arg(policy.history_ttl.as_millis().max(1) as u64)
@@ -893,7 +924,12 @@ impl Scripts {
             .arg(if message.volatile { "1" } else { "0" })
             .arg(new_epoch())
             .arg(self.publish_command())
-            .arg(self.same_master_flag())
+            // A volatile message neither reads nor creates the room's state.
+            .arg(if message.volatile {
+                "0"
+            } else {
+                self.same_master_flag()
+            })
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
