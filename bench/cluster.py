@@ -27,7 +27,7 @@ GATEWAY = os.path.join(ROOT, "target", "release", "gateway")
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 RATES = [int(r) for r in sys.argv[1:]] or [10_000, 100_000, 200_000]
 SETUPS = os.environ.get("SETUPS", "single,cluster-one-node,two-nodes,two-nodes-redis-cluster").split(",")
-WARMUP, DURATION = 1, 5
+WARMUP, DURATION = int(os.environ.get("WARMUP", "1")), 5
 RUNS = 3
 BASE = open(os.path.join(ROOT, "bench", "gateway.toml")).read().replace("127.0.0.1:4433", "127.0.0.1:0")
 
