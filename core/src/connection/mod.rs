@@ -76,7 +76,7 @@ pub struct Services {
 }
 
 /// Counters of one session, for its access-log line.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InboundStats {
     /// Frames received (datagrams included).
     pub frames: u64,

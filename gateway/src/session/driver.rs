@@ -12,8 +12,6 @@ use tokio::task::JoinHandle;
 
 use crate::clock;
 
-use crate::metrics::{EndpointCounters, TransportCounters};
-
 use super::{
     open::AccessLog,
     writer::{FrameSink, SessionWriter},
@@ -78,14 +76,10 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
     mut conn: Connection,
     mut inbound: I,
     writer: Arc<SessionWriter<S>>,
-    log: AccessLog,
+    log: Box<AccessLog>,
 ) {
     let handle = conn.handle().clone();
-    let mut counting = InboundCounting {
-        transport: log.metrics().transport(handle.transport()),
-        endpoint: log.metrics().endpoint(handle.endpoint()),
-        counted: InboundStats::default(),
-    };
+    let mut counted = InboundStats::default();
     let writer = tokio::spawn(writer.run());
     let mut deadline = conn.poll(clock::instant());
     let wake = conn.wake_signal();
@@ -131,9 +125,9 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
             () = timer => deadline = conn.poll(clock::instant()),
             () = woken(&wake) => conn.on_wake(clock::now()),
         }
-        counting.update(conn.stats());
+        count_inbound(&log, &handle, &mut counted, conn.stats());
     }
-    counting.update(conn.stats());
+    count_inbound(&log, &handle, &mut counted, conn.stats());
     if !handle.is_closed() {
         let ended = if gone {
             TransportFault::ConnectionLost
@@ -148,30 +142,29 @@ pub(crate) async fn drive<I: Inbound, S: FrameSink>(
 
 /// Brings a session's inbound counters up to its connection's running totals: frames and
 /// bytes per transport, publishes and rate-limited frames per endpoint (atomic adds of
-/// what changed since the last update).
-struct InboundCounting<'a> {
-    transport: &'a TransportCounters,
-    endpoint: Option<&'a EndpointCounters>,
-    counted: InboundStats,
-}
-
-impl InboundCounting<'_> {
-    fn update(&mut self, now: InboundStats) {
-        if !crate::metrics::ENABLED {
-            return;
+/// what changed since `counted`). The counters are looked up here rather than kept in the
+/// session's task, which an idle session would carry.
+fn count_inbound(
+    log: &AccessLog,
+    session: &gateway_core::session::SessionHandle,
+    counted: &mut InboundStats,
+    now: InboundStats,
+) {
+    if !crate::metrics::ENABLED || now == *counted {
+        return;
+    }
+    let add = |counter: &prometheus_client::metrics::counter::Counter, was: u64, is: u64| {
+        if is > was {
+            counter.inc_by(is - was);
         }
-        let add = |counter: &prometheus_client::metrics::counter::Counter, was: u64, is: u64| {
-            if is > was {
-                counter.inc_by(is - was);
-            }
-        };
-        let was = std::mem::replace(&mut self.counted, now);
-        add(&self.transport.frames_received, was.frames, now.frames);
-        add(&self.transport.bytes_received, was.bytes, now.bytes);
-        if let Some(c) = self.endpoint {
-            add(&c.publishes, was.publishes, now.publishes);
-            add(&c.rate_limited, was.rate_limited, now.rate_limited);
-        }
+    };
+    let was = std::mem::replace(counted, now);
+    let transport = log.metrics().transport(session.transport());
+    add(&transport.frames_received, was.frames, now.frames);
+    add(&transport.bytes_received, was.bytes, now.bytes);
+    if let Some(c) = log.metrics().endpoint(session.endpoint()) {
+        add(&c.publishes, was.publishes, now.publishes);
+        add(&c.rate_limited, was.rate_limited, now.rate_limited);
     }
 }
 
@@ -183,7 +176,7 @@ async fn finish<I: Inbound>(
     mut inbound: I,
     mut writer: JoinHandle<WriteStats>,
     mut gone: bool,
-    log: AccessLog,
+    log: Box<AccessLog>,
 ) {
     let handle = conn.handle();
     inbound.closing();

@@ -26,7 +26,8 @@ pub(crate) struct WriteStats {
 pub(crate) struct OpenedSession {
     pub(crate) conn: Connection,
     pub(crate) outbox: OutboxReceiver,
-    pub(crate) log: AccessLog,
+    /// Boxed: an idle session's task does not carry the log's fields.
+    pub(crate) log: Box<AccessLog>,
     /// The session's connection slot (the access log holds it for the session's life);
     /// a front may clone it, e.g. as the permit of requests on the same connection.
     pub(crate) slot: Arc<ConnectionSlot>,
@@ -71,14 +72,14 @@ pub(crate) fn open_session(
     OpenedSession {
         conn,
         outbox,
-        log: AccessLog {
+        log: Box::new(AccessLog {
             opened: Instant::now(),
             peer,
             metrics: app.metrics.clone(),
             session: handle.clone(),
             counted: false,
             _slot: slot.clone(),
-        },
+        }),
         slot,
     }
 }
