@@ -644,7 +644,7 @@ impl Hub {
             }
         };
         match members {
-            None => self.deliver(room, message, false),
+            None => self.deliver_to(room, &room_ref, message, false),
             Some(members) => self.send_to_rejoin(members),
         }
     }
@@ -655,6 +655,17 @@ impl Hub {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
+        self.deliver_to(room, &room_ref, message, volatile);
+    }
+
+    /// [`deliver`](Self::deliver) to a room already looked up.
+    fn deliver_to(
+        &self,
+        room: &RoomName,
+        room_ref: &Room,
+        message: &ClusterMessage,
+        volatile: bool,
+    ) {
         let frame = self.encode(room, message, volatile);
         let mut state = room_ref.lock();
         if let Some(seq) = message.seq {

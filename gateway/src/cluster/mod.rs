@@ -609,35 +609,22 @@ async fn subscribe(client: redis::Client, target: Target, shared: Arc<Shared>) {
             }
         };
         let (sink, mut stream) = pubsub.split();
-        let mut sink = Subscriber::Single(sink);
-        let wanted: Vec<String> = shared
-            .wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect();
-        let mut ok = true;
-        for channel in &wanted {
-            ok &= sink.subscribe(channel).await.is_ok();
-        }
-        if !ok {
+        *shared.sink.lock().await = Some(Subscriber::Single(sink));
+        if !resubscribe(&shared).await {
+            *shared.sink.lock().await = None;
             tokio::time::sleep(backoff).await;
             continue;
         }
-        *shared.sink.lock().await = Some(sink);
-        shared.subscribed.store(true, Ordering::Release);
         backoff = Duration::from_millis(100);
-        info!(channels = wanted.len(), "redis subscription up");
+        info!("redis subscription up");
         let mut caught = catch_up(&target, &shared).await;
         while let Some(message) = stream.next().await {
-            let (channel, payload) = (message.get_channel_name(), message.get_payload_bytes());
-            if caught_up_already(&mut caught, channel, payload) {
-                continue;
-            }
-            if let Some(hub) = shared.hub.get().and_then(Weak::upgrade) {
-                wire::deliver(&hub, channel, payload);
-            }
+            hand_over(
+                &shared,
+                &mut caught,
+                message.get_channel_name(),
+                message.get_payload_bytes(),
+            );
         }
         shared.subscribed.store(false, Ordering::Release);
         *shared.sink.lock().await = None;
@@ -696,12 +683,7 @@ async fn subscribe_sharded(seeds: Vec<String>, target: Target, shared: Arc<Share
                     ) else {
                         continue;
                     };
-                    if caught_up_already(&mut caught, &channel, &payload) {
-                        continue;
-                    }
-                    if let Some(hub) = shared.hub.get().and_then(Weak::upgrade) {
-                        wire::deliver(&hub, &channel, &payload);
-                    }
+                    hand_over(&shared, &mut caught, &channel, &payload);
                 }
                 PushKind::Disconnection => {
                     // A node's connection dropped (a failover, a restart): a new connection
@@ -794,6 +776,16 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
     caught
 }
 
+/// Hands a channel message to the hub, unless the catch-up accounted for it already.
+fn hand_over(shared: &Shared, caught: &mut HashMap<String, u64>, channel: &str, payload: &[u8]) {
+    if caught_up_already(caught, channel, payload) {
+        return;
+    }
+    if let Some(hub) = shared.hub.get().and_then(Weak::upgrade) {
+        wire::deliver(&hub, channel, payload);
+    }
+}
+
 /// Whether a channel message is one the catch-up accounted for already (its room's
 /// sequence number up to the caught-up one); the first newer one ends the check.
 fn caught_up_already(caught: &mut HashMap<String, u64>, channel: &str, payload: &[u8]) -> bool {
@@ -825,7 +817,7 @@ async fn resubscribe(shared: &Shared) -> bool {
     for channel in &wanted {
         if let Err(e) = s.subscribe(channel).await {
             shared.count_error("subscribe");
-            warn!(error = %e, channel, "redis cluster subscription: subscribing failed; retrying");
+            warn!(error = %e, channel, "redis subscription: subscribing failed; retrying");
             return false;
         }
     }
