@@ -36,11 +36,7 @@ fn fan_out(c: &mut Criterion) {
     let mut g = c.benchmark_group("publish_fan_out");
     for members in [100usize, 1000, 10_000] {
         let hub = Hub::new(
-            HubConfig {
-                node_id: "bench".into(),
-                rooms: RoomPolicies::default(),
-                history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
-            },
+            HubConfig::new("bench", RoomPolicies::default()),
             Arc::new(LocalBackplane),
             StdRng::seed_from_u64(1),
         );
@@ -51,7 +47,10 @@ fn fan_out(c: &mut Criterion) {
                     hub.new_session_id(),
                     TransportKind::WebSocket,
                     "/chat".into(),
-                    1 << 20,
+                    gateway_core::session::QueueLimits {
+                        frames: 1 << 20,
+                        bytes: usize::MAX,
+                    },
                 );
                 h.set_user(format!("u{i}").into());
                 hub.join(
@@ -60,7 +59,8 @@ fn fan_out(c: &mut Criterion) {
                     None,
                     Instant::now(),
                     Box::new(|_| Outbound::Ping),
-                );
+                )
+                .expect("no limit on new rooms here");
                 (h, rx)
             })
             .collect();

@@ -13,11 +13,17 @@ use std::{
 
 use crate::session::Outbound;
 
-/// Bytes counted per kept message besides its frame (entry and queue slot).
-const ENTRY_OVERHEAD: usize = 64;
+/// Bytes counted per kept message besides its frame's bytes: the entry and its queue slot,
+/// the frame's shared allocation and the allocator's rounding (measured, README "Security").
+const ENTRY_OVERHEAD: usize = 128;
 
-/// The memory the histories of all rooms may hold together. When it is spent, a room makes
-/// room from its own oldest messages; a room with none keeps nothing more.
+/// Bytes counted per room besides its messages: its state, lock, map entry, epoch and
+/// name (measured, README "Security").
+pub const ROOM_COST: usize = 1024;
+
+/// The memory all rooms and their histories may hold together (`room_budget_mb`). When it
+/// is spent, a room makes room from its own oldest messages, a room with none keeps nothing
+/// more, and no new room that would keep history is created (the hub refuses it).
 #[derive(Debug)]
 pub struct HistoryBudget {
     used: AtomicUsize,
@@ -38,6 +44,20 @@ impl HistoryBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Whether one more room fits.
+    pub fn fits_a_room(&self) -> bool {
+        self.fits(ROOM_COST)
+    }
+
+    /// Counts a room until the returned charge is dropped (whether or not it fits: a room
+    /// with members is created anyway, without history, see the hub).
+    pub fn charge_room(self: &Arc<Self>) -> RoomCharge {
+        self.take(ROOM_COST);
+        RoomCharge {
+            budget: self.clone(),
+        }
+    }
+
     fn fits(&self, bytes: usize) -> bool {
         self.used() + bytes <= self.max
     }
@@ -48,6 +68,18 @@ impl HistoryBudget {
 
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A room's share of the budget, given back when the room is forgotten.
+#[derive(Debug)]
+pub struct RoomCharge {
+    budget: Arc<HistoryBudget>,
+}
+
+impl Drop for RoomCharge {
+    fn drop(&mut self) {
+        self.budget.give_back(ROOM_COST);
     }
 }
 

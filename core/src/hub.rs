@@ -25,11 +25,13 @@ use crate::{
     backplane::{
         Backplane, ClusterMessage, ClusterPublish, ClusterUnavailable, Completion, RoomView,
     },
-    history::{History, HistoryBudget, Recovery},
+    history::{History, HistoryBudget, Recovery, RoomCharge},
+    limits::TokenBucket,
     policy::RoomPolicies,
+    presence::{ListingCache, ListingResult, Lookup, PresenceListing},
     protocol::{
-        CloseReason, MemberInfo, MessageFrame, MessageKind, Payload, PresenceEvent, RoomName,
-        ServerFrame,
+        CloseReason, MemberInfo, MessageFrame, MessageKind, Payload, PresenceEvent, ResyncReason,
+        RoomName, ServerFrame,
     },
     session::{Outbound, SessionHandle, SessionId, TransportKind},
 };
@@ -41,12 +43,44 @@ pub struct HubConfig {
     pub node_id: String,
     /// Room policies, first match wins.
     pub rooms: RoomPolicies,
-    /// Bytes the histories of all rooms may hold together.
-    pub history_budget: usize,
+    /// Bytes all rooms and their histories may hold together (`room_budget_mb`).
+    pub room_budget: usize,
+    /// Most members a presence listing names (`max_presence_members`).
+    pub max_presence_members: usize,
+    /// New rooms one user may bring into existence per second, burst twice as many
+    /// (`rooms_per_user_per_sec`); 0: no limit.
+    pub rooms_per_user_per_sec: u32,
 }
 
-/// The default [`HubConfig::history_budget`]: 256 MiB.
-pub const DEFAULT_HISTORY_BUDGET: usize = 256 * 1024 * 1024;
+impl HubConfig {
+    /// A hub of node `node_id` with these room policies and the documented defaults.
+    pub fn new(node_id: impl Into<String>, rooms: RoomPolicies) -> Self {
+        Self {
+            node_id: node_id.into(),
+            rooms,
+            room_budget: DEFAULT_ROOM_BUDGET,
+            max_presence_members: crate::presence::DEFAULT_MAX_PRESENCE_MEMBERS,
+            rooms_per_user_per_sec: DEFAULT_ROOMS_PER_USER_PER_SEC,
+        }
+    }
+}
+
+/// The default [`HubConfig::room_budget`]: 256 MiB.
+pub const DEFAULT_ROOM_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The default [`HubConfig::rooms_per_user_per_sec`].
+pub const DEFAULT_ROOMS_PER_USER_PER_SEC: u32 = 10;
+
+/// Why the hub refused to bring a new room into existence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomRefusal {
+    /// The room budget is spent: no new room that would keep history.
+    #[error("room budget exhausted: no new rooms with history for now")]
+    BudgetSpent,
+    /// The user brought too many new rooms into existence lately.
+    #[error("too many new rooms: at most {0} per second")]
+    TooManyNewRooms(u32),
+}
 
 /// A recovery request: the last sequence number a client saw, and its epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +133,10 @@ struct RoomState {
     /// yet. Messages the channel still carries from before the join were replayed or
     /// reported already: they are not delivered to them again.
     floors: HashMap<SessionId, u64>,
+    /// The presence listing of the members, until they change.
+    listing: Option<Arc<PresenceListing>>,
+    /// The room's share of the room budget.
+    _charge: RoomCharge,
 }
 
 impl RoomState {
@@ -141,7 +179,13 @@ pub struct Hub {
     node: Arc<str>,
     policies: RoomPolicies,
     rooms: DashMap<RoomName, Arc<Room>>,
-    history_budget: Arc<HistoryBudget>,
+    budget: Arc<HistoryBudget>,
+    max_presence_members: usize,
+    rooms_per_user_per_sec: u32,
+    /// Per user: the new rooms they may still bring into existence.
+    room_creators: DashMap<Arc<str>, TokenBucket>,
+    /// Cluster mode: presence listings looked up or being looked up.
+    listings: ListingCache,
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
@@ -232,7 +276,11 @@ impl Hub {
             node: config.node_id.into(),
             policies: config.rooms,
             rooms: DashMap::new(),
-            history_budget: HistoryBudget::new(config.history_budget),
+            budget: HistoryBudget::new(config.room_budget),
+            max_presence_members: config.max_presence_members,
+            rooms_per_user_per_sec: config.rooms_per_user_per_sec,
+            room_creators: DashMap::new(),
+            listings: ListingCache::default(),
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
@@ -324,7 +372,44 @@ impl Hub {
                 }
                 gone
             });
+            if !self.users.contains_key(user) {
+                self.room_creators.remove(user);
+            }
         }
+    }
+
+    /// Whether `user` (`None`: the HTTP API) may bring `room` into existence at `now`, if it
+    /// does not exist on this node: within the user's rate of new rooms, and, for a room
+    /// that would exist only for its history (`for_history`), within the room budget.
+    fn admit_new_room(
+        &self,
+        user: Option<&Arc<str>>,
+        room: &RoomName,
+        for_history: bool,
+        now: Instant,
+    ) -> Result<(), RoomRefusal> {
+        if self.rooms.contains_key(room) {
+            return Ok(());
+        }
+        if for_history && !self.budget.fits_a_room() {
+            return Err(RoomRefusal::BudgetSpent);
+        }
+        let rate = self.rooms_per_user_per_sec;
+        if let (Some(user), true) = (user, rate > 0) {
+            let mut bucket = self
+                .room_creators
+                .entry(user.clone())
+                .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), now));
+            if !bucket.try_take(now) {
+                return Err(RoomRefusal::TooManyNewRooms(rate));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the rooms and their histories are counted for now.
+    pub fn room_budget_used(&self) -> usize {
+        self.budget.used()
     }
 
     /// The state of `room`, created with a new epoch if it does not exist. The shard lock
@@ -333,23 +418,22 @@ impl Hub {
     fn room_entry(&self, room: &RoomName) -> dashmap::mapref::one::RefMut<'_, RoomName, Arc<Room>> {
         self.rooms.entry(room.clone()).or_insert_with(|| {
             let policy = self.policies.for_room(room.as_str());
+            // Beyond the budget a room (created by a join) keeps no history.
+            let keeps_history = policy.history > 0 && self.budget.fits_a_room();
             Arc::new(Room(Mutex::new(RoomState {
                 seq: 0,
                 epoch: self.new_epoch(),
                 presence_events: policy.presence_events,
-                history: (policy.history > 0).then(|| {
-                    History::new(
-                        policy.history,
-                        policy.history_ttl,
-                        self.history_budget.clone(),
-                    )
-                }),
+                history: keeps_history
+                    .then(|| History::new(policy.history, policy.history_ttl, self.budget.clone())),
                 members: IndexMap::new(),
                 users: HashMap::new(),
                 idle_since: None,
                 removed: false,
                 pending: HashMap::new(),
                 floors: HashMap::new(),
+                listing: None,
+                _charge: self.budget.charge_room(),
             })))
         })
     }
@@ -361,7 +445,13 @@ impl Hub {
     ///
     /// In cluster mode the member waits (its live frames are held back) until the cluster
     /// has made this node hear the room and reported it; then the reply, the missed
-    /// messages and the held frames newer than them are queued, and `None` is returned now.
+    /// messages and the held frames newer than them are queued, and `Ok(None)` is returned
+    /// now.
+    ///
+    /// The missed messages are replayed only if they fit the session's queue and no other
+    /// replay of the session is still queued; else the reply says `recovered: false`.
+    /// A join that would bring the room into existence counts against the user's rate of
+    /// new rooms; refused, nothing is queued and `reply` is not called.
     pub fn join(
         &self,
         handle: &SessionHandle,
@@ -369,7 +459,8 @@ impl Hub {
         since: Option<Since<'_>>,
         now: Instant,
         reply: JoinReply,
-    ) -> Option<JoinOutcome> {
+    ) -> Result<Option<JoinOutcome>, RoomRefusal> {
+        self.admit_new_room(handle.user(), room, false, now)?;
         let user = handle.user().cloned().unwrap_or_else(|| "".into());
         // The map's shard guard is released before waiting for the room's lock: a fan-out
         // holding this room must not stall every other room of the shard. A removal in
@@ -380,7 +471,7 @@ impl Hub {
             if state.removed {
                 continue;
             }
-            return self.join_locked(room, &room_ref, state, handle, user, since, now, reply);
+            return Ok(self.join_locked(room, &room_ref, state, handle, user, since, now, reply));
         }
     }
 
@@ -399,6 +490,9 @@ impl Hub {
     ) -> Option<JoinOutcome> {
         let added = state.members.insert(handle.id(), handle.clone()).is_none();
         state.idle_since = None;
+        if added {
+            state.listing = None;
+        }
         let cluster = self.backplane.cluster();
         let token = self.join_tokens.fetch_add(1, Ordering::Relaxed);
         if added && cluster.is_some() {
@@ -422,8 +516,12 @@ impl Hub {
         if let Some(cluster) = cluster {
             drop(state);
             if added {
-                let since = since.map(|s| (s.seq, s.epoch.to_owned()));
+                self.listings.invalidate(room);
                 let wants_recovery = since.is_some();
+                // A replay still queued refuses another: the store is not read for nothing.
+                let since = since
+                    .filter(|_| !handle.replay_pending())
+                    .map(|s| (s.seq, s.epoch.to_owned()));
                 let (me, room2, member) = (self.me.clone(), room.clone(), handle.clone());
                 cluster.open_room(
                     room,
@@ -461,15 +559,26 @@ impl Hub {
             },
             _ => Recovery::Gap,
         };
-        let outcome = JoinOutcome {
+        let mut outcome = JoinOutcome {
             seq: latest,
             epoch,
             members: state.members.len(),
-            recovered: since.map(|_| matches!(replay, Recovery::Complete(_))),
+            recovered: None,
         };
-        handle.send(reply(Ok(&outcome)));
-        if let Recovery::Complete(frames) = replay {
-            handle.send_replay(frames);
+        match (since, replay) {
+            (Some(_), Recovery::Complete(frames)) => {
+                let (_, replayed) = handle.send_with_replay(&frames, |fits| {
+                    reply(Ok(&JoinOutcome {
+                        recovered: Some(fits),
+                        ..outcome.clone()
+                    }))
+                });
+                outcome.recovered = Some(replayed);
+            }
+            (since, _) => {
+                outcome.recovered = since.map(|_| false);
+                handle.send(reply(Ok(&outcome)));
+            }
         }
         Some(outcome)
     }
@@ -500,28 +609,39 @@ impl Hub {
             Ok(view) => {
                 // Members whose joins completed are in the epoch they were told; a view in
                 // another one means the room restarted in the cluster meanwhile: their
-                // sequence cannot continue, they are sent to rejoin.
-                let stale: Vec<SessionHandle> = if *state.epoch != *view.epoch {
-                    established(&state)
+                // sequence cannot continue, they are told so (`resync`) and stay.
+                if *state.epoch != *view.epoch {
+                    let others: Vec<SessionHandle> = established(&state)
                         .filter(|m| m.id() != handle.id())
                         .cloned()
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                        .collect();
+                    resync(&mut state, room, &others, &view.epoch, view.seq);
+                }
                 state.seq = state.seq.max(view.seq);
                 state.epoch = view.epoch.clone();
                 let outcome = JoinOutcome {
                     seq: view.seq,
                     epoch: view.epoch,
                     members: view.members.max(state.members.len()),
-                    recovered: wants_recovery.then_some(view.missed.is_some()),
+                    recovered: None,
                 };
-                handle.send(reply(Ok(&outcome)));
-                if let Some(missed) = &view.missed {
-                    let frames: Vec<Outbound> =
-                        missed.iter().map(|m| self.encode(room, m, false)).collect();
-                    handle.send_replay(&frames);
+                match (wants_recovery, &view.missed) {
+                    (true, Some(missed)) => {
+                        let frames: Vec<Outbound> =
+                            missed.iter().map(|m| self.encode(room, m, false)).collect();
+                        handle.send_with_replay(&frames, |fits| {
+                            reply(Ok(&JoinOutcome {
+                                recovered: Some(fits),
+                                ..outcome
+                            }))
+                        });
+                    }
+                    (wants_recovery, _) => {
+                        handle.send(reply(Ok(&JoinOutcome {
+                            recovered: wants_recovery.then_some(false),
+                            ..outcome
+                        })));
+                    }
                 }
                 let mut newer = false;
                 for (seq, frame) in held {
@@ -533,8 +653,6 @@ impl Hub {
                 if !newer && view.seq > 0 {
                     state.floors.insert(handle.id(), view.seq);
                 }
-                drop(state);
-                self.send_to_rejoin(stale);
             }
             Err(e) => {
                 drop(state);
@@ -568,10 +686,10 @@ impl Hub {
     /// Cluster mode, after this node's subscription was down: `view` is the cluster's view
     /// of `room` from the position [`positions`](Self::positions) gave. The messages this
     /// node missed are delivered as live ones; when they cannot be (the room is in another
-    /// epoch, or its history no longer holds them all) every member here gets `reconnect`
-    /// and close 1001, so its client rejoins with `since` and recovers what the history
-    /// holds or resynchronises: a member never silently skips messages. Returns the last
-    /// sequence number accounted for (channel messages up to it are not delivered again).
+    /// epoch, or its history no longer holds them all) every member here gets `resync`
+    /// (reason `continuity`, the room's epoch and latest sequence number) and stays: a
+    /// member never silently skips messages. Returns the last sequence number accounted for
+    /// (channel messages up to it are not delivered again).
     pub fn catch_up(&self, room: &RoomName, from: (u64, &str), view: RoomView) -> u64 {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return view.seq;
@@ -592,61 +710,39 @@ impl Hub {
                 }
             }
             _ => {
-                let members: Vec<SessionHandle> = {
-                    let mut state = room_ref.lock();
-                    state.epoch = view.epoch.clone();
-                    state.seq = view.seq;
-                    established(&state).cloned().collect()
-                };
-                self.send_to_rejoin(members);
+                let mut state = room_ref.lock();
+                let members: Vec<SessionHandle> = established(&state).cloned().collect();
+                resync(&mut state, room, &members, &view.epoch, view.seq);
+                state.epoch = view.epoch.clone();
+                state.seq = view.seq;
             }
         }
         view.seq
     }
 
-    /// Sends `members` to rejoin: `reconnect` (within a second), then close 1001.
-    fn send_to_rejoin(&self, members: Vec<SessionHandle>) {
-        const REASON: &str = "room continuity lost: rejoin to recover";
-        for member in members {
-            let frame = ServerFrame::Reconnect {
-                after_ms: self.random_u64() % 1000,
-                reason: REASON,
-                url: None,
-            }
-            .to_outbound();
-            member.offer(frame);
-            member.close(CloseReason::new(
-                crate::protocol::CloseCode::GoingAway,
-                REASON,
-            ));
-        }
-    }
-
     /// Cluster mode: as [`deliver`](Self::deliver), for a message of the room's `epoch`.
     /// A message of another epoch than this node's members are in (the room restarted in
     /// the cluster, e.g. after a Redis failover lost its state) cannot continue their
-    /// sequence: they are sent to rejoin (`reconnect`, 1001) and recover or resynchronise.
-    /// While every member's join waits for the cluster the epoch is not known yet and is
-    /// not checked.
+    /// sequence: they get `resync` (the new epoch, the sequence number before this
+    /// message), stay members, and get the message. While every member's join waits for
+    /// the cluster the epoch is not known yet and is not checked.
     pub fn deliver_in_epoch(&self, room: &RoomName, message: &ClusterMessage, epoch: &str) {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
-        let members = {
+        {
             let mut state = room_ref.lock();
-            if *state.epoch == *epoch || established(&state).next().is_none() {
-                None
-            } else {
-                state.epoch = epoch.into();
-                state.seq = message.seq.unwrap_or(0);
+            if *state.epoch != *epoch && established(&state).next().is_some() {
+                let before = message.seq.unwrap_or(1).saturating_sub(1);
+                let epoch: Arc<str> = epoch.into();
                 state.floors.clear();
-                Some(established(&state).cloned().collect::<Vec<_>>())
+                let members: Vec<SessionHandle> = established(&state).cloned().collect();
+                resync(&mut state, room, &members, &epoch, before);
+                state.epoch = epoch;
+                state.seq = before;
             }
-        };
-        match members {
-            None => self.deliver_to(room, &room_ref, message, false),
-            Some(members) => self.send_to_rejoin(members),
         }
+        self.deliver_to(room, &room_ref, message, false);
     }
 
     /// Cluster mode: a room message the cluster ordered, for this node's members of the
@@ -734,6 +830,54 @@ impl Hub {
         }
     }
 
+    /// The presence listing of `room` (at most `max_presence_members` named): built once
+    /// per change of the room's members on a single node; in cluster mode, one lookup
+    /// serves every session that asks while it runs and for [`LISTING_TTL`] after.
+    ///
+    /// [`LISTING_TTL`]: crate::presence::LISTING_TTL
+    pub fn presence_then(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) {
+        let max = self.max_presence_members;
+        let Some(cluster) = self.backplane.cluster() else {
+            done(Ok(self.local_listing(room)));
+            return;
+        };
+        if let Lookup::Start = self.listings.lookup(room, now, done) {
+            let (me, room2) = (self.me.clone(), room.clone());
+            cluster.members(
+                room,
+                Box::new(move |members| {
+                    let Some(hub) = me.upgrade() else { return };
+                    let listing = members.map(|m| Arc::new(PresenceListing::new(&m, m.len(), max)));
+                    hub.listings.complete(&room2, now, listing);
+                }),
+            );
+        }
+    }
+
+    /// A single node's listing of `room`, kept in the room until its members change.
+    fn local_listing(&self, room: &RoomName) -> Arc<PresenceListing> {
+        let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
+            return Arc::new(PresenceListing::empty());
+        };
+        let mut state = room_ref.lock();
+        if let Some(listing) = &state.listing {
+            return listing.clone();
+        }
+        let members: Vec<MemberInfo> = state
+            .members
+            .values()
+            .take(self.max_presence_members)
+            .map(|s| self.member_info(s))
+            .collect();
+        let listing = Arc::new(PresenceListing::new(
+            &members,
+            state.members.len(),
+            self.max_presence_members,
+        ));
+        state.listing = Some(listing.clone());
+        listing
+    }
+
     fn member_info(&self, s: &SessionHandle) -> MemberInfo {
         MemberInfo {
             user: s.user().map(|u| u.to_string()).unwrap_or_default(),
@@ -775,6 +919,11 @@ impl Hub {
     /// Publishes as [`publish`](Self::publish) does on a single node, or through the
     /// cluster, which orders and delivers it; `done` gets the sequence number or why the
     /// cluster could not take it.
+    ///
+    /// A publish that would bring a room into existence (on a single node: a room that
+    /// keeps history, for those who recover; in cluster mode: any room this node has no
+    /// member of, since the cluster keeps its state) counts against the user's rate of new
+    /// rooms, and on a single node needs room in the budget. Refused, `done` is not called.
     #[allow(clippy::too_many_arguments)]
     pub fn publish_then(
         &self,
@@ -785,7 +934,14 @@ impl Hub {
         exclude: Option<SessionId>,
         now: Instant,
         done: Completion<Result<Option<u64>, ClusterUnavailable>>,
-    ) {
+    ) -> Result<(), RoomRefusal> {
+        if !volatile {
+            let cluster = self.backplane.cluster().is_some();
+            let for_history = !cluster && self.policies.for_room(room.as_str()).history > 0;
+            if cluster || for_history {
+                self.admit_new_room(from, room, for_history, now)?;
+            }
+        }
         match self.backplane.cluster() {
             Some(cluster) => cluster.publish(
                 ClusterPublish {
@@ -806,6 +962,7 @@ impl Hub {
                 now,
             ))),
         }
+        Ok(())
     }
 
     /// Sends as [`send_to_user`](Self::send_to_user) does on a single node, or through the
@@ -835,6 +992,7 @@ impl Hub {
             if state.members.swap_remove(&handle.id()).is_none() {
                 return false;
             }
+            state.listing = None;
             state.pending.remove(&handle.id());
             state.floors.remove(&handle.id());
             let user = handle.user().cloned().unwrap_or_else(|| "".into());
@@ -849,6 +1007,7 @@ impl Hub {
                 }
             };
             if let Some(cluster) = cluster {
+                self.listings.invalidate(room);
                 cluster.exit(room, self.member_info(handle), state.presence_events);
             } else if last && state.presence_events {
                 let frame = presence_frame(room, PresenceEvent::Leave, &user);
@@ -913,7 +1072,10 @@ impl Hub {
         // set under the lock, sends the publish to the room that replaces it.
         let room_ref = match self.rooms.get(room) {
             Some(entry) => Some(entry.value().clone()),
-            None if !volatile && self.policies.for_room(room.as_str()).history > 0 => {
+            None if !volatile
+                && self.policies.for_room(room.as_str()).history > 0
+                && self.budget.fits_a_room() =>
+            {
                 // Nobody is here, but the message is kept for those who recover.
                 Some(self.room_entry(room).value().clone())
             }
@@ -1010,6 +1172,28 @@ impl Hub {
     }
 }
 
+/// Tells `members` that `room` continues in `epoch` after `seq` (`resync`, reason
+/// `continuity`); messages up to `seq` the channel still brings are not delivered to them.
+fn resync(
+    state: &mut RoomState,
+    room: &RoomName,
+    members: &[SessionHandle],
+    epoch: &str,
+    seq: u64,
+) {
+    let frame = ServerFrame::Resync {
+        room: room.as_str(),
+        epoch,
+        seq,
+        reason: ResyncReason::Continuity,
+    }
+    .to_outbound();
+    for member in members {
+        member.send(frame.clone());
+        state.floors.insert(member.id(), seq);
+    }
+}
+
 /// The members of a room whose joins completed (not waiting for the cluster).
 fn established(state: &RoomState) -> impl Iterator<Item = &SessionHandle> {
     state
@@ -1077,9 +1261,8 @@ mod tests {
     fn hub_with(rooms: RoomPolicies) -> Arc<Hub> {
         Hub::new(
             HubConfig {
-                node_id: "n1".into(),
-                rooms,
-                history_budget: DEFAULT_HISTORY_BUDGET,
+                rooms_per_user_per_sec: 0,
+                ..HubConfig::new("n1", rooms)
             },
             Arc::new(LocalBackplane),
             StdRng::seed_from_u64(1),
@@ -1104,6 +1287,7 @@ mod tests {
 
     fn join(hub: &Hub, h: &SessionHandle, room: &RoomName) -> JoinOutcome {
         hub.join(h, room, None, Instant::now(), Box::new(ack_frame))
+            .expect("within the rate of new rooms")
             .expect("a single node answers at once")
     }
 
@@ -1116,7 +1300,7 @@ mod tests {
             hub.new_session_id(),
             TransportKind::WebSocket,
             "/chat".into(),
-            64,
+            crate::session::QueueLimits::frames(64),
         );
         h.set_user(user.into());
         hub.open_session(&h);
@@ -1164,11 +1348,7 @@ mod tests {
         let (sb, _rb) = session(&b, "u");
         assert_eq!(join(&a, &sa, &room).epoch, join(&b, &sb, &room).epoch);
         let other = Hub::new(
-            HubConfig {
-                node_id: "n1".into(),
-                rooms: RoomPolicies::default(),
-                history_budget: DEFAULT_HISTORY_BUDGET,
-            },
+            HubConfig::new("n1", RoomPolicies::default()),
             Arc::new(LocalBackplane),
             StdRng::seed_from_u64(2),
         );
@@ -1345,6 +1525,7 @@ mod tests {
             Instant::now(),
             Box::new(ack_frame),
         )
+        .expect("within the rate of new rooms")
         .expect("a single node answers at once")
     }
 
@@ -1493,7 +1674,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_larger_than_the_queue_does_not_close_the_session() {
+    fn a_replay_that_does_not_fit_the_queue_is_not_recovered_and_nothing_piles_up() {
         let hub = hub_with_history(200);
         let room = RoomName::new("r").unwrap();
         let (a, arx) = session(&hub, "a"); // queue of 64 frames
@@ -1504,19 +1685,34 @@ mod tests {
         for _ in 0..150 {
             publish(&hub, &room, "0");
         }
-        assert_eq!(recover(&hub, &a, &room, 1, &epoch).recovered, Some(true));
+        assert_eq!(recover(&hub, &a, &room, 1, &epoch).recovered, Some(false));
         assert!(!a.is_closed());
-        assert_eq!(
-            drain_all(&arx).len(),
-            1 + 150,
-            "the ack and every missed message"
-        );
+        assert_eq!(drain_all(&arx).len(), 1, "the ack alone");
+        // Within the queue, the replay is taken...
+        hub.leave(&a, &room);
+        assert_eq!(recover(&hub, &a, &room, 140, &epoch).recovered, Some(true));
+        // ...and while it is queued, another is not: joining and leaving in a loop
+        // without reading piles up acks only, until the queue's bound closes the session.
+        let mut replays = 0;
+        for _ in 0..100 {
+            hub.leave(&a, &room);
+            if recover(&hub, &a, &room, 140, &epoch).recovered == Some(true) {
+                replays += 1;
+            }
+        }
+        assert_eq!(replays, 0, "one replay at a time");
+        assert!(a.is_closed(), "acks count against the queue too");
+        assert!(a.queued() <= 64);
+        drop(arx);
     }
+
+    type MembersDone = Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>;
 
     /// A cluster whose room views the test hands out by hand.
     #[derive(Default)]
     struct ScriptedCluster {
         views: std::sync::Mutex<Vec<Completion<Result<RoomView, ClusterUnavailable>>>>,
+        lookups: std::sync::Mutex<Vec<MembersDone>>,
     }
 
     impl Backplane for ScriptedCluster {
@@ -1553,8 +1749,9 @@ mod tests {
         fn members(
             &self,
             _: &RoomName,
-            _: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+            done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
         ) {
+            self.lookups.lock().unwrap().push(done);
         }
         fn send_user(
             &self,
@@ -1584,11 +1781,7 @@ mod tests {
     fn a_message_the_channel_brings_after_the_view_that_covered_it_is_not_delivered_twice() {
         let cluster = Arc::new(ScriptedCluster::default());
         let hub = Hub::new(
-            HubConfig {
-                node_id: "n1".into(),
-                rooms: RoomPolicies::default(),
-                history_budget: DEFAULT_HISTORY_BUDGET,
-            },
+            HubConfig::new("n1", RoomPolicies::default()),
             cluster.clone(),
             StdRng::seed_from_u64(1),
         );
@@ -1597,7 +1790,7 @@ mod tests {
         let (late, late_rx) = session(&hub, "late");
         let reply: JoinReply =
             Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
-        hub.join(&live, &room, None, Instant::now(), reply);
+        hub.join(&live, &room, None, Instant::now(), reply).unwrap();
         let view = |seq: u64, missed: Option<Vec<ClusterMessage>>| RoomView {
             seq,
             epoch: "e".into(),
@@ -1617,7 +1810,8 @@ mod tests {
             Some(Since { seq: 0, epoch: "e" }),
             Instant::now(),
             reply,
-        );
+        )
+        .unwrap();
         let done = cluster.views.lock().unwrap().pop().unwrap();
         done(Ok(view(
             2,
@@ -1649,11 +1843,7 @@ mod tests {
     ) {
         let cluster = Arc::new(ScriptedCluster::default());
         let hub = Hub::new(
-            HubConfig {
-                node_id: "n1".into(),
-                rooms: RoomPolicies::default(),
-                history_budget: DEFAULT_HISTORY_BUDGET,
-            },
+            HubConfig::new("n1", RoomPolicies::default()),
             cluster.clone(),
             StdRng::seed_from_u64(1),
         );
@@ -1661,7 +1851,7 @@ mod tests {
         let (live, rx) = session(&hub, "live");
         let reply: JoinReply =
             Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
-        hub.join(&live, &room, None, Instant::now(), reply);
+        hub.join(&live, &room, None, Instant::now(), reply).unwrap();
         let done = cluster.views.lock().unwrap().pop().unwrap();
         done(Ok(RoomView {
             seq: 2,
@@ -1693,26 +1883,30 @@ mod tests {
     }
 
     #[test]
-    fn a_message_of_another_epoch_sends_the_members_to_rejoin() {
-        let (hub, _cluster, room, _live, rx) = clustered_member();
+    fn a_message_of_another_epoch_resyncs_the_members_who_stay() {
+        let (hub, _cluster, room, live, rx) = clustered_member();
         hub.deliver_in_epoch(&room, &cluster_message(3), "e");
-        hub.deliver_in_epoch(&room, &cluster_message(1), "e2");
+        hub.deliver_in_epoch(&room, &cluster_message(5), "e2");
+        hub.deliver_in_epoch(&room, &cluster_message(6), "e2");
         let (frames, closed) = frames_and_close(&rx);
-        let types: Vec<&str> = frames.iter().filter_map(|f| f["type"].as_str()).collect();
-        assert_eq!(types, ["ack", "message", "reconnect"], "{frames:?}");
-        assert_eq!(frames[1]["seq"], 3);
+        assert_eq!(closed, None, "the session stays open");
+        assert!(hub.is_member(&live, &room), "and a member");
         assert_eq!(
-            closed.map(|r| (r.code, r.reason)),
-            Some((
-                crate::protocol::CloseCode::GoingAway,
-                "room continuity lost: rejoin to recover".to_owned()
-            ))
+            &frames[1..],
+            &[
+                json!({"type": "message", "room": "r", "seq": 3, "data": 3}),
+                json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 4, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 5, "data": 5}),
+                json!({"type": "message", "room": "r", "seq": 6, "data": 6}),
+            ],
+            "{frames:?}"
         );
+        assert_eq!(hub.positions(), vec![(room.clone(), 6, Arc::from("e2"))]);
     }
 
     #[test]
-    fn catching_up_delivers_what_was_missed_or_sends_the_members_to_rejoin() {
-        let (hub, _cluster, room, _live, rx) = clustered_member();
+    fn catching_up_delivers_what_was_missed_or_resyncs() {
+        let (hub, _cluster, room, live, rx) = clustered_member();
         assert_eq!(hub.positions(), vec![(room.clone(), 2, Arc::from("e"))]);
         // Missed 3 and 4 while the subscription was down; the history holds them.
         let upto = hub.catch_up(
@@ -1730,22 +1924,209 @@ mod tests {
         let seqs: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();
         assert_eq!((seqs, closed), (vec![3, 4], None), "{frames:?}");
         // Later the room restarted (another epoch): nothing can be delivered in order.
-        hub.catch_up(
+        let upto = hub.catch_up(
             &room,
             (4, "e"),
             RoomView {
-                seq: 1,
+                seq: 7,
                 epoch: "e2".into(),
                 missed: None,
                 members: 1,
             },
         );
+        assert_eq!(upto, 7);
+        hub.deliver_in_epoch(&room, &cluster_message(7), "e2");
+        hub.deliver_in_epoch(&room, &cluster_message(8), "e2");
         let (frames, closed) = frames_and_close(&rx);
+        assert_eq!(closed, None);
+        assert!(hub.is_member(&live, &room));
         assert_eq!(
-            frames.last().map(|f| f["type"].clone()),
-            Some(json!("reconnect"))
+            frames,
+            [
+                json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 7, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 8, "data": 8}),
+            ]
         );
-        assert!(closed.is_some());
+    }
+
+    #[test]
+    fn sessions_asking_for_a_big_rooms_listing_together_cost_one_lookup() {
+        let (hub, cluster, room, _live, _rx) = clustered_member();
+        let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        for _ in 0..24 {
+            let answers = answers.clone();
+            hub.presence_then(
+                &room,
+                t0,
+                Box::new(move |l| answers.lock().unwrap().push(l.unwrap())),
+            );
+        }
+        let lookups = std::mem::take(&mut *cluster.lookups.lock().unwrap());
+        assert_eq!(lookups.len(), 1, "one lookup for 24 sessions");
+        let members: Vec<MemberInfo> = (0..2000)
+            .map(|i| MemberInfo {
+                user: format!("user-{i}"),
+                session: format!("{i:016x}"),
+                transport: "websocket".into(),
+                node: Some("n2".into()),
+            })
+            .collect();
+        lookups.into_iter().next().unwrap()(Ok(members));
+        let answers = answers.lock().unwrap();
+        assert_eq!(answers.len(), 24);
+        assert!(
+            answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])),
+            "shared"
+        );
+        let ack = match answers[0].ack(None, "r") {
+            Outbound::Text(b) => serde_json::from_slice::<Value>(&b).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ack["count"], 2000);
+        assert_eq!(ack["truncated"], true);
+        assert_eq!(ack["members"].as_array().unwrap().len(), 1000);
+        // Asked again within the listing's lifetime: no lookup.
+        hub.presence_then(&room, t0, Box::new(|l| assert!(l.is_ok())));
+        assert!(cluster.lookups.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_single_nodes_listing_is_cut_and_built_once_per_change() {
+        let hub = Hub::new(
+            HubConfig {
+                max_presence_members: 3,
+                ..HubConfig::new("n1", RoomPolicies::default())
+            },
+            Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(1),
+        );
+        let room = RoomName::new("r").unwrap();
+        let mut sessions = Vec::new();
+        for i in 0..5 {
+            let (h, rx) = session(&hub, &format!("u{i}"));
+            join(&hub, &h, &room);
+            sessions.push((h, rx));
+        }
+        let listing = |hub: &Hub| {
+            let got = Arc::new(std::sync::Mutex::new(None));
+            let slot = got.clone();
+            hub.presence_then(
+                &room,
+                Instant::now(),
+                Box::new(move |l| *slot.lock().unwrap() = Some(l.unwrap())),
+            );
+            let l = got.lock().unwrap().take().unwrap();
+            l
+        };
+        let first = listing(&hub);
+        assert_eq!((first.count(), first.truncated()), (5, true));
+        assert!(
+            Arc::ptr_eq(&first, &listing(&hub)),
+            "kept until the members change"
+        );
+        hub.leave(&sessions[0].0, &room);
+        let after = listing(&hub);
+        assert_eq!(after.count(), 4);
+        assert!(!Arc::ptr_eq(&first, &after));
+    }
+
+    #[test]
+    fn new_rooms_are_rate_limited_per_user_and_bounded_by_the_budget() {
+        let policies = RoomPolicies(vec![crate::policy::RoomPolicy {
+            history: 10,
+            ..crate::policy::RoomPolicy::fallback()
+        }]);
+        let hub = Hub::new(
+            HubConfig {
+                rooms_per_user_per_sec: 2,
+                room_budget: 10 * crate::history::ROOM_COST,
+                ..HubConfig::new("n1", policies)
+            },
+            Arc::new(LocalBackplane),
+            StdRng::seed_from_u64(1),
+        );
+        let t0 = Instant::now();
+        let alice: Arc<str> = "alice".into();
+        let (a, _arx) = session(&hub, "alice");
+        let publish_new = |n: usize, at: Instant| {
+            hub.publish_then(
+                &RoomName::new(&format!("p{n}")).unwrap(),
+                Some(&alice),
+                &json_data("1"),
+                false,
+                None,
+                at,
+                Box::new(|r| assert!(r.is_ok())),
+            )
+        };
+        // A burst of twice the rate, then one per half second.
+        assert!((0..4).all(|n| publish_new(n, t0).is_ok()));
+        assert_eq!(publish_new(4, t0), Err(RoomRefusal::TooManyNewRooms(2)));
+        assert_eq!(hub.room_count(), 4, "the refused room was not created");
+        // An existing room costs nothing.
+        assert!(publish_new(0, t0).is_ok());
+        let later = t0 + Duration::from_millis(500);
+        assert!(publish_new(4, later).is_ok());
+        let join_at = |n: usize, at: Instant| {
+            hub.join(
+                &a,
+                &RoomName::new(&format!("j{n}")).unwrap(),
+                None,
+                at,
+                Box::new(ack_frame),
+            )
+        };
+        assert_eq!(
+            join_at(0, later).unwrap_err(),
+            RoomRefusal::TooManyNewRooms(2),
+            "joins count too"
+        );
+        // Other users have rates of their own; the API (no user) has none, but the budget
+        // bounds everyone: 10 rooms.
+        let t1 = t0 + Duration::from_secs(60);
+        let mut n = 5;
+        while publish_new(n, t1 + Duration::from_secs(n as u64)).is_ok() {
+            n += 1;
+            assert!(n < 20, "the budget ends it");
+        }
+        // Each room costs ROOM_COST and its message what it holds.
+        assert!((8..10).contains(&n), "{n} rooms fit the budget");
+        assert_eq!(
+            publish_new(n, t1 + Duration::from_secs(n as u64)),
+            Err(RoomRefusal::BudgetSpent)
+        );
+        assert_eq!(hub.room_count(), n);
+        let spent = hub.publish_then(
+            &RoomName::new("p-new").unwrap(),
+            None,
+            &json_data("1"),
+            false,
+            None,
+            t1,
+            Box::new(|_| panic!("not published")),
+        );
+        assert_eq!(spent, Err(RoomRefusal::BudgetSpent));
+        assert_eq!(hub.room_count(), n, "no state kept for it");
+        // A join still opens a room (its members are bounded by the sessions), without
+        // history: recovery reports a gap.
+        let late = t1 + Duration::from_secs(60);
+        assert!(join_at(1, late).unwrap().is_some());
+        let kept = hub.publish(
+            &RoomName::new("j1").unwrap(),
+            None,
+            &json_data("1"),
+            false,
+            None,
+            late,
+        );
+        assert_eq!(kept, Some(1));
+        hub.leave(&a, &RoomName::new("j1").unwrap());
+        assert_eq!(
+            hub.room_count(),
+            n,
+            "a room without history goes with its last member"
+        );
     }
 
     #[test]

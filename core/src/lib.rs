@@ -19,6 +19,7 @@ pub mod limits;
 pub mod liveness;
 pub mod pattern;
 pub mod policy;
+pub mod presence;
 pub mod protocol;
 pub mod session;
 pub mod tickets;

@@ -33,6 +33,9 @@ pub struct EndpointPolicy {
     pub max_rooms: usize,
     /// Outbound frames buffered per session before it is a slow consumer.
     pub queue_capacity: usize,
+    /// Outbound bytes buffered per session before it is a slow consumer (replays, presence
+    /// listings and acks included).
+    pub queue_bytes: usize,
     /// Inbound frames per second per session (token bucket refill).
     pub rate_per_sec: u32,
     /// Token bucket size.
@@ -57,6 +60,7 @@ impl EndpointPolicy {
             max_message_bytes: 65536,
             max_rooms: 128,
             queue_capacity: 1024,
+            queue_bytes: 1024 * 1024,
             rate_per_sec: 100,
             rate_burst: 200,
             heartbeat: Duration::from_secs(25),

@@ -78,44 +78,69 @@ pub enum Delivery {
     Dropped,
 }
 
-struct Queue {
-    frames: VecDeque<Outbound>,
-    close: Option<CloseReason>,
-    /// Frames of history replays still queued: they occupy the queue without counting
-    /// against its capacity, so a replay larger than the queue does not make the session a
-    /// slow consumer, while live frames still get exactly the configured room on top.
-    replay_credit: usize,
-    /// Where the queued replays are, front to back, so that draining frames queued ahead of
-    /// a replay frees capacity and draining replayed frames spends credit.
-    replays: VecDeque<ReplaySpan>,
+/// The bounds of a session's outbound queue: everything queued for the session (live
+/// messages, replays, acks, presence listings) counts against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Frames queued at most.
+    pub frames: usize,
+    /// Bytes of queued frames at most. A frame arriving in an empty queue is always taken,
+    /// so one frame larger than this does not close the session: the queue holds at most
+    /// `bytes` plus one frame.
+    pub bytes: usize,
 }
 
-/// A replay in the queue: `ahead` other frames, then `len` replayed ones.
-#[derive(Debug, Clone, Copy)]
-struct ReplaySpan {
-    ahead: usize,
-    len: usize,
+impl QueueLimits {
+    /// The documented defaults (CONFIG.md `queue_capacity`, `queue_bytes`).
+    pub const DEFAULT: QueueLimits = QueueLimits {
+        frames: 1024,
+        bytes: 1024 * 1024,
+    };
+
+    /// A bound of `frames` frames and the default bytes.
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            ..Self::DEFAULT
+        }
+    }
+}
+
+impl Outbound {
+    /// Bytes this frame holds on the wire (its payload).
+    pub fn len(&self) -> usize {
+        match self {
+            Outbound::Text(b) | Outbound::Binary(b) | Outbound::Volatile(b) => b.len(),
+            Outbound::Ping => 0,
+        }
+    }
+
+    /// Whether the frame carries no bytes (a ping).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Queue {
+    frames: VecDeque<Outbound>,
+    /// Bytes of `frames`.
+    bytes: usize,
+    close: Option<CloseReason>,
+    /// Frames still to drain until the last queued history replay is written: while it is
+    /// non-zero, another replay is refused (one replay per session at a time).
+    replay_pending: usize,
 }
 
 impl Queue {
-    /// Accounts for `n` frames taken from the front.
-    fn drained(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(span) = self.replays.front_mut() else {
-                return;
-            };
-            let ahead = n.min(span.ahead);
-            span.ahead -= ahead;
-            n -= ahead;
-            let replayed = n.min(span.len);
-            span.len -= replayed;
-            n -= replayed;
-            self.replay_credit -= replayed;
-            if span.ahead > 0 || span.len > 0 {
-                return;
-            }
-            self.replays.pop_front();
-        }
+    /// Whether a frame of `len` bytes fits beside what is queued.
+    fn fits(&self, limits: QueueLimits, frames: usize, len: usize) -> bool {
+        self.frames.len() + frames <= limits.frames
+            && (self.frames.is_empty() || self.bytes + len <= limits.bytes)
+    }
+
+    fn push(&mut self, frame: Outbound) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
     }
 }
 
@@ -125,7 +150,7 @@ struct Shared {
     transport: TransportKind,
     endpoint: Arc<str>,
     user: OnceLock<Arc<str>>,
-    capacity: usize,
+    limits: QueueLimits,
     queue: Mutex<Queue>,
     /// Wakes the writer task: a frame arrived in an empty queue (without a doorbell), the
     /// session closed, or the doorbell's owner handed the writing back to it.
@@ -163,12 +188,12 @@ pub enum Batch {
 }
 
 impl SessionHandle {
-    /// A new session `id` with an outbound queue of `capacity` frames.
+    /// A new session `id` with an outbound queue bounded by `limits`.
     pub fn new(
         id: SessionId,
         transport: TransportKind,
         endpoint: Arc<str>,
-        capacity: usize,
+        limits: QueueLimits,
     ) -> (SessionHandle, OutboxReceiver) {
         let shared = Arc::new(Shared {
             id,
@@ -176,12 +201,15 @@ impl SessionHandle {
             transport,
             endpoint,
             user: OnceLock::new(),
-            capacity: capacity.max(1),
+            limits: QueueLimits {
+                frames: limits.frames.max(1),
+                bytes: limits.bytes.max(1),
+            },
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
+                bytes: 0,
                 close: None,
-                replay_credit: 0,
-                replays: VecDeque::new(),
+                replay_pending: 0,
             }),
             writer: Notify::new(),
             doorbell: OnceLock::new(),
@@ -239,28 +267,56 @@ impl SessionHandle {
         self.push(frame, true)
     }
 
-    /// Queues a history replay (bounded by the room's history) whatever the queue holds:
-    /// its frames take their place in the queue but not its capacity (see `Queue`).
-    pub fn send_replay<'a>(&self, frames: impl IntoIterator<Item = &'a Outbound>) -> Delivery {
+    /// Queues the reply to a recovering join and, when they fit, the replayed `frames`
+    /// after it, under one lock so that nothing is queued between them. The replay is taken
+    /// only when the reply and every replayed frame fit the queue's bounds beside what it
+    /// holds, and no earlier replay is still queued (one replay per session at a time);
+    /// `reply` is told whether it was, and its frame is queued either way (as
+    /// [`send`](Self::send) would). Returns what happened to the reply and whether the
+    /// replay was queued.
+    pub fn send_with_replay<F>(
+        &self,
+        frames: &[F],
+        reply: impl FnOnce(bool) -> Outbound,
+    ) -> (Delivery, bool)
+    where
+        F: std::borrow::Borrow<Outbound>,
+    {
         let mut q = self.lock();
         if q.close.is_some() {
-            return Delivery::Closed;
+            return (Delivery::Closed, false);
+        }
+        let replay_bytes: usize = frames.iter().map(|f| f.borrow().len()).sum();
+        // Sized with a placeholder reply: acks of either outcome differ by a few bytes.
+        let replay = q.replay_pending == 0
+            && q.frames.len() + 1 + frames.len() <= self.0.limits.frames
+            && q.bytes + replay_bytes + REPLY_ALLOWANCE <= self.0.limits.bytes;
+        let reply = reply(replay);
+        if !q.fits(self.0.limits, 1, reply.len()) {
+            drop(q);
+            self.overflow();
+            return (Delivery::Overflow, false);
         }
         let was_empty = q.frames.is_empty();
-        let before = q.frames.len();
-        q.frames.extend(frames.into_iter().cloned());
-        let added = q.frames.len() - before;
-        let spanned: usize = q.replays.iter().map(|r| r.ahead + r.len).sum();
-        q.replays.push_back(ReplaySpan {
-            ahead: before - spanned,
-            len: added,
-        });
-        q.replay_credit += added;
+        q.push(reply);
+        if replay {
+            for frame in frames {
+                q.push(frame.borrow().clone());
+            }
+            if !frames.is_empty() {
+                q.replay_pending = q.frames.len();
+            }
+        }
         drop(q);
-        if was_empty && added > 0 {
+        if was_empty {
             self.0.frames_waiting();
         }
-        Delivery::Queued
+        (Delivery::Queued, replay)
+    }
+
+    /// Whether a history replay is still queued (another one would be refused).
+    pub fn replay_pending(&self) -> bool {
+        self.lock().replay_pending > 0
     }
 
     fn push(&self, frame: Outbound, droppable: bool) -> Delivery {
@@ -268,29 +324,34 @@ impl SessionHandle {
         if q.close.is_some() {
             return Delivery::Closed;
         }
-        let capacity = self.0.capacity + q.replay_credit;
-        if q.frames.len() >= capacity && droppable {
-            return Delivery::Dropped;
-        }
-        if q.frames.len() >= capacity {
-            q.frames.clear();
-            q.frames.shrink_to_fit();
-            q.replays.clear();
-            q.replay_credit = 0;
+        if !q.fits(self.0.limits, 1, frame.len()) {
+            if droppable {
+                return Delivery::Dropped;
+            }
             drop(q);
-            self.close(CloseReason::new(
-                CloseCode::TooSlowOrTooFast,
-                "slow consumer: outbound queue full",
-            ));
+            self.overflow();
             return Delivery::Overflow;
         }
         let was_empty = q.frames.is_empty();
-        q.frames.push_back(frame);
+        q.push(frame);
         drop(q);
         if was_empty {
             self.0.frames_waiting();
         }
         Delivery::Queued
+    }
+
+    /// The queue is full: drop what it holds and close the session with 4008.
+    fn overflow(&self) {
+        let mut q = self.lock();
+        q.frames = VecDeque::new();
+        q.bytes = 0;
+        q.replay_pending = 0;
+        drop(q);
+        self.close(CloseReason::new(
+            CloseCode::TooSlowOrTooFast,
+            "slow consumer: outbound queue full",
+        ));
     }
 
     /// Closes the session: frames already queued are still written, then the close.
@@ -356,6 +417,9 @@ impl Shared {
     }
 }
 
+/// Bytes kept free for the reply queued ahead of a replay when deciding whether it fits.
+const REPLY_ALLOWANCE: usize = 512;
+
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     // The queue holds plain data; a panic elsewhere cannot leave it inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -391,8 +455,10 @@ impl OutboxReceiver {
         let mut q = lock(&self.0.queue);
         if !q.frames.is_empty() {
             let n = q.frames.len().min(max.max(1));
+            let start = out.len();
             out.extend(q.frames.drain(..n));
-            q.drained(n);
+            q.bytes -= out[start..].iter().map(Outbound::len).sum::<usize>();
+            q.replay_pending = q.replay_pending.saturating_sub(n);
             if q.frames.is_empty() {
                 // An idle session holds no queue storage.
                 q.frames = VecDeque::new();
@@ -426,13 +492,22 @@ mod tests {
     use super::*;
     use std::future::Future;
 
+    fn limits(frames: usize) -> QueueLimits {
+        QueueLimits::frames(frames)
+    }
+
     fn text(s: &'static str) -> Outbound {
         Outbound::Text(Bytes::from_static(s.as_bytes()))
     }
 
     #[tokio::test]
     async fn batches_in_order_then_closes() {
-        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 8);
+        let (h, rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(8),
+        );
         assert_eq!(h.send(text("a")), Delivery::Queued);
         assert_eq!(h.send(text("b")), Delivery::Queued);
         h.close(CloseReason::new(CloseCode::Normal, "bye"));
@@ -449,8 +524,12 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_with_4008_and_drops_the_backlog() {
-        let (h, rx) =
-            SessionHandle::new(SessionId(1), TransportKind::WebTransport, "/chat".into(), 2);
+        let (h, rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebTransport,
+            "/chat".into(),
+            limits(2),
+        );
         h.send(text("a"));
         h.send(text("b"));
         assert_eq!(h.send(text("c")), Delivery::Overflow);
@@ -466,8 +545,12 @@ mod tests {
 
     #[test]
     fn volatile_and_offered_frames_are_dropped_not_fatal_when_full() {
-        let (h, _rx) =
-            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 1);
+        let (h, _rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(1),
+        );
         h.send(text("a"));
         let volatile = Outbound::Volatile(Bytes::from_static(b"{}"));
         assert_eq!(h.send(volatile), Delivery::Dropped);
@@ -476,42 +559,93 @@ mod tests {
         assert_eq!(h.send(text("c")), Delivery::Overflow);
     }
 
-    #[tokio::test]
-    async fn a_replay_larger_than_the_queue_is_not_a_slow_consumer() {
-        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
-        let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
-        assert_eq!(h.send_replay(&replay), Delivery::Queued);
-        // Live frames still get the configured room on top of the replay...
-        assert_eq!(h.send(text("live1")), Delivery::Queued);
-        assert_eq!(h.send(text("live2")), Delivery::Queued);
-        // ...and no more.
-        assert_eq!(h.send(text("live3")), Delivery::Overflow);
-        let (h, rx2) =
-            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
-        h.send_replay(&replay);
-        let mut out = Vec::new();
-        rx2.recv_batch(&mut out, 4).await;
-        assert_eq!(out.len(), 4);
-        // Draining spends the credit: one replayed frame left, and room for two live ones.
-        assert_eq!(h.send(text("live1")), Delivery::Queued);
-        assert_eq!(h.send(text("live2")), Delivery::Queued);
-        assert_eq!(h.send(text("over")), Delivery::Overflow);
-        drop(rx);
+    fn ack(recovered: bool) -> Outbound {
+        text(if recovered { "ack+" } else { "ack-" })
     }
 
     #[tokio::test]
-    async fn frames_ahead_of_a_replay_free_capacity_when_drained() {
-        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 2);
-        assert_eq!(h.send(text("ack")), Delivery::Queued);
+    async fn a_replay_that_does_not_fit_is_refused_and_the_reply_says_so() {
+        let (h, _rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
         let replay: Vec<Outbound> = (0..5).map(|_| text("old")).collect();
-        h.send_replay(&replay);
+        assert_eq!(h.send_with_replay(&replay, ack), (Delivery::Queued, false));
+        assert_eq!(h.queued(), 1, "only the reply");
+        assert!(!h.replay_pending());
+        let (h, _rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
+        assert_eq!(
+            h.send_with_replay(&replay[..3], ack),
+            (Delivery::Queued, true)
+        );
+        assert_eq!(h.queued(), 4, "the reply and three replayed frames");
+        // Replays count against the bound like any frame.
+        assert_eq!(h.send(text("live")), Delivery::Overflow);
+    }
+
+    #[tokio::test]
+    async fn one_replay_at_a_time() {
+        let (h, rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(64),
+        );
+        let replay: Vec<Outbound> = (0..3).map(|_| text("old")).collect();
+        assert_eq!(h.send_with_replay(&replay, ack), (Delivery::Queued, true));
+        assert!(h.replay_pending());
+        assert_eq!(h.send_with_replay(&replay, ack), (Delivery::Queued, false));
         let mut out = Vec::new();
-        // The ack and three replayed frames leave: two replayed frames remain...
-        rx.recv_batch(&mut out, 4).await;
-        // ...and live frames get the whole capacity on top of them.
-        assert_eq!(h.send(text("live1")), Delivery::Queued);
-        assert_eq!(h.send(text("live2")), Delivery::Queued);
-        assert_eq!(h.send(text("over")), Delivery::Overflow);
+        rx.recv_batch(&mut out, 3).await;
+        assert!(h.replay_pending(), "one replayed frame is still queued");
+        rx.recv_batch(&mut out, 2).await;
+        assert!(!h.replay_pending());
+        assert_eq!(h.send_with_replay(&replay, ack), (Delivery::Queued, true));
+        out.clear();
+        rx.recv_batch(&mut out, 64).await;
+        assert_eq!(out, vec![ack(true), text("old"), text("old"), text("old")]);
+    }
+
+    #[test]
+    fn bytes_bound_the_queue_as_frames_do() {
+        let bounds = QueueLimits {
+            frames: 100,
+            bytes: 10,
+        };
+        let (h, _rx) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/c".into(), bounds);
+        // An empty queue takes any frame, however large.
+        assert_eq!(h.send(text("0123456789abcdef")), Delivery::Queued);
+        let (h, _rx) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/c".into(), bounds);
+        assert_eq!(h.send(text("01234")), Delivery::Queued);
+        assert_eq!(h.send(text("56789")), Delivery::Queued);
+        assert_eq!(h.offer(text("x")), Delivery::Dropped);
+        assert_eq!(h.send(text("x")), Delivery::Overflow);
+        assert!(h.is_closed());
+    }
+
+    #[tokio::test]
+    async fn draining_gives_the_bytes_back() {
+        let bounds = QueueLimits {
+            frames: 100,
+            bytes: 10,
+        };
+        let (h, rx) =
+            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/c".into(), bounds);
+        h.send(text("01234"));
+        h.send(text("56789"));
+        let mut out = Vec::new();
+        rx.recv_batch(&mut out, 1).await;
+        assert_eq!(h.send(text("abcde")), Delivery::Queued);
+        assert_eq!(h.send(text("f")), Delivery::Overflow);
     }
 
     /// A waker that records whether it was woken.
@@ -527,7 +661,12 @@ mod tests {
     #[test]
     fn writer_wakes_for_a_frame_sent_later() {
         use std::task::{Context, Poll, Waker};
-        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 4);
+        let (h, rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
         let flag = Arc::new(Flag::default());
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
@@ -559,7 +698,12 @@ mod tests {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let (h, rx) = SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/chat".into(), 4);
+        let (h, rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
         let bell = Arc::new(Bell::default());
         h.set_doorbell(bell.clone());
         let flag = Arc::new(Flag::default());

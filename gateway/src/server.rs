@@ -91,9 +91,10 @@ impl Server {
             None => None,
         };
         let hub_config = HubConfig {
-            node_id: config.node_id.clone(),
-            rooms: config.rooms.clone(),
-            history_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
+            room_budget: config.limits.room_budget,
+            max_presence_members: config.limits.max_presence_members,
+            rooms_per_user_per_sec: config.limits.rooms_per_user_per_sec,
+            ..HubConfig::new(config.node_id.clone(), config.rooms.clone())
         };
         let mut cluster_handle = None;
         let hub = match &config.redis {

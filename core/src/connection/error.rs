@@ -4,6 +4,7 @@
 use crate::{
     auth::AuthError,
     backplane::ClusterUnavailable,
+    hub::RoomRefusal,
     protocol::{DecodeError, ErrorCode, Rejection},
 };
 
@@ -53,6 +54,9 @@ pub enum RequestError {
     /// The cluster could not take the request.
     #[error(transparent)]
     Cluster(#[from] ClusterUnavailable),
+    /// The request would bring a new room into existence, which the hub refused.
+    #[error(transparent)]
+    Room(#[from] RoomRefusal),
 }
 
 impl RequestError {
@@ -72,6 +76,8 @@ impl RequestError {
             RequestError::TooManyRooms(_) => ErrorCode::LimitExceeded,
             RequestError::NotMember => ErrorCode::NotMember,
             RequestError::Cluster(_) => ErrorCode::Internal,
+            RequestError::Room(RoomRefusal::BudgetSpent) => ErrorCode::LimitExceeded,
+            RequestError::Room(RoomRefusal::TooManyNewRooms(_)) => ErrorCode::RateLimited,
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::{
         codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
         InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
     },
-    session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
+    session::{Outbound, OutboxReceiver, QueueLimits, SessionHandle, TransportKind},
 };
 
 /// The window over which refused frames count towards closing a flooding session.
@@ -148,7 +148,10 @@ impl Connection {
             services.hub.new_session_id(),
             transport,
             policy.path.as_str().into(),
-            policy.queue_capacity,
+            QueueLimits {
+                frames: policy.queue_capacity,
+                bytes: policy.queue_bytes,
+            },
         );
         let ping = pings.then_some(policy.heartbeat);
         let mut conn = Connection {
@@ -447,26 +450,12 @@ impl Connection {
                 }
                 let handle = self.handle.clone();
                 let room_text = room.to_string();
-                self.services.hub.members_then(
+                self.services.hub.presence_then(
                     &room,
-                    Box::new(move |members| {
-                        handle.send(match members {
-                            Ok(members) => ack_frame(
-                                id.as_ref(),
-                                &AckFields {
-                                    room: Some(room_text),
-                                    members: Some(AckMembers::List(
-                                        members
-                                            .into_iter()
-                                            .map(|mut m| {
-                                                m.node = None;
-                                                m
-                                            })
-                                            .collect(),
-                                    )),
-                                    ..Default::default()
-                                },
-                            ),
+                    now.instant,
+                    Box::new(move |listing| {
+                        handle.send(match listing {
+                            Ok(listing) => listing.ack(id.as_ref(), &room_text),
                             Err(e) => error_frame(id.as_ref(), &e.into()),
                         });
                     }),
@@ -531,7 +520,7 @@ impl Connection {
         );
         self.services
             .hub
-            .join(&self.handle, &room, since, now.instant, reply);
+            .join(&self.handle, &room, since, now.instant, reply)?;
         self.joined.insert(room);
         Ok(())
     }
@@ -577,7 +566,7 @@ impl Connection {
                     Err(e) => error_frame(id.as_ref(), &e.into()),
                 });
             }),
-        );
+        )?;
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use super::*;
 use crate::{
     auth::{JwtAlgorithm, JwtConfig},
     backplane::{Backplane, Cluster, ClusterPublish, Completion, LocalBackplane, RoomView},
-    hub::{HubConfig, DEFAULT_HISTORY_BUDGET},
+    hub::HubConfig,
     pattern::Pattern,
     policy::{RoomPolicies, RoomPolicy},
     protocol::MemberInfo,
@@ -45,11 +45,7 @@ impl Node {
 
     fn with(backplane: Arc<dyn Backplane>, rooms: RoomPolicies, per_user: usize) -> Self {
         let hub = Hub::new(
-            HubConfig {
-                node_id: "n1".into(),
-                rooms,
-                history_budget: DEFAULT_HISTORY_BUDGET,
-            },
+            HubConfig::new("n1", rooms),
             backplane,
             StdRng::seed_from_u64(1),
         );
@@ -427,10 +423,12 @@ fn presence_lists_the_members_without_their_node() {
     join(&mut b, "r");
     assert_eq!(
         c.request(json!({"type": "presence", "id": 6, "room": "r"})),
-        [json!({"type": "ack", "id": 6, "room": "r", "members": [
-            {"user": "alice", "session": a.session(), "transport": "websocket"},
-            {"user": "bob", "session": b.session(), "transport": "websocket"},
-        ]})]
+        [
+            json!({"type": "ack", "id": 6, "room": "r", "count": 2, "members": [
+                {"user": "alice", "session": a.session(), "transport": "websocket"},
+                {"user": "bob", "session": b.session(), "transport": "websocket"},
+            ]})
+        ]
     );
 }
 

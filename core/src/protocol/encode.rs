@@ -58,6 +58,17 @@ impl PresenceEvent {
     }
 }
 
+/// The `reason` of a `resync` envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncReason {
+    /// The room's sequence restarted in a new epoch (its backplane failed over or lost its
+    /// data, or this node lost its subscription for longer than the history covers).
+    Continuity,
+    /// Messages queued for this slow member were dropped under the room's overflow policy.
+    Dropped,
+}
+
 /// One member of a room as listed by `presence`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MemberInfo {
@@ -103,6 +114,12 @@ pub struct AckFields {
     /// Whether a `send` reached at least one session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivered: Option<bool>,
+    /// All members of the room (`presence`), also those a cut listing leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// `Some(true)` when a `presence` listing was cut at the maximum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
 }
 
 /// Server envelopes other than `message` and `direct`.
@@ -157,6 +174,18 @@ pub enum ServerFrame<'a> {
         /// Echoed request id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
+    },
+    /// The session stays a member of `room` but will not receive every message: messages
+    /// after `seq` in `epoch` follow.
+    Resync {
+        /// The room.
+        room: &'a str,
+        /// The room's epoch from now on.
+        epoch: &'a str,
+        /// The sequence number after which messages follow.
+        seq: u64,
+        /// Why.
+        reason: ResyncReason,
     },
     /// The server is going away; reconnect later.
     Reconnect {

@@ -13,6 +13,7 @@ pub use decode::{
     Request, RequestId, MAX_DATA_DEPTH,
 };
 pub use encode::{
-    AckFields, AckMembers, MemberInfo, MessageFrame, MessageKind, PresenceEvent, ServerFrame,
+    AckFields, AckMembers, MemberInfo, MessageFrame, MessageKind, PresenceEvent, ResyncReason,
+    ServerFrame,
 };
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};

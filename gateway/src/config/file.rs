@@ -124,6 +124,9 @@ pub(super) struct LimitsSection {
     pub max_connections_per_ip: Option<NonZeroUsize>,
     pub max_connections_per_user: Option<NonZeroUsize>,
     pub handshake_timeout_secs: Option<NonZeroU64>,
+    pub room_budget_mb: Option<NonZeroUsize>,
+    pub rooms_per_user_per_sec: Option<u32>,
+    pub max_presence_members: Option<NonZeroUsize>,
 }
 
 /// `[cluster]`.
@@ -158,6 +161,7 @@ pub(super) struct EndpointSection {
     pub max_message_bytes: Option<NonZeroUsize>,
     pub max_rooms: Option<NonZeroUsize>,
     pub queue_capacity: Option<NonZeroUsize>,
+    pub queue_bytes: Option<NonZeroUsize>,
     pub rate_per_sec: Option<NonZeroU32>,
     pub rate_burst: Option<NonZeroU32>,
     pub heartbeat_secs: Option<NonZeroU64>,

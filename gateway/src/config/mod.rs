@@ -138,6 +138,12 @@ pub struct Limits {
     pub max_connections_per_user: usize,
     /// TCP accept to upgraded session, TLS included.
     pub handshake_timeout: Duration,
+    /// Bytes all rooms and their histories may hold together.
+    pub room_budget: usize,
+    /// New rooms one user may bring into existence per second (burst twice); 0: no limit.
+    pub rooms_per_user_per_sec: u32,
+    /// Most members a presence listing names.
+    pub max_presence_members: usize,
 }
 
 /// The validated configuration the server runs with.
@@ -277,6 +283,9 @@ impl Default for Limits {
             max_connections_per_ip: 1000,
             max_connections_per_user: 100,
             handshake_timeout: Duration::from_secs(10),
+            room_budget: gateway_core::hub::DEFAULT_ROOM_BUDGET,
+            rooms_per_user_per_sec: gateway_core::hub::DEFAULT_ROOMS_PER_USER_PER_SEC,
+            max_presence_members: gateway_core::presence::DEFAULT_MAX_PRESENCE_MEMBERS,
         }
     }
 }

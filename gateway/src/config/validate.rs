@@ -164,6 +164,15 @@ pub(super) fn limits(section: file::LimitsSection) -> Limits {
         handshake_timeout: section
             .handshake_timeout_secs
             .map_or(defaults.handshake_timeout, |v| Duration::from_secs(v.get())),
+        room_budget: section.room_budget_mb.map_or(defaults.room_budget, |v| {
+            v.get().saturating_mul(1024 * 1024)
+        }),
+        rooms_per_user_per_sec: section
+            .rooms_per_user_per_sec
+            .unwrap_or(defaults.rooms_per_user_per_sec),
+        max_presence_members: section
+            .max_presence_members
+            .map_or(defaults.max_presence_members, |v| v.get()),
     }
 }
 
@@ -222,6 +231,16 @@ fn endpoint(
     let secs = |v: std::num::NonZeroU64| Duration::from_secs(v.get());
     p.max_rooms = e.max_rooms.map_or(p.max_rooms, |v| v.get());
     p.queue_capacity = e.queue_capacity.map_or(p.queue_capacity, |v| v.get());
+    p.queue_bytes = e.queue_bytes.map_or(p.queue_bytes, |v| v.get());
+    if p.queue_bytes < 2 * p.max_message_bytes {
+        return Err((
+            "queue_bytes",
+            format!(
+                "must be at least twice max_message_bytes ({} bytes)",
+                2 * p.max_message_bytes
+            ),
+        ));
+    }
     p.rate_per_sec = e.rate_per_sec.map_or(p.rate_per_sec, |v| v.get());
     p.rate_burst = e.rate_burst.map_or(p.rate_burst, |v| v.get());
     p.heartbeat = e.heartbeat_secs.map_or(p.heartbeat, secs);

@@ -320,7 +320,11 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let (done, rx) = completion();
     app.services
         .hub
-        .publish_then(&room, None, &data, false, None, clock::now().instant, done);
+        .publish_then(&room, None, &data, false, None, clock::now().instant, done)
+        .map_err(|refused| {
+            let code = gateway_core::connection::RequestError::from(refused).code();
+            ApiError::new(code, refused.to_string())
+        })?;
     let seq = cluster_result(rx.await)?;
     app.metrics.api_published();
     Ok(Json(json!({ "seq": seq })))

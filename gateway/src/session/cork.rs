@@ -244,8 +244,12 @@ mod tests {
     }
 
     fn session_with(flushers: &Flushers, room: usize, stuck: bool, panics: bool) -> TestSession {
-        let (handle, outbox) =
-            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/t".into(), 8);
+        let (handle, outbox) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/t".into(),
+            gateway_core::session::QueueLimits::frames(8),
+        );
         let wire = Arc::new(Mutex::new(Wire::default()));
         let sink = TestSink {
             wire: wire.clone(),
@@ -269,8 +273,12 @@ mod tests {
         flushers: &Flushers,
         metrics: &Arc<Metrics>,
     ) -> (SessionHandle, Arc<Mutex<Wire>>, Arc<dyn std::any::Any>) {
-        let (handle, outbox) =
-            SessionHandle::new(SessionId(1), TransportKind::WebSocket, "/t".into(), 8);
+        let (handle, outbox) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/t".into(),
+            gateway_core::session::QueueLimits::frames(8),
+        );
         let wire = Arc::new(Mutex::new(Wire::default()));
         let sink = TestSink {
             wire: wire.clone(),
