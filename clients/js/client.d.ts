@@ -62,7 +62,12 @@ export interface Ack {
   room?: string;
   seq?: number;
   epoch?: string;
+  /** `join`: the room's session count; `presence`: the listed members. */
   members?: number | Member[];
+  /** `presence`: how many members the room has, listed or not. */
+  count?: number;
+  /** `presence`: `members` was cut at the server's `max_presence_members`. */
+  truncated?: true;
   recovered?: boolean;
   delivered?: boolean;
 }
@@ -85,6 +90,11 @@ export interface ErrorEnvelope {
   message: string;
 }
 
+/** The `resync` event (see `ClientEvents.resync`). */
+export type ResyncEvent =
+  | { room: string; reason: "continuity" | "dropped" | "recovery"; epoch: string; seq: number }
+  | { room: string; reason: "refused"; error: ErrorEnvelope };
+
 export interface ClientEvents {
   /** Every new session: the first, every reconnection, and a re-probe switch. */
   open: { transport: TransportName; session: string; user: string; node: string };
@@ -95,10 +105,19 @@ export interface ClientEvents {
   /** Every session that ends; `willReconnect` says whether the client goes on. */
   close: { code: number; reason: string; willReconnect: boolean };
   /**
-   * A room could not be recovered after a reconnection (`recovered: false`), or could not
-   * be joined again at all (`error`: the room is then no longer joined).
+   * The application's view of a room may miss messages; refresh it from its own source of
+   * truth. `reason`:
+   * - `continuity` (from the server): the room's sequence restarted in a new `epoch` (its
+   *   backplane failed over or lost its data); the room stays joined;
+   * - `dropped` (from the server): messages queued for this slow session were dropped
+   *   (the room's `overflow = "drop_oldest"`); the room stays joined;
+   * - `recovery`: a rejoin after a reconnection could not recover (`recovered: false`);
+   * - `refused`: the room could not be joined again at all (`error`); it is no longer
+   *   joined.
+   * With `epoch` and `seq`, messages after `seq` in `epoch` follow, and the client's stored
+   * position for the room (used to rejoin with `since` after a reconnection) is now there.
    */
-  resync: { room: string; error?: ErrorEnvelope };
+  resync: ResyncEvent;
   direct: { from?: string; data: unknown | Uint8Array };
   presence: { room: string; event: "join" | "leave"; user: string };
 }
@@ -166,6 +185,8 @@ export class RoomTracker {
   rooms(): string[];
   position(room: string): { since: number; epoch: string | null } | null;
   rejoined(room: string, ack: { seq?: number; epoch?: string; recovered?: boolean }): boolean;
+  /** A `resync` frame: the position moves to (`epoch`, `seq`), never back within an epoch. */
+  resynced(room: string, frame: { epoch?: string; seq?: number }): boolean;
   accept(room: string, seq: number | undefined | null): boolean;
 }
 

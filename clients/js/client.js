@@ -143,6 +143,27 @@ export class RoomTracker {
     return false;
   }
 
+  /**
+   * A `resync` frame (PROTOCOL.md sections 5 and 7): messages after `seq` in `epoch` follow,
+   * so the position moves there, and a rejoin after a reconnection asks from it. Within
+   * the same epoch it never moves back (during a re-probe the other session may already
+   * have delivered past `seq`; going back would deliver those twice). Returns whether
+   * `room` is tracked.
+   */
+  resynced(room, { epoch, seq }) {
+    const r = this.#rooms.get(room);
+    if (!r) return false;
+    const at = typeof seq === "number" ? seq : 0;
+    const e = epoch ?? r.epoch;
+    if (e !== r.epoch) {
+      r.epoch = e;
+      r.seq = at;
+    } else {
+      r.seq = Math.max(r.seq, at);
+    }
+    return true;
+  }
+
   /** Whether a message of `room` with `seq` is new (and records it); volatile ones are. */
   accept(room, seq) {
     const r = this.#rooms.get(room);
@@ -802,7 +823,9 @@ class Client {
           (ack) => {
             if (current()) {
               const continues = reprobe && ack.epoch === position.epoch;
-              if (!continues && !this.#rooms.rejoined(room, ack)) this.#emit("resync", { room });
+              if (!continues && !this.#rooms.rejoined(room, ack)) {
+                this.#emit("resync", { room, reason: "recovery", epoch: ack.epoch, seq: ack.seq ?? 0 });
+              }
             }
             resolve(ack);
           },
@@ -811,7 +834,7 @@ class Client {
             if (current() && !reprobe && error.code !== "connection_lost" && error.code !== "closed") {
               this.#rooms.left(room);
               this.#handlers.delete(room);
-              this.#emit("resync", { room, error });
+              this.#emit("resync", { room, reason: "refused", error });
             }
             resolve(null);
           },
@@ -855,6 +878,16 @@ class Client {
         if (session !== this.#session) return;
         this.#emit("direct", { from: envelope.from, data: payload ?? envelope.data });
         return;
+      case "resync": {
+        // The room stays joined but messages were skipped (its sequence restarted, or this
+        // slow session's queue dropped some). During a re-probe both sessions get it: the
+        // one in use reports it (the other's messages are deduplicated against it).
+        if (session !== this.#session) return;
+        const { room, epoch, seq, reason } = envelope;
+        if (!this.#rooms.resynced(room, { epoch, seq })) return;
+        this.#emit("resync", { room, reason, epoch, seq });
+        return;
+      }
       case "presence":
         if (session !== this.#session) return;
         this.#emit("presence", { room: envelope.room, event: envelope.event, user: envelope.user });

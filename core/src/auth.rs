@@ -5,6 +5,7 @@ use std::{collections::HashSet, sync::Arc};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::pattern::{any_matches, Pattern};
 
@@ -26,12 +27,17 @@ pub struct JwtConfig {
     pub algorithm: JwtAlgorithm,
     /// HS256: the secret; RS256/ES256: the PEM public key.
     pub key: Vec<u8>,
-    /// Required `iss`, when set.
+    /// When set, `iss` is required and must be exactly this string.
     pub issuer: Option<String>,
-    /// Required `aud`, when set.
+    /// When set, `aud` is required and must be this string, or an array of strings that
+    /// contains it (RFC 7519 section 4.1.3).
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// When set, the longest lifetime a token may claim: `exp` may be at most this many
+    /// seconds after `iat`, or after now (plus the leeway) for a token without `iat` or
+    /// with an `iat` in the future.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 /// Why a credential was refused. The messages never contain the token.
@@ -46,7 +52,8 @@ pub enum AuthError {
     /// The signature does not verify.
     #[error("invalid token signature")]
     BadSignature,
-    /// A required claim is missing.
+    /// A required claim is missing (or, for `aud` and `iss`, is not a string or an array
+    /// of strings: the JWT library treats such a claim as absent).
     #[error("token lacks the `{0}` claim")]
     MissingClaim(&'static str),
     /// `exp` is in the past.
@@ -61,6 +68,13 @@ pub enum AuthError {
     /// `aud` does not match.
     #[error("token audience not accepted")]
     WrongAudience,
+    /// The header has a `crit` parameter: no extension is understood, so none may be
+    /// critical (RFC 7515 section 4.1.11).
+    #[error("token has critical header parameters")]
+    CriticalHeader,
+    /// `exp` is further from `iat` (or now) than the configured maximum lifetime.
+    #[error("token lifetime too long")]
+    LifetimeTooLong,
     /// The key in the configuration cannot be used.
     #[error("verification key unusable: {0}")]
     BadKey(#[source] jsonwebtoken::errors::Error),
@@ -115,6 +129,11 @@ struct Claims {
     sub: Option<String>,
     exp: Option<u64>,
     nbf: Option<u64>,
+    // Read as any JSON value, then checked exactly: a number or an object must not pass
+    // for a missing or matching claim.
+    iat: Option<Value>,
+    iss: Option<Value>,
+    aud: Option<Value>,
     rooms: Option<Vec<String>>,
     publish: Option<Vec<String>>,
 }
@@ -124,6 +143,9 @@ pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
     leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
+    max_lifetime: Option<u64>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -153,18 +175,27 @@ impl JwtVerifier {
         // Time claims are checked below against the caller's clock, with the configured leeway.
         validation.validate_exp = false;
         validation.validate_nbf = false;
-        validation.required_spec_claims = HashSet::from(["sub".to_owned(), "exp".to_owned()]);
+        // A configured `aud` or `iss` is required, not only checked when present. The
+        // library's check is the first gate; `verify` checks both claims exactly again
+        // (the library also takes an array of issuers, and membership rules may change).
+        let mut required = HashSet::from(["sub".to_owned(), "exp".to_owned()]);
         validation.validate_aud = config.audience.is_some();
         if let Some(aud) = &config.audience {
             validation.set_audience(&[aud]);
+            required.insert("aud".to_owned());
         }
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
+            required.insert("iss".to_owned());
         }
+        validation.required_spec_claims = required;
         Ok(Self {
             key,
             validation,
             leeway: config.leeway_secs,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            max_lifetime: config.max_lifetime_secs,
         })
     }
 
@@ -172,8 +203,19 @@ impl JwtVerifier {
     pub fn verify(&self, token: &str, unix_now: u64) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let pinned = format!("{:?}", self.validation.algorithms[0]);
-        if header_alg(token).is_some_and(|alg| alg != pinned) {
-            return Err(AuthError::WrongAlgorithm);
+        if let Some(header) = raw_header(token) {
+            if header
+                .get("alg")
+                .and_then(Value::as_str)
+                .is_some_and(|alg| alg != pinned)
+            {
+                return Err(AuthError::WrongAlgorithm);
+            }
+            // No header extension is understood, so a `crit` naming any is refused (and an
+            // empty or ill-typed `crit` is invalid anyway).
+            if header.contains_key("crit") {
+                return Err(AuthError::CriticalHeader);
+            }
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -181,8 +223,12 @@ impl JwtVerifier {
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     AuthError::WrongAlgorithm
                 }
-                ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingClaim("sub"),
-                ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim("exp"),
+                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(match c.as_str() {
+                    "sub" => "sub",
+                    "aud" => "aud",
+                    "iss" => "iss",
+                    _ => "exp",
+                }),
                 ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
                 ErrorKind::InvalidAudience => AuthError::WrongAudience,
                 _ => AuthError::Malformed,
@@ -204,6 +250,33 @@ impl JwtVerifier {
         {
             return Err(AuthError::NotYetValid);
         }
+        if let Some(expected) = &self.issuer {
+            match &claims.iss {
+                None => return Err(AuthError::MissingClaim("iss")),
+                Some(Value::String(iss)) if iss == expected => {}
+                Some(_) => return Err(AuthError::WrongIssuer),
+            }
+        }
+        if let Some(expected) = &self.audience {
+            if !audience_matches(
+                claims.aud.as_ref().ok_or(AuthError::MissingClaim("aud"))?,
+                expected,
+            ) {
+                return Err(AuthError::WrongAudience);
+            }
+        }
+        if let Some(max) = self.max_lifetime {
+            // From `iat`, but never from later than now: a future `iat` must not stretch
+            // the lifetime. Saturating throughout: `exp` may be anything up to u64::MAX.
+            let latest_start = unix_now.saturating_add(self.leeway);
+            let start = match claims.iat {
+                None => latest_start,
+                Some(iat) => iat.as_u64().ok_or(AuthError::Malformed)?.min(latest_start),
+            };
+            if exp.saturating_sub(start) > max {
+                return Err(AuthError::LifetimeTooLong);
+            }
+        }
         let patterns = |v: Vec<String>| v.iter().map(|p| Pattern::new(p)).collect();
         Ok(Identity {
             user: sub.into(),
@@ -214,19 +287,29 @@ impl JwtVerifier {
     }
 }
 
-/// The `alg` of a token's header, read without trusting it, so that `none` and other
-/// algorithms the JWT library cannot even name are reported as such.
-fn header_alg(token: &str) -> Option<String> {
-    use base64::Engine;
-    #[derive(Deserialize)]
-    struct Header {
-        alg: String,
+/// Whether an `aud` claim names `expected`: the string itself, or an array of strings that
+/// contains it. Anything else (a number, an object, an array with a non-string) does not.
+fn audience_matches(aud: &Value, expected: &str) -> bool {
+    match aud {
+        Value::String(aud) => aud == expected,
+        Value::Array(items) => {
+            items.iter().all(Value::is_string) && items.iter().any(|a| a == expected)
+        }
+        _ => false,
     }
+}
+
+/// A token's header as a JSON object, read without trusting it, so that `none` and other
+/// algorithms the JWT library cannot even name are reported as such, and so that header
+/// parameters the library ignores (`crit`) are seen. `None`: not a JSON object (the
+/// library then reports the token malformed).
+fn raw_header(token: &str) -> Option<serde_json::Map<String, Value>> {
+    use base64::Engine;
     let first = token.split('.').next()?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(first.trim_end_matches('='))
         .ok()?;
-    serde_json::from_slice::<Header>(&json).ok().map(|h| h.alg)
+    serde_json::from_slice(&json).ok()
 }
 
 #[cfg(test)]
@@ -244,8 +327,51 @@ mod tests {
             issuer: Some("iss".into()),
             audience: None,
             leeway_secs: 0,
+            max_lifetime_secs: None,
         })
         .unwrap()
+    }
+
+    /// A verifier with `issuer = "iss"`, `audience = "gateway"`, leeway 30 s and the given
+    /// maximum lifetime.
+    fn strict(max_lifetime_secs: Option<u64>) -> JwtVerifier {
+        JwtVerifier::new(&JwtConfig {
+            algorithm: JwtAlgorithm::Hs256,
+            key: b"secret".to_vec(),
+            issuer: Some("iss".into()),
+            audience: Some("gateway".into()),
+            leeway_secs: 30,
+            max_lifetime_secs,
+        })
+        .unwrap()
+    }
+
+    /// A good token for [`strict`], with `changes` applied (a null removes the claim).
+    fn strict_token(changes: serde_json::Value) -> String {
+        let mut claims = json!({"sub":"a","exp":NOW+60,"iat":NOW,"iss":"iss","aud":"gateway"});
+        for (k, v) in changes.as_object().unwrap() {
+            match v {
+                serde_json::Value::Null => claims.as_object_mut().unwrap().remove(k),
+                v => claims.as_object_mut().unwrap().insert(k.clone(), v.clone()),
+            };
+        }
+        token(claims, b"secret")
+    }
+
+    /// An HS256 token with a header of our own (the library's `Header` has no `crit`).
+    fn token_with_header(header: serde_json::Value, claims: serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+        let signature = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &EncodingKey::from_secret(b"secret"),
+            Algorithm::HS256,
+        )
+        .unwrap();
+        format!("{signing_input}.{signature}")
     }
 
     fn token(claims: serde_json::Value, secret: &[u8]) -> String {
@@ -325,6 +451,164 @@ mod tests {
         ];
         for (t, expected) in cases {
             assert_eq!(v.verify(&t, NOW).unwrap_err(), expected);
+        }
+    }
+
+    #[test]
+    fn a_configured_audience_is_required() {
+        let v = strict(None);
+        let missing = strict_token(json!({"aud": null}));
+        assert_eq!(
+            v.verify(&missing, NOW).unwrap_err(),
+            AuthError::MissingClaim("aud")
+        );
+    }
+
+    #[test]
+    fn an_audience_that_is_not_a_string_is_refused() {
+        let v = strict(None);
+        for aud in [
+            json!(5),
+            json!({"x":1}),
+            json!(true),
+            json!(["gateway", 5]),
+            json!([]),
+        ] {
+            let t = strict_token(json!({ "aud": aud }));
+            let e = v.verify(&t, NOW).unwrap_err();
+            assert!(
+                matches!(e, AuthError::MissingClaim("aud") | AuthError::WrongAudience),
+                "aud {aud}: {e:?}"
+            );
+        }
+        let t = strict_token(json!({"aud": 5}));
+        assert_eq!(
+            v.verify(&t, NOW).unwrap_err(),
+            AuthError::MissingClaim("aud")
+        );
+        let t = strict_token(json!({"aud": {"x":1}}));
+        assert_eq!(
+            v.verify(&t, NOW).unwrap_err(),
+            AuthError::MissingClaim("aud")
+        );
+    }
+
+    #[test]
+    fn an_audience_array_containing_the_audience_is_accepted_and_others_are_not() {
+        let v = strict(None);
+        let t = strict_token(json!({"aud": ["other", "gateway"]}));
+        assert_eq!(&*v.verify(&t, NOW).unwrap().user, "a");
+        let t = strict_token(json!({"aud": ["other", "gateway2"]}));
+        assert_eq!(v.verify(&t, NOW).unwrap_err(), AuthError::WrongAudience);
+        let t = strict_token(json!({"aud": "Gateway"}));
+        assert_eq!(v.verify(&t, NOW).unwrap_err(), AuthError::WrongAudience);
+        assert!(v.verify(&strict_token(json!({})), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_configured_issuer_is_required_and_a_string() {
+        let v = strict(None);
+        let cases = [
+            (json!({"iss": null}), AuthError::MissingClaim("iss")),
+            (json!({"iss": 7}), AuthError::MissingClaim("iss")),
+            (json!({"iss": {"x":1}}), AuthError::MissingClaim("iss")),
+            // The library takes an array of issuers; `iss` is one string (RFC 7519 4.1.1).
+            (json!({"iss": ["iss"]}), AuthError::WrongIssuer),
+            (json!({"iss": "is"}), AuthError::WrongIssuer),
+        ];
+        for (changes, expected) in cases {
+            let t = strict_token(changes.clone());
+            assert_eq!(v.verify(&t, NOW).unwrap_err(), expected, "{changes}");
+        }
+    }
+
+    #[test]
+    fn without_audience_or_issuer_configured_the_claims_are_not_needed() {
+        let v = JwtVerifier::new(&JwtConfig {
+            algorithm: JwtAlgorithm::Hs256,
+            key: b"secret".to_vec(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            max_lifetime_secs: None,
+        })
+        .unwrap();
+        assert!(v
+            .verify(&token(json!({"sub":"a","exp":NOW+60}), b"secret"), NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_crit_header_is_refused() {
+        let v = strict(None);
+        let claims = json!({"sub":"a","exp":NOW+60,"iss":"iss","aud":"gateway"});
+        let plain = token_with_header(json!({"alg":"HS256","typ":"JWT"}), claims.clone());
+        assert!(
+            v.verify(&plain, NOW).is_ok(),
+            "the hand-made token is valid"
+        );
+        for crit in [json!(["exp-ext"]), json!(["b64"]), json!([]), json!("x")] {
+            let t = token_with_header(
+                json!({"alg":"HS256","typ":"JWT","crit":crit,"exp-ext":1,"b64":true}),
+                claims.clone(),
+            );
+            assert_eq!(
+                v.verify(&t, NOW).unwrap_err(),
+                AuthError::CriticalHeader,
+                "crit {crit}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lifetime_beyond_the_maximum_is_refused() {
+        let v = strict(Some(3600));
+        let cases = [
+            // exp far beyond iat.
+            json!({"exp": NOW + 3601}),
+            // Without iat, counted from now (plus the 30 s leeway).
+            json!({"iat": null, "exp": NOW + 30 + 3601}),
+            // An iat in the future does not stretch the lifetime.
+            json!({"iat": NOW + 100_000, "exp": NOW + 100_000 + 60}),
+            // Issued long ago, still valid now, but issued for too long.
+            json!({"iat": NOW - 7200, "exp": NOW + 60}),
+            json!({"exp": 1u64 << 62}),
+            json!({"exp": u64::MAX}),
+        ];
+        for changes in cases {
+            let t = strict_token(changes.clone());
+            assert_eq!(
+                v.verify(&t, NOW).unwrap_err(),
+                AuthError::LifetimeTooLong,
+                "{changes}"
+            );
+        }
+        // An iat that is not a number cannot be measured from.
+        let t = strict_token(json!({"iat": "yesterday"}));
+        assert_eq!(v.verify(&t, NOW).unwrap_err(), AuthError::Malformed);
+    }
+
+    #[test]
+    fn a_lifetime_within_the_maximum_is_accepted() {
+        let v = strict(Some(3600));
+        for changes in [
+            json!({"exp": NOW + 3600}),
+            json!({"iat": NOW - 600, "exp": NOW + 3000}),
+            json!({"iat": null, "exp": NOW + 30 + 3600}),
+            // A little clock skew on iat is fine.
+            json!({"iat": NOW + 20, "exp": NOW + 20 + 3600}),
+        ] {
+            let t = strict_token(changes.clone());
+            assert!(v.verify(&t, NOW).is_ok(), "{changes}");
+        }
+    }
+
+    #[test]
+    fn a_huge_exp_without_a_maximum_does_not_overflow() {
+        let v = strict(None);
+        for exp in [1u64 << 62, u64::MAX] {
+            let id = v.verify(&strict_token(json!({ "exp": exp })), NOW).unwrap();
+            assert_eq!(id.expires_at, Some(exp.saturating_add(30)));
         }
     }
 }

@@ -16,13 +16,23 @@ client.on("transport", ({ transport, reason }) => console.log(transport, reason)
 client.on("reconnecting", ({ attempt, delayMs, code }) => console.log(attempt + delayMs + code));
 client.on("close", ({ code, reason, willReconnect }) => console.log(code, reason, willReconnect));
 client.on("resync", ({ room }) => console.log(room));
+client.on("resync", (e) => {
+  if (e.reason === "refused") console.log(e.room, e.error.code);
+  else {
+    const position: [string, number] = [e.epoch, e.seq];
+    const why: "continuity" | "dropped" | "recovery" = e.reason;
+    console.log(e.room, position, why);
+  }
+});
 client.on("direct", ({ from, data }) => console.log(from, data));
 client.on("presence", ({ room, event, user }) => console.log(room, event, user));
 async function main() {
   const ack: Ack = await client.join("room", (msg: RoomMessage) => console.log(msg.seq, msg.data));
   await client.publish("room", new Uint8Array([1]), { echo: false, volatile: false });
   await client.send("u", { a: 1 });
-  await client.presence("room");
+  const listing = await client.presence("room");
+  const shown: number = Array.isArray(listing.members) ? listing.members.length : 0;
+  if (listing.truncated) console.log(`${shown} of ${listing.count ?? shown}`);
   await client.leave("room");
   const t: "webtransport" | "websocket" | null = client.transport;
   client.close();

@@ -420,3 +420,113 @@ async fn webtransport_connects_get_the_same_origin_and_limit_checks() {
     })
     .await;
 }
+
+/// The real binary from a config file with `[auth]` `issuer`, `audience` and, when given,
+/// `max_token_lifetime_secs`.
+async fn claims_gateway(dir: &Path, max_lifetime: Option<u64>) -> RunningGateway {
+    let config = dir.join("gateway.toml");
+    let max = max_lifetime.map_or(String::new(), |m| {
+        format!("max_token_lifetime_secs = {m}\n")
+    });
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\n{AUTH_SECTION}issuer = \"https://issuer\"\naudience = \"gateway\"\n{max}[[endpoint]]\npath = \"/chat\"\n"
+        ),
+    )
+    .unwrap();
+    RunningGateway::start(&config, dir).await
+}
+
+/// Issue 20, finding 6: a configured `audience` and `issuer` are required and exact, and
+/// `max_token_lifetime_secs` bounds `exp`; the refusals are a 401 at the upgrade, through
+/// the real binary and its config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_claims_are_required_and_the_lifetime_is_bounded_at_the_upgrade() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = claims_gateway(dir.path(), Some(86400)).await;
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let good =
+            json!({"sub":"u","exp":now()+300,"iat":now(),"iss":"https://issuer","aud":"gateway"});
+        let with = |extra: Value| {
+            let mut c = good.clone();
+            for (k, v) in extra.as_object().unwrap() {
+                if v.is_null() {
+                    c.as_object_mut().unwrap().remove(k);
+                } else {
+                    c[k] = v.clone();
+                }
+            }
+            sign(Algorithm::HS256, &key, c)
+        };
+        let cases = [
+            ("no aud", with(json!({"aud": null}))),
+            ("numeric aud", with(json!({"aud": 5}))),
+            ("object aud", with(json!({"aud": {"x": 1}}))),
+            ("no iss", with(json!({"iss": null}))),
+            ("numeric iss", with(json!({"iss": 7}))),
+            ("exp 2^62", with(json!({"exp": 1u64 << 62}))),
+            (
+                "exp 2^62 without iat",
+                with(json!({"exp": 1u64 << 62, "iat": null})),
+            ),
+            (
+                "exp 2 days after iat",
+                with(json!({"exp": now() + 60, "iat": now() - 2 * 86400})),
+            ),
+        ];
+        for (case, token) in cases {
+            let err = WsClient::connect(gw.addr, &gw.cert, &format!("/chat?token={token}"), &[])
+                .await
+                .err();
+            assert_eq!(err.as_ref().and_then(http_status), Some(401), "{case}");
+            let header = format!("Bearer {token}");
+            let err = WsClient::connect(gw.addr, &gw.cert, "/chat", &[("authorization", &header)])
+                .await
+                .err();
+            assert_eq!(
+                err.as_ref().and_then(http_status),
+                Some(401),
+                "header: {case}"
+            );
+        }
+        for (case, token) in [
+            ("valid", with(json!({}))),
+            (
+                "aud array with the audience",
+                with(json!({"aud": ["other", "gateway"]})),
+            ),
+            ("a day after iat", with(json!({"exp": now() + 86000}))),
+        ] {
+            let mut c = WsClient::connect(gw.addr, &gw.cert, &format!("/chat?token={token}"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(c.recv().await["type"], "welcome", "{case}");
+        }
+    })
+    .await;
+}
+
+/// Without `max_token_lifetime_secs` a token with an enormous `exp` is admitted and its
+/// session works: no overflow on the expiry deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_exp_without_a_maximum_lifetime_breaks_nothing() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = claims_gateway(dir.path(), None).await;
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        for exp in [1u64 << 62, u64::MAX] {
+            let claims = json!({"sub":"u","exp":exp,"iss":"https://issuer","aud":"gateway"});
+            let token = sign(Algorithm::HS256, &key, claims);
+            let mut c = WsClient::connect(gw.addr, &gw.cert, &format!("/chat?token={token}"), &[])
+                .await
+                .unwrap();
+            assert_eq!(c.recv().await["type"], "welcome", "exp {exp}");
+            c.join("r").await;
+            let pong = c.request(json!({"type":"ping","id":7})).await;
+            assert_eq!(pong, json!({"type":"pong","id":7}), "exp {exp}");
+        }
+    })
+    .await;
+}

@@ -112,8 +112,52 @@ test("a reconnection rejoins with since and epoch, replays once, and resyncs a l
   const again = newest().sent.find((r) => r.type === "join");
   newest().say({ type: "ack", id: again.id, room: "r", seq: 2, epoch: "e2", recovered: false });
   newest().say({ type: "message", room: "r", seq: 3, data: 3 });
-  assert.deepEqual(of("resync").map((e) => e.room), ["r"]);
+  assert.deepEqual(of("resync").map((e) => [e.room, e.reason, e.epoch, e.seq]), [["r", "recovery", "e2", 2]]);
   assert.deepEqual(got, [5, 6, 7, 8, 3], "the new epoch's messages are delivered");
+  client.close();
+});
+
+test("a resync frame keeps the room, moves its position, is reported, and the rejoin asks from it", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const got = [];
+  const joining = client.join("r", (m) => got.push(m.seq));
+  newest().reply("join", { room: "r", seq: 4, epoch: "e1" });
+  await joining;
+  for (const seq of [5, 6]) newest().say({ type: "message", room: "r", seq, data: seq });
+  // The room's sequence restarted in epoch e2: live messages follow seq 2.
+  newest().say({ type: "resync", room: "r", epoch: "e2", seq: 2, reason: "continuity" });
+  newest().say({ type: "message", room: "r", seq: 3, data: 3 });
+  // A resync of a room this client is not in is not reported.
+  newest().say({ type: "resync", room: "elsewhere", epoch: "x", seq: 1, reason: "continuity" });
+  assert.deepEqual(of("resync"), [
+    { event: "resync", room: "r", reason: "continuity", epoch: "e2", seq: 2 },
+  ]);
+  assert.deepEqual(got, [5, 6, 3], "the new epoch's messages are not taken for duplicates");
+  // Slow session: messages up to 9 were dropped in e2.
+  newest().say({ type: "resync", room: "r", epoch: "e2", seq: 9, reason: "dropped" });
+  for (const seq of [8, 10]) newest().say({ type: "message", room: "r", seq, data: seq });
+  assert.deepEqual(of("resync").at(-1), { event: "resync", room: "r", reason: "dropped", epoch: "e2", seq: 9 });
+  assert.deepEqual(got, [5, 6, 3, 10]);
+  assert.equal(newest().sent.filter((r) => r.type === "leave").length, 0, "still a member");
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 2);
+  await newest().accept();
+  const rejoin = newest().sent.find((r) => r.type === "join");
+  assert.deepEqual([rejoin.room, rejoin.since, rejoin.epoch], ["r", 10, "e2"]);
+  client.close();
+});
+
+test("a presence ack passes members, count and truncated through", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const listing = client.presence("big");
+  const members = [{ user: "a", session: "s1", transport: "websocket" }];
+  newest().reply("presence", { members, count: 2000, truncated: true });
+  const ack = await listing;
+  assert.deepEqual([ack.members, ack.count, ack.truncated], [members, 2000, true]);
   client.close();
 });
 
@@ -208,7 +252,7 @@ test("a refused rejoin untracks the room and says so", async () => {
   const rejoin = newest().sent.find((r) => r.type === "join");
   newest().say({ type: "error", id: rejoin.id, code: "forbidden", message: "no" });
   await tick();
-  assert.deepEqual(of("resync").map((e) => [e.room, e.error.code]), [["r", "forbidden"]]);
+  assert.deepEqual(of("resync").map((e) => [e.room, e.reason, e.error.code]), [["r", "refused", "forbidden"]]);
   newest().drop(1006);
   await until(() => FakeSocket.all.length === 3);
   await newest().accept();

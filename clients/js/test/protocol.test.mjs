@@ -89,6 +89,23 @@ test("a recovered rejoin continues; an unrecovered one restarts tracking in its 
   assert.equal(rooms.accept("r", 3), false);
 });
 
+test("a resync frame moves the position to its epoch and seq, never back within an epoch", () => {
+  const rooms = new RoomTracker();
+  assert.equal(rooms.resynced("r", { epoch: "e2", seq: 0 }), false, "untracked room");
+  rooms.joined("r", { seq: 10, epoch: "e1" });
+  // continuity: the sequence restarted in a new epoch, lower than before.
+  assert.equal(rooms.resynced("r", { epoch: "e2", seq: 2 }), true);
+  assert.deepEqual(rooms.position("r"), { since: 2, epoch: "e2" });
+  assert.equal(rooms.accept("r", 3), true, "the new epoch's next message is delivered");
+  // dropped: same epoch, messages up to seq skipped.
+  assert.equal(rooms.resynced("r", { epoch: "e2", seq: 9 }), true);
+  assert.deepEqual(rooms.position("r"), { since: 9, epoch: "e2" });
+  assert.equal(rooms.accept("r", 8), false);
+  assert.equal(rooms.accept("r", 10), true);
+  assert.equal(rooms.resynced("r", { epoch: "e2", seq: 7 }), true);
+  assert.deepEqual(rooms.position("r"), { since: 10, epoch: "e2" }, "not back within an epoch");
+});
+
 test("requests settle once by id, reject errors, and time out", async () => {
   const requests = new Requests();
   const seen = [];

@@ -653,9 +653,12 @@ impl Connection {
     }
 
     fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
-        let deadline = identity
-            .expires_at
-            .map(|exp| now.instant + Duration::from_secs(exp.saturating_sub(now.unix_secs)));
+        // An `exp` too far ahead for the monotonic clock (up to u64::MAX seconds) has no
+        // deadline rather than an overflow panic; `max_token_lifetime_secs` bounds it.
+        let deadline = identity.expires_at.and_then(|exp| {
+            now.instant
+                .checked_add(Duration::from_secs(exp.saturating_sub(now.unix_secs)))
+        });
         self.liveness.set_token_deadline(deadline);
     }
 

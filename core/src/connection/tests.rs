@@ -55,6 +55,7 @@ impl Node {
             issuer: None,
             audience: None,
             leeway_secs: 0,
+            max_lifetime_secs: None,
         })
         .unwrap();
         Self {

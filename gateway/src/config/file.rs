@@ -95,6 +95,7 @@ pub(super) struct AuthSection {
     pub leeway_secs: u64,
     #[serde(default = "default_ticket_ttl_secs")]
     pub ticket_ttl_secs: NonZeroU64,
+    pub max_token_lifetime_secs: Option<NonZeroU64>,
 }
 
 /// `[auth] algorithm`.

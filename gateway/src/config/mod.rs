@@ -396,6 +396,32 @@ mod tests {
     }
 
     #[test]
+    fn auth_claims_and_max_token_lifetime_are_read() {
+        let auth = "[auth]\nsecret = \"0123456789abcdef0123\"\n";
+        let endpoint = "[[endpoint]]\npath = \"/a\"\n";
+        let c = parse(&format!(
+            "{auth}issuer = \"https://i\"\naudience = \"gw\"\nmax_token_lifetime_secs = 86400\n{endpoint}"
+        ))
+        .unwrap();
+        let jwt = c.jwt.unwrap();
+        assert_eq!(jwt.max_lifetime_secs, Some(86400));
+        assert_eq!(
+            (jwt.issuer.as_deref(), jwt.audience.as_deref()),
+            (Some("https://i"), Some("gw"))
+        );
+        let c = parse(&format!("{auth}{endpoint}")).unwrap();
+        assert_eq!(c.jwt.unwrap().max_lifetime_secs, None, "absent: no maximum");
+        let e = parse(&format!("{auth}max_token_lifetime_secs = 0\n{endpoint}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.max_token_lifetime_secs"), "{e}");
+        let e = parse(&format!("{auth}max_token_lifetime_secs = -1\n{endpoint}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.max_token_lifetime_secs"), "{e}");
+    }
+
+    #[test]
     fn relative_tls_paths_resolve_against_the_file() {
         let c = parse(
             "[tls]\ncert=\"c.pem\"\nkey=\"/abs/k.pem\"\n[[endpoint]]\npath=\"/a\"\nauth=\"none\"",

@@ -1,7 +1,7 @@
 //! Turning each section of the file into what the server runs with, checking what its type
 //! cannot say: one function per section, each error naming its key.
 
-use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashSet, num::NonZeroU64, path::Path, sync::Arc, time::Duration};
 
 use gateway_core::{
     auth::{JwtAlgorithm, JwtConfig, JwtVerifier},
@@ -111,6 +111,7 @@ pub(super) fn auth(
         issuer: a.issuer,
         audience: a.audience,
         leeway_secs: a.leeway_secs,
+        max_lifetime_secs: a.max_token_lifetime_secs.map(NonZeroU64::get),
     };
     JwtVerifier::new(&jwt).map_err(|e| invalid(key_field, e.to_string()))?;
     Ok((Some(jwt), Duration::from_secs(a.ticket_ttl_secs.get())))
