@@ -646,3 +646,73 @@ async fn the_per_user_connection_limit_holds_across_nodes_and_transports_on(redi
         assert_eq!(http_status(&e), Some(429), "{e}");
     }
 }
+
+/// Runs `redis-cli -p PORT ARGS...` and returns its output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_subscription_past_the_history_resyncs_its_members() {
+    within(90, async {
+        let redis = RedisServer::start().await;
+        let port = redis.port;
+        // Node B reaches Redis as its own user, so that it alone can be cut off.
+        assert_eq!(
+            redis_cli(port, &["ACL", "SETUSER", "nodeb", "on", ">pw", "~*", "&*", "+@all"]),
+            "OK"
+        );
+        let config = |url: String| {
+            format!(
+                "[cluster]\nredis = \"{url}\"\nheartbeat_secs = 10\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 10000\nrate_burst = 10000\n[[room]]\npattern = \"*\"\nhistory = 3\nhistory_ttl_secs = 60\n"
+            )
+        };
+        let a = TestGateway::start(&config(redis.url())).await;
+        let b = TestGateway::start(&config(format!("redis://nodeb:pw@127.0.0.1:{port}"))).await;
+        let (mut member, _) = b.ws_welcomed("/chat").await;
+        let joined = member.join("c-gap").await;
+        let epoch = joined["epoch"].clone();
+        let (mut other, _) = b.ws_welcomed("/chat").await;
+        other.join("c-untouched").await;
+        let (mut publisher, _) = a.ws_welcomed("/chat").await;
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-gap","data":0,"id":1}))
+            .await;
+        assert_eq!(ack["seq"], 1, "{ack}");
+        assert_eq!(next_message(&mut member).await["seq"], 1);
+        // Node B loses Redis (its subscription included) while ten messages are published:
+        // more than the room's history of three holds.
+        redis_cli(port, &["ACL", "SETUSER", "nodeb", "off"]);
+        redis_cli(port, &["CLIENT", "KILL", "USER", "nodeb"]);
+        for i in 2..=11 {
+            let ack = publisher
+                .request(json!({"type":"publish","room":"c-gap","data":i,"id":i}))
+                .await;
+            assert_eq!(ack["seq"], i, "{ack}");
+        }
+        redis_cli(port, &["ACL", "SETUSER", "nodeb", "on"]);
+        // Back, node B cannot deliver 2..=8 (gone from the history): the member is told so,
+        // in the same epoch, and stays.
+        let resync = next_resync(&mut member).await;
+        assert_eq!(
+            (&resync["room"], &resync["reason"], &resync["epoch"], &resync["seq"]),
+            (&json!("c-gap"), &json!("continuity"), &epoch, &json!(11)),
+            "{resync}"
+        );
+        let ack = publisher
+            .request(json!({"type":"publish","room":"c-gap","data":"after","id":50}))
+            .await;
+        assert_eq!(ack["seq"], 12, "{ack}");
+        let after = next_message(&mut member).await;
+        assert_eq!((&after["seq"], &after["data"]), (&json!(12), &json!("after")));
+        // The member of a room that missed nothing is left alone.
+        other.expect_silence(Duration::from_millis(300)).await;
+    })
+    .await;
+}
