@@ -19,7 +19,7 @@ const ENTRY_OVERHEAD: usize = 128;
 
 /// Bytes counted per room besides its messages: its state, lock, map entry, epoch and
 /// name (measured, README "Security").
-pub const ROOM_COST: usize = 1024;
+pub const ROOM_COST: usize = 1280;
 
 /// The memory all rooms and their histories may hold together (`room_budget_mb`). When it
 /// is spent, a room makes room from its own oldest messages, a room with none keeps nothing

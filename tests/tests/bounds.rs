@@ -85,6 +85,7 @@ async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let peak = gw.rss_kib();
+        println!("replay loop x3000: RSS {baseline} KiB -> {peak} KiB");
         bystander_is_served(&gw, "elsewhere").await;
         // Unbounded, 3,000 replays of 1,000 frames each would be queued (over 100 MB of
         // queue slots alone); bounded, the session holds at most one replay and its
@@ -141,6 +142,7 @@ async fn presence_listings_are_cut_and_bounded_in_bytes() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let peak = gw.rss_kib();
+        println!("4 x 3000 presence listings unread: RSS {baseline} KiB -> {peak} KiB");
         bystander_is_served(&gw, "quiet").await;
         // Each flooder's queue holds at most `queue_bytes` (1 MiB).
         assert!(
@@ -206,6 +208,7 @@ async fn new_rooms_are_rate_limited_and_bounded_by_the_budget() {
             "{created} rooms in 1 MiB at about 1.2 KB each"
         );
         let peak = gw.rss_kib();
+        println!("{created} API rooms until the 1 MiB budget: RSS {baseline} KiB -> {peak} KiB");
         bystander_is_served(&gw, "api-0").await;
         assert!(
             peak < baseline + 20 * 1024,
