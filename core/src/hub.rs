@@ -135,8 +135,8 @@ struct RoomState {
     floors: HashMap<SessionId, u64>,
     /// The presence listing of the members, until they change.
     listing: Option<Arc<PresenceListing>>,
-    /// The room's share of the room budget.
-    _charge: RoomCharge,
+    /// The room's share of the room budget, when it keeps history.
+    _charge: Option<RoomCharge>,
 }
 
 impl RoomState {
@@ -433,7 +433,7 @@ impl Hub {
                 pending: HashMap::new(),
                 floors: HashMap::new(),
                 listing: None,
-                _charge: self.budget.charge_room(),
+                _charge: keeps_history.then(|| self.budget.charge_room()),
             })))
         })
     }
@@ -518,10 +518,12 @@ impl Hub {
             if added {
                 self.listings.invalidate(room);
                 let wants_recovery = since.is_some();
-                // A replay still queued refuses another: the store is not read for nothing.
+                // One recovery at a time, and only with room in the queue: the store is not
+                // read for a replay that could not be taken.
                 let since = since
-                    .filter(|_| !handle.replay_pending())
+                    .filter(|_| handle.begin_recovery())
                     .map(|s| (s.seq, s.epoch.to_owned()));
+                let reserved = since.is_some();
                 let (me, room2, member) = (self.me.clone(), room.clone(), handle.clone());
                 cluster.open_room(
                     room,
@@ -529,6 +531,10 @@ impl Hub {
                     Box::new(move |view| {
                         if let Some(hub) = me.upgrade() {
                             hub.finish_join(&room2, &member, token, wants_recovery, reply, view);
+                        }
+                        if reserved {
+                            // Queued the replay (which released it), or did not.
+                            member.end_recovery();
                         }
                     }),
                 );
@@ -617,7 +623,12 @@ impl Hub {
                         .collect();
                     resync(&mut state, room, &others, &view.epoch, view.seq);
                 }
-                state.seq = state.seq.max(view.seq);
+                // In another epoch the sequence restarted: the view's is the room's.
+                state.seq = if *state.epoch == *view.epoch {
+                    state.seq.max(view.seq)
+                } else {
+                    view.seq
+                };
                 state.epoch = view.epoch.clone();
                 let outcome = JoinOutcome {
                     seq: view.seq,
@@ -920,10 +931,9 @@ impl Hub {
     /// cluster, which orders and delivers it; `done` gets the sequence number or why the
     /// cluster could not take it.
     ///
-    /// A publish that would bring a room into existence (on a single node: a room that
-    /// keeps history, for those who recover; in cluster mode: any room this node has no
-    /// member of, since the cluster keeps its state) counts against the user's rate of new
-    /// rooms, and on a single node needs room in the budget. Refused, `done` is not called.
+    /// On a single node, a publish that would bring a room into existence (a room that
+    /// keeps history, for those who recover) counts against the user's rate of new rooms
+    /// and needs room in the budget. Refused, `done` is not called.
     #[allow(clippy::too_many_arguments)]
     pub fn publish_then(
         &self,
@@ -935,12 +945,12 @@ impl Hub {
         now: Instant,
         done: Completion<Result<Option<u64>, ClusterUnavailable>>,
     ) -> Result<(), RoomRefusal> {
-        if !volatile {
-            let cluster = self.backplane.cluster().is_some();
-            let for_history = !cluster && self.policies.for_room(room.as_str()).history > 0;
-            if cluster || for_history {
-                self.admit_new_room(from, room, for_history, now)?;
-            }
+        // In cluster mode the store keeps rooms (and bounds them: its room budget).
+        if !volatile
+            && self.backplane.cluster().is_none()
+            && self.policies.for_room(room.as_str()).history > 0
+        {
+            self.admit_new_room(from, room, true, now)?;
         }
         match self.backplane.cluster() {
             Some(cluster) => cluster.publish(

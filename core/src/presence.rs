@@ -29,6 +29,9 @@ pub const LISTING_TTL: Duration = Duration::from_secs(1);
 /// Rooms whose cluster-wide listings are kept at once; beyond, new listings are not kept.
 const MAX_CACHED_ROOMS: usize = 256;
 
+/// Rooms whose listings may be looked up at once; beyond, a request fails at once.
+const MAX_LOOKUPS: usize = 1024;
+
 /// A room's members as a `presence` ack lists them, encoded once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceListing {
@@ -157,10 +160,16 @@ impl ListingCache {
                 return Lookup::Served;
             }
         }
+        let lookups = state.in_flight.len();
         match state.in_flight.get_mut(room) {
             Some(waiting) => {
                 waiting.push(done);
                 Lookup::Joined
+            }
+            None if lookups >= MAX_LOOKUPS => {
+                drop(state);
+                done(Err(ClusterUnavailable("cluster busy".into())));
+                Lookup::Served
             }
             None => {
                 state.in_flight.insert(room.clone(), vec![done]);

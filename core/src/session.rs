@@ -129,6 +129,9 @@ struct Queue {
     /// Frames still to drain until the last queued history replay is written: while it is
     /// non-zero, another replay is refused (one replay per session at a time).
     replay_pending: usize,
+    /// A recovering join waits for the cluster's history (see
+    /// [`SessionHandle::begin_recovery`]).
+    recovering: bool,
 }
 
 impl Queue {
@@ -210,6 +213,7 @@ impl SessionHandle {
                 bytes: 0,
                 close: None,
                 replay_pending: 0,
+                recovering: false,
             }),
             writer: Notify::new(),
             doorbell: OnceLock::new(),
@@ -283,6 +287,7 @@ impl SessionHandle {
         F: std::borrow::Borrow<Outbound>,
     {
         let mut q = self.lock();
+        q.recovering = false;
         if q.close.is_some() {
             return (Delivery::Closed, false);
         }
@@ -317,6 +322,27 @@ impl SessionHandle {
     /// Whether a history replay is still queued (another one would be refused).
     pub fn replay_pending(&self) -> bool {
         self.lock().replay_pending > 0
+    }
+
+    /// Reserves the session's one recovery before its history is read from a store (cluster
+    /// mode), so that a session cannot make the store read histories it will not take: no
+    /// replay queued or being read already, and the queue at most half full (a client that
+    /// does not read fills it with acks). Released by the replay being queued
+    /// ([`send_with_replay`](Self::send_with_replay)) or [`end_recovery`](Self::end_recovery).
+    pub fn begin_recovery(&self) -> bool {
+        let mut q = self.lock();
+        let limits = self.0.limits;
+        let room = q.frames.len() <= limits.frames / 2 && q.bytes <= limits.bytes / 2;
+        if q.close.is_some() || q.recovering || q.replay_pending > 0 || !room {
+            return false;
+        }
+        q.recovering = true;
+        true
+    }
+
+    /// Releases what [`begin_recovery`](Self::begin_recovery) reserved.
+    pub fn end_recovery(&self) {
+        self.lock().recovering = false;
     }
 
     fn push(&self, frame: Outbound, droppable: bool) -> Delivery {
@@ -611,6 +637,35 @@ mod tests {
         out.clear();
         rx.recv_batch(&mut out, 64).await;
         assert_eq!(out, vec![ack(true), text("old"), text("old"), text("old")]);
+    }
+
+    #[test]
+    fn a_recovery_is_reserved_once_and_only_with_room_in_the_queue() {
+        let (h, _rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
+        assert!(h.begin_recovery());
+        assert!(!h.begin_recovery(), "one at a time");
+        h.end_recovery();
+        assert!(h.begin_recovery());
+        assert_eq!(
+            h.send_with_replay(&[text("old")], ack),
+            (Delivery::Queued, true)
+        );
+        assert!(!h.begin_recovery(), "its replay is still queued");
+        let (h, _rx) = SessionHandle::new(
+            SessionId(1),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            limits(4),
+        );
+        h.send(text("a"));
+        h.send(text("b"));
+        h.send(text("c"));
+        assert!(!h.begin_recovery(), "the queue is more than half full");
     }
 
     #[test]
