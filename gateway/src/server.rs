@@ -104,7 +104,7 @@ impl Server {
                     config.rooms.clone(),
                     &config.node_id,
                     config.cluster_heartbeat,
-                    gateway_core::hub::DEFAULT_HISTORY_BUDGET,
+                    config.limits.room_budget,
                 )?;
                 let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);

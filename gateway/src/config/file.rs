@@ -124,6 +124,7 @@ pub(super) struct LimitsSection {
     pub max_connections_per_ip: Option<NonZeroUsize>,
     pub max_connections_per_user: Option<NonZeroUsize>,
     pub handshake_timeout_secs: Option<NonZeroU64>,
+    pub room_budget_mb: Option<NonZeroUsize>,
 }
 
 /// `[cluster]`.

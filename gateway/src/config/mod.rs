@@ -138,6 +138,8 @@ pub struct Limits {
     pub max_connections_per_user: usize,
     /// TCP accept to upgraded session, TLS included.
     pub handshake_timeout: Duration,
+    /// Bytes all rooms and their histories may hold together.
+    pub room_budget: usize,
 }
 
 /// The validated configuration the server runs with.
@@ -277,6 +279,7 @@ impl Default for Limits {
             max_connections_per_ip: 1000,
             max_connections_per_user: 100,
             handshake_timeout: Duration::from_secs(10),
+            room_budget: gateway_core::hub::DEFAULT_HISTORY_BUDGET,
         }
     }
 }

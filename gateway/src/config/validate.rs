@@ -164,6 +164,9 @@ pub(super) fn limits(section: file::LimitsSection) -> Limits {
         handshake_timeout: section
             .handshake_timeout_secs
             .map_or(defaults.handshake_timeout, |v| Duration::from_secs(v.get())),
+        room_budget: section.room_budget_mb.map_or(defaults.room_budget, |v| {
+            v.get().saturating_mul(1024 * 1024)
+        }),
     }
 }
 
