@@ -320,7 +320,8 @@ async fn the_room_budget_holds_for_rooms_in_redis() {
         }
         let n = refused_at.expect("the budget refused a new room");
         println!("room budget 1 MiB: {n} rooms with a 1 KB message each, then refused");
-        assert!((400..=1000).contains(&n), "refused after {n} rooms");
+        // About 6.4 KB counted per room (5 KiB of keys + the entry): 1 MiB takes ~160.
+        assert!((100..=400).contains(&n), "refused after {n} rooms");
         let exists: i64 = redis_cmd(
             &redis,
             redis::cmd("EXISTS")

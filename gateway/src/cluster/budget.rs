@@ -2,9 +2,9 @@
 //!
 //! The publish and view scripts say when they created a room's state in Redis. This node
 //! keeps an estimate of what each room it created costs Redis while the room lives: a
-//! fixed [`ROOM_BYTES`] for its keys, plus its history as this node wrote it (entries ×
-//! their average size, at most the policy's `history` entries, each with
-//! [`ENTRY_OVERHEAD`]). A room counts until one history lifetime after this node last
+//! fixed [`ROOM_BYTES`] for its keys ([`STATE_BYTES`] without history), plus its history
+//! as this node wrote it (entries × their average size, at most the policy's `history`
+//! entries, each with [`ENTRY_OVERHEAD`]). A room counts until one history lifetime after this node last
 //! wrote to it or its last local member left (the lifetime its keys get in Redis). Once
 //! the estimate reaches the budget, a publish or join that would create a new room with
 //! history is refused (`limit_exceeded`, "room budget exhausted") and the script keeps
@@ -22,14 +22,15 @@ use std::{
 
 use gateway_core::protocol::RoomName;
 
-/// What a room's keys cost Redis before any history: the state hash (seq, epoch), the
-/// stream's header, the members and users hashes, the key names (measured with
-/// `MEMORY USAGE` on Redis 7.0: about 250 B for a state and 600 B for a stream with one
-/// small entry; rounded up).
-pub(super) const ROOM_BYTES: usize = 1024;
-/// What a history entry costs beyond its meta and payload (stream id, field names, the
-/// radix tree and listpack overhead).
-pub(super) const ENTRY_OVERHEAD: usize = 64;
+/// What a room with history costs Redis before its entries: the state hash (seq, epoch:
+/// 120 B) and the stream with its first listpack node (4,752 B with one small entry),
+/// measured with `MEMORY USAGE` on Redis 7.0.15; rounded up.
+pub(super) const ROOM_BYTES: usize = 5 * 1024;
+/// What a room without history costs (its state hash; rounded up).
+pub(super) const STATE_BYTES: usize = 256;
+/// What a history entry costs beyond its meta and payload (stream id, field names,
+/// listpack and radix-tree overhead: 100 entries of 1,012 B took 127,096 B more than one).
+pub(super) const ENTRY_OVERHEAD: usize = 256;
 
 /// One room this node created.
 #[derive(Debug)]
@@ -52,7 +53,12 @@ impl Charge {
     fn estimate(&self) -> usize {
         let kept = self.entries.min(self.history as u64);
         let average = self.entry_bytes.checked_div(self.entries).unwrap_or(0);
-        ROOM_BYTES + (kept * (average + ENTRY_OVERHEAD as u64)) as usize
+        let base = if self.history > 0 {
+            ROOM_BYTES
+        } else {
+            STATE_BYTES
+        };
+        base + (kept * (average + ENTRY_OVERHEAD as u64)) as usize
     }
 }
 
@@ -106,22 +112,23 @@ impl RoomBudget {
         let mut rooms = self.rooms();
         // Bounded: beyond the budget only rooms without history are created, and those
         // are not tracked past twice the budget's worth of rooms.
-        if rooms.rooms.len() >= (2 * self.limit / ROOM_BYTES).max(1) && history == 0 {
+        if rooms.rooms.len() >= (2 * self.limit / STATE_BYTES).max(1) && history == 0 {
             return;
         }
-        let charge = Charge {
+        let mut charge = Charge {
             entries: 0,
             entry_bytes: 0,
             history,
             ttl,
             open,
             until: now + ttl,
-            counted: ROOM_BYTES,
+            counted: 0,
         };
+        charge.counted = charge.estimate();
+        rooms.total += charge.counted;
         if let Some(old) = rooms.rooms.insert(room.clone(), charge) {
             rooms.total -= old.counted;
         }
-        rooms.total += ROOM_BYTES;
     }
 
     /// This node wrote an entry of `bytes` to `room`'s history.
