@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use crate::{
-    protocol::{CloseReason, MemberInfo, Payload, RoomName},
+    protocol::{CloseReason, ErrorCode, MemberInfo, Payload, RoomName},
     session::SessionId,
 };
 
@@ -29,10 +29,39 @@ pub fn completion<T: Send + 'static>() -> (Completion<T>, tokio::sync::oneshot::
     )
 }
 
-/// Why the cluster could not do something (its store is unreachable).
+/// Why the cluster could not do something. Each variant's text is the `message` of the
+/// client's `error` envelope, so it names no internals of the store (the backplane logs
+/// those); [`code`](Self::code) is its `code`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cluster unavailable: {0}")]
-pub struct ClusterUnavailable(pub String);
+pub enum ClusterUnavailable {
+    /// The store cannot be reached (or its circuit breaker is open): the operation was not
+    /// carried out.
+    #[error("cluster unavailable")]
+    Unavailable,
+    /// The operation's queue is full: it was refused at once, not carried out.
+    #[error("cluster busy")]
+    Busy,
+    /// The operation was sent but no answer came (or the store failed while running it):
+    /// it may or may not have taken effect. A publish with this error may still be
+    /// delivered to the room's members.
+    #[error("cluster unavailable: outcome unknown")]
+    OutcomeUnknown,
+    /// The operation would create a room with history beyond the room budget
+    /// (`[limits] room_budget_mb`); nothing was created.
+    #[error("room budget exhausted")]
+    RoomBudget,
+}
+
+impl ClusterUnavailable {
+    /// The `code` of the `error` envelope (and of an API error): `limit_exceeded` for the
+    /// room budget, `internal` otherwise.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClusterUnavailable::RoomBudget => ErrorCode::LimitExceeded,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
 
 /// A room message published through the cluster.
 #[derive(Debug, Clone)]

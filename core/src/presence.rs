@@ -168,7 +168,7 @@ impl ListingCache {
             }
             None if lookups >= MAX_LOOKUPS => {
                 drop(state);
-                done(Err(ClusterUnavailable("cluster busy".into())));
+                done(Err(ClusterUnavailable::Busy));
                 Lookup::Served
             }
             None => {
@@ -299,7 +299,7 @@ mod tests {
         );
         cache.invalidate(&room);
         assert!(matches!(cache.lookup(&room, soon, done()), Lookup::Start));
-        cache.complete(&room, soon, Err(ClusterUnavailable("down".into())));
+        cache.complete(&room, soon, Err(ClusterUnavailable::Unavailable));
         assert!(
             matches!(cache.lookup(&room, soon, done()), Lookup::Start),
             "a failure is not kept"

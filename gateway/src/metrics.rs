@@ -114,9 +114,16 @@ pub struct EndpointCounters {
     pub rate_limited: Counter,
 }
 
-/// `gateway_backplane_errors_total`, by operation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabel {
+    queue: &'static str,
+    reason: &'static str,
+}
+
+/// `gateway_backplane_errors_total`, by operation, and
+/// `gateway_backplane_refused_total`, by queue and reason.
 #[derive(Debug, Clone)]
-pub struct BackplaneErrors(Family<OpLabel, Counter>);
+pub struct BackplaneErrors(Family<OpLabel, Counter>, Family<RefusedLabel, Counter>);
 
 impl BackplaneErrors {
     /// The operations counted.
@@ -143,6 +150,18 @@ impl BackplaneErrors {
     pub fn count(&self, op: &'static str) {
         self.0.get_or_create(&OpLabel { op }).inc();
     }
+
+    /// The worker's queues (kinds of operation).
+    pub const QUEUES: [&'static str; 5] = ["rooms", "presence", "listing", "users", "tickets"];
+    /// Why a command was refused without running: `busy` (its queue was full), `open`
+    /// (the circuit breaker), `expired` (its deadline passed while it waited),
+    /// `room_budget` (it would have created a room beyond the budget).
+    pub const REASONS: [&'static str; 4] = ["busy", "open", "expired", "room_budget"];
+
+    /// Counts a command of `queue` refused for `reason`.
+    pub fn refused(&self, queue: &'static str, reason: &'static str) {
+        self.1.get_or_create(&RefusedLabel { queue, reason }).inc();
+    }
 }
 
 /// Every metric of the process.
@@ -166,6 +185,7 @@ pub struct Metrics {
     /// Rooms with members on this node (set at each scrape).
     pub rooms: Gauge,
     backplane_errors: Family<OpLabel, Counter>,
+    backplane_refused: Family<RefusedLabel, Counter>,
     recoveries: Family<ResultLabel, Counter>,
 }
 
@@ -288,6 +308,12 @@ impl Metrics {
             "Failed cluster backplane (Redis) operations",
             backplane_errors.clone(),
         );
+        let backplane_refused = Family::default();
+        registry.register(
+            "gateway_backplane_refused",
+            "Cluster backplane commands refused without running, by queue and reason",
+            backplane_refused.clone(),
+        );
         let recoveries = Family::default();
         registry.register(
             "gateway_recoveries",
@@ -327,6 +353,7 @@ impl Metrics {
             datagrams_sent,
             rooms,
             backplane_errors,
+            backplane_refused,
             recoveries,
         })
     }
@@ -424,7 +451,18 @@ impl Metrics {
         for op in BackplaneErrors::OPS {
             drop(self.backplane_errors.get_or_create(&OpLabel { op }));
         }
-        BackplaneErrors(self.backplane_errors.clone())
+        for queue in BackplaneErrors::QUEUES {
+            for reason in BackplaneErrors::REASONS {
+                drop(
+                    self.backplane_refused
+                        .get_or_create(&RefusedLabel { queue, reason }),
+                );
+            }
+        }
+        BackplaneErrors(
+            self.backplane_errors.clone(),
+            self.backplane_refused.clone(),
+        )
     }
 
     /// The Prometheus text exposition.

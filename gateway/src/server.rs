@@ -105,6 +105,7 @@ impl Server {
                     config.rooms.clone(),
                     &config.node_id,
                     config.cluster_heartbeat,
+                    config.limits.room_budget,
                 )?;
                 let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
                 cluster.attach(&hub);

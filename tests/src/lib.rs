@@ -662,6 +662,26 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process without ending it (SIGSTOP): it accepts connections and answers
+    /// nothing, as a hung Redis does, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it again on the same port.
     pub async fn restart(&mut self) {
         self.stop();

@@ -75,7 +75,7 @@ impl RequestError {
             RequestError::RoomNotAllowed | RequestError::PublishNotAllowed => ErrorCode::Forbidden,
             RequestError::TooManyRooms(_) => ErrorCode::LimitExceeded,
             RequestError::NotMember => ErrorCode::NotMember,
-            RequestError::Cluster(_) => ErrorCode::Internal,
+            RequestError::Cluster(e) => e.code(),
             RequestError::Room(RoomRefusal::BudgetSpent) => ErrorCode::LimitExceeded,
             RequestError::Room(RoomRefusal::TooManyNewRooms(_)) => ErrorCode::RateLimited,
         }

@@ -948,7 +948,7 @@ fn a_cluster_that_refuses_or_fails_the_count_leaves_the_session_pending() {
             ),
         ),
         (
-            Err(ClusterUnavailable("down".into())),
+            Err(ClusterUnavailable::Unavailable),
             error(
                 Some(1),
                 "internal",
@@ -982,13 +982,24 @@ fn a_publish_the_cluster_cannot_take_is_an_internal_error() {
         "answered when the cluster has the message"
     );
     let done = cluster.publishes.lock().unwrap().pop().unwrap();
-    done(Err(ClusterUnavailable("redis down".into())));
+    done(Err(ClusterUnavailable::OutcomeUnknown));
     assert_eq!(
         a.frames(),
         [error(
             Some(4),
             "internal",
-            "cluster unavailable: redis down"
+            "cluster unavailable: outcome unknown"
         )]
+    );
+    // The room budget is a limit, not an internal failure.
+    assert_eq!(
+        a.request(json!({"type": "publish", "id": 5, "room": "new", "data": 1})),
+        Vec::<Value>::new()
+    );
+    let done = cluster.publishes.lock().unwrap().pop().unwrap();
+    done(Err(ClusterUnavailable::RoomBudget));
+    assert_eq!(
+        a.frames(),
+        [error(Some(5), "limit_exceeded", "room budget exhausted")]
     );
 }

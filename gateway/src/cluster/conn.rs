@@ -97,7 +97,8 @@ pub(super) fn cluster_client(
     builder.build()
 }
 
-/// A command connection to either kind of Redis.
+/// A command connection to either kind of Redis (multiplexed: clones share it).
+#[derive(Clone)]
 pub(super) enum Conn {
     /// One Redis, reconnecting.
     Single(ConnectionManager),
@@ -109,6 +110,7 @@ pub(super) enum Conn {
 /// connection can keep failing on its stale view of the cluster after a failover
 /// ("no connections found"), so the command that failed fails, and the next one goes
 /// through a new connection that discovered the topology again.
+#[derive(Clone)]
 pub(super) struct ClusterConn {
     client: ClusterClient,
     conn: ClusterConnection,

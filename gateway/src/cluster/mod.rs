@@ -2,20 +2,26 @@
 //! room's messages cluster-wide and carries direct messages between nodes. The design is
 //! docs/cluster.md; what it covers today is the README's "Scaling out".
 //!
-//! One worker task runs the commands in the order the hub issued them (so one session's
-//! publishes keep their order), over a reconnecting connection ([`conn`]: one Redis, or a
-//! Redis Cluster where each script touches one slot); one subscriber task holds the
-//! pub/sub connection (sharded on a cluster), re-subscribes every channel this node needs
-//! after a reconnect or a topology change, and hands what it hears to the hub.
+//! The [`worker`] runs the hub's commands in bounded, ordered lanes per kind of operation
+//! (one room's commands in order, one user's in order) over a small pool of multiplexed
+//! connections ([`conn`]: one Redis, or a Redis Cluster where each script touches one
+//! slot), behind a circuit [`breaker`]; the room [`budget`] bounds the rooms this node
+//! creates in Redis. One subscriber task holds the pub/sub connection (sharded on a
+//! cluster), re-subscribes every channel this node needs after a reconnect or a topology
+//! change, and hands what it hears to the hub. The keep-alive task refreshes this node's
+//! liveness, sweeps dead nodes, and makes again the writes this node still owes Redis.
 
+mod breaker;
+mod budget;
 mod conn;
 mod wire;
+mod worker;
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, OnceLock, Weak,
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
     time::Duration,
 };
@@ -36,7 +42,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use conn::{Conn, Subscriber, Target};
-use wire::Channel;
+use wire::{Channel, CommandError};
+use worker::{Command, Kind, Lanes};
 
 use crate::config::RedisTarget;
 
@@ -50,62 +57,25 @@ pub enum ClusterError {
     Url(#[source] redis::RedisError),
 }
 
-/// A command for the worker, run in the order the hub issued it.
-enum Command {
-    Publish(
-        ClusterPublish,
-        Completion<Result<Option<u64>, ClusterUnavailable>>,
-    ),
-    OpenRoom(
-        RoomName,
-        Option<(u64, String)>,
-        Completion<Result<RoomView, ClusterUnavailable>>,
-    ),
-    CloseRoom(RoomName),
-    Disconnect(
-        String,
-        CloseReason,
-        Completion<Result<(), ClusterUnavailable>>,
-    ),
-    SendUser(
-        String,
-        Option<Arc<str>>,
-        Payload,
-        Completion<Result<bool, ClusterUnavailable>>,
-    ),
-    OpenUser(String),
-    CloseUser(String),
-    Enter(RoomName, MemberInfo, bool),
-    Exit(RoomName, MemberInfo, bool),
-    Members(
-        RoomName,
-        Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
-    ),
-    IssueTicket(
-        wire::TicketRequest,
-        Completion<Result<bool, ClusterUnavailable>>,
-    ),
-    Ticket(
-        String,
-        bool,
-        Completion<Result<Option<String>, ClusterUnavailable>>,
-    ),
-    AcquireUser(String, usize, Completion<Result<bool, ClusterUnavailable>>),
-    ReleaseUser(String),
-    /// This node's liveness had expired: list its members and session counts again.
-    Reannounce,
-}
-
-/// What this node has told Redis it holds, so that it can say it again after a sweep.
+/// What this node has told Redis it holds (its record, the truth Redis is made to match),
+/// and what it still owes Redis: writes that failed or were refused, made again at the
+/// next heartbeat, and everything again after its liveness expired (it may have been
+/// swept).
 #[derive(Default)]
 struct Announced {
     /// Room memberships: (room, session) to the member and its presence-events flag.
     members: HashMap<(RoomName, String), (MemberInfo, bool)>,
+    /// Memberships that ended but may still be listed in Redis.
+    retract: HashMap<(RoomName, String), (MemberInfo, bool)>,
     /// Sessions per user counted towards the cluster-wide limit.
     users: HashMap<String, u32>,
+    /// Memberships whose listing Redis may not match.
+    owed_members: HashSet<(RoomName, String)>,
+    /// Users whose count Redis may not match.
+    owed_users: HashSet<String>,
 }
 
-/// State the worker and the subscriber share.
+/// State the worker, the keep-alive and the subscriber share.
 struct Shared {
     /// Where failed operations are counted, once the server has set it.
     errors: OnceLock<crate::metrics::BackplaneErrors>,
@@ -118,15 +88,19 @@ struct Shared {
     hub: OnceLock<Weak<Hub>>,
     policies: RoomPolicies,
     node: String,
-    /// This node's liveness expired and it has not been announced again since.
-    announce_owed: AtomicBool,
-    /// A [`Command::Reannounce`] waits in the worker's queue.
-    announce_queued: AtomicBool,
+    /// This node's record of what Redis should hold.
+    announced: Mutex<Announced>,
+    /// Open while Redis does not answer.
+    breaker: breaker::Breaker,
+    /// The rooms this node created in Redis, against `[limits] room_budget_mb`.
+    budget: budget::RoomBudget,
+    /// Owed writes are being queued again.
+    resyncing: AtomicBool,
 }
 
 /// The Redis backplane.
 pub struct RedisCluster {
-    commands: mpsc::UnboundedSender<Command>,
+    lanes: Arc<Lanes>,
     shared: Arc<Shared>,
 }
 
@@ -137,7 +111,8 @@ impl std::fmt::Debug for RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts the worker and subscriber tasks for `redis` (one Redis, or a Redis Cluster).
+    /// Starts the worker, keep-alive and subscriber tasks for `redis` (one Redis, or a
+    /// Redis Cluster); rooms this node creates in Redis are held to `room_budget` bytes.
     /// Redis need not be up yet: until it is, operations fail with "cluster unavailable"
     /// and `/healthz` says `degraded`.
     pub fn start(
@@ -145,9 +120,9 @@ impl RedisCluster {
         policies: RoomPolicies,
         node: &str,
         heartbeat: Duration,
+        room_budget: usize,
     ) -> Result<Arc<Self>, ClusterError> {
         let target = Target::new(redis).map_err(ClusterError::Url)?;
-        let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             errors: OnceLock::new(),
             // Every node hears the control channel.
@@ -157,10 +132,12 @@ impl RedisCluster {
             hub: OnceLock::new(),
             policies,
             node: node.to_owned(),
-            announce_owed: AtomicBool::new(false),
-            announce_queued: AtomicBool::new(false),
+            announced: Mutex::new(Announced::default()),
+            breaker: breaker::Breaker::default(),
+            budget: budget::RoomBudget::new(room_budget),
+            resyncing: AtomicBool::new(false),
         });
-        tokio::spawn(work(target.clone(), rx, shared.clone()));
+        let lanes = Arc::new(Lanes::start(target.clone(), shared.clone()));
         match &target {
             Target::Single(client) => {
                 tokio::spawn(subscribe(client.clone(), target.clone(), shared.clone()))
@@ -171,13 +148,8 @@ impl RedisCluster {
                 shared.clone(),
             )),
         };
-        tokio::spawn(keep_alive(
-            target,
-            shared.clone(),
-            heartbeat,
-            commands.clone(),
-        ));
-        Ok(Arc::new(Self { commands, shared }))
+        tokio::spawn(keep_alive(target, shared.clone(), heartbeat, lanes.clone()));
+        Ok(Arc::new(Self { lanes, shared }))
     }
 
     /// Connects the hub the subscriber delivers to.
@@ -202,9 +174,7 @@ impl RedisCluster {
         let request = wire::TicketRequest::new(&ticket, identity, ttl, MAX_TICKETS_PER_USER);
         let (done, rx) = completion();
         self.run(Command::IssueTicket(request, done));
-        let issued = rx
-            .await
-            .map_err(|_| unavailable("the cluster worker stopped"))??;
+        let issued = rx.await.map_err(|_| ClusterUnavailable::Unavailable)??;
         Ok(issued.then_some(ticket))
     }
 
@@ -216,15 +186,12 @@ impl RedisCluster {
     ) -> Result<Option<Identity>, ClusterUnavailable> {
         let (done, rx) = completion();
         self.run(Command::Ticket(ticket.to_owned(), redeem, done));
-        let stored = rx
-            .await
-            .map_err(|_| unavailable("the cluster worker stopped"))??;
+        let stored = rx.await.map_err(|_| ClusterUnavailable::Unavailable)??;
         Ok(stored.as_deref().and_then(wire::identity_of))
     }
 
     fn run(&self, command: Command) {
-        // The worker lives as long as the process; a send can only fail during shutdown.
-        let _ = self.commands.send(command);
+        self.lanes.submit(command, &self.shared);
     }
 }
 
@@ -234,6 +201,9 @@ impl Backplane for RedisCluster {
     }
 
     fn unavailable(&self) -> Option<String> {
+        if self.shared.breaker.is_open() {
+            return Some("cluster backplane (redis) not answering".to_owned());
+        }
         (!self.shared.subscribed.load(Ordering::Acquire))
             .then(|| "cluster backplane (redis) unreachable".to_owned())
     }
@@ -276,11 +246,23 @@ impl Cluster for RedisCluster {
     }
 
     fn enter(&self, room: &RoomName, member: MemberInfo, events: bool) {
-        self.run(Command::Enter(room.clone(), member, events));
+        let key = (room.clone(), member.session.clone());
+        {
+            let mut announced = self.shared.announced();
+            announced.retract.remove(&key);
+            announced.members.insert(key.clone(), (member, events));
+        }
+        self.run(Command::SyncMember(key.0, key.1));
     }
 
     fn exit(&self, room: &RoomName, member: MemberInfo, events: bool) {
-        self.run(Command::Exit(room.clone(), member, events));
+        let key = (room.clone(), member.session.clone());
+        {
+            let mut announced = self.shared.announced();
+            announced.members.remove(&key);
+            announced.retract.insert(key.clone(), (member, events));
+        }
+        self.run(Command::SyncMember(key.0, key.1));
     }
 
     fn members(
@@ -314,253 +296,103 @@ impl Cluster for RedisCluster {
     }
 
     fn release_user(&self, user: &str) {
-        self.run(Command::ReleaseUser(user.to_owned()));
-    }
-}
-
-/// The command connection, or why there is none.
-fn connected(conn: &mut Option<Conn>) -> Result<&mut Conn, ClusterUnavailable> {
-    conn.as_mut()
-        .ok_or_else(|| unavailable("no connection to redis"))
-}
-
-fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
-    ClusterUnavailable(e.to_string())
-}
-
-/// Runs the hub's commands one after the other.
-async fn work(target: Target, mut rx: mpsc::UnboundedReceiver<Command>, shared: Arc<Shared>) {
-    let scripts = wire::Scripts::new(target.sharded(), shared.policies.clone());
-    let mut conn: Option<Conn> = None;
-    let mut swept_own = false;
-    let mut announced = Announced::default();
-    while let Some(command) = rx.recv().await {
-        if conn.is_none() {
-            conn = target.command_connection().await;
-        }
-        if let (false, Some(c)) = (swept_own, conn.as_mut()) {
-            // On the first connection, before any membership of this life: drop what an
-            // earlier process with this node id left behind.
-            swept_own = scripts.sweep(c, &shared.node, false).await.is_ok();
-            if !swept_own {
-                shared.count_error("sweep");
+        {
+            let mut announced = self.shared.announced();
+            if let Some(held) = announced.users.get_mut(user) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    announced.users.remove(user);
+                }
             }
         }
-        match command {
-            Command::Publish(message, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts.publish(c, &message, &shared.policies).await
-                }
-                .await;
-                shared.count_failure("publish", &result);
-                done(result);
-            }
-            Command::OpenRoom(room, since, done) => {
-                let channel = Channel::Room(room.clone()).name();
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    listen(&shared, channel).await?;
-                    scripts.view(c, &room, since, &shared.policies).await
-                }
-                .await;
-                shared.count_failure("view", &result);
-                done(result);
-            }
-            Command::CloseRoom(room) => stop_listening(&shared, Channel::Room(room).name()).await,
-            Command::SendUser(user, from, data, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts.send_user(c, &user, from.as_deref(), &data).await
-                }
-                .await;
-                shared.count_failure("send_user", &result);
-                done(result);
-            }
-            Command::OpenUser(user) => {
-                if let Err(e) = listen(&shared, Channel::User(user).name()).await {
-                    shared.count_error("subscribe");
-                    warn!(error = %e, "subscribing to a user channel failed; it is retried on reconnect");
-                }
-            }
-            Command::CloseUser(user) => stop_listening(&shared, Channel::User(user).name()).await,
-            Command::Enter(room, member, events) => {
-                announced.members.insert(
-                    (room.clone(), member.session.clone()),
-                    (member.clone(), events),
-                );
-                if let Some(c) = conn.as_mut() {
-                    if let Err(e) = scripts.enter(c, &shared.node, &room, &member, events).await {
-                        shared.count_error("enter");
-                        warn!(error = %e, "listing a member in redis failed");
-                    }
-                }
-            }
-            Command::Exit(room, member, events) => {
-                announced
-                    .members
-                    .remove(&(room.clone(), member.session.clone()));
-                if let Some(c) = conn.as_mut() {
-                    if let Err(e) = scripts.exit(c, &shared.node, &room, &member, events).await {
-                        shared.count_error("exit");
-                        warn!(error = %e, "removing a member from redis failed");
-                    }
-                }
-            }
-            Command::Disconnect(user, reason, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    redis::cmd("PUBLISH")
-                        .arg(Channel::Control.name())
-                        .arg(wire::disconnect(&user, &reason))
-                        .query_async::<i64>(c)
-                        .await
-                        .map(drop)
-                        .map_err(unavailable)
-                }
-                .await;
-                shared.count_failure("disconnect", &result);
-                done(result);
-            }
-            Command::IssueTicket(request, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts.issue_ticket(c, &request).await
-                }
-                .await;
-                shared.count_failure("issue_ticket", &result);
-                done(result);
-            }
-            Command::Ticket(ticket, redeem, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts.ticket(c, &ticket, redeem).await
-                }
-                .await;
-                shared.count_failure("ticket", &result);
-                done(result);
-            }
-            Command::AcquireUser(user, max, done) => {
-                let held = announced.users.get(&user).copied().unwrap_or(0);
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts
-                        .count_user(c, &shared.node, &user, held + 1, Some(max))
-                        .await
-                }
-                .await;
-                if let Ok(true) = result {
-                    announced.users.insert(user, held + 1);
-                } else if let (Err(_), Some(c)) = (&result, conn.as_mut()) {
-                    // Whether Redis counted it is unknown: say again what this node holds.
-                    let _ = scripts.count_user(c, &shared.node, &user, held, None).await;
-                }
-                shared.count_failure("acquire_user", &result);
-                done(result);
-            }
-            Command::ReleaseUser(user) => {
-                let held = announced.users.get(&user).copied().unwrap_or(0);
-                let left = held.saturating_sub(1);
-                if left == 0 {
-                    announced.users.remove(&user);
-                } else {
-                    announced.users.insert(user.clone(), left);
-                }
-                if let Some(c) = conn.as_mut() {
-                    if let Err(e) = scripts.count_user(c, &shared.node, &user, left, None).await {
-                        shared.count_error("count_user");
-                        warn!(error = %e, "uncounting a session in redis failed");
-                    }
-                }
-            }
-            Command::Reannounce => {
-                shared.announce_queued.store(false, Ordering::Release);
-                if let Some(c) = conn.as_mut() {
-                    match reannounce(&scripts, c, &shared.node, &announced).await {
-                        Ok(()) => {
-                            shared.announce_owed.store(false, Ordering::Release);
-                            info!(
-                                members = announced.members.len(),
-                                users = announced.users.len(),
-                                "liveness had expired: members and session counts announced again"
-                            );
-                        }
-                        Err(e) => {
-                            shared.count_error("reannounce");
-                            warn!(error = %e, "announcing members again failed; retried next heartbeat");
-                        }
-                    }
-                }
-            }
-            Command::Members(room, done) => {
-                let result = async {
-                    let c = connected(&mut conn)?;
-                    scripts.members(c, &room).await
-                }
-                .await;
-                shared.count_failure("members", &result);
-                done(result);
-            }
-        }
+        self.run(Command::SyncUser(user.to_owned()));
     }
 }
 
-/// Lists again every membership and session count this node holds.
-async fn reannounce(
-    scripts: &wire::Scripts,
-    conn: &mut Conn,
-    node: &str,
-    announced: &Announced,
-) -> Result<(), ClusterUnavailable> {
-    for ((room, _), (member, events)) in &announced.members {
-        scripts.enter(conn, node, room, member, *events).await?;
-    }
-    for (user, count) in &announced.users {
-        scripts.count_user(conn, node, user, *count, None).await?;
-    }
-    Ok(())
-}
-
-/// Refreshes this node's liveness every `heartbeat` and sweeps dead nodes' memberships.
-/// When its own liveness had expired (Redis unreachable for three heartbeats, or restarted
-/// without its data), other nodes may have swept it: the worker announces it again.
-async fn keep_alive(
-    target: Target,
-    shared: Arc<Shared>,
-    heartbeat: Duration,
-    commands: mpsc::UnboundedSender<Command>,
-) {
+/// Refreshes this node's liveness every `heartbeat`, sweeps dead nodes' memberships, lets
+/// lapsed rooms go from the room budget, and queues again the writes this node owes
+/// Redis. When its own liveness had expired (Redis unreachable for three heartbeats, or
+/// restarted without its data), other nodes may have swept it: it owes everything.
+async fn keep_alive(target: Target, shared: Arc<Shared>, heartbeat: Duration, lanes: Arc<Lanes>) {
     let scripts = wire::Scripts::new(target.sharded(), shared.policies.clone());
     let mut conn: Option<Conn> = None;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept_own = false;
     loop {
         tick.tick().await;
-        if conn.is_none() {
-            conn = target.command_connection().await;
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        match scripts.heartbeat(c, &shared.node, heartbeat).await {
-            Ok(expired) => {
-                if expired {
-                    shared.announce_owed.store(true, Ordering::Release);
-                }
-                if shared.announce_owed.load(Ordering::Acquire)
-                    && !shared.announce_queued.swap(true, Ordering::AcqRel)
-                {
-                    let _ = commands.send(Command::Reannounce);
-                }
+        shared.budget.lapse(std::time::Instant::now());
+        let beat = async {
+            if conn.is_none() {
+                conn = target.command_connection().await;
             }
-            Err(e) => {
+            let c = conn.as_mut().ok_or(CommandError::NoConnection)?;
+            if !swept_own {
+                // Before this life's first heartbeat: drop what an earlier process with
+                // this node id left behind (its memberships and counts are owed again).
+                scripts.sweep(c, &shared.node, false).await?;
+                swept_own = true;
+                shared.owe_everything();
+            }
+            scripts.heartbeat(c, &shared.node, heartbeat).await
+        };
+        match tokio::time::timeout(heartbeat.max(conn::COMMAND_TIMEOUT), beat).await {
+            Ok(Ok(expired)) => {
+                if expired {
+                    shared.owe_everything();
+                }
+                resync(&shared, &lanes);
+            }
+            Ok(Err(e)) => {
                 shared.count_error("heartbeat");
                 warn!(error = %e, "cluster heartbeat failed")
+            }
+            Err(_) => {
+                shared.count_error("heartbeat");
+                warn!("cluster heartbeat: redis did not answer in time")
             }
         }
     }
 }
 
+/// Queues a write for everything this node owes Redis (one task at a time; it waits for
+/// room in the lanes' queues rather than being refused).
+fn resync(shared: &Arc<Shared>, lanes: &Arc<Lanes>) {
+    let (members, users) = {
+        let mut announced = shared.announced();
+        if announced.owed_members.is_empty() && announced.owed_users.is_empty() {
+            return;
+        }
+        if shared.resyncing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        (
+            std::mem::take(&mut announced.owed_members),
+            std::mem::take(&mut announced.owed_users),
+        )
+    };
+    let (shared, lanes) = (shared.clone(), lanes.clone());
+    tokio::spawn(async move {
+        let (m, u) = (members.len(), users.len());
+        for (room, session) in members {
+            lanes
+                .submit_waiting(Command::SyncMember(room, session))
+                .await;
+        }
+        for user in users {
+            lanes.submit_waiting(Command::SyncUser(user)).await;
+        }
+        shared.resyncing.store(false, Ordering::Release);
+        info!(
+            members = m,
+            users = u,
+            "memberships and session counts owed to redis queued again"
+        );
+    });
+}
+
 /// Adds `channel` to what this node needs and subscribes to it (confirmed by Redis).
-async fn listen(shared: &Shared, channel: String) -> Result<(), ClusterUnavailable> {
+async fn listen(shared: &Shared, channel: String) -> Result<(), CommandError> {
     shared
         .wanted
         .lock()
@@ -572,11 +404,11 @@ async fn listen(shared: &Shared, channel: String) -> Result<(), ClusterUnavailab
     loop {
         let mut sink = shared.sink.lock().await;
         if let Some(s) = sink.as_mut() {
-            return s.subscribe(&channel).await.map_err(unavailable);
+            return s.subscribe(&channel).await.map_err(CommandError::from);
         }
         drop(sink);
         if tokio::time::Instant::now() >= deadline {
-            return Err(unavailable("the redis subscription is down"));
+            return Err(CommandError::NoSubscription);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -743,7 +575,7 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
     let mut conn = target.command_connection().await;
     for (room, seq, epoch) in positions {
         // A few tries: giving up sends the room's members to rejoin.
-        let mut view = Err(unavailable("no connection to redis"));
+        let mut view = Err(CommandError::NoConnection);
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -753,7 +585,11 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
             }
             let since = Some((seq, epoch.to_string()));
             if let Some(c) = conn.as_mut() {
-                view = scripts.view(c, &room, since, &shared.policies).await;
+                // Rooms with members here are never refused by the budget.
+                view = scripts
+                    .view(c, &room, since, &shared.policies, true)
+                    .await
+                    .map(|(view, _)| view);
                 if view.is_ok() {
                     break;
                 }
@@ -826,10 +662,54 @@ async fn resubscribe(shared: &Shared) -> bool {
 }
 
 impl Shared {
-    /// Counts `op` as failed when `result` is an error.
-    fn count_failure<T>(&self, op: &'static str, result: &Result<T, ClusterUnavailable>) {
-        if result.is_err() {
-            self.count_error(op);
+    /// This node's record (never held across an await).
+    fn announced(&self) -> MutexGuard<'_, Announced> {
+        self.announced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Redis may not list (or unlist) this membership as the record says.
+    fn owe_member(&self, room: RoomName, session: String) {
+        self.announced().owed_members.insert((room, session));
+    }
+
+    /// Redis may not hold this user's count as the record says.
+    fn owe_user(&self, user: String) {
+        self.announced().owed_users.insert(user);
+    }
+
+    /// Everything the record holds is owed (this node may have been swept).
+    fn owe_everything(&self) {
+        let mut guard = self.announced();
+        let announced = &mut *guard;
+        let members = announced.members.keys().chain(announced.retract.keys());
+        announced
+            .owed_members
+            .extend(members.cloned().collect::<Vec<_>>());
+        let users: Vec<String> = announced.users.keys().cloned().collect();
+        announced.owed_users.extend(users);
+    }
+
+    /// Adds `channel` to what this node needs.
+    fn want(&self, channel: String) {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel);
+    }
+
+    /// Removes `channel` from what this node needs.
+    fn unwant(&self, channel: &str) {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(channel);
+    }
+
+    /// Counts a command of `kind` refused without being run (`busy`: its queue was full;
+    /// `open`: the breaker; `expired`: its deadline passed in the queue; `room_budget`).
+    fn count_refused(&self, kind: Kind, reason: &'static str) {
+        if let Some(errors) = self.errors.get() {
+            errors.refused(kind.name(), reason);
         }
     }
 

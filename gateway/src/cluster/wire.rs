@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use gateway_core::{
     auth::Identity,
-    backplane::{ClusterMessage, ClusterPublish, ClusterUnavailable, RoomView},
+    backplane::{ClusterMessage, ClusterPublish, RoomView},
     hub::Hub,
     pattern::Pattern,
     policy::RoomPolicies,
@@ -467,6 +467,16 @@ if ARGV[#ARGV] == '1' then
 end
 "#;
 
+/// Whether the room's state (KEYS[1]) is new, checked before anything else: a new room may
+/// be created only when the next-to-last argument is `1` (the node's room budget allows
+/// it, or the room keeps no history); otherwise the script returns `{-1}` and keeps
+/// nothing. `created` tells the caller the room was created, for the node's accounting.
+const BUDGET: &str = r#"
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
+if fresh and ARGV[#ARGV - 1] ~= '1' then return {-1} end
+local created = fresh and 1 or 0
+"#;
+
 /// One atomic step per publish: the next sequence number (a new epoch when the sequence
 /// restarts), the history entry, the expiry of the room's keys, and the channel message.
 const PUBLISH: &str = r#"
@@ -474,7 +484,7 @@ local history, ttl, volatile = tonumber(ARGV[2]), ARGV[3], ARGV[6]
 local framed = #ARGV[4] .. ' ' .. ARGV[4] .. ARGV[5]
 if volatile == '1' then
   redis.call(ARGV[8], ARGV[1], '- ' .. framed)
-  return 0
+  return {0, 0}
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if seq == 1 then
@@ -489,16 +499,17 @@ if history > 0 then
 end
 if redis.call('HLEN', KEYS[3]) == 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call(ARGV[8], ARGV[1], seq .. ' ' .. redis.call('HGET', KEYS[1], 'epoch') .. ' ' .. framed)
-return seq
+return {seq, created}
 "#;
 
 /// A room as a joining member sees it: its sequence number and epoch (created if the room
-/// has none), and with `since` the kept entries after it, flattened as seq, meta, data.
+/// has none), its members, whether it was created, and with `since` the kept entries
+/// after it, flattened as seq, meta, data.
 const VIEW: &str = r#"
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 if redis.call('HLEN', KEYS[3]) == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local out = {seq, redis.call('HGET', KEYS[1], 'epoch'), redis.call('HLEN', KEYS[3])}
+local out = {seq, redis.call('HGET', KEYS[1], 'epoch'), redis.call('HLEN', KEYS[3]), created}
 local since = tonumber(ARGV[3])
 if since >= 0 and since < seq then
   for _, e in ipairs(redis.call('XRANGE', KEYS[2], '0-' .. (since + 1), '+')) do
@@ -519,16 +530,63 @@ fn new_epoch() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ClusterUnavailable {
-    ClusterUnavailable(e.to_string())
+/// What a publish did.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Published {
+    /// Its sequence number (`None` when volatile).
+    pub(super) seq: Option<u64>,
+    /// Whether it created the room's state.
+    pub(super) created: bool,
+}
+
+/// Why a command failed. Its text is for the log only: clients get a
+/// [`ClusterUnavailable`](gateway_core::backplane::ClusterUnavailable) without internals.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CommandError {
+    /// Redis answered with an error, or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered something the backplane does not expect.
+    #[error("unexpected reply to {0}")]
+    Reply(&'static str),
+    /// There is no connection to Redis.
+    #[error("no connection to redis")]
+    NoConnection,
+    /// The pub/sub connection is down.
+    #[error("the redis subscription is down")]
+    NoSubscription,
+    /// The room has no state and the room budget allows no new one.
+    #[error("room budget exhausted")]
+    RoomBudget,
+}
+
+impl CommandError {
+    /// Whether Redis gave no answer (a timeout, a broken or refused connection), rather
+    /// than an answer: what the circuit breaker counts.
+    pub(super) fn unanswered(&self) -> bool {
+        match self {
+            CommandError::Redis(e) => {
+                e.is_timeout()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::ClusterConnectionNotFound | redis::ErrorKind::ClusterDown
+                    )
+            }
+            CommandError::NoConnection | CommandError::NoSubscription => true,
+            CommandError::Reply(_) | CommandError::RoomBudget => false,
+        }
+    }
 }
 
 impl Scripts {
     /// The scripts for one Redis, or for a Redis Cluster (`cluster`).
     pub(super) fn new(cluster: bool, policies: RoomPolicies) -> Self {
         Self {
-            publish: Script::new(&format!("{SAME_MASTER}{PUBLISH}")),
-            view: Script::new(&format!("{SAME_MASTER}{VIEW}")),
+            publish: Script::new(&format!("{BUDGET}{SAME_MASTER}{PUBLISH}")),
+            view: Script::new(&format!("{BUDGET}{SAME_MASTER}{VIEW}")),
             enter: Script::new(ENTER),
             exit: Script::new(EXIT),
             sweep: Script::new(SWEEP),
@@ -566,12 +624,11 @@ impl Scripts {
         conn: &mut Conn,
         ticket: &str,
         redeem: bool,
-    ) -> Result<Option<String>, ClusterUnavailable> {
+    ) -> Result<Option<String>, CommandError> {
         let stored: Option<String> = redis::cmd(if redeem { "GETDEL" } else { "GET" })
             .arg(ticket_key(ticket))
             .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let redeemed_by = stored
             .as_deref()
             .filter(|_| redeem)
@@ -596,7 +653,7 @@ impl Scripts {
         user: &str,
         count: u32,
         max: Option<usize>,
-    ) -> Result<bool, ClusterUnavailable> {
+    ) -> Result<bool, CommandError> {
         let set: i64 = self
             .count_user
             .key(user_sessions_key(user))
@@ -604,8 +661,7 @@ impl Scripts {
             .arg(count)
             .arg(max.map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)))
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if set == 1 {
             // The node's record, for the sweep after it died.
             if count > 0 {
@@ -613,19 +669,50 @@ impl Scripts {
                     .arg(node_users_key(node))
                     .arg(user)
                     .exec_async(conn)
-                    .await
-                    .map_err(unavailable)?;
+                    .await?;
                 self.register(conn, node).await?;
             } else {
                 redis::cmd("SREM")
                     .arg(node_users_key(node))
                     .arg(user)
                     .exec_async(conn)
-                    .await
-                    .map_err(unavailable)?;
+                    .await?;
             }
         }
         Ok(set == 1)
+    }
+
+    /// Releases the session counts of `user` held by nodes whose liveness expired (dead,
+    /// or cut off from Redis for three heartbeats: such a node counts its users again
+    /// when it is back), without waiting for the next sweep. Returns how many were
+    /// released. Each step is its own command (the keys are in different slots on a
+    /// cluster); a node that beats again in between is counted again by itself.
+    pub(super) async fn release_dead_counts(
+        &self,
+        conn: &mut Conn,
+        node: &str,
+        user: &str,
+    ) -> Result<usize, CommandError> {
+        let holders: Vec<String> = redis::cmd("HKEYS")
+            .arg(user_sessions_key(user))
+            .query_async(conn)
+            .await?;
+        let mut released = 0;
+        for other in holders.iter().filter(|n| n.as_str() != node) {
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(node_key(other))
+                .query_async(conn)
+                .await?;
+            if !alive {
+                let n: i64 = redis::cmd("HDEL")
+                    .arg(user_sessions_key(user))
+                    .arg(other)
+                    .query_async(conn)
+                    .await?;
+                released += n as usize;
+            }
+        }
+        Ok(released)
     }
 
     /// Stores a ticket (see [`ISSUE_TICKET`]); `false` when the user is at the limit.
@@ -633,15 +720,14 @@ impl Scripts {
         &self,
         conn: &mut Conn,
         request: &TicketRequest,
-    ) -> Result<bool, ClusterUnavailable> {
+    ) -> Result<bool, CommandError> {
         let reserved: i64 = self
             .reserve_ticket
             .key(&request.count_key)
             .arg(request.ttl_ms)
             .arg(request.max_per_user)
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if reserved != 1 {
             return Ok(false);
         }
@@ -659,20 +745,20 @@ impl Scripts {
                 .key(&request.count_key)
                 .invoke_async::<i64>(conn)
                 .await;
-            return Err(unavailable(e));
+            return Err(e.into());
         }
         Ok(true)
     }
 
     /// Puts `node` in the registry the sweep reads (a node with members or sessions is
     /// always in it).
-    async fn register(&self, conn: &mut Conn, node: &str) -> Result<(), ClusterUnavailable> {
+    async fn register(&self, conn: &mut Conn, node: &str) -> Result<(), CommandError> {
         redis::cmd("SADD")
             .arg(NODES)
             .arg(node)
             .exec_async(conn)
             .await
-            .map_err(unavailable)
+            .map_err(CommandError::from)
     }
 
     /// Lists a session in a room (see [`ENTER`]): first in its node's record, so a sweep
@@ -684,13 +770,12 @@ impl Scripts {
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
-    ) -> Result<(), ClusterUnavailable> {
+    ) -> Result<(), CommandError> {
         redis::cmd("SADD")
             .arg(node_members_key(node))
             .arg(membership(room, member, events))
             .exec_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         self.register(conn, node).await?;
         self.room_membership(&self.enter, conn, room, member, events)
             .await
@@ -704,7 +789,7 @@ impl Scripts {
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
-    ) -> Result<(), ClusterUnavailable> {
+    ) -> Result<(), CommandError> {
         self.room_membership(&self.exit, conn, room, member, events)
             .await?;
         redis::cmd("SREM")
@@ -712,7 +797,7 @@ impl Scripts {
             .arg(membership(room, member, events))
             .exec_async(conn)
             .await
-            .map_err(unavailable)
+            .map_err(CommandError::from)
     }
 
     /// Runs [`ENTER`] or [`EXIT`] (the same keys and arguments) on the room's slot.
@@ -723,7 +808,7 @@ impl Scripts {
         room: &RoomName,
         member: &MemberInfo,
         events: bool,
-    ) -> Result<(), ClusterUnavailable> {
+    ) -> Result<(), CommandError> {
         let keys = Keys::room(room.as_str());
         let info = serde_json::to_string(member).expect("plain struct");
         let ttl = self.policies.for_room(room.as_str()).history_ttl;
@@ -739,8 +824,7 @@ impl Scripts {
             .arg(self.publish_command())
             .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(())
     }
 
@@ -749,12 +833,11 @@ impl Scripts {
         &self,
         conn: &mut Conn,
         room: &RoomName,
-    ) -> Result<Vec<MemberInfo>, ClusterUnavailable> {
+    ) -> Result<Vec<MemberInfo>, CommandError> {
         let infos: Vec<String> = redis::cmd("HVALS")
             .arg(Keys::room(room.as_str()).members)
             .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(infos
             .iter()
             .filter_map(|i| serde_json::from_str(i).ok())
@@ -769,7 +852,7 @@ impl Scripts {
         conn: &mut Conn,
         node: &str,
         heartbeat: std::time::Duration,
-    ) -> Result<bool, ClusterUnavailable> {
+    ) -> Result<bool, CommandError> {
         let ttl = (heartbeat.as_millis() as u64 * 3).max(1);
         let previous: Option<String> = redis::cmd("SET")
             .arg(node_key(node))
@@ -778,20 +861,14 @@ impl Scripts {
             .arg(ttl)
             .arg("GET")
             .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         self.register(conn, node).await?;
-        let nodes: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(NODES)
-            .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+        let nodes: Vec<String> = redis::cmd("SMEMBERS").arg(NODES).query_async(conn).await?;
         for other in nodes.iter().filter(|n| n.as_str() != node) {
             let alive: bool = redis::cmd("EXISTS")
                 .arg(node_key(other))
                 .query_async(conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             if !alive {
                 self.sweep(conn, other, true).await?;
             }
@@ -807,7 +884,7 @@ impl Scripts {
         conn: &mut Conn,
         node: &str,
         dead: bool,
-    ) -> Result<i64, ClusterUnavailable> {
+    ) -> Result<i64, CommandError> {
         if self.cluster {
             return self.sweep_in_steps(conn, node, dead).await;
         }
@@ -821,7 +898,7 @@ impl Scripts {
             .arg(self.longest_history_ttl_ms())
             .invoke_async(conn)
             .await
-            .map_err(unavailable)
+            .map_err(CommandError::from)
     }
 
     /// The longest history lifetime of any room policy, for rooms a sweep leaves empty.
@@ -846,7 +923,7 @@ impl Scripts {
         conn: &mut Conn,
         node: &str,
         dead: bool,
-    ) -> Result<i64, ClusterUnavailable> {
+    ) -> Result<i64, CommandError> {
         let listed: Value = self
             .sweep_list
             .key(node_key(node))
@@ -854,19 +931,17 @@ impl Scripts {
             .key(node_users_key(node))
             .arg(if dead { "dead" } else { "keep" })
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let (entries, users): (Vec<String>, Vec<String>) = match listed {
             Value::Int(-1) => return Ok(-1),
-            other => redis::from_redis_value(&other).map_err(unavailable)?,
+            other => redis::from_redis_value(&other)?,
         };
         for user in &users {
             redis::cmd("HDEL")
                 .arg(user_sessions_key(user))
                 .arg(node)
                 .exec_async(conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
         }
         for entry in &entries {
             let mut parts = entry.splitn(4, '\n');
@@ -890,28 +965,30 @@ impl Scripts {
         let mut done = redis::pipe();
         done.cmd("DEL").arg(node_members_key(node)).ignore();
         done.cmd("DEL").arg(node_users_key(node)).ignore();
-        done.exec_async(conn).await.map_err(unavailable)?;
+        done.exec_async(conn).await?;
         if dead {
             redis::cmd("SREM")
                 .arg(NODES)
                 .arg(node)
                 .exec_async(conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
         }
         Ok(entries.len() as i64)
     }
 
+    /// Publishes `message` (see [`PUBLISH`]); a new room is created only when
+    /// `may_create` (else [`CommandError::RoomBudget`], and nothing is kept or sent).
     pub(super) async fn publish(
         &self,
         conn: &mut Conn,
         message: &ClusterPublish,
         policies: &RoomPolicies,
-    ) -> Result<Option<u64>, ClusterUnavailable> {
+        may_create: bool,
+    ) -> Result<Published, CommandError> {
         let policy = policies.for_room(message.room.as_str());
         let keys = Keys::room(message.room.as_str());
         let meta = meta(message.from.as_deref(), &message.data, message.origin);
-        let seq: u64 = self
+        let reply: Vec<i64> = self
             .publish
             .key(&keys.state)
             .key(&keys.stream)
@@ -925,24 +1002,38 @@ impl Scripts {
             .arg(new_epoch())
             .arg(self.publish_command())
             // A volatile message neither reads nor creates the room's state.
+            .arg(if message.volatile || may_create {
+                "1"
+            } else {
+                "0"
+            })
             .arg(if message.volatile {
                 "0"
             } else {
                 self.same_master_flag()
             })
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
-        Ok((!message.volatile).then_some(seq))
+            .await?;
+        match reply[..] {
+            [-1, ..] => Err(CommandError::RoomBudget),
+            [seq, created] => Ok(Published {
+                seq: (!message.volatile).then_some(seq.max(0) as u64),
+                created: created == 1,
+            }),
+            _ => Err(CommandError::Reply("a publish")),
+        }
     }
 
+    /// The room as a joining member sees it (see [`VIEW`]), and whether this created it;
+    /// a new room is created only when `may_create` (else [`CommandError::RoomBudget`]).
     pub(super) async fn view(
         &self,
         conn: &mut Conn,
         room: &RoomName,
         since: Option<(u64, String)>,
         policies: &RoomPolicies,
-    ) -> Result<RoomView, ClusterUnavailable> {
+        may_create: bool,
+    ) -> Result<(RoomView, bool), CommandError> {
         let policy = policies.for_room(room.as_str());
         let keys = Keys::room(room.as_str());
         let reply: Vec<Value> = self
@@ -957,11 +1048,14 @@ impl Scripts {
                     .as_ref()
                     .map_or(-1, |(s, _)| i64::try_from(*s).unwrap_or(i64::MAX)),
             )
+            .arg(if may_create { "1" } else { "0" })
             .arg(self.same_master_flag())
             .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
-        parse_view(&reply, since).ok_or_else(|| unavailable("unexpected reply to the room view"))
+            .await?;
+        if matches!(reply.first(), Some(Value::Int(-1))) {
+            return Err(CommandError::RoomBudget);
+        }
+        parse_view(&reply, since).ok_or(CommandError::Reply("the room view"))
     }
 
     pub(super) async fn send_user(
@@ -970,7 +1064,7 @@ impl Scripts {
         user: &str,
         from: Option<&str>,
         data: &Payload,
-    ) -> Result<bool, ClusterUnavailable> {
+    ) -> Result<bool, CommandError> {
         let meta = meta(from, data, None);
         let mut framed = format!("{} {meta}", meta.len()).into_bytes();
         framed.extend_from_slice(payload_bytes(data));
@@ -978,8 +1072,7 @@ impl Scripts {
             .arg(Channel::User(user.to_owned()).name())
             .arg(framed)
             .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(receivers > 0)
     }
 }
@@ -992,8 +1085,9 @@ fn bytes_of(v: &Value) -> Option<&[u8]> {
     }
 }
 
-/// The room view, with `missed` only when every message after `since` (in its epoch) came.
-fn parse_view(reply: &[Value], since: Option<(u64, String)>) -> Option<RoomView> {
+/// The room view, with `missed` only when every message after `since` (in its epoch)
+/// came, and whether the view created the room.
+fn parse_view(reply: &[Value], since: Option<(u64, String)>) -> Option<(RoomView, bool)> {
     let seq = match reply.first()? {
         Value::Int(n) => u64::try_from(*n).ok()?,
         _ => return None,
@@ -1003,25 +1097,32 @@ fn parse_view(reply: &[Value], since: Option<(u64, String)>) -> Option<RoomView>
         Value::Int(n) => usize::try_from(*n).ok()?,
         _ => return None,
     };
+    let created = matches!(reply.get(3)?, Value::Int(1));
     let mut entries = Vec::new();
-    for triple in reply[3..].chunks(3) {
+    for triple in reply[4..].chunks(3) {
         let [s, m, d] = triple else { return None };
         let s: u64 = std::str::from_utf8(bytes_of(s)?).ok()?.parse().ok()?;
         entries.push(message(bytes_of(m)?, bytes_of(d)?, Some(s))?);
     }
     let missed = since.and_then(|(since, e)| {
+        // A `since` at the top of u64 has nothing after it (and must not overflow).
+        let first = since.checked_add(1)?;
         let consecutive = entries
             .iter()
-            .zip(since + 1..)
+            .zip(first..)
             .all(|(m, expected)| m.seq == Some(expected));
-        (e == *epoch && consecutive && since + entries.len() as u64 == seq).then_some(entries)
+        let upto = since.checked_add(entries.len() as u64)?;
+        (e == *epoch && consecutive && upto == seq).then_some(entries)
     });
-    Some(RoomView {
-        seq,
-        epoch,
-        missed,
-        members,
-    })
+    Some((
+        RoomView {
+            seq,
+            epoch,
+            missed,
+            members,
+        },
+        created,
+    ))
 }
 
 #[cfg(test)]
@@ -1052,17 +1153,20 @@ mod tests {
                 Value::Int(5),
                 Value::BulkString(b"e1".to_vec()),
                 Value::Int(2),
+                Value::Int(0),
             ];
             for s in entries {
                 r.extend(entry(*s));
             }
             r
         };
-        let ok = parse_view(&reply(&[4, 5]), Some((3, "e1".into()))).unwrap();
+        let (ok, created) = parse_view(&reply(&[4, 5]), Some((3, "e1".into()))).unwrap();
+        assert!(!created);
         assert_eq!(ok.missed.map(|m| m.len()), Some(2));
         assert!(
             parse_view(&reply(&[5]), Some((3, "e1".into())))
                 .unwrap()
+                .0
                 .missed
                 .is_none(),
             "gap"
@@ -1070,6 +1174,7 @@ mod tests {
         assert!(
             parse_view(&reply(&[4, 5]), Some((3, "e0".into())))
                 .unwrap()
+                .0
                 .missed
                 .is_none(),
             "epoch"
@@ -1077,10 +1182,17 @@ mod tests {
         assert_eq!(
             parse_view(&reply(&[]), Some((5, "e1".into())))
                 .unwrap()
+                .0
                 .missed
                 .map(|m| m.len()),
             Some(0)
         );
-        assert!(parse_view(&reply(&[]), None).unwrap().missed.is_none());
+        assert!(parse_view(&reply(&[]), None).unwrap().0.missed.is_none());
+        // A `since` at the top of u64 is ahead of the room, not an overflow.
+        assert!(parse_view(&reply(&[]), Some((u64::MAX, "e1".into())))
+            .unwrap()
+            .0
+            .missed
+            .is_none());
     }
 }

@@ -253,7 +253,7 @@ async fn issue_ticket(
         let ticket = cluster
             .issue_ticket(&identity, app.tickets.ttl())
             .await
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| ApiError::new(e.code(), e.to_string()))?
             .ok_or_else(|| {
                 ApiError::new(TicketError::UserLimit, TicketError::UserLimit.to_string())
             })?;
@@ -356,7 +356,7 @@ fn cluster_result<T>(
 ) -> Result<T, ApiError> {
     match outcome {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(ApiError::new(ErrorCode::Internal, e.to_string())),
+        Ok(Err(e)) => Err(ApiError::new(e.code(), e.to_string())),
         Err(_) => Err(ApiError::new(
             ErrorCode::Internal,
             "the operation was dropped",
