@@ -65,6 +65,11 @@ impl HubConfig {
     }
 }
 
+/// The epoch of a [`RoomView`] the cluster could not read: [`Hub::catch_up`] then knows
+/// neither what was missed nor where the room is, and tells the members with the room's
+/// next message (`resync` with that message's epoch and the `seq` before it).
+pub const UNKNOWN_EPOCH: &str = "";
+
 /// The default [`HubConfig::room_budget`]: 256 MiB.
 pub const DEFAULT_ROOM_BUDGET: usize = 256 * 1024 * 1024;
 
@@ -109,7 +114,12 @@ pub struct JoinOutcome {
 }
 
 /// Live frames held back for a member whose join waits for the cluster, with their `seq`.
-type HeldFrames = Vec<(Option<u64>, Outbound)>;
+/// Each with the epoch it came in (room messages only).
+type HeldFrames = Vec<(Option<u64>, Option<Arc<str>>, Outbound)>;
+
+/// Live frames held for one member whose join waits for the cluster at most; beyond, the
+/// member is a slow consumer (4008), as it would be with a full queue.
+const MAX_HELD_FRAMES: usize = 1024;
 
 struct RoomState {
     seq: u64,
@@ -632,7 +642,7 @@ impl Hub {
                 state.epoch = view.epoch.clone();
                 let outcome = JoinOutcome {
                     seq: view.seq,
-                    epoch: view.epoch,
+                    epoch: view.epoch.clone(),
                     members: view.members.max(state.members.len()),
                     recovered: None,
                 };
@@ -655,7 +665,13 @@ impl Hub {
                     }
                 }
                 let mut newer = false;
-                for (seq, frame) in held {
+                for (seq, epoch, frame) in held {
+                    // A message of another epoch than the view's came from before it (the
+                    // view moved the member past it) or from a later restart (whose next
+                    // message brings the `resync`): not delivered after the ack.
+                    if epoch.is_some_and(|e| *e != *view.epoch) {
+                        continue;
+                    }
                     if seq.is_none_or(|s| s > view.seq) {
                         newer |= seq.is_some();
                         handle.send(frame);
@@ -707,9 +723,17 @@ impl Hub {
         };
         let (from_seq, from_epoch) = from;
         if *room_ref.lock().epoch != *from_epoch {
-            // A join moved the room to another epoch meanwhile (and sent the members of
-            // the old one to rejoin).
+            // A join moved the room to another epoch meanwhile (and resynced the members
+            // of the old one).
             return view.seq;
+        }
+        if *view.epoch == *UNKNOWN_EPOCH {
+            // Whatever epoch the next message has differs: it brings the `resync`. Nothing
+            // on the channel is skipped as accounted for.
+            let mut state = room_ref.lock();
+            state.epoch = UNKNOWN_EPOCH.into();
+            state.floors.clear();
+            return 0;
         }
         match view.missed {
             Some(missed) if *view.epoch == *from_epoch => {
@@ -753,7 +777,7 @@ impl Hub {
                 state.seq = before;
             }
         }
-        self.deliver_to(room, &room_ref, message, false);
+        self.deliver_to(room, &room_ref, message, false, Some(epoch));
     }
 
     /// Cluster mode: a room message the cluster ordered, for this node's members of the
@@ -762,7 +786,7 @@ impl Hub {
         let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return;
         };
-        self.deliver_to(room, &room_ref, message, volatile);
+        self.deliver_to(room, &room_ref, message, volatile, None);
     }
 
     /// [`deliver`](Self::deliver) to a room already looked up.
@@ -772,8 +796,10 @@ impl Hub {
         room_ref: &Room,
         message: &ClusterMessage,
         volatile: bool,
+        epoch: Option<&str>,
     ) {
         let frame = self.encode(room, message, volatile);
+        let mut held_epoch: Option<Arc<str>> = None;
         let mut state = room_ref.lock();
         if let Some(seq) = message.seq {
             state.seq = state.seq.max(seq);
@@ -794,7 +820,16 @@ impl Hub {
                 continue;
             }
             match pending.get_mut(id) {
-                Some((_, held)) => held.push((message.seq, frame.clone())),
+                Some((_, held)) if held.len() >= MAX_HELD_FRAMES => {
+                    member.close(CloseReason::new(
+                        crate::protocol::CloseCode::TooSlowOrTooFast,
+                        "slow consumer: outbound queue full",
+                    ));
+                }
+                Some((_, held)) => {
+                    let epoch = epoch.map(|e| held_epoch.get_or_insert_with(|| e.into()).clone());
+                    held.push((message.seq, epoch, frame.clone()));
+                }
                 None if message.seq.is_some() && floors.contains_key(id) => {}
                 None => {
                     member.send(frame.clone());
@@ -821,7 +856,10 @@ impl Hub {
                 continue;
             }
             match pending.get_mut(id) {
-                Some((_, held)) => held.push((None, frame.clone())),
+                Some((_, held)) if held.len() < MAX_HELD_FRAMES => {
+                    held.push((None, None, frame.clone()))
+                }
+                Some(_) => {}
                 None => {
                     member.send(frame.clone());
                 }
@@ -1957,6 +1995,73 @@ mod tests {
                 json!({"type": "message", "room": "r", "seq": 8, "data": 8}),
             ]
         );
+    }
+
+    #[test]
+    fn a_catch_up_the_cluster_could_not_answer_resyncs_with_the_next_message() {
+        let (hub, _cluster, room, live, rx) = clustered_member();
+        let view = RoomView {
+            seq: 2,
+            epoch: UNKNOWN_EPOCH.into(),
+            missed: None,
+            members: 0,
+        };
+        assert_eq!(hub.catch_up(&room, (2, "e"), view), 0, "nothing skipped");
+        let (frames, closed) = frames_and_close(&rx);
+        assert_eq!(
+            (frames.len(), closed),
+            (1, None),
+            "only the join's ack: {frames:?}"
+        );
+        hub.deliver_in_epoch(&room, &cluster_message(5), "e");
+        let (frames, _) = frames_and_close(&rx);
+        assert_eq!(
+            frames,
+            [
+                json!({"type": "resync", "room": "r", "epoch": "e", "seq": 4, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 5, "data": 5}),
+            ]
+        );
+        assert!(hub.is_member(&live, &room));
+    }
+
+    #[test]
+    fn frames_of_another_epoch_held_during_a_join_are_not_delivered_after_its_ack() {
+        let cluster = Arc::new(ScriptedCluster::default());
+        let hub = Hub::new(
+            HubConfig::new("n1", RoomPolicies::default()),
+            cluster.clone(),
+            StdRng::seed_from_u64(1),
+        );
+        let room = RoomName::new("r").unwrap();
+        let (joiner, rx) = session(&hub, "joiner");
+        hub.join(
+            &joiner,
+            &room,
+            None,
+            Instant::now(),
+            Box::new(ack_frame_any),
+        )
+        .unwrap();
+        // While the join waits, the channel still brings the old epoch's 501 and 502.
+        hub.deliver_in_epoch(&room, &cluster_message(501), "e1");
+        hub.deliver_in_epoch(&room, &cluster_message(502), "e1");
+        let done = cluster.views.lock().unwrap().pop().unwrap();
+        done(Ok(RoomView {
+            seq: 3,
+            epoch: "e2".into(),
+            missed: None,
+            members: 1,
+        }));
+        hub.deliver_in_epoch(&room, &cluster_message(4), "e2");
+        let (frames, closed) = frames_and_close(&rx);
+        assert_eq!(closed, None);
+        let seqs: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();
+        assert_eq!(seqs, [4], "{frames:?}");
+    }
+
+    fn ack_frame_any(_: Result<&JoinOutcome, &ClusterUnavailable>) -> Outbound {
+        Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}"))
     }
 
     #[test]

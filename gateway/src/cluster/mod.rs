@@ -596,12 +596,12 @@ async fn catch_up(target: &Target, shared: &Shared) -> HashMap<String, u64> {
             }
         }
         let view = view.unwrap_or_else(|e| {
-            // Unknown what was missed: the members rejoin and recover from the history.
+            // Unknown what was missed: the room's next message tells its members (`resync`).
             shared.count_error("view");
-            warn!(error = %e, room = room.as_str(), "catching up a room failed; its members rejoin");
+            warn!(error = %e, room = room.as_str(), "catching up a room failed; its members get resync with its next message");
             gateway_core::backplane::RoomView {
                 seq,
-                epoch: "unknown".into(),
+                epoch: gateway_core::hub::UNKNOWN_EPOCH.into(),
                 missed: None,
                 members: 0,
             }
