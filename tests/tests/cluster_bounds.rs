@@ -406,3 +406,86 @@ async fn users_of_a_killed_node_reconnect_elsewhere_once_its_liveness_expired() 
     })
     .await;
 }
+
+/// Finding 1 in cluster mode: one session loops `join since=0` / `leave` on a room with a
+/// long history and never reads. Each replay would be a fresh copy read from Redis; now the
+/// history is read only while the session has no other recovery under way and its queue is
+/// at most half full, so Redis reads a bounded number of histories, the node's memory stays
+/// flat and a bystander is served within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
+    within(90, async {
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nwebtransport = false\n{}",
+                node_config(&redis, "")
+            ),
+        )
+        .unwrap();
+        let gw = RunningGateway::start(&config, dir.path()).await;
+        let connect = || async {
+            let mut c = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
+                .await
+                .unwrap();
+            assert_eq!(c.recv().await["type"], "welcome");
+            c
+        };
+        let mut filler = connect().await;
+        let epoch = filler.join("long").await["epoch"].clone();
+        let data = "x".repeat(1000);
+        for i in 1..=100 {
+            let ack = filler
+                .request(json!({"type":"publish","room":"long","data":data,"id":i}))
+                .await;
+            assert_eq!(ack["seq"], i, "{ack}");
+        }
+        let xranges = |info: String| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        let reads_before = xranges(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await);
+        let rss_before = gw.rss_kib();
+        let mut attacker = connect().await;
+        for i in 0..3000 {
+            attacker
+                .send(json!({"type":"join","room":"long","since":0,"epoch":epoch,"id":i}))
+                .await;
+            attacker
+                .send(json!({"type":"leave","room":"long","id":i}))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_after = gw.rss_kib();
+        let reads =
+            xranges(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await) - reads_before;
+        // A bystander joins, publishes and hears itself within a second.
+        let started = Instant::now();
+        let mut b = connect().await;
+        b.join("elsewhere").await;
+        let ack = b
+            .request(json!({"type":"publish","room":"elsewhere","data":"ok","echo":true,"id":7}))
+            .await;
+        assert!(ack["type"] == "ack" || ack["type"] == "message", "{ack}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        println!(
+            "3,000 recovery loops: {reads} history reads, RSS {rss_before} -> {rss_after} KiB"
+        );
+        assert!(reads < 1000, "{reads} history reads for 3,000 loops");
+        assert!(
+            rss_after < rss_before + 30 * 1024,
+            "RSS {rss_before} -> {rss_after} KiB"
+        );
+    })
+    .await;
+}

@@ -123,10 +123,13 @@ impl Kind {
     }
 
     /// Commands one lane's queue holds. A publish holds at most `max_message_bytes`
-    /// (64 KiB by default): 8 × 64 × 64 KiB = 32 MiB at worst for the rooms' queues.
+    /// (64 KiB by default): 8 × 256 × 64 KiB = 128 MiB at worst for the rooms' queues (with
+    /// 1 KiB messages, 2 MiB). 256 absorbs a burst of one busy room's publishers: a lane
+    /// runs a command per round trip (about 10,000/s on loopback), so a full queue drains
+    /// in some 25 ms, far within the 2 s deadline.
     pub(super) fn capacity(self) -> usize {
         match self {
-            Kind::Rooms => 64,
+            Kind::Rooms => 256,
             Kind::Presence => 256,
             // A listing can be large to answer: few wait.
             Kind::Listing => 8,
