@@ -375,7 +375,7 @@ async fn a_client_that_stops_reading_is_closed_4008_while_others_get_everything(
 
         // ~36 MB: far more than the kernel's socket buffers and an 8-frame queue hold.
         const N: u64 = 1200;
-        const WINDOW: u64 = 50;
+        const WINDOW: u64 = 20;
         let blob = "y".repeat(30_000);
         let (mut tx, mut rx) = publisher.ws.split();
         let acks = tokio::spawn(async move {

@@ -318,6 +318,30 @@ mod tests {
         assert_eq!((e.rate_per_sec, e.rate_burst), (100, 200));
         assert_eq!(e.heartbeat, Duration::from_secs(25));
         assert_eq!(c.limits.max_connections_per_user, 100);
+        assert_eq!(e.queue_bytes, 1024 * 1024);
+        assert_eq!(
+            (
+                c.limits.room_budget,
+                c.limits.rooms_per_user_per_sec,
+                c.limits.max_presence_members
+            ),
+            (256 * 1024 * 1024, 10, 1000)
+        );
+        // A larger message size raises the default byte bound to two messages.
+        let big =
+            parse("[[endpoint]]\npath = \"/a\"\nauth = \"none\"\nmax_message_bytes = 1048576\n")
+                .unwrap();
+        assert_eq!(big.endpoints[0].queue_bytes, 2 * 1024 * 1024);
+        let set = parse("[limits]\nroom_budget_mb = 2\nrooms_per_user_per_sec = 0\nmax_presence_members = 5\n[[endpoint]]\npath = \"/a\"\nauth = \"none\"\nqueue_bytes = 4096\n").unwrap();
+        assert_eq!(set.endpoints[0].queue_bytes, 4096);
+        assert_eq!(
+            (
+                set.limits.room_budget,
+                set.limits.rooms_per_user_per_sec,
+                set.limits.max_presence_members
+            ),
+            (2 * 1024 * 1024, 0, 5)
+        );
     }
 
     #[test]

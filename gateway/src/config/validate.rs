@@ -232,16 +232,9 @@ fn endpoint(
     let secs = |v: std::num::NonZeroU64| Duration::from_secs(v.get());
     p.max_rooms = e.max_rooms.map_or(p.max_rooms, |v| v.get());
     p.queue_capacity = e.queue_capacity.map_or(p.queue_capacity, |v| v.get());
-    p.queue_bytes = e.queue_bytes.map_or(p.queue_bytes, |v| v.get());
-    if p.queue_bytes < 2 * p.max_message_bytes {
-        return Err((
-            "queue_bytes",
-            format!(
-                "must be at least twice max_message_bytes ({} bytes)",
-                2 * p.max_message_bytes
-            ),
-        ));
-    }
+    // By default the queue holds at least two of the largest messages.
+    let default_bytes = p.queue_bytes.max(p.max_message_bytes.saturating_mul(2));
+    p.queue_bytes = e.queue_bytes.map_or(default_bytes, |v| v.get());
     p.rate_per_sec = e.rate_per_sec.map_or(p.rate_per_sec, |v| v.get());
     p.rate_burst = e.rate_burst.map_or(p.rate_burst, |v| v.get());
     p.heartbeat = e.heartbeat_secs.map_or(p.heartbeat, secs);
