@@ -137,7 +137,9 @@ pub struct ListingCache {
 
 #[derive(Default)]
 struct CacheState {
-    in_flight: HashMap<RoomName, Vec<Completion<ListingResult>>>,
+    /// Per room being looked up: the sessions waiting, and whether this node's membership
+    /// changed since the lookup started (then its answer is not kept).
+    in_flight: HashMap<RoomName, (Vec<Completion<ListingResult>>, bool)>,
     fresh: HashMap<RoomName, (Instant, Arc<PresenceListing>)>,
 }
 
@@ -162,7 +164,7 @@ impl ListingCache {
         }
         let lookups = state.in_flight.len();
         match state.in_flight.get_mut(room) {
-            Some(waiting) => {
+            Some((waiting, _)) => {
                 waiting.push(done);
                 Lookup::Joined
             }
@@ -172,7 +174,7 @@ impl ListingCache {
                 Lookup::Served
             }
             None => {
-                state.in_flight.insert(room.clone(), vec![done]);
+                state.in_flight.insert(room.clone(), (vec![done], false));
                 Lookup::Start
             }
         }
@@ -183,7 +185,8 @@ impl ListingCache {
     pub fn complete(&self, room: &RoomName, started: Instant, outcome: ListingResult) {
         let waiting = {
             let mut state = self.lock();
-            if let Ok(listing) = &outcome {
+            let (waiting, changed) = state.in_flight.remove(room).unwrap_or_default();
+            if let (Ok(listing), false) = (&outcome, changed) {
                 if state.fresh.len() >= MAX_CACHED_ROOMS {
                     state
                         .fresh
@@ -193,7 +196,7 @@ impl ListingCache {
                     state.fresh.insert(room.clone(), (started, listing.clone()));
                 }
             }
-            state.in_flight.remove(room).unwrap_or_default()
+            waiting
         };
         for done in waiting {
             done(outcome.clone());
@@ -202,7 +205,11 @@ impl ListingCache {
 
     /// This node's membership of `room` changed: a listing kept from before is not served.
     pub fn invalidate(&self, room: &RoomName) {
-        self.lock().fresh.remove(room);
+        let mut state = self.lock();
+        state.fresh.remove(room);
+        if let Some((_, changed)) = state.in_flight.get_mut(room) {
+            *changed = true;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
@@ -298,6 +305,14 @@ mod tests {
             Ok(Arc::new(PresenceListing::new(&members, 3, 10))),
         );
         cache.invalidate(&room);
+        assert!(matches!(cache.lookup(&room, soon, done()), Lookup::Start));
+        // A change while the lookup runs: its answer serves the waiting, but is not kept.
+        cache.invalidate(&room);
+        cache.complete(
+            &room,
+            soon,
+            Ok(Arc::new(PresenceListing::new(&members, 3, 10))),
+        );
         assert!(matches!(cache.lookup(&room, soon, done()), Lookup::Start));
         cache.complete(&room, soon, Err(ClusterUnavailable::Unavailable));
         assert!(
