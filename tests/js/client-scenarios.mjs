@@ -2,7 +2,7 @@
 // scenario per run. Usage:
 //   node client-scenarios.mjs SCENARIO '{"port":..,"certHash":"..","spki":"..",...}'
 // Prints one JSON line with what the pages observed; the Rust tests assert on it.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import dgram from "node:dgram";
 import fs from "node:fs";
 import https from "node:https";
@@ -287,6 +287,34 @@ const scenarios = {
     } finally {
       a.child.kill("SIGKILL");
       b?.child.kill("SIGKILL");
+    }
+  },
+
+  /**
+   * The room loses continuity under an open page: Redis forgets everything (FLUSHALL) and
+   * the node's subscription drops (CLIENT KILL), so the room restarts in a new epoch. The
+   * page gets `resync` (continuity) on the session it has, stays in the room, and takes
+   * the new epoch's messages.
+   */
+  async continuity() {
+    const a = await startGateway(args.configA, args.cwdA);
+    Object.assign(args, { certHash: a.certHash, spki: a.spki });
+    try {
+      const page = await newPage();
+      await openClient(page);
+      await opened(page);
+      const joined = await join(page, "cont");
+      for (let i = 1; i <= 3; i++) await apiPublish(args.port, "cont", `before ${i}`);
+      await until(page, () => window.t.messages.length >= 3);
+      const redis = (...cmd) => spawnSync("redis-cli", ["-p", String(args.redisPort), ...cmd]).stdout.toString();
+      redis("FLUSHALL");
+      redis("CLIENT", "KILL", "TYPE", "pubsub");
+      await until(page, () => window.t.events.some((e) => e.event === "resync"));
+      await apiPublish(args.port, "cont", "after");
+      await until(page, () => window.t.messages.length >= 4);
+      return { joined, ...(await state(page)) };
+    } finally {
+      a.child.kill("SIGKILL");
     }
   },
 

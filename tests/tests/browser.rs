@@ -308,6 +308,9 @@ async fn process_scenario(
         args[format!("cwd{name}")] = json!(cwd);
     }
     args["portB"] = json!(port_b);
+    if let Some(redis) = redis {
+        args["redisPort"] = json!(redis.port);
+    }
     run_scenario(scenario, args).await
 }
 
@@ -347,6 +350,31 @@ async fn a_page_recovers_what_a_cluster_node_restart_made_it_miss() {
             ]
             .map(|d| json!(d))
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_room_loses_continuity_gets_resync_and_stays_on_its_session() {
+    within(120, async {
+        let redis = RedisServer::start().await;
+        let r = process_scenario("continuity", "cluster", Some(&redis), "").await;
+        assert_eq!(events(&r, "open").len(), 1, "no reconnect: {}", r["events"]);
+        assert!(events(&r, "close").is_empty(), "{}", r["events"]);
+        let resync = events(&r, "resync");
+        assert_eq!(resync.len(), 1, "{}", r["events"]);
+        assert_eq!(
+            (&resync[0]["room"], &resync[0]["reason"]),
+            (&json!("cont"), &json!("continuity")),
+            "{}",
+            resync[0]
+        );
+        assert!(r["joined"]["epoch"].is_string(), "{}", r["joined"]);
+        assert_ne!(resync[0]["epoch"], r["joined"]["epoch"], "a new epoch");
+        // The new epoch's first message (seq 1 again) is delivered, not taken for a
+        // duplicate of the old epoch's.
+        assert_eq!(seqs(&r), vec![1, 2, 3, 1]);
+        assert_eq!(datas(&r)[3], json!("after"));
     })
     .await;
 }
