@@ -144,6 +144,15 @@ impl ClusterConn {
     }
 }
 
+/// Whether the command failed because writing it failed (a broken pipe: the connection
+/// broke while idle, say Redis restarted): Redis never got it, so it is safe to send again
+/// once, whatever it does (the connection manager reconnects meanwhile).
+fn never_sent(e: &redis::RedisError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// Whether `e` says the connection (or the cluster's view of it) is broken, rather than
 /// the command.
 fn is_connection_failure(e: &redis::RedisError) -> bool {
@@ -162,7 +171,13 @@ fn is_connection_failure(e: &redis::RedisError) -> bool {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(c) => Box::pin(async move {
+                match c.req_packed_command(cmd).await {
+                    // Its connection broke while idle (Redis restarted): it reconnects.
+                    Err(e) if never_sent(&e) => c.req_packed_command(cmd).await,
+                    other => other,
+                }
+            }),
             Conn::Cluster(c) => Box::pin(async move {
                 let result = c.current().req_packed_command(cmd).await;
                 c.after(result).await
@@ -177,7 +192,12 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Single(c) => Box::pin(async move {
+                match c.req_packed_commands(cmd, offset, count).await {
+                    Err(e) if never_sent(&e) => c.req_packed_commands(cmd, offset, count).await,
+                    other => other,
+                }
+            }),
             Conn::Cluster(c) => Box::pin(async move {
                 let result = c.current().req_packed_commands(cmd, offset, count).await;
                 c.after(result).await
