@@ -17,12 +17,13 @@ use std::{
     sync::Arc,
 };
 
+use futures_util::FutureExt;
 use gateway_core::{
     backplane::{ClusterPublish, ClusterUnavailable, Completion, RoomView},
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
 };
 use tokio::{sync::mpsc, time::Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     breaker::{PROBE_EVERY, PROBE_TIMEOUT},
@@ -184,6 +185,44 @@ impl Command {
     }
 }
 
+/// `done`, answered "cluster unavailable" if it is dropped unanswered (its command
+/// panicked in a lane, or the lane is gone): a caller always gets an answer.
+fn answered_on_drop<T: 'static>(
+    done: Completion<Result<T, ClusterUnavailable>>,
+) -> Completion<Result<T, ClusterUnavailable>> {
+    struct Guard<T>(Option<Completion<Result<T, ClusterUnavailable>>>);
+    impl<T> Drop for Guard<T> {
+        fn drop(&mut self) {
+            if let Some(done) = self.0.take() {
+                done(Err(ClusterUnavailable::Unavailable));
+            }
+        }
+    }
+    let mut guard = Guard(Some(done));
+    Box::new(move |result| {
+        if let Some(done) = guard.0.take() {
+            done(result);
+        }
+    })
+}
+
+impl Command {
+    /// The command with its completion answered even if it is dropped unanswered.
+    fn guarded(self) -> Self {
+        match self {
+            Command::Publish(m, d) => Command::Publish(m, answered_on_drop(d)),
+            Command::OpenRoom(r, s, d) => Command::OpenRoom(r, s, answered_on_drop(d)),
+            Command::Disconnect(u, r, d) => Command::Disconnect(u, r, answered_on_drop(d)),
+            Command::SendUser(u, f, p, d) => Command::SendUser(u, f, p, answered_on_drop(d)),
+            Command::Members(r, d) => Command::Members(r, answered_on_drop(d)),
+            Command::IssueTicket(t, d) => Command::IssueTicket(t, answered_on_drop(d)),
+            Command::Ticket(t, r, d) => Command::Ticket(t, r, answered_on_drop(d)),
+            Command::AcquireUser(u, m, d) => Command::AcquireUser(u, m, answered_on_drop(d)),
+            other @ (Command::SyncMember(..) | Command::SyncUser(_)) => other,
+        }
+    }
+}
+
 /// A command and the instant its deadline passes (counted from when it was enqueued).
 struct Job {
     command: Command,
@@ -234,7 +273,7 @@ impl Lanes {
     pub(super) fn submit(&self, command: Command, shared: &Shared) {
         let job = Job {
             deadline: Instant::now() + COMMAND_TIMEOUT,
-            command,
+            command: command.guarded(),
         };
         let kind = job.command.kind();
         if let Err(e) = self.lane(&job.command).try_send(job) {
@@ -270,10 +309,17 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
-/// One lane: its commands one after the other.
+/// One lane: its commands one after the other. A command that panics (a bug, say in a
+/// hub completion) is logged and counted (`gateway_backplane_errors_total{op="lane_panic"}`);
+/// its caller is answered "cluster unavailable" (see [`answered_on_drop`]) and the lane
+/// goes on with the next command rather than die with its queue.
 async fn lane(mut rx: mpsc::Receiver<Job>, worker: Arc<Worker>) {
     while let Some(job) = rx.recv().await {
-        worker.run(job).await;
+        let run = std::panic::AssertUnwindSafe(worker.run(job));
+        if run.catch_unwind().await.is_err() {
+            worker.shared.count_error("lane_panic");
+            error!("a cluster worker command panicked; its lane goes on");
+        }
     }
 }
 
@@ -588,5 +634,36 @@ impl Worker {
         }
         shared.reconcile_all();
         Err(ClusterUnavailable::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_dropped_unanswered_is_answered_unavailable_and_one_answered_is_not_again() {
+        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        drop(answered_on_drop(done));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(ClusterUnavailable::Unavailable))
+        ));
+        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        answered_on_drop(done)(Ok(7));
+        assert!(matches!(rx.try_recv(), Ok(Ok(7))));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_command_does_not_stop_its_lane() {
+        // What `lane` does with a command that panics: caught, its completion answered.
+        let (done, rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        let done = answered_on_drop(done);
+        let run = std::panic::AssertUnwindSafe(async move {
+            let _held = done;
+            panic!("a bug");
+        });
+        assert!(run.catch_unwind().await.is_err());
+        assert!(matches!(rx.await, Ok(Err(ClusterUnavailable::Unavailable))));
     }
 }
