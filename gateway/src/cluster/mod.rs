@@ -56,6 +56,10 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// compares every wanted channel with every subscribed one instead (the memory stays
 /// bounded whatever the churn of rooms and users while the subscriber is slow).
 const MAX_DIRTY: usize = 4096;
+/// Ended memberships this node keeps to unlist from Redis (about 300 B each). Past it, it
+/// forgets them and sweeps its own listings at the next heartbeat Redis answers, then
+/// lists again what it holds: an outage of any length costs bounded memory.
+const MAX_RETRACT: usize = 16_384;
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -80,6 +84,24 @@ struct Announced {
     owed_members: HashSet<(RoomName, String)>,
     /// Users whose count Redis may not match.
     owed_users: HashSet<String>,
+    /// Sweeps of this node's own listings asked for (`retract` overflowed), and the one
+    /// the keep-alive last made.
+    resweep_asked: u64,
+    resweep_done: u64,
+}
+
+impl Announced {
+    /// Keeps `retract` (and with it `owed_members`, a subset of `members` and `retract`)
+    /// within [`MAX_RETRACT`]: past it, a sweep of this node's own listings replaces them.
+    fn bound(&mut self) {
+        if self.retract.len() <= MAX_RETRACT {
+            return;
+        }
+        self.retract = HashMap::new();
+        let members = &self.members;
+        self.owed_members.retain(|k| members.contains_key(k));
+        self.resweep_asked += 1;
+    }
 }
 
 /// The channels this node needs: the desired state the reconciler brings the pub/sub
@@ -330,6 +352,7 @@ impl Cluster for RedisCluster {
             let mut announced = self.shared.announced();
             announced.members.remove(&key);
             announced.retract.insert(key.clone(), (member, events));
+            announced.bound();
         }
         self.run(Command::SyncMember(key.0, key.1));
     }
@@ -396,11 +419,15 @@ async fn keep_alive(target: Target, shared: Arc<Shared>, heartbeat: Duration, la
                 conn = target.command_connection().await;
             }
             let c = conn.as_mut().ok_or(CommandError::NoConnection)?;
-            if !swept_own {
+            let resweep = shared.announced().resweep_asked;
+            if !swept_own || resweep != shared.announced().resweep_done {
                 // Before this life's first heartbeat: drop what an earlier process with
                 // this node id left behind (its memberships and counts are owed again).
+                // Again when this node forgot ended memberships to unlist (too many in an
+                // outage): its own listings are swept, and what it holds listed again.
                 scripts.sweep(c, &shared.node, false).await?;
                 swept_own = true;
+                shared.announced().resweep_done = resweep;
                 shared.owe_everything();
             }
             scripts.heartbeat(c, &shared.node, heartbeat).await
@@ -825,7 +852,12 @@ impl Shared {
 
     /// Redis may not list (or unlist) this membership as the record says.
     fn owe_member(&self, room: RoomName, session: String) {
-        self.announced().owed_members.insert((room, session));
+        let mut announced = self.announced();
+        let key = (room, session);
+        // One forgotten by `bound` is the sweep's.
+        if announced.members.contains_key(&key) || announced.retract.contains_key(&key) {
+            announced.owed_members.insert(key);
+        }
     }
 
     /// Redis may not hold this user's count as the record says.
@@ -942,5 +974,36 @@ mod tests {
         assert!(w.full, "past the bound, a full comparison instead");
         assert!(w.dirty.len() <= MAX_DIRTY);
         assert!(w.channels.is_empty());
+    }
+
+    #[test]
+    fn ended_memberships_kept_to_unlist_are_bounded() {
+        let mut a = Announced::default();
+        let member = |n: usize| MemberInfo {
+            user: format!("u{n}"),
+            session: format!("s{n}"),
+            transport: String::new(),
+            node: None,
+        };
+        let room = RoomName::new("r").unwrap();
+        a.members
+            .insert((room.clone(), "live".into()), (member(0), false));
+        a.owed_members.insert((room.clone(), "live".into()));
+        for n in 0..3 * MAX_RETRACT {
+            let key = (room.clone(), format!("s{n}"));
+            a.retract.insert(key.clone(), (member(n), false));
+            a.owed_members.insert(key);
+            a.bound();
+            assert!(a.retract.len() <= MAX_RETRACT);
+            assert!(a.owed_members.len() <= MAX_RETRACT + 1);
+        }
+        assert!(
+            a.resweep_asked > 0,
+            "a sweep of its own listings replaces them"
+        );
+        assert!(
+            a.owed_members.contains(&(room, "live".into())),
+            "a live membership stays owed"
+        );
     }
 }
