@@ -489,3 +489,98 @@ async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
     })
     .await;
 }
+
+/// The room channels Redis says this test's node is subscribed to.
+async fn room_channels(redis: &RedisServer, prefix: &str) -> Vec<String> {
+    let channels: Vec<String> = redis_cmd(redis, redis::cmd("PUBSUB").arg("CHANNELS")).await;
+    channels
+        .into_iter()
+        .filter(|c| c.starts_with(&format!("gw:{{room:{prefix}")))
+        .collect()
+}
+
+/// Review finding 2: rooms closed while the breaker is open (their close cannot reach
+/// Redis then) are unsubscribed once Redis answers again: the subscriptions are a desired
+/// state a reconciler brings the pub/sub connection to, not commands a lane can drop.
+/// A room still open stays subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_closed_while_redis_hangs_are_unsubscribed_once_it_answers() {
+    within(60, async {
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nwebtransport = false\n{}",
+                node_config(&redis, "")
+            ),
+        )
+        .unwrap();
+        let gw = RunningGateway::start(&config, dir.path()).await;
+        let mut member = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
+            .await
+            .unwrap();
+        assert_eq!(member.recv().await["type"], "welcome");
+        member.join("keep").await;
+        for n in 0..12 {
+            // Within the node's rate of new rooms (10 a second).
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            member.join(&format!("gone-{n}")).await;
+        }
+        assert_eq!(room_channels(&redis, "gone-").await.len(), 12);
+
+        redis.pause();
+        // Publishes that get no answer open the breaker.
+        let mut publisher = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
+            .await
+            .unwrap();
+        assert_eq!(publisher.recv().await["type"], "welcome");
+        let opened = Instant::now();
+        let mut id = 0;
+        loop {
+            id += 1;
+            let room = format!("trip-{}", id % 4);
+            publisher
+                .send(json!({"type":"publish","room":room,"data":"x","id":id}))
+                .await;
+            let (_, body) = https_request(gw.addr, &gw.cert, "GET", "/healthz", &[], "")
+                .await
+                .unwrap();
+            if health(&body).starts_with("degraded") {
+                break;
+            }
+            assert!(
+                opened.elapsed() < Duration::from_secs(20),
+                "breaker never opened"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for n in 0..12 {
+            member
+                .send(json!({"type":"leave","room":format!("gone-{n}"),"id":1000 + n}))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.resume();
+
+        let resumed = Instant::now();
+        loop {
+            let left = room_channels(&redis, "gone-").await;
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                resumed.elapsed() < Duration::from_secs(8),
+                "still subscribed after redis answered again: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            room_channels(&redis, "keep").await.len(),
+            1,
+            "the open room stays subscribed"
+        );
+    })
+    .await;
+}

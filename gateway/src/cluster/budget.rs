@@ -1,14 +1,21 @@
 //! The room budget in cluster mode (`[limits] room_budget_mb`), kept per node.
 //!
 //! The publish and view scripts say when they created a room's state in Redis. This node
-//! keeps an estimate of what each room it created costs Redis while the room lives: a
-//! fixed [`ROOM_BYTES`] for its keys ([`STATE_BYTES`] without history), plus its history
+//! keeps an estimate of what each room with history it created costs Redis while the room
+//! lives: a fixed [`ROOM_BYTES`] for its keys, plus its history
 //! as this node wrote it (entries × their average size, at most the policy's `history`
 //! entries, each with [`ENTRY_OVERHEAD`]). A room counts until one history lifetime after this node last
 //! wrote to it or its last local member left (the lifetime its keys get in Redis). Once
 //! the estimate reaches the budget, a publish or join that would create a new room with
 //! history is refused (`limit_exceeded`, "room budget exhausted") and the script keeps
 //! nothing.
+//!
+//! Rooms without history are neither counted nor tracked: their one small state hash
+//! expires in Redis by itself, and counting them let fresh room names published to (which
+//! take no new-room token in cluster mode) refuse every new room with history. The
+//! tracking map is bounded by the budget: each entry (about 150 B here) stands for at
+//! least [`ROOM_BYTES`] counted, and rooms with history are refused once the budget is
+//! spent (a few more may be created by lanes that checked at the same time).
 //!
 //! What it does not count: rooms other nodes created (each node counts its own: the
 //! cluster's rooms are bounded by nodes × budget), messages other nodes append to rooms
@@ -26,8 +33,6 @@ use gateway_core::protocol::RoomName;
 /// 120 B) and the stream with its first listpack node (4,752 B with one small entry),
 /// measured with `MEMORY USAGE` on Redis 7.0.15; rounded up.
 pub(super) const ROOM_BYTES: usize = 5 * 1024;
-/// What a room without history costs (its state hash; rounded up).
-pub(super) const STATE_BYTES: usize = 256;
 /// What a history entry costs beyond its meta and payload (stream id, field names,
 /// listpack and radix-tree overhead: 100 entries of 1,012 B took 127,096 B more than one).
 pub(super) const ENTRY_OVERHEAD: usize = 256;
@@ -53,12 +58,8 @@ impl Charge {
     fn estimate(&self) -> usize {
         let kept = self.entries.min(self.history as u64);
         let average = self.entry_bytes.checked_div(self.entries).unwrap_or(0);
-        let base = if self.history > 0 {
-            ROOM_BYTES
-        } else {
-            STATE_BYTES
-        };
-        base + (kept * (average + ENTRY_OVERHEAD as u64)) as usize
+        let entries = kept.saturating_mul(average.saturating_add(ENTRY_OVERHEAD as u64));
+        ROOM_BYTES.saturating_add(usize::try_from(entries).unwrap_or(usize::MAX))
     }
 }
 
@@ -88,8 +89,8 @@ impl RoomBudget {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a new room with `history` may be created: always without history (its
-    /// state is counted, but never refused), else while the estimate is under the budget.
+    /// Whether a new room with `history` may be created: always without history (not
+    /// counted), else while the estimate is under the budget.
     pub(super) fn may_create(&self, history: usize) -> bool {
         history == 0 || self.rooms().total < self.limit
     }
@@ -98,6 +99,12 @@ impl RoomBudget {
     #[cfg(test)]
     pub(super) fn used(&self) -> usize {
         self.rooms().total
+    }
+
+    /// The rooms tracked now.
+    #[cfg(test)]
+    pub(super) fn tracked(&self) -> usize {
+        self.rooms().rooms.len()
     }
 
     /// A script created `room`; `open`: by a join (a local member keeps it alive).
@@ -109,12 +116,11 @@ impl RoomBudget {
         open: bool,
         now: Instant,
     ) {
-        let mut rooms = self.rooms();
-        // Bounded: beyond the budget only rooms without history are created, and those
-        // are not tracked past twice the budget's worth of rooms.
-        if rooms.rooms.len() >= (2 * self.limit / STATE_BYTES).max(1) && history == 0 {
+        // Rooms without history are not counted (see the module's doc).
+        if history == 0 {
             return;
         }
+        let mut rooms = self.rooms();
         let mut charge = Charge {
             entries: 0,
             entry_bytes: 0,
@@ -125,9 +131,9 @@ impl RoomBudget {
             counted: 0,
         };
         charge.counted = charge.estimate();
-        rooms.total += charge.counted;
+        rooms.total = rooms.total.saturating_add(charge.counted);
         if let Some(old) = rooms.rooms.insert(room.clone(), charge) {
-            rooms.total -= old.counted;
+            rooms.total = rooms.total.saturating_sub(old.counted);
         }
     }
 
@@ -138,11 +144,14 @@ impl RoomBudget {
         let Some(charge) = rooms.rooms.get_mut(room) else {
             return;
         };
-        charge.entries += 1;
-        charge.entry_bytes += bytes as u64;
+        charge.entries = charge.entries.saturating_add(1);
+        charge.entry_bytes = charge.entry_bytes.saturating_add(bytes as u64);
         charge.until = now + charge.ttl;
         let estimate = charge.estimate();
-        rooms.total = rooms.total - charge.counted + estimate;
+        rooms.total = rooms
+            .total
+            .saturating_sub(charge.counted)
+            .saturating_add(estimate);
         charge.counted = estimate;
     }
 
@@ -169,11 +178,11 @@ impl RoomBudget {
         rooms.rooms.retain(|_, c| {
             let keep = c.open || c.until > now;
             if !keep {
-                freed += c.counted;
+                freed = c.counted.saturating_add(freed);
             }
             keep
         });
-        rooms.total -= freed;
+        rooms.total = rooms.total.saturating_sub(freed);
     }
 }
 
@@ -199,6 +208,8 @@ mod tests {
             budget.may_create(0),
             "a room without history is never refused"
         );
+        budget.created(&room(99), 0, ttl, false, now);
+        assert_eq!(budget.tracked(), 3, "nor tracked");
         // History counts: entries up to the policy's `history`.
         budget.lapse(now + ttl);
         assert_eq!(budget.used(), 0, "all lapsed");
@@ -225,6 +236,41 @@ mod tests {
             "one lifetime after the last member left"
         );
         budget.lapse(now + 12 * ttl);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn rooms_without_history_do_not_spend_the_budget_of_rooms_with_history() {
+        // Review finding 4: fresh room names published to (no history) used to count
+        // until every new room with history was refused, and filled the map.
+        let budget = RoomBudget::new(3 * ROOM_BYTES);
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        for n in 0..100_000 {
+            assert!(budget.may_create(0));
+            budget.created(&room(n), 0, ttl, false, now);
+        }
+        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.tracked(), 0);
+        assert!(
+            budget.may_create(10),
+            "rooms with history are still created"
+        );
+    }
+
+    #[test]
+    fn a_huge_budget_does_not_overflow() {
+        // Review finding 7: `room_budget_mb` saturates to usize::MAX.
+        let budget = RoomBudget::new(usize::MAX);
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        budget.created(&room(0), 0, ttl, false, now);
+        budget.created(&room(1), usize::MAX, ttl, false, now);
+        for _ in 0..3 {
+            budget.appended(&room(1), usize::MAX, now);
+        }
+        assert!(budget.used() >= ROOM_BYTES);
+        budget.lapse(now + 2 * ttl);
         assert_eq!(budget.used(), 0);
     }
 }

@@ -4,7 +4,10 @@
 //! pub/sub for room and user channels on a cluster, so a message travels only within its
 //! shard).
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, PubSubSink},
@@ -65,7 +68,10 @@ impl Target {
                 Target::Cluster(seeds) => {
                     let client = cluster_client(seeds, None).ok()?;
                     let conn = client.get_async_connection().await.ok()?;
-                    Some(Conn::Cluster(Box::new(ClusterConn { client, conn })))
+                    Some(Conn::Cluster(Box::new(ClusterConn {
+                        client,
+                        conn: Arc::new(Mutex::new(conn)),
+                    })))
                 }
             }
         };
@@ -109,26 +115,42 @@ pub(super) enum Conn {
 /// A cluster connection that starts afresh after a connection failure: the library's
 /// connection can keep failing on its stale view of the cluster after a failover
 /// ("no connections found"), so the command that failed fails, and the next one goes
-/// through a new connection that discovered the topology again.
+/// through a new connection that discovered the topology again. Clones share the
+/// connection they use (the pool's slot and the lanes' clones of it): the fresh one
+/// replaces it for all of them, not only for the clone whose command failed.
 #[derive(Clone)]
 pub(super) struct ClusterConn {
     client: ClusterClient,
-    conn: ClusterConnection,
+    conn: Arc<Mutex<ClusterConnection>>,
 }
 
 impl ClusterConn {
-    async fn after<T>(&mut self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+    /// The connection in use now (a clone: multiplexed, it shares the library's task).
+    fn current(&self) -> ClusterConnection {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn after<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &result {
             if is_connection_failure(e) {
                 if let Ok(Ok(fresh)) =
                     tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_connection()).await
                 {
-                    self.conn = fresh;
+                    *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
                 }
             }
         }
         result
     }
+}
+
+/// Whether the command failed because writing it failed (a broken pipe: the connection
+/// broke while idle, say Redis restarted): Redis never got it, so it is safe to send again
+/// once, whatever it does (the connection manager reconnects meanwhile).
+fn never_sent(e: &redis::RedisError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Whether `e` says the connection (or the cluster's view of it) is broken, rather than
@@ -149,9 +171,15 @@ fn is_connection_failure(e: &redis::RedisError) -> bool {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(c) => Box::pin(async move {
+                match c.req_packed_command(cmd).await {
+                    // Its connection broke while idle (Redis restarted): it reconnects.
+                    Err(e) if never_sent(&e) => c.req_packed_command(cmd).await,
+                    other => other,
+                }
+            }),
             Conn::Cluster(c) => Box::pin(async move {
-                let result = c.conn.req_packed_command(cmd).await;
+                let result = c.current().req_packed_command(cmd).await;
                 c.after(result).await
             }),
         }
@@ -164,9 +192,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Single(c) => Box::pin(async move {
+                match c.req_packed_commands(cmd, offset, count).await {
+                    Err(e) if never_sent(&e) => c.req_packed_commands(cmd, offset, count).await,
+                    other => other,
+                }
+            }),
             Conn::Cluster(c) => Box::pin(async move {
-                let result = c.conn.req_packed_commands(cmd, offset, count).await;
+                let result = c.current().req_packed_commands(cmd, offset, count).await;
                 c.after(result).await
             }),
         }
@@ -175,7 +208,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.conn.get_db(),
+            Conn::Cluster(c) => c.current().get_db(),
         }
     }
 }

@@ -49,6 +49,17 @@ use crate::config::RedisTarget;
 
 /// Longest wait between two attempts to reach Redis again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the reconciler looks for subscriptions to change even when not woken (and
+/// how long it waits after a failed one before trying again).
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Channels whose wish changed that the reconciler is told about one by one; beyond, it
+/// compares every wanted channel with every subscribed one instead (the memory stays
+/// bounded whatever the churn of rooms and users while the subscriber is slow).
+const MAX_DIRTY: usize = 4096;
+/// Ended memberships this node keeps to unlist from Redis (about 300 B each). Past it, it
+/// forgets them and sweeps its own listings at the next heartbeat Redis answers, then
+/// lists again what it holds: an outage of any length costs bounded memory.
+const MAX_RETRACT: usize = 16_384;
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -73,6 +84,74 @@ struct Announced {
     owed_members: HashSet<(RoomName, String)>,
     /// Users whose count Redis may not match.
     owed_users: HashSet<String>,
+    /// Sweeps of this node's own listings asked for (`retract` overflowed), and the one
+    /// the keep-alive last made.
+    resweep_asked: u64,
+    resweep_done: u64,
+}
+
+impl Announced {
+    /// Keeps `retract` (and with it `owed_members`, a subset of `members` and `retract`)
+    /// within [`MAX_RETRACT`]: past it, a sweep of this node's own listings replaces them.
+    fn bound(&mut self) {
+        if self.retract.len() <= MAX_RETRACT {
+            return;
+        }
+        self.retract = HashMap::new();
+        let members = &self.members;
+        self.owed_members.retain(|k| members.contains_key(k));
+        self.resweep_asked += 1;
+    }
+}
+
+/// The channels this node needs: the desired state the reconciler brings the pub/sub
+/// connection to. Bounded by the hub: rooms with local members (and joins under way),
+/// users with local sessions, the control channel.
+#[derive(Default)]
+struct Wanted {
+    channels: HashSet<String>,
+    /// Channels whose wish changed since the reconciler last looked (at most
+    /// [`MAX_DIRTY`]; beyond, `full`).
+    dirty: HashSet<String>,
+    /// Compare every channel: the pub/sub connection is new, a change failed, or more
+    /// than [`MAX_DIRTY`] changed.
+    full: bool,
+}
+
+impl Wanted {
+    /// Wants `channel` (or no longer): a change the reconciler is to make.
+    fn set(&mut self, channel: String, wanted: bool) {
+        let changed = if wanted {
+            self.channels.insert(channel.clone())
+        } else {
+            self.channels.remove(&channel)
+        };
+        if !changed || self.full {
+            return;
+        }
+        if self.dirty.len() >= MAX_DIRTY {
+            self.dirty = HashSet::new();
+            self.full = true;
+        } else {
+            self.dirty.insert(channel);
+        }
+    }
+}
+
+/// The pub/sub connection's subscribing half, and what it is subscribed to.
+struct Sink {
+    sub: Subscriber,
+    /// Channels Redis confirmed (and this node did not unsubscribe since).
+    channels: HashSet<String>,
+}
+
+impl Sink {
+    fn new(sub: Subscriber) -> Self {
+        Self {
+            sub,
+            channels: HashSet::new(),
+        }
+    }
 }
 
 /// State the worker, the keep-alive and the subscriber share.
@@ -80,9 +159,11 @@ struct Shared {
     /// Where failed operations are counted, once the server has set it.
     errors: OnceLock<crate::metrics::BackplaneErrors>,
     /// Channels this node needs (rooms with local members, users with local sessions).
-    wanted: Mutex<HashSet<String>>,
+    wanted: Mutex<Wanted>,
+    /// Wakes the reconciler: `wanted` changed.
+    reconcile: tokio::sync::Notify,
     /// The pub/sub connection's subscribing half, while it is up.
-    sink: tokio::sync::Mutex<Option<Subscriber>>,
+    sink: tokio::sync::Mutex<Option<Sink>>,
     /// Whether the pub/sub connection is up.
     subscribed: AtomicBool,
     hub: OnceLock<Weak<Hub>>,
@@ -126,7 +207,11 @@ impl RedisCluster {
         let shared = Arc::new(Shared {
             errors: OnceLock::new(),
             // Every node hears the control channel.
-            wanted: Mutex::new(HashSet::from([Channel::Control.name()])),
+            wanted: Mutex::new(Wanted {
+                channels: HashSet::from([Channel::Control.name()]),
+                ..Wanted::default()
+            }),
+            reconcile: tokio::sync::Notify::new(),
             sink: tokio::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
             hub: OnceLock::new(),
@@ -148,6 +233,7 @@ impl RedisCluster {
                 shared.clone(),
             )),
         };
+        tokio::spawn(reconcile(shared.clone()));
         tokio::spawn(keep_alive(target, shared.clone(), heartbeat, lanes.clone()));
         Ok(Arc::new(Self { lanes, shared }))
     }
@@ -224,11 +310,16 @@ impl Cluster for RedisCluster {
         since: Option<(u64, String)>,
         done: Completion<Result<RoomView, ClusterUnavailable>>,
     ) {
+        // Wanted now, in the order of the hub's calls (a `close_room` after this one undoes
+        // it whatever the lanes do); the lane subscribes it before the view.
+        self.shared.want(Channel::Room(room.clone()).name());
         self.run(Command::OpenRoom(room.clone(), since, done));
     }
 
     fn close_room(&self, room: &RoomName) {
-        self.run(Command::CloseRoom(room.clone()));
+        // Not a command a full lane or an open breaker could refuse: the desired state,
+        // which the reconciler brings the subscription to; the budget's charge lapses.
+        self.shared.close_room(room);
     }
 
     fn send_user(
@@ -242,7 +333,7 @@ impl Cluster for RedisCluster {
     }
 
     fn open_user(&self, user: &str) {
-        self.run(Command::OpenUser(user.to_owned()));
+        self.shared.want(Channel::User(user.to_owned()).name());
     }
 
     fn enter(&self, room: &RoomName, member: MemberInfo, events: bool) {
@@ -261,6 +352,7 @@ impl Cluster for RedisCluster {
             let mut announced = self.shared.announced();
             announced.members.remove(&key);
             announced.retract.insert(key.clone(), (member, events));
+            announced.bound();
         }
         self.run(Command::SyncMember(key.0, key.1));
     }
@@ -283,7 +375,7 @@ impl Cluster for RedisCluster {
     }
 
     fn close_user(&self, user: &str) {
-        self.run(Command::CloseUser(user.to_owned()));
+        self.shared.unwant(Channel::User(user.to_owned()).name());
     }
 
     fn acquire_user(
@@ -327,11 +419,15 @@ async fn keep_alive(target: Target, shared: Arc<Shared>, heartbeat: Duration, la
                 conn = target.command_connection().await;
             }
             let c = conn.as_mut().ok_or(CommandError::NoConnection)?;
-            if !swept_own {
+            let resweep = shared.announced().resweep_asked;
+            if !swept_own || resweep != shared.announced().resweep_done {
                 // Before this life's first heartbeat: drop what an earlier process with
                 // this node id left behind (its memberships and counts are owed again).
+                // Again when this node forgot ended memberships to unlist (too many in an
+                // outage): its own listings are swept, and what it holds listed again.
                 scripts.sweep(c, &shared.node, false).await?;
                 swept_own = true;
+                shared.announced().resweep_done = resweep;
                 shared.owe_everything();
             }
             scripts.heartbeat(c, &shared.node, heartbeat).await
@@ -391,20 +487,22 @@ fn resync(shared: &Arc<Shared>, lanes: &Arc<Lanes>) {
     });
 }
 
-/// Adds `channel` to what this node needs and subscribes to it (confirmed by Redis).
-async fn listen(shared: &Shared, channel: String) -> Result<(), CommandError> {
-    shared
-        .wanted
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(channel.clone());
+/// Makes the pub/sub connection hear `channel` if it is still wanted (confirmed by
+/// Redis); a channel no longer wanted is left to the reconciler.
+async fn listen(shared: &Shared, channel: &str) -> Result<(), CommandError> {
     // The subscriber may be connecting again (on a cluster it does after every failover):
     // wait a little for it rather than fail the join at once.
     let deadline = tokio::time::Instant::now() + conn::COMMAND_TIMEOUT;
     loop {
         let mut sink = shared.sink.lock().await;
         if let Some(s) = sink.as_mut() {
-            return s.subscribe(&channel).await.map_err(CommandError::from);
+            let wanted = shared.wanted().channels.contains(channel);
+            if !wanted || s.channels.contains(channel) {
+                return Ok(());
+            }
+            s.sub.subscribe(channel).await?;
+            s.channels.insert(channel.to_owned());
+            return Ok(());
         }
         drop(sink);
         if tokio::time::Instant::now() >= deadline {
@@ -414,15 +512,81 @@ async fn listen(shared: &Shared, channel: String) -> Result<(), CommandError> {
     }
 }
 
-async fn stop_listening(shared: &Shared, channel: String) {
-    shared
-        .wanted
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&channel);
-    if let Some(s) = shared.sink.lock().await.as_mut() {
-        let _ = s.unsubscribe(&channel).await;
+/// Brings the pub/sub connection's subscriptions to the wanted channels: woken when they
+/// change, and every [`RECONCILE_EVERY`] (a failed change is tried again then). Changes
+/// coalesce (a room closed and opened again meanwhile costs nothing); a new connection is
+/// subscribed to every wanted channel by its task, then compared in full here.
+async fn reconcile(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.reconcile.notified() => {}
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
+        if !reconcile_pass(&shared).await {
+            tokio::time::sleep(RECONCILE_EVERY).await;
+        }
     }
+}
+
+/// One pass of the reconciler; whether every change it tried succeeded.
+async fn reconcile_pass(shared: &Shared) -> bool {
+    let (dirty, full) = {
+        let mut w = shared.wanted();
+        if w.dirty.is_empty() && !w.full {
+            return true;
+        }
+        (
+            std::mem::take(&mut w.dirty),
+            std::mem::replace(&mut w.full, false),
+        )
+    };
+    let candidates: Vec<String> = if full {
+        let sink = shared.sink.lock().await;
+        // None: the next connection subscribes every wanted channel, then asks for this.
+        let Some(s) = sink.as_ref() else { return true };
+        let w = shared.wanted();
+        let missing = w.channels.iter().filter(|c| !s.channels.contains(*c));
+        let unwanted = s.channels.iter().filter(|c| !w.channels.contains(*c));
+        missing.chain(unwanted).cloned().collect()
+    } else {
+        dirty.into_iter().collect()
+    };
+    for channel in candidates {
+        // One change at a time: a join waiting for its subscription is not held up long.
+        let mut sink = shared.sink.lock().await;
+        let Some(s) = sink.as_mut() else { return true };
+        let wanted = shared.wanted().channels.contains(&channel);
+        let held = s.channels.contains(&channel);
+        let change = match (wanted, held) {
+            (true, false) => {
+                tokio::time::timeout(conn::COMMAND_TIMEOUT, s.sub.subscribe(&channel)).await
+            }
+            (false, true) => {
+                tokio::time::timeout(conn::COMMAND_TIMEOUT, s.sub.unsubscribe(&channel)).await
+            }
+            _ => continue,
+        };
+        match change {
+            Ok(Ok(())) => {
+                if wanted {
+                    s.channels.insert(channel);
+                } else {
+                    s.channels.remove(&channel);
+                }
+            }
+            failed => {
+                drop(sink);
+                shared.count_error("subscribe");
+                match failed {
+                    Ok(Err(e)) => warn!(error = %e, "changing a subscription failed; retrying"),
+                    _ => warn!("changing a subscription: redis did not answer in time; retrying"),
+                }
+                shared.reconcile_all();
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Holds the pub/sub connection: (re)connects with capped backoff, re-subscribes every
@@ -441,7 +605,7 @@ async fn subscribe(client: redis::Client, target: Target, shared: Arc<Shared>) {
             }
         };
         let (sink, mut stream) = pubsub.split();
-        *shared.sink.lock().await = Some(Subscriber::Single(sink));
+        *shared.sink.lock().await = Some(Sink::new(Subscriber::Single(sink)));
         if !resubscribe(&shared).await {
             *shared.sink.lock().await = None;
             tokio::time::sleep(backoff).await;
@@ -492,7 +656,7 @@ async fn subscribe_sharded(seeds: Vec<String>, target: Target, shared: Arc<Share
                 continue;
             }
         };
-        *shared.sink.lock().await = Some(Subscriber::Cluster(connection));
+        *shared.sink.lock().await = Some(Sink::new(Subscriber::Cluster(connection)));
         if !resubscribe(&shared).await {
             *shared.sink.lock().await = None;
             tokio::time::sleep(backoff).await;
@@ -533,16 +697,22 @@ async fn subscribe_sharded(seeds: Vec<String>, target: Target, shared: Arc<Share
                     else {
                         continue;
                     };
-                    let wanted = shared
-                        .wanted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains(&channel);
+                    let mut sink = shared.sink.lock().await;
+                    let Some(s) = sink.as_mut() else { continue };
+                    s.channels.remove(&channel);
+                    let wanted = shared.wanted().channels.contains(&channel);
                     if wanted {
-                        if let Some(s) = shared.sink.lock().await.as_mut() {
-                            if let Err(e) = s.subscribe(&channel).await {
+                        match tokio::time::timeout(conn::COMMAND_TIMEOUT, s.sub.subscribe(&channel))
+                            .await
+                        {
+                            Ok(Ok(())) => {
+                                s.channels.insert(channel);
+                            }
+                            _ => {
+                                drop(sink);
                                 shared.count_error("subscribe");
-                                warn!(error = %e, "resubscribing a moved channel failed");
+                                warn!("resubscribing a moved channel failed; retrying");
+                                shared.reconcile_all();
                             }
                         }
                     }
@@ -641,22 +811,35 @@ fn caught_up_already(caught: &mut HashMap<String, u64>, channel: &str, payload: 
 /// Subscribes every wanted channel, one at a time (each to its own slot); whether all
 /// succeeded. The subscription counts as up only then.
 async fn resubscribe(shared: &Shared) -> bool {
-    let wanted: Vec<String> = shared
-        .wanted
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .cloned()
-        .collect();
+    let wanted: Vec<String> = shared.wanted().channels.iter().cloned().collect();
     let mut sink = shared.sink.lock().await;
     let Some(s) = sink.as_mut() else { return false };
-    for channel in &wanted {
-        if let Err(e) = s.subscribe(channel).await {
-            shared.count_error("subscribe");
-            warn!(error = %e, channel, "redis subscription: subscribing failed; retrying");
-            return false;
+    for channel in wanted {
+        if s.channels.contains(&channel) {
+            continue;
+        }
+        match tokio::time::timeout(conn::COMMAND_TIMEOUT, s.sub.subscribe(&channel)).await {
+            Ok(Ok(())) => {
+                s.channels.insert(channel);
+            }
+            Ok(Err(e)) => {
+                shared.count_error("subscribe");
+                warn!(error = %e, channel, "redis subscription: subscribing failed; retrying");
+                return false;
+            }
+            Err(_) => {
+                shared.count_error("subscribe");
+                warn!(
+                    channel,
+                    "redis subscription: subscribing timed out; retrying"
+                );
+                return false;
+            }
         }
     }
+    drop(sink);
+    // What changed meanwhile: the reconciler compares it all.
+    shared.reconcile_all();
     shared.subscribed.store(true, Ordering::Release);
     true
 }
@@ -669,7 +852,12 @@ impl Shared {
 
     /// Redis may not list (or unlist) this membership as the record says.
     fn owe_member(&self, room: RoomName, session: String) {
-        self.announced().owed_members.insert((room, session));
+        let mut announced = self.announced();
+        let key = (room, session);
+        // One forgotten by `bound` is the sweep's.
+        if announced.members.contains_key(&key) || announced.retract.contains_key(&key) {
+            announced.owed_members.insert(key);
+        }
     }
 
     /// Redis may not hold this user's count as the record says.
@@ -689,20 +877,61 @@ impl Shared {
         announced.owed_users.extend(users);
     }
 
-    /// Adds `channel` to what this node needs.
-    fn want(&self, channel: String) {
-        self.wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(channel);
+    /// The channels this node needs (never held across an await).
+    fn wanted(&self) -> MutexGuard<'_, Wanted> {
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Removes `channel` from what this node needs.
-    fn unwant(&self, channel: &str) {
-        self.wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(channel);
+    /// Adds `channel` to what this node needs (the reconciler subscribes it).
+    fn want(&self, channel: String) {
+        self.wanted().set(channel, true);
+        self.reconcile.notify_one();
+    }
+
+    /// Removes `channel` from what this node needs (the reconciler unsubscribes it).
+    fn unwant(&self, channel: String) {
+        self.wanted().set(channel, false);
+        self.reconcile.notify_one();
+    }
+
+    /// The reconciler is to compare every wanted channel with every subscribed one.
+    fn reconcile_all(&self) {
+        self.wanted().full = true;
+        self.reconcile.notify_one();
+    }
+
+    /// The hub closed `room` (no local member left): no longer heard, and its budget
+    /// charge lapses one history lifetime from now.
+    fn close_room(&self, room: &RoomName) {
+        {
+            // Under the wanted lock, so a join's view completing meanwhile sees it closed
+            // or closes it after (see `room_viewed`).
+            let mut wanted = self.wanted();
+            wanted.set(Channel::Room(room.clone()).name(), false);
+            self.budget.closed(room, std::time::Instant::now());
+        }
+        self.reconcile.notify_one();
+    }
+
+    /// A join's view of `room` succeeded (`created`: it created the room's state in Redis):
+    /// the budget counts the room as open while the hub still has it.
+    fn room_viewed(
+        &self,
+        room: &RoomName,
+        created: bool,
+        policy: &gateway_core::policy::RoomPolicy,
+    ) {
+        let wanted = self.wanted();
+        let open = wanted
+            .channels
+            .contains(&Channel::Room(room.clone()).name());
+        if created {
+            let now = std::time::Instant::now();
+            self.budget
+                .created(room, policy.history, policy.history_ttl, open, now);
+        } else if open {
+            self.budget.opened(room);
+        }
     }
 
     /// Counts a command of `kind` refused without being run (`busy`: its queue was full;
@@ -718,5 +947,63 @@ impl Shared {
         if let Some(errors) = self.errors.get() {
             errors.count(op);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wanted_channels_coalesce_and_their_changes_are_bounded() {
+        let mut w = Wanted::default();
+        w.set("a".into(), true);
+        w.set("a".into(), true);
+        assert_eq!(w.dirty.len(), 1);
+        w.set("a".into(), false);
+        assert!(w.channels.is_empty());
+        assert_eq!(
+            w.dirty.len(),
+            1,
+            "one entry per channel, whatever its changes"
+        );
+        for n in 0..3 * MAX_DIRTY {
+            w.set(format!("r{n}"), true);
+            w.set(format!("r{n}"), false);
+        }
+        assert!(w.full, "past the bound, a full comparison instead");
+        assert!(w.dirty.len() <= MAX_DIRTY);
+        assert!(w.channels.is_empty());
+    }
+
+    #[test]
+    fn ended_memberships_kept_to_unlist_are_bounded() {
+        let mut a = Announced::default();
+        let member = |n: usize| MemberInfo {
+            user: format!("u{n}"),
+            session: format!("s{n}"),
+            transport: String::new(),
+            node: None,
+        };
+        let room = RoomName::new("r").unwrap();
+        a.members
+            .insert((room.clone(), "live".into()), (member(0), false));
+        a.owed_members.insert((room.clone(), "live".into()));
+        for n in 0..3 * MAX_RETRACT {
+            let key = (room.clone(), format!("s{n}"));
+            a.retract.insert(key.clone(), (member(n), false));
+            a.owed_members.insert(key);
+            a.bound();
+            assert!(a.retract.len() <= MAX_RETRACT);
+            assert!(a.owed_members.len() <= MAX_RETRACT + 1);
+        }
+        assert!(
+            a.resweep_asked > 0,
+            "a sweep of its own listings replaces them"
+        );
+        assert!(
+            a.owed_members.contains(&(room, "live".into())),
+            "a live membership stays owed"
+        );
     }
 }

@@ -352,6 +352,7 @@ pub(super) struct Scripts {
     reserve_ticket: Script,
     uncount_ticket: Script,
     count_user: Script,
+    release_dead: Script,
     /// A Redis Cluster: sharded pub/sub, single-slot steps, rooms tied to their master.
     cluster: bool,
     /// Room policies (a room state's lifetime once its last member left).
@@ -410,6 +411,19 @@ else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 1
+"#;
+
+/// On one Redis: releases a user's session counts (KEYS[1]) held by nodes other than
+/// ARGV[1] whose liveness key has expired, in one atomic step (a node that came back
+/// between the check and the removal keeps its count). Returns how many were released.
+const RELEASE_DEAD: &str = r#"
+local released = 0
+for _, other in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if other ~= ARGV[1] and redis.call('EXISTS', 'gw:{node:' .. other .. '}') == 0 then
+    released = released + redis.call('HDEL', KEYS[1], other)
+  end
+end
+return released
 "#;
 
 /// On one Redis: removes every membership and session count of a node (dead, or
@@ -594,6 +608,7 @@ impl Scripts {
             reserve_ticket: Script::new(RESERVE_TICKET),
             uncount_ticket: Script::new(UNCOUNT_TICKET),
             count_user: Script::new(COUNT_USER),
+            release_dead: Script::new(RELEASE_DEAD),
             cluster,
             policies,
         }
@@ -693,6 +708,18 @@ impl Scripts {
         node: &str,
         user: &str,
     ) -> Result<usize, CommandError> {
+        if !self.cluster {
+            let released: i64 = self
+                .release_dead
+                .key(user_sessions_key(user))
+                .arg(node)
+                .invoke_async(conn)
+                .await?;
+            return Ok(released.max(0) as usize);
+        }
+        // On a cluster the user's and the nodes' keys are in different slots: separate
+        // steps, so a node that comes back between its check and the removal can still
+        // lose its count there (not atomic).
         let holders: Vec<String> = redis::cmd("HKEYS")
             .arg(user_sessions_key(user))
             .query_async(conn)

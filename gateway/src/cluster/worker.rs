@@ -17,17 +17,18 @@ use std::{
     sync::Arc,
 };
 
+use futures_util::FutureExt;
 use gateway_core::{
     backplane::{ClusterPublish, ClusterUnavailable, Completion, RoomView},
     protocol::{CloseReason, MemberInfo, Payload, RoomName},
 };
 use tokio::{sync::mpsc, time::Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     breaker::{PROBE_EVERY, PROBE_TIMEOUT},
     conn::{Conn, Target, COMMAND_TIMEOUT},
-    listen, stop_listening,
+    listen,
     wire::{self, Channel, CommandError},
     Shared,
 };
@@ -43,7 +44,6 @@ pub(super) enum Command {
         Option<(u64, String)>,
         Completion<Result<RoomView, ClusterUnavailable>>,
     ),
-    CloseRoom(RoomName),
     Disconnect(
         String,
         CloseReason,
@@ -55,8 +55,6 @@ pub(super) enum Command {
         Payload,
         Completion<Result<bool, ClusterUnavailable>>,
     ),
-    OpenUser(String),
-    CloseUser(String),
     /// Makes Redis list (or unlist) a session in a room as this node's record says.
     SyncMember(RoomName, String),
     Members(
@@ -80,7 +78,7 @@ pub(super) enum Command {
 /// A kind of operation: its own lanes, queues and connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// Publishes, joins' views, and the room subscriptions.
+    /// Publishes, and joins' subscriptions and views.
     Rooms,
     /// Memberships (presence).
     Presence,
@@ -142,13 +140,11 @@ impl Kind {
 impl Command {
     fn kind(&self) -> Kind {
         match self {
-            Command::Publish(..) | Command::OpenRoom(..) | Command::CloseRoom(_) => Kind::Rooms,
+            Command::Publish(..) | Command::OpenRoom(..) => Kind::Rooms,
             Command::SyncMember(..) => Kind::Presence,
             Command::Members(..) => Kind::Listing,
             Command::Disconnect(..)
             | Command::SendUser(..)
-            | Command::OpenUser(_)
-            | Command::CloseUser(_)
             | Command::AcquireUser(..)
             | Command::SyncUser(_) => Kind::Users,
             Command::IssueTicket(..) | Command::Ticket(..) => Kind::Tickets,
@@ -159,14 +155,11 @@ impl Command {
     fn key(&self) -> &str {
         match self {
             Command::Publish(m, _) => m.room.as_str(),
-            Command::OpenRoom(r, ..)
-            | Command::CloseRoom(r)
-            | Command::SyncMember(r, _)
-            | Command::Members(r, _) => r.as_str(),
+            Command::OpenRoom(r, ..) | Command::SyncMember(r, _) | Command::Members(r, _) => {
+                r.as_str()
+            }
             Command::Disconnect(u, ..)
             | Command::SendUser(u, ..)
-            | Command::OpenUser(u)
-            | Command::CloseUser(u)
             | Command::AcquireUser(u, ..)
             | Command::SyncUser(u) => u,
             Command::IssueTicket(..) => "",
@@ -188,7 +181,44 @@ impl Command {
             Command::AcquireUser(_, _, done) => done(Err(why)),
             Command::SyncMember(room, session) => shared.owe_member(room, session),
             Command::SyncUser(user) => shared.owe_user(user),
-            Command::CloseRoom(_) | Command::OpenUser(_) | Command::CloseUser(_) => {}
+        }
+    }
+}
+
+/// `done`, answered "cluster unavailable" if it is dropped unanswered (its command
+/// panicked in a lane, or the lane is gone): a caller always gets an answer.
+fn answered_on_drop<T: 'static>(
+    done: Completion<Result<T, ClusterUnavailable>>,
+) -> Completion<Result<T, ClusterUnavailable>> {
+    struct Guard<T>(Option<Completion<Result<T, ClusterUnavailable>>>);
+    impl<T> Drop for Guard<T> {
+        fn drop(&mut self) {
+            if let Some(done) = self.0.take() {
+                done(Err(ClusterUnavailable::Unavailable));
+            }
+        }
+    }
+    let mut guard = Guard(Some(done));
+    Box::new(move |result| {
+        if let Some(done) = guard.0.take() {
+            done(result);
+        }
+    })
+}
+
+impl Command {
+    /// The command with its completion answered even if it is dropped unanswered.
+    fn guarded(self) -> Self {
+        match self {
+            Command::Publish(m, d) => Command::Publish(m, answered_on_drop(d)),
+            Command::OpenRoom(r, s, d) => Command::OpenRoom(r, s, answered_on_drop(d)),
+            Command::Disconnect(u, r, d) => Command::Disconnect(u, r, answered_on_drop(d)),
+            Command::SendUser(u, f, p, d) => Command::SendUser(u, f, p, answered_on_drop(d)),
+            Command::Members(r, d) => Command::Members(r, answered_on_drop(d)),
+            Command::IssueTicket(t, d) => Command::IssueTicket(t, answered_on_drop(d)),
+            Command::Ticket(t, r, d) => Command::Ticket(t, r, answered_on_drop(d)),
+            Command::AcquireUser(u, m, d) => Command::AcquireUser(u, m, answered_on_drop(d)),
+            other @ (Command::SyncMember(..) | Command::SyncUser(_)) => other,
         }
     }
 }
@@ -243,7 +273,7 @@ impl Lanes {
     pub(super) fn submit(&self, command: Command, shared: &Shared) {
         let job = Job {
             deadline: Instant::now() + COMMAND_TIMEOUT,
-            command,
+            command: command.guarded(),
         };
         let kind = job.command.kind();
         if let Err(e) = self.lane(&job.command).try_send(job) {
@@ -279,10 +309,17 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
-/// One lane: its commands one after the other.
+/// One lane: its commands one after the other. A command that panics (a bug, say in a
+/// hub completion) is logged and counted (`gateway_backplane_errors_total{op="lane_panic"}`);
+/// its caller is answered "cluster unavailable" (see [`answered_on_drop`]) and the lane
+/// goes on with the next command rather than die with its queue.
 async fn lane(mut rx: mpsc::Receiver<Job>, worker: Arc<Worker>) {
     while let Some(job) = rx.recv().await {
-        worker.run(job).await;
+        let run = std::panic::AssertUnwindSafe(worker.run(job));
+        if run.catch_unwind().await.is_err() {
+            worker.shared.count_error("lane_panic");
+            error!("a cluster worker command panicked; its lane goes on");
+        }
     }
 }
 
@@ -425,50 +462,23 @@ impl Worker {
                 let policy = shared.policies.for_room(room.as_str());
                 let may_create = shared.budget.may_create(policy.history);
                 let channel = Channel::Room(room.clone()).name();
-                let result = self
-                    .bounded(kind, deadline, "view", false, async |c| {
-                        listen(shared, channel).await?;
-                        scripts
-                            .view(c, &room, since, &shared.policies, may_create)
-                            .await
-                    })
-                    .await;
-                let result = result.map(|(view, created)| {
-                    if created {
-                        let now = std::time::Instant::now();
-                        let ttl = policy.history_ttl;
-                        shared.budget.created(&room, policy.history, ttl, true, now);
-                    } else {
-                        shared.budget.opened(&room);
+                // Heard before the view: no message after the view's sequence is missed.
+                let result = match self.hear(kind, deadline, &channel).await {
+                    Ok(()) => {
+                        self.bounded(kind, deadline, "view", false, async |c| {
+                            scripts
+                                .view(c, &room, since, &shared.policies, may_create)
+                                .await
+                        })
+                        .await
                     }
+                    Err(e) => Err(e),
+                };
+                let result = result.map(|(view, created)| {
+                    shared.room_viewed(&room, created, &policy);
                     view
                 });
                 done(result);
-            }
-            Command::CloseRoom(room) => {
-                shared.budget.closed(&room, std::time::Instant::now());
-                let channel = Channel::Room(room).name();
-                self.unsubscribe(deadline, channel).await;
-            }
-            Command::OpenUser(user) => {
-                let subscribed = match shared.breaker.is_open() {
-                    true => Err(CommandError::NoConnection),
-                    false => tokio::time::timeout_at(
-                        deadline,
-                        listen(shared, Channel::User(user.clone()).name()),
-                    )
-                    .await
-                    .unwrap_or(Err(CommandError::NoSubscription)),
-                };
-                if let Err(e) = subscribed {
-                    // Still wanted: the subscriber subscribes it when it reconnects.
-                    shared.want(Channel::User(user).name());
-                    shared.count_error("subscribe");
-                    warn!(error = %e, "subscribing to a user channel failed; it is retried on reconnect");
-                }
-            }
-            Command::CloseUser(user) => {
-                self.unsubscribe(deadline, Channel::User(user).name()).await
             }
             Command::SyncMember(room, session) => {
                 let key = (room, session);
@@ -592,14 +602,68 @@ impl Worker {
         }
     }
 
-    /// Stops hearing `channel` (within the deadline: a hanging Redis must not hold the
-    /// subscriber's lock for ever).
-    async fn unsubscribe(&self, deadline: Instant, channel: String) {
+    /// Makes the pub/sub connection hear `channel` before `deadline` (unless the deadline
+    /// passed in the queue or the breaker is open). Not counted by the breaker: waiting
+    /// for the subscriber (reconnecting, or busy with another channel) is not Redis
+    /// failing to answer a command; the subscription is the reconciler's to retry.
+    async fn hear(
+        &self,
+        kind: Kind,
+        deadline: Instant,
+        channel: &str,
+    ) -> Result<(), ClusterUnavailable> {
         let shared = &*self.shared;
-        if shared.breaker.is_open() {
-            shared.unwant(&channel);
-            return;
+        if Instant::now() >= deadline {
+            shared.count_refused(kind, "expired");
+            shared.count_error("view");
+            return Err(ClusterUnavailable::Unavailable);
         }
-        let _ = tokio::time::timeout_at(deadline, stop_listening(shared, channel)).await;
+        if shared.breaker.is_open() {
+            shared.count_refused(kind, "open");
+            shared.count_error("view");
+            return Err(ClusterUnavailable::Unavailable);
+        }
+        let heard = tokio::time::timeout_at(deadline, listen(shared, channel)).await;
+        if heard.as_ref().is_ok_and(Result::is_ok) {
+            return Ok(());
+        }
+        shared.count_error("subscribe");
+        match heard {
+            Ok(Err(e)) => warn!(error = %e, "subscribing to a room failed"),
+            _ => warn!("subscribing to a room: no subscription in time"),
+        }
+        shared.reconcile_all();
+        Err(ClusterUnavailable::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_dropped_unanswered_is_answered_unavailable_and_one_answered_is_not_again() {
+        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        drop(answered_on_drop(done));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(ClusterUnavailable::Unavailable))
+        ));
+        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        answered_on_drop(done)(Ok(7));
+        assert!(matches!(rx.try_recv(), Ok(Ok(7))));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_command_does_not_stop_its_lane() {
+        // What `lane` does with a command that panics: caught, its completion answered.
+        let (done, rx) = gateway_core::backplane::completion::<Result<u8, _>>();
+        let done = answered_on_drop(done);
+        let run = std::panic::AssertUnwindSafe(async move {
+            let _held = done;
+            panic!("a bug");
+        });
+        assert!(run.catch_unwind().await.is_err());
+        assert!(matches!(rx.await, Ok(Err(ClusterUnavailable::Unavailable))));
     }
 }
