@@ -205,17 +205,20 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
         let _: i64 = redis_cmd(&redis, &fill).await;
         let gw = TestGateway::start(&node_config(&redis, "")).await;
         let mut flooders = Vec::new();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         for _ in 0..24 {
             let (c, _) = gw.ws_welcomed("/chat").await;
             let (mut tx, mut rx) = c.ws.split();
-            let busy = tokio::spawn(async move {
-                let mut busy = 0u64;
+            let counter = answered.clone();
+            let reader = tokio::spawn(async move {
                 while let Some(Ok(m)) = rx.next().await {
                     if let Message::Text(t) = m {
-                        busy += u64::from(t.contains("cluster busy"));
+                        // Cut at max_presence_members (1,000) of the 2,000.
+                        if t.contains("\"count\":2000") && t.contains("\"truncated\":true") {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
-                busy
             });
             let send = tokio::spawn(async move {
                 for id in 0.. {
@@ -226,8 +229,16 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             });
-            flooders.push((send, busy));
+            flooders.push((send, reader));
         }
+        let lookups = |info: String| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_hvals:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        let lookups_before = lookups(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (mut bystander, _) = gw.ws_welcomed("/chat").await;
         for round in 0..5 {
@@ -243,27 +254,18 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
             assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let mut busy = 0;
-        for (send, rx) in flooders {
+        let lookups = lookups(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await)
+            - lookups_before;
+        for (send, reader) in flooders {
             send.abort();
-            let _ = send.await;
-            // The reader ends once its socket does.
-            rx.abort();
-            busy += rx.await.unwrap_or(0);
+            reader.abort();
         }
-        let (_, metrics) = gw.https("GET", "/metrics", &[], "").await;
-        let refused: f64 = metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("gateway_backplane_refused_total")
-                    && l.contains("queue=\"listing\"")
-                    && l.contains("reason=\"busy\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        println!("listings refused as busy: {refused}");
-        assert!(refused > 0.0, "the flood was refused, and counted");
-        let _ = busy;
+        let answered = answered.load(std::sync::atomic::Ordering::Relaxed);
+        // About 3.5 s of 24 sessions asking 100 times a second: one lookup per room serves
+        // everyone asking while it runs and for 1 s after.
+        println!("{answered} listings answered; {lookups} Redis lookups in the last ~3.5 s");
+        assert!(answered > 1000, "{answered} listings answered");
+        assert!(lookups <= 20, "{lookups} lookups for 24 askers");
     })
     .await;
 }

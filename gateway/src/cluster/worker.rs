@@ -78,10 +78,9 @@ pub(super) enum Command {
 /// A kind of operation: its own lanes, queues and connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// Publishes, and joins' subscriptions and views.
+    /// Publishes, memberships (presence), and joins' subscriptions and views: one room's
+    /// commands in one lane, so a member is listed before a later join's view counts it.
     Rooms,
-    /// Memberships (presence).
-    Presence,
     /// Presence listings (read-only, possibly large).
     Listing,
     /// Users: counts, direct messages, disconnects, user subscriptions.
@@ -92,19 +91,12 @@ pub(super) enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub(super) const ALL: [Kind; 5] = [
-        Kind::Rooms,
-        Kind::Presence,
-        Kind::Listing,
-        Kind::Users,
-        Kind::Tickets,
-    ];
+    pub(super) const ALL: [Kind; 4] = [Kind::Rooms, Kind::Listing, Kind::Users, Kind::Tickets];
 
     /// Its metric label.
     pub(super) fn name(self) -> &'static str {
         match self {
             Kind::Rooms => "rooms",
-            Kind::Presence => "presence",
             Kind::Listing => "listing",
             Kind::Users => "users",
             Kind::Tickets => "tickets",
@@ -115,7 +107,7 @@ impl Kind {
     pub(super) fn lanes(self) -> usize {
         match self {
             Kind::Rooms => 8,
-            Kind::Presence | Kind::Users => 4,
+            Kind::Users => 4,
             Kind::Listing | Kind::Tickets => 2,
         }
     }
@@ -128,7 +120,6 @@ impl Kind {
     pub(super) fn capacity(self) -> usize {
         match self {
             Kind::Rooms => 256,
-            Kind::Presence => 256,
             // A listing can be large to answer: few wait.
             Kind::Listing => 8,
             Kind::Users => 128,
@@ -140,8 +131,7 @@ impl Kind {
 impl Command {
     fn kind(&self) -> Kind {
         match self {
-            Command::Publish(..) | Command::OpenRoom(..) => Kind::Rooms,
-            Command::SyncMember(..) => Kind::Presence,
+            Command::Publish(..) | Command::OpenRoom(..) | Command::SyncMember(..) => Kind::Rooms,
             Command::Members(..) => Kind::Listing,
             Command::Disconnect(..)
             | Command::SendUser(..)
