@@ -215,6 +215,26 @@ pub async fn tls_connect_with_prefix(
     Ok(connector.connect(name, tcp).await?)
 }
 
+/// As [`tls_connect`], with the client's receive buffer fixed at `recv_buffer` bytes (set
+/// before connecting, so the kernel does not grow it): what a client that stops reading
+/// can hold does not depend on the machine's `tcp_rmem`.
+pub async fn tls_connect_with_recv_buffer(
+    addr: SocketAddr,
+    cert: &Path,
+    recv_buffer: u32,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_recv_buffer_size(recv_buffer)?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connector = TlsConnector::from(client_tls(cert, &[b"http/1.1"]));
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    Ok(connector.connect(name, tcp).await?)
+}
+
 /// A minimal HTTP/1.1 client over TLS (`Connection: close`).
 pub async fn https_request(
     addr: SocketAddr,

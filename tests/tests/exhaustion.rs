@@ -126,7 +126,11 @@ async fn the_data_body_limit_follows_the_largest_message_size() {
 async fn a_client_that_never_reads_its_responses_is_disconnected() {
     within(60, async {
         let gw = TestGateway::start("[limits]\nhandshake_timeout_secs = 1\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n").await;
-        let tls = tls_connect(gw.addr, &gw.cert_path).await.unwrap();
+        // A fixed 64 KiB receive window: this machine's kernel would otherwise let the
+        // client's buffer grow to 32 MiB (`tcp_rmem`), more than every response below.
+        let tls = tls_connect_with_recv_buffer(gw.addr, &gw.cert_path, 64 * 1024)
+            .await
+            .unwrap();
         let (mut reader, mut writer) = tokio::io::split(tls);
         // Pipelined requests, far more responses than the socket buffers hold, none read.
         let writing = tokio::spawn(async move {
@@ -138,7 +142,9 @@ async fn a_client_that_never_reads_its_responses_is_disconnected() {
             }
             writer
         });
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Long enough for a debug build to fill the socket buffers with responses (some 30,000
+        // a second here) and then stall past the 1 s timeout.
+        tokio::time::sleep(Duration::from_secs(6)).await;
         // The server gave up on the stalled writes: reading finds the end of the stream.
         let mut sink = Vec::new();
         let ended = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut sink)).await;

@@ -7,15 +7,23 @@
 //! [`LINGER_BYTES`] arrive (RFC 9112 section 9.6). A connection that last read (a timed-out
 //! head, an abandoned body) closes at once; a client that closes cleanly costs nothing more.
 //! The connection's guard (its limit slot) is held until the socket is really gone.
+//!
+//! A write that makes no progress for the connection's write timeout fails with
+//! `TimedOut`, so a client that stops reading what it asked for is disconnected rather
+//! than holding the connection (and its responses) for ever.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    time::Sleep,
+};
 
 /// Longest time spent discarding input after the connection is dropped.
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -32,22 +40,53 @@ pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send
     /// Whether the last thing that happened was a write (a response the client may still
     /// have to read), rather than a read.
     wrote_last: bool,
+    /// Seconds a write may make no progress.
+    write_timeout_secs: u16,
+    /// Armed while a write waits (boxed: only a stalled connection pays for it).
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static>
     Lingering<T, G>
 {
-    /// Wraps `inner`; `guard` is dropped when the connection is closed.
-    pub fn new(inner: T, guard: G) -> Self {
+    /// Wraps `inner`; `guard` is dropped when the connection is closed; a write that
+    /// makes no progress for `write_timeout` (whole seconds, at least one) fails.
+    pub fn new(inner: T, guard: G, write_timeout: Duration) -> Self {
         Self {
             inner: Some(inner),
             guard: Some(guard),
             wrote_last: false,
+            write_timeout_secs: u16::try_from(write_timeout.as_secs().max(1)).unwrap_or(u16::MAX),
+            stalled: None,
         }
     }
 
     fn inner(&mut self) -> Pin<&mut T> {
         Pin::new(self.inner.as_mut().expect("present until drop"))
+    }
+
+    /// What a write returned, with the stall timer: armed while writes wait, cleared by
+    /// progress; a write waiting past the timeout fails.
+    fn timed<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let secs = u64::from(self.write_timeout_secs);
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_secs(secs))));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client does not read: write stalled",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -111,11 +150,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'stat
         if !buf.is_empty() {
             self.wrote_last = true;
         }
-        self.inner().poll_write(cx, buf)
+        let result = self.inner().poll_write(cx, buf);
+        self.timed(cx, result)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner().poll_flush(cx)
+        let result = self.inner().poll_flush(cx);
+        self.timed(cx, result)
     }
 
     fn poll_write_vectored(
@@ -126,7 +167,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'stat
         if bufs.iter().any(|b| !b.is_empty()) {
             self.wrote_last = true;
         }
-        self.inner().poll_write_vectored(cx, bufs)
+        let result = self.inner().poll_write_vectored(cx, bufs);
+        self.timed(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -182,7 +182,7 @@ async fn serve_connection(
         .header_read_timeout(timeout)
         .keep_alive(!refused)
         .max_buf_size(MAX_REQUEST_HEAD)
-        .serve_connection(TokioIo::new(Lingering::new(tls, guard)), service)
+        .serve_connection(TokioIo::new(Lingering::new(tls, guard, timeout)), service)
         .with_upgrades();
     if let Err(e) = conn.await {
         debug!(%peer, error = %e, "HTTP connection ended with an error");
