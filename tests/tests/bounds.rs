@@ -94,6 +94,30 @@ async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
             peak < baseline + 30 * 1024,
             "RSS {baseline} KiB -> {peak} KiB"
         );
+        // The replay (1,000 × 1 KB) does not fit the session's queue (`queue_bytes`, 1 MiB):
+        // every join said `recovered: false` and replayed nothing; reading the attacker's
+        // stream now finds acks only, up to a marker (or the close its full queue earned).
+        attacker
+            .send(json!({"type":"ping","id":SILENCE_MARKER}))
+            .await;
+        let (mut replayed, mut recovered) = (0, 0);
+        loop {
+            let next = tokio::time::timeout(STEP, futures_util::StreamExt::next(&mut attacker.ws));
+            match next.await {
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    replayed += u64::from(v["type"] == "message");
+                    recovered += u64::from(v["recovered"] == true);
+                    if v["type"] == "pong" {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))) | Ok(None) => break,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("reading the attacker's stream: {other:?}"),
+            }
+        }
+        assert_eq!((replayed, recovered), (0, 0), "replays larger than the queue");
         // A client that reads gets its replay, exactly, once.
         let mut reader = client(&gw).await;
         let ack = reader
