@@ -417,11 +417,6 @@ impl Hub {
         Ok(())
     }
 
-    /// Bytes the rooms and their histories are counted for now.
-    pub fn room_budget_used(&self) -> usize {
-        self.budget.used()
-    }
-
     /// The state of `room`, created with a new epoch if it does not exist. The shard lock
     /// is held until the caller has locked the room (lock order: shard, then room), so a
     /// concurrent removal of an idle room cannot slip in between.
@@ -823,7 +818,7 @@ impl Hub {
                 Some((_, held)) if held.len() >= MAX_HELD_FRAMES => {
                     member.close(CloseReason::new(
                         crate::protocol::CloseCode::TooSlowOrTooFast,
-                        "slow consumer: outbound queue full",
+                        crate::session::SLOW_CONSUMER,
                     ));
                 }
                 Some((_, held)) => {
@@ -986,6 +981,7 @@ impl Hub {
         // In cluster mode the store keeps rooms (and bounds them: its room budget).
         if !volatile
             && self.backplane.cluster().is_none()
+            && !self.rooms.contains_key(room)
             && self.policies.for_room(room.as_str()).history > 0
         {
             self.admit_new_room(from, room, true, now)?;

@@ -374,10 +374,7 @@ impl SessionHandle {
         q.bytes = 0;
         q.replay_pending = 0;
         drop(q);
-        self.close(CloseReason::new(
-            CloseCode::TooSlowOrTooFast,
-            "slow consumer: outbound queue full",
-        ));
+        self.close(CloseReason::new(CloseCode::TooSlowOrTooFast, SLOW_CONSUMER));
     }
 
     /// Closes the session: frames already queued are still written, then the close.
@@ -443,6 +440,9 @@ impl Shared {
     }
 }
 
+/// The close reason of a session whose outbound queue overflowed (4008).
+pub const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
+
 /// Bytes kept free for the reply queued ahead of a replay when deciding whether it fits.
 const REPLY_ALLOWANCE: usize = 512;
 
@@ -481,9 +481,9 @@ impl OutboxReceiver {
         let mut q = lock(&self.0.queue);
         if !q.frames.is_empty() {
             let n = q.frames.len().min(max.max(1));
-            let start = out.len();
-            out.extend(q.frames.drain(..n));
-            q.bytes -= out[start..].iter().map(Outbound::len).sum::<usize>();
+            let mut freed = 0;
+            out.extend(q.frames.drain(..n).inspect(|f| freed += f.len()));
+            q.bytes -= freed;
             q.replay_pending = q.replay_pending.saturating_sub(n);
             if q.frames.is_empty() {
                 // An idle session holds no queue storage.

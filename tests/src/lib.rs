@@ -632,6 +632,24 @@ impl RunningGateway {
         Self { child, addr, cert }
     }
 
+    /// Writes `body` after a loopback listener line (`127.0.0.1:0`) to `dir/gateway.toml`
+    /// and starts the binary from it in `dir`.
+    pub async fn start_with(dir: &Path, body: &str) -> Self {
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{body}")).expect("config");
+        Self::start(&config, dir).await
+    }
+
+    /// Connects a WebSocket client to `path` and reads its `welcome`.
+    pub async fn ws_welcomed(&self, path: &str) -> WsClient {
+        let mut c = WsClient::connect(self.addr, &self.cert, path, &[])
+            .await
+            .expect("upgrade succeeds");
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        c
+    }
+
     /// Resident memory of the process, in KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> u64 {
         load::proc_stats::rss_kib(self.child.id()).expect("VmRSS of the gateway")

@@ -2,31 +2,16 @@
 //! can be read: recovery replays, presence listings and new rooms cannot make one node hold
 //! memory without bound, and a bystander is served within a second throughout.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use gateway_tests::*;
 use serde_json::{json, Value};
-
-/// Starts the binary with `body` after a loopback listener line.
-async fn gateway(dir: &Path, body: &str) -> RunningGateway {
-    let config = dir.join("gateway.toml");
-    std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{body}")).unwrap();
-    RunningGateway::start(&config, dir).await
-}
-
-async fn client(gw: &RunningGateway) -> WsClient {
-    let mut c = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
-        .await
-        .expect("upgrade");
-    assert_eq!(c.recv().await["type"], "welcome");
-    c
-}
 
 /// A bystander joins a fresh room, publishes and receives its own message, each within a
 /// second.
 async fn bystander_is_served(gw: &RunningGateway, room: &str) {
     let started = std::time::Instant::now();
-    let mut b = client(gw).await;
+    let mut b = gw.ws_welcomed("/chat").await;
     let ack = b.request(json!({"type":"join","room":room,"id":1})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
     b.send(json!({"type":"publish","room":room,"data":"ok","echo":true,"id":2}))
@@ -51,13 +36,13 @@ async fn bystander_is_served(gw: &RunningGateway, room: &str) {
 async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(
+        let gw = RunningGateway::start_with(
             dir.path(),
             "[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 100000\nrate_burst = 100000\n[[room]]\npattern = \"*\"\nhistory = 1000\nhistory_ttl_secs = 300\n",
         )
         .await;
         // A room with a long history of 1 KB messages.
-        let mut filler = client(&gw).await;
+        let mut filler = gw.ws_welcomed("/chat").await;
         let epoch = filler.join("long").await["epoch"].clone();
         let data = "x".repeat(1000);
         for i in 0..1000 {
@@ -74,7 +59,7 @@ async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
         assert_eq!(last["seq"], 1000);
         let baseline = gw.rss_kib();
         // One session loops join since=0 / leave and never reads what it is sent.
-        let mut attacker = client(&gw).await;
+        let mut attacker = gw.ws_welcomed("/chat").await;
         for i in 0..3000 {
             attacker
                 .send(json!({"type":"join","room":"long","since":0,"epoch":epoch,"id":i}))
@@ -119,7 +104,7 @@ async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
         }
         assert_eq!((replayed, recovered), (0, 0), "replays larger than the queue");
         // A client that reads gets its replay, exactly, once.
-        let mut reader = client(&gw).await;
+        let mut reader = gw.ws_welcomed("/chat").await;
         let ack = reader
             .request(json!({"type":"join","room":"long","since":990,"epoch":epoch,"id":1}))
             .await;
@@ -135,18 +120,18 @@ async fn recovery_replays_do_not_pile_up_in_a_session_that_never_reads() {
 async fn presence_listings_are_cut_and_bounded_in_bytes() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(
+        let gw = RunningGateway::start_with(
             dir.path(),
             "[limits]\nmax_presence_members = 50\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 100000\nrate_burst = 100000\n[[room]]\npattern = \"*\"\npresence_events = false\n",
         )
         .await;
         let mut members = Vec::new();
         for _ in 0..300 {
-            let mut m = client(&gw).await;
+            let mut m = gw.ws_welcomed("/chat").await;
             m.join("crowd").await;
             members.push(m);
         }
-        let mut asker = client(&gw).await;
+        let mut asker = gw.ws_welcomed("/chat").await;
         let ack = asker
             .request(json!({"type":"presence","room":"crowd","id":1}))
             .await;
@@ -157,7 +142,7 @@ async fn presence_listings_are_cut_and_bounded_in_bytes() {
         // Four sessions that never read ask for the listing again and again.
         let mut flooders = Vec::new();
         for _ in 0..4 {
-            let mut f = client(&gw).await;
+            let mut f = gw.ws_welcomed("/chat").await;
             for i in 0..3000 {
                 f.send(json!({"type":"presence","room":"crowd","id":i}))
                     .await;
@@ -183,13 +168,13 @@ async fn presence_listings_are_cut_and_bounded_in_bytes() {
 async fn new_rooms_are_rate_limited_and_bounded_by_the_budget() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(
+        let gw = RunningGateway::start_with(
             dir.path(),
             "[api]\nkey = \"k\"\n[limits]\nroom_budget_mb = 1\nrooms_per_user_per_sec = 5\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\nrate_per_sec = 100000\nrate_burst = 100000\n[[room]]\npattern = \"*\"\nhistory = 10\nhistory_ttl_secs = 300\n",
         )
         .await;
         // One session publishing to new rooms: a burst of twice the rate, then refusals.
-        let mut c = client(&gw).await;
+        let mut c = gw.ws_welcomed("/chat").await;
         let mut refused: Option<Value> = None;
         for i in 0..100 {
             let reply = c

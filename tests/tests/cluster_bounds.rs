@@ -28,6 +28,18 @@ async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, cmd: &redis::C
     cmd.query_async(&mut conn).await.unwrap()
 }
 
+/// How many times Redis ran `command` so far (scripts' calls included), from `INFO
+/// commandstats`.
+async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis_cmd(redis, redis::cmd("INFO").arg("commandstats")).await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The text of the next JSON frame within `d`, skipping everything that is not one.
 async fn next_json(c: &mut WsClient, d: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + d;
@@ -55,26 +67,14 @@ async fn a_hanging_redis_trips_the_breaker_answers_stay_prompt_and_memory_flat()
     within(60, async {
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nwebtransport = false\n{}",
-                node_config(&redis, "")
-            ),
+        let gw = RunningGateway::start_with(
+            dir.path(),
+            &format!("webtransport = false\n{}", node_config(&redis, "")),
         )
-        .unwrap();
-        let gw = RunningGateway::start(&config, dir.path()).await;
-        let connect = || async {
-            let mut c = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
-                .await
-                .unwrap();
-            assert_eq!(c.recv().await["type"], "welcome");
-            c
-        };
-        let mut member = connect().await;
+        .await;
+        let mut member = gw.ws_welcomed("/chat").await;
         member.join("hang").await;
-        let mut publisher = connect().await;
+        let mut publisher = gw.ws_welcomed("/chat").await;
         let ack = publisher
             .request(json!({"type":"publish","room":"hang","data":"warm","id":1}))
             .await;
@@ -231,14 +231,7 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
             });
             flooders.push((send, reader));
         }
-        let lookups = |info: String| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix("cmdstat_hvals:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
-        let lookups_before = lookups(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await);
+        let lookups_before = command_calls(&redis, "hvals").await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (mut bystander, _) = gw.ws_welcomed("/chat").await;
         for round in 0..5 {
@@ -254,8 +247,7 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
             assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let lookups = lookups(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await)
-            - lookups_before;
+        let lookups = command_calls(&redis, "hvals").await - lookups_before;
         for (send, reader) in flooders {
             send.abort();
             reader.abort();
@@ -265,7 +257,10 @@ async fn a_presence_listing_flood_does_not_stall_other_sessions() {
         // everyone asking while it runs and for 1 s after.
         println!("{answered} listings answered; {lookups} Redis lookups in the last ~3.5 s");
         assert!(answered > 1000, "{answered} listings answered");
-        assert!(lookups <= 20, "{lookups} lookups for 24 askers");
+        assert!(
+            (1..=20).contains(&lookups),
+            "{lookups} lookups for 24 askers (at least one: the listings came from Redis)"
+        );
     })
     .await;
 }
@@ -419,24 +414,12 @@ async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
     within(90, async {
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nwebtransport = false\n{}",
-                node_config(&redis, "")
-            ),
+        let gw = RunningGateway::start_with(
+            dir.path(),
+            &format!("webtransport = false\n{}", node_config(&redis, "")),
         )
-        .unwrap();
-        let gw = RunningGateway::start(&config, dir.path()).await;
-        let connect = || async {
-            let mut c = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
-                .await
-                .unwrap();
-            assert_eq!(c.recv().await["type"], "welcome");
-            c
-        };
-        let mut filler = connect().await;
+        .await;
+        let mut filler = gw.ws_welcomed("/chat").await;
         let epoch = filler.join("long").await["epoch"].clone();
         let data = "x".repeat(1000);
         for i in 1..=100 {
@@ -445,16 +428,9 @@ async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
                 .await;
             assert_eq!(ack["seq"], i, "{ack}");
         }
-        let xranges = |info: String| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
-        let reads_before = xranges(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await);
+        let reads_before = command_calls(&redis, "xrange").await;
         let rss_before = gw.rss_kib();
-        let mut attacker = connect().await;
+        let mut attacker = gw.ws_welcomed("/chat").await;
         for i in 0..3000 {
             attacker
                 .send(json!({"type":"join","room":"long","since":0,"epoch":epoch,"id":i}))
@@ -465,16 +441,23 @@ async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_after = gw.rss_kib();
-        let reads =
-            xranges(redis_cmd(&redis, redis::cmd("INFO").arg("commandstats")).await) - reads_before;
+        let reads = command_calls(&redis, "xrange").await - reads_before;
         // A bystander joins, publishes and hears itself within a second.
         let started = Instant::now();
-        let mut b = connect().await;
+        let mut b = gw.ws_welcomed("/chat").await;
         b.join("elsewhere").await;
-        let ack = b
-            .request(json!({"type":"publish","room":"elsewhere","data":"ok","echo":true,"id":7}))
+        b.send(json!({"type":"publish","room":"elsewhere","data":"ok","echo":true,"id":7}))
             .await;
-        assert!(ack["type"] == "ack" || ack["type"] == "message", "{ack}");
+        let got = [b.recv().await, b.recv().await];
+        assert!(
+            got.iter().any(|f| f["type"] == "ack" && f["id"] == 7),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|f| f["type"] == "message" && f["data"] == "ok"),
+            "{got:?}"
+        );
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -483,7 +466,10 @@ async fn recovery_loops_of_a_session_that_never_reads_are_bounded() {
         println!(
             "3,000 recovery loops: {reads} history reads, RSS {rss_before} -> {rss_after} KiB"
         );
-        assert!(reads < 1000, "{reads} history reads for 3,000 loops");
+        assert!(
+            (1..1000).contains(&reads),
+            "{reads} history reads for 3,000 loops (at least one: the first recovery reads)"
+        );
         assert!(
             rss_after < rss_before + 30 * 1024,
             "RSS {rss_before} -> {rss_after} KiB"
@@ -510,20 +496,12 @@ async fn rooms_closed_while_redis_hangs_are_unsubscribed_once_it_answers() {
     within(60, async {
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nwebtransport = false\n{}",
-                node_config(&redis, "")
-            ),
+        let gw = RunningGateway::start_with(
+            dir.path(),
+            &format!("webtransport = false\n{}", node_config(&redis, "")),
         )
-        .unwrap();
-        let gw = RunningGateway::start(&config, dir.path()).await;
-        let mut member = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
-            .await
-            .unwrap();
-        assert_eq!(member.recv().await["type"], "welcome");
+        .await;
+        let mut member = gw.ws_welcomed("/chat").await;
         member.join("keep").await;
         for n in 0..12 {
             // Within the node's rate of new rooms (10 a second).
@@ -534,10 +512,7 @@ async fn rooms_closed_while_redis_hangs_are_unsubscribed_once_it_answers() {
 
         redis.pause();
         // Publishes that get no answer open the breaker.
-        let mut publisher = WsClient::connect(gw.addr, &gw.cert, "/chat", &[])
-            .await
-            .unwrap();
-        assert_eq!(publisher.recv().await["type"], "welcome");
+        let mut publisher = gw.ws_welcomed("/chat").await;
         let opened = Instant::now();
         let mut id = 0;
         loop {
