@@ -14,42 +14,10 @@ use std::{
     },
 };
 
-use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::protocol::{CloseCode, CloseReason};
-
-/// A frame queued for one session, already encoded. Cloning shares the bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outbound {
-    /// A JSON envelope.
-    Text(Bytes),
-    /// A binary envelope.
-    Binary(Bytes),
-    /// A volatile JSON `message`: WebTransport may send it as a datagram.
-    Volatile(Bytes),
-    /// A transport-level liveness probe (WebSocket ping).
-    Ping,
-}
-
-/// The transport a session arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TransportKind {
-    /// Secure WebSocket over TCP.
-    WebSocket,
-    /// WebTransport over HTTP/3.
-    WebTransport,
-}
-
-impl TransportKind {
-    /// The wire name: `websocket` or `webtransport`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportKind::WebSocket => "websocket",
-            TransportKind::WebTransport => "webtransport",
-        }
-    }
-}
+pub use crate::protocol::{Outbound, TransportKind};
 
 /// A session id, unique across the cluster with overwhelming probability: 64 random bits
 /// the hub draws from the random source its owner gave it ([`Hub::new_session_id`]).
@@ -516,6 +484,7 @@ impl OutboxReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::future::Future;
 
     fn limits(frames: usize) -> QueueLimits {

@@ -6,56 +6,78 @@ use std::fmt;
 use super::stream_frame::FrameError;
 use crate::tickets::TicketError;
 
-/// The `code` of an `error` envelope (PROTOCOL.md section 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    /// Not valid JSON, unknown type, missing or ill-typed field.
-    BadRequest,
-    /// Missing, invalid or expired credential.
-    Unauthorized,
-    /// The identity may not do this (room pattern, API key).
-    Forbidden,
-    /// The target does not exist.
-    NotFound,
-    /// `leave` of a room the session is not in.
-    NotMember,
-    /// A message over the size limit.
-    TooLarge,
-    /// Inbound rate limit exceeded.
-    RateLimited,
-    /// A configured count was reached (rooms per session, connections per user).
-    LimitExceeded,
-    /// A server-side failure.
-    Internal,
+/// Declares a code enum and its table in one place: each variant is one row, its columns
+/// a value of the row type. The enum gets `ALL` (every row, in order) and a private
+/// `row()`; the accessors read their column from it.
+macro_rules! codes {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $row:ident {
+            $( $(#[$doc:meta])* $variant:ident => $value:expr, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl $name {
+            /// Every code of the table, in the order it is declared.
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            const fn row(self) -> $row {
+                match self {
+                    $( $name::$variant => $value, )*
+                }
+            }
+        }
+    };
+}
+
+/// A row of the [`ErrorCode`] table.
+struct ErrorRow {
+    wire: &'static str,
+    status: u16,
+}
+
+const fn error(wire: &'static str, status: u16) -> ErrorRow {
+    ErrorRow { wire, status }
+}
+
+codes! {
+    /// The `code` of an `error` envelope (PROTOCOL.md section 5).
+    pub enum ErrorCode: ErrorRow {
+        /// Not valid JSON, unknown type, missing or ill-typed field.
+        BadRequest => error("bad_request", 400),
+        /// Missing, invalid or expired credential.
+        Unauthorized => error("unauthorized", 401),
+        /// The identity may not do this (room pattern, API key).
+        Forbidden => error("forbidden", 403),
+        /// The target does not exist.
+        NotFound => error("not_found", 404),
+        /// `leave` of a room the session is not in.
+        NotMember => error("not_member", 404),
+        /// A message over the size limit.
+        TooLarge => error("too_large", 413),
+        /// Inbound rate limit exceeded.
+        RateLimited => error("rate_limited", 429),
+        /// A configured count was reached (rooms per session, connections per user).
+        LimitExceeded => error("limit_exceeded", 429),
+        /// A server-side failure.
+        Internal => error("internal", 500),
+    }
 }
 
 impl ErrorCode {
     /// The wire string of this code.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::NotMember => "not_member",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::LimitExceeded => "limit_exceeded",
-            ErrorCode::Internal => "internal",
-        }
+        self.row().wire
     }
 
     /// The HTTP status the HTTP API answers with for this code.
     pub fn http_status(self) -> u16 {
-        match self {
-            ErrorCode::BadRequest => 400,
-            ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
-            ErrorCode::NotFound | ErrorCode::NotMember => 404,
-            ErrorCode::TooLarge => 413,
-            ErrorCode::RateLimited | ErrorCode::LimitExceeded => 429,
-            ErrorCode::Internal => 500,
-        }
+        self.row().status
     }
 }
 
@@ -65,72 +87,67 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// Why a session is closed, with its WebSocket / WebTransport close code (PROTOCOL.md section 8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CloseCode {
-    /// 1000: normal close.
-    Normal,
-    /// 1001: the server is going away (shutdown, drain).
-    GoingAway,
-    /// 1002: WebSocket protocol error.
-    ProtocolError,
-    /// 1007: a text message that is not valid UTF-8 (RFC 6455).
-    InvalidPayload,
-    /// 1008: policy violation.
-    PolicyViolation,
-    /// 1009: message too large.
-    TooLarge,
-    /// 1011: internal error.
-    Internal,
-    /// 4001: auth timeout, invalid token, token expired without refresh.
-    Unauthorized,
-    /// 4003: forbidden.
-    Forbidden,
-    /// 4008: slow consumer (outbound queue overflow) or sustained rate-limit abuse.
-    TooSlowOrTooFast,
-    /// 4009: heartbeat timeout.
-    HeartbeatTimeout,
-    /// 1006: the connection was lost without a close. Never sent (the transport is gone):
-    /// it is what logs and metrics record for such a session.
-    Abnormal,
+/// A row of the [`CloseCode`] table: the number, and whether it is ever sent on the wire.
+struct CloseRow {
+    code: u16,
+    sent: bool,
+}
+
+const fn close(code: u16) -> CloseRow {
+    CloseRow { code, sent: true }
+}
+
+codes! {
+    /// Why a session is closed, with its WebSocket / WebTransport close code (PROTOCOL.md
+    /// section 8).
+    pub enum CloseCode: CloseRow {
+        /// 1000: normal close.
+        Normal => close(1000),
+        /// 1001: the server is going away (shutdown, drain).
+        GoingAway => close(1001),
+        /// 1002: WebSocket protocol error.
+        ProtocolError => close(1002),
+        /// 1006: the connection was lost without a close. Never sent (the transport is
+        /// gone): it is what logs and metrics record for such a session.
+        Abnormal => CloseRow { code: 1006, sent: false },
+        /// 1007: a text message that is not valid UTF-8 (RFC 6455).
+        InvalidPayload => close(1007),
+        /// 1008: policy violation.
+        PolicyViolation => close(1008),
+        /// 1009: message too large.
+        TooLarge => close(1009),
+        /// 1011: internal error.
+        Internal => close(1011),
+        /// 4001: auth timeout, invalid token, token expired without refresh.
+        Unauthorized => close(4001),
+        /// 4003: forbidden.
+        Forbidden => close(4003),
+        /// 4008: slow consumer (outbound queue overflow) or sustained rate-limit abuse.
+        TooSlowOrTooFast => close(4008),
+        /// 4009: heartbeat timeout.
+        HeartbeatTimeout => close(4009),
+    }
 }
 
 impl CloseCode {
     /// The numeric close code.
     pub fn code(self) -> u16 {
-        match self {
-            CloseCode::Normal => 1000,
-            CloseCode::GoingAway => 1001,
-            CloseCode::ProtocolError => 1002,
-            CloseCode::InvalidPayload => 1007,
-            CloseCode::PolicyViolation => 1008,
-            CloseCode::TooLarge => 1009,
-            CloseCode::Internal => 1011,
-            CloseCode::Unauthorized => 4001,
-            CloseCode::Forbidden => 4003,
-            CloseCode::TooSlowOrTooFast => 4008,
-            CloseCode::HeartbeatTimeout => 4009,
-            CloseCode::Abnormal => 1006,
-        }
+        self.row().code
     }
 
-    /// The close code for a numeric value a caller chose (for example `/api/disconnect`).
+    /// Whether a close frame may carry this code ([`Abnormal`](Self::Abnormal) is only
+    /// recorded, never sent).
+    pub fn is_sent(self) -> bool {
+        self.row().sent
+    }
+
+    /// The close code for a numeric value a caller chose (for example `/api/disconnect`):
+    /// any code of the table that is sent on the wire.
     pub fn from_code(code: u16) -> Option<Self> {
-        [
-            CloseCode::Normal,
-            CloseCode::GoingAway,
-            CloseCode::ProtocolError,
-            CloseCode::InvalidPayload,
-            CloseCode::PolicyViolation,
-            CloseCode::TooLarge,
-            CloseCode::Internal,
-            CloseCode::Unauthorized,
-            CloseCode::Forbidden,
-            CloseCode::TooSlowOrTooFast,
-            CloseCode::HeartbeatTimeout,
-        ]
-        .into_iter()
-        .find(|c| c.code() == code)
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|c| c.is_sent() && c.code() == code)
     }
 }
 
@@ -224,76 +241,80 @@ impl From<FrameError> for TransportFault {
     }
 }
 
-/// Why a WebSocket upgrade or WebTransport CONNECT is refused before any session exists
-/// (PROTOCOL.md section 1), in the order the checks run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rejection {
-    /// The path is not a configured endpoint (404).
-    UnknownEndpoint,
-    /// Not a valid upgrade or CONNECT request (400).
-    BadUpgrade,
-    /// The global connection limit is reached (503).
-    ServerFull,
-    /// The per-IP connection limit is reached (429).
-    TooManyFromIp,
-    /// The `Origin` is not in the endpoint's allow-list (403).
-    ForbiddenOrigin,
-    /// A credential was presented and is invalid, expired or already used (401).
-    InvalidCredential,
-    /// No credential on an endpoint with `auth = "required"` (401).
-    MissingCredential,
-    /// The per-user connection limit is reached (429).
-    TooManyForUser,
-    /// The server is shutting down (503).
-    ShuttingDown,
-    /// A ticket or the per-user count could not be checked because the cluster store is
-    /// unreachable (503).
-    ClusterUnavailable,
+/// A row of the [`Rejection`] table: the HTTP status, the `error` code of the body and its
+/// message.
+struct RejectionRow {
+    status: u16,
+    code: ErrorCode,
+    message: &'static str,
+}
+
+const fn reject(status: u16, code: ErrorCode, message: &'static str) -> RejectionRow {
+    RejectionRow {
+        status,
+        code,
+        message,
+    }
+}
+
+codes! {
+    /// Why a WebSocket upgrade or WebTransport CONNECT is refused before any session exists
+    /// (PROTOCOL.md section 1), in the order the checks run.
+    pub enum Rejection: RejectionRow {
+        /// The path is not a configured endpoint (404).
+        UnknownEndpoint => reject(404, ErrorCode::NotFound, "no such endpoint"),
+        /// Not a valid upgrade or CONNECT request (400).
+        BadUpgrade => reject(
+            400,
+            ErrorCode::BadRequest,
+            "not a valid WebSocket upgrade or WebTransport CONNECT",
+        ),
+        /// The global connection limit is reached (503).
+        ServerFull => reject(503, ErrorCode::LimitExceeded, "connection limit reached"),
+        /// The per-IP connection limit is reached (429).
+        TooManyFromIp => reject(
+            429,
+            ErrorCode::LimitExceeded,
+            "too many connections from this address",
+        ),
+        /// The `Origin` is not in the endpoint's allow-list (403).
+        ForbiddenOrigin => reject(403, ErrorCode::Forbidden, "origin not allowed"),
+        /// A credential was presented and is invalid, expired or already used (401).
+        InvalidCredential => reject(401, ErrorCode::Unauthorized, "invalid credential"),
+        /// No credential on an endpoint with `auth = "required"` (401).
+        MissingCredential => reject(401, ErrorCode::Unauthorized, "credential required"),
+        /// The per-user connection limit is reached (429).
+        TooManyForUser => reject(
+            429,
+            ErrorCode::LimitExceeded,
+            "too many connections for this user",
+        ),
+        /// The server is shutting down (503).
+        ShuttingDown => reject(503, ErrorCode::Internal, "shutting down"),
+        /// A ticket or the per-user count could not be checked because the cluster store is
+        /// unreachable (503).
+        ClusterUnavailable => reject(
+            503,
+            ErrorCode::Internal,
+            "cluster unavailable: the credential or the connection count cannot be checked",
+        ),
+    }
 }
 
 impl Rejection {
     /// The HTTP status answered for this rejection.
     pub fn http_status(self) -> u16 {
-        match self {
-            Rejection::UnknownEndpoint => 404,
-            Rejection::BadUpgrade => 400,
-            Rejection::ServerFull | Rejection::ShuttingDown | Rejection::ClusterUnavailable => 503,
-            Rejection::TooManyFromIp | Rejection::TooManyForUser => 429,
-            Rejection::ForbiddenOrigin => 403,
-            Rejection::InvalidCredential | Rejection::MissingCredential => 401,
-        }
+        self.row().status
     }
 
     /// The `error` code of the JSON body sent with the status.
     pub fn error_code(self) -> ErrorCode {
-        match self {
-            Rejection::UnknownEndpoint => ErrorCode::NotFound,
-            Rejection::BadUpgrade => ErrorCode::BadRequest,
-            Rejection::ServerFull | Rejection::TooManyFromIp | Rejection::TooManyForUser => {
-                ErrorCode::LimitExceeded
-            }
-            Rejection::ShuttingDown | Rejection::ClusterUnavailable => ErrorCode::Internal,
-            Rejection::ForbiddenOrigin => ErrorCode::Forbidden,
-            Rejection::InvalidCredential | Rejection::MissingCredential => ErrorCode::Unauthorized,
-        }
+        self.row().code
     }
 
     /// A short message for the response body; never includes the credential.
     pub fn message(self) -> &'static str {
-        match self {
-            Rejection::UnknownEndpoint => "no such endpoint",
-            Rejection::BadUpgrade => "not a valid WebSocket upgrade or WebTransport CONNECT",
-            Rejection::ServerFull => "connection limit reached",
-            Rejection::TooManyFromIp => "too many connections from this address",
-            Rejection::ForbiddenOrigin => "origin not allowed",
-            Rejection::InvalidCredential => "invalid credential",
-            Rejection::MissingCredential => "credential required",
-            Rejection::TooManyForUser => "too many connections for this user",
-            Rejection::ShuttingDown => "shutting down",
-            Rejection::ClusterUnavailable => {
-                "cluster unavailable: the credential or the connection count cannot be checked"
-            }
-        }
+        self.row().message
     }
 }
 
@@ -431,6 +452,10 @@ mod tests {
             assert_eq!(CloseCode::from_code(code).map(CloseCode::code), Some(code));
         }
         assert_eq!(CloseCode::from_code(1005), None);
+        // 1006 is recorded for a lost connection but never sent, so no caller may choose it.
+        assert_eq!(CloseCode::Abnormal.code(), 1006);
+        assert_eq!(CloseCode::from_code(1006), None);
+        assert_eq!(CloseCode::ALL.len(), 12);
         let long = CloseReason::new(CloseCode::Normal, "é".repeat(100));
         assert!(long.reason.len() <= 123 && long.reason.is_char_boundary(long.reason.len()));
         assert_eq!(

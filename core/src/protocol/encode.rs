@@ -4,8 +4,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{decode::RequestId, CloseCode, ErrorCode, Payload, RoomName};
-use crate::session::{Outbound, TransportKind};
+use super::{decode::RequestId, CloseCode, ErrorCode, Outbound, Payload, RoomName, TransportKind};
 
 impl Serialize for RequestId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

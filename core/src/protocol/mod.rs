@@ -4,6 +4,7 @@
 pub mod codes;
 mod decode;
 mod encode;
+mod frame;
 mod room;
 pub mod stream_frame;
 
@@ -16,4 +17,5 @@ pub use encode::{
     AckFields, AckMembers, MemberInfo, MessageFrame, MessageKind, PresenceEvent, ResyncReason,
     ServerFrame,
 };
+pub use frame::{Outbound, TransportKind};
 pub use room::{RoomName, RoomNameError, MAX_ROOM_NAME_LEN};
