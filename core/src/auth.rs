@@ -201,46 +201,51 @@ impl JwtVerifier {
 
     /// Verifies `token` at `unix_now` (seconds) and returns its identity.
     pub fn verify(&self, token: &str, unix_now: u64) -> Result<Identity, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let pinned = format!("{:?}", self.validation.algorithms[0]);
-        if let Some(header) = raw_header(token) {
-            if header
-                .get("alg")
-                .and_then(Value::as_str)
-                .is_some_and(|alg| alg != pinned)
-            {
-                return Err(AuthError::WrongAlgorithm);
-            }
-            // No header extension is understood, so a `crit` naming any is refused (and an
-            // empty or ill-typed `crit` is invalid anyway).
-            if header.contains_key("crit") {
-                return Err(AuthError::CriticalHeader);
-            }
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::WrongAlgorithm
-                }
-                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(match c.as_str() {
-                    "sub" => "sub",
-                    "aud" => "aud",
-                    "iss" => "iss",
-                    _ => "exp",
-                }),
-                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-                ErrorKind::InvalidAudience => AuthError::WrongAudience,
-                _ => AuthError::Malformed,
-            },
-        )?;
-        let claims = data.claims;
+        self.check_header(token)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(decode_error)?
+            .claims;
         let exp = claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
-        let sub = claims.sub.filter(|s| !s.is_empty());
+        let sub = claims.sub.as_deref().filter(|s| !s.is_empty());
         let sub = sub.ok_or(AuthError::MissingClaim("sub"))?;
         if sub.len() > MAX_USER_ID_BYTES {
             return Err(AuthError::Malformed);
         }
+        self.check_times(&claims, exp, unix_now)?;
+        self.check_issuer_and_audience(&claims)?;
+        self.check_lifetime(&claims, exp, unix_now)?;
+        let patterns = |v: Vec<String>| v.iter().map(|p| Pattern::new(p)).collect();
+        Ok(Identity {
+            user: sub.into(),
+            rooms: claims.rooms.map(patterns),
+            publish: claims.publish.map(patterns),
+            expires_at: Some(exp.saturating_add(self.leeway)),
+        })
+    }
+
+    /// Refuses a header whose `alg` is not the pinned one, or that names a `crit` extension.
+    fn check_header(&self, token: &str) -> Result<(), AuthError> {
+        let Some(header) = raw_header(token) else {
+            return Ok(()); // the decoder reports a malformed header
+        };
+        let pinned = format!("{:?}", self.validation.algorithms[0]);
+        if header
+            .get("alg")
+            .and_then(Value::as_str)
+            .is_some_and(|alg| alg != pinned)
+        {
+            return Err(AuthError::WrongAlgorithm);
+        }
+        // No header extension is understood, so a `crit` naming any is refused (and an
+        // empty or ill-typed `crit` is invalid anyway).
+        if header.contains_key("crit") {
+            return Err(AuthError::CriticalHeader);
+        }
+        Ok(())
+    }
+
+    /// `exp` and `nbf`, with leeway.
+    fn check_times(&self, claims: &Claims, exp: u64, unix_now: u64) -> Result<(), AuthError> {
         if exp.saturating_add(self.leeway) <= unix_now {
             return Err(AuthError::Expired);
         }
@@ -250,6 +255,11 @@ impl JwtVerifier {
         {
             return Err(AuthError::NotYetValid);
         }
+        Ok(())
+    }
+
+    /// `iss` and `aud`, when configured: present and exactly the expected values.
+    fn check_issuer_and_audience(&self, claims: &Claims) -> Result<(), AuthError> {
         if let Some(expected) = &self.issuer {
             match &claims.iss {
                 None => return Err(AuthError::MissingClaim("iss")),
@@ -258,18 +268,21 @@ impl JwtVerifier {
             }
         }
         if let Some(expected) = &self.audience {
-            if !audience_matches(
-                claims.aud.as_ref().ok_or(AuthError::MissingClaim("aud"))?,
-                expected,
-            ) {
+            let aud = claims.aud.as_ref().ok_or(AuthError::MissingClaim("aud"))?;
+            if !audience_matches(aud, expected) {
                 return Err(AuthError::WrongAudience);
             }
         }
+        Ok(())
+    }
+
+    /// The longest lifetime allowed (`max_token_lifetime_secs`), from `iat`.
+    fn check_lifetime(&self, claims: &Claims, exp: u64, unix_now: u64) -> Result<(), AuthError> {
         if let Some(max) = self.max_lifetime {
             // From `iat`, but never from later than now: a future `iat` must not stretch
             // the lifetime. Saturating throughout: `exp` may be anything up to u64::MAX.
             let latest_start = unix_now.saturating_add(self.leeway);
-            let start = match claims.iat {
+            let start = match &claims.iat {
                 None => latest_start,
                 Some(iat) => iat.as_u64().ok_or(AuthError::Malformed)?.min(latest_start),
             };
@@ -277,13 +290,25 @@ impl JwtVerifier {
                 return Err(AuthError::LifetimeTooLong);
             }
         }
-        let patterns = |v: Vec<String>| v.iter().map(|p| Pattern::new(p)).collect();
-        Ok(Identity {
-            user: sub.into(),
-            rooms: claims.rooms.map(patterns),
-            publish: claims.publish.map(patterns),
-            expires_at: Some(exp.saturating_add(self.leeway)),
-        })
+        Ok(())
+    }
+}
+
+/// The [`AuthError`] for what the JWT decoder refused.
+fn decode_error(e: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+        ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(match c.as_str() {
+            "sub" => "sub",
+            "aud" => "aud",
+            "iss" => "iss",
+            _ => "exp",
+        }),
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        _ => AuthError::Malformed,
     }
 }
 
