@@ -40,8 +40,7 @@ use crate::{
 type MessageSend = h3_webtransport::stream::SendStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type MessageRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
 /// What accepting a bidirectional stream (the message stream, or a request) yields.
-type BidiAccept =
-    Result<Option<AcceptedBi<h3_quinn::Connection, Bytes>>, h3::error::StreamError>;
+type BidiAccept = Result<Option<AcceptedBi<h3_quinn::Connection, Bytes>>, h3::error::StreamError>;
 /// What accepting a unidirectional stream yields.
 type UniAccept =
     Result<Option<(h3_webtransport::SessionId, MessageRecv)>, h3::error::ConnectionError>;
