@@ -250,6 +250,7 @@ async fn reject(stream: &mut H3Stream, rejection: Rejection) {
 /// What serving plain HTTP/3 requests on one QUIC connection needs.
 #[derive(Clone)]
 pub(super) struct Requests {
+    /// The router both fronts serve.
     pub(super) router: Router,
     /// The client's address.
     pub(super) peer: SocketAddr,
