@@ -17,4 +17,4 @@ pub mod tcp;
 pub mod tls;
 
 pub use config::Config;
-pub use server::Server;
+pub use server::{Server, StartError};

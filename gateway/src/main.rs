@@ -133,7 +133,8 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         let server = match Server::start(config).await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                // With its causes, as `anyhow` chains them.
+                eprintln!("error: {:#}", anyhow::Error::new(e));
                 return ExitCode::FAILURE;
             }
         };

@@ -16,7 +16,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 /// Whether this build counts (the `metrics` feature). Without it every count is compiled
@@ -197,133 +197,20 @@ impl Metrics {
         endpoints: impl IntoIterator<Item = &'a str>,
     ) -> Arc<Self> {
         let mut registry = Registry::default();
-        let transport_family = |registry: &mut Registry| {
-            let frames_received = Family::<TransportLabel, Counter>::default();
-            let frames_sent = Family::<TransportLabel, Counter>::default();
-            let bytes_received = Family::<TransportLabel, Counter>::default();
-            let bytes_sent = Family::<TransportLabel, Counter>::default();
-            let deliveries = Family::<TransportLabel, Counter>::default();
-            let latency = Family::<TransportLabel, Histogram>::new_with_constructor(
-                (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
-            );
-            registry.register(
-                "gateway_frames_received",
-                "Frames read from clients",
-                frames_received.clone(),
-            );
-            registry.register(
-                "gateway_frames_sent",
-                "Frames written to clients",
-                frames_sent.clone(),
-            );
-            registry.register(
-                "gateway_bytes_received",
-                "Payload bytes read from clients",
-                bytes_received.clone(),
-            );
-            registry.register(
-                "gateway_bytes_sent",
-                "Payload bytes written to clients",
-                bytes_sent.clone(),
-            );
-            registry.register(
-                "gateway_deliveries",
-                "Messages queued for room members and direct recipients",
-                deliveries.clone(),
-            );
-            registry.register(
-                "gateway_delivery_seconds",
-                "From a frame entering a session's queue to its write (sampled)",
-                latency.clone(),
-            );
-            let of = |kind: TransportKind| {
-                let label = TransportLabel {
-                    transport: kind.as_str(),
-                };
-                TransportCounters {
-                    frames_received: frames_received.get_or_create_owned(&label),
-                    frames_sent: frames_sent.get_or_create_owned(&label),
-                    bytes_received: bytes_received.get_or_create_owned(&label),
-                    bytes_sent: bytes_sent.get_or_create_owned(&label),
-                    deliveries: deliveries.get_or_create_owned(&label),
-                    delivery_seconds: latency.get_or_create_owned(&label),
-                }
-            };
-            (
-                of(TransportKind::WebSocket),
-                of(TransportKind::WebTransport),
-            )
-        };
-        let (websocket, webtransport) = transport_family(&mut registry);
-
-        let sessions = Family::default();
-        registry.register("gateway_sessions", "Open sessions", sessions.clone());
-        let opened = Family::default();
-        registry.register("gateway_sessions_opened", "Sessions opened", opened.clone());
-        let closed = Family::default();
-        registry.register(
-            "gateway_sessions_closed",
-            "Sessions closed, by close code",
-            closed.clone(),
-        );
-        let rejections = Family::default();
-        registry.register(
-            "gateway_handshake_rejections",
-            "Upgrades and CONNECTs refused before a session, by HTTP status (or timeout)",
-            rejections.clone(),
-        );
-        let publishes = Family::default();
-        registry.register(
-            "gateway_publishes",
-            "Publishes accepted (endpoint `api`: the HTTP API)",
-            publishes.clone(),
-        );
-        let datagrams_sent = Counter::default();
-        registry.register(
-            "gateway_datagrams_sent",
-            "WebTransport datagrams written",
-            datagrams_sent.clone(),
-        );
-        let slow_consumer_closes = Family::default();
-        registry.register(
-            "gateway_slow_consumer_closes",
-            "Sessions closed because their outbound queue was full",
-            slow_consumer_closes.clone(),
-        );
-        let rate_limited = Family::default();
-        registry.register(
-            "gateway_rate_limited",
-            "Inbound frames refused by the per-session rate limit",
-            rate_limited.clone(),
-        );
-        let rooms = Gauge::default();
-        registry.register(
-            "gateway_rooms",
-            "Rooms with members on this node",
-            rooms.clone(),
-        );
-        let backplane_errors = Family::default();
-        registry.register(
-            "gateway_backplane_errors",
-            "Failed cluster backplane (Redis) operations",
-            backplane_errors.clone(),
-        );
-        let backplane_refused = Family::default();
-        registry.register(
-            "gateway_backplane_refused",
-            "Cluster backplane commands refused without running, by queue and reason",
-            backplane_refused.clone(),
-        );
-        let recoveries = Family::default();
-        registry.register(
-            "gateway_recoveries",
-            "Joins with `since`: recovered exactly, or not",
-            recoveries.clone(),
-        );
-        let build_info = Family::<VersionLabel, Gauge>::default();
-        build_info.get_or_create(&VersionLabel { version }).set(1);
-        registry.register("gateway_build_info", "The gateway's version", build_info);
-
+        let (websocket, webtransport) = register_transports(&mut registry);
+        let families = SessionFamilies::register(&mut registry);
+        let node = NodeFamilies::register(&mut registry, version);
+        let SessionFamilies {
+            sessions,
+            opened,
+            closed,
+            rejections,
+            publishes,
+            datagrams_sent,
+            slow_consumer_closes,
+            rate_limited,
+            rooms,
+        } = families;
         let endpoints = endpoints
             .into_iter()
             .map(|path| {
@@ -352,9 +239,9 @@ impl Metrics {
             rate_limited,
             datagrams_sent,
             rooms,
-            backplane_errors,
-            backplane_refused,
-            recoveries,
+            backplane_errors: node.backplane_errors,
+            backplane_refused: node.backplane_refused,
+            recoveries: node.recoveries,
         })
     }
 
@@ -470,5 +357,159 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Registers `metric` as `name` with `help`, and returns it (a clone shares its values).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Registers the per-transport metrics and resolves the counters of both transports.
+fn register_transports(registry: &mut Registry) -> (TransportCounters, TransportCounters) {
+    let counter = Family::<TransportLabel, Counter>::default;
+    let mut add = |name: &str, help: &str| registered(registry, name, help, counter());
+    let frames_received = add("gateway_frames_received", "Frames read from clients");
+    let frames_sent = add("gateway_frames_sent", "Frames written to clients");
+    let bytes_received = add("gateway_bytes_received", "Payload bytes read from clients");
+    let bytes_sent = add("gateway_bytes_sent", "Payload bytes written to clients");
+    let deliveries = add(
+        "gateway_deliveries",
+        "Messages queued for room members and direct recipients",
+    );
+    let latency = registered(
+        registry,
+        "gateway_delivery_seconds",
+        "From a frame entering a session's queue to its write (sampled)",
+        Family::<TransportLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
+        ),
+    );
+    let of = |kind: TransportKind| {
+        let label = TransportLabel {
+            transport: kind.as_str(),
+        };
+        TransportCounters {
+            frames_received: frames_received.get_or_create_owned(&label),
+            frames_sent: frames_sent.get_or_create_owned(&label),
+            bytes_received: bytes_received.get_or_create_owned(&label),
+            bytes_sent: bytes_sent.get_or_create_owned(&label),
+            deliveries: deliveries.get_or_create_owned(&label),
+            delivery_seconds: latency.get_or_create_owned(&label),
+        }
+    };
+    (
+        of(TransportKind::WebSocket),
+        of(TransportKind::WebTransport),
+    )
+}
+
+/// The per-session and per-endpoint families, and the node's datagram and room counts.
+struct SessionFamilies {
+    sessions: Family<SessionLabels, Gauge>,
+    opened: Family<SessionLabels, Counter>,
+    closed: Family<CloseLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
+    publishes: Family<EndpointLabel, Counter>,
+    datagrams_sent: Counter,
+    slow_consumer_closes: Family<EndpointLabel, Counter>,
+    rate_limited: Family<EndpointLabel, Counter>,
+    rooms: Gauge,
+}
+
+impl SessionFamilies {
+    /// Registers them, in this order.
+    fn register(registry: &mut Registry) -> Self {
+        let r = registry;
+        Self {
+            sessions: registered(r, "gateway_sessions", "Open sessions", Family::default()),
+            opened: registered(
+                r,
+                "gateway_sessions_opened",
+                "Sessions opened",
+                Family::default(),
+            ),
+            closed: registered(
+                r,
+                "gateway_sessions_closed",
+                "Sessions closed, by close code",
+                Family::default(),
+            ),
+            rejections: registered(
+                r,
+                "gateway_handshake_rejections",
+                "Upgrades and CONNECTs refused before a session, by HTTP status (or timeout)",
+                Family::default(),
+            ),
+            publishes: registered(
+                r,
+                "gateway_publishes",
+                "Publishes accepted (endpoint `api`: the HTTP API)",
+                Family::default(),
+            ),
+            datagrams_sent: registered(
+                r,
+                "gateway_datagrams_sent",
+                "WebTransport datagrams written",
+                Counter::default(),
+            ),
+            slow_consumer_closes: registered(
+                r,
+                "gateway_slow_consumer_closes",
+                "Sessions closed because their outbound queue was full",
+                Family::default(),
+            ),
+            rate_limited: registered(
+                r,
+                "gateway_rate_limited",
+                "Inbound frames refused by the per-session rate limit",
+                Family::default(),
+            ),
+            rooms: registered(
+                r,
+                "gateway_rooms",
+                "Rooms with members on this node",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
+/// The backplane and recovery families; `gateway_build_info` is registered with them.
+struct NodeFamilies {
+    backplane_errors: Family<OpLabel, Counter>,
+    backplane_refused: Family<RefusedLabel, Counter>,
+    recoveries: Family<ResultLabel, Counter>,
+}
+
+impl NodeFamilies {
+    /// Registers them, in this order, then `gateway_build_info` for `version`.
+    fn register(registry: &mut Registry, version: &'static str) -> Self {
+        let r = &mut *registry;
+        let families = Self {
+            backplane_errors: registered(
+                r,
+                "gateway_backplane_errors",
+                "Failed cluster backplane (Redis) operations",
+                Family::default(),
+            ),
+            backplane_refused: registered(
+                r,
+                "gateway_backplane_refused",
+                "Cluster backplane commands refused without running, by queue and reason",
+                Family::default(),
+            ),
+            recoveries: registered(
+                r,
+                "gateway_recoveries",
+                "Joins with `since`: recovered exactly, or not",
+                Family::default(),
+            ),
+        };
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info.get_or_create(&VersionLabel { version }).set(1);
+        registry.register("gateway_build_info", "The gateway's version", build_info);
+        families
     }
 }

@@ -1,11 +1,17 @@
-//! Wiring: certificates, listeners on one port number, the hub, and graceful shutdown.
+//! Wiring: certificates, listeners on one port number, the hub, the flushers, and graceful
+//! shutdown.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
-use anyhow::Context;
-use gateway_certs::{ensure_dev_cert, load_pem, DevCert, ReloadableResolver};
+use axum::{body::Body, extract::State, Router};
+use gateway_certs::{ensure_dev_cert, load_pem, CertError, DevCert, ReloadableResolver};
 use gateway_core::{
-    auth::JwtVerifier,
+    auth::{AuthError, JwtVerifier},
     backplane::LocalBackplane,
     connection::Services,
     hub::{Hub, HubConfig},
@@ -17,13 +23,58 @@ use tracing::info;
 
 use crate::{
     cert_reload::{CertReload, CertReloader, ReloadError, Trigger, POLL_INTERVAL},
-    cluster::RedisCluster,
+    cluster::{ClusterError, RedisCluster},
     config::{Config, RedisTarget, TlsSource},
     http::api,
     quic,
+    session::Flushers,
     state::AppState,
     tcp, tls,
 };
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The `[tls]` certificate or key could not be loaded or used.
+    #[error(transparent)]
+    Tls(#[from] CertError),
+    /// The development certificate in `dir` could not be made or loaded.
+    #[error("dev certificate in {}", dir.display())]
+    DevCert {
+        /// Where it is kept.
+        dir: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: CertError,
+    },
+    /// The TCP listener could not be bound.
+    #[error("binding TCP {addr}")]
+    BindTcp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QUIC endpoint could not be bound.
+    #[error("binding UDP {addr}")]
+    BindUdp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: quic::BindError,
+    },
+    /// A bound listener's address could not be read.
+    #[error(transparent)]
+    Address(#[from] std::io::Error),
+    /// The `[jwt]` key is unusable.
+    #[error(transparent)]
+    Jwt(#[from] AuthError),
+    /// The cluster backplane could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
 
 /// A started gateway: its bound addresses and the tasks serving them.
 pub struct Server {
@@ -53,26 +104,9 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Loads certificates, binds the listeners and starts serving.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
-        let (identity, dev_cert, dev_cert_path) = match &config.tls {
-            TlsSource::Files { cert, key } => (load_pem(cert, key)?, None, None),
-            TlsSource::Dev(dir) => {
-                let (dev, _new) = ensure_dev_cert(dir)
-                    .with_context(|| format!("dev certificate in {}", dir.display()))?;
-                (dev.identity()?, Some(dev), Some(dir.join("cert.pem")))
-            }
-        };
-        let resolver = ReloadableResolver::new(&identity)?;
-        let reloader = match &config.tls {
-            TlsSource::Files { cert, key } => Some(CertReloader::new(
-                cert.clone(),
-                key.clone(),
-                resolver.clone(),
-            )),
-            TlsSource::Dev(_) => None,
-        };
-
+        let certs = Certificates::load(&config.tls)?;
         let heartbeat = config
             .endpoints
             .iter()
@@ -81,74 +115,33 @@ impl Server {
             .unwrap_or(Duration::from_secs(25));
         let quic_tls = config
             .webtransport
-            .then(|| tls::quic_config(resolver.clone()));
+            .then(|| tls::quic_config(certs.resolver.clone()));
         let (tcp, quic) = bind_same_port(config.listen, quic_tls, heartbeat).await?;
         let tcp_addr = tcp.local_addr()?;
         let udp_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
 
-        let verifier = match &config.jwt {
-            Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
-            None => None,
-        };
-        let hub_config = HubConfig {
-            room_budget: config.limits.room_budget,
-            max_presence_members: config.limits.max_presence_members,
-            rooms_per_user_per_sec: config.limits.rooms_per_user_per_sec,
-            ..HubConfig::new(config.node_id.clone(), config.rooms.clone())
-        };
-        let mut cluster_handle = None;
-        let hub = match &config.redis {
-            None => Hub::new(hub_config, Arc::new(LocalBackplane), StdRng::from_os_rng()),
-            Some(url) => {
-                let cluster = RedisCluster::start(
-                    url,
-                    config.rooms.clone(),
-                    &config.node_id,
-                    config.cluster_heartbeat,
-                    config.limits.room_budget,
-                )?;
-                let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
-                cluster.attach(&hub);
-                cluster_handle = Some(cluster.clone());
-                let (kind, urls) = match url {
-                    RedisTarget::Single(u) => ("redis", vec![redacted(u)]),
-                    RedisTarget::Cluster(seeds) => {
-                        ("redis cluster", seeds.iter().map(|u| redacted(u)).collect())
-                    }
-                };
-                info!(redis = ?urls, "cluster mode: rooms and direct messages go through {kind}");
-                hub
-            }
-        };
-        let limits = ConnectionLimits::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-            config.limits.max_connections_per_user,
-        );
-        let services = Services {
-            hub,
-            verifier,
-            limits,
-        };
+        let (services, cluster) = services(&config)?;
         let state = AppState::new(
             config,
             services,
             udp_addr.map(|a| a.port()),
-            dev_cert.as_ref().map(|d| d.sha256.clone()),
-            cluster_handle,
+            certs.dev_cert.as_ref().map(|d| d.sha256.clone()),
+            cluster,
         );
         if let Some(cluster) = &state.cluster {
             cluster.count_errors_in(state.metrics.backplane_errors());
         }
-        let router = api::router(state.clone(), tcp::endpoint);
+        // The cross-session write passes WebSocket sessions' frames leave through.
+        let flushers = Arc::new(Flushers::spawn());
+        let router = router(&state, flushers);
         let mut tasks = JoinSet::new();
-        let tls_config = tls::tcp_config(resolver.clone());
+        let tls_config = tls::tcp_config(certs.resolver.clone());
         tasks.spawn(tcp::serve(tcp, tls_config, state.clone(), router.clone()));
         if let Some(endpoint) = quic.clone() {
             tasks.spawn(quic::serve(endpoint, state.clone(), router));
         }
         tasks.spawn(expire_history(state.clone()));
-        if let Some(reloader) = &reloader {
+        if let Some(reloader) = &certs.reloader {
             tasks.spawn(reloader.clone().watch(POLL_INTERVAL));
         }
 
@@ -157,10 +150,10 @@ impl Server {
             tcp_addr,
             udp_addr,
             quic,
-            dev_cert,
-            dev_cert_path,
+            dev_cert: certs.dev_cert,
+            dev_cert_path: certs.dev_cert_path,
             state,
-            reloader,
+            reloader: certs.reloader,
             tasks,
         })
     }
@@ -210,6 +203,112 @@ impl Server {
     }
 }
 
+/// The certificate the listeners serve, and where it comes from.
+struct Certificates {
+    resolver: Arc<ReloadableResolver>,
+    /// Reloads the `[tls]` files (none with a dev certificate).
+    reloader: Option<Arc<CertReloader>>,
+    dev_cert: Option<DevCert>,
+    dev_cert_path: Option<PathBuf>,
+}
+
+impl Certificates {
+    /// Loads the `[tls]` files, or makes (or reuses) the development certificate.
+    fn load(source: &TlsSource) -> Result<Self, StartError> {
+        let (identity, dev_cert, dev_cert_path) = match source {
+            TlsSource::Files { cert, key } => (load_pem(cert, key)?, None, None),
+            TlsSource::Dev(dir) => {
+                let (dev, _new) = ensure_dev_cert(dir).map_err(|source| dev_cert(dir, source))?;
+                (dev.identity()?, Some(dev), Some(dir.join("cert.pem")))
+            }
+        };
+        let resolver = ReloadableResolver::new(&identity)?;
+        let reloader = match source {
+            TlsSource::Files { cert, key } => Some(CertReloader::new(
+                cert.clone(),
+                key.clone(),
+                resolver.clone(),
+            )),
+            TlsSource::Dev(_) => None,
+        };
+        Ok(Self {
+            resolver,
+            reloader,
+            dev_cert,
+            dev_cert_path,
+        })
+    }
+}
+
+/// The error of a development certificate in `dir` that could not be made or loaded.
+fn dev_cert(dir: &Path, source: CertError) -> StartError {
+    StartError::DevCert {
+        dir: dir.to_owned(),
+        source,
+    }
+}
+
+/// The hub (single node, or over the Redis cluster of `[redis]`), the JWT verifier and the
+/// connection limits; and the cluster, in cluster mode.
+fn services(config: &Config) -> Result<(Services, Option<Arc<RedisCluster>>), StartError> {
+    let verifier = match &config.jwt {
+        Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
+        None => None,
+    };
+    let hub_config = HubConfig {
+        room_budget: config.limits.room_budget,
+        max_presence_members: config.limits.max_presence_members,
+        rooms_per_user_per_sec: config.limits.rooms_per_user_per_sec,
+        ..HubConfig::new(config.node_id.clone(), config.rooms.clone())
+    };
+    let mut cluster_handle = None;
+    let hub = match &config.redis {
+        None => Hub::new(hub_config, Arc::new(LocalBackplane), StdRng::from_os_rng()),
+        Some(url) => {
+            let cluster = RedisCluster::start(
+                url,
+                config.rooms.clone(),
+                &config.node_id,
+                config.cluster_heartbeat,
+                config.limits.room_budget,
+            )?;
+            let hub = Hub::new(hub_config, cluster.clone(), StdRng::from_os_rng());
+            cluster.attach(&hub);
+            cluster_handle = Some(cluster.clone());
+            let (kind, urls) = match url {
+                RedisTarget::Single(u) => ("redis", vec![redacted(u)]),
+                RedisTarget::Cluster(seeds) => {
+                    ("redis cluster", seeds.iter().map(|u| redacted(u)).collect())
+                }
+            };
+            info!(redis = ?urls, "cluster mode: rooms and direct messages go through {kind}");
+            hub
+        }
+    };
+    let limits = ConnectionLimits::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_ip,
+        config.limits.max_connections_per_user,
+    );
+    let services = Services {
+        hub,
+        verifier,
+        limits,
+    };
+    Ok((services, cluster_handle))
+}
+
+/// The router both fronts serve; its fallback is the WebSocket upgrade on endpoint paths,
+/// whose sessions' writes are corked by `flushers`.
+fn router(state: &Arc<AppState>, flushers: Arc<Flushers>) -> Router {
+    api::router(
+        state.clone(),
+        move |State(app): State<Arc<AppState>>, req: http::Request<Body>| {
+            tcp::upgrade(app, flushers.clone(), req)
+        },
+    )
+}
+
 /// How often expired room history is dropped (and rooms left with nothing forgotten).
 const HISTORY_SWEEP: Duration = Duration::from_secs(1);
 
@@ -229,20 +328,25 @@ async fn bind_same_port(
     addr: SocketAddr,
     quic_tls: Option<rustls::ServerConfig>,
     heartbeat: Duration,
-) -> anyhow::Result<(TcpListener, Option<quinn::Endpoint>)> {
+) -> Result<(TcpListener, Option<quinn::Endpoint>), StartError> {
     let attempts = if addr.port() == 0 { 16 } else { 1 };
     let mut last_error = None;
     for _ in 0..attempts {
         let tcp = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding TCP {addr}"))?;
+            .map_err(|source| StartError::BindTcp { addr, source })?;
         let Some(tls) = &quic_tls else {
             return Ok((tcp, None));
         };
         let udp_addr = tcp.local_addr()?;
         match quic::bind(udp_addr, tls.clone(), heartbeat) {
             Ok(endpoint) => return Ok((tcp, Some(endpoint))),
-            Err(e) => last_error = Some(e.context(format!("binding UDP {udp_addr}"))),
+            Err(source) => {
+                last_error = Some(StartError::BindUdp {
+                    addr: udp_addr,
+                    source,
+                })
+            }
         }
     }
     Err(last_error.expect("at least one attempt"))

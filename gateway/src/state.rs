@@ -19,7 +19,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use tokio_util::task::TaskTracker;
 
-use crate::{cluster::RedisCluster, config::Config, metrics::Metrics, session::Flushers};
+use crate::{cluster::RedisCluster, config::Config, metrics::Metrics};
 
 /// The reason of the `reconnect` and of the 1001 close a drain sends.
 const DRAIN_REASON: &str = "server draining";
@@ -50,16 +50,13 @@ pub struct AppState {
     pub cluster: Option<Arc<RedisCluster>>,
     /// The Prometheus metrics.
     pub metrics: Arc<Metrics>,
-    /// The cross-session write passes sessions' frames leave through.
-    pub(crate) flushers: Flushers,
     /// Every session's task (WebSocket and WebTransport): shutdown waits for them.
     pub(crate) sessions: TaskTracker,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
-    /// Shared state for `config` around `services`; starts the flushers on the current
-    /// tokio runtime.
+    /// Shared state for `config` around `services`.
     pub fn new(
         config: Config,
         services: Services,
@@ -87,7 +84,6 @@ impl AppState {
             tickets,
             cluster,
             metrics,
-            flushers: Flushers::spawn(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
         })

@@ -134,7 +134,23 @@ pub async fn admit(
     if !policy.origin_allowed(origin) {
         return Err(Rejection::ForbiddenOrigin);
     }
-    let admitted = match policy.auth {
+    let admitted = authenticate(app, policy.auth, req, now).await?;
+    Ok(Admission {
+        policy,
+        admitted,
+        slot,
+    })
+}
+
+/// What `req`'s credential (PROTOCOL.md section 2) makes of the session under `mode`:
+/// anonymous, pending its first message, or authenticated with a user slot.
+async fn authenticate(
+    app: &AppState,
+    mode: AuthMode,
+    req: &UpgradeRequest<'_>,
+    now: Now,
+) -> Result<Admitted, Rejection> {
+    Ok(match mode {
         AuthMode::None => Admitted::Anonymous,
         mode => match credential(req) {
             None if mode == AuthMode::FirstMessage => Admitted::Pending,
@@ -182,11 +198,6 @@ pub async fn admit(
                 Admitted::Authenticated(identity, user_slot)
             }
         },
-    };
-    Ok(Admission {
-        policy,
-        admitted,
-        slot,
     })
 }
 

@@ -14,8 +14,7 @@ use crate::clock;
 
 use super::{
     open::AccessLog,
-    writer::{FrameSink, SessionWriter},
-    WriteStats,
+    writer::{FrameSink, SessionWriter, WriteStats},
 };
 
 /// How long a closing session may take to flush its close and hear the peer's reply.
@@ -72,7 +71,7 @@ async fn woken(signal: &Option<WakeSignal>) {
 
 /// Runs a session to its end: feeds `inbound`'s events to `conn`, runs its timers, writes
 /// its outbox through `writer`, and closes it (within [`CLOSE_GRACE`]), then logs it.
-pub(crate) async fn drive<I: Inbound, S: FrameSink>(
+pub(super) async fn drive<I: Inbound, S: FrameSink>(
     mut conn: Connection,
     mut inbound: I,
     writer: Arc<SessionWriter<S>>,

@@ -12,31 +12,21 @@ use gateway_core::{
 use tokio::time::Instant;
 use tracing::info;
 
+use super::writer::WriteStats;
 use crate::{clock, http::admission::Admission, metrics::Metrics, state::AppState};
 
-/// Outbound counters an adapter's writer reports at the end.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct WriteStats {
-    pub(crate) frames: u64,
-    pub(crate) bytes: u64,
-    pub(crate) datagrams: u64,
-}
-
 /// An opened session: its protocol driver, its outbox, and its access log.
-pub(crate) struct OpenedSession {
-    pub(crate) conn: Connection,
-    pub(crate) outbox: OutboxReceiver,
+pub(super) struct OpenedSession {
+    pub(super) conn: Connection,
+    pub(super) outbox: OutboxReceiver,
     /// Boxed: an idle session's task does not carry the log's fields.
-    pub(crate) log: Box<AccessLog>,
-    /// The session's connection slot (the access log holds it for the session's life);
-    /// a front may clone it, e.g. as the permit of requests on the same connection.
-    pub(crate) slot: Arc<ConnectionSlot>,
+    pub(super) log: Box<AccessLog>,
 }
 
 /// Registers an admitted session with the hub (queuing `welcome` when authenticated) and
 /// logs its opening. `pings`: the transport needs pings for liveness (see
 /// `Connection::open`).
-pub(crate) fn open_session(
+pub(super) fn open_session(
     app: &Arc<AppState>,
     admission: Admission,
     transport: TransportKind,
@@ -78,14 +68,13 @@ pub(crate) fn open_session(
             metrics: app.metrics.clone(),
             session: handle.clone(),
             counted: false,
-            _slot: slot.clone(),
+            _slot: slot,
         }),
-        slot,
     }
 }
 
 /// The data of a session's closing access-log line.
-pub(crate) struct AccessLog {
+pub(super) struct AccessLog {
     opened: Instant,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
@@ -99,12 +88,12 @@ pub(crate) struct AccessLog {
 
 impl AccessLog {
     /// The process's metrics.
-    pub(crate) fn metrics(&self) -> &Metrics {
+    pub(super) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// Logs the session's end: duration, traffic both ways and the close code.
-    pub(crate) fn closed(mut self, conn: &Connection, out: WriteStats) {
+    pub(super) fn closed(mut self, conn: &Connection, out: WriteStats) {
         let handle = conn.handle();
         let reason = handle.close_reason();
         let inbound = conn.stats();

@@ -7,10 +7,9 @@ use std::{
     future::Future,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        Arc, Mutex, MutexGuard, Weak,
     },
     task::{Context, Poll, Waker},
-    time::Instant,
 };
 
 use gateway_core::{
@@ -20,16 +19,20 @@ use gateway_core::{
 
 use super::{
     cork::{Flush, Flushers},
-    WriteStats,
+    latency,
 };
 use crate::metrics::Metrics;
 
-/// One in this many doorbell rings (per runtime thread) times its frames' way to the wire
-/// for `gateway_delivery_seconds`: a clock read per sample, not per delivery.
-pub(super) const LATENCY_SAMPLE_EVERY: u32 = 64;
-
 /// Most frames taken from the outbox at once.
 const MAX_BATCH: usize = 512;
+
+/// Outbound counters a session's writer reports at the end.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WriteStats {
+    pub(crate) frames: u64,
+    pub(crate) bytes: u64,
+    pub(crate) datagrams: u64,
+}
 
 /// How a transport sends what a session's outbox holds.
 pub(crate) trait FrameSink: Send + 'static {
@@ -65,7 +68,7 @@ struct WriteState<S> {
 /// Invariant: the flusher only writes with a waker that is never woken, and whenever that
 /// leaves work behind it wakes the writer task, which writes with its own waker. While
 /// the task writes it holds the state (the slot is empty) and the flusher keeps off.
-pub(crate) struct SessionWriter<S> {
+pub(super) struct SessionWriter<S> {
     outbox: OutboxReceiver,
     state: Mutex<Option<WriteState<S>>>,
     /// Written by a flusher; else only by the session's task, which then lets the other
@@ -73,14 +76,14 @@ pub(crate) struct SessionWriter<S> {
     corked: bool,
     transport: TransportKind,
     metrics: Arc<Metrics>,
-    /// When a sampled ring put frames in the empty queue (nanoseconds after [`epoch`],
-    /// 0: none pending).
+    /// When a sampled ring put frames in the empty queue ([`latency::stamp`], 0: none
+    /// pending).
     sampled_at: AtomicU64,
 }
 
 impl<S: FrameSink> SessionWriter<S> {
     /// The writer of `session`'s `outbox` into `sink`, corked by one of `flushers`.
-    pub(crate) fn corked(
+    pub(super) fn corked(
         session: &SessionHandle,
         outbox: OutboxReceiver,
         sink: S,
@@ -94,7 +97,7 @@ impl<S: FrameSink> SessionWriter<S> {
     }
 
     /// The writer of `outbox` into `sink` on the session's own task only.
-    pub(crate) fn own_task(
+    pub(super) fn own_task(
         session: &SessionHandle,
         outbox: OutboxReceiver,
         sink: S,
@@ -129,7 +132,7 @@ impl<S: FrameSink> SessionWriter<S> {
 
     /// Notes when frames arrived in the empty queue (a sampled ring).
     fn note_ring(&self) {
-        let at = epoch().elapsed().as_nanos() as u64 + 1;
+        let at = latency::stamp();
         let _ = self
             .sampled_at
             .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
@@ -154,7 +157,7 @@ impl<S: FrameSink> SessionWriter<S> {
         if all_written {
             let at = self.sampled_at.swap(0, Ordering::Relaxed);
             if at != 0 {
-                let now = epoch().elapsed().as_nanos() as u64 + 1;
+                let now = latency::stamp();
                 counters
                     .delivery_seconds
                     .observe(now.saturating_sub(at) as f64 / 1e9);
@@ -169,7 +172,7 @@ impl<S: FrameSink> SessionWriter<S> {
 
     /// The session's writer task: writes whatever the flusher handed back or could not
     /// take, and the close. Returns what was written.
-    pub(crate) async fn run(self: Arc<Self>) -> WriteStats {
+    pub(super) async fn run(self: Arc<Self>) -> WriteStats {
         loop {
             let mut state = self
                 .lock()
@@ -281,31 +284,10 @@ struct TaskBell<S>(Weak<SessionWriter<S>>);
 impl<S: FrameSink> Doorbell for TaskBell<S> {
     fn ring(&self) {
         if let Some(writer) = self.0.upgrade() {
-            if sample_this_ring() {
+            if latency::sample_this_ring() {
                 writer.note_ring();
             }
             writer.outbox.wake_writer();
         }
     }
-}
-
-/// The instant sampled rings are measured from.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Whether this ring (on this thread) is one of the sampled ones.
-pub(super) fn sample_this_ring() -> bool {
-    if !crate::metrics::ENABLED {
-        return false;
-    }
-    thread_local! {
-        static RINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-    }
-    RINGS.with(|rings| {
-        let n = rings.get().wrapping_add(1);
-        rings.set(n);
-        n % LATENCY_SAMPLE_EVERY == 0
-    })
 }
