@@ -17,7 +17,7 @@ use futures_util::{stream, Stream, StreamExt};
 use gateway_core::{
     protocol::{
         stream_frame::{encode_header, FrameDecoder, FrameError, FrameKind},
-        CloseCode, CloseReason, ErrorCode, ServerFrame, TransportFault,
+        CloseReason, ErrorCode, ServerFrame, TransportFault,
     },
     session::{Outbound, SessionHandle, TransportKind},
 };
@@ -286,11 +286,7 @@ impl FrameSink for WtSink {
     async fn close(mut self, reason: CloseReason) {
         // A session closed before its message stream opened has nothing to write on, and a
         // lost connection has nobody to tell.
-        if let Some(send) = self
-            .send
-            .as_mut()
-            .filter(|_| reason.code != CloseCode::Abnormal)
-        {
+        if let Some(send) = self.send.as_mut().filter(|_| reason.code.is_sent()) {
             let envelope = ServerFrame::Close {
                 code: reason.code,
                 reason: &reason.reason,

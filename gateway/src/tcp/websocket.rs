@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use gateway_core::{
-    protocol::{CloseCode, CloseReason, TransportFault},
+    protocol::{CloseReason, TransportFault},
     session::{Outbound, TransportKind},
 };
 use tokio_tungstenite::{
@@ -244,7 +244,7 @@ where
 
     async fn close(mut self, reason: CloseReason) {
         // A lost connection has nobody to tell.
-        if reason.code != CloseCode::Abnormal {
+        if reason.code.is_sent() {
             let _ = self.0.send(Message::Close(Some(close_frame(reason)))).await;
         }
     }
