@@ -1,39 +1,49 @@
-//! The hub: registry of sessions, rooms and users; join, leave, publish, send and presence.
+//! The hub: the registry of rooms, sessions and users, with one verb per operation.
 //!
-//! Rooms live in a sharded map; each room has its own lock, held only while a sequence number
-//! is assigned, the already-encoded frame is kept in the room's history and queued to every
-//! member (never across an await). There is no global lock on the publish path.
+//! Rooms live in a sharded map; each room has its own lock, held only while a frame is
+//! ordered and queued to the members (never across an await); there is no global lock on
+//! the publish path. Lock order: a map's shard, then a room; a shard guard is released
+//! before a room is locked, and a room removed meanwhile is marked `removed` under its
+//! lock, so that the caller retries with the room that replaces it.
 //!
-//! A room whose policy keeps history outlives its last member for as long as its history
-//! does, with its sequence and epoch; a recovering join replays the missed messages under the
-//! same lock that orders publishes, so nothing published meanwhile is lost or doubled.
+//! The mode is chosen once, in [`Hub::new`]: on a single node the hub orders each room
+//! itself ([`Local`]: sequence, history, replay); in a cluster the backplane orders rooms
+//! and the hub follows ([`Follower`]), handed what the cluster delivers through
+//! [`deliver`](Hub::deliver), [`deliver_user`](Hub::deliver_user) and
+//! [`catch_up`](Hub::catch_up). The verbs that may need the cluster (`publish`,
+//! `send_to_user`, `members`, `presence`, `disconnect_user`) take a [`Completion`], which a
+//! single node calls at once.
+
+mod ids;
+mod stats;
 
 use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
-    },
+    sync::{Arc, Weak},
     time::Instant,
 };
 
 use dashmap::DashMap;
-use indexmap::IndexMap;
-use rand::{rngs::StdRng, RngCore};
+use rand::rngs::StdRng;
+
+pub use crate::room::{JoinOutcome, JoinReply, Publish, Since, UNKNOWN_EPOCH};
+pub use stats::HubStats;
 
 use crate::{
     backplane::{
-        Backplane, ClusterMessage, ClusterPublish, ClusterUnavailable, Completion, RoomView,
+        Backplane, Cluster, ClusterMessage, ClusterPublish, ClusterUnavailable, Completion,
+        RoomView,
     },
-    history::{History, HistoryBudget, Recovery, RoomCharge},
+    history::{History, HistoryBudget},
     limits::TokenBucket,
     policy::RoomPolicies,
     presence::{ListingCache, ListingResult, Lookup, PresenceListing},
-    protocol::{
-        CloseReason, MemberInfo, MessageFrame, MessageKind, Payload, PresenceEvent, ResyncReason,
-        RoomName, ServerFrame,
+    protocol::{CloseReason, MemberInfo, Payload, PresenceEvent, RoomName},
+    room::{
+        answer_join,
+        frames::{cluster_frame, direct_frame, presence_frame},
+        Fanout, Follower, Local, Order, Room, RoomState,
     },
-    session::{Outbound, SessionHandle, SessionId, TransportKind},
+    session::{Outbound, SessionHandle, SessionId},
 };
 
 /// Settings of a hub.
@@ -65,11 +75,6 @@ impl HubConfig {
     }
 }
 
-/// The epoch of a [`RoomView`] the cluster could not read: [`Hub::catch_up`] then knows
-/// neither what was missed nor where the room is, and tells the members with the room's
-/// next message (`resync` with that message's epoch and the `seq` before it).
-pub const UNKNOWN_EPOCH: &str = "";
-
 /// The default [`HubConfig::room_budget`]: 256 MiB.
 pub const DEFAULT_ROOM_BUDGET: usize = 256 * 1024 * 1024;
 
@@ -87,192 +92,124 @@ pub enum RoomRefusal {
     TooManyNewRooms(u32),
 }
 
-/// A recovery request: the last sequence number a client saw, and its epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Since<'a> {
-    /// The last `seq` received.
-    pub seq: u64,
-    /// The epoch it belongs to.
-    pub epoch: &'a str,
+/// A room event the cluster hands this node, in the cluster's order.
+#[derive(Debug, Clone, Copy)]
+pub enum Delivery<'a> {
+    /// A room message with its sequence number, in the epoch the cluster ordered it in. A
+    /// message of another epoch than this node's members are in (the room restarted in the
+    /// cluster) cannot continue their sequence: they get `resync` first, and stay.
+    Message {
+        /// The message.
+        message: &'a ClusterMessage,
+        /// Its epoch.
+        epoch: &'a str,
+    },
+    /// A volatile message: no sequence number, no epoch.
+    Volatile(&'a ClusterMessage),
+    /// A presence event about `user`, for the members who are not that user's sessions.
+    Presence {
+        /// Joined or left.
+        event: PresenceEvent,
+        /// The user it is about.
+        user: &'a str,
+    },
 }
 
-/// Builds the reply to a `join` from its outcome (or the cluster's failure); it is queued
-/// under the room's lock, before any replayed or live message of the room.
-pub type JoinReply = Box<dyn FnOnce(Result<&JoinOutcome, &ClusterUnavailable>) -> Outbound + Send>;
-
-/// What a successful join reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinOutcome {
-    /// The room's latest sequence number.
-    pub seq: u64,
-    /// The epoch the sequence belongs to.
-    pub epoch: Arc<str>,
-    /// Sessions in the room, this one included.
-    pub members: usize,
-    /// With a recovery request: whether every missed message was replayed.
-    pub recovered: Option<bool>,
+/// What the cluster hands this node for the sessions of one user here.
+#[derive(Debug, Clone)]
+pub enum UserDelivery<'a> {
+    /// A direct message.
+    Direct {
+        /// The sender's user id (`None` for the HTTP API).
+        from: Option<&'a str>,
+        /// The payload.
+        data: &'a Payload,
+    },
+    /// Close every session of the user here with this reason.
+    Disconnect(CloseReason),
 }
 
-/// Live frames held back for a member whose join waits for the cluster, with their `seq`.
-/// Each with the epoch it came in (room messages only).
-type HeldFrames = Vec<(Option<u64>, Option<Arc<str>>, Outbound)>;
+/// The rooms of one kind, sharded.
+type Rooms<O> = DashMap<RoomName, Arc<Room<O>>>;
 
-/// Live frames held for one member whose join waits for the cluster at most; beyond, the
-/// member is a slow consumer (4008), as it would be with a full queue.
-const MAX_HELD_FRAMES: usize = 1024;
-
-struct RoomState {
-    seq: u64,
-    epoch: Arc<str>,
-    presence_events: bool,
-    /// `None` when the room's policy keeps no history.
-    history: Option<History>,
-    members: IndexMap<SessionId, SessionHandle>,
-    /// Sessions per user in this room, for user-level presence events.
-    users: HashMap<Arc<str>, u32>,
-    /// When a sweep first found the room with neither members nor history.
-    idle_since: Option<Instant>,
-    /// Set under the lock when the room is removed from the map: a publish that looked it
-    /// up just before must use the room that replaces it.
-    removed: bool,
-    /// Cluster mode: members whose join waits for the cluster, with the live frames that
-    /// arrived for them meanwhile (and their sequence numbers), under the token of that
-    /// join (a later join of the same session must not take an earlier answer).
-    pending: HashMap<SessionId, (u64, HeldFrames)>,
-    /// Cluster mode: members that joined at this `seq` and have not had a newer message
-    /// yet. Messages the channel still carries from before the join were replayed or
-    /// reported already: they are not delivered to them again.
-    floors: HashMap<SessionId, u64>,
-    /// The presence listing of the members, until they change.
-    listing: Option<Arc<PresenceListing>>,
-    /// The room's share of the room budget, when it keeps history.
-    _charge: Option<RoomCharge>,
+/// How this hub orders rooms, chosen once when it is built.
+enum Mode {
+    /// A single node: the hub orders each room and keeps its history.
+    Single(Rooms<Local>),
+    /// A cluster: the backplane orders rooms and the hub follows.
+    Cluster {
+        rooms: Rooms<Follower>,
+        /// Presence listings looked up or being looked up.
+        listings: ListingCache,
+    },
 }
 
-impl RoomState {
-    /// Whether a room without history can be forgotten as its last member leaves.
-    fn is_empty_without_history(&self) -> bool {
-        self.members.is_empty() && self.history.is_none()
-    }
-
-    /// Whether a room can be forgotten at `now`: no member and nothing to recover, and for a
-    /// room that keeps history, so for a whole history lifetime (a client that saw its
-    /// sequence and epoch may still come back to it, even with nothing missed).
-    fn is_expired(&mut self, now: Instant) -> bool {
-        if !self.members.is_empty() {
-            self.idle_since = None;
-            return false;
+impl Mode {
+    fn room_count(&self) -> usize {
+        match self {
+            Mode::Single(rooms) => rooms.len(),
+            Mode::Cluster { rooms, .. } => rooms.len(),
         }
-        let Some(history) = self.history.as_mut() else {
-            return true;
-        };
-        history.prune(now);
-        if !history.is_empty() {
-            self.idle_since = None;
-            return false;
+    }
+
+    fn contains(&self, room: &RoomName) -> bool {
+        match self {
+            Mode::Single(rooms) => rooms.contains_key(room),
+            Mode::Cluster { rooms, .. } => rooms.contains_key(room),
         }
-        let since = *self.idle_since.get_or_insert(now);
-        now.saturating_duration_since(since) >= history.ttl()
+    }
+
+    fn is_member(&self, room: &RoomName, id: SessionId) -> bool {
+        match self {
+            Mode::Single(rooms) => lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id)),
+            Mode::Cluster { rooms, .. } => {
+                lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id))
+            }
+        }
     }
 }
 
-struct Room(Mutex<RoomState>);
+/// The room named `room`, if it exists (the shard guard is released at once).
+fn lookup<O>(rooms: &Rooms<O>, room: &RoomName) -> Option<Arc<Room<O>>> {
+    rooms.get(room).map(|r| r.value().clone())
+}
 
-impl Room {
-    fn lock(&self) -> MutexGuard<'_, RoomState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// A join waiting for the cluster's view of its room.
+struct Waiting {
+    room: RoomName,
+    handle: SessionHandle,
+    /// Which join of the member this is.
+    token: u64,
+    wants_recovery: bool,
+    reply: JoinReply,
 }
 
 /// The transport-neutral hub shared by every adapter on this node.
 pub struct Hub {
     node: Arc<str>,
     policies: RoomPolicies,
-    rooms: DashMap<RoomName, Arc<Room>>,
+    mode: Mode,
     budget: Arc<HistoryBudget>,
     max_presence_members: usize,
     rooms_per_user_per_sec: u32,
     /// Per user: the new rooms they may still bring into existence.
     room_creators: DashMap<Arc<str>, TokenBucket>,
-    /// Cluster mode: presence listings looked up or being looked up.
-    listings: ListingCache,
     users: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: DashMap<SessionId, SessionHandle>,
     backplane: Arc<dyn Backplane>,
     /// What the hub has done, for metrics.
     stats: HubStats,
-    /// Where session ids and epochs come from (the owner seeds it).
-    rng: Mutex<StdRng>,
-    /// Tells a member's successive joins of a room apart.
-    join_tokens: AtomicU64,
+    /// Where session ids, epochs and join tokens come from.
+    ids: ids::Ids,
     /// This hub, for completions that come back later.
     me: Weak<Hub>,
-}
-
-/// Running totals of the hub's work, read by the gateway's metrics.
-#[derive(Debug, Default)]
-pub struct HubStats {
-    /// Messages queued for members and direct recipients, by transport (WebSocket,
-    /// WebTransport).
-    deliveries: [AtomicU64; 2],
-    /// Joins with `since` that recovered exactly, and that did not.
-    recovered: AtomicU64,
-    not_recovered: AtomicU64,
-}
-
-impl HubStats {
-    /// Adds the deliveries of one fan-out, counted per transport by [`transport_index`].
-    fn add_deliveries(&self, counted: [u64; 2]) {
-        if !cfg!(feature = "stats") {
-            return;
-        }
-        for (total, n) in self.deliveries.iter().zip(counted) {
-            if n > 0 {
-                total.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Counts the outcome of a join with `since`.
-    pub fn count_recovery(&self, recovered: bool) {
-        if !cfg!(feature = "stats") {
-            return;
-        }
-        let counter = if recovered {
-            &self.recovered
-        } else {
-            &self.not_recovered
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Messages queued so far for sessions on `transport`.
-    pub fn deliveries(&self, transport: TransportKind) -> u64 {
-        self.deliveries[transport_index(transport)].load(Ordering::Relaxed)
-    }
-
-    /// Joins with `since` so far: (recovered, not recovered).
-    pub fn recoveries(&self) -> (u64, u64) {
-        (
-            self.recovered.load(Ordering::Relaxed),
-            self.not_recovered.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// The slot of `transport` in per-transport counts.
-fn transport_index(transport: TransportKind) -> usize {
-    match transport {
-        TransportKind::WebSocket => 0,
-        TransportKind::WebTransport => 1,
-    }
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("node", &self.node)
-            .field("rooms", &self.rooms.len())
+            .field("rooms", &self.mode.room_count())
             .field("sessions", &self.sessions.len())
             .finish()
     }
@@ -280,42 +217,43 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// A hub with this configuration and backplane, drawing session ids and room epochs
-    /// from `rng` (seeded from the OS in production, from a constant in tests).
+    /// from `rng` (seeded from the OS in production, from a constant in tests). A
+    /// backplane that is a [`Cluster`] makes it a cluster node for good.
     pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>, rng: StdRng) -> Arc<Self> {
+        let mode = match backplane.cluster() {
+            Some(_) => Mode::Cluster {
+                rooms: DashMap::new(),
+                listings: ListingCache::default(),
+            },
+            None => Mode::Single(DashMap::new()),
+        };
         Arc::new_cyclic(|me| Self {
             node: config.node_id.into(),
             policies: config.rooms,
-            rooms: DashMap::new(),
+            mode,
             budget: HistoryBudget::new(config.room_budget),
             max_presence_members: config.max_presence_members,
             rooms_per_user_per_sec: config.rooms_per_user_per_sec,
             room_creators: DashMap::new(),
-            listings: ListingCache::default(),
             users: DashMap::new(),
             sessions: DashMap::new(),
             backplane,
             stats: HubStats::default(),
-            rng: Mutex::new(rng),
-            join_tokens: AtomicU64::new(0),
+            ids: ids::Ids::new(rng),
             me: me.clone(),
         })
     }
 
+    /// The cluster of a hub in cluster mode.
+    fn cluster(&self) -> &dyn Cluster {
+        self.backplane
+            .cluster()
+            .expect("a hub in cluster mode has a cluster backplane")
+    }
+
     /// A fresh session id for a session about to open.
     pub fn new_session_id(&self) -> SessionId {
-        SessionId(self.random_u64())
-    }
-
-    fn random_u64(&self) -> u64 {
-        self.rng
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_u64()
-    }
-
-    /// A new room epoch: the sequence restarts, clients must not take it for the old one.
-    fn new_epoch(&self) -> Arc<str> {
-        format!("{:016x}", self.random_u64()).into()
+        self.ids.session()
     }
 
     /// This node's id.
@@ -330,10 +268,7 @@ impl Hub {
 
     /// Whether the session is in `room` (a member, or joining).
     pub fn is_member(&self, handle: &SessionHandle, room: &RoomName) -> bool {
-        self.rooms
-            .get(room)
-            .map(|r| r.value().clone())
-            .is_some_and(|r| r.lock().members.contains_key(&handle.id()))
+        self.mode.is_member(room, handle.id())
     }
 
     /// What the hub has done so far.
@@ -343,7 +278,7 @@ impl Hub {
 
     /// Number of rooms on this node: those with members, and those kept for their history.
     pub fn room_count(&self) -> usize {
-        self.rooms.len()
+        self.mode.room_count()
     }
 
     /// Number of sessions open on this node (pending ones included).
@@ -361,10 +296,8 @@ impl Hub {
         if let Some(user) = handle.user() {
             let mut sessions = self.users.entry(user.clone()).or_default();
             sessions.push(handle.clone());
-            if sessions.len() == 1 {
-                if let Some(cluster) = self.backplane.cluster() {
-                    cluster.open_user(user);
-                }
+            if let (1, Mode::Cluster { .. }) = (sessions.len(), &self.mode) {
+                self.cluster().open_user(user);
             }
         }
     }
@@ -376,9 +309,9 @@ impl Hub {
             self.users.remove_if_mut(user, |_, sessions| {
                 sessions.retain(|s| !s.same_session(handle));
                 let gone = sessions.is_empty();
-                if let (true, Some(cluster)) = (gone, self.backplane.cluster()) {
+                if let (true, Mode::Cluster { .. }) = (gone, &self.mode) {
                     // Queued while the entry is held, before any later `open_user`.
-                    cluster.close_user(user);
+                    self.cluster().close_user(user);
                 }
                 gone
             });
@@ -398,7 +331,7 @@ impl Hub {
         for_history: bool,
         now: Instant,
     ) -> Result<(), RoomRefusal> {
-        if self.rooms.contains_key(room) {
+        if self.mode.contains(room) {
             return Ok(());
         }
         if for_history && !self.budget.fits_a_room() {
@@ -417,44 +350,39 @@ impl Hub {
         Ok(())
     }
 
-    /// The state of `room`, created with a new epoch if it does not exist. The shard lock
-    /// is held until the caller has locked the room (lock order: shard, then room), so a
-    /// concurrent removal of an idle room cannot slip in between.
-    fn room_entry(&self, room: &RoomName) -> dashmap::mapref::one::RefMut<'_, RoomName, Arc<Room>> {
-        self.rooms.entry(room.clone()).or_insert_with(|| {
+    /// Single node: `room`, created with a new epoch if it does not exist. Beyond the
+    /// budget a room keeps no history.
+    fn local_room(&self, rooms: &Rooms<Local>, room: &RoomName) -> Arc<Room<Local>> {
+        let entry = rooms.entry(room.clone()).or_insert_with(|| {
             let policy = self.policies.for_room(room.as_str());
-            // Beyond the budget a room (created by a join) keeps no history.
-            let keeps_history = policy.history > 0 && self.budget.fits_a_room();
-            Arc::new(Room(Mutex::new(RoomState {
-                seq: 0,
-                epoch: self.new_epoch(),
-                presence_events: policy.presence_events,
-                history: keeps_history
-                    .then(|| History::new(policy.history, policy.history_ttl, self.budget.clone())),
-                members: IndexMap::new(),
-                users: HashMap::new(),
-                idle_since: None,
-                removed: false,
-                pending: HashMap::new(),
-                floors: HashMap::new(),
-                listing: None,
-                _charge: keeps_history.then(|| self.budget.charge_room()),
-            })))
-        })
+            let history = (policy.history > 0 && self.budget.fits_a_room()).then(|| {
+                let history = History::new(policy.history, policy.history_ttl, self.budget.clone());
+                (history, self.budget.charge_room())
+            });
+            Room::new(policy.presence_events, Local::new(self.ids.epoch(), history))
+        });
+        entry.value().clone()
     }
 
-    /// Adds the session to `room` (idempotent) and emits a presence `join` to the other
-    /// members when this is the user's first session there. Under the room's lock, queues
-    /// `ack` (made from the outcome) and then, with `since`, the missed messages: after them
-    /// come live messages only, so none is lost or doubled at the seam.
+    /// Cluster mode: `room`, created with a provisional epoch if it does not exist.
+    fn follower_room(&self, rooms: &Rooms<Follower>, room: &RoomName) -> Arc<Room<Follower>> {
+        let entry = rooms.entry(room.clone()).or_insert_with(|| {
+            let policy = self.policies.for_room(room.as_str());
+            Room::new(policy.presence_events, Follower::new(self.ids.epoch()))
+        });
+        entry.value().clone()
+    }
+
+    /// Adds the session to `room` (idempotent) and announces the user's first session there
+    /// to the other members. Under the room's lock, queues `reply` (made from the outcome)
+    /// and then, with `since`, the missed messages: after them come live messages only, so
+    /// none is lost or doubled at the seam (see [`RoomState::join`]).
     ///
     /// In cluster mode the member waits (its live frames are held back) until the cluster
     /// has made this node hear the room and reported it; then the reply, the missed
     /// messages and the held frames newer than them are queued, and `Ok(None)` is returned
     /// now.
     ///
-    /// The missed messages are replayed only if they fit the session's queue and no other
-    /// replay of the session is still queued; else the reply says `recovered: false`.
     /// A join that would bring the room into existence counts against the user's rate of
     /// new rooms; refused, nothing is queued and `reply` is not called.
     pub fn join(
@@ -466,220 +394,390 @@ impl Hub {
         reply: JoinReply,
     ) -> Result<Option<JoinOutcome>, RoomRefusal> {
         self.admit_new_room(handle.user(), room, false, now)?;
-        let user = handle.user().cloned().unwrap_or_else(|| "".into());
         // The map's shard guard is released before waiting for the room's lock: a fan-out
         // holding this room must not stall every other room of the shard. A removal in
         // between sets `removed` under the room's lock: then join the room replacing it.
-        loop {
-            let room_ref = self.room_entry(room).value().clone();
-            let state = room_ref.lock();
-            if state.removed {
-                continue;
+        match &self.mode {
+            Mode::Single(rooms) => loop {
+                let room_ref = self.local_room(rooms, room);
+                let mut state = room_ref.lock();
+                if !state.removed {
+                    return Ok(Some(state.join(room, handle, since, now, reply)));
+                }
+            },
+            Mode::Cluster { rooms, listings } => {
+                let waiting = Waiting {
+                    room: room.clone(),
+                    handle: handle.clone(),
+                    token: self.ids.join_token(),
+                    wants_recovery: since.is_some(),
+                    reply,
+                };
+                self.join_cluster(rooms, listings, waiting, since);
+                Ok(None)
             }
-            return Ok(self.join_locked(room, &room_ref, state, handle, user, since, now, reply));
         }
     }
 
-    /// [`join`](Self::join) with the room's lock held.
-    #[allow(clippy::too_many_arguments)]
-    fn join_locked(
+    /// Cluster mode: enters the member in the room (its live frames held) and asks the
+    /// cluster to make this node hear the room; [`finish_join`](Self::finish_join) follows.
+    fn join_cluster(
         &self,
-        room: &RoomName,
-        room_ref: &Arc<Room>,
-        mut state: MutexGuard<'_, RoomState>,
-        handle: &SessionHandle,
-        user: Arc<str>,
+        rooms: &Rooms<Follower>,
+        listings: &ListingCache,
+        waiting: Waiting,
         since: Option<Since<'_>>,
-        now: Instant,
-        reply: JoinReply,
-    ) -> Option<JoinOutcome> {
-        let added = state.members.insert(handle.id(), handle.clone()).is_none();
-        state.idle_since = None;
-        if added {
-            state.listing = None;
-        }
-        let cluster = self.backplane.cluster();
-        let token = self.join_tokens.fetch_add(1, Ordering::Relaxed);
-        if added && cluster.is_some() {
-            state.pending.insert(handle.id(), (token, Vec::new()));
-        }
-        if added {
-            let count = state.users.entry(user.clone()).or_insert(0);
-            *count += 1;
-            if let Some(cluster) = cluster {
+    ) {
+        let (room, handle) = (waiting.room.clone(), waiting.handle.clone());
+        loop {
+            let room_ref = self.follower_room(rooms, &room);
+            let mut state = room_ref.lock();
+            if state.removed {
+                continue;
+            }
+            if state.members.add(&handle).is_some() {
+                state.order.hold(handle.id(), waiting.token);
                 // Presence is cluster-wide: the cluster lists the member and announces it.
-                cluster.enter(room, self.member_info(handle), state.presence_events);
-            } else if *count == 1 && state.presence_events {
-                let frame = presence_frame(room, PresenceEvent::Join, &user);
-                for member in state.members.values() {
-                    if member.user() != Some(&user) {
-                        member.send(frame.clone());
-                    }
+                let events = state.members.presence_events();
+                self.cluster().enter(&room, self.member_info(&handle), events);
+                break;
+            }
+            // Already a member (and live): nothing to replay.
+            let (seq, epoch) = state.order.position();
+            let outcome = JoinOutcome {
+                seq,
+                epoch,
+                members: state.members.len(),
+                recovered: None,
+            };
+            answer_join::<Outbound>(&handle, waiting.reply, outcome, since.is_some(), None);
+            return;
+        }
+        listings.invalidate(&room);
+        // One recovery at a time, and only with room in the queue: the store is not read
+        // for a replay that could not be taken.
+        let since = since
+            .filter(|_| handle.begin_recovery())
+            .map(|s| (s.seq, s.epoch.to_owned()));
+        let reserved = since.is_some();
+        let (me, member) = (self.me.clone(), handle);
+        self.cluster().open_room(
+            &room,
+            since,
+            Box::new(move |view| {
+                if let Some(hub) = me.upgrade() {
+                    hub.finish_join(waiting, view);
                 }
-            }
-        }
-        if let Some(cluster) = cluster {
-            drop(state);
-            if added {
-                self.listings.invalidate(room);
-                let wants_recovery = since.is_some();
-                // One recovery at a time, and only with room in the queue: the store is not
-                // read for a replay that could not be taken.
-                let since = since
-                    .filter(|_| handle.begin_recovery())
-                    .map(|s| (s.seq, s.epoch.to_owned()));
-                let reserved = since.is_some();
-                let (me, room2, member) = (self.me.clone(), room.clone(), handle.clone());
-                cluster.open_room(
-                    room,
-                    since,
-                    Box::new(move |view| {
-                        if let Some(hub) = me.upgrade() {
-                            hub.finish_join(&room2, &member, token, wants_recovery, reply, view);
-                        }
-                        if reserved {
-                            // Queued the replay (which released it), or did not.
-                            member.end_recovery();
-                        }
-                    }),
-                );
-            } else {
-                // Already a member (and live): nothing to replay.
-                let state = room_ref.lock();
-                let outcome = JoinOutcome {
-                    seq: state.seq,
-                    epoch: state.epoch.clone(),
-                    members: state.members.len(),
-                    recovered: since.map(|_| false),
-                };
-                handle.send(reply(Ok(&outcome)));
-            }
-            return None;
-        }
-        let latest = state.seq;
-        let epoch = state.epoch.clone();
-        if let Some(history) = state.history.as_mut() {
-            history.prune(now);
-        }
-        // A session already in the room got every message live: nothing to replay.
-        let replay = match since {
-            Some(since) if added && since.epoch == &*epoch => match &state.history {
-                Some(history) => history.after(since.seq, latest),
-                None if since.seq == latest => Recovery::Complete(Vec::new()),
-                None => Recovery::Gap,
-            },
-            _ => Recovery::Gap,
-        };
-        let mut outcome = JoinOutcome {
-            seq: latest,
-            epoch,
-            members: state.members.len(),
-            recovered: None,
-        };
-        match (since, replay) {
-            (Some(_), Recovery::Complete(frames)) => {
-                let (_, replayed) = handle.send_with_replay(&frames, |fits| {
-                    reply(Ok(&JoinOutcome {
-                        recovered: Some(fits),
-                        ..outcome.clone()
-                    }))
-                });
-                outcome.recovered = Some(replayed);
-            }
-            (since, _) => {
-                outcome.recovered = since.map(|_| false);
-                handle.send(reply(Ok(&outcome)));
-            }
-        }
-        Some(outcome)
+                if reserved {
+                    // Queued the replay (which released it), or did not.
+                    member.end_recovery();
+                }
+            }),
+        );
     }
 
     /// Cluster mode: the cluster reported the room a member joined. Queues the reply, the
     /// missed messages, then the live frames held back that are newer than the report.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_join(
-        &self,
-        room: &RoomName,
-        handle: &SessionHandle,
-        token: u64,
-        wants_recovery: bool,
-        reply: JoinReply,
-        view: Result<RoomView, ClusterUnavailable>,
-    ) {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+    fn finish_join(&self, waiting: Waiting, view: Result<RoomView, ClusterUnavailable>) {
+        let Mode::Cluster { rooms, .. } = &self.mode else {
+            return;
+        };
+        let Waiting {
+            room,
+            handle,
+            token,
+            wants_recovery,
+            reply,
+        } = waiting;
+        let Some(room_ref) = lookup(rooms, &room) else {
             return;
         };
         let mut state = room_ref.lock();
-        if state.pending.get(&handle.id()).map(|(t, _)| *t) != Some(token) {
-            return; // left meanwhile (and maybe joined again: that join gets its own answer)
-        }
-        let Some((_, held)) = state.pending.remove(&handle.id()) else {
+        let Some(held) = state.order.take_join(handle.id(), token) else {
             return;
         };
-        match view {
-            Ok(view) => {
-                // Members whose joins completed are in the epoch they were told; a view in
-                // another one means the room restarted in the cluster meanwhile: their
-                // sequence cannot continue, they are told so (`resync`) and stay.
-                if *state.epoch != *view.epoch {
-                    let others: Vec<SessionHandle> = established(&state)
-                        .filter(|m| m.id() != handle.id())
-                        .cloned()
-                        .collect();
-                    resync(&mut state, room, &others, &view.epoch, view.seq);
-                }
-                // In another epoch the sequence restarted: the view's is the room's.
-                state.seq = if *state.epoch == *view.epoch {
-                    state.seq.max(view.seq)
-                } else {
-                    view.seq
-                };
-                state.epoch = view.epoch.clone();
-                let outcome = JoinOutcome {
-                    seq: view.seq,
-                    epoch: view.epoch.clone(),
-                    members: view.members.max(state.members.len()),
-                    recovered: None,
-                };
-                match (wants_recovery, &view.missed) {
-                    (true, Some(missed)) => {
-                        let frames: Vec<Outbound> =
-                            missed.iter().map(|m| self.encode(room, m, false)).collect();
-                        handle.send_with_replay(&frames, |fits| {
-                            reply(Ok(&JoinOutcome {
-                                recovered: Some(fits),
-                                ..outcome
-                            }))
-                        });
-                    }
-                    (wants_recovery, _) => {
-                        handle.send(reply(Ok(&JoinOutcome {
-                            recovered: wants_recovery.then_some(false),
-                            ..outcome
-                        })));
-                    }
-                }
-                let mut newer = false;
-                for (seq, epoch, frame) in held {
-                    // A message of another epoch than the view's came from before it (the
-                    // view moved the member past it) or from a later restart (whose next
-                    // message brings the `resync`): not delivered after the ack.
-                    if epoch.is_some_and(|e| *e != *view.epoch) {
-                        continue;
-                    }
-                    if seq.is_none_or(|s| s > view.seq) {
-                        newer |= seq.is_some();
-                        handle.send(frame);
-                    }
-                }
-                if !newer && view.seq > 0 {
-                    state.floors.insert(handle.id(), view.seq);
-                }
-            }
+        let view = match view {
+            Ok(view) => view,
             Err(e) => {
                 drop(state);
-                self.leave(handle, room);
+                self.leave(&handle, &room);
                 handle.send(reply(Err(&e)));
+                return;
+            }
+        };
+        let state = &mut *state;
+        let release = state
+            .order
+            .complete_join(&room, &state.members, handle.id(), held, &view);
+        let outcome = JoinOutcome {
+            seq: view.seq,
+            epoch: view.epoch.clone(),
+            members: view.members.max(state.members.len()),
+            recovered: None,
+        };
+        let replay: Option<Vec<Outbound>> = match (wants_recovery, &view.missed) {
+            (true, Some(missed)) => Some(missed.iter().map(|m| cluster_frame(&room, m, false)).collect()),
+            _ => None,
+        };
+        answer_join(&handle, reply, outcome, wants_recovery, replay.as_deref());
+        for frame in release {
+            handle.send(frame);
+        }
+    }
+
+    /// Removes the session from `room`; returns whether it was a member. Announces the
+    /// user's departure when this was their last session there; a room with no member and
+    /// nothing kept for later is dropped.
+    pub fn leave(&self, handle: &SessionHandle, room: &RoomName) -> bool {
+        match &self.mode {
+            Mode::Single(rooms) => leave_room(
+                rooms,
+                handle,
+                room,
+                |state, last| {
+                    if last {
+                        state.members.announce(room, PresenceEvent::Leave, handle);
+                    }
+                },
+                || {},
+            ),
+            Mode::Cluster { rooms, listings } => leave_room(
+                rooms,
+                handle,
+                room,
+                |state, _| {
+                    listings.invalidate(room);
+                    let events = state.members.presence_events();
+                    self.cluster().exit(room, self.member_info(handle), events);
+                },
+                // Queued while the shard is held, so it precedes the opening of a room
+                // that replaces this one.
+                || self.cluster().close_room(room),
+            ),
+        }
+    }
+
+    /// Single node: drops expired history and forgets rooms that have had neither members
+    /// nor history for a history lifetime (their sequence restarts with a new epoch). Call
+    /// periodically; a room is forgotten within one call's interval of that moment.
+    pub fn expire_history(&self, now: Instant) {
+        let Mode::Single(rooms) = &self.mode else {
+            return;
+        };
+        let expired: Vec<RoomName> = rooms
+            .iter()
+            .filter_map(|entry| {
+                // A room busy right now is not idle: skip it rather than wait for it.
+                let mut state = entry.value().try_lock()?;
+                state.is_expired(now).then(|| entry.key().clone())
+            })
+            .collect();
+        for room in expired {
+            rooms.remove_if(&room, |_, r| {
+                let mut state = r.lock();
+                state.removed = state.is_expired(now);
+                state.removed
+            });
+        }
+    }
+
+    /// Publishes a room message: on a single node, orders it (sequence number, history) and
+    /// queues it to every member but `exclude`, encoded once, under the room's lock; in
+    /// cluster mode through the cluster, which orders it and delivers it to every node. Then
+    /// `done` gets the sequence number (`None` when volatile) or why the cluster could not
+    /// take it.
+    ///
+    /// On a single node, a publish that would bring a room into existence (a room that
+    /// keeps history, for those who recover) counts against the user's rate of new rooms
+    /// and needs room in the budget. Refused, `done` is not called.
+    pub fn publish(
+        &self,
+        message: Publish<'_>,
+        now: Instant,
+        done: Completion<Result<Option<u64>, ClusterUnavailable>>,
+    ) -> Result<(), RoomRefusal> {
+        match &self.mode {
+            Mode::Single(rooms) => done(Ok(self.publish_here(rooms, &message, now)?)),
+            // The store keeps rooms (and bounds them: its room budget).
+            Mode::Cluster { .. } => self.cluster().publish(
+                ClusterPublish {
+                    room: message.room.clone(),
+                    from: message.from.cloned(),
+                    data: message.data.clone(),
+                    volatile: message.volatile,
+                    origin: message.exclude,
+                },
+                done,
+            ),
+        }
+        Ok(())
+    }
+
+    /// Single node: [`publish`](Self::publish) on this node.
+    fn publish_here(
+        &self,
+        rooms: &Rooms<Local>,
+        message: &Publish<'_>,
+        now: Instant,
+    ) -> Result<Option<u64>, RoomRefusal> {
+        let mut admitted = false;
+        loop {
+            // A sweep may remove the room between this lookup and its lock: the `removed`
+            // flag, set under the lock, sends the publish to the room that replaces it.
+            let room_ref = match lookup(rooms, message.room) {
+                Some(room_ref) => room_ref,
+                None if !message.volatile
+                    && self.policies.for_room(message.room.as_str()).history > 0 =>
+                {
+                    if !admitted {
+                        self.admit_new_room(message.from, message.room, true, now)?;
+                        admitted = true;
+                    }
+                    if !self.budget.fits_a_room() {
+                        return Ok(Some(1));
+                    }
+                    // Nobody is here, but the message is kept for those who recover.
+                    self.local_room(rooms, message.room)
+                }
+                // Nobody is here and nothing is kept: the message reaches no one (nothing
+                // to encode).
+                None => return Ok((!message.volatile).then_some(1)),
+            };
+            let mut state = room_ref.lock();
+            if !state.removed {
+                let (seq, counted) = state.publish(message, now);
+                self.stats.add_deliveries(counted);
+                return Ok(seq);
+            }
+        }
+    }
+
+    /// Sends a direct message to every session of `user`: on this node, or in cluster mode
+    /// on every node; `done` gets whether any session got it.
+    pub fn send_to_user(
+        &self,
+        user: &str,
+        from: Option<&Arc<str>>,
+        data: &Payload,
+        done: Completion<Result<bool, ClusterUnavailable>>,
+    ) {
+        match &self.mode {
+            Mode::Single(_) => done(Ok(self.send_here(user, direct_frame(from.map(|f| &**f), data)))),
+            Mode::Cluster { .. } => self.cluster().send_user(user, from.cloned(), data.clone(), done),
+        }
+    }
+
+    /// The members of `room` on this node or, in cluster mode, on every node.
+    pub fn members(
+        &self,
+        room: &RoomName,
+        done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
+    ) {
+        match &self.mode {
+            Mode::Single(rooms) => {
+                let members = lookup(rooms, room).map_or_else(Vec::new, |r| {
+                    r.lock().members.infos(usize::MAX, |s| self.member_info(s))
+                });
+                done(Ok(members));
+            }
+            Mode::Cluster { .. } => self.cluster().members(room, done),
+        }
+    }
+
+    /// The presence listing of `room` (at most `max_presence_members` named): built once
+    /// per change of the room's members on a single node; in cluster mode, one lookup
+    /// serves every session that asks while it runs and for [`LISTING_TTL`] after.
+    ///
+    /// [`LISTING_TTL`]: crate::presence::LISTING_TTL
+    pub fn presence(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) {
+        let max = self.max_presence_members;
+        let listings = match &self.mode {
+            Mode::Single(rooms) => {
+                let listing = lookup(rooms, room).map_or_else(
+                    || Arc::new(PresenceListing::empty()),
+                    |r| r.lock().members.listing(max, |s| self.member_info(s)),
+                );
+                return done(Ok(listing));
+            }
+            Mode::Cluster { listings, .. } => listings,
+        };
+        if let Lookup::Start = listings.lookup(room, now, done) {
+            let (me, room2) = (self.me.clone(), room.clone());
+            self.cluster().members(
+                room,
+                Box::new(move |members| {
+                    let Some(hub) = me.upgrade() else { return };
+                    let Mode::Cluster { listings, .. } = &hub.mode else {
+                        return;
+                    };
+                    let listing = members.map(|m| Arc::new(PresenceListing::new(&m, m.len(), max)));
+                    listings.complete(&room2, now, listing);
+                }),
+            );
+        }
+    }
+
+    /// Closes every session of `user`: on this node, or in cluster mode on every node (the
+    /// count is then this node's; the others close theirs when the request reaches them).
+    /// `done` gets how many sessions were closed.
+    pub fn disconnect_user(
+        &self,
+        user: &str,
+        reason: CloseReason,
+        done: Completion<Result<usize, ClusterUnavailable>>,
+    ) {
+        match &self.mode {
+            Mode::Single(_) => done(Ok(self.close_here(user, reason))),
+            Mode::Cluster { .. } => {
+                let local = self.users.get(user).map_or(0, |s| s.len());
+                self.cluster()
+                    .disconnect_user(user, reason, Box::new(move |r| done(r.map(|()| local))));
+            }
+        }
+    }
+
+    /// Cluster mode: a room event the cluster ordered, for this node's members of `room`
+    /// (encoded once; members still joining hold it until their join completes).
+    pub fn deliver(&self, room: &RoomName, delivery: Delivery<'_>) {
+        let Mode::Cluster { rooms, .. } = &self.mode else {
+            return;
+        };
+        let Some(room_ref) = lookup(rooms, room) else {
+            return;
+        };
+        let counted = match delivery {
+            Delivery::Message { message, epoch } => {
+                let frame = cluster_frame(room, message, false);
+                let mut state = room_ref.lock();
+                let state = &mut *state;
+                state.order.follow_epoch(room, &state.members, epoch, message.seq);
+                state.order.deliver(&state.members, message, Some(epoch), &frame)
+            }
+            Delivery::Volatile(message) => {
+                let frame = cluster_frame(room, message, true);
+                let mut state = room_ref.lock();
+                let state = &mut *state;
+                state.order.deliver(&state.members, message, None, &frame)
+            }
+            Delivery::Presence { event, user } => {
+                let frame = presence_frame(room, event, user);
+                let mut state = room_ref.lock();
+                let state = &mut *state;
+                state.order.deliver_presence(&state.members, user, &frame);
+                return;
+            }
+        };
+        self.stats.add_deliveries(counted);
+    }
+
+    /// Cluster mode: what the cluster hands the sessions of `user` on this node.
+    pub fn deliver_user(&self, user: &str, delivery: UserDelivery<'_>) {
+        match delivery {
+            UserDelivery::Direct { from, data } => {
+                self.send_here(user, direct_frame(from, data));
+            }
+            UserDelivery::Disconnect(reason) => {
+                self.close_here(user, reason);
             }
         }
     }
@@ -689,8 +787,10 @@ impl Hub {
     /// was down (messages published meanwhile never reached it), each is checked against
     /// the cluster with [`catch_up`](Self::catch_up).
     pub fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
-        let rooms: Vec<(RoomName, Arc<Room>)> = self
-            .rooms
+        let Mode::Cluster { rooms, .. } = &self.mode else {
+            return Vec::new();
+        };
+        let rooms: Vec<(RoomName, Arc<Room<Follower>>)> = rooms
             .iter()
             .map(|r| (r.key().clone(), r.value().clone()))
             .collect();
@@ -698,508 +798,29 @@ impl Hub {
             .into_iter()
             .filter_map(|(name, room)| {
                 let state = room.lock();
-                // Members still joining learn their position from their join's view.
-                let any = established(&state).next().is_some();
-                any.then(|| (name, state.seq, state.epoch.clone()))
+                let (seq, epoch) = state.order.live_position(&state.members)?;
+                Some((name, seq, epoch))
             })
             .collect()
     }
 
     /// Cluster mode, after this node's subscription was down: `view` is the cluster's view
-    /// of `room` from the position [`positions`](Self::positions) gave. The messages this
-    /// node missed are delivered as live ones; when they cannot be (the room is in another
-    /// epoch, or its history no longer holds them all) every member here gets `resync`
-    /// (reason `continuity`, the room's epoch and latest sequence number) and stays: a
-    /// member never silently skips messages. Returns the last sequence number accounted for
-    /// (channel messages up to it are not delivered again).
+    /// of `room` from the position [`positions`](Self::positions) gave. What was missed is
+    /// delivered, or the members get `resync` (see [`Follower::catch_up`]). Returns the
+    /// last sequence number accounted for (channel messages up to it are not delivered
+    /// again).
     pub fn catch_up(&self, room: &RoomName, from: (u64, &str), view: RoomView) -> u64 {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
+        let Mode::Cluster { rooms, .. } = &self.mode else {
             return view.seq;
         };
-        let (from_seq, from_epoch) = from;
-        if *room_ref.lock().epoch != *from_epoch {
-            // A join moved the room to another epoch meanwhile (and resynced the members
-            // of the old one).
+        let Some(room_ref) = lookup(rooms, room) else {
             return view.seq;
-        }
-        if *view.epoch == *UNKNOWN_EPOCH {
-            // Whatever epoch the next message has differs: it brings the `resync`. Nothing
-            // on the channel is skipped as accounted for.
-            let mut state = room_ref.lock();
-            state.epoch = UNKNOWN_EPOCH.into();
-            state.floors.clear();
-            return 0;
-        }
-        match view.missed {
-            Some(missed) if *view.epoch == *from_epoch => {
-                for m in missed
-                    .iter()
-                    .filter(|m| m.seq.is_some_and(|s| s > from_seq))
-                {
-                    self.deliver(room, m, false);
-                }
-            }
-            _ => {
-                let mut state = room_ref.lock();
-                let members: Vec<SessionHandle> = established(&state).cloned().collect();
-                resync(&mut state, room, &members, &view.epoch, view.seq);
-                state.epoch = view.epoch.clone();
-                state.seq = view.seq;
-            }
-        }
-        view.seq
-    }
-
-    /// Cluster mode: as [`deliver`](Self::deliver), for a message of the room's `epoch`.
-    /// A message of another epoch than this node's members are in (the room restarted in
-    /// the cluster, e.g. after a Redis failover lost its state) cannot continue their
-    /// sequence: they get `resync` (the new epoch, the sequence number before this
-    /// message), stay members, and get the message. While every member's join waits for
-    /// the cluster the epoch is not known yet and is not checked.
-    pub fn deliver_in_epoch(&self, room: &RoomName, message: &ClusterMessage, epoch: &str) {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
-            return;
         };
-        {
-            let mut state = room_ref.lock();
-            if *state.epoch != *epoch && established(&state).next().is_some() {
-                let before = message.seq.unwrap_or(1).saturating_sub(1);
-                let epoch: Arc<str> = epoch.into();
-                state.floors.clear();
-                let members: Vec<SessionHandle> = established(&state).cloned().collect();
-                resync(&mut state, room, &members, &epoch, before);
-                state.epoch = epoch;
-                state.seq = before;
-            }
-        }
-        self.deliver_to(room, &room_ref, message, false, Some(epoch));
-    }
-
-    /// Cluster mode: a room message the cluster ordered, for this node's members of the
-    /// room (encoded once; members still joining hold it until their join completes).
-    pub fn deliver(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
-            return;
-        };
-        self.deliver_to(room, &room_ref, message, volatile, None);
-    }
-
-    /// [`deliver`](Self::deliver) to a room already looked up.
-    fn deliver_to(
-        &self,
-        room: &RoomName,
-        room_ref: &Room,
-        message: &ClusterMessage,
-        volatile: bool,
-        epoch: Option<&str>,
-    ) {
-        let frame = self.encode(room, message, volatile);
-        let mut held_epoch: Option<Arc<str>> = None;
         let mut state = room_ref.lock();
-        if let Some(seq) = message.seq {
-            state.seq = state.seq.max(seq);
-        }
-        let RoomState {
-            members,
-            pending,
-            floors,
-            ..
-        } = &mut *state;
-        if let (Some(seq), false) = (message.seq, floors.is_empty()) {
-            // Members whose join reported `seq` or later already have this message.
-            floors.retain(|_, floor| seq <= *floor);
-        }
-        let mut counted = [0; 2];
-        for (id, member) in members.iter() {
-            if Some(*id) == message.origin {
-                continue;
-            }
-            match pending.get_mut(id) {
-                Some((_, held)) if held.len() >= MAX_HELD_FRAMES => {
-                    member.close(CloseReason::new(
-                        crate::protocol::CloseCode::TooSlowOrTooFast,
-                        crate::session::SLOW_CONSUMER,
-                    ));
-                }
-                Some((_, held)) => {
-                    let epoch = epoch.map(|e| held_epoch.get_or_insert_with(|| e.into()).clone());
-                    held.push((message.seq, epoch, frame.clone()));
-                }
-                None if message.seq.is_some() && floors.contains_key(id) => {}
-                None => {
-                    member.send(frame.clone());
-                    counted[transport_index(member.transport())] += 1;
-                }
-            }
-        }
+        let state = &mut *state;
+        let (upto, counted) = state.order.catch_up(room, &state.members, from, &view);
         self.stats.add_deliveries(counted);
-    }
-
-    /// Cluster mode: a presence event the cluster announced, for this node's members of
-    /// `room` other than the sessions of the user it is about.
-    pub fn deliver_presence(&self, room: &RoomName, event: PresenceEvent, user: &str) {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.value().clone()) else {
-            return;
-        };
-        let frame = presence_frame(room, event, user);
-        let mut state = room_ref.lock();
-        let RoomState {
-            members, pending, ..
-        } = &mut *state;
-        for (id, member) in members.iter() {
-            if member.user().map(|u| &**u) == Some(user) {
-                continue;
-            }
-            match pending.get_mut(id) {
-                Some((_, held)) if held.len() < MAX_HELD_FRAMES => {
-                    held.push((None, None, frame.clone()))
-                }
-                Some(_) => {}
-                None => {
-                    member.send(frame.clone());
-                }
-            }
-        }
-    }
-
-    /// The members of `room` on this node or, in cluster mode, on every node.
-    pub fn members_then(
-        &self,
-        room: &RoomName,
-        done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
-    ) {
-        match self.backplane.cluster() {
-            Some(cluster) => cluster.members(room, done),
-            None => done(Ok(self.members(room))),
-        }
-    }
-
-    /// The presence listing of `room` (at most `max_presence_members` named): built once
-    /// per change of the room's members on a single node; in cluster mode, one lookup
-    /// serves every session that asks while it runs and for [`LISTING_TTL`] after.
-    ///
-    /// [`LISTING_TTL`]: crate::presence::LISTING_TTL
-    pub fn presence_then(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) {
-        let max = self.max_presence_members;
-        let Some(cluster) = self.backplane.cluster() else {
-            done(Ok(self.local_listing(room)));
-            return;
-        };
-        if let Lookup::Start = self.listings.lookup(room, now, done) {
-            let (me, room2) = (self.me.clone(), room.clone());
-            cluster.members(
-                room,
-                Box::new(move |members| {
-                    let Some(hub) = me.upgrade() else { return };
-                    let listing = members.map(|m| Arc::new(PresenceListing::new(&m, m.len(), max)));
-                    hub.listings.complete(&room2, now, listing);
-                }),
-            );
-        }
-    }
-
-    /// A single node's listing of `room`, kept in the room until its members change.
-    fn local_listing(&self, room: &RoomName) -> Arc<PresenceListing> {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
-            return Arc::new(PresenceListing::empty());
-        };
-        let mut state = room_ref.lock();
-        if let Some(listing) = &state.listing {
-            return listing.clone();
-        }
-        let members: Vec<MemberInfo> = state
-            .members
-            .values()
-            .take(self.max_presence_members)
-            .map(|s| self.member_info(s))
-            .collect();
-        let listing = Arc::new(PresenceListing::new(
-            &members,
-            state.members.len(),
-            self.max_presence_members,
-        ));
-        state.listing = Some(listing.clone());
-        listing
-    }
-
-    fn member_info(&self, s: &SessionHandle) -> MemberInfo {
-        MemberInfo {
-            user: s.user().map(|u| u.to_string()).unwrap_or_default(),
-            session: s.id_str().to_owned(),
-            transport: s.transport().as_str().to_owned(),
-            node: Some(self.node.to_string()),
-        }
-    }
-
-    /// Cluster mode: a direct message for every session of `user` on this node.
-    pub fn deliver_user(&self, user: &str, from: Option<&str>, data: &Payload) {
-        self.deliver_direct(user, direct_frame(from, data));
-    }
-
-    /// Queues `frame` to every session of `user` here; whether any took it.
-    fn deliver_direct(&self, user: &str, frame: Outbound) -> bool {
-        let mut delivered = false;
-        let mut counted = [0; 2];
-        if let Some(sessions) = self.users.get(user) {
-            for s in sessions.iter() {
-                delivered |= s.send(frame.clone()) == crate::session::Delivery::Queued;
-                counted[transport_index(s.transport())] += 1;
-            }
-        }
-        self.stats.add_deliveries(counted);
-        delivered
-    }
-
-    fn encode(&self, room: &RoomName, message: &ClusterMessage, volatile: bool) -> Outbound {
-        room_frame(
-            room,
-            message.from.as_deref(),
-            message.seq,
-            volatile,
-            &message.data,
-        )
-    }
-
-    /// Publishes as [`publish`](Self::publish) does on a single node, or through the
-    /// cluster, which orders and delivers it; `done` gets the sequence number or why the
-    /// cluster could not take it.
-    ///
-    /// On a single node, a publish that would bring a room into existence (a room that
-    /// keeps history, for those who recover) counts against the user's rate of new rooms
-    /// and needs room in the budget. Refused, `done` is not called.
-    #[allow(clippy::too_many_arguments)]
-    pub fn publish_then(
-        &self,
-        room: &RoomName,
-        from: Option<&Arc<str>>,
-        data: &Payload,
-        volatile: bool,
-        exclude: Option<SessionId>,
-        now: Instant,
-        done: Completion<Result<Option<u64>, ClusterUnavailable>>,
-    ) -> Result<(), RoomRefusal> {
-        // In cluster mode the store keeps rooms (and bounds them: its room budget).
-        if !volatile
-            && self.backplane.cluster().is_none()
-            && !self.rooms.contains_key(room)
-            && self.policies.for_room(room.as_str()).history > 0
-        {
-            self.admit_new_room(from, room, true, now)?;
-        }
-        match self.backplane.cluster() {
-            Some(cluster) => cluster.publish(
-                ClusterPublish {
-                    room: room.clone(),
-                    from: from.cloned(),
-                    data: data.clone(),
-                    volatile,
-                    origin: exclude,
-                },
-                done,
-            ),
-            None => done(Ok(self.publish(
-                room,
-                from.map(|f| &**f),
-                data,
-                volatile,
-                exclude,
-                now,
-            ))),
-        }
-        Ok(())
-    }
-
-    /// Sends as [`send_to_user`](Self::send_to_user) does on a single node, or through the
-    /// cluster to the user's sessions on every node.
-    pub fn send_to_user_then(
-        &self,
-        user: &str,
-        from: Option<&Arc<str>>,
-        data: &Payload,
-        done: Completion<Result<bool, ClusterUnavailable>>,
-    ) {
-        match self.backplane.cluster() {
-            Some(cluster) => cluster.send_user(user, from.cloned(), data.clone(), done),
-            None => done(Ok(self.send_to_user(user, from.map(|f| &**f), data))),
-        }
-    }
-
-    /// Removes the session from `room`; returns whether it was a member. Emits a presence
-    /// `leave` when this was the user's last session there; an empty room is dropped.
-    pub fn leave(&self, handle: &SessionHandle, room: &RoomName) -> bool {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
-            return false;
-        };
-        let cluster = self.backplane.cluster();
-        let now_empty = {
-            let mut state = room_ref.lock();
-            if state.members.swap_remove(&handle.id()).is_none() {
-                return false;
-            }
-            state.listing = None;
-            state.pending.remove(&handle.id());
-            state.floors.remove(&handle.id());
-            let user = handle.user().cloned().unwrap_or_else(|| "".into());
-            let last = match state.users.get_mut(&user) {
-                Some(count) if *count > 1 => {
-                    *count -= 1;
-                    false
-                }
-                _ => {
-                    state.users.remove(&user);
-                    true
-                }
-            };
-            if let Some(cluster) = cluster {
-                self.listings.invalidate(room);
-                cluster.exit(room, self.member_info(handle), state.presence_events);
-            } else if last && state.presence_events {
-                let frame = presence_frame(room, PresenceEvent::Leave, &user);
-                for member in state.members.values() {
-                    member.send(frame.clone());
-                }
-            }
-            // In cluster mode history lives in the cluster: an empty room is forgotten.
-            state.is_empty_without_history() || (cluster.is_some() && state.members.is_empty())
-        };
-        if now_empty {
-            self.rooms.remove_if(room, |_, r| {
-                let mut state = r.lock();
-                state.removed = state.members.is_empty()
-                    && (cluster.is_some() || state.is_empty_without_history());
-                if let (true, Some(cluster)) = (state.removed, cluster) {
-                    // Queued while the shard is held, so it precedes the opening of a room
-                    // that replaces this one.
-                    cluster.close_room(room);
-                }
-                state.removed
-            });
-        }
-        true
-    }
-
-    /// Drops expired history and forgets rooms that have had neither members nor history
-    /// for a history lifetime (their sequence restarts with a new epoch). Call
-    /// periodically; a room is forgotten within one call's interval of that moment.
-    pub fn expire_history(&self, now: Instant) {
-        let expired: Vec<RoomName> = self
-            .rooms
-            .iter()
-            .filter_map(|entry| {
-                // A room busy right now is not idle: skip it rather than wait for it.
-                let mut state = entry.value().0.try_lock().ok()?;
-                state.is_expired(now).then(|| entry.key().clone())
-            })
-            .collect();
-        for room in expired {
-            self.rooms.remove_if(&room, |_, r| {
-                let mut state = r.lock();
-                state.removed = state.is_expired(now);
-                state.removed
-            });
-        }
-    }
-
-    /// Publishes `data` to every member of `room` but `exclude`, encoding it once and
-    /// keeping it in the room's history when its policy says so. Returns the assigned
-    /// sequence number (`None` for volatile messages).
-    pub fn publish(
-        &self,
-        room: &RoomName,
-        from: Option<&str>,
-        data: &Payload,
-        volatile: bool,
-        exclude: Option<SessionId>,
-        now: Instant,
-    ) -> Option<u64> {
-        // A sweep may remove the room between this lookup and its lock: the `removed` flag,
-        // set under the lock, sends the publish to the room that replaces it.
-        let room_ref = match self.rooms.get(room) {
-            Some(entry) => Some(entry.value().clone()),
-            None if !volatile
-                && self.policies.for_room(room.as_str()).history > 0
-                && self.budget.fits_a_room() =>
-            {
-                // Nobody is here, but the message is kept for those who recover.
-                Some(self.room_entry(room).value().clone())
-            }
-            None => None,
-        };
-        match room_ref {
-            // Nobody is here and nothing is kept: the message reaches no one (nothing to
-            // encode).
-            None => (!volatile).then_some(1),
-            Some(room_ref) => {
-                let mut state = room_ref.lock();
-                if state.removed {
-                    // Swept in between: publish to the room that replaces it.
-                    drop(state);
-                    return self.publish(room, from, data, volatile, exclude, now);
-                }
-                state.idle_since = None;
-                let seq = (!volatile).then(|| {
-                    state.seq += 1;
-                    state.seq
-                });
-                let frame = room_frame(room, from, seq, volatile, data);
-                if let (Some(seq), Some(history)) = (seq, state.history.as_mut()) {
-                    history.push(seq, frame.clone(), now);
-                }
-                let mut counted = [0; 2];
-                for (id, member) in &state.members {
-                    if Some(*id) != exclude {
-                        member.send(frame.clone());
-                        counted[transport_index(member.transport())] += 1;
-                    }
-                }
-                self.stats.add_deliveries(counted);
-                seq
-            }
-        }
-    }
-
-    /// Delivers `data` to every session of `user` here; returns whether any session got it.
-    fn send_to_user(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
-        self.deliver_direct(user, direct_frame(from, data))
-    }
-
-    /// The members of `room` on this node.
-    fn members(&self, room: &RoomName) -> Vec<MemberInfo> {
-        let Some(room_ref) = self.rooms.get(room).map(|r| r.clone()) else {
-            return Vec::new();
-        };
-        let state = room_ref.lock();
-        state
-            .members
-            .values()
-            .map(|s| self.member_info(s))
-            .collect()
-    }
-
-    /// Closes every session of `user` on this node; returns how many.
-    pub fn disconnect_user(&self, user: &str, reason: CloseReason) -> usize {
-        let sessions = self.users.get(user).map(|s| s.clone()).unwrap_or_default();
-        for s in &sessions {
-            s.close(reason.clone());
-        }
-        sessions.len()
-    }
-
-    /// Closes every session of `user`: on this node, or in cluster mode on every node (the
-    /// count is then this node's; the others close theirs when the request reaches them).
-    pub fn disconnect_user_then(
-        &self,
-        user: &str,
-        reason: CloseReason,
-        done: Completion<Result<usize, ClusterUnavailable>>,
-    ) {
-        match self.backplane.cluster() {
-            Some(cluster) => {
-                let local = self.users.get(user).map_or(0, |s| s.len());
-                cluster.disconnect_user(user, reason, Box::new(move |r| done(r.map(|()| local))));
-            }
-            None => done(Ok(self.disconnect_user(user, reason))),
-        }
+        upto
     }
 
     /// Offers each session the frame `last_frame` makes for it (a full queue skips it: the
@@ -1214,76 +835,73 @@ impl Hub {
             s.close(reason.clone());
         }
     }
+
+    fn member_info(&self, s: &SessionHandle) -> MemberInfo {
+        MemberInfo {
+            user: s.user().map(|u| u.to_string()).unwrap_or_default(),
+            session: s.id_str().to_owned(),
+            transport: s.transport().as_str().to_owned(),
+            node: Some(self.node.to_string()),
+        }
+    }
+
+    /// Queues `frame` to every session of `user` here; whether any took it.
+    fn send_here(&self, user: &str, frame: Outbound) -> bool {
+        let mut delivered = false;
+        let mut counted = Fanout::default();
+        if let Some(sessions) = self.users.get(user) {
+            for s in sessions.iter() {
+                delivered |= s.send(frame.clone()) == crate::session::Delivery::Queued;
+                counted.add(s);
+            }
+        }
+        self.stats.add_deliveries(counted);
+        delivered
+    }
+
+    /// Closes every session of `user` on this node; returns how many.
+    fn close_here(&self, user: &str, reason: CloseReason) -> usize {
+        let sessions = self.users.get(user).map(|s| s.clone()).unwrap_or_default();
+        for s in &sessions {
+            s.close(reason.clone());
+        }
+        sessions.len()
+    }
 }
 
-/// Tells `members` that `room` continues in `epoch` after `seq` (`resync`, reason
-/// `continuity`); messages up to `seq` the channel still brings are not delivered to them.
-fn resync(
-    state: &mut RoomState,
+/// Removes `handle` from `room`, calls `left` under the room's lock (with whether it was
+/// its user's last session there), and drops the room if nothing keeps it; `removed` is
+/// called under the room's lock as it is dropped. Returns whether it was a member.
+fn leave_room<O: Order>(
+    rooms: &Rooms<O>,
+    handle: &SessionHandle,
     room: &RoomName,
-    members: &[SessionHandle],
-    epoch: &str,
-    seq: u64,
-) {
-    let frame = ServerFrame::Resync {
-        room: room.as_str(),
-        epoch,
-        seq,
-        reason: ResyncReason::Continuity,
+    left: impl FnOnce(&mut RoomState<O>, bool),
+    removed: impl FnOnce(),
+) -> bool {
+    let Some(room_ref) = lookup(rooms, room) else {
+        return false;
+    };
+    let now_empty = {
+        let mut state = room_ref.lock();
+        let Some(last) = state.leave(handle) else {
+            return false;
+        };
+        left(&mut state, last);
+        state.is_forgettable()
+    };
+    if now_empty {
+        let mut removed = Some(removed);
+        rooms.remove_if(room, |_, r| {
+            let mut state = r.lock();
+            state.removed = state.is_forgettable();
+            if let (true, Some(removed)) = (state.removed, removed.take()) {
+                removed();
+            }
+            state.removed
+        });
     }
-    .to_outbound();
-    for member in members {
-        member.send(frame.clone());
-        state.floors.insert(member.id(), seq);
-    }
-}
-
-/// The members of a room whose joins completed (not waiting for the cluster).
-fn established(state: &RoomState) -> impl Iterator<Item = &SessionHandle> {
-    state
-        .members
-        .iter()
-        .filter(|(id, _)| !state.pending.contains_key(*id))
-        .map(|(_, member)| member)
-}
-
-/// The `message` frame of a room message, encoded once for every recipient.
-fn room_frame(
-    room: &RoomName,
-    from: Option<&str>,
-    seq: Option<u64>,
-    volatile: bool,
-    data: &Payload,
-) -> Outbound {
-    MessageFrame {
-        kind: MessageKind::Message,
-        room: Some(room),
-        from,
-        seq,
-        volatile,
-    }
-    .encode(data)
-}
-
-/// The `direct` frame of a message to a user.
-fn direct_frame(from: Option<&str>, data: &Payload) -> Outbound {
-    MessageFrame {
-        kind: MessageKind::Direct,
-        room: None,
-        from,
-        seq: None,
-        volatile: false,
-    }
-    .encode(data)
-}
-
-fn presence_frame(room: &RoomName, event: PresenceEvent, user: &str) -> Outbound {
-    ServerFrame::Presence {
-        room: room.as_str(),
-        event,
-        user,
-    }
-    .to_outbound()
+    true
 }
 
 #[cfg(test)]
