@@ -161,7 +161,9 @@ impl Mode {
 
     fn is_member(&self, room: &RoomName, id: SessionId) -> bool {
         match self {
-            Mode::Single(rooms) => lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id)),
+            Mode::Single(rooms) => {
+                lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id))
+            }
             Mode::Cluster { rooms, .. } => {
                 lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id))
             }
@@ -359,7 +361,10 @@ impl Hub {
                 let history = History::new(policy.history, policy.history_ttl, self.budget.clone());
                 (history, self.budget.charge_room())
             });
-            Room::new(policy.presence_events, Local::new(self.ids.epoch(), history))
+            Room::new(
+                policy.presence_events,
+                Local::new(self.ids.epoch(), history),
+            )
         });
         entry.value().clone()
     }
@@ -439,7 +444,8 @@ impl Hub {
                 state.order.hold(handle.id(), waiting.token);
                 // Presence is cluster-wide: the cluster lists the member and announces it.
                 let events = state.members.presence_events();
-                self.cluster().enter(&room, self.member_info(&handle), events);
+                self.cluster()
+                    .enter(&room, self.member_info(&handle), events);
                 break;
             }
             // Already a member (and live): nothing to replay.
@@ -516,7 +522,12 @@ impl Hub {
             recovered: None,
         };
         let replay: Option<Vec<Outbound>> = match (wants_recovery, &view.missed) {
-            (true, Some(missed)) => Some(missed.iter().map(|m| cluster_frame(&room, m, false)).collect()),
+            (true, Some(missed)) => Some(
+                missed
+                    .iter()
+                    .map(|m| cluster_frame(&room, m, false))
+                    .collect(),
+            ),
             _ => None,
         };
         answer_join(&handle, reply, outcome, wants_recovery, replay.as_deref());
@@ -662,8 +673,13 @@ impl Hub {
         done: Completion<Result<bool, ClusterUnavailable>>,
     ) {
         match &self.mode {
-            Mode::Single(_) => done(Ok(self.send_here(user, direct_frame(from.map(|f| &**f), data)))),
-            Mode::Cluster { .. } => self.cluster().send_user(user, from.cloned(), data.clone(), done),
+            Mode::Single(_) => done(Ok(
+                self.send_here(user, direct_frame(from.map(|f| &**f), data))
+            )),
+            Mode::Cluster { .. } => {
+                self.cluster()
+                    .send_user(user, from.cloned(), data.clone(), done)
+            }
         }
     }
 
@@ -730,8 +746,11 @@ impl Hub {
             Mode::Single(_) => done(Ok(self.close_here(user, reason))),
             Mode::Cluster { .. } => {
                 let local = self.users.get(user).map_or(0, |s| s.len());
-                self.cluster()
-                    .disconnect_user(user, reason, Box::new(move |r| done(r.map(|()| local))));
+                self.cluster().disconnect_user(
+                    user,
+                    reason,
+                    Box::new(move |r| done(r.map(|()| local))),
+                );
             }
         }
     }
@@ -750,8 +769,12 @@ impl Hub {
                 let frame = cluster_frame(room, message, false);
                 let mut state = room_ref.lock();
                 let state = &mut *state;
-                state.order.follow_epoch(room, &state.members, epoch, message.seq);
-                state.order.deliver(&state.members, message, Some(epoch), &frame)
+                state
+                    .order
+                    .follow_epoch(room, &state.members, epoch, message.seq);
+                state
+                    .order
+                    .deliver(&state.members, message, Some(epoch), &frame)
             }
             Delivery::Volatile(message) => {
                 let frame = cluster_frame(room, message, true);
@@ -916,6 +939,74 @@ mod tests {
     use serde_json::{json, Value};
     use std::time::Duration;
 
+    /// The verbs of a single node, which complete at once, as plain calls.
+    trait SingleNode {
+        fn publish_now(
+            &self,
+            room: &RoomName,
+            from: Option<&str>,
+            data: &Payload,
+            volatile: bool,
+            exclude: Option<SessionId>,
+            now: Instant,
+        ) -> Option<u64>;
+        fn send_now(&self, user: &str, from: Option<&str>, data: &Payload) -> bool;
+        fn members_now(&self, room: &RoomName) -> Vec<MemberInfo>;
+        fn disconnect_now(&self, user: &str, reason: CloseReason) -> usize;
+        fn local_rooms(&self) -> &Rooms<Local>;
+    }
+
+    /// What `verb` passed its completion, which a single node calls at once.
+    fn at_once<T: Send + 'static>(verb: impl FnOnce(Completion<T>)) -> T {
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let filled = slot.clone();
+        verb(Box::new(move |v| *filled.lock().unwrap() = Some(v)));
+        let value = slot.lock().unwrap().take();
+        value.expect("a single node completes at once")
+    }
+
+    impl SingleNode for Hub {
+        fn publish_now(
+            &self,
+            room: &RoomName,
+            from: Option<&str>,
+            data: &Payload,
+            volatile: bool,
+            exclude: Option<SessionId>,
+            now: Instant,
+        ) -> Option<u64> {
+            let from: Option<Arc<str>> = from.map(Arc::from);
+            let message = Publish {
+                room,
+                from: from.as_ref(),
+                data,
+                volatile,
+                exclude,
+            };
+            at_once(|done| self.publish(message, now, done).expect("admitted")).unwrap()
+        }
+
+        fn send_now(&self, user: &str, from: Option<&str>, data: &Payload) -> bool {
+            let from: Option<Arc<str>> = from.map(Arc::from);
+            at_once(|done| self.send_to_user(user, from.as_ref(), data, done)).unwrap()
+        }
+
+        fn members_now(&self, room: &RoomName) -> Vec<MemberInfo> {
+            at_once(|done| self.members(room, done)).unwrap()
+        }
+
+        fn disconnect_now(&self, user: &str, reason: CloseReason) -> usize {
+            at_once(|done| self.disconnect_user(user, reason, done)).unwrap()
+        }
+
+        fn local_rooms(&self) -> &Rooms<Local> {
+            match &self.mode {
+                Mode::Single(rooms) => rooms,
+                Mode::Cluster { .. } => panic!("a single node's rooms"),
+            }
+        }
+    }
+
     fn hub() -> Arc<Hub> {
         hub_with(RoomPolicies::default())
     }
@@ -954,7 +1045,7 @@ mod tests {
     }
 
     fn publish(hub: &Hub, room: &RoomName, data: &'static str) -> Option<u64> {
-        hub.publish(room, None, &json_data(data), false, None, Instant::now())
+        hub.publish_now(room, None, &json_data(data), false, None, Instant::now())
     }
 
     fn session(hub: &Hub, user: &str) -> (SessionHandle, OutboxReceiver) {
@@ -1031,7 +1122,7 @@ mod tests {
             vec![json!({"type":"presence","room":"r","event":"join","user":"bob"})]
         );
         assert_eq!(
-            hub.publish(
+            hub.publish_now(
                 &room,
                 Some("alice"),
                 &json_data("1"),
@@ -1042,7 +1133,7 @@ mod tests {
             Some(1)
         );
         assert_eq!(
-            hub.publish(
+            hub.publish_now(
                 &room,
                 Some("alice"),
                 &json_data("2"),
@@ -1085,9 +1176,9 @@ mod tests {
             vec![json!({"type":"presence","room":"r","event":"leave","user":"u"})]
         );
         assert!(!hub.leave(&t2, &room));
-        assert_eq!(hub.members(&room).len(), 1);
+        assert_eq!(hub.members_now(&room).len(), 1);
         hub.leave(&watcher, &room);
-        assert_eq!(hub.rooms.len(), 0, "empty rooms are dropped");
+        assert_eq!(hub.room_count(), 0, "empty rooms are dropped");
     }
 
     #[test]
@@ -1096,14 +1187,14 @@ mod tests {
         let (_a1, a1rx) = session(&hub, "alice");
         let (_a2, a2rx) = session(&hub, "alice");
         let (_b, brx) = session(&hub, "bob");
-        assert!(hub.send_to_user("alice", Some("bob"), &json_data("\"hi\"")));
-        assert!(!hub.send_to_user("nobody", None, &json_data("1")));
+        assert!(hub.send_now("alice", Some("bob"), &json_data("\"hi\"")));
+        assert!(!hub.send_now("nobody", None, &json_data("1")));
         let expected = vec![json!({"type":"direct","from":"bob","data":"hi"})];
         assert_eq!(drain(&a1rx), expected);
         assert_eq!(drain(&a2rx), expected);
         assert!(drain(&brx).is_empty());
         // Bob's session works: what reaches him is his own direct message, nothing before.
-        assert!(hub.send_to_user("bob", None, &json_data("2")));
+        assert!(hub.send_now("bob", None, &json_data("2")));
         assert_eq!(drain(&brx), vec![json!({"type":"direct","data":2})]);
     }
 
@@ -1114,13 +1205,13 @@ mod tests {
         let (a2, _a2rx) = session(&hub, "alice");
         let (b, brx) = session(&hub, "bob");
         let reason = CloseReason::new(crate::protocol::CloseCode::PolicyViolation, "bye");
-        assert_eq!(hub.disconnect_user("alice", reason.clone()), 2);
+        assert_eq!(hub.disconnect_now("alice", reason.clone()), 2);
         assert_eq!(a1.close_reason(), Some(reason.clone()));
         assert_eq!(a2.close_reason(), Some(reason));
         assert!(!b.is_closed());
         assert!(drain(&brx).is_empty());
         assert_eq!(
-            hub.disconnect_user(
+            hub.disconnect_now(
                 "nobody",
                 CloseReason::new(crate::protocol::CloseCode::Normal, "")
             ),
@@ -1252,9 +1343,9 @@ mod tests {
         let outcome = join(&hub, &a, &room);
         assert_eq!(outcome.seq, 2);
         hub.leave(&a, &room);
-        assert_eq!(hub.rooms.len(), 1, "kept for its history");
+        assert_eq!(hub.room_count(), 1, "kept for its history");
         hub.expire_history(Instant::now());
-        assert_eq!(hub.rooms.len(), 1, "kept while its history lives");
+        assert_eq!(hub.room_count(), 1, "kept while its history lives");
         let again = recover(&hub, &a, &room, 0, &outcome.epoch);
         assert_eq!((again.seq, again.recovered), (2, Some(true)));
         assert_eq!(again.epoch, outcome.epoch);
@@ -1266,10 +1357,10 @@ mod tests {
         hub.leave(&a, &room);
         let later = Instant::now() + Duration::from_secs(61);
         hub.expire_history(later);
-        assert_eq!(hub.rooms.len(), 1, "seen empty: kept one more lifetime");
+        assert_eq!(hub.room_count(), 1, "seen empty: kept one more lifetime");
         hub.expire_history(later + Duration::from_secs(60));
         assert_eq!(
-            hub.rooms.len(),
+            hub.room_count(),
             0,
             "forgotten a lifetime after its history expired"
         );
@@ -1307,7 +1398,7 @@ mod tests {
         join(&hub, &a, &room);
         hub.leave(&a, &room);
         hub.expire_history(t0 + Duration::from_secs(61));
-        assert_eq!(hub.rooms.len(), 1, "the visit restarted the lifetime");
+        assert_eq!(hub.room_count(), 1, "the visit restarted the lifetime");
         let back = recover(&hub, &a, &room, 0, &first.epoch);
         assert_eq!(back.recovered, Some(true));
     }
@@ -1317,11 +1408,15 @@ mod tests {
         let hub = hub_with_history(10);
         let room = RoomName::new("r").unwrap();
         publish(&hub, &room, "1");
-        let stale = hub.rooms.get(&room).map(|r| r.value().clone()).unwrap();
+        let stale = hub
+            .local_rooms()
+            .get(&room)
+            .map(|r| r.value().clone())
+            .unwrap();
         let later = Instant::now() + Duration::from_secs(200);
         hub.expire_history(later);
         hub.expire_history(later + Duration::from_secs(61));
-        assert_eq!(hub.rooms.len(), 0);
+        assert_eq!(hub.room_count(), 0);
         assert!(stale.lock().removed, "the swept room is marked");
         // A publish that looked the old room up gets the new one (here: looks up afresh).
         assert_eq!(
@@ -1463,7 +1558,13 @@ mod tests {
         done(Ok(view(0, None)));
         // The second member recovers from 0: the view (taken when seq was 2) replays 1 and 2,
         // while the channel still carries 2 and then brings 3.
-        hub.deliver(&room, &cluster_message(1), false);
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(1),
+                epoch: "e",
+            },
+        );
         let reply: JoinReply =
             Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
         hub.join(
@@ -1479,8 +1580,20 @@ mod tests {
             2,
             Some(vec![cluster_message(1), cluster_message(2)]),
         )));
-        hub.deliver(&room, &cluster_message(2), false);
-        hub.deliver(&room, &cluster_message(3), false);
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(2),
+                epoch: "e",
+            },
+        );
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(3),
+                epoch: "e",
+            },
+        );
         let seqs = |rx: &OutboxReceiver| -> Vec<u64> {
             drain(rx).iter().filter_map(|m| m["seq"].as_u64()).collect()
         };
@@ -1491,7 +1604,13 @@ mod tests {
             "the live member misses nothing"
         );
         // Once past the floor, the member gets everything again.
-        hub.deliver(&room, &cluster_message(4), false);
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(4),
+                epoch: "e",
+            },
+        );
         assert_eq!(seqs(&late_rx), vec![4]);
     }
 
@@ -1547,9 +1666,27 @@ mod tests {
     #[test]
     fn a_message_of_another_epoch_resyncs_the_members_who_stay() {
         let (hub, _cluster, room, live, rx) = clustered_member();
-        hub.deliver_in_epoch(&room, &cluster_message(3), "e");
-        hub.deliver_in_epoch(&room, &cluster_message(5), "e2");
-        hub.deliver_in_epoch(&room, &cluster_message(6), "e2");
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(3),
+                epoch: "e",
+            },
+        );
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(5),
+                epoch: "e2",
+            },
+        );
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(6),
+                epoch: "e2",
+            },
+        );
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None, "the session stays open");
         assert!(hub.is_member(&live, &room), "and a member");
@@ -1597,8 +1734,20 @@ mod tests {
             },
         );
         assert_eq!(upto, 7);
-        hub.deliver_in_epoch(&room, &cluster_message(7), "e2");
-        hub.deliver_in_epoch(&room, &cluster_message(8), "e2");
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(7),
+                epoch: "e2",
+            },
+        );
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(8),
+                epoch: "e2",
+            },
+        );
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None);
         assert!(hub.is_member(&live, &room));
@@ -1627,7 +1776,13 @@ mod tests {
             (1, None),
             "only the join's ack: {frames:?}"
         );
-        hub.deliver_in_epoch(&room, &cluster_message(5), "e");
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(5),
+                epoch: "e",
+            },
+        );
         let (frames, _) = frames_and_close(&rx);
         assert_eq!(
             frames,
@@ -1658,8 +1813,20 @@ mod tests {
         )
         .unwrap();
         // While the join waits, the channel still brings the old epoch's 501 and 502.
-        hub.deliver_in_epoch(&room, &cluster_message(501), "e1");
-        hub.deliver_in_epoch(&room, &cluster_message(502), "e1");
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(501),
+                epoch: "e1",
+            },
+        );
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(502),
+                epoch: "e1",
+            },
+        );
         let done = cluster.views.lock().unwrap().pop().unwrap();
         done(Ok(RoomView {
             seq: 3,
@@ -1667,7 +1834,13 @@ mod tests {
             missed: None,
             members: 1,
         }));
-        hub.deliver_in_epoch(&room, &cluster_message(4), "e2");
+        hub.deliver(
+            &room,
+            Delivery::Message {
+                message: &cluster_message(4),
+                epoch: "e2",
+            },
+        );
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None);
         let seqs: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();
@@ -1685,7 +1858,7 @@ mod tests {
         let t0 = Instant::now();
         for _ in 0..24 {
             let answers = answers.clone();
-            hub.presence_then(
+            hub.presence(
                 &room,
                 t0,
                 Box::new(move |l| answers.lock().unwrap().push(l.unwrap())),
@@ -1716,7 +1889,7 @@ mod tests {
         assert_eq!(ack["truncated"], true);
         assert_eq!(ack["members"].as_array().unwrap().len(), 1000);
         // Asked again within the listing's lifetime: no lookup.
-        hub.presence_then(&room, t0, Box::new(|l| assert!(l.is_ok())));
+        hub.presence(&room, t0, Box::new(|l| assert!(l.is_ok())));
         assert!(cluster.lookups.lock().unwrap().is_empty());
     }
 
@@ -1740,7 +1913,7 @@ mod tests {
         let listing = |hub: &Hub| {
             let got = Arc::new(std::sync::Mutex::new(None));
             let slot = got.clone();
-            hub.presence_then(
+            hub.presence(
                 &room,
                 Instant::now(),
                 Box::new(move |l| *slot.lock().unwrap() = Some(l.unwrap())),
@@ -1779,15 +1952,15 @@ mod tests {
         let alice: Arc<str> = "alice".into();
         let (a, _arx) = session(&hub, "alice");
         let publish_new = |n: usize, at: Instant| {
-            hub.publish_then(
-                &RoomName::new(&format!("p{n}")).unwrap(),
-                Some(&alice),
-                &json_data("1"),
-                false,
-                None,
-                at,
-                Box::new(|r| assert!(r.is_ok())),
-            )
+            let room = RoomName::new(&format!("p{n}")).unwrap();
+            let message = Publish {
+                room: &room,
+                from: Some(&alice),
+                data: &json_data("1"),
+                volatile: false,
+                exclude: None,
+            };
+            hub.publish(message, at, Box::new(|r| assert!(r.is_ok())))
         };
         // A burst of twice the rate, then one per half second.
         assert!((0..4).all(|n| publish_new(n, t0).is_ok()));
@@ -1826,22 +1999,21 @@ mod tests {
             Err(RoomRefusal::BudgetSpent)
         );
         assert_eq!(hub.room_count(), n);
-        let spent = hub.publish_then(
-            &RoomName::new("p-new").unwrap(),
-            None,
-            &json_data("1"),
-            false,
-            None,
-            t1,
-            Box::new(|_| panic!("not published")),
-        );
+        let message = Publish {
+            room: &RoomName::new("p-new").unwrap(),
+            from: None,
+            data: &json_data("1"),
+            volatile: false,
+            exclude: None,
+        };
+        let spent = hub.publish(message, t1, Box::new(|_| panic!("not published")));
         assert_eq!(spent, Err(RoomRefusal::BudgetSpent));
         assert_eq!(hub.room_count(), n, "no state kept for it");
         // A join still opens a room (its members are bounded by the sessions), without
         // history: recovery reports a gap.
         let late = t1 + Duration::from_secs(60);
         assert!(join_at(1, late).unwrap().is_some());
-        let kept = hub.publish(
+        let kept = hub.publish_now(
             &RoomName::new("j1").unwrap(),
             None,
             &json_data("1"),
@@ -1870,7 +2042,7 @@ mod tests {
             .map(|i| RoomName::new(&format!("other-{i}")).unwrap())
             .collect();
         // A fan-out in progress holds the busy room's lock.
-        let room_ref = hub.rooms.get(&busy).unwrap().value().clone();
+        let room_ref = hub.local_rooms().get(&busy).unwrap().value().clone();
         let held = room_ref.lock();
         let waiting = std::thread::spawn({
             let hub = hub.clone();

@@ -154,7 +154,13 @@ impl Follower {
     /// sequence cannot continue: they get `resync` (the new epoch, the sequence number
     /// before this message) and stay. While every member's join waits for the cluster the
     /// epoch is not known yet and is not checked.
-    pub fn follow_epoch(&mut self, room: &RoomName, members: &Members, epoch: &str, seq: Option<u64>) {
+    pub fn follow_epoch(
+        &mut self,
+        room: &RoomName,
+        members: &Members,
+        epoch: &str,
+        seq: Option<u64>,
+    ) {
         if *self.epoch == *epoch || self.established(members).next().is_none() {
             return;
         }
@@ -256,14 +262,16 @@ impl Follower {
         }
         match &view.missed {
             Some(missed) if *view.epoch == *from_epoch => {
-                for m in missed.iter().filter(|m| m.seq.is_some_and(|s| s > from_seq)) {
+                for m in missed
+                    .iter()
+                    .filter(|m| m.seq.is_some_and(|s| s > from_seq))
+                {
                     let fanout = self.deliver(members, m, None, &cluster_frame(room, m, false));
                     counted.merge(fanout);
                 }
             }
             _ => {
-                let established: Vec<SessionHandle> =
-                    self.established(members).cloned().collect();
+                let established: Vec<SessionHandle> = self.established(members).cloned().collect();
                 self.resync(room, &established, &view.epoch, view.seq);
                 self.epoch = view.epoch.clone();
                 self.seq = view.seq;

@@ -122,7 +122,10 @@ impl Members {
     }
 
     /// The members who are not sessions of `user`: those told about that user's presence.
-    pub fn others<'a>(&'a self, user: &'a str) -> impl Iterator<Item = (SessionId, &'a SessionHandle)> {
+    pub fn others<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> impl Iterator<Item = (SessionId, &'a SessionHandle)> {
         self.iter()
             .filter(move |(_, m)| m.user().map(|u| &**u) != Some(user))
     }
@@ -153,7 +156,11 @@ impl Members {
     }
 
     /// The members as the API and presence listings describe them.
-    pub fn infos(&self, max: usize, info: impl Fn(&SessionHandle) -> MemberInfo) -> Vec<MemberInfo> {
+    pub fn infos(
+        &self,
+        max: usize,
+        info: impl Fn(&SessionHandle) -> MemberInfo,
+    ) -> Vec<MemberInfo> {
         self.sessions.values().take(max).map(info).collect()
     }
 

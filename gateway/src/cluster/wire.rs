@@ -222,13 +222,22 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
                 return;
             };
             if let Some(m) = message(meta, data, None) {
-                hub.deliver_user(&user, UserDelivery::Direct { from: m.from.as_deref(), data: &m.data });
+                hub.deliver_user(
+                    &user,
+                    UserDelivery::Direct {
+                        from: m.from.as_deref(),
+                        data: &m.data,
+                    },
+                );
             }
         }
         Some(Channel::Control) => {
             if let Ok(d) = serde_json::from_slice::<Disconnect>(payload) {
                 let code = CloseCode::from_code(d.code).unwrap_or(CloseCode::PolicyViolation);
-                hub.deliver_user(&d.user, UserDelivery::Disconnect(CloseReason::new(code, d.reason)));
+                hub.deliver_user(
+                    &d.user,
+                    UserDelivery::Disconnect(CloseReason::new(code, d.reason)),
+                );
             }
         }
         None => {}

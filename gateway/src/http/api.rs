@@ -321,7 +321,17 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let (done, rx) = completion();
     app.services
         .hub
-        .publish(Publish { room: &room, from: None, data: &data, volatile: false, exclude: None }, clock::now().instant, done)
+        .publish(
+            Publish {
+                room: &room,
+                from: None,
+                data: &data,
+                volatile: false,
+                exclude: None,
+            },
+            clock::now().instant,
+            done,
+        )
         .map_err(|refused| {
             let code = gateway_core::connection::RequestError::from(refused).code();
             ApiError::new(code, refused.to_string())
@@ -343,9 +353,7 @@ async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> A
     let req: SendBody<'_> = parse_body(&body)?;
     let data = data_payload(&body, req.data)?;
     let (done, rx) = completion();
-    app.services
-        .hub
-        .send_to_user(&req.user, None, &data, done);
+    app.services.hub.send_to_user(&req.user, None, &data, done);
     let delivered = cluster_result(rx.await)?;
     Ok(Json(json!({ "delivered": delivered })))
 }
@@ -398,9 +406,7 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
             .unwrap_or_else(|| "disconnected by the server".into()),
     );
     let (done, rx) = completion();
-    app.services
-        .hub
-        .disconnect_user(&req.user, reason, done);
+    app.services.hub.disconnect_user(&req.user, reason, done);
     let n = cluster_result(rx.await)?;
     Ok(Json(json!({ "disconnected": n })))
 }
