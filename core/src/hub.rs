@@ -1,119 +1,44 @@
 //! The hub: the registry of rooms, sessions and users, with one verb per operation.
 //!
-//! Rooms live in a sharded map; each room has its own lock, held only while a frame is
-//! ordered and queued to the members (never across an await); there is no global lock on
-//! the publish path. Lock order: a map's shard, then a room; a shard guard is released
-//! before a room is locked, and a room removed meanwhile is marked `removed` under its
-//! lock, so that the caller retries with the room that replaces it.
+//! Rooms live in a sharded map ([`rooms`]); each room has its own lock, held only while a
+//! frame is ordered and queued to the members (never across an await); there is no global
+//! lock on the publish path.
 //!
 //! The mode is chosen once, in [`Hub::new`]: on a single node the hub orders each room
-//! itself ([`Local`]: sequence, history, replay); in a cluster the backplane orders rooms
-//! and the hub follows ([`Follower`]), handed what the cluster delivers through
-//! [`deliver`](Hub::deliver), [`deliver_user`](Hub::deliver_user) and
-//! [`catch_up`](Hub::catch_up). The verbs that may need the cluster (`publish`,
-//! `send_to_user`, `members`, `presence`, `disconnect_user`) take a [`Completion`], which a
-//! single node calls at once.
+//! itself ([`Local`](crate::room::Local): sequence, history, replay); in a cluster the
+//! backplane orders rooms and the hub follows ([`Follower`](crate::room::Follower)),
+//! handed what the cluster delivers through [`deliver`](Hub::deliver),
+//! [`deliver_user`](Hub::deliver_user) and [`catch_up`](Hub::catch_up). The verbs that may
+//! need the cluster (`publish`, `send_to_user`, `members`, `presence`, `disconnect_user`)
+//! take a [`Completion`], which a single node calls at once.
 
+mod cluster;
+mod config;
 mod ids;
+mod rooms;
+mod single;
 mod stats;
 
-use std::{
-    sync::{Arc, Weak},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use dashmap::DashMap;
 use rand::rngs::StdRng;
 
-pub use crate::room::{JoinOutcome, JoinReply, Publish, Since, UNKNOWN_EPOCH};
+pub use crate::room::{Delivery, JoinOutcome, JoinReply, Publish, Since, UNKNOWN_EPOCH};
+pub use config::{HubConfig, RoomRefusal, DEFAULT_ROOMS_PER_USER_PER_SEC, DEFAULT_ROOM_BUDGET};
 pub use stats::HubStats;
 
 use crate::{
-    backplane::{
-        Backplane, Cluster, ClusterMessage, ClusterPublish, ClusterUnavailable, Completion,
-        RoomView,
-    },
-    history::{History, HistoryBudget},
+    backplane::{Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, RoomView},
+    history::HistoryBudget,
     limits::TokenBucket,
-    policy::RoomPolicies,
-    presence::{ListingCache, ListingResult, Lookup, PresenceListing},
-    protocol::{CloseReason, MemberInfo, Payload, PresenceEvent, RoomName},
-    room::{
-        answer_join,
-        frames::{cluster_frame, direct_frame, presence_frame},
-        Fanout, Follower, Local, Order, Room, RoomState,
-    },
+    presence::{ListingResult, Lookup},
+    protocol::{CloseReason, MemberInfo, Payload, RoomName},
+    room::{frames::direct_frame, Fanout, JoinRequest, PendingJoin},
     session::{Outbound, SessionHandle, SessionId},
 };
-
-/// Settings of a hub.
-#[derive(Debug, Clone)]
-pub struct HubConfig {
-    /// This node's id, reported in `welcome` and the HTTP API.
-    pub node_id: String,
-    /// Room policies, first match wins.
-    pub rooms: RoomPolicies,
-    /// Bytes all rooms and their histories may hold together (`room_budget_mb`).
-    pub room_budget: usize,
-    /// Most members a presence listing names (`max_presence_members`).
-    pub max_presence_members: usize,
-    /// New rooms one user may bring into existence per second, burst twice as many
-    /// (`rooms_per_user_per_sec`); 0: no limit.
-    pub rooms_per_user_per_sec: u32,
-}
-
-impl HubConfig {
-    /// A hub of node `node_id` with these room policies and the documented defaults.
-    pub fn new(node_id: impl Into<String>, rooms: RoomPolicies) -> Self {
-        Self {
-            node_id: node_id.into(),
-            rooms,
-            room_budget: DEFAULT_ROOM_BUDGET,
-            max_presence_members: crate::presence::DEFAULT_MAX_PRESENCE_MEMBERS,
-            rooms_per_user_per_sec: DEFAULT_ROOMS_PER_USER_PER_SEC,
-        }
-    }
-}
-
-/// The default [`HubConfig::room_budget`]: 256 MiB.
-pub const DEFAULT_ROOM_BUDGET: usize = 256 * 1024 * 1024;
-
-/// The default [`HubConfig::rooms_per_user_per_sec`].
-pub const DEFAULT_ROOMS_PER_USER_PER_SEC: u32 = 10;
-
-/// Why the hub refused to bring a new room into existence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RoomRefusal {
-    /// The room budget is spent: no new room that would keep history.
-    #[error("room budget exhausted: no new rooms with history for now")]
-    BudgetSpent,
-    /// The user brought too many new rooms into existence lately.
-    #[error("too many new rooms: at most {0} per second")]
-    TooManyNewRooms(u32),
-}
-
-/// A room event the cluster hands this node, in the cluster's order.
-#[derive(Debug, Clone, Copy)]
-pub enum Delivery<'a> {
-    /// A room message with its sequence number, in the epoch the cluster ordered it in. A
-    /// message of another epoch than this node's members are in (the room restarted in the
-    /// cluster) cannot continue their sequence: they get `resync` first, and stay.
-    Message {
-        /// The message.
-        message: &'a ClusterMessage,
-        /// Its epoch.
-        epoch: &'a str,
-    },
-    /// A volatile message: no sequence number, no epoch.
-    Volatile(&'a ClusterMessage),
-    /// A presence event about `user`, for the members who are not that user's sessions.
-    Presence {
-        /// Joined or left.
-        event: PresenceEvent,
-        /// The user it is about.
-        user: &'a str,
-    },
-}
+use cluster::ClusterNode;
+use single::{Published, SingleNode};
 
 /// What the cluster hands this node for the sessions of one user here.
 #[derive(Debug, Clone)]
@@ -129,69 +54,18 @@ pub enum UserDelivery<'a> {
     Disconnect(CloseReason),
 }
 
-/// The rooms of one kind, sharded.
-type Rooms<O> = DashMap<RoomName, Arc<Room<O>>>;
-
 /// How this hub orders rooms, chosen once when it is built.
 enum Mode {
     /// A single node: the hub orders each room and keeps its history.
-    Single(Rooms<Local>),
+    Single(SingleNode),
     /// A cluster: the backplane orders rooms and the hub follows.
-    Cluster {
-        rooms: Rooms<Follower>,
-        /// Presence listings looked up or being looked up.
-        listings: ListingCache,
-    },
-}
-
-impl Mode {
-    fn room_count(&self) -> usize {
-        match self {
-            Mode::Single(rooms) => rooms.len(),
-            Mode::Cluster { rooms, .. } => rooms.len(),
-        }
-    }
-
-    fn contains(&self, room: &RoomName) -> bool {
-        match self {
-            Mode::Single(rooms) => rooms.contains_key(room),
-            Mode::Cluster { rooms, .. } => rooms.contains_key(room),
-        }
-    }
-
-    fn is_member(&self, room: &RoomName, id: SessionId) -> bool {
-        match self {
-            Mode::Single(rooms) => {
-                lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id))
-            }
-            Mode::Cluster { rooms, .. } => {
-                lookup(rooms, room).is_some_and(|r| r.lock().members.contains(id))
-            }
-        }
-    }
-}
-
-/// The room named `room`, if it exists (the shard guard is released at once).
-fn lookup<O>(rooms: &Rooms<O>, room: &RoomName) -> Option<Arc<Room<O>>> {
-    rooms.get(room).map(|r| r.value().clone())
-}
-
-/// A join waiting for the cluster's view of its room.
-struct Waiting {
-    room: RoomName,
-    handle: SessionHandle,
-    /// Which join of the member this is.
-    token: u64,
-    wants_recovery: bool,
-    reply: JoinReply,
+    Cluster(ClusterNode),
 }
 
 /// The transport-neutral hub shared by every adapter on this node.
 pub struct Hub {
     node: Arc<str>,
-    policies: RoomPolicies,
     mode: Mode,
-    budget: Arc<HistoryBudget>,
     max_presence_members: usize,
     rooms_per_user_per_sec: u32,
     /// Per user: the new rooms they may still bring into existence.
@@ -204,14 +78,14 @@ pub struct Hub {
     /// Where session ids, epochs and join tokens come from.
     ids: ids::Ids,
     /// This hub, for completions that come back later.
-    me: Weak<Hub>,
+    me: std::sync::Weak<Hub>,
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("node", &self.node)
-            .field("rooms", &self.mode.room_count())
+            .field("rooms", &self.room_count())
             .field("sessions", &self.sessions.len())
             .finish()
     }
@@ -223,17 +97,15 @@ impl Hub {
     /// backplane that is a [`Cluster`] makes it a cluster node for good.
     pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>, rng: StdRng) -> Arc<Self> {
         let mode = match backplane.cluster() {
-            Some(_) => Mode::Cluster {
-                rooms: DashMap::new(),
-                listings: ListingCache::default(),
-            },
-            None => Mode::Single(DashMap::new()),
+            Some(_) => Mode::Cluster(ClusterNode::new(config.rooms)),
+            None => Mode::Single(SingleNode::new(
+                config.rooms,
+                HistoryBudget::new(config.room_budget),
+            )),
         };
         Arc::new_cyclic(|me| Self {
             node: config.node_id.into(),
-            policies: config.rooms,
             mode,
-            budget: HistoryBudget::new(config.room_budget),
             max_presence_members: config.max_presence_members,
             rooms_per_user_per_sec: config.rooms_per_user_per_sec,
             room_creators: DashMap::new(),
@@ -270,7 +142,10 @@ impl Hub {
 
     /// Whether the session is in `room` (a member, or joining).
     pub fn is_member(&self, handle: &SessionHandle, room: &RoomName) -> bool {
-        self.mode.is_member(room, handle.id())
+        match &self.mode {
+            Mode::Single(single) => single.rooms.is_member(room, handle.id()),
+            Mode::Cluster(cluster) => cluster.rooms.is_member(room, handle.id()),
+        }
     }
 
     /// What the hub has done so far.
@@ -280,7 +155,10 @@ impl Hub {
 
     /// Number of rooms on this node: those with members, and those kept for their history.
     pub fn room_count(&self) -> usize {
-        self.mode.room_count()
+        match &self.mode {
+            Mode::Single(single) => single.rooms.len(),
+            Mode::Cluster(cluster) => cluster.rooms.len(),
+        }
     }
 
     /// Number of sessions open on this node (pending ones included).
@@ -298,7 +176,7 @@ impl Hub {
         if let Some(user) = handle.user() {
             let mut sessions = self.users.entry(user.clone()).or_default();
             sessions.push(handle.clone());
-            if let (1, Mode::Cluster { .. }) = (sessions.len(), &self.mode) {
+            if let (1, Mode::Cluster(_)) = (sessions.len(), &self.mode) {
                 self.cluster().open_user(user);
             }
         }
@@ -311,7 +189,7 @@ impl Hub {
             self.users.remove_if_mut(user, |_, sessions| {
                 sessions.retain(|s| !s.same_session(handle));
                 let gone = sessions.is_empty();
-                if let (true, Mode::Cluster { .. }) = (gone, &self.mode) {
+                if let (true, Mode::Cluster(_)) = (gone, &self.mode) {
                     // Queued while the entry is held, before any later `open_user`.
                     self.cluster().close_user(user);
                 }
@@ -325,7 +203,8 @@ impl Hub {
 
     /// Whether `user` (`None`: the HTTP API) may bring `room` into existence at `now`, if it
     /// does not exist on this node: within the user's rate of new rooms, and, for a room
-    /// that would exist only for its history (`for_history`), within the room budget.
+    /// that would exist only for its history (`for_history`, single node), within the
+    /// room budget.
     fn admit_new_room(
         &self,
         user: Option<&Arc<str>>,
@@ -333,10 +212,13 @@ impl Hub {
         for_history: bool,
         now: Instant,
     ) -> Result<(), RoomRefusal> {
-        if self.mode.contains(room) {
-            return Ok(());
-        }
-        if for_history && !self.budget.fits_a_room() {
+        let fits = match &self.mode {
+            Mode::Single(single) if single.rooms.contains(room) => return Ok(()),
+            Mode::Cluster(cluster) if cluster.rooms.contains(room) => return Ok(()),
+            Mode::Single(single) => single.fits_a_room(),
+            Mode::Cluster(_) => true,
+        };
+        if for_history && !fits {
             return Err(RoomRefusal::BudgetSpent);
         }
         let rate = self.rooms_per_user_per_sec;
@@ -352,32 +234,6 @@ impl Hub {
         Ok(())
     }
 
-    /// Single node: `room`, created with a new epoch if it does not exist. Beyond the
-    /// budget a room keeps no history.
-    fn local_room(&self, rooms: &Rooms<Local>, room: &RoomName) -> Arc<Room<Local>> {
-        let entry = rooms.entry(room.clone()).or_insert_with(|| {
-            let policy = self.policies.for_room(room.as_str());
-            let history = (policy.history > 0 && self.budget.fits_a_room()).then(|| {
-                let history = History::new(policy.history, policy.history_ttl, self.budget.clone());
-                (history, self.budget.charge_room())
-            });
-            Room::new(
-                policy.presence_events,
-                Local::new(self.ids.epoch(), history),
-            )
-        });
-        entry.value().clone()
-    }
-
-    /// Cluster mode: `room`, created with a provisional epoch if it does not exist.
-    fn follower_room(&self, rooms: &Rooms<Follower>, room: &RoomName) -> Arc<Room<Follower>> {
-        let entry = rooms.entry(room.clone()).or_insert_with(|| {
-            let policy = self.policies.for_room(room.as_str());
-            Room::new(policy.presence_events, Follower::new(self.ids.epoch()))
-        });
-        entry.value().clone()
-    }
-
     /// Adds the session to `room` (idempotent) and announces the user's first session there
     /// to the other members. Under the room's lock, queues `reply` (made from the outcome)
     /// and then, with `since`, the missed messages: after them come live messages only, so
@@ -390,6 +246,8 @@ impl Hub {
     ///
     /// A join that would bring the room into existence counts against the user's rate of
     /// new rooms; refused, nothing is queued and `reply` is not called.
+    ///
+    /// [`RoomState::join`]: crate::room::RoomState::join
     pub fn join(
         &self,
         handle: &SessionHandle,
@@ -399,80 +257,41 @@ impl Hub {
         reply: JoinReply,
     ) -> Result<Option<JoinOutcome>, RoomRefusal> {
         self.admit_new_room(handle.user(), room, false, now)?;
-        // The map's shard guard is released before waiting for the room's lock: a fan-out
-        // holding this room must not stall every other room of the shard. A removal in
-        // between sets `removed` under the room's lock: then join the room replacing it.
+        let request = JoinRequest {
+            handle,
+            room,
+            since,
+            reply,
+        };
         match &self.mode {
-            Mode::Single(rooms) => loop {
-                let room_ref = self.local_room(rooms, room);
-                let mut state = room_ref.lock();
-                if !state.removed {
-                    return Ok(Some(state.join(room, handle, since, now, reply)));
-                }
-            },
-            Mode::Cluster { rooms, listings } => {
-                let waiting = Waiting {
-                    room: room.clone(),
-                    handle: handle.clone(),
-                    token: self.ids.join_token(),
-                    wants_recovery: since.is_some(),
-                    reply,
+            Mode::Single(single) => Ok(Some(single.join(request, now, &self.ids))),
+            Mode::Cluster(cluster) => {
+                let Some(join) = cluster.enter(request, &self.ids, self.cluster(), &self.node)
+                else {
+                    return Ok(None);
                 };
-                self.join_cluster(rooms, listings, waiting, since);
+                // One recovery at a time, and only with room in the queue: the store is not
+                // read for a replay that could not be taken.
+                let since = since
+                    .filter(|_| handle.begin_recovery())
+                    .map(|s| (s.seq, s.epoch.to_owned()));
+                self.open_room(join, since);
                 Ok(None)
             }
         }
     }
 
-    /// Cluster mode: enters the member in the room (its live frames held) and asks the
-    /// cluster to make this node hear the room; [`finish_join`](Self::finish_join) follows.
-    fn join_cluster(
-        &self,
-        rooms: &Rooms<Follower>,
-        listings: &ListingCache,
-        waiting: Waiting,
-        since: Option<Since<'_>>,
-    ) {
-        let (room, handle) = (waiting.room.clone(), waiting.handle.clone());
-        loop {
-            let room_ref = self.follower_room(rooms, &room);
-            let mut state = room_ref.lock();
-            if state.removed {
-                continue;
-            }
-            if state.members.add(&handle).is_some() {
-                state.order.hold(handle.id(), waiting.token);
-                // Presence is cluster-wide: the cluster lists the member and announces it.
-                let events = state.members.presence_events();
-                self.cluster()
-                    .enter(&room, self.member_info(&handle), events);
-                break;
-            }
-            // Already a member (and live): nothing to replay.
-            let (seq, epoch) = state.order.position();
-            let outcome = JoinOutcome {
-                seq,
-                epoch,
-                members: state.members.len(),
-                recovered: None,
-            };
-            answer_join::<Outbound>(&handle, waiting.reply, outcome, since.is_some(), None);
-            return;
-        }
-        listings.invalidate(&room);
-        // One recovery at a time, and only with room in the queue: the store is not read
-        // for a replay that could not be taken.
-        let since = since
-            .filter(|_| handle.begin_recovery())
-            .map(|s| (s.seq, s.epoch.to_owned()));
+    /// Cluster mode: asks the cluster to make this node hear the room of `join` and report
+    /// it (with the messages missed since `since`); the join then completes.
+    fn open_room(&self, join: PendingJoin, since: Option<(u64, String)>) {
         let reserved = since.is_some();
-        let (me, member) = (self.me.clone(), handle);
+        let (me, room, member) = (self.me.clone(), join.room.clone(), join.handle.clone());
         self.cluster().open_room(
             &room,
             since,
             Box::new(move |view| {
                 if let Some(hub) = me.upgrade() {
-                    hub.finish_join(waiting, view);
+                    hub.finish_join(join, view);
                 }
                 if reserved {
                     // Queued the replay (which released it), or did not.
@@ -482,57 +301,15 @@ impl Hub {
         );
     }
 
-    /// Cluster mode: the cluster reported the room a member joined. Queues the reply, the
-    /// missed messages, then the live frames held back that are newer than the report.
-    fn finish_join(&self, waiting: Waiting, view: Result<RoomView, ClusterUnavailable>) {
-        let Mode::Cluster { rooms, .. } = &self.mode else {
+    /// Cluster mode: the cluster reported the room of a pending join (or failed to: the
+    /// member then leaves the room and gets the failure).
+    fn finish_join(&self, join: PendingJoin, view: Result<RoomView, ClusterUnavailable>) {
+        let Mode::Cluster(cluster) = &self.mode else {
             return;
         };
-        let Waiting {
-            room,
-            handle,
-            token,
-            wants_recovery,
-            reply,
-        } = waiting;
-        let Some(room_ref) = lookup(rooms, &room) else {
-            return;
-        };
-        let mut state = room_ref.lock();
-        let Some(held) = state.order.take_join(handle.id(), token) else {
-            return;
-        };
-        let view = match view {
-            Ok(view) => view,
-            Err(e) => {
-                drop(state);
-                self.leave(&handle, &room);
-                handle.send(reply(Err(&e)));
-                return;
-            }
-        };
-        let state = &mut *state;
-        let release = state
-            .order
-            .complete_join(&room, &state.members, handle.id(), held, &view);
-        let outcome = JoinOutcome {
-            seq: view.seq,
-            epoch: view.epoch.clone(),
-            members: view.members.max(state.members.len()),
-            recovered: None,
-        };
-        let replay: Option<Vec<Outbound>> = match (wants_recovery, &view.missed) {
-            (true, Some(missed)) => Some(
-                missed
-                    .iter()
-                    .map(|m| cluster_frame(&room, m, false))
-                    .collect(),
-            ),
-            _ => None,
-        };
-        answer_join(&handle, reply, outcome, wants_recovery, replay.as_deref());
-        for frame in release {
-            handle.send(frame);
+        if let Some((join, e)) = cluster.finish_join(join, view) {
+            self.leave(&join.handle, &join.room);
+            join.handle.send((join.reply)(Err(&e)));
         }
     }
 
@@ -541,30 +318,8 @@ impl Hub {
     /// nothing kept for later is dropped.
     pub fn leave(&self, handle: &SessionHandle, room: &RoomName) -> bool {
         match &self.mode {
-            Mode::Single(rooms) => leave_room(
-                rooms,
-                handle,
-                room,
-                |state, last| {
-                    if last {
-                        state.members.announce(room, PresenceEvent::Leave, handle);
-                    }
-                },
-                || {},
-            ),
-            Mode::Cluster { rooms, listings } => leave_room(
-                rooms,
-                handle,
-                room,
-                |state, _| {
-                    listings.invalidate(room);
-                    let events = state.members.presence_events();
-                    self.cluster().exit(room, self.member_info(handle), events);
-                },
-                // Queued while the shard is held, so it precedes the opening of a room
-                // that replaces this one.
-                || self.cluster().close_room(room),
-            ),
+            Mode::Single(single) => single.leave(handle, room),
+            Mode::Cluster(cluster) => cluster.leave(handle, room, self.cluster(), &self.node),
         }
     }
 
@@ -572,23 +327,8 @@ impl Hub {
     /// nor history for a history lifetime (their sequence restarts with a new epoch). Call
     /// periodically; a room is forgotten within one call's interval of that moment.
     pub fn expire_history(&self, now: Instant) {
-        let Mode::Single(rooms) = &self.mode else {
-            return;
-        };
-        let expired: Vec<RoomName> = rooms
-            .iter()
-            .filter_map(|entry| {
-                // A room busy right now is not idle: skip it rather than wait for it.
-                let mut state = entry.value().try_lock()?;
-                state.is_expired(now).then(|| entry.key().clone())
-            })
-            .collect();
-        for room in expired {
-            rooms.remove_if(&room, |_, r| {
-                let mut state = r.lock();
-                state.removed = state.is_expired(now);
-                state.removed
-            });
+        if let Mode::Single(single) = &self.mode {
+            single.expire(now);
         }
     }
 
@@ -607,60 +347,31 @@ impl Hub {
         now: Instant,
         done: Completion<Result<Option<u64>, ClusterUnavailable>>,
     ) -> Result<(), RoomRefusal> {
-        match &self.mode {
-            Mode::Single(rooms) => done(Ok(self.publish_here(rooms, &message, now)?)),
+        let single = match &self.mode {
+            Mode::Single(single) => single,
             // The store keeps rooms (and bounds them: its room budget).
-            Mode::Cluster { .. } => self.cluster().publish(
-                ClusterPublish {
+            Mode::Cluster(_) => {
+                let message = ClusterPublish {
                     room: message.room.clone(),
                     from: message.from.cloned(),
                     data: message.data.clone(),
                     volatile: message.volatile,
                     origin: message.exclude,
-                },
-                done,
-            ),
+                };
+                self.cluster().publish(message, done);
+                return Ok(());
+            }
+        };
+        let mut published = single.publish(&message, now, &self.ids, false);
+        if let Published::NewRoom = published {
+            self.admit_new_room(message.from, message.room, true, now)?;
+            published = single.publish(&message, now, &self.ids, true);
+        }
+        if let Published::Done(seq, counted) = published {
+            self.stats.add_deliveries(counted);
+            done(Ok(seq));
         }
         Ok(())
-    }
-
-    /// Single node: [`publish`](Self::publish) on this node.
-    fn publish_here(
-        &self,
-        rooms: &Rooms<Local>,
-        message: &Publish<'_>,
-        now: Instant,
-    ) -> Result<Option<u64>, RoomRefusal> {
-        let mut admitted = false;
-        loop {
-            // A sweep may remove the room between this lookup and its lock: the `removed`
-            // flag, set under the lock, sends the publish to the room that replaces it.
-            let room_ref = match lookup(rooms, message.room) {
-                Some(room_ref) => room_ref,
-                None if !message.volatile
-                    && self.policies.for_room(message.room.as_str()).history > 0 =>
-                {
-                    if !admitted {
-                        self.admit_new_room(message.from, message.room, true, now)?;
-                        admitted = true;
-                    }
-                    if !self.budget.fits_a_room() {
-                        return Ok(Some(1));
-                    }
-                    // Nobody is here, but the message is kept for those who recover.
-                    self.local_room(rooms, message.room)
-                }
-                // Nobody is here and nothing is kept: the message reaches no one (nothing
-                // to encode).
-                None => return Ok((!message.volatile).then_some(1)),
-            };
-            let mut state = room_ref.lock();
-            if !state.removed {
-                let (seq, counted) = state.publish(message, now);
-                self.stats.add_deliveries(counted);
-                return Ok(seq);
-            }
-        }
     }
 
     /// Sends a direct message to every session of `user`: on this node, or in cluster mode
@@ -673,13 +384,13 @@ impl Hub {
         done: Completion<Result<bool, ClusterUnavailable>>,
     ) {
         match &self.mode {
-            Mode::Single(_) => done(Ok(
-                self.send_here(user, direct_frame(from.map(|f| &**f), data))
-            )),
-            Mode::Cluster { .. } => {
-                self.cluster()
-                    .send_user(user, from.cloned(), data.clone(), done)
+            Mode::Single(_) => {
+                let frame = direct_frame(from.map(|f| &**f), data);
+                done(Ok(self.send_here(user, frame)))
             }
+            Mode::Cluster(_) => self
+                .cluster()
+                .send_user(user, from.cloned(), data.clone(), done),
         }
     }
 
@@ -690,13 +401,8 @@ impl Hub {
         done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
     ) {
         match &self.mode {
-            Mode::Single(rooms) => {
-                let members = lookup(rooms, room).map_or_else(Vec::new, |r| {
-                    r.lock().members.infos(usize::MAX, |s| self.member_info(s))
-                });
-                done(Ok(members));
-            }
-            Mode::Cluster { .. } => self.cluster().members(room, done),
+            Mode::Single(single) => done(Ok(single.members(room, &self.node))),
+            Mode::Cluster(_) => self.cluster().members(room, done),
         }
     }
 
@@ -707,27 +413,18 @@ impl Hub {
     /// [`LISTING_TTL`]: crate::presence::LISTING_TTL
     pub fn presence(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) {
         let max = self.max_presence_members;
-        let listings = match &self.mode {
-            Mode::Single(rooms) => {
-                let listing = lookup(rooms, room).map_or_else(
-                    || Arc::new(PresenceListing::empty()),
-                    |r| r.lock().members.listing(max, |s| self.member_info(s)),
-                );
-                return done(Ok(listing));
-            }
-            Mode::Cluster { listings, .. } => listings,
+        let cluster = match &self.mode {
+            Mode::Single(single) => return done(Ok(single.listing(room, max, &self.node))),
+            Mode::Cluster(cluster) => cluster,
         };
-        if let Lookup::Start = listings.lookup(room, now, done) {
+        if let Lookup::Start = cluster.listings.lookup(room, now, done) {
             let (me, room2) = (self.me.clone(), room.clone());
             self.cluster().members(
                 room,
                 Box::new(move |members| {
-                    let Some(hub) = me.upgrade() else { return };
-                    let Mode::Cluster { listings, .. } = &hub.mode else {
-                        return;
-                    };
-                    let listing = members.map(|m| Arc::new(PresenceListing::new(&m, m.len(), max)));
-                    listings.complete(&room2, now, listing);
+                    if let Some(Mode::Cluster(cluster)) = me.upgrade().as_ref().map(|h| &h.mode) {
+                        cluster.listed(&room2, now, max, members);
+                    }
                 }),
             );
         }
@@ -744,13 +441,10 @@ impl Hub {
     ) {
         match &self.mode {
             Mode::Single(_) => done(Ok(self.close_here(user, reason))),
-            Mode::Cluster { .. } => {
+            Mode::Cluster(_) => {
                 let local = self.users.get(user).map_or(0, |s| s.len());
-                self.cluster().disconnect_user(
-                    user,
-                    reason,
-                    Box::new(move |r| done(r.map(|()| local))),
-                );
+                let done = Box::new(move |r: Result<(), _>| done(r.map(|()| local)));
+                self.cluster().disconnect_user(user, reason, done);
             }
         }
     }
@@ -758,39 +452,9 @@ impl Hub {
     /// Cluster mode: a room event the cluster ordered, for this node's members of `room`
     /// (encoded once; members still joining hold it until their join completes).
     pub fn deliver(&self, room: &RoomName, delivery: Delivery<'_>) {
-        let Mode::Cluster { rooms, .. } = &self.mode else {
-            return;
-        };
-        let Some(room_ref) = lookup(rooms, room) else {
-            return;
-        };
-        let counted = match delivery {
-            Delivery::Message { message, epoch } => {
-                let frame = cluster_frame(room, message, false);
-                let mut state = room_ref.lock();
-                let state = &mut *state;
-                state
-                    .order
-                    .follow_epoch(room, &state.members, epoch, message.seq);
-                state
-                    .order
-                    .deliver(&state.members, message, Some(epoch), &frame)
-            }
-            Delivery::Volatile(message) => {
-                let frame = cluster_frame(room, message, true);
-                let mut state = room_ref.lock();
-                let state = &mut *state;
-                state.order.deliver(&state.members, message, None, &frame)
-            }
-            Delivery::Presence { event, user } => {
-                let frame = presence_frame(room, event, user);
-                let mut state = room_ref.lock();
-                let state = &mut *state;
-                state.order.deliver_presence(&state.members, user, &frame);
-                return;
-            }
-        };
-        self.stats.add_deliveries(counted);
+        if let Mode::Cluster(cluster) = &self.mode {
+            self.stats.add_deliveries(cluster.deliver(room, delivery));
+        }
     }
 
     /// Cluster mode: what the cluster hands the sessions of `user` on this node.
@@ -810,38 +474,22 @@ impl Hub {
     /// was down (messages published meanwhile never reached it), each is checked against
     /// the cluster with [`catch_up`](Self::catch_up).
     pub fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
-        let Mode::Cluster { rooms, .. } = &self.mode else {
-            return Vec::new();
-        };
-        let rooms: Vec<(RoomName, Arc<Room<Follower>>)> = rooms
-            .iter()
-            .map(|r| (r.key().clone(), r.value().clone()))
-            .collect();
-        rooms
-            .into_iter()
-            .filter_map(|(name, room)| {
-                let state = room.lock();
-                let (seq, epoch) = state.order.live_position(&state.members)?;
-                Some((name, seq, epoch))
-            })
-            .collect()
+        match &self.mode {
+            Mode::Single(_) => Vec::new(),
+            Mode::Cluster(cluster) => cluster.positions(),
+        }
     }
 
     /// Cluster mode, after this node's subscription was down: `view` is the cluster's view
     /// of `room` from the position [`positions`](Self::positions) gave. What was missed is
-    /// delivered, or the members get `resync` (see [`Follower::catch_up`]). Returns the
-    /// last sequence number accounted for (channel messages up to it are not delivered
-    /// again).
+    /// delivered, or the members get `resync` (see
+    /// [`Follower::catch_up`](crate::room::Follower::catch_up)). Returns the last sequence
+    /// number accounted for (channel messages up to it are not delivered again).
     pub fn catch_up(&self, room: &RoomName, from: (u64, &str), view: RoomView) -> u64 {
-        let Mode::Cluster { rooms, .. } = &self.mode else {
+        let Mode::Cluster(cluster) = &self.mode else {
             return view.seq;
         };
-        let Some(room_ref) = lookup(rooms, room) else {
-            return view.seq;
-        };
-        let mut state = room_ref.lock();
-        let state = &mut *state;
-        let (upto, counted) = state.order.catch_up(room, &state.members, from, &view);
+        let (upto, counted) = cluster.catch_up(room, from, &view);
         self.stats.add_deliveries(counted);
         upto
     }
@@ -856,15 +504,6 @@ impl Hub {
                 s.offer(f);
             }
             s.close(reason.clone());
-        }
-    }
-
-    fn member_info(&self, s: &SessionHandle) -> MemberInfo {
-        MemberInfo {
-            user: s.user().map(|u| u.to_string()).unwrap_or_default(),
-            session: s.id_str().to_owned(),
-            transport: s.transport().as_str().to_owned(),
-            node: Some(self.node.to_string()),
         }
     }
 
@@ -892,46 +531,13 @@ impl Hub {
     }
 }
 
-/// Removes `handle` from `room`, calls `left` under the room's lock (with whether it was
-/// its user's last session there), and drops the room if nothing keeps it; `removed` is
-/// called under the room's lock as it is dropped. Returns whether it was a member.
-fn leave_room<O: Order>(
-    rooms: &Rooms<O>,
-    handle: &SessionHandle,
-    room: &RoomName,
-    left: impl FnOnce(&mut RoomState<O>, bool),
-    removed: impl FnOnce(),
-) -> bool {
-    let Some(room_ref) = lookup(rooms, room) else {
-        return false;
-    };
-    let now_empty = {
-        let mut state = room_ref.lock();
-        let Some(last) = state.leave(handle) else {
-            return false;
-        };
-        left(&mut state, last);
-        state.is_forgettable()
-    };
-    if now_empty {
-        let mut removed = Some(removed);
-        rooms.remove_if(room, |_, r| {
-            let mut state = r.lock();
-            state.removed = state.is_forgettable();
-            if let (true, Some(removed)) = (state.removed, removed.take()) {
-                removed();
-            }
-            state.removed
-        });
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        backplane::{Cluster, LocalBackplane},
+        backplane::{ClusterMessage, LocalBackplane},
+        policy::RoomPolicies,
+        room::Local,
         session::{Batch, OutboxReceiver, TransportKind},
     };
     use bytes::Bytes;
@@ -953,7 +559,7 @@ mod tests {
         fn send_now(&self, user: &str, from: Option<&str>, data: &Payload) -> bool;
         fn members_now(&self, room: &RoomName) -> Vec<MemberInfo>;
         fn disconnect_now(&self, user: &str, reason: CloseReason) -> usize;
-        fn local_rooms(&self) -> &Rooms<Local>;
+        fn local_rooms(&self) -> &rooms::Rooms<Local>;
     }
 
     /// What `verb` passed its completion, which a single node calls at once.
@@ -999,10 +605,10 @@ mod tests {
             at_once(|done| self.disconnect_user(user, reason, done)).unwrap()
         }
 
-        fn local_rooms(&self) -> &Rooms<Local> {
+        fn local_rooms(&self) -> &rooms::Rooms<Local> {
             match &self.mode {
-                Mode::Single(rooms) => rooms,
-                Mode::Cluster { .. } => panic!("a single node's rooms"),
+                Mode::Single(single) => &single.rooms,
+                Mode::Cluster(_) => panic!("a single node's rooms"),
             }
         }
     }
@@ -1408,11 +1014,7 @@ mod tests {
         let hub = hub_with_history(10);
         let room = RoomName::new("r").unwrap();
         publish(&hub, &room, "1");
-        let stale = hub
-            .local_rooms()
-            .get(&room)
-            .map(|r| r.value().clone())
-            .unwrap();
+        let stale = hub.local_rooms().get(&room).unwrap();
         let later = Instant::now() + Duration::from_secs(200);
         hub.expire_history(later);
         hub.expire_history(later + Duration::from_secs(61));
@@ -2042,7 +1644,7 @@ mod tests {
             .map(|i| RoomName::new(&format!("other-{i}")).unwrap())
             .collect();
         // A fan-out in progress holds the busy room's lock.
-        let room_ref = hub.local_rooms().get(&busy).unwrap().value().clone();
+        let room_ref = hub.local_rooms().get(&busy).unwrap();
         let held = room_ref.lock();
         let waiting = std::thread::spawn({
             let hub = hub.clone();

@@ -21,7 +21,7 @@ pub use local::{Local, Since};
 pub use state::{Fanout, Members};
 
 use crate::{
-    backplane::ClusterUnavailable,
+    backplane::{ClusterMessage, ClusterUnavailable, RoomView},
     history::Recovery,
     protocol::{Payload, PresenceEvent, RoomName},
     session::{Outbound, SessionHandle, SessionId},
@@ -42,6 +42,66 @@ pub struct JoinOutcome {
     pub members: usize,
     /// With a recovery request: whether every missed message was replayed.
     pub recovered: Option<bool>,
+}
+
+/// A session's request to join a room.
+pub struct JoinRequest<'a> {
+    /// The session.
+    pub handle: &'a SessionHandle,
+    /// The room.
+    pub room: &'a RoomName,
+    /// With a recovery request: where the client's sequence stopped.
+    pub since: Option<Since<'a>>,
+    /// Makes the reply.
+    pub reply: JoinReply,
+}
+
+/// Cluster mode: a join waiting for the cluster's view of its room.
+pub struct PendingJoin {
+    /// The room.
+    pub room: RoomName,
+    /// The session.
+    pub handle: SessionHandle,
+    /// Which join of the session this is (a later join must not take this one's answer).
+    pub token: u64,
+    /// Whether the join asked to recover.
+    pub wants_recovery: bool,
+    /// Makes the reply.
+    pub reply: JoinReply,
+}
+
+/// A room event the cluster hands a node, in the cluster's order.
+#[derive(Debug, Clone, Copy)]
+pub enum Delivery<'a> {
+    /// A room message with its sequence number, in the epoch the cluster ordered it in. A
+    /// message of another epoch than this node's members are in (the room restarted in the
+    /// cluster) cannot continue their sequence: they get `resync` first, and stay.
+    Message {
+        /// The message.
+        message: &'a ClusterMessage,
+        /// Its epoch.
+        epoch: &'a str,
+    },
+    /// A volatile message: no sequence number, no epoch.
+    Volatile(&'a ClusterMessage),
+    /// A presence event about `user`, for the members who are not that user's sessions.
+    Presence {
+        /// Joined or left.
+        event: PresenceEvent,
+        /// The user it is about.
+        user: &'a str,
+    },
+}
+
+impl Delivery<'_> {
+    /// Its frame for `room`, encoded once for every member.
+    pub fn frame(&self, room: &RoomName) -> Outbound {
+        match *self {
+            Delivery::Message { message, .. } => frames::cluster_frame(room, message, false),
+            Delivery::Volatile(message) => frames::cluster_frame(room, message, true),
+            Delivery::Presence { event, user } => frames::presence_frame(room, event, user),
+        }
+    }
 }
 
 /// A room message to publish.
@@ -116,14 +176,13 @@ impl RoomState<Local> {
     /// them come live messages only, so none is lost or doubled at the seam. The missed
     /// messages are replayed only if they fit the session's queue and no other replay of
     /// the session is still queued; else the reply says `recovered: false`.
-    pub fn join(
-        &mut self,
-        room: &RoomName,
-        handle: &SessionHandle,
-        since: Option<Since<'_>>,
-        now: Instant,
-        reply: JoinReply,
-    ) -> JoinOutcome {
+    pub fn join(&mut self, request: JoinRequest<'_>, now: Instant) -> JoinOutcome {
+        let JoinRequest {
+            handle,
+            room,
+            since,
+            reply,
+        } = request;
         let added = self.members.add(handle);
         self.order.touch();
         if added == Some(true) {
@@ -160,6 +219,92 @@ impl RoomState<Local> {
     pub fn is_expired(&mut self, now: Instant) -> bool {
         let has_members = !self.members.is_empty();
         self.order.is_expired(has_members, now)
+    }
+}
+
+impl RoomState<Follower> {
+    /// Enters a member whose join waits for the cluster (its live frames held); `false`
+    /// if it was a member already.
+    pub fn enter(&mut self, handle: &SessionHandle, token: u64) -> bool {
+        let added = self.members.add(handle).is_some();
+        if added {
+            self.order.hold(handle.id(), token);
+        }
+        added
+    }
+
+    /// The outcome of a join by a session that is a member already (and live).
+    pub fn outcome(&self, wants_recovery: bool) -> JoinOutcome {
+        let (seq, epoch) = self.order.position();
+        JoinOutcome {
+            seq,
+            epoch,
+            members: self.members.len(),
+            recovered: wants_recovery.then_some(false),
+        }
+    }
+
+    /// The cluster reported the room of a pending join: queues the reply, the missed
+    /// messages, then the live frames held back that are newer than the report. Nothing
+    /// happens if the member left meanwhile; if the cluster failed, the join is handed back
+    /// with the failure (the caller makes the member leave, then replies).
+    pub fn finish_join(
+        &mut self,
+        join: PendingJoin,
+        view: Result<RoomView, ClusterUnavailable>,
+    ) -> Option<(PendingJoin, ClusterUnavailable)> {
+        let held = self.order.take_join(join.handle.id(), join.token)?;
+        let view = match view {
+            Ok(view) => view,
+            Err(e) => return Some((join, e)),
+        };
+        let PendingJoin {
+            room,
+            handle,
+            wants_recovery,
+            reply,
+            ..
+        } = join;
+        let release = self
+            .order
+            .complete_join(&room, &self.members, handle.id(), held, &view);
+        let outcome = JoinOutcome {
+            seq: view.seq,
+            epoch: view.epoch.clone(),
+            members: view.members.max(self.members.len()),
+            recovered: None,
+        };
+        let replay: Option<Vec<Outbound>> = match (wants_recovery, &view.missed) {
+            (true, Some(missed)) => Some(
+                missed
+                    .iter()
+                    .map(|m| frames::cluster_frame(&room, m, false))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        answer_join(&handle, reply, outcome, wants_recovery, replay.as_deref());
+        for frame in release {
+            handle.send(frame);
+        }
+        None
+    }
+
+    /// Queues what the cluster delivered (its `frame`, from [`Delivery::frame`]) to the
+    /// members; counts the messages queued.
+    pub fn deliver(&mut self, room: &RoomName, delivery: Delivery<'_>, frame: &Outbound) -> Fanout {
+        let Self { members, order, .. } = self;
+        match delivery {
+            Delivery::Message { message, epoch } => {
+                order.follow_epoch(room, members, epoch, message.seq);
+                order.deliver(members, message, Some(epoch), frame)
+            }
+            Delivery::Volatile(message) => order.deliver(members, message, None, frame),
+            Delivery::Presence { user, .. } => {
+                order.deliver_presence(members, user, frame);
+                Fanout::default()
+            }
+        }
     }
 }
 

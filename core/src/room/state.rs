@@ -155,28 +155,35 @@ impl Members {
         counted
     }
 
-    /// The members as the API and presence listings describe them.
-    pub fn infos(
-        &self,
-        max: usize,
-        info: impl Fn(&SessionHandle) -> MemberInfo,
-    ) -> Vec<MemberInfo> {
-        self.sessions.values().take(max).map(info).collect()
+    /// At most `max` members as the API and presence listings describe them, on node
+    /// `node`.
+    pub fn infos(&self, max: usize, node: &str) -> Vec<MemberInfo> {
+        self.sessions
+            .values()
+            .take(max)
+            .map(|s| member_info(node, s))
+            .collect()
     }
 
     /// The presence listing (at most `max` members named), built once per change of the
     /// members.
-    pub fn listing(
-        &mut self,
-        max: usize,
-        info: impl Fn(&SessionHandle) -> MemberInfo,
-    ) -> Arc<PresenceListing> {
+    pub fn listing(&mut self, max: usize, node: &str) -> Arc<PresenceListing> {
         if let Some(listing) = &self.listing {
             return listing.clone();
         }
-        let members = self.infos(max, info);
+        let members = self.infos(max, node);
         let listing = Arc::new(PresenceListing::new(&members, self.len(), max));
         self.listing = Some(listing.clone());
         listing
+    }
+}
+
+/// A session as the API and presence listings describe it, on node `node`.
+pub fn member_info(node: &str, s: &SessionHandle) -> MemberInfo {
+    MemberInfo {
+        user: s.user().map(|u| u.to_string()).unwrap_or_default(),
+        session: s.id_str().to_owned(),
+        transport: s.transport().as_str().to_owned(),
+        node: Some(node.to_owned()),
     }
 }
