@@ -297,3 +297,278 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        protocol::Payload,
+        session::{Batch, OutboxReceiver, QueueLimits, TransportKind},
+    };
+    use bytes::Bytes;
+    use serde_json::{json, Value};
+
+    fn room() -> RoomName {
+        RoomName::new("r").unwrap()
+    }
+
+    /// A member entering the room: its join waits for the cluster (token: its id).
+    fn member(
+        members: &mut Members,
+        f: &mut Follower,
+        id: u64,
+        user: &str,
+    ) -> (SessionHandle, OutboxReceiver) {
+        let (h, rx) = SessionHandle::new(
+            SessionId(id),
+            TransportKind::WebSocket,
+            "/chat".into(),
+            QueueLimits::frames(4096),
+        );
+        h.set_user(user.into());
+        members.add(&h);
+        f.hold(h.id(), id);
+        (h, rx)
+    }
+
+    fn message(seq: u64) -> ClusterMessage {
+        ClusterMessage {
+            seq: Some(seq),
+            from: None,
+            data: Payload::Json(Bytes::from(seq.to_string())),
+            origin: None,
+        }
+    }
+
+    fn view(seq: u64, epoch: &str, missed: Option<Vec<ClusterMessage>>) -> RoomView {
+        RoomView {
+            seq,
+            epoch: epoch.into(),
+            missed,
+            members: 1,
+        }
+    }
+
+    /// Delivers message `seq` of `epoch` as the hub does: the epoch is followed first.
+    fn deliver(f: &mut Follower, members: &Members, seq: u64, epoch: &str) -> Fanout {
+        let m = message(seq);
+        f.follow_epoch(&room(), members, epoch, m.seq);
+        f.deliver(members, &m, Some(epoch), &cluster_frame(&room(), &m, false))
+    }
+
+    /// Completes the join of member `h` with `view`; returns the frames released to it.
+    fn join(
+        f: &mut Follower,
+        members: &Members,
+        h: &SessionHandle,
+        view: &RoomView,
+    ) -> Vec<Outbound> {
+        let held = f.take_join(h.id(), h.id().0).expect("still joining");
+        f.complete_join(&room(), members, h.id(), held, view)
+    }
+
+    /// Every JSON frame queued for `rx`, and the close reason if it was closed.
+    fn drain(rx: &OutboxReceiver) -> (Vec<Value>, Option<CloseReason>) {
+        let mut out = Vec::new();
+        let mut closed = None;
+        while let Some(batch) = rx.try_batch(&mut out, usize::MAX) {
+            if let Batch::Close(reason) = batch {
+                closed = Some(reason);
+                break;
+            }
+        }
+        (out.iter().map(json_of).collect(), closed)
+    }
+
+    fn json_of(frame: &Outbound) -> Value {
+        match frame {
+            Outbound::Text(b) => serde_json::from_slice(b).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn seqs(frames: &[Value]) -> Vec<u64> {
+        frames.iter().filter_map(|f| f["seq"].as_u64()).collect()
+    }
+
+    #[test]
+    fn an_epoch_change_resyncs_the_members_who_stay() {
+        let mut members = Members::new(false);
+        let mut f = Follower::new("provisional".into());
+        let (a, arx) = member(&mut members, &mut f, 1, "a");
+        let (b, brx) = member(&mut members, &mut f, 2, "b");
+        join(&mut f, &members, &a, &view(2, "e", None));
+        join(&mut f, &members, &b, &view(2, "e", None));
+        deliver(&mut f, &members, 3, "e");
+        deliver(&mut f, &members, 5, "e2");
+        deliver(&mut f, &members, 6, "e2");
+        for rx in [&arx, &brx] {
+            let (frames, closed) = drain(rx);
+            assert_eq!(closed, None, "the member stays");
+            assert_eq!(
+                frames,
+                [
+                    json!({"type": "message", "room": "r", "seq": 3, "data": 3}),
+                    json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 4, "reason": "continuity"}),
+                    json!({"type": "message", "room": "r", "seq": 5, "data": 5}),
+                    json!({"type": "message", "room": "r", "seq": 6, "data": 6}),
+                ]
+            );
+        }
+        assert_eq!(f.position(), (6, "e2".into()));
+        assert_eq!(f.live_position(&members), Some((6, "e2".into())));
+    }
+
+    #[test]
+    fn catch_up_delivers_what_was_missed_and_advances_the_floor() {
+        let mut members = Members::new(false);
+        let mut f = Follower::new("provisional".into());
+        let (a, arx) = member(&mut members, &mut f, 1, "a");
+        join(&mut f, &members, &a, &view(2, "e", None));
+        // Missed 3 and 4 while the subscription was down; the history holds them.
+        let missed = view(4, "e", Some(vec![message(2), message(3), message(4)]));
+        let (upto, counted) = f.catch_up(&room(), &members, (2, "e"), &missed);
+        assert_eq!((upto, counted), (4, Fanout([2, 0])));
+        assert_eq!(seqs(&drain(&arx).0), [3, 4], "only what was missed");
+        assert_eq!(f.position(), (4, "e".into()));
+        // The room restarted meanwhile: the member is resynced at the view's `seq`, its
+        // floor; the channel's copy of 7 is not delivered, 8 is.
+        let (upto, _) = f.catch_up(&room(), &members, (4, "e"), &view(7, "e2", None));
+        assert_eq!(upto, 7);
+        deliver(&mut f, &members, 7, "e2");
+        deliver(&mut f, &members, 8, "e2");
+        let (frames, closed) = drain(&arx);
+        assert_eq!(closed, None);
+        assert_eq!(
+            frames,
+            [
+                json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 7, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 8, "data": 8}),
+            ]
+        );
+        // A catch-up the cluster could not answer skips nothing and leaves the `resync` to
+        // the next message.
+        let unknown = view(8, UNKNOWN_EPOCH, None);
+        assert_eq!(f.catch_up(&room(), &members, (8, "e2"), &unknown).0, 0);
+        deliver(&mut f, &members, 9, "e2");
+        assert_eq!(
+            drain(&arx).0,
+            [
+                json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 8, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 9, "data": 9}),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_frame_at_or_below_the_floor_is_not_delivered_twice() {
+        let mut members = Members::new(false);
+        let mut f = Follower::new("provisional".into());
+        let (live, live_rx) = member(&mut members, &mut f, 1, "live");
+        let (late, late_rx) = member(&mut members, &mut f, 2, "late");
+        join(&mut f, &members, &live, &view(0, "e", None));
+        deliver(&mut f, &members, 1, "e");
+        // The late member's view (taken at 2) covered 1 and 2; the channel still brings 2.
+        let held = f.take_join(late.id(), 2).unwrap();
+        let released = f.complete_join(&room(), &members, late.id(), held, &view(2, "e", None));
+        assert!(released.is_empty(), "1 is older than the view");
+        for seq in [2, 2, 3, 4] {
+            deliver(&mut f, &members, seq, "e");
+        }
+        assert_eq!(seqs(&drain(&late_rx).0), [3, 4], "2 came with the view");
+        assert_eq!(
+            seqs(&drain(&live_rx).0),
+            [1, 2, 2, 3, 4],
+            "no floor for the live member"
+        );
+    }
+
+    #[test]
+    fn held_frames_are_released_after_the_join_in_order() {
+        let mut members = Members::new(true);
+        let mut f = Follower::new("provisional".into());
+        let (joiner, rx) = member(&mut members, &mut f, 1, "joiner");
+        let (_other, _orx) = member(&mut members, &mut f, 2, "other");
+        deliver(&mut f, &members, 3, "e");
+        deliver(&mut f, &members, 4, "e");
+        let presence = super::super::frames::presence_frame(
+            &room(),
+            crate::protocol::PresenceEvent::Join,
+            "other",
+        );
+        f.deliver_presence(&members, "other", &presence);
+        deliver(&mut f, &members, 5, "e");
+        assert!(drain(&rx).0.is_empty(), "held while the join waits");
+        assert!(
+            f.take_join(joiner.id(), 0).is_none(),
+            "another join's answer"
+        );
+        let held = f.take_join(joiner.id(), 1).unwrap();
+        let released = f.complete_join(&room(), &members, joiner.id(), held, &view(3, "e", None));
+        let released: Vec<Value> = released.iter().map(json_of).collect();
+        assert_eq!(
+            released,
+            [
+                json!({"type": "message", "room": "r", "seq": 4, "data": 4}),
+                json!({"type": "presence", "room": "r", "event": "join", "user": "other"}),
+                json!({"type": "message", "room": "r", "seq": 5, "data": 5}),
+            ]
+        );
+        // Newer frames were released: no floor, the next message arrives.
+        deliver(&mut f, &members, 6, "e");
+        assert_eq!(seqs(&drain(&rx).0), [6]);
+    }
+
+    #[test]
+    fn frames_of_another_epoch_held_during_a_join_are_dropped_and_the_others_resynced() {
+        let mut members = Members::new(false);
+        let mut f = Follower::new("provisional".into());
+        let (old, old_rx) = member(&mut members, &mut f, 1, "old");
+        let (joiner, joiner_rx) = member(&mut members, &mut f, 2, "joiner");
+        join(&mut f, &members, &old, &view(500, "e1", None));
+        // While the join waits, the channel still brings the old epoch's 501 and 502.
+        deliver(&mut f, &members, 501, "e1");
+        deliver(&mut f, &members, 502, "e1");
+        let held = f.take_join(joiner.id(), 2).unwrap();
+        let released = f.complete_join(&room(), &members, joiner.id(), held, &view(3, "e2", None));
+        assert!(released.is_empty(), "{released:?}");
+        deliver(&mut f, &members, 4, "e2");
+        assert_eq!(seqs(&drain(&joiner_rx).0), [4]);
+        assert_eq!(
+            drain(&old_rx).0,
+            [
+                json!({"type": "message", "room": "r", "seq": 501, "data": 501}),
+                json!({"type": "message", "room": "r", "seq": 502, "data": 502}),
+                json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 3, "reason": "continuity"}),
+                json!({"type": "message", "room": "r", "seq": 4, "data": 4}),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_joining_member_holds_at_most_max_held_frames() {
+        let mut members = Members::new(false);
+        let mut f = Follower::new("provisional".into());
+        let (joiner, rx) = member(&mut members, &mut f, 1, "joiner");
+        let presence = super::super::frames::presence_frame(
+            &room(),
+            crate::protocol::PresenceEvent::Join,
+            "x",
+        );
+        for seq in 1..=MAX_HELD_FRAMES as u64 {
+            deliver(&mut f, &members, seq, "e");
+        }
+        // Presence beyond the bound is dropped; the member is not closed for it.
+        f.deliver_presence(&members, "x", &presence);
+        assert!(!joiner.is_closed());
+        deliver(&mut f, &members, MAX_HELD_FRAMES as u64 + 1, "e");
+        let (frames, closed) = drain(&rx);
+        assert!(frames.is_empty());
+        assert_eq!(
+            closed,
+            Some(CloseReason::new(CloseCode::TooSlowOrTooFast, SLOW_CONSUMER))
+        );
+        let held = f.take_join(joiner.id(), 1).unwrap();
+        assert_eq!(held.len(), MAX_HELD_FRAMES);
+    }
+}
