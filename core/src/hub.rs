@@ -535,32 +535,18 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::{
-        backplane::{ClusterMessage, LocalBackplane},
+        backplane::{Cluster, ClusterMessage, LocalBackplane},
         policy::RoomPolicies,
-        room::Local,
+        room::{
+            testing::{cluster_message, frames_and_close},
+            Local,
+        },
         session::{Batch, OutboxReceiver, TransportKind},
     };
     use bytes::Bytes;
     use rand::SeedableRng;
     use serde_json::{json, Value};
     use std::time::Duration;
-
-    /// The verbs of a single node, which complete at once, as plain calls.
-    trait SingleNode {
-        fn publish_now(
-            &self,
-            room: &RoomName,
-            from: Option<&str>,
-            data: &Payload,
-            volatile: bool,
-            exclude: Option<SessionId>,
-            now: Instant,
-        ) -> Option<u64>;
-        fn send_now(&self, user: &str, from: Option<&str>, data: &Payload) -> bool;
-        fn members_now(&self, room: &RoomName) -> Vec<MemberInfo>;
-        fn disconnect_now(&self, user: &str, reason: CloseReason) -> usize;
-        fn local_rooms(&self) -> &rooms::Rooms<Local>;
-    }
 
     /// What `verb` passed its completion, which a single node calls at once.
     fn at_once<T: Send + 'static>(verb: impl FnOnce(Completion<T>)) -> T {
@@ -571,7 +557,8 @@ mod tests {
         value.expect("a single node completes at once")
     }
 
-    impl SingleNode for Hub {
+    /// The verbs of a single node, which complete at once, as plain calls.
+    impl Hub {
         fn publish_now(
             &self,
             room: &RoomName,
@@ -1127,15 +1114,6 @@ mod tests {
         fn release_user(&self, _: &str) {}
     }
 
-    fn cluster_message(seq: u64) -> ClusterMessage {
-        ClusterMessage {
-            seq: Some(seq),
-            from: None,
-            data: Payload::Json(Bytes::from(seq.to_string())),
-            origin: None,
-        }
-    }
-
     #[test]
     fn a_message_the_channel_brings_after_the_view_that_covered_it_is_not_delivered_twice() {
         let cluster = Arc::new(ScriptedCluster::default());
@@ -1160,13 +1138,7 @@ mod tests {
         done(Ok(view(0, None)));
         // The second member recovers from 0: the view (taken when seq was 2) replays 1 and 2,
         // while the channel still carries 2 and then brings 3.
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(1),
-                epoch: "e",
-            },
-        );
+        deliver(&hub, &room, 1, "e");
         let reply: JoinReply =
             Box::new(|_| Outbound::Text(Bytes::from_static(b"{\"type\":\"ack\"}")));
         hub.join(
@@ -1182,20 +1154,8 @@ mod tests {
             2,
             Some(vec![cluster_message(1), cluster_message(2)]),
         )));
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(2),
-                epoch: "e",
-            },
-        );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(3),
-                epoch: "e",
-            },
-        );
+        deliver(&hub, &room, 2, "e");
+        deliver(&hub, &room, 3, "e");
         let seqs = |rx: &OutboxReceiver| -> Vec<u64> {
             drain(rx).iter().filter_map(|m| m["seq"].as_u64()).collect()
         };
@@ -1206,14 +1166,14 @@ mod tests {
             "the live member misses nothing"
         );
         // Once past the floor, the member gets everything again.
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(4),
-                epoch: "e",
-            },
-        );
+        deliver(&hub, &room, 4, "e");
         assert_eq!(seqs(&late_rx), vec![4]);
+    }
+
+    /// Hands `hub` message `seq` of `epoch` of `room`, as the cluster does.
+    fn deliver(hub: &Hub, room: &RoomName, seq: u64, epoch: &str) {
+        let message = &cluster_message(seq);
+        hub.deliver(room, Delivery::Message { message, epoch });
     }
 
     /// A cluster hub with one member `live` in room `r`, joined at seq 2 of epoch `e`.
@@ -1245,50 +1205,12 @@ mod tests {
         (hub, cluster, room, live, rx)
     }
 
-    /// Everything queued for `rx`, and the close if it was closed.
-    fn frames_and_close(rx: &OutboxReceiver) -> (Vec<Value>, Option<CloseReason>) {
-        let mut out = Vec::new();
-        let mut closed = None;
-        while let Some(batch) = rx.try_batch(&mut out, usize::MAX) {
-            if let Batch::Close(reason) = batch {
-                closed = Some(reason);
-                break;
-            }
-        }
-        let frames = out
-            .into_iter()
-            .filter_map(|o| match o {
-                Outbound::Text(b) => serde_json::from_slice(&b).ok(),
-                _ => None,
-            })
-            .collect();
-        (frames, closed)
-    }
-
     #[test]
     fn a_message_of_another_epoch_resyncs_the_members_who_stay() {
         let (hub, _cluster, room, live, rx) = clustered_member();
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(3),
-                epoch: "e",
-            },
-        );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(5),
-                epoch: "e2",
-            },
-        );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(6),
-                epoch: "e2",
-            },
-        );
+        deliver(&hub, &room, 3, "e");
+        deliver(&hub, &room, 5, "e2");
+        deliver(&hub, &room, 6, "e2");
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None, "the session stays open");
         assert!(hub.is_member(&live, &room), "and a member");
@@ -1336,20 +1258,8 @@ mod tests {
             },
         );
         assert_eq!(upto, 7);
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(7),
-                epoch: "e2",
-            },
-        );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(8),
-                epoch: "e2",
-            },
-        );
+        deliver(&hub, &room, 7, "e2");
+        deliver(&hub, &room, 8, "e2");
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None);
         assert!(hub.is_member(&live, &room));
@@ -1378,13 +1288,7 @@ mod tests {
             (1, None),
             "only the join's ack: {frames:?}"
         );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(5),
-                epoch: "e",
-            },
-        );
+        deliver(&hub, &room, 5, "e");
         let (frames, _) = frames_and_close(&rx);
         assert_eq!(
             frames,
@@ -1415,20 +1319,8 @@ mod tests {
         )
         .unwrap();
         // While the join waits, the channel still brings the old epoch's 501 and 502.
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(501),
-                epoch: "e1",
-            },
-        );
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(502),
-                epoch: "e1",
-            },
-        );
+        deliver(&hub, &room, 501, "e1");
+        deliver(&hub, &room, 502, "e1");
         let done = cluster.views.lock().unwrap().pop().unwrap();
         done(Ok(RoomView {
             seq: 3,
@@ -1436,13 +1328,7 @@ mod tests {
             missed: None,
             members: 1,
         }));
-        hub.deliver(
-            &room,
-            Delivery::Message {
-                message: &cluster_message(4),
-                epoch: "e2",
-            },
-        );
+        deliver(&hub, &room, 4, "e2");
         let (frames, closed) = frames_and_close(&rx);
         assert_eq!(closed, None);
         let seqs: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();

@@ -48,12 +48,8 @@ impl ClusterNode {
         cluster: &dyn Cluster,
         node: &str,
     ) -> Option<PendingJoin> {
-        let JoinRequest {
-            handle,
-            room,
-            since,
-            reply,
-        } = request;
+        let (handle, room, wants_recovery) =
+            (request.handle, request.room, request.since.is_some());
         let token = ids.join_token();
         loop {
             let room_ref = self.room(room, ids);
@@ -62,7 +58,7 @@ impl ClusterNode {
                 continue;
             }
             if !state.enter(handle, token) {
-                handle.send(reply(Ok(&state.outcome(since.is_some()))));
+                handle.send((request.reply)(Ok(&state.outcome(wants_recovery))));
                 return None;
             }
             let events = state.members.presence_events();
@@ -73,8 +69,8 @@ impl ClusterNode {
                 room: room.clone(),
                 handle: handle.clone(),
                 token,
-                wants_recovery: since.is_some(),
-                reply,
+                wants_recovery,
+                reply: request.reply,
             });
         }
     }

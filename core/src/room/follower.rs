@@ -302,10 +302,9 @@ impl Follower {
 mod tests {
     use super::*;
     use crate::{
-        protocol::Payload,
-        session::{Batch, OutboxReceiver, QueueLimits, TransportKind},
+        room::testing::{cluster_message, frames_and_close},
+        session::{OutboxReceiver, QueueLimits, TransportKind},
     };
-    use bytes::Bytes;
     use serde_json::{json, Value};
 
     fn room() -> RoomName {
@@ -331,15 +330,6 @@ mod tests {
         (h, rx)
     }
 
-    fn message(seq: u64) -> ClusterMessage {
-        ClusterMessage {
-            seq: Some(seq),
-            from: None,
-            data: Payload::Json(Bytes::from(seq.to_string())),
-            origin: None,
-        }
-    }
-
     fn view(seq: u64, epoch: &str, missed: Option<Vec<ClusterMessage>>) -> RoomView {
         RoomView {
             seq,
@@ -351,7 +341,7 @@ mod tests {
 
     /// Delivers message `seq` of `epoch` as the hub does: the epoch is followed first.
     fn deliver(f: &mut Follower, members: &Members, seq: u64, epoch: &str) -> Fanout {
-        let m = message(seq);
+        let m = cluster_message(seq);
         f.follow_epoch(&room(), members, epoch, m.seq);
         f.deliver(members, &m, Some(epoch), &cluster_frame(&room(), &m, false))
     }
@@ -365,19 +355,6 @@ mod tests {
     ) -> Vec<Outbound> {
         let held = f.take_join(h.id(), h.id().0).expect("still joining");
         f.complete_join(&room(), members, h.id(), held, view)
-    }
-
-    /// Every JSON frame queued for `rx`, and the close reason if it was closed.
-    fn drain(rx: &OutboxReceiver) -> (Vec<Value>, Option<CloseReason>) {
-        let mut out = Vec::new();
-        let mut closed = None;
-        while let Some(batch) = rx.try_batch(&mut out, usize::MAX) {
-            if let Batch::Close(reason) = batch {
-                closed = Some(reason);
-                break;
-            }
-        }
-        (out.iter().map(json_of).collect(), closed)
     }
 
     fn json_of(frame: &Outbound) -> Value {
@@ -403,7 +380,7 @@ mod tests {
         deliver(&mut f, &members, 5, "e2");
         deliver(&mut f, &members, 6, "e2");
         for rx in [&arx, &brx] {
-            let (frames, closed) = drain(rx);
+            let (frames, closed) = frames_and_close(rx);
             assert_eq!(closed, None, "the member stays");
             assert_eq!(
                 frames,
@@ -426,10 +403,22 @@ mod tests {
         let (a, arx) = member(&mut members, &mut f, 1, "a");
         join(&mut f, &members, &a, &view(2, "e", None));
         // Missed 3 and 4 while the subscription was down; the history holds them.
-        let missed = view(4, "e", Some(vec![message(2), message(3), message(4)]));
+        let missed = view(
+            4,
+            "e",
+            Some(vec![
+                cluster_message(2),
+                cluster_message(3),
+                cluster_message(4),
+            ]),
+        );
         let (upto, counted) = f.catch_up(&room(), &members, (2, "e"), &missed);
         assert_eq!((upto, counted), (4, Fanout([2, 0])));
-        assert_eq!(seqs(&drain(&arx).0), [3, 4], "only what was missed");
+        assert_eq!(
+            seqs(&frames_and_close(&arx).0),
+            [3, 4],
+            "only what was missed"
+        );
         assert_eq!(f.position(), (4, "e".into()));
         // The room restarted meanwhile: the member is resynced at the view's `seq`, its
         // floor; the channel's copy of 7 is not delivered, 8 is.
@@ -437,7 +426,7 @@ mod tests {
         assert_eq!(upto, 7);
         deliver(&mut f, &members, 7, "e2");
         deliver(&mut f, &members, 8, "e2");
-        let (frames, closed) = drain(&arx);
+        let (frames, closed) = frames_and_close(&arx);
         assert_eq!(closed, None);
         assert_eq!(
             frames,
@@ -452,7 +441,7 @@ mod tests {
         assert_eq!(f.catch_up(&room(), &members, (8, "e2"), &unknown).0, 0);
         deliver(&mut f, &members, 9, "e2");
         assert_eq!(
-            drain(&arx).0,
+            frames_and_close(&arx).0,
             [
                 json!({"type": "resync", "room": "r", "epoch": "e2", "seq": 8, "reason": "continuity"}),
                 json!({"type": "message", "room": "r", "seq": 9, "data": 9}),
@@ -475,9 +464,13 @@ mod tests {
         for seq in [2, 2, 3, 4] {
             deliver(&mut f, &members, seq, "e");
         }
-        assert_eq!(seqs(&drain(&late_rx).0), [3, 4], "2 came with the view");
         assert_eq!(
-            seqs(&drain(&live_rx).0),
+            seqs(&frames_and_close(&late_rx).0),
+            [3, 4],
+            "2 came with the view"
+        );
+        assert_eq!(
+            seqs(&frames_and_close(&live_rx).0),
             [1, 2, 2, 3, 4],
             "no floor for the live member"
         );
@@ -498,7 +491,10 @@ mod tests {
         );
         f.deliver_presence(&members, "other", &presence);
         deliver(&mut f, &members, 5, "e");
-        assert!(drain(&rx).0.is_empty(), "held while the join waits");
+        assert!(
+            frames_and_close(&rx).0.is_empty(),
+            "held while the join waits"
+        );
         assert!(
             f.take_join(joiner.id(), 0).is_none(),
             "another join's answer"
@@ -516,7 +512,7 @@ mod tests {
         );
         // Newer frames were released: no floor, the next message arrives.
         deliver(&mut f, &members, 6, "e");
-        assert_eq!(seqs(&drain(&rx).0), [6]);
+        assert_eq!(seqs(&frames_and_close(&rx).0), [6]);
     }
 
     #[test]
@@ -533,9 +529,9 @@ mod tests {
         let released = f.complete_join(&room(), &members, joiner.id(), held, &view(3, "e2", None));
         assert!(released.is_empty(), "{released:?}");
         deliver(&mut f, &members, 4, "e2");
-        assert_eq!(seqs(&drain(&joiner_rx).0), [4]);
+        assert_eq!(seqs(&frames_and_close(&joiner_rx).0), [4]);
         assert_eq!(
-            drain(&old_rx).0,
+            frames_and_close(&old_rx).0,
             [
                 json!({"type": "message", "room": "r", "seq": 501, "data": 501}),
                 json!({"type": "message", "room": "r", "seq": 502, "data": 502}),
@@ -562,7 +558,7 @@ mod tests {
         f.deliver_presence(&members, "x", &presence);
         assert!(!joiner.is_closed());
         deliver(&mut f, &members, MAX_HELD_FRAMES as u64 + 1, "e");
-        let (frames, closed) = drain(&rx);
+        let (frames, closed) = frames_and_close(&rx);
         assert!(frames.is_empty());
         assert_eq!(
             closed,

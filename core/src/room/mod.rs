@@ -10,6 +10,8 @@ pub mod follower;
 pub mod frames;
 pub mod local;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
