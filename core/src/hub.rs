@@ -1,6 +1,6 @@
 //! The hub: the registry of rooms, sessions and users, with one verb per operation.
 //!
-//! Rooms live in a sharded map ([`rooms`]); each room has its own lock, held only while a
+//! Rooms live in a sharded map (module `rooms`); each room has its own lock, held only while a
 //! frame is ordered and queued to the members (never across an await); there is no global
 //! lock on the publish path.
 //!
