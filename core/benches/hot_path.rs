@@ -7,7 +7,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gateway_core::{
     backplane::LocalBackplane,
-    hub::{Hub, HubConfig},
+    hub::{Hub, HubConfig, Publish},
     policy::RoomPolicies,
     protocol::{decode_binary, decode_json, Payload, RoomName},
     session::{Outbound, OutboxReceiver, SessionHandle, TransportKind},
@@ -71,10 +71,19 @@ fn fan_out(c: &mut Criterion) {
             sink.clear();
         }
         let data = Payload::Binary(Bytes::from(vec![7u8; 100]));
+        let publisher: Arc<str> = "publisher".into();
+        let message = Publish {
+            room: &room,
+            from: Some(&publisher),
+            data: &data,
+            volatile: false,
+            exclude: None,
+        };
         g.throughput(Throughput::Elements(members as u64));
         g.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
             b.iter(|| {
-                hub.publish(&room, Some("publisher"), &data, false, None, Instant::now());
+                hub.publish(message, Instant::now(), Box::new(|_| {}))
+                    .expect("no limit on new rooms here");
                 // Keep queues from growing: drain what one publish queued.
                 for (_, rx) in &sessions {
                     rx.try_batch(&mut sink, usize::MAX);

@@ -21,6 +21,7 @@ pub mod pattern;
 pub mod policy;
 pub mod presence;
 pub mod protocol;
+pub mod room;
 pub mod session;
 pub mod tickets;
 

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::{
     auth::{Identity, JwtVerifier},
     backplane::ClusterUnavailable,
-    hub::{Hub, JoinOutcome, JoinReply, Since},
+    hub::{Hub, JoinOutcome, JoinReply, Publish, Since},
     limits::{ConnectionLimits, TokenBucket, UserSlot},
     liveness::{Liveness, LivenessAction},
     policy::EndpointPolicy,
@@ -425,7 +425,7 @@ impl Connection {
             Request::Send { id, to, data } => {
                 let from = self.handle.user().cloned();
                 let handle = self.handle.clone();
-                self.services.hub.send_to_user_then(
+                self.services.hub.send_to_user(
                     &to,
                     from.as_ref(),
                     &data,
@@ -450,7 +450,7 @@ impl Connection {
                 }
                 let handle = self.handle.clone();
                 let room_text = room.to_string();
-                self.services.hub.presence_then(
+                self.services.hub.presence(
                     &room,
                     now.instant,
                     Box::new(move |listing| {
@@ -544,12 +544,15 @@ impl Connection {
         }
         let exclude = (!echo).then(|| self.handle.id());
         let handle = self.handle.clone();
-        self.services.hub.publish_then(
+        let message = Publish {
             room,
-            Some(&identity.user),
+            from: Some(&identity.user),
             data,
             volatile,
             exclude,
+        };
+        self.services.hub.publish(
+            message,
             now.instant,
             Box::new(move |seq| {
                 if !reply {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use gateway_core::{
     auth::Identity,
     backplane::{ClusterMessage, ClusterPublish, RoomView},
-    hub::Hub,
+    hub::{Delivery, Hub, UserDelivery},
     pattern::Pattern,
     policy::RoomPolicies,
     protocol::{CloseCode, CloseReason, MemberInfo, Payload, PresenceEvent, RoomName},
@@ -180,7 +180,7 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
             let text = String::from_utf8_lossy(&payload[2..]);
             if let Some((event, user)) = text.split_once(' ') {
                 if let Some(event) = PresenceEvent::parse(event) {
-                    hub.deliver_presence(&room, event, user);
+                    hub.deliver(&room, Delivery::Presence { event, user });
                 }
             }
         }
@@ -198,7 +198,7 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
                 None => {
                     if let Some((meta, data)) = split_meta(rest) {
                         if let Some(m) = message(meta, data, None) {
-                            hub.deliver(&room, &m, true);
+                            hub.deliver(&room, Delivery::Volatile(&m));
                         }
                     }
                 }
@@ -211,7 +211,7 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
                     };
                     if let Some((meta, data)) = split_meta(&rest[epoch_end + 1..]) {
                         if let Some(m) = message(meta, data, Some(seq)) {
-                            hub.deliver_in_epoch(&room, &m, epoch);
+                            hub.deliver(&room, Delivery::Message { message: &m, epoch });
                         }
                     }
                 }
@@ -222,13 +222,22 @@ pub(super) fn deliver(hub: &Hub, channel: &str, payload: &[u8]) {
                 return;
             };
             if let Some(m) = message(meta, data, None) {
-                hub.deliver_user(&user, m.from.as_deref(), &m.data);
+                hub.deliver_user(
+                    &user,
+                    UserDelivery::Direct {
+                        from: m.from.as_deref(),
+                        data: &m.data,
+                    },
+                );
             }
         }
         Some(Channel::Control) => {
             if let Ok(d) = serde_json::from_slice::<Disconnect>(payload) {
                 let code = CloseCode::from_code(d.code).unwrap_or(CloseCode::PolicyViolation);
-                hub.disconnect_user(&d.user, CloseReason::new(code, d.reason));
+                hub.deliver_user(
+                    &d.user,
+                    UserDelivery::Disconnect(CloseReason::new(code, d.reason)),
+                );
             }
         }
         None => {}

@@ -19,6 +19,7 @@ use axum::{
 use gateway_core::{
     auth::Identity,
     backplane::{completion, ClusterUnavailable},
+    hub::Publish,
     protocol::{
         check_data, CloseCode, CloseReason, ErrorCode, HttpFailure, Payload, Rejection, RoomName,
     },
@@ -320,7 +321,17 @@ async fn api_publish(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -
     let (done, rx) = completion();
     app.services
         .hub
-        .publish_then(&room, None, &data, false, None, clock::now().instant, done)
+        .publish(
+            Publish {
+                room: &room,
+                from: None,
+                data: &data,
+                volatile: false,
+                exclude: None,
+            },
+            clock::now().instant,
+            done,
+        )
         .map_err(|refused| {
             let code = gateway_core::connection::RequestError::from(refused).code();
             ApiError::new(code, refused.to_string())
@@ -342,9 +353,7 @@ async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> A
     let req: SendBody<'_> = parse_body(&body)?;
     let data = data_payload(&body, req.data)?;
     let (done, rx) = completion();
-    app.services
-        .hub
-        .send_to_user_then(&req.user, None, &data, done);
+    app.services.hub.send_to_user(&req.user, None, &data, done);
     let delivered = cluster_result(rx.await)?;
     Ok(Json(json!({ "delivered": delivered })))
 }
@@ -367,7 +376,7 @@ fn cluster_result<T>(
 /// `GET /api/rooms/ROOM`: the members of a room.
 async fn api_room(State(app): State<Arc<AppState>>, Path(room): Path<String>) -> ApiResult {
     let (done, rx) = completion();
-    app.services.hub.members_then(&room_name(&room)?, done);
+    app.services.hub.members(&room_name(&room)?, done);
     let members = cluster_result(rx.await)?;
     Ok(Json(json!({ "room": room, "members": members })))
 }
@@ -397,9 +406,7 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
             .unwrap_or_else(|| "disconnected by the server".into()),
     );
     let (done, rx) = completion();
-    app.services
-        .hub
-        .disconnect_user_then(&req.user, reason, done);
+    app.services.hub.disconnect_user(&req.user, reason, done);
     let n = cluster_result(rx.await)?;
     Ok(Json(json!({ "disconnected": n })))
 }
