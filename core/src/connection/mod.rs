@@ -6,13 +6,19 @@
 //! deadline it returns, and writes what the session's outbox yields. Replies go to the
 //! session's own outbox. Dropping the connection leaves its rooms and unregisters it.
 
+mod auth;
 mod error;
+mod reply;
+mod requests;
 
 pub use error::RequestError;
 
+use auth::PendingAuth;
+use requests::{Outgoing, PublishReply};
+
 use std::{
-    collections::{HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -20,16 +26,15 @@ use bytes::Bytes;
 
 use crate::{
     auth::{Identity, JwtVerifier},
-    backplane::ClusterUnavailable,
-    hub::{Hub, JoinOutcome, JoinReply, Publish, Since},
+    hub::Hub,
     limits::{ConnectionLimits, TokenBucket, UserSlot},
     liveness::{Liveness, LivenessAction},
     policy::EndpointPolicy,
     protocol::{
-        codes::CloseCode, decode_binary, decode_json, AckFields, AckMembers, CloseReason,
-        InvalidRequest, Payload, Rejection, Request, RequestId, RoomName, ServerFrame,
+        codes::CloseCode, decode_binary, decode_json, CloseReason, InvalidRequest, Request,
+        RoomName,
     },
-    session::{Outbound, OutboxReceiver, QueueLimits, SessionHandle, TransportKind},
+    session::{OutboxReceiver, QueueLimits, SessionHandle, TransportKind},
 };
 
 /// The window over which refused frames count towards closing a flooding session.
@@ -109,21 +114,6 @@ pub struct Connection {
     /// A first `auth` waiting for the per-user count (boxed: rare, and idle sessions
     /// should not carry its size).
     pending_auth: Option<Box<PendingAuth>>,
-}
-
-/// The slot an `auth` waits for, filled by the cluster's answer.
-type SlotMailbox = Arc<Mutex<Option<Result<UserSlot, Rejection>>>>;
-
-/// A first `auth` whose credential is valid, waiting for the (cluster-wide) per-user
-/// count before the session becomes its user's.
-#[derive(Debug)]
-struct PendingAuth {
-    slot: SlotMailbox,
-    identity: Identity,
-    id: Option<RequestId>,
-    with_ack: bool,
-    at: Now,
-    queued: VecDeque<Request>,
 }
 
 enum Via {
@@ -207,38 +197,6 @@ impl Connection {
     /// something to wait for (a first-message `auth` in cluster mode).
     pub fn wake_signal(&self) -> Option<WakeSignal> {
         self.wake.clone()
-    }
-
-    /// The [`wake_signal`](Self::wake_signal) fired: finishes a first `auth` the cluster
-    /// has answered, then handles the requests that arrived meanwhile.
-    pub fn on_wake(&mut self, now: Now) {
-        let decided = self
-            .pending_auth
-            .as_ref()
-            .and_then(|p| p.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let Some(result) = decided else { return };
-        let pending = self.pending_auth.take().expect("checked");
-        match result {
-            Ok(slot) => {
-                self.liveness.set_auth_deadline(None);
-                if pending.with_ack {
-                    self.ack(pending.id.as_ref(), &AckFields::default());
-                }
-                self.become_authenticated(pending.identity, Some(slot), pending.at);
-            }
-            Err(rejection) => {
-                self.reply_error(pending.id.as_ref(), RequestError::UserSlot(rejection))
-            }
-        }
-        let mut queued = pending.queued;
-        while let Some(request) = queued.pop_front() {
-            if let Some(next) = self.pending_auth.as_mut() {
-                // A queued `auth` started another wait: the rest waits for it.
-                next.queued.push_back(request);
-                continue;
-            }
-            self.dispatch(Ok(request), now, Via::Stream);
-        }
     }
 
     /// A JSON text frame arrived.
@@ -357,10 +315,14 @@ impl Connection {
                 room, data, echo, ..
             } = request
             {
+                let message = Outgoing {
+                    room: &room,
+                    data: &data,
+                    echo,
+                    volatile: true,
+                };
                 if self.identity.is_some()
-                    && self
-                        .publish(None, &room, &data, echo, true, now, false)
-                        .is_ok()
+                    && self.publish(message, PublishReply::Silent, now).is_ok()
                 {
                     self.stats.publishes += 1;
                 }
@@ -372,321 +334,6 @@ impl Connection {
             self.reply_error(id.as_ref(), e);
         }
     }
-
-    /// Handles a request from the message stream. Refusals known at once are returned;
-    /// the answers that come later are queued by the completions.
-    fn handle_request(&mut self, request: Request, now: Now) -> Result<(), RequestError> {
-        if self.identity.is_none() {
-            return match request {
-                Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
-                Request::Hello { token: Some(token) } => {
-                    self.authenticate(None, &token, now, false)
-                }
-                Request::Hello { token: None } => Ok(()),
-                _ => Err(RequestError::NotAuthenticated),
-            };
-        }
-        match request {
-            Request::Hello { token: None } => Ok(()),
-            Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
-            Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
-            Request::Join {
-                id,
-                room,
-                since,
-                epoch,
-            } => {
-                let since = since.map(|seq| Since {
-                    seq,
-                    // Without an epoch nothing can match: `recovered: false`.
-                    epoch: epoch.as_deref().unwrap_or(""),
-                });
-                self.join(id, room, since, now)
-            }
-            Request::Leave { id, room } => {
-                // A join the cluster refused left the room already: `not_member`.
-                if !(self.joined.remove(&room) && self.services.hub.leave(&self.handle, &room)) {
-                    return Err(RequestError::NotMember);
-                }
-                self.ack(id.as_ref(), &AckFields::default());
-                Ok(())
-            }
-            Request::Publish {
-                id,
-                room,
-                data,
-                echo,
-                volatile,
-            } => {
-                self.publish(id, &room, &data, echo, volatile, now, true)?;
-                self.stats.publishes += 1;
-                Ok(())
-            }
-            Request::Send { id, to, data } => {
-                let from = self.handle.user().cloned();
-                let handle = self.handle.clone();
-                self.services.hub.send_to_user(
-                    &to,
-                    from.as_ref(),
-                    &data,
-                    Box::new(move |delivered| {
-                        handle.send(match delivered {
-                            Ok(delivered) => ack_frame(
-                                id.as_ref(),
-                                &AckFields {
-                                    delivered: Some(delivered),
-                                    ..Default::default()
-                                },
-                            ),
-                            Err(e) => error_frame(id.as_ref(), &e.into()),
-                        });
-                    }),
-                );
-                Ok(())
-            }
-            Request::Presence { id, room } => {
-                if !self.may_join(&room) {
-                    return Err(RequestError::RoomNotAllowed);
-                }
-                let handle = self.handle.clone();
-                let room_text = room.to_string();
-                self.services.hub.presence(
-                    &room,
-                    now.instant,
-                    Box::new(move |listing| {
-                        handle.send(match listing {
-                            Ok(listing) => listing.ack(id.as_ref(), &room_text),
-                            Err(e) => error_frame(id.as_ref(), &e.into()),
-                        });
-                    }),
-                );
-                Ok(())
-            }
-            Request::Ping { id } => {
-                self.handle
-                    .send(ServerFrame::Pong { id: id.as_ref() }.to_outbound());
-                Ok(())
-            }
-        }
-    }
-
-    fn may_join(&self, room: &RoomName) -> bool {
-        self.identity
-            .as_ref()
-            .is_some_and(|i| i.may_join(&self.policy.rooms, room.as_str()))
-    }
-
-    fn join(
-        &mut self,
-        id: Option<RequestId>,
-        room: RoomName,
-        since: Option<Since<'_>>,
-        now: Now,
-    ) -> Result<(), RequestError> {
-        if !self.may_join(&room) {
-            return Err(RequestError::RoomNotAllowed);
-        }
-        if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
-            // Joins the cluster refused do not count.
-            let (hub, handle) = (&self.services.hub, &self.handle);
-            self.joined.retain(|r| hub.is_member(handle, r));
-        }
-        if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
-            return Err(RequestError::TooManyRooms(self.policy.max_rooms));
-        }
-        // The reply is queued by the hub, before any replayed or live message of the room.
-        let room_text = room.to_string();
-        let hub = self.services.hub.clone();
-        let reply: JoinReply = Box::new(
-            move |outcome: Result<&JoinOutcome, &ClusterUnavailable>| match outcome {
-                Ok(outcome) => {
-                    if let Some(recovered) = outcome.recovered {
-                        hub.stats().count_recovery(recovered);
-                    }
-                    ack_frame(
-                        id.as_ref(),
-                        &AckFields {
-                            room: Some(room_text),
-                            seq: Some(outcome.seq),
-                            epoch: Some(outcome.epoch.to_string()),
-                            members: Some(AckMembers::Count(outcome.members)),
-                            recovered: outcome.recovered,
-                            ..Default::default()
-                        },
-                    )
-                }
-                Err(e) => error_frame(id.as_ref(), &e.clone().into()),
-            },
-        );
-        self.services
-            .hub
-            .join(&self.handle, &room, since, now.instant, reply)?;
-        self.joined.insert(room);
-        Ok(())
-    }
-
-    /// Publishes to `room` if the identity may; with `reply`, answers with the ack (its
-    /// `seq`) or the cluster's failure when the cluster has taken the message.
-    #[allow(clippy::too_many_arguments)]
-    fn publish(
-        &self,
-        id: Option<RequestId>,
-        room: &RoomName,
-        data: &Payload,
-        echo: bool,
-        volatile: bool,
-        now: Now,
-        reply: bool,
-    ) -> Result<(), RequestError> {
-        let identity = self.identity.as_ref().expect("authenticated");
-        if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            return Err(RequestError::PublishNotAllowed);
-        }
-        let exclude = (!echo).then(|| self.handle.id());
-        let handle = self.handle.clone();
-        let message = Publish {
-            room,
-            from: Some(&identity.user),
-            data,
-            volatile,
-            exclude,
-        };
-        self.services.hub.publish(
-            message,
-            now.instant,
-            Box::new(move |seq| {
-                if !reply {
-                    return;
-                }
-                handle.send(match seq {
-                    Ok(seq) => ack_frame(
-                        id.as_ref(),
-                        &AckFields {
-                            seq,
-                            ..Default::default()
-                        },
-                    ),
-                    Err(e) => error_frame(id.as_ref(), &e.into()),
-                });
-            }),
-        )?;
-        Ok(())
-    }
-
-    fn authenticate(
-        &mut self,
-        id: Option<&RequestId>,
-        token: &str,
-        now: Now,
-        with_ack: bool,
-    ) -> Result<(), RequestError> {
-        if self.anonymous {
-            return Err(RequestError::AuthNotUsed);
-        }
-        let verifier = self
-            .services
-            .verifier
-            .clone()
-            .ok_or(RequestError::NoVerifier)?;
-        let identity = verifier.verify(token, now.unix_secs)?;
-        match &self.identity {
-            Some(current) if current.user != identity.user => return Err(RequestError::OtherUser),
-            Some(_) => {
-                self.set_token_deadline(&identity, now);
-                self.identity = Some(identity);
-                if with_ack {
-                    self.ack(id, &AckFields::default());
-                }
-            }
-            None => self.claim_user_slot(id, identity, now, with_ack),
-        }
-        Ok(())
-    }
-
-    /// Takes the user's slot (in cluster mode, in the cluster-wide count) for a valid first
-    /// `auth`; the session becomes the user's when it is granted (at once on a single node,
-    /// in [`on_wake`](Self::on_wake) in cluster mode). Refused, it stays pending.
-    fn claim_user_slot(
-        &mut self,
-        id: Option<&RequestId>,
-        identity: Identity,
-        now: Now,
-        with_ack: bool,
-    ) {
-        let slot = SlotMailbox::default();
-        let user = identity.user.clone();
-        self.pending_auth = Some(Box::new(PendingAuth {
-            slot: slot.clone(),
-            identity,
-            id: id.cloned(),
-            with_ack,
-            at: now,
-            queued: VecDeque::new(),
-        }));
-        let wake = self.wake.clone();
-        self.services.limits.acquire_user_then(
-            self.services.hub.backplane(),
-            user,
-            Box::new(move |result| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-                if let Some(wake) = wake {
-                    wake.notify_one();
-                }
-            }),
-        );
-        // A single node answers at once.
-        self.on_wake(now);
-    }
-
-    fn become_authenticated(&mut self, identity: Identity, slot: Option<UserSlot>, now: Now) {
-        self.set_token_deadline(&identity, now);
-        let user = self.handle.set_user(identity.user.clone()).clone();
-        self.identity = Some(identity);
-        self.user_slot = slot;
-        self.services.hub.register_user(&self.handle);
-        let welcome = ServerFrame::Welcome {
-            session: self.handle.id_str(),
-            user: &user,
-            endpoint: &self.policy.path,
-            transport: self.handle.transport(),
-            heartbeat_ms: self.policy.heartbeat.as_millis() as u64,
-            node: self.services.hub.node_id(),
-        };
-        self.handle.send(welcome.to_outbound());
-    }
-
-    fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
-        // An `exp` too far ahead for the monotonic clock (up to u64::MAX seconds) has no
-        // deadline rather than an overflow panic; `max_token_lifetime_secs` bounds it.
-        let deadline = identity.expires_at.and_then(|exp| {
-            now.instant
-                .checked_add(Duration::from_secs(exp.saturating_sub(now.unix_secs)))
-        });
-        self.liveness.set_token_deadline(deadline);
-    }
-
-    fn ack(&self, id: Option<&RequestId>, fields: &AckFields) {
-        self.handle.send(ack_frame(id, fields));
-    }
-
-    fn reply_error(&self, id: Option<&RequestId>, error: RequestError) {
-        self.handle.send(error_frame(id, &error));
-    }
-}
-
-/// An `ack` envelope.
-fn ack_frame(id: Option<&RequestId>, fields: &AckFields) -> Outbound {
-    ServerFrame::Ack { id, fields }.to_outbound()
-}
-
-/// The `error` envelope of a refused request.
-fn error_frame(id: Option<&RequestId>, error: &RequestError) -> Outbound {
-    ServerFrame::Error {
-        id,
-        code: error.code(),
-        message: &error.to_string(),
-    }
-    .to_outbound()
 }
 
 impl Drop for Connection {

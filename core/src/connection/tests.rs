@@ -10,12 +10,15 @@ use serde_json::{json, Value};
 use super::*;
 use crate::{
     auth::{JwtAlgorithm, JwtConfig},
-    backplane::{Backplane, Cluster, ClusterPublish, Completion, LocalBackplane, RoomView},
+    backplane::{
+        Backplane, Cluster, ClusterPublish, ClusterUnavailable, Completion, LocalBackplane,
+        RoomView,
+    },
     hub::HubConfig,
     pattern::Pattern,
     policy::{RoomPolicies, RoomPolicy},
-    protocol::MemberInfo,
-    session::Batch,
+    protocol::{MemberInfo, Payload, RoomName},
+    session::{Batch, Outbound},
 };
 
 /// Unix seconds at the start of every test.
