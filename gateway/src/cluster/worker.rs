@@ -345,30 +345,32 @@ impl Worker {
                 announced.retract.get(&key).cloned(),
             )
         };
-        let (room, node, scripts) = (&key.0, &shared.node, &self.scripts);
-        let result = match (entered, left) {
-            (Some((member, events)), _) => {
-                self.bounded(Kind::Rooms, deadline, "enter", false, async |c| {
-                    scripts.enter(c, node, room, &member, events).await
-                })
-                .await
-            }
-            (None, Some((member, events))) => {
-                let r = self
-                    .bounded(Kind::Rooms, deadline, "exit", false, async |c| {
-                        scripts.exit(c, node, room, &member, events).await
-                    })
-                    .await;
-                if r.is_ok() {
-                    shared.announced().retract.remove(&key);
-                }
-                r
-            }
-            (None, None) => Ok(()),
+        let listing = match (entered, left) {
+            (Some(member), _) => Some((member, true)),
+            (None, Some(member)) => Some((member, false)),
+            (None, None) => None,
         };
-        if result.is_err() {
-            let (room, session) = key;
-            shared.owe_member(room, session);
+        let Some(((member, events), entered)) = listing else {
+            return;
+        };
+        let (room, node, scripts) = (&key.0, &shared.node, &self.scripts);
+        let name = if entered { "enter" } else { "exit" };
+        let result = self
+            .bounded(Kind::Rooms, deadline, name, false, async |c| {
+                scripts
+                    .list(c, node, room, (&member, events), entered)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(()) if !entered => {
+                shared.announced().retract.remove(&key);
+            }
+            Ok(()) => {}
+            Err(_) => {
+                let (room, session) = key;
+                shared.owe_member(room, session);
+            }
         }
     }
 

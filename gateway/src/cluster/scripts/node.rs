@@ -35,6 +35,15 @@ impl Listed {
     }
 }
 
+/// Whether `node`'s liveness key is there.
+pub(super) async fn alive(conn: &mut Conn, node: &str) -> Result<bool, ClusterError> {
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(node_key(node))
+        .query_async(conn)
+        .await?;
+    Ok(alive)
+}
+
 /// A sweep's mode argument.
 fn mode(dead: bool) -> &'static str {
     if dead {
@@ -77,11 +86,7 @@ impl Scripts {
         self.register(conn, node).await?;
         let nodes: Vec<String> = redis::cmd("SMEMBERS").arg(NODES).query_async(conn).await?;
         for other in nodes.iter().filter(|n| n.as_str() != node) {
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(node_key(other))
-                .query_async(conn)
-                .await?;
-            if !alive {
+            if !alive(conn, other).await? {
                 self.sweep(conn, other, true).await?;
             }
         }

@@ -115,40 +115,34 @@ impl Scripts {
         parse_view(&reply, since)
     }
 
-    /// Lists a session in a room (see `enter.lua`): first in its node's record, so a sweep
-    /// after the node died finds every membership it may have left.
-    pub(in crate::cluster) async fn enter(
+    /// Lists a session in a room (`entered`, see `enter.lua`): first in its node's record,
+    /// so a sweep after the node died finds every membership it may have left. Or
+    /// unlists it (see `exit.lua`), then from its node's record.
+    pub(in crate::cluster) async fn list(
         &self,
         conn: &mut Conn,
         node: &str,
         room: &RoomName,
-        member: &MemberInfo,
-        events: bool,
+        (member, events): (&MemberInfo, bool),
+        entered: bool,
     ) -> Result<(), ClusterError> {
-        redis::cmd("SADD")
-            .arg(node_members_key(node))
-            .arg(membership(room, member, events))
-            .exec_async(conn)
-            .await?;
-        self.register(conn, node).await?;
-        self.room_membership(&self.enter, conn, room, member, events)
-            .await
-    }
-
-    /// Removes a session from a room (see `exit.lua`), then from its node's record.
-    pub(in crate::cluster) async fn exit(
-        &self,
-        conn: &mut Conn,
-        node: &str,
-        room: &RoomName,
-        member: &MemberInfo,
-        events: bool,
-    ) -> Result<(), ClusterError> {
+        let record = membership(room, member, events);
+        if entered {
+            redis::cmd("SADD")
+                .arg(node_members_key(node))
+                .arg(record)
+                .exec_async(conn)
+                .await?;
+            self.register(conn, node).await?;
+            return self
+                .room_membership(&self.enter, conn, room, member, events)
+                .await;
+        }
         self.room_membership(&self.exit, conn, room, member, events)
             .await?;
         redis::cmd("SREM")
             .arg(node_members_key(node))
-            .arg(membership(room, member, events))
+            .arg(record)
             .exec_async(conn)
             .await
             .map_err(ClusterError::from)

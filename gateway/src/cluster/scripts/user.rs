@@ -8,9 +8,9 @@ use gateway_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::Scripts;
+use super::{node::alive, Scripts};
 use crate::cluster::{
-    channel::{node_key, node_users_key, ticket_count_key, ticket_key, user_sessions_key},
+    channel::{node_users_key, ticket_count_key, ticket_key, user_sessions_key},
     conn::Conn,
     error::ClusterError,
     message::{Body, Message},
@@ -200,11 +200,7 @@ impl Scripts {
             .await?;
         let mut released = 0;
         for other in holders.iter().filter(|n| n.as_str() != node) {
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(node_key(other))
-                .query_async(conn)
-                .await?;
-            if !alive {
+            if !alive(conn, other).await? {
                 let n: i64 = redis::cmd("HDEL")
                     .arg(user_sessions_key(user))
                     .arg(other)
