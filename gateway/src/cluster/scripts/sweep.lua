@@ -1,7 +1,7 @@
 -- On one Redis: removes every membership and session count of a node (dead, or
 -- restarting under the same id) atomically, with the `leave` events its users' last
 -- sessions call for. A node whose liveness key (KEYS[3]) is back is not dead: it is left
--- alone. (On a cluster the same work is done step by step: [`Scripts::sweep`].)
+-- alone. (On a cluster the same work is done step by step: `Scripts::sweep` in node.rs.)
 if ARGV[2] == 'dead' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 for _, user in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('HDEL', 'gw:{user:' .. user .. '}:sessions', ARGV[1])
