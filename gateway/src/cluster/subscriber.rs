@@ -136,8 +136,8 @@ impl Subscriber {
                     HubCall::Positions => self.conn = None,
                     HubCall::Resync { room, .. } => {
                         self.shared.count_error("view");
-                        let error = self.view_error.take();
-                        warn!(error = ?error.map(|e| e.to_string()), room = room.as_str(), "catching up a room failed; its members get resync with its next message");
+                        let error = self.view_error.take().unwrap_or(ClusterError::NoConnection);
+                        warn!(error = %error, room = room.as_str(), "catching up a room failed; its members get resync with its next message");
                     }
                     _ => {}
                 }
