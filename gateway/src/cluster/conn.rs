@@ -10,11 +10,14 @@ use std::{
 };
 
 use redis::{
-    aio::{ConnectionLike, ConnectionManager, PubSubSink},
+    aio::{ConnectionLike, ConnectionManager, PubSubSink, PubSubStream},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
     Cmd, Pipeline, PushInfo, RedisFuture, Value,
 };
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 use crate::config::RedisTarget;
 
@@ -46,6 +49,23 @@ impl Target {
     /// Whether room and user channels use sharded pub/sub (`SPUBLISH`): on a cluster.
     pub(super) fn sharded(&self) -> bool {
         matches!(self, Target::Cluster(_))
+    }
+
+    /// A new pub/sub connection: its subscribing half and what it hears.
+    pub(super) async fn subscriber(&self) -> redis::RedisResult<(Subscriber, Pushes)> {
+        match self {
+            Target::Single(client) => {
+                let (sink, stream) = client.get_async_pubsub().await?.split();
+                Ok((Subscriber::Single(sink), Pushes::Single(stream)))
+            }
+            Target::Cluster(seeds) => {
+                let (tx, rx) = mpsc::unbounded_channel::<PushInfo>();
+                let connection = cluster_client(seeds, Some(tx))?
+                    .get_async_connection()
+                    .await?;
+                Ok((Subscriber::Cluster(connection), Pushes::Cluster(rx)))
+            }
+        }
     }
 
     /// A command connection that fails fast while Redis is unreachable (the libraries'
@@ -227,7 +247,7 @@ impl Subscriber {
     pub(super) async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
         match self {
             Subscriber::Single(sink) => sink.subscribe(channel).await,
-            Subscriber::Cluster(c) if super::wire::is_sharded(channel) => {
+            Subscriber::Cluster(c) if super::channel::is_sharded(channel) => {
                 c.ssubscribe(channel).await
             }
             Subscriber::Cluster(c) => c.subscribe(channel).await,
@@ -238,10 +258,70 @@ impl Subscriber {
     pub(super) async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
         match self {
             Subscriber::Single(sink) => sink.unsubscribe(channel).await,
-            Subscriber::Cluster(c) if super::wire::is_sharded(channel) => {
+            Subscriber::Cluster(c) if super::channel::is_sharded(channel) => {
                 c.sunsubscribe(channel).await
             }
             Subscriber::Cluster(c) => c.unsubscribe(channel).await,
         }
+    }
+}
+
+/// What the pub/sub connection hears.
+pub(super) enum Pushes {
+    /// Messages of classic pub/sub on one Redis; the stream ends when the connection does.
+    Single(PubSubStream),
+    /// The pushes of a cluster connection (messages, unsubscriptions, disconnections).
+    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+}
+
+/// One thing the pub/sub connection heard.
+pub(super) enum Push {
+    /// A message on a channel.
+    Message(String, bytes::Bytes),
+    /// Redis unsubscribed a channel (its slot moved).
+    Unsubscribed(String),
+    /// The connection, or one of a cluster's node connections, is lost.
+    Lost,
+}
+
+impl Pushes {
+    /// The next thing heard ([`Push::Lost`] once the connection is gone).
+    pub(super) async fn next(&mut self) -> Push {
+        loop {
+            let push = match self {
+                Pushes::Single(stream) => match stream.next().await {
+                    Some(m) => Some(Push::Message(
+                        m.get_channel_name().to_owned(),
+                        bytes::Bytes::copy_from_slice(m.get_payload_bytes()),
+                    )),
+                    None => return Push::Lost,
+                },
+                Pushes::Cluster(rx) => match rx.recv().await {
+                    Some(push) => cluster_push(push),
+                    None => return Push::Lost,
+                },
+            };
+            if let Some(push) = push {
+                return push;
+            }
+        }
+    }
+}
+
+/// What a cluster connection's push says, if it says anything the subscriber acts on.
+fn cluster_push(push: PushInfo) -> Option<Push> {
+    let text = |v: Option<&Value>| v.and_then(|v| redis::from_redis_value::<String>(v).ok());
+    match push.kind {
+        redis::PushKind::Message | redis::PushKind::SMessage => {
+            let channel = text(push.data.first())?;
+            let payload = redis::from_redis_value::<Vec<u8>>(push.data.get(1)?).ok()?;
+            Some(Push::Message(channel, payload.into()))
+        }
+        // A node's connection dropped (a failover, a restart): the subscriber starts a new
+        // connection that learns the topology afresh (resubscribing on the old connection
+        // can keep failing on its stale view of the cluster).
+        redis::PushKind::Disconnection => Some(Push::Lost),
+        redis::PushKind::SUnsubscribe => text(push.data.first()).map(Push::Unsubscribed),
+        _ => None,
     }
 }

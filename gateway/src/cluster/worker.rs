@@ -19,199 +19,23 @@ use std::{
 
 use futures_util::FutureExt;
 use gateway_core::{
-    backplane::{ClusterPublish, ClusterUnavailable, Completion, RoomView},
-    protocol::{CloseReason, MemberInfo, Payload, RoomName},
+    backplane::{ClusterPublish, ClusterUnavailable, RoomView},
+    protocol::RoomName,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, info, warn};
 
 use super::{
     breaker::{PROBE_EVERY, PROBE_TIMEOUT},
+    channel::Channel,
+    command::{Command, Kind},
     conn::{Conn, Target, COMMAND_TIMEOUT},
-    listen,
-    wire::{self, Channel, CommandError},
-    Shared,
+    error::ClusterError,
+    message::payload_bytes,
+    reconcile::listen,
+    scripts::Scripts,
+    shared::Shared,
 };
-
-/// A command for the worker.
-pub(super) enum Command {
-    Publish(
-        ClusterPublish,
-        Completion<Result<Option<u64>, ClusterUnavailable>>,
-    ),
-    OpenRoom(
-        RoomName,
-        Option<(u64, String)>,
-        Completion<Result<RoomView, ClusterUnavailable>>,
-    ),
-    Disconnect(
-        String,
-        CloseReason,
-        Completion<Result<(), ClusterUnavailable>>,
-    ),
-    SendUser(
-        String,
-        Option<Arc<str>>,
-        Payload,
-        Completion<Result<bool, ClusterUnavailable>>,
-    ),
-    /// Makes Redis list (or unlist) a session in a room as this node's record says.
-    SyncMember(RoomName, String),
-    Members(
-        RoomName,
-        Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
-    ),
-    IssueTicket(
-        wire::TicketRequest,
-        Completion<Result<bool, ClusterUnavailable>>,
-    ),
-    Ticket(
-        String,
-        bool,
-        Completion<Result<Option<String>, ClusterUnavailable>>,
-    ),
-    AcquireUser(String, usize, Completion<Result<bool, ClusterUnavailable>>),
-    /// Makes Redis hold this node's session count of a user as its record says.
-    SyncUser(String),
-}
-
-/// A kind of operation: its own lanes, queues and connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
-    /// Publishes, memberships (presence), and joins' subscriptions and views: one room's
-    /// commands in one lane, so a member is listed before a later join's view counts it.
-    Rooms,
-    /// Presence listings (read-only, possibly large).
-    Listing,
-    /// Users: counts, direct messages, disconnects, user subscriptions.
-    Users,
-    /// One-time tickets.
-    Tickets,
-}
-
-impl Kind {
-    /// Every kind.
-    pub(super) const ALL: [Kind; 4] = [Kind::Rooms, Kind::Listing, Kind::Users, Kind::Tickets];
-
-    /// Its metric label.
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Kind::Rooms => "rooms",
-            Kind::Listing => "listing",
-            Kind::Users => "users",
-            Kind::Tickets => "tickets",
-        }
-    }
-
-    /// Ordered lanes (commands of one lane run one at a time).
-    pub(super) fn lanes(self) -> usize {
-        match self {
-            Kind::Rooms => 8,
-            Kind::Users => 4,
-            Kind::Listing | Kind::Tickets => 2,
-        }
-    }
-
-    /// Commands one lane's queue holds. A publish holds at most `max_message_bytes`
-    /// (64 KiB by default): 8 × 256 × 64 KiB = 128 MiB at worst for the rooms' queues (with
-    /// 1 KiB messages, 2 MiB). 256 absorbs a burst of one busy room's publishers: a lane
-    /// runs a command per round trip (about 10,000/s on loopback), so a full queue drains
-    /// in some 25 ms, far within the 2 s deadline.
-    pub(super) fn capacity(self) -> usize {
-        match self {
-            Kind::Rooms => 256,
-            // A listing can be large to answer: few wait.
-            Kind::Listing => 8,
-            Kind::Users => 128,
-            Kind::Tickets => 64,
-        }
-    }
-}
-
-impl Command {
-    fn kind(&self) -> Kind {
-        match self {
-            Command::Publish(..) | Command::OpenRoom(..) | Command::SyncMember(..) => Kind::Rooms,
-            Command::Members(..) => Kind::Listing,
-            Command::Disconnect(..)
-            | Command::SendUser(..)
-            | Command::AcquireUser(..)
-            | Command::SyncUser(_) => Kind::Users,
-            Command::IssueTicket(..) | Command::Ticket(..) => Kind::Tickets,
-        }
-    }
-
-    /// What picks its lane: commands with the same key keep their order.
-    fn key(&self) -> &str {
-        match self {
-            Command::Publish(m, _) => m.room.as_str(),
-            Command::OpenRoom(r, ..) | Command::SyncMember(r, _) | Command::Members(r, _) => {
-                r.as_str()
-            }
-            Command::Disconnect(u, ..)
-            | Command::SendUser(u, ..)
-            | Command::AcquireUser(u, ..)
-            | Command::SyncUser(u) => u,
-            Command::IssueTicket(..) => "",
-            Command::Ticket(t, ..) => t,
-        }
-    }
-
-    /// Fails the command without running it: its caller gets `why`; a write this node
-    /// owes Redis is marked to be made again at the next heartbeat.
-    fn refuse(self, shared: &Shared, why: ClusterUnavailable) {
-        match self {
-            Command::Publish(_, done) => done(Err(why)),
-            Command::OpenRoom(_, _, done) => done(Err(why)),
-            Command::Disconnect(_, _, done) => done(Err(why)),
-            Command::SendUser(.., done) => done(Err(why)),
-            Command::Members(_, done) => done(Err(why)),
-            Command::IssueTicket(_, done) => done(Err(why)),
-            Command::Ticket(_, _, done) => done(Err(why)),
-            Command::AcquireUser(_, _, done) => done(Err(why)),
-            Command::SyncMember(room, session) => shared.owe_member(room, session),
-            Command::SyncUser(user) => shared.owe_user(user),
-        }
-    }
-}
-
-/// `done`, answered "cluster unavailable" if it is dropped unanswered (its command
-/// panicked in a lane, or the lane is gone): a caller always gets an answer.
-fn answered_on_drop<T: 'static>(
-    done: Completion<Result<T, ClusterUnavailable>>,
-) -> Completion<Result<T, ClusterUnavailable>> {
-    struct Guard<T>(Option<Completion<Result<T, ClusterUnavailable>>>);
-    impl<T> Drop for Guard<T> {
-        fn drop(&mut self) {
-            if let Some(done) = self.0.take() {
-                done(Err(ClusterUnavailable::Unavailable));
-            }
-        }
-    }
-    let mut guard = Guard(Some(done));
-    Box::new(move |result| {
-        if let Some(done) = guard.0.take() {
-            done(result);
-        }
-    })
-}
-
-impl Command {
-    /// The command with its completion answered even if it is dropped unanswered.
-    fn guarded(self) -> Self {
-        match self {
-            Command::Publish(m, d) => Command::Publish(m, answered_on_drop(d)),
-            Command::OpenRoom(r, s, d) => Command::OpenRoom(r, s, answered_on_drop(d)),
-            Command::Disconnect(u, r, d) => Command::Disconnect(u, r, answered_on_drop(d)),
-            Command::SendUser(u, f, p, d) => Command::SendUser(u, f, p, answered_on_drop(d)),
-            Command::Members(r, d) => Command::Members(r, answered_on_drop(d)),
-            Command::IssueTicket(t, d) => Command::IssueTicket(t, answered_on_drop(d)),
-            Command::Ticket(t, r, d) => Command::Ticket(t, r, answered_on_drop(d)),
-            Command::AcquireUser(u, m, d) => Command::AcquireUser(u, m, answered_on_drop(d)),
-            other @ (Command::SyncMember(..) | Command::SyncUser(_)) => other,
-        }
-    }
-}
 
 /// A command and the instant its deadline passes (counted from when it was enqueued).
 struct Job {
@@ -228,7 +52,7 @@ impl Lanes {
     /// Starts every lane's task, and the breaker's probe.
     pub(super) fn start(target: Target, shared: Arc<Shared>) -> Self {
         let worker = Arc::new(Worker {
-            scripts: wire::Scripts::new(target.sharded(), shared.policies.clone()),
+            scripts: Scripts::new(target.sharded(), shared.policies.clone()),
             pool: Kind::ALL
                 .iter()
                 .map(|_| tokio::sync::Mutex::new(None))
@@ -269,7 +93,7 @@ impl Lanes {
         if let Err(e) = self.lane(&job.command).try_send(job) {
             let job = match e {
                 mpsc::error::TrySendError::Full(job) => {
-                    shared.count_refused(kind, "busy");
+                    shared.count_refused(kind.name(), "busy");
                     job
                 }
                 // Only at shutdown.
@@ -293,7 +117,7 @@ impl Lanes {
 
 /// What the lanes share: the scripts, the connection pool (one per kind), the shared state.
 struct Worker {
-    scripts: wire::Scripts,
+    scripts: Scripts,
     pool: Vec<tokio::sync::Mutex<Option<Conn>>>,
     target: Target,
     shared: Arc<Shared>,
@@ -348,254 +172,262 @@ impl Worker {
         slot.clone()
     }
 
-    /// Runs `op` on `kind`'s connection before `deadline`, unless the deadline passed in
-    /// the queue or the breaker is open. Logs and counts a failure as `name`; clients get
-    /// no detail of it. `delivery`: the operation delivers something (a publish, a direct
-    /// message), so one sent without an answer may have taken effect.
+    /// Whether a command of `kind` may still be sent: not if its deadline passed in the
+    /// queue or the breaker is open (counted as refused).
+    fn admit(&self, kind: Kind, deadline: Instant) -> Result<(), ClusterError> {
+        let reason = if Instant::now() >= deadline {
+            "expired"
+        } else if self.shared.breaker.is_open() {
+            "open"
+        } else {
+            return Ok(());
+        };
+        self.shared.count_refused(kind.name(), reason);
+        Err(ClusterError::NotSent)
+    }
+
+    /// Runs `op` on `kind`'s connection before `deadline`, if admitted (see
+    /// [`Self::admit`]). Logs and counts a failure as `name`, and tells the breaker
+    /// whether Redis answered; clients get no detail of it. `delivery`: the operation
+    /// delivers something (a publish, a direct message), so one sent without an answer
+    /// may have taken effect.
     async fn bounded<T>(
         &self,
         kind: Kind,
         deadline: Instant,
         name: &'static str,
         delivery: bool,
-        op: impl AsyncFnOnce(&mut Conn) -> Result<T, CommandError>,
+        op: impl AsyncFnOnce(&mut Conn) -> Result<T, ClusterError>,
     ) -> Result<T, ClusterUnavailable> {
+        let result = async {
+            self.admit(kind, deadline)?;
+            let connection = tokio::time::timeout_at(deadline, self.connection(kind)).await;
+            let Ok(Some(mut conn)) = connection else {
+                return Err(ClusterError::NoConnection);
+            };
+            let done = tokio::time::timeout_at(deadline, op(&mut conn)).await;
+            done.map_err(|_| ClusterError::Timeout)?
+        }
+        .await;
         let shared = &self.shared;
-        if Instant::now() >= deadline {
-            shared.count_refused(kind, "expired");
-            shared.count_error(name);
-            return Err(ClusterUnavailable::Unavailable);
-        }
-        if shared.breaker.is_open() {
-            shared.count_refused(kind, "open");
-            shared.count_error(name);
-            return Err(ClusterUnavailable::Unavailable);
-        }
-        let Ok(Some(mut conn)) = tokio::time::timeout_at(deadline, self.connection(kind)).await
-        else {
-            shared.breaker.unanswered();
-            shared.count_error(name);
-            warn!(op = name, "no connection to redis");
-            return Err(ClusterUnavailable::Unavailable);
-        };
-        match tokio::time::timeout_at(deadline, op(&mut conn)).await {
-            Ok(Ok(value)) => {
+        match &result {
+            Ok(_) => shared.breaker.answered(),
+            Err(ClusterError::RoomBudget) => {
                 shared.breaker.answered();
-                Ok(value)
+                shared.count_refused(kind.name(), "room_budget");
             }
-            Ok(Err(CommandError::RoomBudget)) => {
-                shared.breaker.answered();
-                shared.count_refused(kind, "room_budget");
-                Err(ClusterUnavailable::RoomBudget)
-            }
-            Ok(Err(e)) => {
+            Err(ClusterError::NotSent) => shared.count_error(name),
+            Err(e) => {
                 shared.count_error(name);
                 warn!(op = name, error = %e, "redis operation failed");
                 if e.unanswered() {
                     shared.breaker.unanswered();
-                    let refused = matches!(&e, CommandError::Redis(r) if r.is_connection_refusal());
-                    if delivery && !refused {
-                        return Err(ClusterUnavailable::OutcomeUnknown);
-                    }
                 } else {
                     shared.breaker.answered();
                 }
-                Err(ClusterUnavailable::Unavailable)
-            }
-            Err(_) => {
-                shared.breaker.unanswered();
-                shared.count_error(name);
-                warn!(op = name, "redis did not answer in time");
-                Err(if delivery {
-                    ClusterUnavailable::OutcomeUnknown
-                } else {
-                    ClusterUnavailable::Unavailable
-                })
             }
         }
+        result.map_err(|e| e.for_client(delivery))
     }
 
     async fn run(&self, job: Job) {
         let Job { command, deadline } = job;
-        let shared = &*self.shared;
         let scripts = &self.scripts;
         let kind = command.kind();
         match command {
-            Command::Publish(message, done) => {
-                let policy = shared.policies.for_room(message.room.as_str());
-                let may_create = shared.budget.may_create(policy.history);
-                let result = self
-                    .bounded(kind, deadline, "publish", true, async |c| {
-                        scripts
-                            .publish(c, &message, &shared.policies, may_create)
-                            .await
-                    })
-                    .await;
-                if let Ok(published) = &result {
-                    let now = std::time::Instant::now();
-                    if published.created {
-                        let ttl = policy.history_ttl;
-                        shared
-                            .budget
-                            .created(&message.room, policy.history, ttl, false, now);
-                    }
-                    if published.seq.is_some() && policy.history > 0 {
-                        let bytes = match &message.data {
-                            Payload::Json(b) | Payload::Binary(b) => b.len(),
-                        };
-                        shared.budget.appended(&message.room, bytes, now);
-                    }
-                }
-                done(result.map(|p| p.seq));
-            }
+            Command::Publish(message, done) => done(self.publish(deadline, &message).await),
             Command::OpenRoom(room, since, done) => {
-                let policy = shared.policies.for_room(room.as_str());
-                let may_create = shared.budget.may_create(policy.history);
-                let channel = Channel::Room(room.clone()).name();
-                // Heard before the view: no message after the view's sequence is missed.
-                let result = match self.hear(kind, deadline, &channel).await {
-                    Ok(()) => {
-                        self.bounded(kind, deadline, "view", false, async |c| {
-                            scripts
-                                .view(c, &room, since, &shared.policies, may_create)
-                                .await
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-                let result = result.map(|(view, created)| {
-                    shared.room_viewed(&room, created, &policy);
-                    view
-                });
-                done(result);
+                done(self.open_room(deadline, &room, since).await)
             }
-            Command::SyncMember(room, session) => {
-                let key = (room, session);
-                let (entered, left) = {
-                    let announced = shared.announced();
-                    (
-                        announced.members.get(&key).cloned(),
-                        announced.retract.get(&key).cloned(),
-                    )
-                };
-                let (room, _) = &key;
-                let node = &shared.node;
-                let result = match (entered, left) {
-                    (Some((member, events)), _) => {
-                        self.bounded(kind, deadline, "enter", false, async |c| {
-                            scripts.enter(c, node, room, &member, events).await
-                        })
-                        .await
-                    }
-                    (None, Some((member, events))) => {
-                        let r = self
-                            .bounded(kind, deadline, "exit", false, async |c| {
-                                scripts.exit(c, node, room, &member, events).await
-                            })
-                            .await;
-                        if r.is_ok() {
-                            shared.announced().retract.remove(&key);
-                        }
-                        r
-                    }
-                    (None, None) => Ok(()),
-                };
-                if result.is_err() {
-                    let (room, session) = key;
-                    shared.owe_member(room, session);
-                }
-            }
-            Command::SyncUser(user) => {
-                let count = shared.announced().users.get(&user).copied().unwrap_or(0);
-                let node = &shared.node;
-                let result = self
-                    .bounded(kind, deadline, "count_user", false, async |c| {
-                        scripts.count_user(c, node, &user, count, None).await
-                    })
-                    .await;
-                if result.is_err() {
-                    shared.owe_user(user);
-                }
-            }
+            Command::SyncMember(room, session) => self.sync_member(deadline, room, session).await,
+            Command::SyncUser(user) => self.sync_user(deadline, user).await,
             Command::AcquireUser(user, max, done) => {
-                let held = shared.announced().users.get(&user).copied().unwrap_or(0);
-                let node = &shared.node;
-                let result = self
-                    .bounded(kind, deadline, "acquire_user", false, async |c| {
-                        let counted = scripts
-                            .count_user(c, node, &user, held + 1, Some(max))
-                            .await?;
-                        if counted || scripts.release_dead_counts(c, node, &user).await? == 0 {
-                            return Ok(counted);
-                        }
-                        // Sessions of dead nodes were still counted: try again.
-                        scripts
-                            .count_user(c, node, &user, held + 1, Some(max))
-                            .await
-                    })
-                    .await;
-                match result {
-                    Ok(true) => *shared.announced().users.entry(user).or_default() += 1,
-                    Ok(false) => {}
-                    // Whether Redis counted it is unknown: say again what this node holds.
-                    Err(_) => shared.owe_user(user),
-                }
-                done(result);
+                done(self.acquire_user(deadline, user, max).await)
             }
-            Command::SendUser(user, from, data, done) => {
-                let result = self
-                    .bounded(kind, deadline, "send_user", true, async |c| {
-                        scripts.send_user(c, &user, from.as_deref(), &data).await
-                    })
-                    .await;
-                done(result);
+            Command::SendUser(user, from, data, done) => done(
+                self.bounded(kind, deadline, "send_user", true, async |c| {
+                    scripts.send_user(c, &user, from.as_deref(), &data).await
+                })
+                .await,
+            ),
+            Command::Disconnect(user, reason, done) => done(
+                self.bounded(kind, deadline, "disconnect", true, async |c| {
+                    scripts.disconnect(c, &user, &reason).await
+                })
+                .await,
+            ),
+            Command::Members(room, done) => done(
+                self.bounded(kind, deadline, "members", false, async |c| {
+                    scripts.members(c, &room).await
+                })
+                .await,
+            ),
+            Command::IssueTicket(request, done) => done(
+                self.bounded(kind, deadline, "issue_ticket", false, async |c| {
+                    scripts.issue_ticket(c, &request).await
+                })
+                .await,
+            ),
+            Command::Ticket(ticket, redeem, done) => done(
+                self.bounded(kind, deadline, "ticket", false, async |c| {
+                    scripts.ticket(c, &ticket, redeem).await
+                })
+                .await,
+            ),
+        }
+    }
+
+    /// Publishes `message`, and charges the room budget for what it kept.
+    async fn publish(
+        &self,
+        deadline: Instant,
+        message: &ClusterPublish,
+    ) -> Result<Option<u64>, ClusterUnavailable> {
+        let shared = &*self.shared;
+        let policy = shared.policies.for_room(message.room.as_str());
+        let may_create = shared.budget.may_create(policy.history);
+        let result = self
+            .bounded(Kind::Rooms, deadline, "publish", true, async |c| {
+                let policies = &shared.policies;
+                self.scripts.publish(c, message, policies, may_create).await
+            })
+            .await;
+        if let Ok(published) = &result {
+            let now = std::time::Instant::now();
+            if published.created {
+                let ttl = policy.history_ttl;
+                shared
+                    .budget
+                    .created(&message.room, policy.history, ttl, false, now);
             }
-            Command::Disconnect(user, reason, done) => {
-                let result = self
-                    .bounded(kind, deadline, "disconnect", true, async |c| {
-                        redis::cmd("PUBLISH")
-                            .arg(Channel::Control.name())
-                            .arg(wire::disconnect(&user, &reason))
-                            .query_async::<i64>(c)
-                            .await
-                            .map(drop)
-                            .map_err(CommandError::from)
-                    })
-                    .await;
-                done(result);
+            if published.seq.is_some() && policy.history > 0 {
+                let bytes = payload_bytes(&message.data).len();
+                shared.budget.appended(&message.room, bytes, now);
             }
-            Command::Members(room, done) => {
-                let result = self
-                    .bounded(kind, deadline, "members", false, async |c| {
-                        scripts.members(c, &room).await
-                    })
-                    .await;
-                done(result);
+        }
+        result.map(|p| p.seq)
+    }
+
+    /// Hears `room`'s channel, then reads its view (heard before the view: no message
+    /// after the view's sequence is missed).
+    async fn open_room(
+        &self,
+        deadline: Instant,
+        room: &RoomName,
+        since: Option<(u64, String)>,
+    ) -> Result<RoomView, ClusterUnavailable> {
+        let shared = &*self.shared;
+        let policy = shared.policies.for_room(room.as_str());
+        let may_create = shared.budget.may_create(policy.history);
+        let channel = Channel::Room(room.clone()).name();
+        self.hear(Kind::Rooms, deadline, &channel).await?;
+        let (view, created) = self
+            .bounded(Kind::Rooms, deadline, "view", false, async |c| {
+                let policies = &shared.policies;
+                self.scripts
+                    .view(c, room, since, policies, may_create)
+                    .await
+            })
+            .await?;
+        shared.room_viewed(room, created, &policy);
+        Ok(view)
+    }
+
+    /// Makes Redis list (or unlist) a session in a room as this node's record says; owed
+    /// again if that fails.
+    async fn sync_member(&self, deadline: Instant, room: RoomName, session: String) {
+        let shared = &*self.shared;
+        let key = (room, session);
+        let (entered, left) = {
+            let announced = shared.announced();
+            (
+                announced.members.get(&key).cloned(),
+                announced.retract.get(&key).cloned(),
+            )
+        };
+        let listing = match (entered, left) {
+            (Some(member), _) => Some((member, true)),
+            (None, Some(member)) => Some((member, false)),
+            (None, None) => None,
+        };
+        let Some(((member, events), entered)) = listing else {
+            return;
+        };
+        let (room, node, scripts) = (&key.0, &shared.node, &self.scripts);
+        let name = if entered { "enter" } else { "exit" };
+        let result = self
+            .bounded(Kind::Rooms, deadline, name, false, async |c| {
+                scripts
+                    .list(c, node, room, (&member, events), entered)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(()) if !entered => {
+                shared.announced().retract.remove(&key);
             }
-            Command::IssueTicket(request, done) => {
-                let result = self
-                    .bounded(kind, deadline, "issue_ticket", false, async |c| {
-                        scripts.issue_ticket(c, &request).await
-                    })
-                    .await;
-                done(result);
-            }
-            Command::Ticket(ticket, redeem, done) => {
-                let result = self
-                    .bounded(kind, deadline, "ticket", false, async |c| {
-                        scripts.ticket(c, &ticket, redeem).await
-                    })
-                    .await;
-                done(result);
+            Ok(()) => {}
+            Err(_) => {
+                let (room, session) = key;
+                shared.owe_member(room, session);
             }
         }
     }
 
-    /// Makes the pub/sub connection hear `channel` before `deadline` (unless the deadline
-    /// passed in the queue or the breaker is open). Not counted by the breaker: waiting
-    /// for the subscriber (reconnecting, or busy with another channel) is not Redis
-    /// failing to answer a command; the subscription is the reconciler's to retry.
+    /// Makes Redis hold this node's session count of `user` as its record says; owed
+    /// again if that fails.
+    async fn sync_user(&self, deadline: Instant, user: String) {
+        let shared = &*self.shared;
+        let count = shared.announced().users.get(&user).copied().unwrap_or(0);
+        let (node, scripts) = (&shared.node, &self.scripts);
+        let result = self
+            .bounded(Kind::Users, deadline, "count_user", false, async |c| {
+                scripts.count_user(c, node, &user, count, None).await
+            })
+            .await;
+        if result.is_err() {
+            shared.owe_user(user);
+        }
+    }
+
+    /// Counts one more session of `user` here unless that takes the user past `max`
+    /// sessions cluster-wide; whether it was counted.
+    async fn acquire_user(
+        &self,
+        deadline: Instant,
+        user: String,
+        max: usize,
+    ) -> Result<bool, ClusterUnavailable> {
+        let shared = &*self.shared;
+        let held = shared.announced().users.get(&user).copied().unwrap_or(0);
+        let (node, scripts) = (&shared.node, &self.scripts);
+        let result = self
+            .bounded(Kind::Users, deadline, "acquire_user", false, async |c| {
+                let counted = scripts
+                    .count_user(c, node, &user, held + 1, Some(max))
+                    .await?;
+                if counted || scripts.release_dead_counts(c, node, &user).await? == 0 {
+                    return Ok(counted);
+                }
+                // Sessions of dead nodes were still counted: try again.
+                scripts
+                    .count_user(c, node, &user, held + 1, Some(max))
+                    .await
+            })
+            .await;
+        match result {
+            Ok(true) => *shared.announced().users.entry(user).or_default() += 1,
+            Ok(false) => {}
+            // Whether Redis counted it is unknown: say again what this node holds.
+            Err(_) => shared.owe_user(user),
+        }
+        result
+    }
+
+    /// Makes the pub/sub connection hear `channel` before `deadline`, if admitted (see
+    /// [`Self::admit`]). Not counted by the breaker: waiting for the subscriber
+    /// (reconnecting, or busy with another channel) is not Redis failing to answer a
+    /// command; the subscription is the reconciler's to retry.
     async fn hear(
         &self,
         kind: Kind,
@@ -603,13 +435,7 @@ impl Worker {
         channel: &str,
     ) -> Result<(), ClusterUnavailable> {
         let shared = &*self.shared;
-        if Instant::now() >= deadline {
-            shared.count_refused(kind, "expired");
-            shared.count_error("view");
-            return Err(ClusterUnavailable::Unavailable);
-        }
-        if shared.breaker.is_open() {
-            shared.count_refused(kind, "open");
+        if self.admit(kind, deadline).is_err() {
             shared.count_error("view");
             return Err(ClusterUnavailable::Unavailable);
         }
@@ -630,19 +456,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_completion_dropped_unanswered_is_answered_unavailable_and_one_answered_is_not_again() {
-        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
-        drop(answered_on_drop(done));
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(Err(ClusterUnavailable::Unavailable))
-        ));
-        let (done, mut rx) = gateway_core::backplane::completion::<Result<u8, _>>();
-        answered_on_drop(done)(Ok(7));
-        assert!(matches!(rx.try_recv(), Ok(Ok(7))));
-    }
+    use crate::cluster::command::answered_on_drop;
 
     #[tokio::test]
     async fn a_panicking_command_does_not_stop_its_lane() {
