@@ -75,7 +75,7 @@ impl SingleNode {
         message: &Publish<'_>,
         now: Instant,
         ids: &Ids,
-        admitted: bool,
+        mut admitted: bool,
     ) -> Published {
         loop {
             // A sweep may remove the room between this lookup and its lock: the `removed`
@@ -105,6 +105,8 @@ impl SingleNode {
                 let (seq, counted) = state.publish(message, now);
                 return Published::Done(seq, counted);
             }
+            // The room existed when this publish came: its successor is not a new room.
+            admitted = true;
         }
     }
 

@@ -26,6 +26,20 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub(super) const VIEW_TRIES: u32 = 3;
 /// The wait between two tries of a room's view.
 const VIEW_RETRY: Duration = Duration::from_millis(200);
+/// Channel messages held while a catch-up runs; beyond it the connection is treated as
+/// lost (a new one catches every room up again from the hub's positions).
+pub(super) const MAX_HELD: usize = 4096;
+
+/// How the follower waits before connecting again.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Retry {
+    /// The longest wait.
+    pub(super) max: Duration,
+    /// Whether a connection that connected and then failed (subscribing, or lost later)
+    /// also doubles the wait. A Redis Cluster does (a failover takes a few seconds); one
+    /// Redis tries again after the first wait, and doubles only while connecting fails.
+    pub(super) double_after_connecting: bool,
+}
 
 /// A room's position in the hub: its sequence number and epoch.
 pub(super) type Position = (u64, Arc<str>);
@@ -132,7 +146,7 @@ struct CatchingUp {
 pub(super) struct Follower {
     link: Link,
     backoff: Duration,
-    max_backoff: Duration,
+    retry: Retry,
     /// Per room, the sequence number the catch-up accounted for: channel messages up to
     /// it, which may still be on their way, are not delivered twice.
     caught: HashMap<RoomName, u64>,
@@ -144,12 +158,12 @@ pub(super) struct Follower {
 }
 
 impl Follower {
-    /// A follower not connected yet, waiting at most `max_backoff` between attempts.
-    pub(super) fn new(max_backoff: Duration) -> Self {
+    /// A follower not connected yet, waiting between attempts as `retry` says.
+    pub(super) fn new(retry: Retry) -> Self {
         Self {
             link: Link::Down,
             backoff: FIRST_BACKOFF,
-            max_backoff,
+            retry,
             caught: HashMap::new(),
             rooms: VecDeque::new(),
             current: None,
@@ -172,17 +186,7 @@ impl Follower {
                 self.link = Link::Subscribing;
                 out.push(Action::SubscribeAll);
             }
-            Event::Lost => {
-                self.link = Link::Down;
-                self.caught.clear();
-                self.rooms.clear();
-                self.current = None;
-                self.held.clear();
-                out.push(Action::Connect {
-                    after: self.backoff,
-                });
-                self.backoff = (self.backoff * 2).min(self.max_backoff);
-            }
+            Event::Lost => self.lost(&mut out),
             Event::Subscribed => {
                 self.link = Link::CatchingUp;
                 self.backoff = FIRST_BACKOFF;
@@ -210,6 +214,9 @@ impl Follower {
                 }
                 self.next_room(&mut out);
             }
+            Event::Message(_) if self.link != Link::Up && self.held.len() >= MAX_HELD => {
+                self.lost(&mut out)
+            }
             Event::Message(message) if self.link != Link::Up => self.held.push(message),
             Event::Message(message) => self.deliver(message, &mut out),
             Event::Heartbeat { expired } => out.push(Action::ReAnnounce {
@@ -217,6 +224,23 @@ impl Follower {
             }),
         }
         out
+    }
+
+    /// The connection is gone (or never came): forget what it held, connect again after
+    /// the wait.
+    fn lost(&mut self, out: &mut Vec<Action>) {
+        let connected = self.link != Link::Down;
+        self.link = Link::Down;
+        self.caught.clear();
+        self.rooms.clear();
+        self.current = None;
+        self.held.clear();
+        out.push(Action::Connect {
+            after: self.backoff,
+        });
+        if !connected || self.retry.double_after_connecting {
+            self.backoff = (self.backoff * 2).min(self.retry.max);
+        }
     }
 
     /// Starts the next room's catch-up, or ends the catch-up: then what was held is
@@ -320,9 +344,15 @@ mod tests {
             .collect()
     }
 
+    /// A Redis Cluster's retries.
+    const CLUSTER: Retry = Retry {
+        max: Duration::from_secs(1),
+        double_after_connecting: true,
+    };
+
     /// A follower delivering, with no room to catch up.
     fn up() -> Follower {
-        let mut f = Follower::new(Duration::from_secs(1));
+        let mut f = Follower::new(CLUSTER);
         assert!(matches!(f.start(), Action::Connect { after } if after.is_zero()));
         f.handle(Event::Connected);
         f.handle(Event::Subscribed);
@@ -372,7 +402,7 @@ mod tests {
 
     #[test]
     fn connecting_again_backs_off_up_to_its_longest_and_starts_over_once_subscribed() {
-        let mut f = Follower::new(Duration::from_secs(1));
+        let mut f = Follower::new(CLUSTER);
         let mut waits = Vec::new();
         for _ in 0..6 {
             match f.handle(Event::Lost)[..] {
@@ -403,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_failing_three_times_resyncs_the_room_and_goes_on_with_the_next() {
-        let mut f = Follower::new(Duration::from_secs(1));
+        let mut f = Follower::new(CLUSTER);
         f.handle(Event::Connected);
         f.handle(Event::Subscribed);
         let rooms = vec![(room("a"), 3, "e1".into()), (room("b"), 5, "e1".into())];
@@ -441,7 +471,7 @@ mod tests {
 
     #[test]
     fn messages_heard_during_the_catch_up_are_held_and_duplicates_at_the_seam_dropped() {
-        let mut f = Follower::new(Duration::from_secs(1));
+        let mut f = Follower::new(CLUSTER);
         f.handle(Event::Connected);
         assert!(
             f.handle(message("r", 5)).is_empty(),
@@ -484,7 +514,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_after_this_node_expired_re_announces_everything() {
-        let mut f = Follower::new(Duration::from_secs(1));
+        let mut f = Follower::new(CLUSTER);
         assert!(matches!(
             f.handle(Event::Heartbeat { expired: true })[..],
             [Action::ReAnnounce { everything: true }]
@@ -493,5 +523,66 @@ mod tests {
             f.handle(Event::Heartbeat { expired: false })[..],
             [Action::ReAnnounce { everything: false }]
         ));
+    }
+
+    #[test]
+    fn one_redis_connects_again_at_once_after_a_connection_that_came_up() {
+        let mut f = Follower::new(Retry {
+            max: Duration::from_secs(5),
+            double_after_connecting: false,
+        });
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            let [Action::Connect { after }] = f.handle(Event::Lost)[..] else {
+                panic!("connect again")
+            };
+            waits.push(after.as_millis());
+        }
+        assert_eq!(waits, [100, 200, 400], "connecting fails: doubled");
+        f.handle(Event::Connected);
+        let [Action::Connect { after }] = f.handle(Event::Lost)[..] else {
+            panic!("connect again")
+        };
+        assert_eq!(
+            after.as_millis(),
+            800,
+            "subscribing failed: the wait it had"
+        );
+        f.handle(Event::Connected);
+        let [Action::Connect { after }] = f.handle(Event::Lost)[..] else {
+            panic!("connect again")
+        };
+        assert_eq!(
+            after.as_millis(),
+            800,
+            "not doubled after a connection came up"
+        );
+        f.handle(Event::Connected);
+        f.handle(Event::Subscribed);
+        let [Action::Connect { after }] = f.handle(Event::Lost)[..] else {
+            panic!("connect again")
+        };
+        assert_eq!(after, FIRST_BACKOFF, "a lost subscription: the first wait");
+    }
+
+    #[test]
+    fn more_messages_than_it_may_hold_during_a_catch_up_start_it_over() {
+        let mut f = Follower::new(CLUSTER);
+        f.handle(Event::Connected);
+        f.handle(Event::Subscribed);
+        f.handle(Event::Positions(vec![(room("r"), 0, "e1".into())]));
+        for seq in 1..=MAX_HELD as u64 {
+            assert!(f.handle(message("r", seq)).is_empty(), "held");
+        }
+        assert!(
+            matches!(f.handle(message("r", 0))[..], [Action::Connect { .. }]),
+            "one more: connect again and catch up afresh"
+        );
+        f.handle(Event::Connected);
+        f.handle(Event::Subscribed);
+        assert!(
+            f.handle(Event::Positions(Vec::new())).is_empty(),
+            "nothing held survives"
+        );
     }
 }

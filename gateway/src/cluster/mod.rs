@@ -97,7 +97,7 @@ impl RedisCluster {
     ) -> Result<Arc<Self>, ClusterError> {
         let target = Target::new(redis).map_err(ClusterError::Url)?;
         let shared = Arc::new(Shared {
-            follower: Mutex::new(Follower::new(subscriber::max_backoff(&target))),
+            follower: Mutex::new(Follower::new(subscriber::retry(&target))),
             errors: OnceLock::new(),
             // Every node hears the control channel.
             wanted: Mutex::new(Wanted {

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::{
     conn::{Conn, Push, Pushes, Target},
     error::ClusterError,
-    follower::{Action, Event, HubCall},
+    follower::{Action, Event, HubCall, Retry},
     hub, message,
     reconcile::{resubscribe, subscribe_all},
     scripts::Scripts,
@@ -26,13 +26,17 @@ use super::{
     wanted::Sink,
 };
 
-/// Longest wait between two attempts to connect again: on a cluster a failover takes a
-/// few seconds, so it retries often enough to be back soon after it.
-pub(super) fn max_backoff(target: &Target) -> Duration {
-    if target.sharded() {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(5)
+/// How the follower waits before connecting again: on a cluster a failover takes a few
+/// seconds, so it retries often enough (at most 1 s apart) to be back soon after it; one
+/// Redis waits up to 5 s while it cannot be reached, as before the split.
+pub(super) fn retry(target: &Target) -> Retry {
+    Retry {
+        max: if target.sharded() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        },
+        double_after_connecting: target.sharded(),
     }
 }
 
@@ -75,6 +79,8 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>) {
                 }
             }
         }
+        // Every catch-up is over: its connection is not kept while the channels are read.
+        me.conn = None;
         let event = me.hear().await;
         pending.extend(me.shared.follow(event));
     }
