@@ -3,7 +3,7 @@
 //! it again.
 #![no_main]
 use bytes::Bytes;
-use gateway::cluster::message::decode;
+use gateway_cluster_proto::message::decode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

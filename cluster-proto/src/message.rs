@@ -20,7 +20,7 @@ use gateway_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::channel::Channel;
+use crate::channel::Channel;
 
 /// A message on a cluster channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub struct Body {
 
 impl Body {
     /// The body of a history entry or a channel message: META and DATA.
-    pub(super) fn parse(meta: &[u8], bytes: Bytes) -> Option<Self> {
+    pub fn parse(meta: &[u8], bytes: Bytes) -> Option<Self> {
         let meta: Meta = serde_json::from_slice(meta).ok()?;
         Some(Body {
             from: meta.from,
@@ -97,7 +97,7 @@ impl Body {
     }
 
     /// The message the hub takes, with its sequence number.
-    pub(super) fn into_cluster(self, seq: Option<u64>) -> ClusterMessage {
+    pub fn into_cluster(self, seq: Option<u64>) -> ClusterMessage {
         ClusterMessage {
             seq,
             from: self.from.map(Arc::from),
@@ -129,7 +129,7 @@ struct Meta {
 }
 
 /// The META of a message (the publish script frames it).
-pub(super) fn meta(from: Option<&str>, data: &Payload, origin: Option<SessionId>) -> String {
+pub fn meta(from: Option<&str>, data: &Payload, origin: Option<SessionId>) -> String {
     serde_json::to_string(&Meta {
         from: from.map(str::to_owned),
         binary: matches!(data, Payload::Binary(_)),
@@ -139,7 +139,7 @@ pub(super) fn meta(from: Option<&str>, data: &Payload, origin: Option<SessionId>
 }
 
 /// The DATA of a message.
-pub(super) fn payload_bytes(data: &Payload) -> &[u8] {
+pub fn payload_bytes(data: &Payload) -> &[u8] {
     match data {
         Payload::Json(b) | Payload::Binary(b) => b,
     }

@@ -8,8 +8,10 @@ use gateway_core::protocol::{MemberInfo, RoomName};
 
 /// A channel this node can hear.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Channel {
+pub enum Channel {
+    /// A room's messages and presence events.
     Room(RoomName),
+    /// A user's direct messages.
     User(String),
     /// Requests for every node (API disconnects).
     Control,
@@ -17,7 +19,7 @@ pub(crate) enum Channel {
 
 impl Channel {
     /// Its Redis name; the braces are the hash tag its keys share.
-    pub(crate) fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match self {
             Channel::Room(room) => format!("gw:{{room:{}}}", room.as_str()),
             Channel::User(user) => format!("gw:{{user:{user}}}"),
@@ -26,7 +28,7 @@ impl Channel {
     }
 
     /// The channel a Redis name is, if any.
-    pub(crate) fn parse(name: &str) -> Option<Self> {
+    pub fn parse(name: &str) -> Option<Self> {
         if name == CONTROL {
             return Some(Channel::Control);
         }
@@ -45,22 +47,26 @@ const CONTROL: &str = "gw:control";
 
 /// Whether `channel` is a room's or a user's (sharded on a cluster) rather than the
 /// control channel (broadcast to every node).
-pub(super) fn is_sharded(channel: &str) -> bool {
+pub fn is_sharded(channel: &str) -> bool {
     channel.starts_with("gw:{")
 }
 
 /// The keys of one room.
-pub(super) struct Keys {
+pub struct Keys {
     /// A hash with the room's `seq` and `epoch`: one key, so they expire (or are evicted)
     /// together and a restarted sequence always has a new epoch.
-    pub(super) state: String,
-    pub(super) stream: String,
-    pub(super) members: String,
-    pub(super) users: String,
+    pub state: String,
+    /// The room's history: a capped stream of its messages.
+    pub stream: String,
+    /// The room's members on every node.
+    pub members: String,
+    /// Per user, their sessions in the room.
+    pub users: String,
 }
 
 impl Keys {
-    pub(super) fn room(room: &str) -> Self {
+    /// The keys of `room`.
+    pub fn room(room: &str) -> Self {
         Self {
             state: format!("gw:{{room:{room}}}:state"),
             stream: format!("gw:{{room:{room}}}:stream"),
@@ -71,41 +77,41 @@ impl Keys {
 }
 
 /// The set of every node's id.
-pub(super) const NODES: &str = "gw:{nodes}";
+pub const NODES: &str = "gw:{nodes}";
 
 /// A node's liveness key. A node's keys share its hash tag (one slot on a cluster).
-pub(super) fn node_key(node: &str) -> String {
+pub fn node_key(node: &str) -> String {
     format!("gw:{{node:{node}}}")
 }
 
 /// The set of a node's room memberships, for the sweep after it died.
-pub(super) fn node_members_key(node: &str) -> String {
+pub fn node_members_key(node: &str) -> String {
     format!("gw:{{node:{node}}}:members")
 }
 
 /// The set of users with sessions on a node, for the sweep after it died.
-pub(super) fn node_users_key(node: &str) -> String {
+pub fn node_users_key(node: &str) -> String {
     format!("gw:{{node:{node}}}:users")
 }
 
 /// A user's sessions per node (field: node id, value: its count), for the cluster-wide
 /// per-user connection limit.
-pub(super) fn user_sessions_key(user: &str) -> String {
+pub fn user_sessions_key(user: &str) -> String {
     format!("gw:{{user:{user}}}:sessions")
 }
 
 /// A ticket's key.
-pub(super) fn ticket_key(ticket: &str) -> String {
+pub fn ticket_key(ticket: &str) -> String {
     format!("gw:{{ticket:{ticket}}}")
 }
 
 /// The key counting a user's unredeemed tickets.
-pub(super) fn ticket_count_key(user: &str) -> String {
+pub fn ticket_count_key(user: &str) -> String {
     format!("gw:{{user:{user}}}:tickets")
 }
 
 /// One membership as a node's set holds it: events flag, room, session, user.
-pub(super) fn membership(room: &RoomName, member: &MemberInfo, events: bool) -> String {
+pub fn membership(room: &RoomName, member: &MemberInfo, events: bool) -> String {
     format!(
         "{}\n{}\n{}\n{}",
         u8::from(events),
@@ -116,7 +122,7 @@ pub(super) fn membership(room: &RoomName, member: &MemberInfo, events: bool) -> 
 }
 
 /// A membership as [`membership`] wrote it: events flag, room, session, user.
-pub(super) fn parse_membership(entry: &str) -> Option<(bool, RoomName, &str, &str)> {
+pub fn parse_membership(entry: &str) -> Option<(bool, RoomName, &str, &str)> {
     let mut parts = entry.splitn(4, '\n');
     let (Some(events), Some(room), Some(session), Some(user)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
