@@ -17,8 +17,10 @@ use crate::{
 /// Called once with the outcome of an operation that completes later.
 pub type Completion<T> = Box<dyn FnOnce(T) + Send>;
 
-/// A [`Completion`] and the receiver its outcome arrives on, for async callers of the
-/// hub and the cluster. The receiver errs only if the completion was dropped uncalled.
+/// A [`Completion`] and the receiver its outcome arrives on.
+///
+/// For async callers of the hub and the cluster. The receiver errs only if the completion
+/// was dropped uncalled.
 pub fn completion<T: Send + 'static>() -> (Completion<T>, tokio::sync::oneshot::Receiver<T>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     (
@@ -29,13 +31,15 @@ pub fn completion<T: Send + 'static>() -> (Completion<T>, tokio::sync::oneshot::
     )
 }
 
-/// Why the cluster could not do something. Each variant's text is the `message` of the
-/// client's `error` envelope, so it names no internals of the store (the backplane logs
-/// those); [`code`](Self::code) is its `code`.
+/// Why the cluster could not do something.
+///
+/// Each variant's text is the `message` of the client's `error` envelope, so it names no
+/// internals of the store (the backplane logs those); [`code`](Self::code) is its `code`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterUnavailable {
-    /// The store cannot be reached (or its circuit breaker is open): the operation was not
-    /// carried out.
+    /// The store cannot be reached (or its circuit breaker is open).
+    ///
+    /// The operation was not carried out.
     #[error("cluster unavailable")]
     Unavailable,
     /// The operation's queue is full: it was refused at once, not carried out.
@@ -46,15 +50,17 @@ pub enum ClusterUnavailable {
     /// delivered to the room's members.
     #[error("cluster unavailable: outcome unknown")]
     OutcomeUnknown,
-    /// The operation would create a room with history beyond the room budget
-    /// (`[limits] room_budget_mb`); nothing was created.
+    /// The operation would create a room with history beyond the room budget.
+    ///
+    /// The budget is `[limits] room_budget_mb`; nothing was created.
     #[error("room budget exhausted")]
     RoomBudget,
 }
 
 impl ClusterUnavailable {
-    /// The `code` of the `error` envelope (and of an API error): `limit_exceeded` for the
-    /// room budget, `internal` otherwise.
+    /// The `code` of the `error` envelope (and of an API error).
+    ///
+    /// It is `limit_exceeded` for the room budget, `internal` otherwise.
     pub fn code(&self) -> ErrorCode {
         match self {
             ClusterUnavailable::RoomBudget => ErrorCode::LimitExceeded,
@@ -104,20 +110,25 @@ pub struct RoomView {
     pub members: usize,
 }
 
-/// A cluster backplane: the authority on room order and history, and the way to the users
-/// and rooms of other nodes. Implementations run the work on their own tasks and call each
-/// completion exactly once.
+/// A cluster backplane: the authority on room order and history.
+///
+/// It is also the way to the users and rooms of other nodes. Implementations run the work
+/// on their own tasks and call each completion exactly once.
 pub trait Cluster: Send + Sync + 'static {
-    /// Assigns the message its sequence number, keeps it and publishes it to every node
-    /// that hears the room (this one included, through [`Hub::deliver`](crate::hub::Hub::deliver)).
+    /// Assigns the message its sequence number, keeps it and publishes it.
+    ///
+    /// It is published to every node that hears the room (this one included, through
+    /// [`Hub::deliver`](crate::hub::Hub::deliver)).
     fn publish(
         &self,
         message: ClusterPublish,
         done: Completion<Result<Option<u64>, ClusterUnavailable>>,
     );
 
-    /// Makes this node hear `room` (before `done`), then reports its sequence, epoch and,
-    /// with `since` and `epoch`, the missed messages.
+    /// Makes this node hear `room` (before `done`), then reports it.
+    ///
+    /// The report holds its sequence, epoch and, with `since` and `epoch`, the missed
+    /// messages.
     fn open_room(
         &self,
         room: &RoomName,
@@ -128,8 +139,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// This node has no member left in `room`: stop hearing it.
     fn close_room(&self, room: &RoomName);
 
-    /// A session entered `room`: it is listed cluster-wide, and when it is its user's first
-    /// session there (cluster-wide) and `events` is on, a presence `join` goes to the room.
+    /// A session entered `room`: it is listed cluster-wide.
+    ///
+    /// When it is its user's first session there (cluster-wide) and `events` is on, a
+    /// presence `join` goes to the room.
     fn enter(&self, room: &RoomName, member: MemberInfo, events: bool);
 
     /// A session left `room` (the mirror of [`enter`](Self::enter)).
@@ -150,8 +163,9 @@ pub trait Cluster: Send + Sync + 'static {
         done: Completion<Result<Vec<MemberInfo>, ClusterUnavailable>>,
     );
 
-    /// Delivers a direct message to every session of `user` on every node; `done` says
-    /// whether any node has one.
+    /// Delivers a direct message to every session of `user` on every node.
+    ///
+    /// `done` says whether any node has one.
     fn send_user(
         &self,
         user: &str,
@@ -166,9 +180,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// This node has no session of `user` left.
     fn close_user(&self, user: &str);
 
-    /// Counts a new session of `user` cluster-wide unless the user already has `max`
-    /// sessions on all nodes together; `done` says whether it was counted. A failed
-    /// operation leaves no count behind (the implementation's duty).
+    /// Counts a new session of `user` cluster-wide unless the user is at `max` already.
+    ///
+    /// `max` is the user's sessions on all nodes together; `done` says whether it was
+    /// counted. A failed operation leaves no count behind (the implementation's duty).
     fn acquire_user(
         &self,
         user: &str,
@@ -187,8 +202,9 @@ pub trait Backplane: Send + Sync + 'static {
         None
     }
 
-    /// Why the backplane cannot reach the rest of the cluster right now, if it cannot
-    /// (`/healthz` then says `degraded`).
+    /// Why the backplane cannot reach the rest of the cluster right now, if it cannot.
+    ///
+    /// `/healthz` then says `degraded`.
     fn unavailable(&self) -> Option<String> {
         None
     }

@@ -19,8 +19,10 @@ use tokio::sync::Notify;
 use crate::protocol::{CloseCode, CloseReason};
 pub use crate::protocol::{Outbound, TransportKind};
 
-/// A session id, unique across the cluster with overwhelming probability: 64 random bits
-/// the hub draws from the random source its owner gave it ([`Hub::new_session_id`]).
+/// A session id, unique across the cluster with overwhelming probability.
+///
+/// It is 64 random bits the hub draws from the random source its owner gave it
+/// ([`Hub::new_session_id`]).
 ///
 /// [`Hub::new_session_id`]: crate::hub::Hub::new_session_id
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,20 +43,24 @@ pub enum Delivery {
     Overflow,
     /// The session is already closing; the frame was dropped.
     Closed,
-    /// The queue was full and the frame may be lost (volatile, best effort): dropped, the
-    /// session stays open.
+    /// The queue was full and the frame, which may be lost, was dropped.
+    ///
+    /// The frame was volatile (best effort): the session stays open.
     Dropped,
 }
 
-/// The bounds of a session's outbound queue: everything queued for the session (live
-/// messages, replays, acks, presence listings) counts against both.
+/// The bounds of a session's outbound queue.
+///
+/// Everything queued for the session (live messages, replays, acks, presence listings)
+/// counts against both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLimits {
     /// Frames queued at most.
     pub frames: usize,
-    /// Bytes of queued frames at most. A frame arriving in an empty queue is always taken,
-    /// so one frame larger than this does not close the session: the queue holds at most
-    /// `bytes` plus one frame.
+    /// Bytes of queued frames at most.
+    ///
+    /// A frame arriving in an empty queue is always taken, so one frame larger than this
+    /// does not close the session: the queue holds at most `bytes` plus one frame.
     pub bytes: usize,
 }
 
@@ -94,11 +100,13 @@ struct Queue {
     /// Bytes of `frames`.
     bytes: usize,
     close: Option<CloseReason>,
-    /// Frames still to drain until the last queued history replay is written: while it is
-    /// non-zero, another replay is refused (one replay per session at a time).
+    /// Frames still to drain until the last queued history replay is written.
+    ///
+    /// While it is non-zero, another replay is refused (one replay per session at a time).
     replay_pending: usize,
-    /// A recovering join waits for the cluster's history (see
-    /// [`SessionHandle::begin_recovery`]).
+    /// Whether a recovering join waits for the cluster's history.
+    ///
+    /// See [`SessionHandle::begin_recovery`].
     recovering: bool,
 }
 
@@ -123,7 +131,9 @@ struct Shared {
     user: OnceLock<Arc<str>>,
     limits: QueueLimits,
     queue: Mutex<Queue>,
-    /// Wakes the writer task: a frame arrived in an empty queue (without a doorbell), the
+    /// Wakes the writer task.
+    ///
+    /// It is notified when a frame arrived in an empty queue (without a doorbell), the
     /// session closed, or the doorbell's owner handed the writing back to it.
     writer: Notify,
     /// Rung instead of `writer` when a frame arrives in an empty queue, once set.
@@ -133,15 +143,19 @@ struct Shared {
     is_closed: AtomicBool,
 }
 
-/// What rings when a frame arrives in a session's empty queue, instead of waking its writer
-/// task directly: the transport's write scheduler, which writes the frames of many sessions
-/// in one pass (see the gateway's `session::cork`).
+/// What rings when a frame arrives in a session's empty queue.
+///
+/// It rings instead of waking the session's writer task directly: it is the transport's
+/// write scheduler, which writes the frames of many sessions in one pass (see the gateway's
+/// `session::cork`).
 pub trait Doorbell: Send + Sync {
     /// Frames wait in the session's queue.
     fn ring(&self);
 }
 
-/// The hub's side of a session: identity, transport, and the sending half of its bounded
+/// The hub's side of a session.
+///
+/// It holds the identity, the transport, and the sending half of the session's bounded
 /// outbound queue. Cheap to clone.
 #[derive(Clone)]
 pub struct SessionHandle(Arc<Shared>);
@@ -226,9 +240,11 @@ impl SessionHandle {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// Queues a frame without waiting. A full queue closes the session with 4008 and drops
-    /// what it held (the client reconnects and recovers from history); a volatile frame
-    /// that does not fit is dropped instead, since volatile messages may be lost.
+    /// Queues a frame without waiting.
+    ///
+    /// A full queue closes the session with 4008 and drops what it held (the client
+    /// reconnects and recovers from history); a volatile frame that does not fit is dropped
+    /// instead, since volatile messages may be lost.
     pub fn send(&self, frame: Outbound) -> Delivery {
         let droppable = matches!(frame, Outbound::Volatile(_));
         self.push(frame, droppable)
@@ -239,13 +255,14 @@ impl SessionHandle {
         self.push(frame, true)
     }
 
-    /// Queues the reply to a recovering join and, when they fit, the replayed `frames`
-    /// after it, under one lock so that nothing is queued between them. The replay is taken
-    /// only when the reply and every replayed frame fit the queue's bounds beside what it
-    /// holds, and no earlier replay is still queued (one replay per session at a time);
-    /// `reply` is told whether it was, and its frame is queued either way (as
-    /// [`send`](Self::send) would). Returns what happened to the reply and whether the
-    /// replay was queued.
+    /// Queues the reply to a recovering join and, when they fit, the replayed `frames`.
+    ///
+    /// Both are queued under one lock, the frames after the reply, so that nothing is
+    /// queued between them. The replay is taken only when the reply and every replayed
+    /// frame fit the queue's bounds beside what it holds, and no earlier replay is still
+    /// queued (one replay per session at a time); `reply` is told whether it was, and its
+    /// frame is queued either way (as [`send`](Self::send) would). Returns what happened to
+    /// the reply and whether the replay was queued.
     pub fn send_with_replay<F>(
         &self,
         frames: &[F],
@@ -292,11 +309,13 @@ impl SessionHandle {
         self.lock().replay_pending > 0
     }
 
-    /// Reserves the session's one recovery before its history is read from a store (cluster
-    /// mode), so that a session cannot make the store read histories it will not take: no
-    /// replay queued or being read already, and the queue at most half full (a client that
-    /// does not read fills it with acks). Released by the replay being queued
-    /// ([`send_with_replay`](Self::send_with_replay)) or [`end_recovery`](Self::end_recovery).
+    /// Reserves the session's one recovery before its history is read from a store.
+    ///
+    /// This is for cluster mode, so that a session cannot make the store read histories it
+    /// will not take: the reservation needs no replay queued or being read already, and the
+    /// queue at most half full (a client that does not read fills it with acks). Released
+    /// by the replay being queued ([`send_with_replay`](Self::send_with_replay)) or
+    /// [`end_recovery`](Self::end_recovery).
     pub fn begin_recovery(&self) -> bool {
         let mut q = self.lock();
         let limits = self.0.limits;
@@ -359,8 +378,10 @@ impl SessionHandle {
         self.0.closed.notify_waiters();
     }
 
-    /// From now on, a frame arriving in the empty queue rings `doorbell` instead of waking
-    /// the writer task (closing still wakes the task). Only the first call takes effect.
+    /// Makes a frame arriving in the empty queue ring `doorbell` from now on.
+    ///
+    /// The doorbell rings instead of waking the writer task (closing still wakes the task).
+    /// Only the first call takes effect.
     pub fn set_doorbell(&self, doorbell: Arc<dyn Doorbell>) {
         let _ = self.0.doorbell.set(doorbell);
     }
@@ -430,10 +451,11 @@ impl fmt::Debug for SessionHandle {
 }
 
 impl OutboxReceiver {
-    /// Waits until frames are queued or the session closes, then moves up to `max` frames
-    /// into `out` (one lock for the whole batch). Returns [`Batch::Close`] only once the
-    /// queue is drained. For a session without a doorbell: with one, new frames ring it
-    /// instead of waking this.
+    /// Waits until frames are queued or the session closes, then moves a batch into `out`.
+    ///
+    /// It moves up to `max` frames, under one lock for the whole batch. Returns
+    /// [`Batch::Close`] only once the queue is drained. For a session without a doorbell:
+    /// with one, new frames ring it instead of waking this.
     pub async fn recv_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Batch {
         loop {
             if let Some(batch) = self.try_batch(out, max) {
@@ -443,8 +465,9 @@ impl OutboxReceiver {
         }
     }
 
-    /// [`recv_batch`](Self::recv_batch) without waiting: `None` when the queue is empty and
-    /// the session open.
+    /// [`recv_batch`](Self::recv_batch) without waiting.
+    ///
+    /// Returns `None` when the queue is empty and the session open.
     pub fn try_batch(&self, out: &mut Vec<Outbound>, max: usize) -> Option<Batch> {
         let mut q = lock(&self.0.queue);
         if !q.frames.is_empty() {
@@ -462,9 +485,11 @@ impl OutboxReceiver {
         q.close.as_ref().map(|reason| Batch::Close(reason.clone()))
     }
 
-    /// Resolves when the writer task is woken: frames arrived in the empty queue (without a
-    /// doorbell), the session closed, or [`wake_writer`](Self::wake_writer) was called. A
-    /// wake-up while nobody waits is kept for the next call.
+    /// Resolves when the writer task is woken.
+    ///
+    /// That is when frames arrived in the empty queue (without a doorbell), the session
+    /// closed, or [`wake_writer`](Self::wake_writer) was called. A wake-up while nobody
+    /// waits is kept for the next call.
     pub async fn woken(&self) {
         self.0.writer.notified().await;
     }
@@ -474,8 +499,9 @@ impl OutboxReceiver {
         self.0.writer.notify_one();
     }
 
-    /// Closes the session from the writing side (its transport failed), as
-    /// [`SessionHandle::close`] does.
+    /// Closes the session from the writing side, as [`SessionHandle::close`] does.
+    ///
+    /// The writing side closes it when its transport failed.
     pub fn close(&self, reason: CloseReason) {
         SessionHandle(self.0.clone()).close(reason);
     }

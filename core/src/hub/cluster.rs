@@ -37,10 +37,11 @@ impl ClusterNode {
         })
     }
 
-    /// Enters the member in the room, its live frames held, and tells `cluster` (which
-    /// lists it cluster-wide and announces it), as node `node`. Returns the join, which
-    /// waits for the cluster's view of the room; a session that was a member already is
-    /// answered at once (nothing to replay) and `None` is returned.
+    /// Enters the member in the room, its live frames held, and tells `cluster`.
+    ///
+    /// The cluster, told as node `node`, lists the member cluster-wide and announces it.
+    /// Returns the join, which waits for the cluster's view of the room; a session that was
+    /// a member already is answered at once (nothing to replay) and `None` is returned.
     pub(super) fn enter(
         &self,
         request: JoinRequest<'_>,
@@ -75,8 +76,9 @@ impl ClusterNode {
         }
     }
 
-    /// The cluster's answer to a pending join (see
-    /// [`RoomState::finish_join`](crate::room::RoomState::finish_join)).
+    /// The cluster's answer to a pending join.
+    ///
+    /// See [`RoomState::finish_join`](crate::room::RoomState::finish_join).
     pub(super) fn finish_join(
         &self,
         join: PendingJoin,
@@ -87,8 +89,10 @@ impl ClusterNode {
         failed
     }
 
-    /// Removes the session from `room` and tells `cluster` (as node `node`); returns
-    /// whether it was a member. An empty room is forgotten: history lives in the cluster.
+    /// Removes the session from `room` and tells `cluster`.
+    ///
+    /// Returns whether it was a member. The cluster is told as node `node`. An empty room is forgotten: history lives in the
+    /// cluster.
     pub(super) fn leave(
         &self,
         handle: &SessionHandle,
@@ -121,8 +125,9 @@ impl ClusterNode {
         counted
     }
 
-    /// Every room whose members' joins completed, with the sequence number and epoch it
-    /// has delivered up to.
+    /// Every room whose members' joins completed, with its delivered position.
+    ///
+    /// The position is the sequence number and epoch the room has delivered up to.
     pub(super) fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
         self.rooms
             .all()
@@ -135,8 +140,9 @@ impl ClusterNode {
             .collect()
     }
 
-    /// Catches `room` up from `from` with the cluster's `view` (see
-    /// [`Follower::catch_up`]); returns the sequence number accounted for and what was
+    /// Catches `room` up from `from` with the cluster's `view`.
+    ///
+    /// See [`Follower::catch_up`]. Returns the sequence number accounted for and what was
     /// queued.
     pub(super) fn catch_up(
         &self,

@@ -13,8 +13,9 @@ pub struct HubConfig {
     pub room_budget: usize,
     /// Most members a presence listing names (`max_presence_members`).
     pub max_presence_members: usize,
-    /// New rooms one user may bring into existence per second, burst twice as many
-    /// (`rooms_per_user_per_sec`); 0: no limit.
+    /// New rooms one user may bring into existence per second; 0: no limit.
+    ///
+    /// The burst is twice as many (`rooms_per_user_per_sec`).
     pub rooms_per_user_per_sec: u32,
 }
 

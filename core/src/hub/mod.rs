@@ -92,9 +92,11 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub with this configuration and backplane, drawing session ids and room epochs
-    /// from `rng` (seeded from the OS in production, from a constant in tests). A
-    /// backplane that is a [`Cluster`] makes it a cluster node for good.
+    /// A hub with this configuration and backplane, drawing randomness from `rng`.
+    ///
+    /// Session ids and room epochs come from `rng` (seeded from the OS in production, from
+    /// a constant in tests). A backplane that is a [`Cluster`] makes it a cluster node for
+    /// good.
     pub fn new(config: HubConfig, backplane: Arc<dyn Backplane>, rng: StdRng) -> Arc<Self> {
         let mode = match backplane.cluster() {
             Some(_) => Mode::Cluster(ClusterNode::new(config.rooms)),
@@ -201,10 +203,11 @@ impl Hub {
         }
     }
 
-    /// Whether `user` (`None`: the HTTP API) may bring `room` into existence at `now`, if it
-    /// does not exist on this node: within the user's rate of new rooms, and, for a room
-    /// that would exist only for its history (`for_history`, single node), within the
-    /// room budget.
+    /// Whether `user` may bring `room` into existence at `now`, if it is not on this node.
+    ///
+    /// `user` is `None` for the HTTP API. The room must be within the user's rate of new
+    /// rooms, and, for a room that would exist only for its history (`for_history`, single
+    /// node), within the room budget.
     fn admit_new_room(
         &self,
         user: Option<&Arc<str>>,
@@ -234,10 +237,12 @@ impl Hub {
         Ok(())
     }
 
-    /// Adds the session to `room` (idempotent) and announces the user's first session there
-    /// to the other members. Under the room's lock, queues `reply` (made from the outcome)
-    /// and then, with `since`, the missed messages: after them come live messages only, so
-    /// none is lost or doubled at the seam (see [`RoomState::join`]).
+    /// Adds the session to `room` (idempotent) and queues the reply and missed messages.
+    ///
+    /// It announces the user's first session there to the other members. Under the room's
+    /// lock, it queues `reply` (made from the outcome) and then, with `since`, the missed
+    /// messages: after them come live messages only, so none is lost or doubled at the seam
+    /// (see [`RoomState::join`]).
     ///
     /// In cluster mode the member waits (its live frames are held back) until the cluster
     /// has made this node hear the room and reported it; then the reply, the missed
@@ -281,8 +286,10 @@ impl Hub {
         }
     }
 
-    /// Cluster mode: asks the cluster to make this node hear the room of `join` and report
-    /// it (with the messages missed since `since`); the join then completes.
+    /// Cluster mode: asks the cluster to make this node hear the room of `join`.
+    ///
+    /// The cluster then reports the room (with the messages missed since `since`), and the
+    /// join completes.
     fn open_room(&self, join: PendingJoin, since: Option<(u64, String)>) {
         let reserved = since.is_some();
         let (me, room, member) = (self.me.clone(), join.room.clone(), join.handle.clone());
@@ -301,8 +308,9 @@ impl Hub {
         );
     }
 
-    /// Cluster mode: the cluster reported the room of a pending join (or failed to: the
-    /// member then leaves the room and gets the failure).
+    /// Cluster mode: the cluster reported the room of a pending join, or failed to.
+    ///
+    /// On a failure, the member leaves the room and gets the failure.
     fn finish_join(&self, join: PendingJoin, view: Result<RoomView, ClusterUnavailable>) {
         let Mode::Cluster(cluster) = &self.mode else {
             return;
@@ -313,9 +321,10 @@ impl Hub {
         }
     }
 
-    /// Removes the session from `room`; returns whether it was a member. Announces the
-    /// user's departure when this was their last session there; a room with no member and
-    /// nothing kept for later is dropped.
+    /// Removes the session from `room`; returns whether it was a member.
+    ///
+    /// Announces the user's departure when this was their last session there; a room with
+    /// no member and nothing kept for later is dropped.
     pub fn leave(&self, handle: &SessionHandle, room: &RoomName) -> bool {
         match &self.mode {
             Mode::Single(single) => single.leave(handle, room),
@@ -323,20 +332,24 @@ impl Hub {
         }
     }
 
-    /// Single node: drops expired history and forgets rooms that have had neither members
-    /// nor history for a history lifetime (their sequence restarts with a new epoch). Call
-    /// periodically; a room is forgotten within one call's interval of that moment.
+    /// Single node: drops expired history and forgets idle rooms.
+    ///
+    /// A room is forgotten once it has had neither members nor history for a history
+    /// lifetime (its sequence restarts with a new epoch). Call periodically; a room is
+    /// forgotten within one call's interval of that moment.
     pub fn expire_history(&self, now: Instant) {
         if let Mode::Single(single) = &self.mode {
             single.expire(now);
         }
     }
 
-    /// Publishes a room message: on a single node, orders it (sequence number, history) and
-    /// queues it to every member but `exclude`, encoded once, under the room's lock; in
-    /// cluster mode through the cluster, which orders it and delivers it to every node. Then
-    /// `done` gets the sequence number (`None` when volatile) or why the cluster could not
-    /// take it.
+    /// Publishes a room message, then tells `done` how it went.
+    ///
+    /// On a single node, it orders the message (sequence number, history) and queues it to
+    /// every member but `exclude`, encoded once, under the room's lock; in cluster mode it
+    /// goes through the cluster, which orders it and delivers it to every node. Then `done`
+    /// gets the sequence number (`None` when volatile) or why the cluster could not take
+    /// it.
     ///
     /// On a single node, a publish that would bring a room into existence (a room that
     /// keeps history, for those who recover) counts against the user's rate of new rooms
@@ -374,8 +387,10 @@ impl Hub {
         Ok(())
     }
 
-    /// Sends a direct message to every session of `user`: on this node, or in cluster mode
-    /// on every node; `done` gets whether any session got it.
+    /// Sends a direct message to every session of `user`.
+    ///
+    /// The sessions are on this node, or in cluster mode on every node; `done` gets whether
+    /// any session got it.
     pub fn send_to_user(
         &self,
         user: &str,
@@ -406,9 +421,11 @@ impl Hub {
         }
     }
 
-    /// The presence listing of `room` (at most `max_presence_members` named): built once
-    /// per change of the room's members on a single node; in cluster mode, one lookup
-    /// serves every session that asks while it runs and for [`LISTING_TTL`] after.
+    /// The presence listing of `room`, with at most `max_presence_members` named.
+    ///
+    /// On a single node it is built once per change of the room's members; in cluster mode,
+    /// one lookup serves every session that asks while it runs and for [`LISTING_TTL`]
+    /// after.
     ///
     /// [`LISTING_TTL`]: crate::presence::LISTING_TTL
     pub fn presence(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) {
@@ -430,9 +447,10 @@ impl Hub {
         }
     }
 
-    /// Closes every session of `user`: on this node, or in cluster mode on every node (the
-    /// count is then this node's; the others close theirs when the request reaches them).
-    /// `done` gets how many sessions were closed.
+    /// Closes every session of `user`; `done` gets how many sessions were closed.
+    ///
+    /// The sessions are on this node, or in cluster mode on every node (the count is then
+    /// this node's; the others close theirs when the request reaches them).
     pub fn disconnect_user(
         &self,
         user: &str,
@@ -449,8 +467,9 @@ impl Hub {
         }
     }
 
-    /// Cluster mode: a room event the cluster ordered, for this node's members of `room`
-    /// (encoded once; members still joining hold it until their join completes).
+    /// Cluster mode: a room event the cluster ordered, for this node's members of `room`.
+    ///
+    /// It is encoded once; members still joining hold it until their join completes.
     pub fn deliver(&self, room: &RoomName, delivery: Delivery<'_>) {
         if let Mode::Cluster(cluster) = &self.mode {
             self.stats.add_deliveries(cluster.deliver(room, delivery));
@@ -469,10 +488,11 @@ impl Hub {
         }
     }
 
-    /// Cluster mode: every room with members on this node whose joins completed, with the
-    /// sequence number and epoch it has delivered up to. After this node's subscription
-    /// was down (messages published meanwhile never reached it), each is checked against
-    /// the cluster with [`catch_up`](Self::catch_up).
+    /// Cluster mode: every room with completed joins on this node, with its position.
+    ///
+    /// The position is the sequence number and epoch the room has delivered up to. After
+    /// this node's subscription was down (messages published meanwhile never reached it),
+    /// each is checked against the cluster with [`catch_up`](Self::catch_up).
     pub fn positions(&self) -> Vec<(RoomName, u64, Arc<str>)> {
         match &self.mode {
             Mode::Single(_) => Vec::new(),
@@ -480,11 +500,13 @@ impl Hub {
         }
     }
 
-    /// Cluster mode, after this node's subscription was down: `view` is the cluster's view
-    /// of `room` from the position [`positions`](Self::positions) gave. What was missed is
-    /// delivered, or the members get `resync` (see
-    /// [`Follower::catch_up`](crate::room::Follower::catch_up)). Returns the last sequence
-    /// number accounted for (channel messages up to it are not delivered again).
+    /// Cluster mode: catches `room` up after this node's subscription was down.
+    ///
+    /// `view` is the cluster's view of `room` from the position
+    /// [`positions`](Self::positions) gave. What was missed is delivered, or the members
+    /// get `resync` (see [`Follower::catch_up`](crate::room::Follower::catch_up)). Returns
+    /// the last sequence number accounted for (channel messages up to it are not delivered
+    /// again).
     pub fn catch_up(&self, room: &RoomName, from: (u64, &str), view: RoomView) -> u64 {
         let Mode::Cluster(cluster) = &self.mode else {
             return view.seq;
@@ -494,8 +516,10 @@ impl Hub {
         upto
     }
 
-    /// Offers each session the frame `last_frame` makes for it (a full queue skips it: the
-    /// close must not turn into a 4008), then closes every session on this node.
+    /// Offers each session a last frame, then closes every session on this node.
+    ///
+    /// Each session is offered the frame `last_frame` makes for it; a full queue skips it
+    /// (the close must not turn into a 4008).
     pub fn close_all(&self, last_frame: impl Fn() -> Option<Outbound>, reason: CloseReason) {
         let sessions: Vec<SessionHandle> =
             self.sessions.iter().map(|e| e.value().clone()).collect();

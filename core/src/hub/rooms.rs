@@ -86,10 +86,11 @@ impl<O: Order> Rooms<O> {
         });
     }
 
-    /// Removes `handle` from `room`, calls `left` under the room's lock (with whether it
-    /// was its user's last session there), and drops the room if nothing keeps it;
-    /// `removed` is called under the room's lock (and the shard's) as it is dropped.
-    /// Returns whether it was a member.
+    /// Removes `handle` from `room` and drops the room if nothing keeps it.
+    ///
+    /// It calls `left` under the room's lock (with whether it was its user's last session
+    /// there); `removed` is called under the room's lock (and the shard's) as the room is
+    /// dropped. Returns whether it was a member.
     pub(super) fn leave(
         &self,
         handle: &SessionHandle,

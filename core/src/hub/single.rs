@@ -23,8 +23,9 @@ pub(super) struct SingleNode {
 pub(super) enum Published {
     /// Ordered (sequence number, `None` when volatile) and queued.
     Done(Option<u64>, Fanout),
-    /// The room does not exist and would exist for its history only: the caller admits it
-    /// (or refuses the publish), then publishes again with `admitted`.
+    /// The room does not exist and would exist for its history only.
+    ///
+    /// The caller admits it (or refuses the publish), then publishes again with `admitted`.
     NewRoom,
 }
 
@@ -43,8 +44,9 @@ impl SingleNode {
         self.budget.fits_a_room()
     }
 
-    /// `room`, created with a new epoch if it does not exist. Beyond the budget a room
-    /// keeps no history.
+    /// `room`, created with a new epoch if it does not exist.
+    ///
+    /// Beyond the budget a room keeps no history.
     fn room(&self, room: &RoomName, ids: &Ids) -> Arc<Room<Local>> {
         self.rooms.get_or_create(room, || {
             let policy = self.policies.for_room(room.as_str());
@@ -67,9 +69,10 @@ impl SingleNode {
         }
     }
 
-    /// Publishes to the room's members (see
-    /// [`RoomState::publish`](crate::room::RoomState::publish)). A room that does not exist
-    /// is created for a message that its policy keeps, once `admitted`.
+    /// Publishes to the room's members.
+    ///
+    /// See [`RoomState::publish`](crate::room::RoomState::publish). A room that does not
+    /// exist is created for a message that its policy keeps, once `admitted`.
     pub(super) fn publish(
         &self,
         message: &Publish<'_>,
@@ -110,8 +113,9 @@ impl SingleNode {
         }
     }
 
-    /// Removes the session from `room`; returns whether it was a member. Announces the
-    /// user's departure when this was their last session there.
+    /// Removes the session from `room`; returns whether it was a member.
+    ///
+    /// Announces the user's departure when this was their last session there.
     pub(super) fn leave(&self, handle: &SessionHandle, room: &RoomName) -> bool {
         self.rooms.leave(
             handle,
@@ -125,8 +129,10 @@ impl SingleNode {
         )
     }
 
-    /// Drops expired history and forgets rooms that have had neither members nor history
-    /// for a history lifetime.
+    /// Drops expired history and forgets idle rooms.
+    ///
+    /// A room is forgotten once it has had neither members nor history for a history
+    /// lifetime.
     pub(super) fn expire(&self, now: Instant) {
         // A room busy right now is not idle: skip it rather than wait for it.
         for room in self.rooms.find(|state| state.is_expired(now)) {

@@ -10,8 +10,9 @@ use crate::{
 /// Running totals of the hub's work, read by the gateway's metrics.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    /// Messages queued for members and direct recipients, by transport (WebSocket,
-    /// WebTransport).
+    /// Messages queued for members and direct recipients, by transport.
+    ///
+    /// The transports are WebSocket and WebTransport.
     deliveries: [AtomicU64; 2],
     /// Joins with `since` that recovered exactly, and that did not.
     recovered: AtomicU64,

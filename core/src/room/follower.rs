@@ -1,8 +1,10 @@
-//! A room's order in cluster mode: the cluster assigns sequence numbers and epochs, and
-//! this node follows. While a member's join waits for the cluster its live frames are held;
-//! a member that joined (or was resynced) at some `seq` has that `seq` as its floor, and
-//! messages the channel still brings up to it are not delivered again; a message of
-//! another epoch, or a catch-up that cannot fill a gap, tells the members (`resync`).
+//! A room's order in cluster mode: the cluster assigns it, and this node follows.
+//!
+//! The cluster assigns sequence numbers and epochs. While a member's join waits for the
+//! cluster its live frames are held; a member that joined (or was resynced) at some `seq`
+//! has that `seq` as its floor, and messages the channel still brings up to it are not
+//! delivered again; a message of another epoch, or a catch-up that cannot fill a gap, tells
+//! the members (`resync`).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -16,13 +18,16 @@ use crate::{
     session::{Outbound, SessionHandle, SessionId, SLOW_CONSUMER},
 };
 
-/// The epoch of a [`RoomView`] the cluster could not read: a catch-up then knows neither
-/// what was missed nor where the room is, and tells the members with the room's next
-/// message (`resync` with that message's epoch and the `seq` before it).
+/// The epoch of a [`RoomView`] the cluster could not read.
+///
+/// A catch-up then knows neither what was missed nor where the room is, and tells the
+/// members with the room's next message (`resync` with that message's epoch and the `seq`
+/// before it).
 pub const UNKNOWN_EPOCH: &str = "";
 
-/// Live frames held for one member whose join waits for the cluster at most; beyond, the
-/// member is a slow consumer (4008), as it would be with a full queue.
+/// Live frames held at most for one member whose join waits for the cluster.
+///
+/// Beyond, the member is a slow consumer (4008), as it would be with a full queue.
 pub const MAX_HELD_FRAMES: usize = 1024;
 
 /// A live frame held back for a member whose join waits for the cluster.
@@ -40,19 +45,22 @@ pub struct Held {
 pub struct Follower {
     seq: u64,
     epoch: Arc<str>,
-    /// Members whose join waits for the cluster, with the live frames that arrived for
-    /// them meanwhile, under the token of that join (a later join of the same session must
-    /// not take an earlier answer).
+    /// Members whose join waits for the cluster, with the live frames held for them.
+    ///
+    /// The frames are those that arrived meanwhile, kept under the token of that join (a
+    /// later join of the same session must not take an earlier answer).
     pending: HashMap<SessionId, (u64, Vec<Held>)>,
-    /// Members that joined at this `seq` and have not had a newer message yet. Messages
-    /// the channel still carries from before the join were replayed or reported already:
-    /// they are not delivered to them again.
+    /// Members that joined at this `seq` and have not had a newer message yet.
+    ///
+    /// Messages the channel still carries from before the join were replayed or reported
+    /// already: they are not delivered to them again.
     floors: HashMap<SessionId, u64>,
 }
 
 impl Follower {
-    /// A room this node has just started to hear, in a provisional `epoch` (the first
-    /// join's view replaces it).
+    /// A room this node has just started to hear, in a provisional `epoch`.
+    ///
+    /// The first join's view replaces the epoch.
     pub fn new(epoch: Arc<str>) -> Self {
         Self {
             seq: 0,
@@ -67,8 +75,9 @@ impl Follower {
         (self.seq, self.epoch.clone())
     }
 
-    /// The position, when some member's join has completed (members still joining learn
-    /// their position from their join's view).
+    /// The position, when some member's join has completed.
+    ///
+    /// Members still joining learn their position from their join's view.
     pub fn live_position(&self, members: &Members) -> Option<(u64, Arc<str>)> {
         self.established(members).next().map(|_| self.position())
     }
@@ -92,8 +101,9 @@ impl Follower {
             .map(|(_, member)| member)
     }
 
-    /// The frames held for join `token` of member `id`, which stops waiting; `None` if it
-    /// left meanwhile (and maybe joined again: that join gets its own answer).
+    /// The frames held for join `token` of member `id`, which stops waiting.
+    ///
+    /// `None` if it left meanwhile (and maybe joined again: that join gets its own answer).
     pub fn take_join(&mut self, id: SessionId, token: u64) -> Option<Vec<Held>> {
         if self.pending.get(&id).map(|(t, _)| *t) != Some(token) {
             return None;
@@ -101,11 +111,13 @@ impl Follower {
         self.pending.remove(&id).map(|(_, held)| held)
     }
 
-    /// The cluster reported the room member `id` joined: the room follows the view, and
-    /// the frames `held` for the member that are newer than the view are returned, in
-    /// order, to be queued after its reply. Members whose joins completed are in the epoch
-    /// they were told; a view in another one means the room restarted in the cluster
-    /// meanwhile: their sequence cannot continue, they get `resync` and stay.
+    /// The cluster reported the room member `id` joined; returns its held frames to queue.
+    ///
+    /// The room follows the view, and the frames `held` for the member that are newer than
+    /// the view are returned, in order, to be queued after its reply. Members whose joins
+    /// completed are in the epoch they were told; a view in another one means the room
+    /// restarted in the cluster meanwhile: their sequence cannot continue, they get
+    /// `resync` and stay.
     pub fn complete_join(
         &mut self,
         room: &RoomName,
@@ -149,11 +161,12 @@ impl Follower {
         frames
     }
 
-    /// Before a message of `epoch` with `seq`: if the members are in another epoch (the
-    /// room restarted in the cluster, e.g. after a Redis failover lost its state), their
-    /// sequence cannot continue: they get `resync` (the new epoch, the sequence number
-    /// before this message) and stay. While every member's join waits for the cluster the
-    /// epoch is not known yet and is not checked.
+    /// Before a message of `epoch` with `seq`, resyncs members in another epoch.
+    ///
+    /// If the members are in another epoch (the room restarted in the cluster, e.g. after a
+    /// Redis failover lost its state), their sequence cannot continue: they get `resync`
+    /// (the new epoch, the sequence number before this message) and stay. While every
+    /// member's join waits for the cluster the epoch is not known yet and is not checked.
     pub fn follow_epoch(
         &mut self,
         room: &RoomName,
@@ -173,9 +186,11 @@ impl Follower {
         self.seq = before;
     }
 
-    /// Queues a room message's `frame` to the members but its origin: held for members
-    /// still joining (with `epoch`, when the message has one), skipped for members whose
-    /// floor covers it. A member with [`MAX_HELD_FRAMES`] held is closed as a slow consumer.
+    /// Queues a room message's `frame` to the members but its origin.
+    ///
+    /// The frame is held for members still joining (with `epoch`, when the message has
+    /// one), and skipped for members whose floor covers it. A member with
+    /// [`MAX_HELD_FRAMES`] held is closed as a slow consumer.
     pub fn deliver(
         &mut self,
         members: &Members,
@@ -215,8 +230,9 @@ impl Follower {
         counted
     }
 
-    /// Queues a presence `frame` about `user` to the other members (held for members still
-    /// joining, within [`MAX_HELD_FRAMES`]).
+    /// Queues a presence `frame` about `user` to the other members.
+    ///
+    /// It is held for members still joining, within [`MAX_HELD_FRAMES`].
     pub fn deliver_presence(&mut self, members: &Members, user: &str, frame: &Outbound) {
         for (id, member) in members.others(user) {
             match self.pending.get_mut(&id) {
@@ -233,12 +249,14 @@ impl Follower {
         }
     }
 
-    /// After this node's subscription was down: `view` is the cluster's view of the room
-    /// from position `from`. The messages missed are delivered as live ones; when they
-    /// cannot be (the room is in another epoch, or its history no longer holds them all)
-    /// every member gets `resync` (the room's epoch and latest sequence number) and stays:
-    /// a member never silently skips messages. Returns the last sequence number accounted
-    /// for (channel messages up to it are not delivered again) and what was queued.
+    /// Delivers what was missed while this node's subscription was down, or resyncs.
+    ///
+    /// `view` is the cluster's view of the room from position `from`. The messages missed
+    /// are delivered as live ones; when they cannot be (the room is in another epoch, or
+    /// its history no longer holds them all) every member gets `resync` (the room's epoch
+    /// and latest sequence number) and stays: a member never silently skips messages.
+    /// Returns the last sequence number accounted for (channel messages up to it are not
+    /// delivered again) and what was queued.
     pub fn catch_up(
         &mut self,
         room: &RoomName,
@@ -280,9 +298,10 @@ impl Follower {
         (view.seq, counted)
     }
 
-    /// Tells `members` that `room` continues in `epoch` after `seq` (`resync`, reason
-    /// `continuity`); messages up to `seq` the channel still brings are not delivered to
-    /// them.
+    /// Tells `members` that `room` continues in `epoch` after `seq`.
+    ///
+    /// This is `resync`, reason `continuity`; messages up to `seq` the channel still brings
+    /// are not delivered to them.
     fn resync(&mut self, room: &RoomName, members: &[SessionHandle], epoch: &str, seq: u64) {
         let frame = ServerFrame::Resync {
             room: room.as_str(),

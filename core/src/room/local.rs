@@ -1,5 +1,7 @@
-//! A room's order on a single node: its sequence and epoch, its history ring, the replay
-//! of a recovering join, and when an idle room may be forgotten.
+//! A room's order on a single node.
+//!
+//! It holds the room's sequence and epoch, its history ring, the replay of a recovering
+//! join, and when an idle room may be forgotten.
 
 use std::{sync::Arc, time::Instant};
 
@@ -58,8 +60,10 @@ impl Local {
         self.idle_since = None;
     }
 
-    /// Assigns the next sequence number (none when `volatile`), encodes the message once
-    /// with `encode` and keeps it in the history; returns both.
+    /// Assigns the next sequence number and keeps the encoded message in the history.
+    ///
+    /// There is no sequence number when `volatile`. The message is encoded once with
+    /// `encode`; returns both.
     pub fn order(
         &mut self,
         volatile: bool,
@@ -78,8 +82,10 @@ impl Local {
         (seq, frame)
     }
 
-    /// What a join with `since` can replay at `now`. A session already in the room
-    /// (`added` false) got every message live: nothing to replay.
+    /// What a join with `since` can replay at `now`.
+    ///
+    /// A session already in the room (`added` false) got every message live: nothing to
+    /// replay.
     pub fn replay(&mut self, since: Option<Since<'_>>, added: bool, now: Instant) -> Recovery<'_> {
         if let Some(history) = self.history.as_mut() {
             history.prune(now);
@@ -94,9 +100,11 @@ impl Local {
         }
     }
 
-    /// Whether a room can be forgotten at `now`: no member and nothing to recover, and for a
-    /// room that keeps history, so for a whole history lifetime (a client that saw its
-    /// sequence and epoch may still come back to it, even with nothing missed).
+    /// Whether a room can be forgotten at `now`.
+    ///
+    /// It can when it has no member and nothing to recover, and, for a room that keeps
+    /// history, so for a whole history lifetime (a client that saw its sequence and epoch
+    /// may still come back to it, even with nothing missed).
     pub fn is_expired(&mut self, has_members: bool, now: Instant) -> bool {
         if has_members {
             self.idle_since = None;

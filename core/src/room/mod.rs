@@ -1,7 +1,9 @@
-//! What a room is: its members ([`state`]) and the order of its messages, kept by this node
-//! on a single node ([`local`]) or followed from the cluster ([`follower`]). The methods
-//! are pure apart from queueing frames to members' sessions: no clock (callers pass `now`),
-//! no I/O, no lock taken but the room's own, by the hub.
+//! What a room is: its members and the order of its messages.
+//!
+//! The members are in [`state`]; the order is kept by this node on a single node
+//! ([`local`]) or followed from the cluster ([`follower`]). The methods are pure apart from
+//! queueing frames to members' sessions: no clock (callers pass `now`), no I/O, no lock
+//! taken but the room's own, by the hub.
 //!
 //! A hub holds rooms of one kind only, chosen when it is built: `Room<Local>` on a single
 //! node, `Room<Follower>` in a cluster.
@@ -29,8 +31,10 @@ use crate::{
     session::{Outbound, SessionHandle, SessionId},
 };
 
-/// Builds the reply to a `join` from its outcome (or the cluster's failure); it is queued
-/// under the room's lock, before any replayed or live message of the room.
+/// Builds the reply to a `join` from its outcome (or the cluster's failure).
+///
+/// The reply is queued under the room's lock, before any replayed or live message of the
+/// room.
 pub type JoinReply = Box<dyn FnOnce(Result<&JoinOutcome, &ClusterUnavailable>) -> Outbound + Send>;
 
 /// What a successful join reports.
@@ -75,9 +79,10 @@ pub struct PendingJoin {
 /// A room event the cluster hands a node, in the cluster's order.
 #[derive(Debug, Clone, Copy)]
 pub enum Delivery<'a> {
-    /// A room message with its sequence number, in the epoch the cluster ordered it in. A
-    /// message of another epoch than this node's members are in (the room restarted in the
-    /// cluster) cannot continue their sequence: they get `resync` first, and stay.
+    /// A room message with its sequence number, in the epoch the cluster ordered it in.
+    ///
+    /// A message of another epoch than this node's members are in (the room restarted in
+    /// the cluster) cannot continue their sequence: they get `resync` first, and stay.
     Message {
         /// The message.
         message: &'a ClusterMessage,
@@ -153,8 +158,9 @@ pub struct RoomState<O> {
     pub members: Members,
     /// The order of its messages.
     pub order: O,
-    /// Set under the lock when the room is removed from the hub's map: a join or publish
-    /// that looked it up just before must use the room that replaces it.
+    /// Set under the lock when the room is removed from the hub's map.
+    ///
+    /// A join or publish that looked it up just before must use the room that replaces it.
     pub removed: bool,
 }
 
@@ -173,11 +179,13 @@ impl<O: Order> RoomState<O> {
 }
 
 impl RoomState<Local> {
-    /// Adds the session (idempotent), tells the other members when this is its user's first
-    /// session here, and queues the reply and then, with `since`, the missed messages: after
-    /// them come live messages only, so none is lost or doubled at the seam. The missed
-    /// messages are replayed only if they fit the session's queue and no other replay of
-    /// the session is still queued; else the reply says `recovered: false`.
+    /// Adds the session (idempotent) and queues the reply and any missed messages.
+    ///
+    /// It tells the other members when this is its user's first session here, and queues
+    /// the reply and then, with `since`, the missed messages: after them come live messages
+    /// only, so none is lost or doubled at the seam. The missed messages are replayed only
+    /// if they fit the session's queue and no other replay of the session is still queued;
+    /// else the reply says `recovered: false`.
     pub fn join(&mut self, request: JoinRequest<'_>, now: Instant) -> JoinOutcome {
         let JoinRequest {
             handle,
@@ -206,9 +214,10 @@ impl RoomState<Local> {
         }
     }
 
-    /// Publishes to every member but `exclude`, encoding the message once and keeping it in
-    /// the history when the room's policy says so. Returns the assigned sequence number
-    /// (`None` for volatile messages) and what was queued.
+    /// Publishes to every member but `exclude`, encoding the message once.
+    ///
+    /// The message is kept in the history when the room's policy says so. Returns the
+    /// assigned sequence number (`None` for volatile messages) and what was queued.
     pub fn publish(&mut self, message: &Publish<'_>, now: Instant) -> (Option<u64>, Fanout) {
         let from = message.from.map(|f| &**f);
         let (seq, frame) = self.order.order(message.volatile, now, |seq| {
@@ -225,8 +234,9 @@ impl RoomState<Local> {
 }
 
 impl RoomState<Follower> {
-    /// Enters a member whose join waits for the cluster (its live frames held); `false`
-    /// if it was a member already.
+    /// Enters a member whose join waits for the cluster, its live frames held.
+    ///
+    /// Returns `false` if it was a member already.
     pub fn enter(&mut self, handle: &SessionHandle, token: u64) -> bool {
         let added = self.members.add(handle).is_some();
         if added {
@@ -246,10 +256,12 @@ impl RoomState<Follower> {
         }
     }
 
-    /// The cluster reported the room of a pending join: queues the reply, the missed
-    /// messages, then the live frames held back that are newer than the report. Nothing
-    /// happens if the member left meanwhile; if the cluster failed, the join is handed back
-    /// with the failure (the caller makes the member leave, then replies).
+    /// The cluster reported the room of a pending join: queues the reply and the rest.
+    ///
+    /// It queues the reply, the missed messages, then the live frames held back that are
+    /// newer than the report. Nothing happens if the member left meanwhile; if the cluster
+    /// failed, the join is handed back with the failure (the caller makes the member leave,
+    /// then replies).
     pub fn finish_join(
         &mut self,
         join: PendingJoin,
@@ -292,8 +304,9 @@ impl RoomState<Follower> {
         None
     }
 
-    /// Queues what the cluster delivered (its `frame`, from [`Delivery::frame`]) to the
-    /// members; counts the messages queued.
+    /// Queues what the cluster delivered to the members; counts the messages queued.
+    ///
+    /// What is queued is its `frame`, from [`Delivery::frame`].
     pub fn deliver(&mut self, room: &RoomName, delivery: Delivery<'_>, frame: &Outbound) -> Fanout {
         let Self { members, order, .. } = self;
         match delivery {
@@ -310,9 +323,11 @@ impl RoomState<Follower> {
     }
 }
 
-/// Queues the reply to a join and then, when given, the `replay` of missed messages (if it
-/// fits, which the reply says); without a replay, a join that asked to recover
-/// (`wants_recovery`) is told `recovered: false`. Returns the outcome as reported.
+/// Queues the reply to a join and then, when given, the `replay` of missed messages.
+///
+/// The replay is queued if it fits, which the reply says; without a replay, a join that
+/// asked to recover (`wants_recovery`) is told `recovered: false`. Returns the outcome as
+/// reported.
 pub fn answer_join<F: std::borrow::Borrow<Outbound>>(
     handle: &SessionHandle,
     reply: JoinReply,
@@ -338,8 +353,9 @@ pub fn answer_join<F: std::borrow::Borrow<Outbound>>(
     outcome
 }
 
-/// A room: its state behind its own lock, held only while a frame is ordered and queued
-/// (never across an await).
+/// A room: its state behind its own lock.
+///
+/// The lock is held only while a frame is ordered and queued (never across an await).
 #[derive(Debug)]
 pub struct Room<O>(Mutex<RoomState<O>>);
 

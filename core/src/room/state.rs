@@ -1,5 +1,7 @@
-//! A room's members: their sessions, how many each user has there, and the presence
-//! listing built from them.
+//! A room's members.
+//!
+//! It holds their sessions, how many each user has there, and the presence listing built
+//! from them.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -71,8 +73,9 @@ impl Members {
         self.presence_events
     }
 
-    /// Adds a session: `None` if it was a member already, else whether it is its user's
-    /// first session here.
+    /// Adds a session; returns whether it is its user's first session here.
+    ///
+    /// Returns `None` if it was a member already.
     pub fn add(&mut self, handle: &SessionHandle) -> Option<bool> {
         if self.sessions.insert(handle.id(), handle.clone()).is_some() {
             return None;
@@ -83,8 +86,9 @@ impl Members {
         Some(*count == 1)
     }
 
-    /// Removes a session: `None` if it was no member, else whether it was its user's last
-    /// session here.
+    /// Removes a session; returns whether it was its user's last session here.
+    ///
+    /// Returns `None` if it was no member.
     pub fn remove(&mut self, handle: &SessionHandle) -> Option<bool> {
         self.sessions.swap_remove(&handle.id())?;
         self.listing = None;
@@ -130,8 +134,9 @@ impl Members {
             .filter(move |(_, m)| m.user().map(|u| &**u) != Some(user))
     }
 
-    /// Single node: the presence `event` of `user` for the other members, when the room's
-    /// policy has presence events.
+    /// Single node: the presence `event` of `user` for the other members.
+    ///
+    /// Made only when the room's policy has presence events.
     pub fn announce(&self, room: &RoomName, event: PresenceEvent, user: &SessionHandle) {
         if !self.presence_events {
             return;
@@ -155,8 +160,9 @@ impl Members {
         counted
     }
 
-    /// At most `max` members as the API and presence listings describe them, on node
-    /// `node`.
+    /// At most `max` members, described as the API and presence listings do.
+    ///
+    /// They are described as on node `node`.
     pub fn infos(&self, max: usize, node: &str) -> Vec<MemberInfo> {
         self.sessions
             .values()
@@ -165,8 +171,9 @@ impl Members {
             .collect()
     }
 
-    /// The presence listing (at most `max` members named), built once per change of the
-    /// members.
+    /// The presence listing, with at most `max` members named.
+    ///
+    /// It is built once per change of the members.
     pub fn listing(&mut self, max: usize, node: &str) -> Arc<PresenceListing> {
         if let Some(listing) = &self.listing {
             return listing.clone();
