@@ -1,5 +1,6 @@
-//! Authentication: JWT verification with the algorithm pinned by configuration, and the
-//! identity a verified token gives a session.
+//! Authentication: JWT verification and the identity a verified token gives a session.
+//!
+//! The JWT algorithm is pinned by configuration.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -29,14 +30,17 @@ pub struct JwtConfig {
     pub key: Vec<u8>,
     /// When set, `iss` is required and must be exactly this string.
     pub issuer: Option<String>,
-    /// When set, `aud` is required and must be this string, or an array of strings that
-    /// contains it (RFC 7519 section 4.1.3).
+    /// When set, `aud` is required and must name this string.
+    ///
+    /// `aud` must be this string, or an array of strings that contains it (RFC 7519 section
+    /// 4.1.3).
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
-    /// When set, the longest lifetime a token may claim: `exp` may be at most this many
-    /// seconds after `iat`, or after now (plus the leeway) for a token without `iat` or
-    /// with an `iat` in the future.
+    /// When set, the longest lifetime a token may claim.
+    ///
+    /// `exp` may be at most this many seconds after `iat`, or after now (plus the leeway)
+    /// for a token without `iat` or with an `iat` in the future.
     pub max_lifetime_secs: Option<u64>,
 }
 
@@ -52,8 +56,10 @@ pub enum AuthError {
     /// The signature does not verify.
     #[error("invalid token signature")]
     BadSignature,
-    /// A required claim is missing (or, for `aud` and `iss`, is not a string or an array
-    /// of strings: the JWT library treats such a claim as absent).
+    /// A required claim is missing.
+    ///
+    /// For `aud` and `iss`, a claim that is not a string or an array of strings counts as
+    /// missing too: the JWT library treats such a claim as absent.
     #[error("token lacks the `{0}` claim")]
     MissingClaim(&'static str),
     /// `exp` is in the past.
@@ -68,8 +74,9 @@ pub enum AuthError {
     /// `aud` does not match.
     #[error("token audience not accepted")]
     WrongAudience,
-    /// The header has a `crit` parameter: no extension is understood, so none may be
-    /// critical (RFC 7515 section 4.1.11).
+    /// The header has a `crit` parameter.
+    ///
+    /// No extension is understood, so none may be critical (RFC 7515 section 4.1.11).
     #[error("token has critical header parameters")]
     CriticalHeader,
     /// `exp` is further from `iat` (or now) than the configured maximum lifetime.
@@ -107,15 +114,19 @@ impl Identity {
         }
     }
 
-    /// Whether this identity may join (and list) `room`. The endpoint's patterns always
-    /// apply (they keep applications on one gateway apart); a `rooms` claim narrows them.
+    /// Whether this identity may join (and list) `room`.
+    ///
+    /// The endpoint's patterns always apply (they keep applications on one gateway apart);
+    /// a `rooms` claim narrows them.
     pub fn may_join(&self, endpoint_rooms: &[Pattern], room: &str) -> bool {
         any_matches(endpoint_rooms, room)
             && self.rooms.as_deref().is_none_or(|r| any_matches(r, room))
     }
 
-    /// Whether this identity may publish to `room`: within the endpoint's patterns, and the
-    /// `publish` claim (or, without it, the `rooms` claim).
+    /// Whether this identity may publish to `room`.
+    ///
+    /// It may within the endpoint's patterns and the `publish` claim (or, without it, the
+    /// `rooms` claim).
     pub fn may_publish(&self, endpoint_rooms: &[Pattern], room: &str) -> bool {
         match &self.publish {
             Some(p) => any_matches(endpoint_rooms, room) && any_matches(p, room),
@@ -312,8 +323,10 @@ fn decode_error(e: jsonwebtoken::errors::Error) -> AuthError {
     }
 }
 
-/// Whether an `aud` claim names `expected`: the string itself, or an array of strings that
-/// contains it. Anything else (a number, an object, an array with a non-string) does not.
+/// Whether an `aud` claim names `expected`.
+///
+/// It does as the string itself, or as an array of strings that contains it. Anything else
+/// (a number, an object, an array with a non-string) does not.
 fn audience_matches(aud: &Value, expected: &str) -> bool {
     match aud {
         Value::String(aud) => aud == expected,
@@ -324,10 +337,11 @@ fn audience_matches(aud: &Value, expected: &str) -> bool {
     }
 }
 
-/// A token's header as a JSON object, read without trusting it, so that `none` and other
-/// algorithms the JWT library cannot even name are reported as such, and so that header
-/// parameters the library ignores (`crit`) are seen. `None`: not a JSON object (the
-/// library then reports the token malformed).
+/// A token's header as a JSON object, read without trusting it.
+///
+/// Reading it ourselves reports `none` and other algorithms the JWT library cannot even
+/// name as such, and sees header parameters the library ignores (`crit`). `None`: not a
+/// JSON object (the library then reports the token malformed).
 fn raw_header(token: &str) -> Option<serde_json::Map<String, Value>> {
     use base64::Engine;
     let first = token.split('.').next()?;
@@ -357,8 +371,9 @@ mod tests {
         .unwrap()
     }
 
-    /// A verifier with `issuer = "iss"`, `audience = "gateway"`, leeway 30 s and the given
-    /// maximum lifetime.
+    /// A verifier with the given maximum lifetime.
+    ///
+    /// It has `issuer = "iss"`, `audience = "gateway"` and leeway 30 s.
     fn strict(max_lifetime_secs: Option<u64>) -> JwtVerifier {
         JwtVerifier::new(&JwtConfig {
             algorithm: JwtAlgorithm::Hs256,

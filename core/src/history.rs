@@ -1,6 +1,7 @@
-//! A room's message history: its last messages, already encoded, kept for a bounded count
-//! and time so that a client that dropped can recover what it missed (PROTOCOL.md section 7).
-//! Pure data: callers pass `now`.
+//! A room's message history: its last messages, already encoded.
+//!
+//! They are kept for a bounded count and time so that a client that dropped can recover
+//! what it missed (PROTOCOL.md section 7). Pure data: callers pass `now`.
 
 use std::{
     collections::VecDeque,
@@ -13,17 +14,21 @@ use std::{
 
 use crate::session::Outbound;
 
-/// Bytes counted per kept message besides its frame's bytes: the entry and its queue slot,
-/// the frame's shared allocation and the allocator's rounding (measured, README "Security").
+/// Bytes counted per kept message besides its frame's bytes.
+///
+/// They cover the entry and its queue slot, the frame's shared allocation and the
+/// allocator's rounding (measured, README "Security").
 const ENTRY_OVERHEAD: usize = 128;
 
-/// Bytes counted per room besides its messages: its state, lock, map entry, epoch and
-/// name (measured, README "Security").
+/// Bytes counted per room besides its messages.
+///
+/// They cover its state, lock, map entry, epoch and name (measured, README "Security").
 pub const ROOM_COST: usize = 1280;
 
-/// The memory all rooms and their histories may hold together (`room_budget_mb`). When it
-/// is spent, a room makes room from its own oldest messages, a room with none keeps nothing
-/// more, and no new room that would keep history is created (the hub refuses it).
+/// The memory all rooms and their histories may hold together (`room_budget_mb`).
+///
+/// When it is spent, a room makes room from its own oldest messages, a room with none keeps
+/// nothing more, and no new room that would keep history is created (the hub refuses it).
 #[derive(Debug)]
 pub struct HistoryBudget {
     used: AtomicUsize,
@@ -49,8 +54,10 @@ impl HistoryBudget {
         self.fits(ROOM_COST)
     }
 
-    /// Counts a room until the returned charge is dropped (whether or not it fits: a room
-    /// with members is created anyway, without history, see the hub).
+    /// Counts a room until the returned charge is dropped.
+    ///
+    /// It counts whether or not the room fits: a room with members is created anyway,
+    /// without history (see the hub).
     pub fn charge_room(self: &Arc<Self>) -> RoomCharge {
         self.take(ROOM_COST);
         RoomCharge {
@@ -110,8 +117,9 @@ pub enum Recovery<'a> {
 }
 
 impl History {
-    /// An empty history of at most `capacity` messages, each kept at most `ttl`, drawing
-    /// on `budget`.
+    /// An empty history drawing on `budget`.
+    ///
+    /// It holds at most `capacity` messages, each kept at most `ttl`.
     pub fn new(capacity: usize, ttl: Duration, budget: Arc<HistoryBudget>) -> Self {
         Self {
             entries: VecDeque::new(),
@@ -121,8 +129,9 @@ impl History {
         }
     }
 
-    /// Keeps message `seq` (sequences only grow), dropping the oldest beyond the capacity
-    /// or the shared budget. Returns whether it was kept: when the budget is spent and this
+    /// Keeps message `seq`, dropping the oldest beyond the capacity or the shared budget.
+    ///
+    /// Sequences only grow. Returns whether it was kept: when the budget is spent and this
     /// history has nothing left to give, it is not (its recovery will report a gap).
     pub fn push(&mut self, seq: u64, frame: Outbound, now: Instant) -> bool {
         self.prune(now);
@@ -187,8 +196,9 @@ impl History {
         self.entries.len()
     }
 
-    /// The messages after `since` for a room whose latest sequence is `latest`: all of
-    /// them if every one is still held, else [`Recovery::Gap`].
+    /// The messages after `since` for a room whose latest sequence is `latest`.
+    ///
+    /// All of them if every one is still held, else [`Recovery::Gap`].
     pub fn after(&self, since: u64, latest: u64) -> Recovery<'_> {
         if since > latest {
             return Recovery::Gap;

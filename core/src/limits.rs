@@ -1,5 +1,7 @@
-//! Limits: the per-session inbound token bucket and the connection counters (global, per IP,
-//! per user) whose guards release a slot when a session ends.
+//! Limits: the per-session inbound token bucket and the connection counters.
+//!
+//! The counters are global, per IP and per user; their guards release a slot when a session
+//! ends.
 
 use std::{
     hash::Hash,
@@ -53,13 +55,15 @@ impl TokenBucket {
     }
 }
 
-/// Most connections over a limit that are still answered with their HTTP status at once
-/// (each holds a TLS or QUIC handshake for at most the handshake timeout); beyond this,
+/// Most connections over a limit that are still answered with their HTTP status at once.
+///
+/// Each holds a TLS or QUIC handshake for at most the handshake timeout; beyond this,
 /// further connections over a limit are dropped (TCP) or refused (QUIC) without a status.
 pub const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 
-/// Most of those places one address may hold, so one host over its quota cannot take them
-/// all from other over-limit clients.
+/// Most of those places one address may hold.
+///
+/// So one host over its quota cannot take them all from other over-limit clients.
 pub const MAX_REFUSALS_PER_IP: usize = 16;
 
 /// Connection counts with their maxima. Cheap to share.
@@ -92,8 +96,9 @@ pub struct RefusalSlot {
     ip: IpAddr,
 }
 
-/// A held per-user slot (on this node and, in cluster mode, in the cluster's count);
-/// released on drop.
+/// A held per-user slot, released on drop.
+///
+/// It is held on this node and, in cluster mode, in the cluster's count.
 pub struct UserSlot {
     limits: Arc<ConnectionLimits>,
     user: Arc<str>,
@@ -154,9 +159,10 @@ impl ConnectionLimits {
         })
     }
 
-    /// Takes a per-user slot on this node and, when `backplane` is a cluster, in the
-    /// cluster-wide count too; `done` gets the slot or the refusal (at once on a single
-    /// node, when the cluster has answered otherwise).
+    /// Takes a per-user slot on this node and, in a cluster, in the cluster-wide count too.
+    ///
+    /// The cluster-wide count is taken when `backplane` is a cluster. `done` gets the slot
+    /// or the refusal (at once on a single node, when the cluster has answered otherwise).
     pub fn acquire_user_then(
         self: &Arc<Self>,
         backplane: &Arc<dyn Backplane>,
@@ -185,17 +191,19 @@ impl ConnectionLimits {
         );
     }
 
-    /// Whether connections from `ip`, or all connections, have reached a quarter of their
-    /// limit: from then on a QUIC client must prove its address (Retry) before it is
-    /// counted, so spoofed packets cannot fill another address's quota or the server's.
+    /// Whether connections from `ip`, or all, have reached a quarter of their limit.
+    ///
+    /// From then on a QUIC client must prove its address (Retry) before it is counted, so
+    /// spoofed packets cannot fill another address's quota or the server's.
     pub fn is_busy(&self, ip: IpAddr) -> bool {
         let per_ip = self.per_ip.get(&ip).map(|c| *c).unwrap_or(0);
         per_ip >= self.max_per_ip.div_ceil(4) || self.total() >= self.max_total.div_ceil(4)
     }
 
-    /// Takes one of the [`MAX_REFUSALS_IN_FLIGHT`] places (at most
-    /// [`MAX_REFUSALS_PER_IP`] for `ip`) for a connection over a limit that is answered with
-    /// its status; `None` when none is left (drop it instead).
+    /// Takes a place for a connection over a limit that is answered with its status.
+    ///
+    /// It is one of the [`MAX_REFUSALS_IN_FLIGHT`] places (at most [`MAX_REFUSALS_PER_IP`]
+    /// for `ip`); `None` when none is left (drop it instead).
     pub fn refusal(self: &Arc<Self>, ip: IpAddr) -> Option<RefusalSlot> {
         let previous = self.refusals.fetch_add(1, Ordering::AcqRel);
         if previous >= MAX_REFUSALS_IN_FLIGHT {

@@ -1,5 +1,7 @@
-//! Liveness rules as a clock-free state machine: heartbeat pings, the first-message auth
-//! deadline and token expiry. Adapters call [`Liveness::poll`] at [`Liveness::next_deadline`].
+//! Liveness rules as a clock-free state machine.
+//!
+//! The rules are heartbeat pings, the first-message auth deadline and token expiry.
+//! Adapters call [`Liveness::poll`] at [`Liveness::next_deadline`].
 
 use std::time::{Duration, Instant};
 
@@ -25,8 +27,9 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// Pings every `ping_interval` when given (WebSocket); QUIC sessions pass `None` and rely
-    /// on keep-alive.
+    /// Pings every `ping_interval` when given (WebSocket).
+    ///
+    /// QUIC sessions pass `None` and rely on keep-alive.
     pub fn new(now: Instant, ping_interval: Option<Duration>) -> Self {
         Self {
             ping_interval,

@@ -9,8 +9,9 @@ use crate::pattern::Pattern;
 pub enum AuthMode {
     /// A credential must come with the upgrade or CONNECT.
     Required,
-    /// As `Required`, but a request without credential opens a pending session that must
-    /// send `auth` within the auth timeout.
+    /// As `Required`, but a request without credential opens a pending session.
+    ///
+    /// The pending session must send `auth` within the auth timeout.
     FirstMessage,
     /// Anonymous sessions; credentials are ignored.
     None,
@@ -33,8 +34,9 @@ pub struct EndpointPolicy {
     pub max_rooms: usize,
     /// Outbound frames buffered per session before it is a slow consumer.
     pub queue_capacity: usize,
-    /// Outbound bytes buffered per session before it is a slow consumer (replays, presence
-    /// listings and acks included).
+    /// Outbound bytes buffered per session before it is a slow consumer.
+    ///
+    /// Replays, presence listings and acks are included.
     pub queue_bytes: usize,
     /// Inbound frames per second per session (token bucket refill).
     pub rate_per_sec: u32,
@@ -44,8 +46,9 @@ pub struct EndpointPolicy {
     pub heartbeat: Duration,
     /// Deadline for the first `auth` frame on `first-message` endpoints.
     pub auth_timeout: Duration,
-    /// Test-only: the WebSocket front echoes every message back instead of speaking the
-    /// protocol (for the Autobahn|Testsuite).
+    /// Test-only: the WebSocket front echoes every message back.
+    ///
+    /// It does so instead of speaking the protocol (for the Autobahn|Testsuite).
     pub echo: bool,
 }
 

@@ -1,5 +1,6 @@
-//! Presence listings: the members of a room as a `presence` request lists them, bounded in
-//! size and shared between the sessions that ask.
+//! Presence listings: the members of a room as a `presence` request lists them.
+//!
+//! They are bounded in size and shared between the sessions that ask.
 //!
 //! A listing names at most a configured number of members (then it says `truncated` and the
 //! total `count`), and is encoded once: every session that asks gets the same bytes. In
@@ -44,8 +45,9 @@ pub struct PresenceListing {
 }
 
 impl PresenceListing {
-    /// Lists at most `max` of `members` (`count` of them in all). The members' `node` is
-    /// not listed (it is for the HTTP API).
+    /// Lists at most `max` of `members` (`count` of them in all).
+    ///
+    /// The members' `node` is not listed (it is for the HTTP API).
     pub fn new<'a>(
         members: impl IntoIterator<Item = &'a MemberInfo>,
         count: usize,
@@ -123,13 +125,16 @@ pub enum Lookup {
     Served,
     /// A lookup of the room is under way: the completion waits for it.
     Joined,
-    /// The caller must look the room up and hand the outcome to [`ListingCache::complete`];
-    /// the completion waits for it.
+    /// The caller must look the room up and hand the outcome to [`ListingCache::complete`].
+    ///
+    /// The completion waits for it.
     Start,
 }
 
-/// Cluster mode: listings being looked up (with the sessions waiting for them) and those
-/// looked up within [`LISTING_TTL`].
+/// Cluster mode: listings being looked up and those looked up recently.
+///
+/// Listings being looked up are kept with the sessions waiting for them; recent ones are
+/// those looked up within [`LISTING_TTL`].
 #[derive(Default)]
 pub struct ListingCache {
     state: Mutex<CacheState>,
@@ -137,8 +142,10 @@ pub struct ListingCache {
 
 #[derive(Default)]
 struct CacheState {
-    /// Per room being looked up: the sessions waiting, and whether this node's membership
-    /// changed since the lookup started (then its answer is not kept).
+    /// Per room being looked up: the sessions waiting, and whether membership changed.
+    ///
+    /// The flag says whether this node's membership changed since the lookup started (then
+    /// its answer is not kept).
     in_flight: HashMap<RoomName, (Vec<Completion<ListingResult>>, bool)>,
     fresh: HashMap<RoomName, (Instant, Arc<PresenceListing>)>,
 }
@@ -150,8 +157,9 @@ impl std::fmt::Debug for ListingCache {
 }
 
 impl ListingCache {
-    /// Serves `done` from a listing of `room` fresh at `now`, or makes it wait for the lookup
-    /// under way, or for one the caller must start.
+    /// Serves `done` from a listing of `room` fresh at `now`, or makes it wait.
+    ///
+    /// It waits for the lookup under way, or for one the caller must start.
     pub fn lookup(&self, room: &RoomName, now: Instant, done: Completion<ListingResult>) -> Lookup {
         let mut state = self.lock();
         if let Some((at, listing)) = state.fresh.get(room) {
@@ -180,8 +188,10 @@ impl ListingCache {
         }
     }
 
-    /// The lookup of `room` started at `started` came back: every waiting session gets it,
-    /// and a listing is kept for those who ask within [`LISTING_TTL`] of `started`.
+    /// The lookup of `room` started at `started` came back.
+    ///
+    /// Every waiting session gets it, and a listing is kept for those who ask within
+    /// [`LISTING_TTL`] of `started`.
     pub fn complete(&self, room: &RoomName, started: Instant, outcome: ListingResult) {
         let waiting = {
             let mut state = self.lock();

@@ -1,6 +1,7 @@
-//! One-time tickets: short-lived, single-use credentials a client gets from
-//! `POST /api/tickets` with its JWT and puts in a URL (`?ticket=`), where a JWT would leak
-//! into logs and browser history.
+//! One-time tickets: short-lived, single-use credentials for a URL.
+//!
+//! A client gets one from `POST /api/tickets` with its JWT and puts it in a URL
+//! (`?ticket=`), where a JWT would leak into logs and browser history.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -15,9 +16,10 @@ use crate::auth::Identity;
 /// Most unredeemed tickets one user may hold at once.
 pub const MAX_TICKETS_PER_USER: u32 = 16;
 
-/// Most expired tickets one operation removes, so no call holds the lock for more than a
-/// constant amount of work. Each issue adds one ticket and removes up to this many, so a
-/// backlog of expired tickets drains quickly.
+/// Most expired tickets one operation removes.
+///
+/// So no call holds the lock for more than a constant amount of work. Each issue adds one
+/// ticket and removes up to this many, so a backlog of expired tickets drains quickly.
 const SWEEP_PER_OPERATION: usize = 64;
 
 /// Why no ticket was issued.
@@ -40,8 +42,10 @@ struct Tickets {
     /// Where ticket values come from.
     rng: StdRng,
     entries: HashMap<String, Entry>,
-    /// Every ticket issued within the last `ttl`, in issue order, which is also expiry order
-    /// because the lifetime is the same for all. Redeemed tickets stay here until they expire.
+    /// Every ticket issued within the last `ttl`, in issue order.
+    ///
+    /// That is also expiry order because the lifetime is the same for all. Redeemed tickets
+    /// stay here until they expire.
     expiry: VecDeque<(Instant, String)>,
     /// Unredeemed, unexpired tickets per user.
     per_user: HashMap<Arc<str>, u32>,
@@ -74,9 +78,11 @@ impl Tickets {
     }
 }
 
-/// A bounded store of unredeemed tickets: at most `capacity` tickets issued within one
-/// lifetime, at most [`MAX_TICKETS_PER_USER`] unredeemed per user; every operation does a
-/// constant amount of work under the lock.
+/// A bounded store of unredeemed tickets.
+///
+/// It holds at most `capacity` tickets issued within one lifetime, and at most
+/// [`MAX_TICKETS_PER_USER`] unredeemed per user; every operation does a constant amount of
+/// work under the lock.
 pub struct TicketStore {
     ttl: Duration,
     capacity: usize,
@@ -93,9 +99,10 @@ impl std::fmt::Debug for TicketStore {
 }
 
 impl TicketStore {
-    /// A store whose tickets live `ttl`, holding at most `capacity` of them, drawing ticket
-    /// values from `rng`: it must be cryptographically secure and seeded from the OS in
-    /// production (tickets are credentials); tests seed it with a constant.
+    /// A store whose tickets live `ttl`, holding at most `capacity` of them.
+    ///
+    /// Ticket values are drawn from `rng`: it must be cryptographically secure and seeded
+    /// from the OS in production (tickets are credentials); tests seed it with a constant.
     pub fn new(ttl: Duration, capacity: usize, rng: StdRng) -> Self {
         Self {
             ttl,

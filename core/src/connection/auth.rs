@@ -1,5 +1,7 @@
-//! Authentication of a session: `auth` and `hello` with a token, the per-user slot a
-//! first `auth` waits for, and what becoming a user sends (`welcome`).
+//! Authentication of a session: `auth` and `hello` with a token.
+//!
+//! It also covers the per-user slot a first `auth` waits for, and what becoming a user
+//! sends (`welcome`).
 
 use std::{
     collections::VecDeque,
@@ -17,8 +19,9 @@ use crate::{
 /// The slot an `auth` waits for, filled by the cluster's answer.
 type SlotMailbox = Arc<Mutex<Option<Result<UserSlot, Rejection>>>>;
 
-/// A first `auth` whose credential is valid, waiting for the (cluster-wide) per-user
-/// count before the session becomes its user's.
+/// A first `auth` whose credential is valid, waiting for the per-user count.
+///
+/// The (cluster-wide) count decides before the session becomes its user's.
 #[derive(Debug)]
 pub(super) struct PendingAuth {
     slot: SlotMailbox,
@@ -30,8 +33,10 @@ pub(super) struct PendingAuth {
 }
 
 impl Connection {
-    /// The [`wake_signal`](Self::wake_signal) fired: finishes a first `auth` the cluster
-    /// has answered, then handles the requests that arrived meanwhile.
+    /// The [`wake_signal`](Self::wake_signal) fired.
+    ///
+    /// Finishes a first `auth` the cluster has answered, then handles the requests that
+    /// arrived meanwhile.
     pub fn on_wake(&mut self, now: Now) {
         let decided = self
             .pending_auth
@@ -92,9 +97,11 @@ impl Connection {
         Ok(())
     }
 
-    /// Takes the user's slot (in cluster mode, in the cluster-wide count) for a valid first
-    /// `auth`; the session becomes the user's when it is granted (at once on a single node,
-    /// in [`on_wake`](Self::on_wake) in cluster mode). Refused, it stays pending.
+    /// Takes the user's slot for a valid first `auth`.
+    ///
+    /// In cluster mode the slot is in the cluster-wide count. The session becomes the
+    /// user's when it is granted (at once on a single node, in [`on_wake`](Self::on_wake)
+    /// in cluster mode). Refused, it stays pending.
     fn claim_user_slot(
         &mut self,
         id: Option<&RequestId>,

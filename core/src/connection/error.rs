@@ -1,5 +1,7 @@
-//! Why a request fails. Each variant is one `error` envelope: its code comes from
-//! [`RequestError::code`], its message is the variant's text.
+//! Why a request fails.
+//!
+//! Each variant is one `error` envelope: its code comes from [`RequestError::code`], its
+//! message is the variant's text.
 
 use crate::{
     auth::AuthError,
@@ -20,8 +22,9 @@ pub enum RequestError {
     /// A request other than `auth` before the session authenticated.
     #[error("authenticate first with an `auth` frame")]
     NotAuthenticated,
-    /// More requests than [`MAX_QUEUED_DURING_AUTH`](super::MAX_QUEUED_DURING_AUTH) while a
-    /// first `auth` waits for the cluster.
+    /// Too many requests while a first `auth` waits for the cluster.
+    ///
+    /// More than [`MAX_QUEUED_DURING_AUTH`](super::MAX_QUEUED_DURING_AUTH) arrived.
     #[error("authentication in progress")]
     AuthInProgress,
     /// An `auth` on an endpoint with `auth = "none"`.

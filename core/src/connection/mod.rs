@@ -40,12 +40,15 @@ use crate::{
 /// The window over which refused frames count towards closing a flooding session.
 pub const ABUSE_WINDOW: Duration = Duration::from_secs(10);
 
-/// Requests a session may send while its first `auth` waits for the cluster's per-user
-/// count; they are handled in order once it is decided. More get `error unauthorized`.
+/// Requests a session may send while its first `auth` waits for the cluster.
+///
+/// The cluster's per-user count decides the `auth`; the requests are handled in order once
+/// it is decided. More get `error unauthorized`.
 pub const MAX_QUEUED_DURING_AUTH: usize = 32;
 
-/// Wakes a session's driver: something the connection waited for arrived, call
-/// [`Connection::on_wake`].
+/// Wakes a session's driver.
+///
+/// Something the connection waited for arrived: call [`Connection::on_wake`].
 pub type WakeSignal = Arc<tokio::sync::Notify>;
 
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
@@ -111,8 +114,9 @@ pub struct Connection {
     stats: InboundStats,
     /// Present on sessions that may authenticate with a first message.
     wake: Option<WakeSignal>,
-    /// A first `auth` waiting for the per-user count (boxed: rare, and idle sessions
-    /// should not carry its size).
+    /// A first `auth` waiting for the per-user count.
+    ///
+    /// Boxed: rare, and idle sessions should not carry its size.
     pending_auth: Option<Box<PendingAuth>>,
 }
 
@@ -193,8 +197,10 @@ impl Connection {
         self.stats
     }
 
-    /// What the driver awaits besides frames and the deadline, on sessions that have
-    /// something to wait for (a first-message `auth` in cluster mode).
+    /// What the driver awaits besides frames and the deadline, if anything.
+    ///
+    /// Only sessions that have something to wait for have it (a first-message `auth` in
+    /// cluster mode).
     pub fn wake_signal(&self) -> Option<WakeSignal> {
         self.wake.clone()
     }
@@ -226,9 +232,11 @@ impl Connection {
         }
     }
 
-    /// Frames that carry no request arrived: WebSocket control frames (ping, pong) and
-    /// continuation frames, or WebTransport streams the protocol does not use. Each takes a
-    /// token from the rate limit like any frame; returns whether all were within it.
+    /// Frames that carry no request arrived; returns whether all were within the limit.
+    ///
+    /// They are WebSocket control frames (ping, pong) and continuation frames, or
+    /// WebTransport streams the protocol does not use. Each takes a token from the rate
+    /// limit like any frame.
     pub fn on_control(&mut self, frames: u32, now: Now) -> bool {
         (0..frames).fold(true, |ok, _| self.admit_rate(now).is_some() && ok)
     }
@@ -238,8 +246,9 @@ impl Connection {
         self.liveness.on_pong();
     }
 
-    /// Runs the timers due at `now` (pings, auth deadline, token expiry) and returns when to
-    /// call again.
+    /// Runs the timers due at `now` and returns when to call again.
+    ///
+    /// The timers are pings, the auth deadline and token expiry.
     pub fn poll(&mut self, now: Instant) -> Option<Instant> {
         while let Some(action) = self.liveness.poll(now) {
             match action {
@@ -265,10 +274,12 @@ impl Connection {
         self.stats.bytes += len as u64;
     }
 
-    /// Takes a token from the session's bucket. A refused frame is answered
-    /// `rate_limited` (the 1st, 2nd, 4th, 8th... refusal of a window, so a flood does not
-    /// get one error per frame); more than `rate_burst` refusals within
-    /// [`ABUSE_WINDOW`] close the session with 4008, however many frames got through.
+    /// Takes a token from the session's bucket.
+    ///
+    /// A refused frame is answered `rate_limited` (the 1st, 2nd, 4th, 8th... refusal of a
+    /// window, so a flood does not get one error per frame); more than `rate_burst`
+    /// refusals within [`ABUSE_WINDOW`] close the session with 4008, however many frames
+    /// got through.
     fn admit_rate(&mut self, now: Now) -> Option<()> {
         if self.bucket.try_take(now.instant) {
             return Some(());

@@ -11,8 +11,10 @@ use crate::{
 };
 
 impl Connection {
-    /// Handles a request from the message stream. Refusals known at once are returned;
-    /// the answers that come later are queued by the completions.
+    /// Handles a request from the message stream.
+    ///
+    /// Refusals known at once are returned; the answers that come later are queued by the
+    /// completions.
     pub(super) fn handle_request(
         &mut self,
         request: Request,
@@ -138,8 +140,10 @@ impl Connection {
         Ok(())
     }
 
-    /// Publishes to its room if the identity may; with [`PublishReply::Ack`], answers with
-    /// the ack (its `seq`) or the cluster's failure when the cluster has taken the message.
+    /// Publishes to its room if the identity may.
+    ///
+    /// With [`PublishReply::Ack`], answers with the ack (its `seq`) or the cluster's
+    /// failure when the cluster has taken the message.
     pub(super) fn publish(
         &self,
         message: Outgoing<'_>,

@@ -1,5 +1,6 @@
-//! The connection driven as an adapter drives it, without sockets: frames in, the outbox
-//! read back, time passed in.
+//! The connection driven as an adapter drives it, without sockets.
+//!
+//! Frames go in, the outbox is read back, and time is passed in.
 
 use std::sync::Mutex;
 

@@ -1,14 +1,16 @@
-//! The one table of failure codes: `error` codes, close codes and HTTP statuses. Both
-//! fronts and the HTTP API take their codes and statuses from here.
+//! The one table of failure codes: `error` codes, close codes and HTTP statuses.
+//!
+//! Both fronts and the HTTP API take their codes and statuses from here.
 
 use std::fmt;
 
 use super::stream_frame::FrameError;
 use crate::tickets::TicketError;
 
-/// Declares a code enum and its table in one place: each variant is one row, its columns
-/// a value of the row type. The enum gets `ALL` (every row, in order) and a private
-/// `row()`; the accessors read their column from it.
+/// Declares a code enum and its table in one place.
+///
+/// Each variant is one row, its columns a value of the row type. The enum gets `ALL` (every
+/// row, in order) and a private `row()`; the accessors read their column from it.
 macro_rules! codes {
     (
         $(#[$meta:meta])*
@@ -98,8 +100,9 @@ const fn close(code: u16) -> CloseRow {
 }
 
 codes! {
-    /// Why a session is closed, with its WebSocket / WebTransport close code (PROTOCOL.md
-    /// section 8).
+    /// Why a session is closed, with its WebSocket / WebTransport close code.
+    ///
+    /// See PROTOCOL.md section 8.
     pub enum CloseCode: CloseRow {
         /// 1000: normal close.
         Normal => close(1000),
@@ -107,8 +110,10 @@ codes! {
         GoingAway => close(1001),
         /// 1002: WebSocket protocol error.
         ProtocolError => close(1002),
-        /// 1006: the connection was lost without a close. Never sent (the transport is
-        /// gone): it is what logs and metrics record for such a session.
+        /// 1006: the connection was lost without a close.
+        ///
+        /// Never sent (the transport is gone): it is what logs and metrics record for such
+        /// a session.
         Abnormal => CloseRow { code: 1006, sent: false },
         /// 1007: a text message that is not valid UTF-8 (RFC 6455).
         InvalidPayload => close(1007),
@@ -135,8 +140,9 @@ impl CloseCode {
         self.row().code
     }
 
-    /// Whether a close frame may carry this code ([`Abnormal`](Self::Abnormal) is only
-    /// recorded, never sent).
+    /// Whether a close frame may carry this code.
+    ///
+    /// [`Abnormal`](Self::Abnormal) is only recorded, never sent.
     pub fn is_sent(self) -> bool {
         self.row().sent
     }
@@ -183,8 +189,10 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// Why a transport cannot go on with a session, as either front detects it; each maps to
-/// the one close the protocol prescribes ([`close_reason`](Self::close_reason)).
+/// Why a transport cannot go on with a session, as either front detects it.
+///
+/// Each maps to the one close the protocol prescribes
+/// ([`close_reason`](Self::close_reason)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportFault {
     /// A message (or its frame header) above `max_message_bytes`: 1009.
@@ -193,8 +201,10 @@ pub enum TransportFault {
     Malformed(String),
     /// A WebSocket text message that is not UTF-8: 1007.
     InvalidUtf8,
-    /// More frames than the rate limit allows hidden inside one message (continuation
-    /// frames): 4008.
+    /// Too many frames hidden inside one message: 4008.
+    ///
+    /// More frames (continuation frames) than the rate limit allows arrived within one
+    /// message.
     Flood,
     /// The client ended the session's message stream: 1000.
     StreamClosed,
@@ -231,6 +241,8 @@ impl TransportFault {
 }
 
 impl From<FrameError> for TransportFault {
+    /// Sorts a framing error by whether the frame was over the limit.
+    ///
     /// A frame over the limit is [`TooLarge`](Self::TooLarge); any other framing error is
     /// [`Malformed`](Self::Malformed).
     fn from(e: FrameError) -> Self {
@@ -241,8 +253,9 @@ impl From<FrameError> for TransportFault {
     }
 }
 
-/// A row of the [`Rejection`] table: the HTTP status, the `error` code of the body and its
-/// message.
+/// A row of the [`Rejection`] table.
+///
+/// It holds the HTTP status, the `error` code of the body and its message.
 struct RejectionRow {
     status: u16,
     code: ErrorCode,
@@ -258,8 +271,9 @@ const fn reject(status: u16, code: ErrorCode, message: &'static str) -> Rejectio
 }
 
 codes! {
-    /// Why a WebSocket upgrade or WebTransport CONNECT is refused before any session exists
-    /// (PROTOCOL.md section 1), in the order the checks run.
+    /// Why a WebSocket upgrade or WebTransport CONNECT is refused.
+    ///
+    /// It is refused before any session exists (PROTOCOL.md section 1). The variants are in the order the checks run.
     pub enum Rejection: RejectionRow {
         /// The path is not a configured endpoint (404).
         UnknownEndpoint => reject(404, ErrorCode::NotFound, "no such endpoint"),
@@ -291,8 +305,9 @@ codes! {
         ),
         /// The server is shutting down (503).
         ShuttingDown => reject(503, ErrorCode::Internal, "shutting down"),
-        /// A ticket or the per-user count could not be checked because the cluster store is
-        /// unreachable (503).
+        /// The cluster store is unreachable, so a credential could not be checked (503).
+        ///
+        /// A ticket or the per-user count could not be checked.
         ClusterUnavailable => reject(
             503,
             ErrorCode::Internal,
@@ -318,8 +333,9 @@ impl Rejection {
     }
 }
 
-/// A failed plain HTTP request (PROTOCOL.md sections 1 and 9): the status and the `error`
-/// code of its JSON body.
+/// A failed plain HTTP request: the status and the `error` code of its JSON body.
+///
+/// See PROTOCOL.md sections 1 and 9.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HttpFailure {
     /// An API failure, answered with its code's status ([`ErrorCode::http_status`]).

@@ -105,8 +105,9 @@ impl Request {
     }
 }
 
-/// What is wrong with a frame that is not a valid request. The text is the `message` of the
-/// `error` envelope the client gets.
+/// What is wrong with a frame that is not a valid request.
+///
+/// The text is the `message` of the `error` envelope the client gets.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// A JSON text frame that is not UTF-8.
@@ -165,8 +166,9 @@ impl DecodeError {
     }
 }
 
-/// A frame that is not a valid request, with its id when it could be read: answered with
-/// an `error` envelope that echoes the id; the session stays open.
+/// A frame that is not a valid request, with its id when it could be read.
+///
+/// It is answered with an `error` envelope that echoes the id; the session stays open.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct InvalidRequest {
@@ -218,8 +220,9 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Decodes a JSON text envelope. `text` must be the whole frame; `data` is sliced out of it
-/// without copying.
+/// Decodes a JSON text envelope.
+///
+/// `text` must be the whole frame; `data` is sliced out of it without copying.
 pub fn decode_json(text: &Bytes) -> Result<Request, InvalidRequest> {
     let s = std::str::from_utf8(text).map_err(|_| DecodeError::NotUtf8)?;
     let raw = parse_envelope(s)?;
@@ -235,8 +238,10 @@ pub fn decode_json(text: &Bytes) -> Result<Request, InvalidRequest> {
     build(raw, data)
 }
 
-/// Deepest nesting of arrays and objects accepted in `data`. The gateway forwards `data`
-/// without building it, but recipients parse it: many JSON parsers recurse per level.
+/// Deepest nesting of arrays and objects accepted in `data`.
+///
+/// The gateway forwards `data` without building it, but recipients parse it: many JSON
+/// parsers recurse per level.
 pub const MAX_DATA_DEPTH: usize = 64;
 
 /// What is wrong with a `data` value that is valid JSON but unsafe to forward.
@@ -245,15 +250,17 @@ pub enum DataError {
     /// Arrays and objects nest deeper than [`MAX_DATA_DEPTH`].
     #[error("is nested deeper than {MAX_DATA_DEPTH} levels")]
     TooDeep,
-    /// A number outside the range of a 64-bit float: most clients would read it as
-    /// `Infinity`, which is not JSON.
+    /// A number outside the range of a 64-bit float.
+    ///
+    /// Most clients would read it as `Infinity`, which is not JSON.
     #[error("holds a number beyond the range of a 64-bit float")]
     NumberOutOfRange,
 }
 
-/// Checks a `data` value (valid JSON text) before it is forwarded: recipients parse it,
-/// many with parsers that recurse per level or turn huge numbers into `Infinity`. One pass,
-/// no allocation; used for client publishes and the HTTP API alike.
+/// Checks a `data` value (valid JSON text) before it is forwarded.
+///
+/// Recipients parse it, many with parsers that recurse per level or turn huge numbers into
+/// `Infinity`. One pass, no allocation; used for client publishes and the HTTP API alike.
 pub fn check_data(json: &str) -> Result<(), DataError> {
     let bytes = json.as_bytes();
     let (mut depth, mut i) = (0usize, 0usize);

@@ -1,5 +1,7 @@
-//! Encoding server envelopes (PROTOCOL.md section 5). `message` and `direct` envelopes are
-//! written by hand, once per publish, around the client's `data` bytes; the rest go through serde.
+//! Encoding server envelopes (PROTOCOL.md section 5).
+//!
+//! `message` and `direct` envelopes are written by hand, once per publish, around the
+//! client's `data` bytes; the rest go through serde.
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -61,8 +63,10 @@ impl PresenceEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResyncReason {
-    /// The room's sequence restarted in a new epoch (its backplane failed over or lost its
-    /// data, or this node lost its subscription for longer than the history covers).
+    /// The room's sequence restarted in a new epoch.
+    ///
+    /// That happens when its backplane failed over or lost its data, or when this node lost
+    /// its subscription for longer than the history covers.
     Continuity,
     /// Messages queued for this slow member were dropped under the room's overflow policy.
     Dropped,
@@ -174,8 +178,9 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
     },
-    /// The session stays a member of `room` but will not receive every message: messages
-    /// after `seq` in `epoch` follow.
+    /// The session stays a member of `room` but will not receive every message.
+    ///
+    /// Messages after `seq` in `epoch` follow.
     Resync {
         /// The room.
         room: &'a str,
@@ -252,8 +257,10 @@ pub struct MessageFrame<'a> {
 }
 
 impl MessageFrame<'_> {
-    /// Encodes the envelope around `data`: JSON data gives a text frame, binary data a binary
-    /// envelope whose header is this envelope without `data`.
+    /// Encodes the envelope around `data`.
+    ///
+    /// JSON data gives a text frame, binary data a binary envelope whose header is this
+    /// envelope without `data`.
     pub fn encode(&self, data: &Payload) -> Outbound {
         match data {
             Payload::Json(json) => {

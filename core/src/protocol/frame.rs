@@ -1,5 +1,6 @@
-//! What the encoder produces and the transport it is for: an encoded frame ready to
-//! queue, and the kind of transport a session arrived on.
+//! What the encoder produces and the transport it is for.
+//!
+//! That is an encoded frame ready to queue, and the kind of transport a session arrived on.
 
 use bytes::Bytes;
 

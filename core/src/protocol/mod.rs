@@ -1,5 +1,7 @@
-//! The wire protocol (PROTOCOL.md): envelopes, their decoding with precise errors, their
-//! encoding, binary envelopes, and the table of error and close codes.
+//! The wire protocol (PROTOCOL.md).
+//!
+//! It covers envelopes, their decoding with precise errors, their encoding, binary
+//! envelopes, and the table of error and close codes.
 
 pub mod codes;
 mod decode;

@@ -1,7 +1,8 @@
-//! Framing of the WebTransport message stream (PROTOCOL.md section 3): `kind: u8`
-//! (0 = JSON, 1 = binary envelope), `len: u32` big-endian, payload. Sans-IO: the adapter
-//! appends bytes to a buffer and takes whole frames out; a frame over the limit is refused
-//! from its header, before its payload is buffered.
+//! Framing of the WebTransport message stream (PROTOCOL.md section 3).
+//!
+//! A frame is `kind: u8` (0 = JSON, 1 = binary envelope), `len: u32` big-endian, payload.
+//! Sans-IO: the adapter appends bytes to a buffer and takes whole frames out; a frame over
+//! the limit is refused from its header, before its payload is buffered.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -62,8 +63,9 @@ impl FrameDecoder {
         Self { max_len }
     }
 
-    /// How many more bytes `buf` needs before [`decode`](Self::decode) can make progress,
-    /// never more than the current frame; lets the reader bound its buffer.
+    /// How many more bytes `buf` needs before [`decode`](Self::decode) can make progress.
+    ///
+    /// Never more than the current frame; lets the reader bound its buffer.
     pub fn wanted(&self, buf: &[u8]) -> usize {
         if buf.len() < HEADER_LEN {
             return HEADER_LEN - buf.len();
