@@ -45,16 +45,20 @@ impl Channel {
 /// The control channel's name.
 const CONTROL: &str = "gw:control";
 
-/// Whether `channel` is a room's or a user's (sharded on a cluster) rather than the
-/// control channel (broadcast to every node).
+/// Whether `channel` is a room's or a user's rather than the control channel.
+///
+/// Room and user channels are sharded on a cluster; the control channel is broadcast to
+/// every node.
 pub fn is_sharded(channel: &str) -> bool {
     channel.starts_with("gw:{")
 }
 
 /// The keys of one room.
 pub struct Keys {
-    /// A hash with the room's `seq` and `epoch`: one key, so they expire (or are evicted)
-    /// together and a restarted sequence always has a new epoch.
+    /// A hash with the room's `seq` and `epoch`.
+    ///
+    /// It is one key, so they expire (or are evicted) together and a restarted sequence
+    /// always has a new epoch.
     pub state: String,
     /// The room's history: a capped stream of its messages.
     pub stream: String,
@@ -94,8 +98,9 @@ pub fn node_users_key(node: &str) -> String {
     format!("gw:{{node:{node}}}:users")
 }
 
-/// A user's sessions per node (field: node id, value: its count), for the cluster-wide
-/// per-user connection limit.
+/// A user's sessions per node (field: node id, value: its count).
+///
+/// It serves the cluster-wide per-user connection limit.
 pub fn user_sessions_key(user: &str) -> String {
     format!("gw:{{user:{user}}}:sessions")
 }

@@ -1,5 +1,6 @@
-//! The messages nodes send each other through Redis channels, typed, with their one
-//! encoding and decoding.
+//! The messages nodes send each other through Redis channels, typed.
+//!
+//! Each has its one encoding and decoding.
 //!
 //! A room message on its channel is `SEQ EPOCH LEN META DATA` (`- LEN META DATA` for a
 //! volatile message), a presence event `P EVENT USER`, a direct message on a user's
@@ -190,8 +191,9 @@ impl Message {
     }
 }
 
-/// The message `payload` on `channel` is; `None` for anything malformed (ignored). The
-/// payload of a room or direct message is shared, not copied.
+/// The message `payload` on `channel` is; `None` for anything malformed (ignored).
+///
+/// The payload of a room or direct message is shared, not copied.
 pub fn decode(channel: &str, payload: Bytes) -> Option<Message> {
     match Channel::parse(channel)? {
         Channel::Room(room) if payload.starts_with(b"P ") => {
@@ -219,8 +221,9 @@ pub fn decode(channel: &str, payload: Bytes) -> Option<Message> {
     }
 }
 
-/// `SEQ EPOCH LEN META DATA`, or a volatile `- LEN META DATA` (any first word that is
-/// not a number).
+/// Decodes `SEQ EPOCH LEN META DATA`, or a volatile `- LEN META DATA`.
+///
+/// A volatile message has any first word that is not a number.
 fn decode_room(room: RoomName, payload: Bytes) -> Option<Message> {
     let (first, rest) = word(&payload)?;
     let Ok(seq) = std::str::from_utf8(&first).ok()?.parse::<u64>() else {
