@@ -4,15 +4,17 @@ use std::collections::{HashMap, HashSet};
 
 use gateway_core::protocol::{MemberInfo, RoomName};
 
-/// Ended memberships this node keeps to unlist from Redis (about 300 B each). Past it, it
-/// forgets them and sweeps its own listings at the next heartbeat Redis answers, then
-/// lists again what it holds: an outage of any length costs bounded memory.
+/// Ended memberships this node keeps to unlist from Redis (about 300 B each).
+///
+/// Past it, it forgets them and sweeps its own listings at the next heartbeat Redis
+/// answers, then lists again what it holds: an outage of any length costs bounded memory.
 const MAX_RETRACT: usize = 16_384;
 
-/// What this node has told Redis it holds (its record, the truth Redis is made to match),
-/// and what it still owes Redis: writes that failed or were refused, made again at the
-/// next heartbeat, and everything again after its liveness expired (it may have been
-/// swept).
+/// What this node has told Redis it holds, and what it still owes Redis.
+///
+/// What it told is its record, the truth Redis is made to match. What it owes is writes
+/// that failed or were refused, made again at the next heartbeat, and everything again
+/// after its liveness expired (it may have been swept).
 #[derive(Default)]
 pub(super) struct Announced {
     /// Room memberships: (room, session) to the member and its presence-events flag.
@@ -25,15 +27,18 @@ pub(super) struct Announced {
     pub(super) owed_members: HashSet<(RoomName, String)>,
     /// Users whose count Redis may not match.
     pub(super) owed_users: HashSet<String>,
-    /// Sweeps of this node's own listings asked for (`retract` overflowed), and the one
-    /// the keep-alive last made.
+    /// Sweeps of this node's own listings asked for, and the one the keep-alive last made.
+    ///
+    /// A sweep is asked for when `retract` overflowed.
     pub(super) resweep_asked: u64,
     pub(super) resweep_done: u64,
 }
 
 impl Announced {
-    /// Keeps `retract` (and with it `owed_members`, a subset of `members` and `retract`)
-    /// within [`MAX_RETRACT`]: past it, a sweep of this node's own listings replaces them.
+    /// Keeps `retract` within [`MAX_RETRACT`].
+    ///
+    /// `owed_members`, a subset of `members` and `retract`, is kept within it too: past it,
+    /// a sweep of this node's own listings replaces them.
     pub(super) fn bound(&mut self) {
         if self.retract.len() <= MAX_RETRACT {
             return;

@@ -1,9 +1,10 @@
-//! The circuit breaker in front of Redis. A Redis that stops answering (stopped, overloaded,
-//! a network partition that drops packets) would otherwise make every command wait for its
-//! whole deadline, one after another. After [`TRIP_AFTER`] commands in a row got no
-//! answer, the breaker opens: every operation fails at once, without being sent, until a
-//! probe (a `PING` every [`PROBE_EVERY`]) is answered. `/healthz` says `degraded` while it
-//! is open.
+//! The circuit breaker in front of Redis.
+//!
+//! A Redis that stops answering (stopped, overloaded, a network partition that drops
+//! packets) would otherwise make every command wait for its whole deadline, one after
+//! another. After [`TRIP_AFTER`] commands in a row got no answer, the breaker opens: every
+//! operation fails at once, without being sent, until a probe (a `PING` every
+//! [`PROBE_EVERY`]) is answered. `/healthz` says `degraded` while it is open.
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU32, Ordering},

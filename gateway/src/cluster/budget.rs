@@ -29,12 +29,15 @@ use std::{
 
 use gateway_core::protocol::RoomName;
 
-/// What a room with history costs Redis before its entries: the state hash (seq, epoch:
-/// 120 B) and the stream with its first listpack node (4,752 B with one small entry),
-/// measured with `MEMORY USAGE` on Redis 7.0.15; rounded up.
+/// What a room with history costs Redis before its entries, rounded up.
+///
+/// It covers the state hash (seq, epoch) and the stream with its first listpack node
+/// (docs/cluster.md, "The room budget in Redis", has the `MEMORY USAGE` figures).
 pub(super) const ROOM_BYTES: usize = 5 * 1024;
-/// What a history entry costs beyond its meta and payload (stream id, field names,
-/// listpack and radix-tree overhead: 100 entries of 1,012 B took 127,096 B more than one).
+/// What a history entry costs beyond its meta and payload.
+///
+/// It covers the stream id, field names, listpack and radix-tree overhead (docs/cluster.md,
+/// "The room budget in Redis", has the measurement).
 pub(super) const ENTRY_OVERHEAD: usize = 256;
 
 /// One room this node created.
@@ -89,8 +92,9 @@ impl RoomBudget {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a new room with `history` may be created: always without history (not
-    /// counted), else while the estimate is under the budget.
+    /// Whether a new room with `history` may be created.
+    ///
+    /// Always without history (not counted), else while the estimate is under the budget.
     pub(super) fn may_create(&self, history: usize) -> bool {
         history == 0 || self.rooms().total < self.limit
     }
@@ -241,8 +245,8 @@ mod tests {
 
     #[test]
     fn rooms_without_history_do_not_spend_the_budget_of_rooms_with_history() {
-        // Review finding 4: fresh room names published to (no history) used to count
-        // until every new room with history was refused, and filled the map.
+        // Fresh room names published to (no history) must not count, else they would
+        // refuse every new room with history and fill the map.
         let budget = RoomBudget::new(3 * ROOM_BYTES);
         let now = Instant::now();
         let ttl = Duration::from_secs(60);

@@ -1,5 +1,6 @@
-//! The commands the worker runs for the hub, and the kinds of operation their lanes are
-//! grouped by.
+//! The commands the worker runs for the hub, and the kinds of operation of their lanes.
+//!
+//! The lanes are grouped by those kinds.
 
 use std::sync::Arc;
 
@@ -52,8 +53,10 @@ pub(super) enum Command {
 /// A kind of operation: its own lanes, queues and connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// Publishes, memberships (presence), and joins' subscriptions and views: one room's
-    /// commands in one lane, so a member is listed before a later join's view counts it.
+    /// Publishes, memberships (presence), and joins' subscriptions and views.
+    ///
+    /// One room's commands run in one lane, so a member is listed before a later join's
+    /// view counts it.
     Rooms,
     /// Presence listings (read-only, possibly large).
     Listing,
@@ -86,11 +89,13 @@ impl Kind {
         }
     }
 
-    /// Commands one lane's queue holds. A publish holds at most `max_message_bytes`
-    /// (64 KiB by default): 8 × 256 × 64 KiB = 128 MiB at worst for the rooms' queues (with
-    /// 1 KiB messages, 2 MiB). 256 absorbs a burst of one busy room's publishers: a lane
-    /// runs a command per round trip (about 10,000/s on loopback), so a full queue drains
-    /// in some 25 ms, far within the 2 s deadline.
+    /// Commands one lane's queue holds.
+    ///
+    /// A publish holds at most `max_message_bytes` (64 KiB by default): 8 × 256 × 64 KiB =
+    /// 128 MiB at worst for the rooms' queues (with 1 KiB messages, 2 MiB). 256 absorbs a
+    /// burst of one busy room's publishers: a lane runs a command per round trip (about
+    /// 10,000/s on loopback), so a full queue drains in some 25 ms, far within the 2 s
+    /// deadline.
     pub(super) fn capacity(self) -> usize {
         match self {
             Kind::Rooms => 256,
@@ -131,8 +136,9 @@ impl Command {
         }
     }
 
-    /// Fails the command without running it: its caller gets `why`; a write this node
-    /// owes Redis is marked to be made again at the next heartbeat.
+    /// Fails the command without running it: its caller gets `why`.
+    ///
+    /// A write this node owes Redis is marked to be made again at the next heartbeat.
     pub(super) fn refuse(self, shared: &Shared, why: ClusterUnavailable) {
         match self {
             Command::Publish(_, done) => done(Err(why)),
@@ -149,8 +155,10 @@ impl Command {
     }
 }
 
-/// `done`, answered "cluster unavailable" if it is dropped unanswered (its command
-/// panicked in a lane, or the lane is gone): a caller always gets an answer.
+/// `done`, answered "cluster unavailable" if it is dropped unanswered.
+///
+/// It is dropped so when its command panicked in a lane, or the lane is gone: a caller
+/// always gets an answer.
 pub(super) fn answered_on_drop<T: 'static>(
     done: Completion<Result<T, ClusterUnavailable>>,
 ) -> Completion<Result<T, ClusterUnavailable>> {

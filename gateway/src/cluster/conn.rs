@@ -1,8 +1,9 @@
-//! The connections of the backplane, to one Redis or to a Redis Cluster: commands (one
-//! [`Conn`] that either kind answers the same way, scripts routed by their first key's
-//! slot), and the subscriber's [`Subscriber`] (classic pub/sub on one Redis; sharded
-//! pub/sub for room and user channels on a cluster, so a message travels only within its
-//! shard).
+//! The connections of the backplane, to one Redis or to a Redis Cluster.
+//!
+//! Commands go through one [`Conn`] that either kind answers the same way, scripts routed
+//! by their first key's slot. The subscriber has its [`Subscriber`]: classic pub/sub on one
+//! Redis; sharded pub/sub for room and user channels on a cluster, so a message travels
+//! only within its shard.
 
 use std::{
     sync::{Arc, Mutex},
@@ -68,8 +69,9 @@ impl Target {
         }
     }
 
-    /// A command connection that fails fast while Redis is unreachable (the libraries'
-    /// defaults retry for minutes and would hold every queued operation).
+    /// A command connection that fails fast while Redis is unreachable.
+    ///
+    /// The libraries' defaults retry for minutes and would hold every queued operation.
     pub(super) async fn command_connection(&self) -> Option<Conn> {
         let connect = async {
             match self {
@@ -102,9 +104,10 @@ impl Target {
     }
 }
 
-/// A client of the cluster at `seeds` that gives up quickly (a failover is followed by
-/// the library's own retries within that budget); with `push`, on RESP3 with pushes
-/// (pub/sub messages and disconnections) sent there.
+/// A client of the cluster at `seeds` that gives up quickly.
+///
+/// A failover is followed by the library's own retries within that budget. With `push`, it
+/// is on RESP3 with pushes (pub/sub messages and disconnections) sent there.
 pub(super) fn cluster_client(
     seeds: &[String],
     push: Option<tokio::sync::mpsc::UnboundedSender<PushInfo>>,
@@ -132,10 +135,11 @@ pub(super) enum Conn {
     Cluster(Box<ClusterConn>),
 }
 
-/// A cluster connection that starts afresh after a connection failure: the library's
-/// connection can keep failing on its stale view of the cluster after a failover
-/// ("no connections found"), so the command that failed fails, and the next one goes
-/// through a new connection that discovered the topology again. Clones share the
+/// A cluster connection that starts afresh after a connection failure.
+///
+/// The library's connection can keep failing on its stale view of the cluster after a
+/// failover ("no connections found"), so the command that failed fails, and the next one
+/// goes through a new connection that discovered the topology again. Clones share the
 /// connection they use (the pool's slot and the lanes' clones of it): the fresh one
 /// replaces it for all of them, not only for the clone whose command failed.
 #[derive(Clone)]
@@ -164,17 +168,20 @@ impl ClusterConn {
     }
 }
 
-/// Whether the command failed because writing it failed (a broken pipe: the connection
-/// broke while idle, say Redis restarted): Redis never got it, so it is safe to send again
-/// once, whatever it does (the connection manager reconnects meanwhile).
+/// Whether the command failed because writing it failed, so it is safe to send again.
+///
+/// A broken pipe means the connection broke while idle (say Redis restarted): Redis never
+/// got the command, so it is safe to send again once, whatever it does (the connection
+/// manager reconnects meanwhile).
 fn never_sent(e: &redis::RedisError) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<std::io::Error>())
         .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-/// Whether `e` says the connection (or the cluster's view of it) is broken, rather than
-/// the command.
+/// Whether `e` says the connection is broken, rather than the command.
+///
+/// The connection here includes the cluster's view of it.
 fn is_connection_failure(e: &redis::RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_refusal()
@@ -237,8 +244,10 @@ impl ConnectionLike for Conn {
 pub(super) enum Subscriber {
     /// Classic pub/sub on one Redis.
     Single(PubSubSink),
-    /// On a cluster: sharded subscriptions for room and user channels (each on its
-    /// slot's master), classic for the control channel (broadcast to every node).
+    /// On a cluster: sharded subscriptions for room and user channels, classic for control.
+    ///
+    /// Each sharded subscription is on its slot's master; the control channel is broadcast
+    /// to every node.
     Cluster(ClusterConnection),
 }
 

@@ -2,8 +2,10 @@
 
 use gateway_core::backplane::ClusterUnavailable;
 
-/// Why the backplane could not start or an operation failed. Its text is for the log
-/// only: clients get a [`ClusterUnavailable`] without internals (see [`Self::for_client`]).
+/// Why the backplane could not start or an operation failed.
+///
+/// Its text is for the log only: clients get a [`ClusterUnavailable`] without internals
+/// (see [`Self::for_client`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// A URL is not a Redis URL.
@@ -24,8 +26,9 @@ pub enum ClusterError {
     /// Redis did not answer before the operation's deadline.
     #[error("redis did not answer in time")]
     Timeout,
-    /// The operation was not sent: its deadline passed in the queue, or the circuit
-    /// breaker is open.
+    /// The operation was not sent.
+    ///
+    /// Its deadline passed in the queue, or the circuit breaker is open.
     #[error("not sent to redis")]
     NotSent,
     /// The room has no state and the room budget allows no new one.
@@ -34,8 +37,10 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    /// Whether Redis gave no answer (a timeout, a broken or refused connection), rather
-    /// than an answer: what the circuit breaker counts.
+    /// Whether Redis gave no answer, rather than an answer.
+    ///
+    /// This is what the circuit breaker counts. No answer is a timeout, or a broken or
+    /// refused connection.
     pub(super) fn unanswered(&self) -> bool {
         match self {
             ClusterError::Redis(e) => {
@@ -58,8 +63,10 @@ impl ClusterError {
         }
     }
 
-    /// What the hub's caller is told. `delivery`: the operation delivers something (a
-    /// publish, a direct message), so one sent that got no answer may have taken effect.
+    /// What the hub's caller is told.
+    ///
+    /// `delivery`: the operation delivers something (a publish, a direct message), so one
+    /// sent that got no answer may have taken effect.
     pub(super) fn for_client(&self, delivery: bool) -> ClusterUnavailable {
         match self {
             ClusterError::RoomBudget => ClusterUnavailable::RoomBudget,

@@ -19,15 +19,18 @@ use gateway_core::{backplane::RoomView, protocol::RoomName};
 
 use super::message::Message;
 
-/// The first wait before connecting again (doubled after each failure, up to the
-/// follower's longest).
+/// The first wait before connecting again.
+///
+/// It is doubled after each failure, up to the follower's longest.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Views tried for one room's catch-up before it is resynced.
 pub(super) const VIEW_TRIES: u32 = 3;
 /// The wait between two tries of a room's view.
 const VIEW_RETRY: Duration = Duration::from_millis(200);
-/// Channel messages held while a catch-up runs; beyond it the connection is treated as
-/// lost (a new one catches every room up again from the hub's positions).
+/// Channel messages held while a catch-up runs.
+///
+/// Beyond it the connection is treated as lost (a new one catches every room up again from
+/// the hub's positions).
 pub(super) const MAX_HELD: usize = 4096;
 
 /// How the follower waits before connecting again.
@@ -35,9 +38,11 @@ pub(super) const MAX_HELD: usize = 4096;
 pub(super) struct Retry {
     /// The longest wait.
     pub(super) max: Duration,
-    /// Whether a connection that connected and then failed (subscribing, or lost later)
-    /// also doubles the wait. A Redis Cluster does (a failover takes a few seconds); one
-    /// Redis tries again after the first wait, and doubles only while connecting fails.
+    /// Whether a connection that connected and then failed also doubles the wait.
+    ///
+    /// It failed subscribing, or was lost later. A Redis Cluster does (a failover takes a
+    /// few seconds); one Redis tries again after the first wait, and doubles only while
+    /// connecting fails.
     pub(super) double_after_connecting: bool,
 }
 
@@ -49,8 +54,10 @@ pub(super) type Position = (u64, Arc<str>);
 pub(super) enum Event {
     /// A new pub/sub connection is up, subscribed to nothing yet.
     Connected,
-    /// Connecting failed, subscribing on the new connection failed, or the connection
-    /// was lost.
+    /// The connection failed or was lost.
+    ///
+    /// Connecting failed, subscribing on the new connection failed, or the connection was
+    /// lost.
     Lost,
     /// Every wanted channel is subscribed on the new connection.
     Subscribed,
@@ -62,13 +69,16 @@ pub(super) enum Event {
     Viewed(RoomView),
     /// Reading the view of the room being caught up failed.
     ViewFailed,
-    /// The hub caught the room up: its channel messages up to this sequence number are
-    /// accounted for.
+    /// The hub caught the room up.
+    ///
+    /// Its channel messages up to this sequence number are accounted for.
     CaughtUp(u64),
     /// A message on a channel.
     Message(Message),
-    /// Redis answered the heartbeat; `expired`: this node's liveness had expired (other
-    /// nodes may have swept what it listed).
+    /// Redis answered the heartbeat.
+    ///
+    /// `expired`: this node's liveness had expired (other nodes may have swept what it
+    /// listed).
     Heartbeat {
         /// This node's liveness had expired.
         expired: bool,
@@ -87,8 +97,9 @@ pub(super) enum Action {
     SubscribeAll,
     /// Subscribe a channel Redis unsubscribed again, if it is still wanted.
     Resubscribe(String),
-    /// Read a room's view in Redis after its position (answered by `Viewed` or
-    /// `ViewFailed`).
+    /// Read a room's view in Redis after its position.
+    ///
+    /// Answered by `Viewed` or `ViewFailed`.
     View {
         room: RoomName,
         since: Position,
@@ -115,8 +126,9 @@ pub(super) enum HubCall {
         from: Position,
         view: RoomView,
     },
-    /// What a room missed is unknown: its members get `resync` with its next message
-    /// (answered by `CaughtUp`).
+    /// What a room missed is unknown: its members get `resync` with its next message.
+    ///
+    /// Answered by `CaughtUp`.
     Resync { room: RoomName, from: Position },
     /// Hand a channel message to the hub.
     Deliver(Message),
@@ -147,8 +159,9 @@ pub(super) struct Follower {
     link: Link,
     backoff: Duration,
     retry: Retry,
-    /// Per room, the sequence number the catch-up accounted for: channel messages up to
-    /// it, which may still be on their way, are not delivered twice.
+    /// Per room, the sequence number the catch-up accounted for.
+    ///
+    /// Channel messages up to it, which may still be on their way, are not delivered twice.
     caught: HashMap<RoomName, u64>,
     /// Rooms still to catch up after the current one.
     rooms: VecDeque<(RoomName, u64, Arc<str>)>,
@@ -226,8 +239,9 @@ impl Follower {
         out
     }
 
-    /// The connection is gone (or never came): forget what it held, connect again after
-    /// the wait.
+    /// The connection is gone (or never came).
+    ///
+    /// Forgets what it held, and connects again after the wait.
     fn lost(&mut self, out: &mut Vec<Action>) {
         let connected = self.link != Link::Down;
         self.link = Link::Down;
@@ -243,8 +257,9 @@ impl Follower {
         }
     }
 
-    /// Starts the next room's catch-up, or ends the catch-up: then what was held is
-    /// delivered.
+    /// Starts the next room's catch-up, or ends the catch-up.
+    ///
+    /// When the catch-up ends, what was held is delivered.
     fn next_room(&mut self, out: &mut Vec<Action>) {
         if let Some((room, seq, epoch)) = self.rooms.pop_front() {
             out.push(Action::View {
@@ -267,8 +282,9 @@ impl Follower {
         }
     }
 
-    /// The current room's view failed: tried again a little later, or after
-    /// [`VIEW_TRIES`] the room is resynced.
+    /// The current room's view failed.
+    ///
+    /// It is tried again a little later, or after [`VIEW_TRIES`] the room is resynced.
     fn view_failed(&mut self, out: &mut Vec<Action>) {
         let Some(c) = &mut self.current else { return };
         c.failures += 1;
@@ -286,8 +302,10 @@ impl Follower {
         });
     }
 
-    /// Delivers `message`, unless the catch-up accounted for it already (its room's
-    /// sequence number up to the caught-up one); the first newer one ends the check.
+    /// Delivers `message`, unless the catch-up accounted for it already.
+    ///
+    /// It was accounted for when its room's sequence number is up to the caught-up one; the
+    /// first newer one ends the check.
     fn deliver(&mut self, message: Message, out: &mut Vec<Action>) {
         if let Message::Room { room, seq, .. } = &message {
             if let Some(&upto) = self.caught.get(room) {

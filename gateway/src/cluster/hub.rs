@@ -11,8 +11,9 @@ use super::{
     message::{Body, Message},
 };
 
-/// Makes `call` on `hub` (`None`: the hub is gone, or not attached yet); returns the
-/// event that answers it, if any.
+/// Makes `call` on `hub`; returns the event that answers it, if any.
+///
+/// `hub` is `None` when the hub is gone, or not attached yet.
 pub(super) fn call(hub: Option<&Hub>, call: HubCall) -> Option<Event> {
     let Some(hub) = hub else {
         // No rooms to catch up, nobody to deliver to.

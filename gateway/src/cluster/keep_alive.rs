@@ -1,5 +1,7 @@
-//! The keep-alive task: this node's liveness, the sweep of dead nodes, and the writes
-//! this node still owes Redis.
+//! The keep-alive task.
+//!
+//! It keeps this node's liveness, sweeps dead nodes, and makes the writes this node still
+//! owes Redis.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -18,10 +20,12 @@ use super::{
     worker::Lanes,
 };
 
-/// Refreshes this node's liveness every `heartbeat`, sweeps dead nodes' memberships, lets
-/// lapsed rooms go from the room budget, and queues again the writes this node owes
-/// Redis. When its own liveness had expired (Redis unreachable for three heartbeats, or
-/// restarted without its data), other nodes may have swept it: it owes everything.
+/// Refreshes this node's liveness every `heartbeat`, and more.
+///
+/// It sweeps dead nodes' memberships, lets lapsed rooms go from the room budget, and queues
+/// again the writes this node owes Redis. When its own liveness had expired (Redis
+/// unreachable for three heartbeats, or restarted without its data), other nodes may have
+/// swept it: it owes everything.
 pub(super) async fn keep_alive(
     target: Target,
     shared: Arc<Shared>,
@@ -91,8 +95,9 @@ async fn beat(
     scripts.heartbeat(c, &shared.node, heartbeat).await
 }
 
-/// Queues a write for everything this node owes Redis (one task at a time; it waits for
-/// room in the lanes' queues rather than being refused).
+/// Queues a write for everything this node owes Redis.
+///
+/// One task at a time; it waits for room in the lanes' queues rather than being refused.
 fn requeue_owed(shared: &Arc<Shared>, lanes: &Arc<Lanes>) {
     let (members, users) = {
         let mut announced = shared.announced();

@@ -1,6 +1,8 @@
-//! Cluster mode on Redis (`[cluster] redis`): the [`RedisCluster`] backplane that orders
-//! every room's messages cluster-wide and carries direct messages between nodes. The
-//! design is docs/cluster.md; what it covers today is the README's "Scaling out".
+//! Cluster mode on Redis (`[cluster] redis`).
+//!
+//! The [`RedisCluster`] backplane orders every room's messages cluster-wide and carries
+//! direct messages between nodes. The design is docs/cluster.md; what it covers today is
+//! the README's "Scaling out".
 //!
 //! Split like quinn, I/O apart from the rules:
 //! - [`channel`]: channel and key names, hash tags; [`message`]: the typed channel
@@ -83,10 +85,11 @@ impl std::fmt::Debug for RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts the worker, keep-alive and subscriber tasks for `redis` (one Redis, or a
-    /// Redis Cluster); rooms this node creates in Redis are held to `room_budget` bytes.
-    /// Redis need not be up yet: until it is, operations fail with "cluster unavailable"
-    /// and `/healthz` says `degraded`.
+    /// Starts the worker, keep-alive and subscriber tasks for `redis`.
+    ///
+    /// `redis` is one Redis, or a Redis Cluster; rooms this node creates in Redis are held
+    /// to `room_budget` bytes. Redis need not be up yet: until it is, operations fail with
+    /// "cluster unavailable" and `/healthz` says `degraded`.
     pub fn start(
         redis: &RedisTarget,
         policies: RoomPolicies,
@@ -132,8 +135,9 @@ impl RedisCluster {
         let _ = self.shared.errors.set(errors);
     }
 
-    /// Issues a one-time ticket for `identity` valid `ttl` on every node; `Ok(None)` when
-    /// the user already holds the most unredeemed tickets allowed.
+    /// Issues a one-time ticket for `identity` valid `ttl` on every node.
+    ///
+    /// `Ok(None)` when the user already holds the most unredeemed tickets allowed.
     pub async fn issue_ticket(
         &self,
         identity: &Identity,

@@ -9,14 +9,17 @@ use tracing::warn;
 
 use super::{conn::COMMAND_TIMEOUT, error::ClusterError, shared::Shared};
 
-/// How often the reconciler looks for subscriptions to change even when not woken (and
-/// how long it waits after a failed one before trying again).
+/// How often the reconciler looks for subscriptions to change even when not woken.
+///
+/// It is also how long it waits after a failed one before trying again.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
-/// Brings the pub/sub connection's subscriptions to the wanted channels: woken when they
-/// change, and every [`RECONCILE_EVERY`] (a failed change is tried again then). Changes
-/// coalesce (a room closed and opened again meanwhile costs nothing); a new connection is
-/// subscribed to every wanted channel by the subscriber, then compared in full here.
+/// Brings the pub/sub connection's subscriptions to the wanted channels.
+///
+/// It is woken when they change, and runs every [`RECONCILE_EVERY`] (a failed change is
+/// tried again then). Changes coalesce (a room closed and opened again meanwhile costs
+/// nothing); a new connection is subscribed to every wanted channel by the subscriber, then
+/// compared in full here.
 pub(super) async fn reconcile(shared: Arc<Shared>) {
     loop {
         tokio::select! {
@@ -76,8 +79,9 @@ fn failed(shared: &Shared, e: &ClusterError, what: &'static str) {
     shared.reconcile_all();
 }
 
-/// Subscribes every wanted channel on a new connection, one at a time (each to its own
-/// slot); whether all succeeded. The subscription counts as up only then.
+/// Subscribes every wanted channel on a new connection; whether all succeeded.
+///
+/// One at a time, each to its own slot. The subscription counts as up only then.
 pub(super) async fn subscribe_all(shared: &Shared) -> bool {
     let wanted: Vec<String> = shared.wanted().channels.iter().cloned().collect();
     let mut sink = shared.sink.lock().await;
@@ -113,8 +117,9 @@ pub(super) async fn resubscribe(shared: &Shared, channel: &str) {
     }
 }
 
-/// Makes the pub/sub connection hear `channel` if it is still wanted (confirmed by
-/// Redis); a channel no longer wanted is left to the reconciler.
+/// Makes the pub/sub connection hear `channel` if it is still wanted.
+///
+/// Redis confirms it; a channel no longer wanted is left to the reconciler.
 pub(super) async fn listen(shared: &Shared, channel: &str) -> Result<(), ClusterError> {
     // The subscriber may be connecting again (on a cluster it does after every failover):
     // wait a little for it rather than fail the join at once.

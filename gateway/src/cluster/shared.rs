@@ -1,5 +1,7 @@
-//! What the backplane's tasks share: the channels wanted, the pub/sub connection, this
-//! node's record, the follower, the breaker and the room budget.
+//! What the backplane's tasks share.
+//!
+//! That is the channels wanted, the pub/sub connection, this node's record, the follower,
+//! the breaker and the room budget.
 
 use std::sync::{atomic::AtomicBool, Mutex, MutexGuard, OnceLock, Weak};
 
@@ -116,8 +118,10 @@ impl Shared {
         self.reconcile.notify_one();
     }
 
-    /// The hub closed `room` (no local member left): no longer heard, and its budget
-    /// charge lapses one history lifetime from now.
+    /// The hub closed `room` (no local member left).
+    ///
+    /// The room is no longer heard, and its budget charge lapses one history lifetime from
+    /// now.
     pub(super) fn close_room(&self, room: &RoomName) {
         {
             // Under the wanted lock, so a join's view completing meanwhile sees it closed
@@ -145,9 +149,10 @@ impl Shared {
         }
     }
 
-    /// Counts a command of the kind named `kind` refused without being run (`busy`: its
-    /// queue was full; `open`: the breaker; `expired`: its deadline passed in the queue;
-    /// `room_budget`).
+    /// Counts a command of the kind named `kind` refused without being run.
+    ///
+    /// The `reason` is `busy` (its queue was full), `open` (the breaker), `expired` (its
+    /// deadline passed in the queue) or `room_budget`.
     pub(super) fn count_refused(&self, kind: &'static str, reason: &'static str) {
         if let Some(errors) = self.errors.get() {
             errors.refused(kind, reason);

@@ -1,5 +1,7 @@
-//! The subscriber task: the one loop that holds the pub/sub connection, for one Redis and
-//! for a Redis Cluster alike, and does what the [`Follower`](super::follower) calls for.
+//! The subscriber task: the one loop that holds the pub/sub connection.
+//!
+//! It serves one Redis and a Redis Cluster alike, and does what the
+//! [`Follower`](super::follower) calls for.
 //!
 //! On one Redis every channel is a classic subscription; on a cluster room and user
 //! channels are sharded ones (`SSUBSCRIBE`, each on its slot's master), the control
@@ -26,9 +28,10 @@ use super::{
     wanted::Sink,
 };
 
-/// How the follower waits before connecting again: on a cluster a failover takes a few
-/// seconds, so it retries often enough (at most 1 s apart) to be back soon after it; one
-/// Redis waits up to 5 s while it cannot be reached, as before the split.
+/// How the follower waits before connecting again.
+///
+/// On a cluster a failover takes a few seconds, so it retries often enough (at most 1 s
+/// apart) to be back soon after it; one Redis waits up to 5 s while it cannot be reached.
 pub(super) fn retry(target: &Target) -> Retry {
     Retry {
         max: if target.sharded() {
@@ -53,9 +56,10 @@ struct Subscriber {
     view_error: Option<ClusterError>,
 }
 
-/// Holds the pub/sub connection for good: does the follower's actions in order (the
-/// actions an outcome calls for before any other), and reads the connection when none
-/// is left, so every catch-up ends before the next message is handed over.
+/// Holds the pub/sub connection for good and does the follower's actions in order.
+///
+/// The actions an outcome calls for come before any other, and the connection is read when
+/// none is left, so every catch-up ends before the next message is handed over.
 pub(super) async fn run(target: Target, shared: Arc<Shared>) {
     let start = shared
         .follower
@@ -173,8 +177,9 @@ impl Subscriber {
         }
     }
 
-    /// A room's view after `since` (rooms with members here are never refused by the
-    /// budget).
+    /// A room's view after `since`.
+    ///
+    /// Rooms with members here are never refused by the budget.
     async fn view(
         &mut self,
         room: &gateway_core::protocol::RoomName,

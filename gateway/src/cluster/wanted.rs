@@ -7,22 +7,28 @@ use super::{
     error::ClusterError,
 };
 
-/// Channels whose wish changed that the reconciler is told about one by one; beyond, it
-/// compares every wanted channel with every subscribed one instead (the memory stays
-/// bounded whatever the churn of rooms and users while the subscriber is slow).
+/// Channels whose wish changed that the reconciler is told about one by one.
+///
+/// Beyond, it compares every wanted channel with every subscribed one instead (the memory
+/// stays bounded whatever the churn of rooms and users while the subscriber is slow).
 const MAX_DIRTY: usize = 4096;
 
-/// The channels this node needs: the desired state the reconciler brings the pub/sub
-/// connection to. Bounded by the hub: rooms with local members (and joins under way),
-/// users with local sessions, the control channel.
+/// The channels this node needs.
+///
+/// They are the desired state the reconciler brings the pub/sub connection to. Bounded by
+/// the hub: rooms with local members (and joins under way), users with local sessions, the
+/// control channel.
 #[derive(Default)]
 pub(super) struct Wanted {
     pub(super) channels: HashSet<String>,
-    /// Channels whose wish changed since the reconciler last looked (at most
-    /// [`MAX_DIRTY`]; beyond, `full`).
+    /// Channels whose wish changed since the reconciler last looked.
+    ///
+    /// At most [`MAX_DIRTY`]; beyond, `full`.
     pub(super) dirty: HashSet<String>,
-    /// Compare every channel: the pub/sub connection is new, a change failed, or more
-    /// than [`MAX_DIRTY`] changed.
+    /// Compare every channel.
+    ///
+    /// Set when the pub/sub connection is new, a change failed, or more than [`MAX_DIRTY`]
+    /// changed.
     pub(super) full: bool,
 }
 
@@ -61,8 +67,9 @@ impl Sink {
         }
     }
 
-    /// Subscribes `channel` (`subscribe`) or unsubscribes it, within the command timeout;
-    /// what Redis confirmed is recorded.
+    /// Subscribes `channel` (`subscribe`) or unsubscribes it, within the command timeout.
+    ///
+    /// What Redis confirmed is recorded.
     pub(super) async fn change(
         &mut self,
         channel: &str,

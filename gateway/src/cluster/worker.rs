@@ -123,10 +123,12 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
-/// One lane: its commands one after the other. A command that panics (a bug, say in a
-/// hub completion) is logged and counted (`gateway_backplane_errors_total{op="lane_panic"}`);
-/// its caller is answered "cluster unavailable" (see [`answered_on_drop`]) and the lane
-/// goes on with the next command rather than die with its queue.
+/// One lane: its commands one after the other.
+///
+/// A command that panics (a bug, say in a hub completion) is logged and counted
+/// (`gateway_backplane_errors_total{op="lane_panic"}`); its caller is answered "cluster
+/// unavailable" (see [`answered_on_drop`]) and the lane goes on with the next command
+/// rather than die with its queue.
 async fn lane(mut rx: mpsc::Receiver<Job>, worker: Arc<Worker>) {
     while let Some(job) = rx.recv().await {
         let run = std::panic::AssertUnwindSafe(worker.run(job));
@@ -172,8 +174,9 @@ impl Worker {
         slot.clone()
     }
 
-    /// Whether a command of `kind` may still be sent: not if its deadline passed in the
-    /// queue or the breaker is open (counted as refused).
+    /// Whether a command of `kind` may still be sent.
+    ///
+    /// Not if its deadline passed in the queue or the breaker is open (counted as refused).
     fn admit(&self, kind: Kind, deadline: Instant) -> Result<(), ClusterError> {
         let reason = if Instant::now() >= deadline {
             "expired"
@@ -186,11 +189,12 @@ impl Worker {
         Err(ClusterError::NotSent)
     }
 
-    /// Runs `op` on `kind`'s connection before `deadline`, if admitted (see
-    /// [`Self::admit`]). Logs and counts a failure as `name`, and tells the breaker
+    /// Runs `op` on `kind`'s connection before `deadline`, if admitted.
+    ///
+    /// See [`Self::admit`]. Logs and counts a failure as `name`, and tells the breaker
     /// whether Redis answered; clients get no detail of it. `delivery`: the operation
-    /// delivers something (a publish, a direct message), so one sent without an answer
-    /// may have taken effect.
+    /// delivers something (a publish, a direct message), so one sent without an answer may
+    /// have taken effect.
     async fn bounded<T>(
         &self,
         kind: Kind,
@@ -308,8 +312,9 @@ impl Worker {
         result.map(|p| p.seq)
     }
 
-    /// Hears `room`'s channel, then reads its view (heard before the view: no message
-    /// after the view's sequence is missed).
+    /// Hears `room`'s channel, then reads its view.
+    ///
+    /// It is heard before the view so that no message after the view's sequence is missed.
     async fn open_room(
         &self,
         deadline: Instant,
@@ -333,8 +338,9 @@ impl Worker {
         Ok(view)
     }
 
-    /// Makes Redis list (or unlist) a session in a room as this node's record says; owed
-    /// again if that fails.
+    /// Makes Redis list (or unlist) a session in a room as this node's record says.
+    ///
+    /// Owed again if that fails.
     async fn sync_member(&self, deadline: Instant, room: RoomName, session: String) {
         let shared = &*self.shared;
         let key = (room, session);
@@ -374,8 +380,9 @@ impl Worker {
         }
     }
 
-    /// Makes Redis hold this node's session count of `user` as its record says; owed
-    /// again if that fails.
+    /// Makes Redis hold this node's session count of `user` as its record says.
+    ///
+    /// Owed again if that fails.
     async fn sync_user(&self, deadline: Instant, user: String) {
         let shared = &*self.shared;
         let count = shared.announced().users.get(&user).copied().unwrap_or(0);
@@ -390,8 +397,9 @@ impl Worker {
         }
     }
 
-    /// Counts one more session of `user` here unless that takes the user past `max`
-    /// sessions cluster-wide; whether it was counted.
+    /// Counts one more session of `user` here unless that passes `max` cluster-wide.
+    ///
+    /// `max` is the user's sessions cluster-wide; returns whether it was counted.
     async fn acquire_user(
         &self,
         deadline: Instant,
@@ -424,8 +432,9 @@ impl Worker {
         result
     }
 
-    /// Makes the pub/sub connection hear `channel` before `deadline`, if admitted (see
-    /// [`Self::admit`]). Not counted by the breaker: waiting for the subscriber
+    /// Makes the pub/sub connection hear `channel` before `deadline`, if admitted.
+    ///
+    /// See [`Self::admit`]. Not counted by the breaker: waiting for the subscriber
     /// (reconnecting, or busy with another channel) is not Redis failing to answer a
     /// command; the subscription is the reconciler's to retry.
     async fn hear(

@@ -30,8 +30,10 @@ use crate::{
     state::AppState,
 };
 
-/// tungstenite's read buffer per connection (measured: the default 128 KiB, and even 4 KiB,
-/// dominate idle memory).
+/// tungstenite's read buffer per connection, kept small.
+///
+/// It is allocated eagerly, so a larger one dominates idle memory (docs/benchmark.md,
+/// "Tuning, each measured").
 const READ_BUFFER: usize = 256;
 
 /// tungstenite settings for one endpoint. Its defaults (64 MiB messages, 16 MiB frames,

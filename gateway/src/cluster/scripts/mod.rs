@@ -1,5 +1,6 @@
-//! The Lua scripts the backplane runs in Redis (each in its own `.lua` file), the commands
-//! around them, and the typed reply of each.
+//! The Lua scripts the backplane runs in Redis, with their commands and typed replies.
+//!
+//! Each script is in its own `.lua` file.
 //!
 //! Scripts are loaded once (EVALSHA, falling back to EVAL after a Redis restart). On a
 //! Redis Cluster each touches one slot: the keys it names share a hash tag.

@@ -1,5 +1,6 @@
-//! A node's scripts: its registry entry, its liveness, and the sweep of what a dead node
-//! (or this node's earlier life) left listed.
+//! A node's scripts: its registry entry, its liveness, and the sweep.
+//!
+//! The sweep removes what a dead node (or this node's earlier life) left listed.
 
 use gateway_core::protocol::MemberInfo;
 use redis::Value;
@@ -54,8 +55,9 @@ fn mode(dead: bool) -> &'static str {
 }
 
 impl Scripts {
-    /// Puts `node` in the registry the sweep reads (a node with members or sessions is
-    /// always in it).
+    /// Puts `node` in the registry the sweep reads.
+    ///
+    /// A node with members or sessions is always in it.
     pub(super) async fn register(&self, conn: &mut Conn, node: &str) -> Result<(), ClusterError> {
         redis::cmd("SADD")
             .arg(NODES)
@@ -65,9 +67,11 @@ impl Scripts {
             .map_err(ClusterError::from)
     }
 
-    /// Refreshes this node's liveness (for three heartbeats) and sweeps the memberships
-    /// of nodes whose liveness expired. Returns whether this node's own liveness had
-    /// expired (it may have been swept: its members must be announced again).
+    /// Refreshes this node's liveness and sweeps nodes whose liveness expired.
+    ///
+    /// The liveness lasts three heartbeats; the sweep removes the memberships of those
+    /// nodes. Returns whether this node's own liveness had expired (it may have been swept:
+    /// its members must be announced again).
     pub(in crate::cluster) async fn heartbeat(
         &self,
         conn: &mut Conn,
@@ -93,9 +97,10 @@ impl Scripts {
         Ok(previous.is_none())
     }
 
-    /// Removes every membership and session count of `node` (see `sweep.lua`); a dead
-    /// node also leaves the registry, a node sweeping its own earlier life stays in it.
-    /// `-1`: the node is alive again and was left alone.
+    /// Removes every membership and session count of `node` (see `sweep.lua`).
+    ///
+    /// A dead node also leaves the registry, a node sweeping its own earlier life stays in
+    /// it. `-1`: the node is alive again and was left alone.
     pub(in crate::cluster) async fn sweep(
         &self,
         conn: &mut Conn,
@@ -124,11 +129,12 @@ impl Scripts {
         super::millis(longest.unwrap_or(gateway_core::policy::RoomPolicy::fallback().history_ttl))
     }
 
-    /// The sweep on a cluster, where a node's, its users' and its rooms' keys are in
-    /// different slots: list what the node held (unless it is alive again), remove its
-    /// session counts, leave each room (with the `leave` events, as `exit.lua` does), then
-    /// drop its record. Each step can be repeated: a sweep cut short is finished by the
-    /// next heartbeat's.
+    /// The sweep on a cluster, where a node's, its users' and its rooms' keys are apart.
+    ///
+    /// They are in different slots, so it goes in steps: list what the node held (unless it
+    /// is alive again), remove its session counts, leave each room (with the `leave`
+    /// events, as `exit.lua` does), then drop its record. Each step can be repeated: a
+    /// sweep cut short is finished by the next heartbeat's.
     async fn sweep_in_steps(
         &self,
         conn: &mut Conn,

@@ -1,5 +1,7 @@
-//! A room's scripts: publish, the view a joining member gets, entering and leaving, and
-//! the members listing.
+//! A room's scripts.
+//!
+//! They publish, make the view a joining member gets, enter and leave, and list the
+//! members.
 
 use std::sync::Arc;
 
@@ -47,8 +49,10 @@ fn new_epoch() -> String {
 }
 
 impl Scripts {
-    /// Publishes `message` (see `publish.lua`); a new room is created only when
-    /// `may_create` (else [`ClusterError::RoomBudget`], and nothing is kept or sent).
+    /// Publishes `message` (see `publish.lua`).
+    ///
+    /// A new room is created only when `may_create` (else [`ClusterError::RoomBudget`], and
+    /// nothing is kept or sent).
     pub(in crate::cluster) async fn publish(
         &self,
         conn: &mut Conn,
@@ -84,8 +88,9 @@ impl Scripts {
         Published::parse(&reply, message.volatile)
     }
 
-    /// The room as a joining member sees it (see `view.lua`), and whether this created it;
-    /// a new room is created only when `may_create` (else [`ClusterError::RoomBudget`]).
+    /// The room as a joining member sees it (see `view.lua`), and whether this created it.
+    ///
+    /// A new room is created only when `may_create` (else [`ClusterError::RoomBudget`]).
     pub(in crate::cluster) async fn view(
         &self,
         conn: &mut Conn,
@@ -115,9 +120,11 @@ impl Scripts {
         parse_view(&reply, since)
     }
 
-    /// Lists a session in a room (`entered`, see `enter.lua`): first in its node's record,
-    /// so a sweep after the node died finds every membership it may have left. Or
-    /// unlists it (see `exit.lua`), then from its node's record.
+    /// Lists a session in a room (`entered`, see `enter.lua`), or unlists it.
+    ///
+    /// It is listed first in its node's record, so a sweep after the node died finds every
+    /// membership it may have left. Unlisted (see `exit.lua`), it is then removed from its
+    /// node's record.
     pub(in crate::cluster) async fn list(
         &self,
         conn: &mut Conn,
@@ -201,8 +208,9 @@ fn bytes_of(v: &Value) -> Option<&[u8]> {
     }
 }
 
-/// The reply of `view.lua`: the room view, with `missed` only when every message after
-/// `since` (in its epoch) came, and whether the view created the room.
+/// The reply of `view.lua`: the room view, and whether the view created the room.
+///
+/// The view has `missed` only when every message after `since` (in its epoch) came.
 fn parse_view(
     reply: &[Value],
     since: Option<(u64, String)>,

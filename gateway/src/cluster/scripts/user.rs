@@ -1,5 +1,6 @@
-//! A user's scripts and commands: session counts, direct messages, disconnects, one-time
-//! tickets.
+//! A user's scripts and commands.
+//!
+//! They cover session counts, direct messages, disconnects and one-time tickets.
 
 use gateway_core::{
     auth::Identity,
@@ -75,8 +76,10 @@ impl TicketRequest {
 }
 
 impl Scripts {
-    /// A ticket's stored identity; with `redeem`, consumed (`GETDEL`, once on any node)
-    /// and no longer counted towards its user's cap.
+    /// A ticket's stored identity.
+    ///
+    /// With `redeem`, it is consumed (`GETDEL`, once on any node) and no longer counted
+    /// towards its user's cap.
     pub(in crate::cluster) async fn ticket(
         &self,
         conn: &mut Conn,
@@ -137,8 +140,10 @@ impl Scripts {
         Ok(true)
     }
 
-    /// Sets this node's session count of `user` (see `count_user.lua`); with `max`, only
-    /// when the user's count over all nodes stays within it. `false`: refused.
+    /// Sets this node's session count of `user` (see `count_user.lua`).
+    ///
+    /// With `max`, only when the user's count over all nodes stays within it. `false`:
+    /// refused.
     pub(in crate::cluster) async fn count_user(
         &self,
         conn: &mut Conn,
@@ -171,11 +176,13 @@ impl Scripts {
         Ok(true)
     }
 
-    /// Releases the session counts of `user` held by nodes whose liveness expired (dead,
-    /// or cut off from Redis for three heartbeats: such a node counts its users again
-    /// when it is back), without waiting for the next sweep. Returns how many were
-    /// released. Each step is its own command (the keys are in different slots on a
-    /// cluster); a node that beats again in between is counted again by itself.
+    /// Releases the session counts of `user` held by nodes whose liveness expired.
+    ///
+    /// Such nodes are dead, or cut off from Redis for three heartbeats (such a node counts
+    /// its users again when it is back); the counts are released without waiting for the
+    /// next sweep. Returns how many were released. Each step is its own command (the keys
+    /// are in different slots on a cluster); a node that beats again in between is counted
+    /// again by itself.
     pub(in crate::cluster) async fn release_dead_counts(
         &self,
         conn: &mut Conn,
