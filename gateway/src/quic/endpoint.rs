@@ -1,6 +1,7 @@
-//! The QUIC endpoint (quinn): transport settings, binding, and the accept loop that admits
-//! each connection (Retry when busy, the connection limits, the handshake) and hands it to
-//! HTTP/3.
+//! The QUIC endpoint (quinn): transport settings, binding, and the accept loop.
+//!
+//! The accept loop admits each connection (Retry when busy, the connection limits, the
+//! handshake) and hands it to HTTP/3.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -28,8 +29,10 @@ pub enum BindError {
     Io(#[from] std::io::Error),
 }
 
-/// QUIC transport settings. Keep-alive every `heartbeat` and an idle timeout of two
-/// heartbeats remove a vanished client within about two heartbeats.
+/// QUIC transport settings.
+///
+/// Keep-alive every `heartbeat` and an idle timeout of two heartbeats remove a vanished
+/// client within about two heartbeats.
 pub fn transport_config(heartbeat: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(heartbeat));
@@ -69,8 +72,9 @@ pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppState>, router: Router
     }
 }
 
-/// Admits one QUIC connection, sets HTTP/3 up on it and serves it; a WebTransport session
-/// it opens goes on on a task of its own.
+/// Admits one QUIC connection, sets HTTP/3 up on it and serves it.
+///
+/// A WebTransport session it opens goes on on a task of its own.
 async fn handle_connection(incoming: quinn::Incoming, app: Arc<AppState>, router: Router) {
     let peer = incoming.remote_address();
     if !incoming.remote_address_validated()

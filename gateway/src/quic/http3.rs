@@ -1,6 +1,7 @@
-//! HTTP/3 on a QUIC connection (h3): plain requests served through the shared router, and
-//! the extended CONNECT that admission turns into a WebTransport session or refuses with
-//! its status.
+//! HTTP/3 on a QUIC connection (h3).
+//!
+//! Plain requests are served through the shared router; an extended CONNECT is turned by
+//! admission into a WebTransport session, or refused with its status.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, task::Poll, time::Duration};
 
@@ -40,8 +41,10 @@ const MAX_REQUESTS_PER_CONNECTION: usize = 4;
 /// Largest HTTP/3 header section accepted (h3's default is unlimited).
 const MAX_FIELD_SECTION: u64 = 16 * 1024;
 
-/// HTTP/3 over an established QUIC connection, with WebTransport, extended CONNECT and
-/// datagrams on; `None` if its set-up fails or does not finish within `timeout`.
+/// HTTP/3 over an established QUIC connection, with WebTransport on.
+///
+/// Extended CONNECT and datagrams are on too; `None` if its set-up fails or does not finish
+/// within `timeout`.
 pub(super) async fn connection(
     quic: &quinn::Connection,
     timeout: Duration,
@@ -73,10 +76,11 @@ pub(super) enum ConnectionEnd {
     Done,
 }
 
-/// Serves the requests of one QUIC connection until a WebTransport session takes it over,
-/// it idles for the handshake timeout, or the peer goes. At most
-/// [`MAX_REQUESTS_PER_CONNECTION`] requests are served at once; each must complete within
-/// the handshake timeout.
+/// Serves the requests of one QUIC connection until it ends or a session takes it over.
+///
+/// It serves until a WebTransport session takes it over, it idles for the handshake
+/// timeout, or the peer goes. At most [`MAX_REQUESTS_PER_CONNECTION`] requests are served
+/// at once; each must complete within the handshake timeout.
 pub(super) async fn serve_connection(
     mut h3: H3Connection,
     quic: &quinn::Connection,
@@ -139,9 +143,10 @@ pub(super) async fn serve_connection(
     }
 }
 
-/// An extended CONNECT: admission, then the WebTransport session; or the refusal's status,
-/// after which the connection closes. Plain `requests` still running finish on their own
-/// deadlines once a session is accepted.
+/// An extended CONNECT: admission, then the WebTransport session.
+///
+/// Or the refusal's status, after which the connection closes. Plain `requests` still
+/// running finish on their own deadlines once a session is accepted.
 async fn connect(
     mut h3: H3Connection,
     req: Request<()>,
@@ -180,10 +185,12 @@ async fn connect(
     }
 }
 
+/// Drives the connection until the client's settings are known.
+///
 /// A client may send its CONNECT before h3 has processed the client's SETTINGS, and
-/// h3-webtransport refuses a session whose peer has not (yet) announced WebTransport. Drive
-/// the connection (which reads the control stream) until the settings are known; requests
-/// that arrive meanwhile are served as usual.
+/// h3-webtransport refuses a session whose peer has not (yet) announced WebTransport.
+/// Driving the connection reads the control stream; requests that arrive meanwhile are
+/// served as usual.
 async fn wait_for_peer_settings(h3: &mut H3Connection, context: &Requests) {
     use h3::ConnectionState;
     let limit = context.limit;
@@ -222,8 +229,10 @@ async fn wait_for_peer_settings(h3: &mut H3Connection, context: &Requests) {
     let _ = tokio::time::timeout(limit, wait).await;
 }
 
-/// Answers a refused CONNECT with its status, then keeps the stream until the client is
-/// done with it: dropping it at once makes browsers report a QUIC error instead.
+/// Answers a refused CONNECT with its status, then keeps the stream.
+///
+/// The stream is kept until the client is done with it: dropping it at once makes browsers
+/// report a QUIC error instead.
 async fn reject(stream: &mut H3Stream, rejection: Rejection) {
     let response = rejection_response(rejection);
     let (parts, body) = response.into_parts();
@@ -261,10 +270,12 @@ pub(super) struct Requests {
 }
 
 impl Requests {
-    /// Serves one plain HTTP/3 request through the shared router, which checks credentials
-    /// before the body, limits it per route and answers 408 past the handshake timeout. The
-    /// body is streamed to the handler, never buffered here; an unread body is refused with
-    /// STOP_SENDING when the request ends. Sending the response gets as long again.
+    /// Serves one plain HTTP/3 request through the shared router.
+    ///
+    /// The router checks credentials before the body, limits it per route and answers 408
+    /// past the handshake timeout. The body is streamed to the handler, never buffered
+    /// here; an unread body is refused with STOP_SENDING when the request ends. Sending the
+    /// response gets as long again.
     pub(super) async fn serve(self, req: Request<()>, stream: H3Stream) {
         let Self {
             router,

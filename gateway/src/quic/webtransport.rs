@@ -45,8 +45,9 @@ type BidiAccept = Result<Option<AcceptedBi<h3_quinn::Connection, Bytes>>, h3::er
 type UniAccept =
     Result<Option<(h3_webtransport::SessionId, MessageRecv)>, h3::error::ConnectionError>;
 
-/// How long a closing session waits for the peer to close the connection after the
-/// `close` envelope, before closing it itself.
+/// How long a closing session waits for the peer to close the connection.
+///
+/// After the `close` envelope, it waits this long before closing the connection itself.
 pub(super) const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// Runs one WebTransport session to its end.
@@ -125,8 +126,9 @@ enum StreamEnd {
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<(FrameKind, Bytes), StreamEnd>> + Send>>;
 
-/// The frames of the message stream, as a cancel-safe stream (its state lives in the stream,
-/// not in a future that `select!` might drop).
+/// The frames of the message stream, as a cancel-safe stream.
+///
+/// Its state lives in the stream, not in a future that `select!` might drop.
 fn message_frames(recv: MessageRecv, max_len: usize) -> FrameStream {
     let decoder = FrameDecoder::new(max_len);
     let state = Some((recv, BytesMut::new()));
@@ -168,8 +170,9 @@ async fn write_frame(
     send.write_all(payload).await
 }
 
-/// Length of the QUIC varint that prefixes each HTTP/3 datagram with the session's
-/// quarter stream id.
+/// Length of the QUIC varint that prefixes each HTTP/3 datagram.
+///
+/// The varint holds the session's quarter stream id.
 fn datagram_prefix_len(session: &WtSession) -> usize {
     let stream_id: h3::quic::StreamId = session.session_id().into();
     match stream_id.into_inner() / 4 {
@@ -180,10 +183,11 @@ fn datagram_prefix_len(session: &WtSession) -> usize {
     }
 }
 
-/// The sending half of a WebTransport session: frames on the message stream (every frame
-/// of a batch in one write), volatile messages as datagrams when they fit the connection's
-/// current maximum datagram size. Closing writes the `close` envelope, finishes the
-/// stream and closes the connection.
+/// The sending half of a WebTransport session.
+///
+/// Frames go on the message stream (every frame of a batch in one write), volatile messages
+/// as datagrams when they fit the connection's current maximum datagram size. Closing
+/// writes the `close` envelope, finishes the stream and closes the connection.
 struct WtSink {
     /// The message stream's sending half, once the client has opened it.
     send: Option<MessageSend>,
@@ -214,8 +218,9 @@ impl WtSink {
         Poll::Ready(if self.send.is_some() { Ok(()) } else { Err(()) })
     }
 
-    /// Encodes frames from the front of `frames` into `out` until it holds a chunk; volatile
-    /// frames that fit go out as datagrams instead.
+    /// Encodes frames from the front of `frames` into `out` until it holds a chunk.
+    ///
+    /// Volatile frames that fit go out as datagrams instead.
     fn encode(&mut self, frames: &mut Vec<Outbound>, stats: &mut WriteStats) {
         let mut taken = 0;
         for frame in frames.iter() {
@@ -301,8 +306,10 @@ impl FrameSink for WtSink {
     }
 }
 
-/// Closes the QUIC connection. The WebTransport close code travels in the `close` envelope;
-/// the connection itself closes with `H3_NO_ERROR` and "CODE reason" as its reason.
+/// Closes the QUIC connection.
+///
+/// The WebTransport close code travels in the `close` envelope; the connection itself
+/// closes with `H3_NO_ERROR` and "CODE reason" as its reason.
 fn close_connection(quic: &quinn::Connection, reason: &CloseReason) {
     quic.close(H3_NO_ERROR.into(), reason.to_string().as_bytes());
 }
@@ -323,8 +330,10 @@ async fn refuse_extra_stream(
     let _ = send.shutdown().await;
 }
 
-/// An acceptor as a long-lived, cancel-safe stream (h3's accept futures are not
-/// cancel-safe: they must not be re-created in each `select!` turn).
+/// An acceptor as a long-lived, cancel-safe stream.
+///
+/// h3's accept futures are not cancel-safe: they must not be re-created in each `select!`
+/// turn.
 type Accepted<T> = futures_util::stream::Fuse<Pin<Box<dyn Stream<Item = T> + Send>>>;
 
 fn boxed<S: Stream + Send + 'static>(s: S) -> Accepted<S::Item> {
@@ -332,8 +341,10 @@ fn boxed<S: Stream + Send + 'static>(s: S) -> Accepted<S::Item> {
     s.fuse()
 }
 
-/// The receiving side of a WebTransport session: the message stream, datagrams, and the
-/// streams and requests the client opens besides.
+/// The receiving side of a WebTransport session.
+///
+/// It takes the message stream, datagrams, and the streams and requests the client opens
+/// besides.
 struct WtInbound {
     bidi: Accepted<BidiAccept>,
     uni: Accepted<UniAccept>,
@@ -350,8 +361,10 @@ struct WtInbound {
 }
 
 impl WtInbound {
-    /// A bidirectional stream: the message stream (the first), or one more that is
-    /// refused, or an HTTP/3 request; `None` once the message stream is taken.
+    /// A bidirectional stream: the message stream, one more that is refused, or a request.
+    ///
+    /// The message stream is the first; the request is an HTTP/3 one. `None` once the
+    /// message stream is taken.
     fn on_bidi(&mut self, accepted: Option<BidiAccept>) -> Option<Event> {
         match accepted {
             Some(Ok(Some(AcceptedBi::BidiStream(_, stream)))) => {

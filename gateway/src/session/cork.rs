@@ -1,12 +1,12 @@
-//! Corked writes across sessions, the way uWebSockets corks: a frame that arrives in a
-//! session's empty queue rings the session's doorbell, which puts the session on its
-//! flusher's list; a flusher (there are as many as runtime workers) takes its whole list
-//! at once and writes each session's queued frames at once (one flush). Deliveries
-//! produced while a pass
-//! runs (a fan-out, many publishes read at once) leave together in the next pass, so a
-//! delivery waits about one pass however busy the core is, instead of waiting for its
-//! session's own task to come round the scheduler, and under load each write carries more
-//! frames.
+//! Corked writes across sessions, the way uWebSockets corks.
+//!
+//! A frame that arrives in a session's empty queue rings the session's doorbell, which puts
+//! the session on its flusher's list; a flusher (there are as many as runtime workers)
+//! takes its whole list at once and writes each session's queued frames at once (one
+//! flush). Deliveries produced while a pass runs (a fan-out, many publishes read at once)
+//! leave together in the next pass, so a delivery waits about one pass however busy the
+//! core is, instead of waiting for its session's own task to come round the scheduler, and
+//! under load each write carries more frames.
 //!
 //! Fairness: the list is served in the order sessions became ready, one write per session
 //! per pass (a long backlog goes back to the session's own task), and the flusher yields
@@ -30,9 +30,10 @@ const YIELD_EVERY: usize = 128;
 
 /// Something a flusher writes: one session's writer.
 pub(crate) trait Flush: Send + Sync {
-    /// Writes what the session's queue holds without waiting, through `batch` (the
-    /// flusher's buffer, empty before and after); whatever cannot be written at once is
-    /// left to the session's own writer task.
+    /// Writes what the session's queue holds without waiting, through `batch`.
+    ///
+    /// `batch` is the flusher's buffer, empty before and after; whatever cannot be written
+    /// at once is left to the session's own writer task.
     fn flush(&self, batch: &mut Vec<Outbound>);
 
     /// A sampled ring of the session's doorbell: frames arrived in its empty queue now.
@@ -104,8 +105,9 @@ impl Flusher {
     }
 }
 
-/// The flushers of one gateway process: one per runtime worker; sessions are spread over
-/// them.
+/// The flushers of one gateway process: one per runtime worker.
+///
+/// Sessions are spread over them.
 pub(crate) struct Flushers {
     flushers: Vec<Arc<Flusher>>,
 }
@@ -129,8 +131,9 @@ impl Flushers {
         Self { flushers }
     }
 
-    /// The doorbell of a session written by `writer`; `key` spreads sessions over the
-    /// flushers.
+    /// The doorbell of a session written by `writer`.
+    ///
+    /// `key` spreads sessions over the flushers.
     pub(crate) fn doorbell(&self, key: u64, writer: Weak<dyn Flush>) -> Arc<dyn Doorbell> {
         let flusher = self.flushers[(key % self.flushers.len() as u64) as usize].clone();
         Arc::new(Bell { flusher, writer })

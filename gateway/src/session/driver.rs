@@ -1,5 +1,7 @@
-//! Runs one session over a transport: inbound events into the core [`Connection`], its
-//! deadlines and wake-ups, the writer task, and the close procedure.
+//! Runs one session over a transport.
+//!
+//! It feeds inbound events into the core [`Connection`] and handles its deadlines and
+//! wake-ups, the writer task, and the close procedure.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -38,8 +40,10 @@ pub(crate) enum Event {
     },
     /// The transport broke the protocol or a limit: the session closes as the fault says.
     Fault(TransportFault),
-    /// The peer started the close: the session ends, reading goes on until the transport
-    /// has finished its closing handshake.
+    /// The peer started the close.
+    ///
+    /// The session ends; reading goes on until the transport has finished its closing
+    /// handshake.
     PeerClosed,
     /// Nothing more will arrive.
     Gone,
@@ -69,8 +73,10 @@ async fn woken(signal: &Option<WakeSignal>) {
     }
 }
 
-/// Runs a session to its end: feeds `inbound`'s events to `conn`, runs its timers, writes
-/// its outbox through `writer`, and closes it (within [`CLOSE_GRACE`]), then logs it.
+/// Runs a session to its end, then logs it.
+///
+/// It feeds `inbound`'s events to `conn`, runs its timers, writes its outbox through
+/// `writer`, and closes it (within [`CLOSE_GRACE`]).
 pub(super) async fn drive<I: Inbound, S: FrameSink>(
     mut conn: Connection,
     mut inbound: I,
@@ -139,10 +145,11 @@ pub(super) async fn drive<I: Inbound, S: FrameSink>(
     Box::pin(finish(conn, inbound, writer, gone, log)).await;
 }
 
-/// Brings a session's inbound counters up to its connection's running totals: frames and
-/// bytes per transport, publishes and rate-limited frames per endpoint (atomic adds of
-/// what changed since `counted`). The counters are looked up here rather than kept in the
-/// session's task, which an idle session would carry.
+/// Brings a session's inbound counters up to its connection's running totals.
+///
+/// The counters are frames and bytes per transport, publishes and rate-limited frames per
+/// endpoint (atomic adds of what changed since `counted`). They are looked up here rather
+/// than kept in the session's task, which an idle session would carry.
 fn count_inbound(
     log: &AccessLog,
     session: &gateway_core::session::SessionHandle,
@@ -167,9 +174,10 @@ fn count_inbound(
     }
 }
 
-/// The close procedure: lets the writer flush what is queued and the close, and keeps
-/// reading so the transport can finish its closing handshake, within [`CLOSE_GRACE`]; then
-/// logs the session.
+/// The close procedure, within [`CLOSE_GRACE`]; then logs the session.
+///
+/// It lets the writer flush what is queued and the close, and keeps reading so the
+/// transport can finish its closing handshake.
 async fn finish<I: Inbound>(
     conn: Connection,
     mut inbound: I,

@@ -1,14 +1,18 @@
-//! Sampled delivery latency (`gateway_delivery_seconds`): which doorbell rings are timed,
-//! and the clock they are timed on.
+//! Sampled delivery latency (`gateway_delivery_seconds`).
+//!
+//! It decides which doorbell rings are timed, and holds the clock they are timed on.
 
 use std::{sync::OnceLock, time::Instant};
 
-/// One in this many doorbell rings (per runtime thread) times its frames' way to the wire
-/// for `gateway_delivery_seconds`: a clock read per sample, not per delivery.
+/// One in this many doorbell rings (per runtime thread) is timed.
+///
+/// A timed ring times its frames' way to the wire for `gateway_delivery_seconds`: a clock
+/// read per sample, not per delivery.
 pub(super) const LATENCY_SAMPLE_EVERY: u32 = 64;
 
-/// Nanoseconds since the instant sampled rings are measured from, plus one (so that 0
-/// can mean "no sample pending").
+/// Nanoseconds since the instant sampled rings are measured from, plus one.
+///
+/// The one is added so that 0 can mean "no sample pending".
 pub(super) fn stamp() -> u64 {
     epoch().elapsed().as_nanos() as u64 + 1
 }

@@ -1,9 +1,11 @@
-//! The one session driver both transports share. A front implements two small traits,
-//! [`Inbound`] (what the peer sends) and [`FrameSink`] (how frames leave), and hands them
-//! to [`run`] with its [`Transport`]'s traits; [`run`] brings the session up the same way
-//! for both (the hub, the access log, the writer, corked across sessions or not) and the
-//! driver runs it: the protocol state in core, liveness and deadlines, the writer that
-//! batches queued frames, the close procedure and the access log.
+//! The one session driver both transports share.
+//!
+//! A front implements two small traits, [`Inbound`] (what the peer sends) and [`FrameSink`]
+//! (how frames leave), and hands them to [`run`] with its [`Transport`]'s traits; [`run`]
+//! brings the session up the same way for both (the hub, the access log, the writer, corked
+//! across sessions or not) and the driver runs it: the protocol state in core, liveness and
+//! deadlines, the writer that batches queued frames, the close procedure and the access
+//! log.
 
 mod cork;
 mod driver;
@@ -30,17 +32,19 @@ use writer::SessionWriter;
 pub(crate) struct Transport {
     /// WebSocket or WebTransport (the hub's view, logs and metric labels).
     pub(crate) kind: TransportKind,
-    /// Liveness needs transport pings (see `Connection::open`): the transport has no
-    /// keep-alive of its own.
+    /// Liveness needs transport pings (see `Connection::open`).
+    ///
+    /// The transport has no keep-alive of its own.
     pub(crate) pings: bool,
     /// The flushers that cork the session's writes with every other session's; `None`:
     /// the session's own task writes it.
     pub(crate) corked: Option<Arc<Flushers>>,
 }
 
-/// Brings an admitted session from `peer` up and returns its run to the end: registers it
-/// with the hub, logs its opening, builds its two halves with `halves` (given the session's
-/// handle), sets up its writer and drives it.
+/// Brings an admitted session from `peer` up and returns its run to the end.
+///
+/// It registers it with the hub, logs its opening, builds its two halves with `halves`
+/// (given the session's handle), sets up its writer and drives it.
 ///
 /// Not an `async fn`: the session's state is built here and moved into the driver's
 /// future, which is all the session's task holds (an async wrapper would keep a second

@@ -1,5 +1,6 @@
-//! Opening a session in the hub from an admission, and its access-log lines (one at open,
-//! one at close).
+//! Opening a session in the hub from an admission, and its access-log lines.
+//!
+//! There is one line at open and one at close.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -23,9 +24,10 @@ pub(super) struct OpenedSession {
     pub(super) log: Box<AccessLog>,
 }
 
-/// Registers an admitted session with the hub (queuing `welcome` when authenticated) and
-/// logs its opening. `pings`: the transport needs pings for liveness (see
-/// `Connection::open`).
+/// Registers an admitted session with the hub and logs its opening.
+///
+/// It queues `welcome` when authenticated. `pings`: the transport needs pings for liveness
+/// (see `Connection::open`).
 pub(super) fn open_session(
     app: &Arc<AppState>,
     admission: Admission,
@@ -79,8 +81,9 @@ pub(super) struct AccessLog {
     peer: SocketAddr,
     metrics: Arc<Metrics>,
     session: SessionHandle,
-    /// Whether the session's end is counted in the metrics (once: by `closed`, or on drop
-    /// if its task ended otherwise).
+    /// Whether the session's end is counted in the metrics.
+    ///
+    /// It is counted once: by `closed`, or on drop if its task ended otherwise.
     counted: bool,
     /// The session's connection slot, held until the log's last line.
     _slot: Arc<ConnectionSlot>,
@@ -108,8 +111,10 @@ impl AccessLog {
         self.count_end();
     }
 
-    /// Counts the session's end (its close code; 1011 for a session whose task ended
-    /// without one) and takes it off the gauge, once.
+    /// Counts the session's end and takes it off the gauge, once.
+    ///
+    /// The end is counted by its close code; 1011 for a session whose task ended without
+    /// one.
     fn count_end(&mut self) {
         if std::mem::replace(&mut self.counted, true) || !crate::metrics::ENABLED {
             return;
@@ -136,8 +141,9 @@ impl Drop for AccessLog {
     }
 }
 
-/// Whether a session was closed because its outbound queue overflowed (4008 is also the
-/// code of rate-limit abuse).
+/// Whether a session was closed because its outbound queue overflowed.
+///
+/// 4008 is also the code of rate-limit abuse.
 fn is_slow_consumer(reason: &CloseReason) -> bool {
     reason.code == CloseCode::TooSlowOrTooFast && reason.reason.starts_with("slow consumer")
 }

@@ -1,5 +1,7 @@
-//! The session writer corked by the flushers: one write per session per pass, counting,
-//! transports that take little at a time, stuck or panicking transports.
+//! The session writer corked by the flushers.
+//!
+//! The tests cover one write per session per pass, counting, transports that take little at
+//! a time, and stuck or panicking transports.
 
 use std::{
     sync::{Arc, Mutex},
@@ -26,8 +28,9 @@ struct Wire {
     closed: Option<CloseReason>,
 }
 
-/// An in-memory transport: takes at most `room` frames per poll (then `Pending`, and
-/// asks to be polled again unless `stuck`).
+/// An in-memory transport that takes at most `room` frames per poll.
+///
+/// Then it is `Pending`, and asks to be polled again unless `stuck`.
 struct TestSink {
     wire: Arc<Mutex<Wire>>,
     room: usize,

@@ -1,7 +1,9 @@
-//! The write side of a session: what a transport implements ([`FrameSink`]), and the
-//! [`SessionWriter`] that moves the session's queued frames into it, either from the
-//! cross-session flusher (`cork`) in one pass with every other session, or from the
-//! session's own writer task when the transport cannot take them at once.
+//! The write side of a session: [`FrameSink`] and the [`SessionWriter`].
+//!
+//! A transport implements [`FrameSink`]; the [`SessionWriter`] moves the session's queued
+//! frames into it, either from the cross-session flusher (`cork`) in one pass with every
+//! other session, or from the session's own writer task when the transport cannot take them
+//! at once.
 
 use std::{
     future::Future,
@@ -36,8 +38,9 @@ pub(crate) struct WriteStats {
 
 /// How a transport sends what a session's outbox holds.
 pub(crate) trait FrameSink: Send + 'static {
-    /// Moves frames from the front of `frames` into the transport and pushes them out,
-    /// without waiting, counting them in `stats`. `Ready(Ok)` once every frame is taken
+    /// Moves frames from the front of `frames` into the transport and pushes them out.
+    ///
+    /// It does not wait, and counts them in `stats`. `Ready(Ok)` once every frame is taken
     /// and nothing is left buffered; `Pending` when the transport cannot take more now
     /// (what is left stays in `frames` or in the sink, and `cx` is woken when it can);
     /// `Ready(Err)` when the transport is gone. Called with an empty `frames` it finishes
@@ -49,14 +52,16 @@ pub(crate) trait FrameSink: Send + 'static {
         stats: &mut WriteStats,
     ) -> Poll<Result<(), ()>>;
 
-    /// Ends the session on the wire with `reason` (close frame, or `close` envelope and
-    /// connection close).
+    /// Ends the session on the wire with `reason`.
+    ///
+    /// That is a close frame, or a `close` envelope and connection close.
     fn close(self, reason: CloseReason) -> impl Future<Output = ()> + Send;
 }
 
-/// A session's sink, the frames taken from its outbox and not yet in the sink (only while
-/// its transport is full: normally frames pass through the flusher's buffer), and what was
-/// written.
+/// A session's sink, the frames not yet in it, and what was written.
+///
+/// The frames are those taken from its outbox and not yet in the sink, only while its
+/// transport is full: normally frames pass through the flusher's buffer.
 struct WriteState<S> {
     sink: S,
     pending: Vec<Outbound>,
@@ -71,13 +76,16 @@ struct WriteState<S> {
 pub(super) struct SessionWriter<S> {
     outbox: OutboxReceiver,
     state: Mutex<Option<WriteState<S>>>,
-    /// Written by a flusher; else only by the session's task, which then lets the other
-    /// ready tasks run once before it writes, so that under load more frames go together.
+    /// Written by a flusher; else only by the session's task.
+    ///
+    /// The session's task then lets the other ready tasks run once before it writes, so
+    /// that under load more frames go together.
     corked: bool,
     transport: TransportKind,
     metrics: Arc<Metrics>,
-    /// When a sampled ring put frames in the empty queue ([`latency::stamp`], 0: none
-    /// pending).
+    /// When a sampled ring put frames in the empty queue.
+    ///
+    /// It is a [`latency::stamp`], 0: none pending.
     sampled_at: AtomicU64,
 }
 
@@ -138,8 +146,9 @@ impl<S: FrameSink> SessionWriter<S> {
             .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// Counts what a write moved (`before` → `after`), and the latency of a sampled ring
-    /// once its frames are written (`all_written`).
+    /// Counts what a write moved (`before` → `after`), and the latency of a sampled ring.
+    ///
+    /// The latency is counted once its frames are written (`all_written`).
     fn count(&self, before: WriteStats, after: WriteStats, all_written: bool) {
         if !crate::metrics::ENABLED {
             return;
@@ -170,8 +179,10 @@ impl<S: FrameSink> SessionWriter<S> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The session's writer task: writes whatever the flusher handed back or could not
-    /// take, and the close. Returns what was written.
+    /// The session's writer task.
+    ///
+    /// It writes whatever the flusher handed back or could not take, and the close. Returns
+    /// what was written.
     pub(super) async fn run(self: Arc<Self>) -> WriteStats {
         loop {
             let mut state = self
