@@ -1,6 +1,7 @@
-//! The one admission decision both fronts make before a session exists (PROTOCOL.md
-//! section 1): admit with an identity, or reject with a status. Checks run in the documented
-//! order and the first failure decides.
+//! The one admission decision both fronts make before a session exists.
+//!
+//! See PROTOCOL.md section 1: admit with an identity, or reject with a status. Checks run
+//! in the documented order and the first failure decides.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -20,21 +21,28 @@ use http::HeaderMap;
 
 use crate::state::AppState;
 
-/// The connection-limit decision for the TCP or QUIC connection a request arrived on, made
-/// once when the connection was accepted. Fronts put it in each request's extensions.
+/// The connection-limit decision for the TCP or QUIC connection a request arrived on.
+///
+/// It is made once when the connection was accepted. Fronts put it in each request's
+/// extensions.
 #[derive(Debug, Clone)]
 pub enum ConnectionPermit {
-    /// Within the limits: the slot is released when the connection and every session on it
-    /// have ended.
+    /// Within the limits.
+    ///
+    /// The slot is released when the connection and every session on it have ended.
     Granted(Arc<ConnectionSlot>),
-    /// Over a limit: every request on the connection gets this rejection (after the checks
-    /// PROTOCOL.md puts before it), then the connection closes.
+    /// Over a limit: every request on the connection gets this rejection.
+    ///
+    /// The rejection comes after the checks PROTOCOL.md puts before it; then the connection
+    /// closes.
     Refused(Rejection, Arc<RefusalSlot>),
 }
 
 impl ConnectionPermit {
-    /// Takes a slot for a new connection from `peer`: granted, refused with a status while
-    /// few refusals are in flight, or `None` when the connection should be dropped at once.
+    /// Takes a slot for a new connection from `peer`.
+    ///
+    /// It is granted, or refused with a status while few refusals are in flight, or `None`
+    /// when the connection should be dropped at once.
     pub fn acquire(app: &AppState, peer: IpAddr) -> Option<Self> {
         let limits = &app.services.limits;
         match limits.acquire(peer) {
@@ -72,8 +80,9 @@ pub struct UpgradeRequest<'a> {
 }
 
 impl<'a> UpgradeRequest<'a> {
-    /// The admission view of an HTTP request (either front's), with the connection permit
-    /// its front put in the extensions.
+    /// The admission view of an HTTP request (either front's).
+    ///
+    /// It carries the connection permit its front put in the extensions.
     pub fn of<B>(req: &'a http::Request<B>, peer: IpAddr, valid_upgrade: bool) -> Self {
         Self {
             path: req.uri().path(),
@@ -105,8 +114,9 @@ enum Credential {
     Token(String),
 }
 
-/// Decides whether the request may open a session. Only a ticket in cluster mode waits
-/// (for the cluster store).
+/// Decides whether the request may open a session.
+///
+/// Only a ticket in cluster mode waits (for the cluster store).
 pub async fn admit(
     app: &AppState,
     req: &UpgradeRequest<'_>,
@@ -212,8 +222,9 @@ async fn user_slot(app: &AppState, identity: &Identity) -> Result<UserSlot, Reje
     rx.await.unwrap_or(Err(Rejection::ClusterUnavailable))
 }
 
-/// The token of an `Authorization: Bearer ...` header (scheme case-insensitive); other
-/// schemes are not ours and count as no credential.
+/// The token of an `Authorization: Bearer ...` header (scheme case-insensitive).
+///
+/// Other schemes are not ours and count as no credential.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -236,8 +247,9 @@ fn credential(req: &UpgradeRequest<'_>) -> Option<Credential> {
     token
 }
 
-/// The `endpoint` label of a request for `path`: the configured path, or `unknown` (so a
-/// scan of random paths cannot grow the metrics).
+/// The `endpoint` label of a request for `path`: the configured path, or `unknown`.
+///
+/// `unknown` keeps a scan of random paths from growing the metrics.
 fn endpoint_label<'a>(app: &'a AppState, path: &str) -> &'a str {
     app.endpoint(path).map_or("unknown", |p| p.path.as_str())
 }

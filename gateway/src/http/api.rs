@@ -1,6 +1,8 @@
-//! The HTTP router served on both HTTPS and HTTP/3: health, the server API, and endpoint
-//! paths (the `endpoints` fallback the caller passes: WebSocket upgrades on HTTPS; anything
-//! else there is answered with the admission status).
+//! The HTTP router served on both HTTPS and HTTP/3.
+//!
+//! It serves health, the server API, and endpoint paths (the `endpoints` fallback the
+//! caller passes: WebSocket upgrades on HTTPS; anything else there is answered with the
+//! admission status).
 //!
 //! Every request must complete within the handshake timeout; API routes check their
 //! credential from the headers before any byte of the body is read, and each route reads
@@ -42,8 +44,9 @@ use crate::{clock, state::AppState};
 const API_ENVELOPE_BYTES: usize = 1024;
 /// Largest `/api/disconnect` body: a user id, a code and a reason.
 const DISCONNECT_BODY_BYTES: usize = 4096;
-/// Largest body accepted (and ignored) by routes that take none, such as a `{}` that
-/// generic HTTP clients send with every POST.
+/// Largest body accepted (and ignored) by routes that take none.
+///
+/// Such as a `{}` that generic HTTP clients send with every POST.
 const IGNORED_BODY_BYTES: usize = 1024;
 
 /// The router of every plain HTTP request.
@@ -108,8 +111,9 @@ where
         .with_state(app)
 }
 
-/// Refuses a body declared larger than `max` at once (413), and stops reading one that
-/// grows past it.
+/// Refuses a body declared larger than `max` at once (413).
+///
+/// It also stops reading one that grows past it.
 async fn limit_body(State(max): State<usize>, req: Request, next: Next) -> Response {
     let declared = req
         .headers()
@@ -159,9 +163,10 @@ async fn deadline(State(app): State<Arc<AppState>>, req: Request, next: Next) ->
     }
 }
 
-/// On a connection accepted over a connection limit, a request to a route (health, API)
-/// gets the limit's status; endpoint and unknown paths go to admission, which answers in
-/// PROTOCOL.md order (404 and 400 first).
+/// On a connection over a connection limit, answers route requests with the limit's status.
+///
+/// The routes are health and the API; endpoint and unknown paths go to admission, which
+/// answers in PROTOCOL.md order (404 and 400 first).
 async fn refuse_over_limit(req: Request, next: Next) -> Response {
     let rejection = req
         .extensions()
@@ -358,8 +363,9 @@ async fn api_send(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody) -> A
     Ok(Json(json!({ "delivered": delivered })))
 }
 
-/// The outcome of a cluster operation as an API result (`internal` when the cluster is
-/// unavailable or dropped the operation).
+/// The outcome of a cluster operation as an API result.
+///
+/// It is `internal` when the cluster is unavailable or dropped the operation.
 fn cluster_result<T>(
     outcome: Result<Result<T, ClusterUnavailable>, tokio::sync::oneshot::error::RecvError>,
 ) -> Result<T, ApiError> {
@@ -411,15 +417,18 @@ async fn api_disconnect(State(app): State<Arc<AppState>>, ApiBody(body): ApiBody
     Ok(Json(json!({ "disconnected": n })))
 }
 
-/// `POST /api/drain`: drains this node without exiting (rolling deploys): `reconnect`
-/// then 1001 for every session, `/healthz` 503, new sessions refused.
+/// `POST /api/drain`: drains this node without exiting (rolling deploys).
+///
+/// Every session gets `reconnect` then 1001, `/healthz` says 503, and new sessions are
+/// refused.
 async fn api_drain(State(app): State<Arc<AppState>>, ApiBody(_): ApiBody) -> ApiResult {
     let sessions = app.drain();
     Ok(Json(json!({ "draining": true, "sessions": sessions })))
 }
 
-/// The JSON error body of the HTTP API and of rejected upgrades, with the status core's
-/// code table gives the failure.
+/// The JSON error body of the HTTP API and of rejected upgrades.
+///
+/// It has the status core's code table gives the failure.
 pub fn failure_response(failure: HttpFailure, message: &str) -> Response<Body> {
     let status =
         StatusCode::from_u16(failure.http_status()).expect("the table's statuses are valid");

@@ -1,7 +1,8 @@
-//! What the gateway serves to browsers: the demo page and the client library
-//! (`/client.js`, `/client.d.ts`, from `clients/js/`), embedded in the binary. The library
-//! is served with a content hash as its ETag: a browser revalidates and gets 304 until the
-//! binary changes, and other origins may import it (CORS).
+//! What the gateway serves to browsers: the demo page and the client library.
+//!
+//! The library (`/client.js`, `/client.d.ts`, from `clients/js/`) is embedded in the
+//! binary. It is served with a content hash as its ETag: a browser revalidates and gets 304
+//! until the binary changes, and other origins may import it (CORS).
 
 use std::sync::{Arc, LazyLock};
 

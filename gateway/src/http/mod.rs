@@ -1,7 +1,9 @@
-//! What both fronts share above the transport: the router (health, API, demo page,
-//! `/client.js`) served on HTTPS and HTTP/3, and admission, the one decision on whether a
-//! WebSocket upgrade or a WebTransport CONNECT may open a session. Nothing here imports
-//! the fronts: the router's fallback (endpoint upgrades) is passed in.
+//! What both fronts share above the transport: the router and admission.
+//!
+//! The router (health, API, demo page, `/client.js`) is served on HTTPS and HTTP/3;
+//! admission is the one decision on whether a WebSocket upgrade or a WebTransport CONNECT
+//! may open a session. Nothing here imports the fronts: the router's fallback (endpoint
+//! upgrades) is passed in.
 
 pub mod admission;
 pub mod api;

@@ -1,5 +1,7 @@
-//! Accepting TCP connections: the accept loop, the PROXY protocol header, the connection
-//! limits, the TLS handshake, then HTTP/1.1 (hyper) serving the shared router.
+//! Accepting TCP connections.
+//!
+//! It covers the accept loop, the PROXY protocol header, the connection limits, the TLS
+//! handshake, then HTTP/1.1 (hyper) serving the shared router.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -102,9 +104,11 @@ pub async fn serve(
     }
 }
 
-/// Serves one accepted connection from `peer` (its client address): the TLS handshake by
-/// `deadline`, then HTTP/1.1 and WebSocket upgrades. Over a limit (`permit` refused), a
-/// bounded number are still answered with the status; the rest were dropped at accept.
+/// Serves one accepted connection from `peer` (its client address).
+///
+/// It runs the TLS handshake by `deadline`, then HTTP/1.1 and WebSocket upgrades. Over a
+/// limit (`permit` refused), a bounded number are still answered with the status; the rest
+/// were dropped at accept.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,

@@ -34,8 +34,9 @@ impl FrameCount {
     }
 }
 
-/// A sans-IO scanner of client-to-server frame headers (RFC 6455 section 5.2): it skips
-/// payloads by their length and counts continuation frames.
+/// A sans-IO scanner of client-to-server frame headers (RFC 6455 section 5.2).
+///
+/// It skips payloads by their length and counts continuation frames.
 #[derive(Debug, Default, Clone)]
 pub struct HeaderScanner {
     header: [u8; 14],

@@ -1,12 +1,14 @@
-//! Lingering close for TCP connections. When the server closes a connection while the
-//! client is still sending (a refused oversized request head, a body the server will not
-//! read), closing at once makes the kernel answer the client's next bytes with a reset: the
-//! client's send fails and a simple client never reads the response. So when a connection
-//! that last wrote a response is dropped, its write side is shut down and, on a task of its
-//! own, input is read and discarded until the client closes, [`LINGER_TIME`] passes or
-//! [`LINGER_BYTES`] arrive (RFC 9112 section 9.6). A connection that last read (a timed-out
-//! head, an abandoned body) closes at once; a client that closes cleanly costs nothing more.
-//! The connection's guard (its limit slot) is held until the socket is really gone.
+//! Lingering close for TCP connections.
+//!
+//! When the server closes a connection while the client is still sending (a refused
+//! oversized request head, a body the server will not read), closing at once makes the
+//! kernel answer the client's next bytes with a reset: the client's send fails and a simple
+//! client never reads the response. So when a connection that last wrote a response is
+//! dropped, its write side is shut down and, on a task of its own, input is read and
+//! discarded until the client closes, [`LINGER_TIME`] passes or [`LINGER_BYTES`] arrive
+//! (RFC 9112 section 9.6). A connection that last read (a timed-out head, an abandoned
+//! body) closes at once; a client that closes cleanly costs nothing more. The connection's
+//! guard (its limit slot) is held until the socket is really gone.
 //!
 //! A write that makes no progress for the connection's write timeout fails with
 //! `TimedOut`, so a client that stops reading what it asked for is disconnected rather
@@ -30,15 +32,17 @@ pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Most bytes discarded after the connection is dropped.
 pub const LINGER_BYTES: usize = 1024 * 1024;
 
-/// An I/O stream that lingers when dropped (see the module documentation), holding `G`
-/// until it is closed.
+/// An I/O stream that lingers when dropped, holding `G` until it is closed.
+///
+/// See the module documentation.
 #[derive(Debug)]
 pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static>
 {
     inner: Option<T>,
     guard: Option<G>,
-    /// Whether the last thing that happened was a write (a response the client may still
-    /// have to read), rather than a read.
+    /// Whether the last thing that happened was a write, rather than a read.
+    ///
+    /// A write is a response the client may still have to read.
     wrote_last: bool,
     /// Seconds a write may make no progress.
     write_timeout_secs: u16,
@@ -49,8 +53,10 @@ pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'static>
     Lingering<T, G>
 {
-    /// Wraps `inner`; `guard` is dropped when the connection is closed; a write that
-    /// makes no progress for `write_timeout` (whole seconds, at least one) fails.
+    /// Wraps `inner`; `guard` is dropped when the connection is closed.
+    ///
+    /// A write that makes no progress for `write_timeout` (whole seconds, at least one)
+    /// fails.
     pub fn new(inner: T, guard: G, write_timeout: Duration) -> Self {
         Self {
             inner: Some(inner),
@@ -65,8 +71,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Send + Unpin + 'stat
         Pin::new(self.inner.as_mut().expect("present until drop"))
     }
 
-    /// What a write returned, with the stall timer: armed while writes wait, cleared by
-    /// progress; a write waiting past the timeout fails.
+    /// What a write returned, with the stall timer.
+    ///
+    /// The timer is armed while writes wait and cleared by progress; a write waiting past
+    /// the timeout fails.
     fn timed<R>(
         &mut self,
         cx: &mut Context<'_>,

@@ -1,6 +1,8 @@
-//! The TCP front: the accept loop (TLS, the PROXY header, HTTP/1.1 serving the shared
-//! router), WebSocket upgrades on endpoint paths, and the WebSocket implementation of the
-//! session's transport interface (tokio-tungstenite).
+//! The TCP front: accept loop, WebSocket upgrades and the WebSocket transport.
+//!
+//! The accept loop covers TLS, the PROXY header and HTTP/1.1 serving the shared router;
+//! upgrades are on endpoint paths; the WebSocket implementation of the session's transport
+//! interface is on tokio-tungstenite.
 
 mod accept;
 pub mod frames;

@@ -1,7 +1,8 @@
-//! The PROXY protocol header (v1 text, v2 binary) a load balancer sends at the start of a
-//! TCP connection, before TLS. Exactly the header's bytes are read off the stream, never
-//! one more: what follows is the client's TLS ClientHello. Parsing is `ppp`'s; this module
-//! only decides how many bytes to read, and bounds them.
+//! The PROXY protocol header (v1 text, v2 binary) a load balancer sends.
+//!
+//! It comes at the start of a TCP connection, before TLS. Exactly the header's bytes are
+//! read off the stream, never one more: what follows is the client's TLS ClientHello.
+//! Parsing is `ppp`'s; this module only decides how many bytes to read, and bounds them.
 
 use std::net::SocketAddr;
 
@@ -9,8 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest v1 header, CRLF included (the specification's bound).
 pub const V1_MAX: usize = 107;
-/// Longest v2 payload (addresses and TLVs) accepted after the 16-byte fixed part. The
-/// addresses take at most 216 bytes (unix sockets); the rest leaves room for the TLVs
+/// Longest v2 payload (addresses and TLVs) accepted after the 16-byte fixed part.
+///
+/// The addresses take at most 216 bytes (unix sockets); the rest leaves room for the TLVs
 /// balancers send (AWS, GCP, HAProxy's SSL and unique-id TLVs). Longer headers are refused
 /// without reading their payload.
 pub const V2_MAX_PAYLOAD: usize = 2048;
@@ -25,8 +27,10 @@ const V2_FIXED: usize = 16;
 pub enum Source {
     /// The client's address, as the balancer saw it (IPv4-mapped IPv6 as IPv4).
     Client(SocketAddr),
-    /// No client address: a v2 `LOCAL` connection (the balancer's health check), v1
-    /// `UNKNOWN`, or a v2 `UNSPEC` or unix-socket family. The socket's address stands.
+    /// No client address: the socket's address stands.
+    ///
+    /// That is a v2 `LOCAL` connection (the balancer's health check), v1 `UNKNOWN`, or a v2
+    /// `UNSPEC` or unix-socket family.
     Socket,
 }
 
@@ -63,8 +67,9 @@ pub enum ProxyHeaderError {
     V2(#[source] ppp::v2::ParseError),
 }
 
-/// Reads one PROXY header (v1 or v2) from the start of `io` and returns the address it
-/// carries, leaving every byte after the header unread.
+/// Reads one PROXY header (v1 or v2) from the start of `io` and returns its address.
+///
+/// Every byte after the header is left unread.
 ///
 /// v1 is read two bytes at a time (one when the last byte read is CR): a line that has not
 /// ended has at least its CRLF to come, so no read crosses the end of the header.
@@ -131,8 +136,10 @@ mod tests {
 
     const TRAILER: &[u8] = b"\x16\x03\x01 the ClientHello";
 
-    /// Sends `bytes` (in `chunk`-sized writes) followed by [`TRAILER`], reads the header,
-    /// and returns its result and the bytes left unread.
+    /// Sends `bytes` followed by [`TRAILER`] and reads the header.
+    ///
+    /// `bytes` is sent in `chunk`-sized writes. Returns the header's result and the bytes
+    /// left unread.
     async fn parse(bytes: &[u8], chunk: usize) -> (Result<Source, ProxyHeaderError>, Vec<u8>) {
         let (mut client, mut server) = tokio::io::duplex(4096);
         let sent = [bytes, TRAILER].concat();

@@ -1,9 +1,10 @@
-//! TLS over TCP on rustls's unbuffered connection API, with buffers the gateway owns and
-//! holds only while they hold data. rustls's buffered connection keeps a 4 KiB receive
-//! buffer for a connection's whole life; here an idle connection holds no buffer at all:
-//! bytes are read only once the socket is readable, into a buffer that is freed as soon as
-//! every whole record in it is decrypted (a partial record stays, and only it).
-//! Decrypted bytes the reader has no room for, and encrypted bytes the socket has not
+//! TLS over TCP on rustls's unbuffered connection API, with buffers the gateway owns.
+//!
+//! The buffers are held only while they hold data. rustls's buffered connection keeps a 4
+//! KiB receive buffer for a connection's whole life; here an idle connection holds no
+//! buffer at all: bytes are read only once the socket is readable, into a buffer that is
+//! freed as soon as every whole record in it is decrypted (a partial record stays, and only
+//! it). Decrypted bytes the reader has no room for, and encrypted bytes the socket has not
 //! taken yet, are kept the same way.
 
 use std::{
@@ -62,8 +63,9 @@ fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Appends what `encode` writes to `out`: first into `guess` bytes, then into as many as it
-/// asks for.
+/// Appends what `encode` writes to `out`.
+///
+/// It writes first into `guess` bytes, then into as many as it asks for.
 fn append<E>(
     out: &mut Vec<u8>,
     guess: usize,
@@ -89,8 +91,9 @@ fn append<E>(
     }
 }
 
-/// Removes the `discard` bytes rustls has processed from the front of `incoming`, and
-/// frees it once empty (an idle connection holds no buffer).
+/// Removes the `discard` bytes rustls has processed from the front of `incoming`.
+///
+/// It frees `incoming` once empty (an idle connection holds no buffer).
 fn drop_processed(incoming: &mut Vec<u8>, discard: usize) {
     incoming.drain(..discard);
     if incoming.is_empty() && incoming.capacity() > 0 {
@@ -172,8 +175,10 @@ impl TlsStream {
         }
     }
 
-    /// Processes the received bytes once: decrypted data goes to `reader` (or, past its
-    /// room, to `plain`), handshake and alert records to `out`.
+    /// Processes the received bytes once.
+    ///
+    /// Decrypted data goes to `reader` (or, past its room, to `plain`), handshake and alert
+    /// records to `out`.
     fn process(&mut self, mut reader: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
         let Self {
             conn,
@@ -275,10 +280,11 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Brings the connection to its write state and runs `write` in it. What rustls must
-    /// send first goes to `out`; records already decrypted go to `plain` (waking the
-    /// reader). The received bytes are always passed whole: they may hold part of a
-    /// handshake message rustls has started to take apart.
+    /// Brings the connection to its write state and runs `write` in it.
+    ///
+    /// What rustls must send first goes to `out`; records already decrypted go to `plain`
+    /// (waking the reader). The received bytes are always passed whole: they may hold part
+    /// of a handshake message rustls has started to take apart.
     fn in_write_state<T>(
         &mut self,
         write: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<T>,
@@ -459,8 +465,10 @@ mod tests {
         }
     }
 
-    /// A client that sent part of a handshake message in a record of its own (here the
-    /// first byte of a KeyUpdate), sealed with its extracted traffic keys.
+    /// A client that sent part of a handshake message in a record of its own.
+    ///
+    /// Here it is the first byte of a KeyUpdate, sealed with the client's extracted traffic
+    /// keys.
     #[tokio::test]
     async fn a_partial_post_handshake_message_does_not_break_writing() {
         use rustls::{

@@ -1,5 +1,7 @@
-//! The HTTP/1.1 WebSocket upgrade (RFC 6455): the request's validity and key, admission,
-//! the 101 response, and the session's task.
+//! The HTTP/1.1 WebSocket upgrade (RFC 6455).
+//!
+//! It covers the request's validity and key, admission, the 101 response, and the session's
+//! task.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -55,10 +57,10 @@ fn is_valid_key(key: &[u8]) -> bool {
             .is_ok_and(|k| k.len() == 16)
 }
 
-/// The router's fallback on HTTPS: handles a request on an endpoint path (or an unknown
-/// path): admission, then the 101 response and the WebSocket session on its own task,
-/// its writes corked by `flushers`; or the status admission answers (404 for unknown
-/// paths).
+/// The router's fallback on HTTPS: handles a request on an endpoint or unknown path.
+///
+/// It runs admission, then the 101 response and the WebSocket session on its own task, its
+/// writes corked by `flushers`; or the status admission answers (404 for unknown paths).
 pub(crate) async fn upgrade(
     app: Arc<AppState>,
     flushers: Arc<Flushers>,

@@ -1,6 +1,7 @@
-//! The WebSocket implementation of the session's transport interface, over
-//! tokio-tungstenite: its settings, the [`Inbound`] and [`FrameSink`] halves, close frames
-//! and the mapping of read errors to faults, and the test-only echo.
+//! The WebSocket implementation of the session's transport interface (tokio-tungstenite).
+//!
+//! It holds its settings, the [`Inbound`] and [`FrameSink`] halves, close frames and the
+//! mapping of read errors to faults, and the test-only echo.
 
 use std::{
     net::SocketAddr,
@@ -36,8 +37,10 @@ use crate::{
 /// "Tuning, each measured").
 const READ_BUFFER: usize = 256;
 
-/// tungstenite settings for one endpoint. Its defaults (64 MiB messages, 16 MiB frames,
-/// 128 KiB eager read buffer, unbounded write buffer) are unsafe or wasteful for a gateway.
+/// tungstenite settings for one endpoint.
+///
+/// Its defaults (64 MiB messages, 16 MiB frames, 128 KiB eager read buffer, unbounded write
+/// buffer) are unsafe or wasteful for a gateway.
 fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Allocated eagerly per connection: 256 B instead of 128 KiB keeps idle connections
@@ -86,8 +89,9 @@ fn fault_of(error: &tungstenite::Error) -> Option<TransportFault> {
     }
 }
 
-/// Test-only echo of every data message (Autobahn|Testsuite), with the same WebSocket
-/// settings and error-to-close mapping as real sessions.
+/// Test-only echo of every data message (Autobahn|Testsuite).
+///
+/// It uses the same WebSocket settings and error-to-close mapping as real sessions.
 pub(super) async fn echo<IO>(io: IO, admission: &Admission)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -111,9 +115,10 @@ where
     }
 }
 
-/// One WebSocket session over `io`, to be run to its end. `continuations` counts the
-/// frames tungstenite reads without showing them; each is charged to the rate limit like
-/// any frame.
+/// One WebSocket session over `io`, to be run to its end.
+///
+/// `continuations` counts the frames tungstenite reads without showing them; each is
+/// charged to the rate limit like any frame.
 pub(super) fn run_session<IO>(
     io: IO,
     continuations: Arc<FrameCount>,
@@ -153,8 +158,10 @@ where
 struct WsInbound<S> {
     stream: S,
     continuations: Arc<FrameCount>,
-    /// The endpoint's rate burst: more hidden continuation frames than this behind a read
-    /// error is a flood, not a broken connection.
+    /// The endpoint's rate burst.
+    ///
+    /// More hidden continuation frames than this behind a read error is a flood, not a
+    /// broken connection.
     burst: u32,
     /// An event read together with continuation frames, reported after them.
     pending: Option<Event>,
@@ -199,8 +206,10 @@ where
     }
 }
 
-/// The sending half of a WebSocket session: frames are fed to tungstenite (which buffers
-/// up to its write buffer) and flushed once per batch.
+/// The sending half of a WebSocket session.
+///
+/// Frames are fed to tungstenite (which buffers up to its write buffer) and flushed once
+/// per batch.
 struct WsSink<S>(S);
 
 impl<S> FrameSink for WsSink<S>
