@@ -1,8 +1,10 @@
-//! Reloading the `[tls]` certificate and key without a restart: on request (SIGHUP, or
+//! Reloading the `[tls]` certificate and key without a restart.
+//!
+//! It happens on request (SIGHUP, or
 //! [`Server::reload_certificate`](crate::Server::reload_certificate)) and when the files
 //! change on disk. The new pair goes into the resolver both listeners share, so new TCP and
-//! QUIC handshakes use it; established connections keep theirs. A pair that cannot be
-//! used is refused with one warning, and the current certificate stays.
+//! QUIC handshakes use it; established connections keep theirs. A pair that cannot be used
+//! is refused with one warning, and the current certificate stays.
 //!
 //! Changes are found by polling the files' metadata (size, modification time, inode)
 //! rather than by file-system events: it costs two `stat` calls per poll, and it sees
@@ -73,8 +75,9 @@ pub struct CertReloader {
     cert: PathBuf,
     key: PathBuf,
     resolver: Arc<ReloadableResolver>,
-    /// The files' stamps when they were last loaded (or refused): a poll that sees these
-    /// again has nothing to do.
+    /// The files' stamps when they were last loaded (or refused).
+    ///
+    /// A poll that sees these again has nothing to do.
     seen: Mutex<Stamps>,
 }
 
@@ -86,8 +89,10 @@ pub type Stamps = (Option<FileStamp>, Option<FileStamp>);
 pub struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
-    /// The inode (and device): a file renamed over the path, or a symlink pointed
-    /// elsewhere, changes it even when size and time happen to match.
+    /// The inode (and device).
+    ///
+    /// A file renamed over the path, or a symlink pointed elsewhere, changes it even when
+    /// size and time happen to match.
     inode: (u64, u64),
 }
 
@@ -168,10 +173,12 @@ impl CertReloader {
         }
     }
 
-    /// One look at the files: a change is reloaded once it has held still for one poll (a
-    /// certificate and key written one after the other are read together). A pair refused
-    /// once is not tried again until the files change again. `changed` carries the change
-    /// seen by the previous poll.
+    /// One look at the files.
+    ///
+    /// A change is reloaded once it has held still for one poll (a certificate and key
+    /// written one after the other are read together). A pair refused once is not tried
+    /// again until the files change again. `changed` carries the change seen by the
+    /// previous poll.
     pub fn poll(&self, changed: &mut Option<Stamps>) -> Option<Result<CertReload, ReloadError>> {
         let now = self.stamps();
         if now == *self.seen.lock().expect("stamps lock") {
@@ -206,8 +213,9 @@ mod tests {
         (reloader, resolver)
     }
 
-    /// Lets the file clock move on (modification times have a granularity of a few
-    /// milliseconds), so a rewrite right after a load is told apart from it.
+    /// Lets the file clock move on, so a rewrite right after a load is told apart from it.
+    ///
+    /// Modification times have a granularity of a few milliseconds.
     fn settle() {
         std::thread::sleep(Duration::from_millis(30));
     }

@@ -6,8 +6,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_core::connection::Now;
 
-/// The current time for core: the monotonic instant and the wall clock's Unix seconds
-/// (for JWT expiry).
+/// The current time for core: the monotonic instant and the wall clock's Unix seconds.
+///
+/// The Unix seconds are for JWT expiry.
 pub fn now() -> Now {
     Now {
         instant: instant(),

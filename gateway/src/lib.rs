@@ -1,5 +1,7 @@
-//! The gateway server: the TCP front (TLS, HTTPS, secure WebSocket), the QUIC front
-//! (HTTP/3, WebTransport), the HTTP router and API they share, the one session driver both
+//! The gateway server.
+//!
+//! It holds the TCP front (TLS, HTTPS, secure WebSocket), the QUIC front (HTTP/3,
+//! WebTransport), the HTTP router and API they share, the one session driver both
 //! transports use, the Redis cluster backplane, and the wiring around the transport-neutral
 //! hub of `gateway-core`.
 

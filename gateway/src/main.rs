@@ -10,8 +10,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use gateway::{config::Config, Server};
 
-/// jemalloc returns freed memory to the system in the background (glibc's malloc keeps the
-/// peak of a burst resident).
+/// jemalloc returns freed memory to the system in the background.
+///
+/// glibc's malloc keeps the peak of a burst resident.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -25,8 +26,9 @@ struct Cli {
     /// Run from this TOML file (without it: dev mode on loopback).
     #[arg(long, env = "GATEWAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Override `listen` (HOST:PORT, an IP address or a host name; port 0 picks a free
-    /// port).
+    /// Override `listen` (HOST:PORT).
+    ///
+    /// The host is an IP address or a host name; port 0 picks a free port.
     #[arg(long, env = "GATEWAY_LISTEN", value_parser = gateway::config::parse_listen)]
     listen: Option<SocketAddr>,
     #[command(subcommand)]
@@ -95,8 +97,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the `[tls]` certificate and key as start-up would: both files readable, PEM,
-/// a certificate and a private key rustls can sign with.
+/// Loads the `[tls]` certificate and key as start-up would.
+///
+/// Both files must be readable, PEM, a certificate and a private key rustls can sign with.
 fn check_tls_files(config: &Config) -> Result<(), gateway_certs::CertError> {
     if let gateway::config::TlsSource::Files { cert, key } = &config.tls {
         gateway::tls::install_crypto_provider();
@@ -161,8 +164,9 @@ fn run(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     })
 }
 
-/// Logs to stderr as `[log]` says: text or JSON lines, at its level unless `GATEWAY_LOG`
-/// sets a filter.
+/// Logs to stderr as `[log]` says.
+///
+/// Text or JSON lines, at its level unless `GATEWAY_LOG` sets a filter.
 fn init_logging(log: &gateway::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));

@@ -19,8 +19,9 @@ use prometheus_client::{
     registry::{Metric, Registry},
 };
 
-/// Whether this build counts (the `metrics` feature). Without it every count is compiled
-/// out and `/metrics` shows the series at zero.
+/// Whether this build counts (the `metrics` feature).
+///
+/// Without it every count is compiled out and `/metrics` shows the series at zero.
 pub const ENABLED: bool = cfg!(feature = "metrics");
 
 /// Labels of a per-transport metric.
@@ -120,7 +121,9 @@ struct RefusedLabel {
     reason: &'static str,
 }
 
-/// `gateway_backplane_errors_total`, by operation, and
+/// The backplane's error and refusal counters.
+///
+/// They are `gateway_backplane_errors_total`, by operation, and
 /// `gateway_backplane_refused_total`, by queue and reason.
 #[derive(Debug, Clone)]
 pub struct BackplaneErrors(Family<OpLabel, Counter>, Family<RefusedLabel, Counter>);
@@ -153,9 +156,11 @@ impl BackplaneErrors {
 
     /// The worker's queues (kinds of operation).
     pub const QUEUES: [&'static str; 5] = ["rooms", "presence", "listing", "users", "tickets"];
-    /// Why a command was refused without running: `busy` (its queue was full), `open`
-    /// (the circuit breaker), `expired` (its deadline passed while it waited),
-    /// `room_budget` (it would have created a room beyond the budget).
+    /// Why a command was refused without running.
+    ///
+    /// `busy` (its queue was full), `open` (the circuit breaker), `expired` (its deadline
+    /// passed while it waited), `room_budget` (it would have created a room beyond the
+    /// budget).
     pub const REASONS: [&'static str; 4] = ["busy", "open", "expired", "room_budget"];
 
     /// Counts a command of `queue` refused for `reason`.
@@ -190,7 +195,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric, with the counters of each of `endpoints` resolved;
+    /// Registers every metric, with the counters of each of `endpoints` resolved.
+    ///
     /// `version` goes into `gateway_build_info`.
     pub fn new<'a>(
         version: &'static str,
@@ -276,8 +282,9 @@ impl Metrics {
         self.endpoints.get(path)
     }
 
-    /// Brings the delivery and recovery counters up to the hub's running totals (at a
-    /// scrape: the hub counts with plain atomics on its fan-out path).
+    /// Brings the delivery and recovery counters up to the hub's running totals.
+    ///
+    /// This runs at a scrape: the hub counts with plain atomics on its fan-out path.
     pub fn sync_hub(&self, stats: &gateway_core::hub::HubStats) {
         let _one_at_a_time = self.hub_sync.lock().unwrap_or_else(|e| e.into_inner());
         let catch_up = |counter: &Counter, total: u64| {
@@ -332,8 +339,10 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of failed backplane operations, for the cluster worker; every known
-    /// operation starts at 0 so dashboards see the series before the first failure.
+    /// The counter of failed backplane operations, for the cluster worker.
+    ///
+    /// Every known operation starts at 0 so dashboards see the series before the first
+    /// failure.
     pub fn backplane_errors(&self) -> BackplaneErrors {
         for op in BackplaneErrors::OPS {
             drop(self.backplane_errors.get_or_create(&OpLabel { op }));

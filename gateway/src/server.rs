@@ -1,5 +1,6 @@
-//! Wiring: certificates, listeners on one port number, the hub, the flushers, and graceful
-//! shutdown.
+//! Wiring: certificates, listeners on one port number, the hub, the flushers, and shutdown.
+//!
+//! Shutdown is graceful.
 
 use std::{
     net::SocketAddr,
@@ -158,10 +159,11 @@ impl Server {
         })
     }
 
-    /// Loads the `[tls]` certificate and key again (as SIGHUP does): new TCP and QUIC
-    /// handshakes use them, established connections keep theirs. A pair that cannot be used
-    /// is refused and the current one stays; either outcome is logged. With a development
-    /// certificate there is nothing to reload.
+    /// Loads the `[tls]` certificate and key again (as SIGHUP does).
+    ///
+    /// New TCP and QUIC handshakes use them, established connections keep theirs. A pair
+    /// that cannot be used is refused and the current one stays; either outcome is logged.
+    /// With a development certificate there is nothing to reload.
     pub fn reload_certificate(&self, trigger: Trigger) -> Result<CertReload, ReloadError> {
         match &self.reloader {
             Some(reloader) => reloader.reload(trigger),
@@ -186,9 +188,11 @@ impl Server {
         lines
     }
 
-    /// Graceful shutdown: drain (refuse new sessions, tell every session to reconnect
-    /// within the drain window, then close 1001), wait up to the drain window for the
-    /// sessions to go, then stop.
+    /// Graceful shutdown: drain, wait for the sessions to go, then stop.
+    ///
+    /// The drain refuses new sessions and tells every session to reconnect within the drain
+    /// window, then closes 1001; shutdown waits up to the drain window for the sessions to
+    /// go.
     pub async fn shutdown(mut self) {
         self.state.drain();
         // Every session task ends once its queued frames and its close are written (or its
@@ -248,8 +252,9 @@ fn dev_cert(dir: &Path, source: CertError) -> StartError {
     }
 }
 
-/// The hub (single node, or over the Redis cluster of `[redis]`), the JWT verifier and the
-/// connection limits; and the cluster, in cluster mode.
+/// The hub, the JWT verifier and the connection limits; and the cluster, in cluster mode.
+///
+/// The hub is single node, or over the Redis cluster of `[redis]`.
 fn services(config: &Config) -> Result<(Services, Option<Arc<RedisCluster>>), StartError> {
     let verifier = match &config.jwt {
         Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
@@ -298,8 +303,10 @@ fn services(config: &Config) -> Result<(Services, Option<Arc<RedisCluster>>), St
     Ok((services, cluster_handle))
 }
 
-/// The router both fronts serve; its fallback is the WebSocket upgrade on endpoint paths,
-/// whose sessions' writes are corked by `flushers`.
+/// The router both fronts serve.
+///
+/// Its fallback is the WebSocket upgrade on endpoint paths, whose sessions' writes are
+/// corked by `flushers`.
 fn router(state: &Arc<AppState>, flushers: Arc<Flushers>) -> Router {
     api::router(
         state.clone(),
@@ -322,8 +329,10 @@ async fn expire_history(state: Arc<AppState>) {
     }
 }
 
-/// Binds TCP on `addr`, then UDP on the same port number. With port 0 the UDP port may be
-/// taken: then both are bound again on a new port (a few times).
+/// Binds TCP on `addr`, then UDP on the same port number.
+///
+/// With port 0 the UDP port may be taken: then both are bound again on a new port (a few
+/// times).
 async fn bind_same_port(
     addr: SocketAddr,
     quic_tls: Option<rustls::ServerConfig>,

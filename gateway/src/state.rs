@@ -104,10 +104,12 @@ impl AppState {
         self.shutting_down.store(true, Ordering::Release);
     }
 
-    /// Drains this node (SIGTERM, `POST /api/drain`): new sessions are refused, `/healthz`
-    /// answers 503, and every session gets `reconnect`, its `after_ms` drawn over the drain
-    /// window so clients do not all come back at once, then close 1001 once the frames
-    /// queued before it are written. Returns how many sessions were told.
+    /// Drains this node (SIGTERM, `POST /api/drain`).
+    ///
+    /// New sessions are refused, `/healthz` answers 503, and every session gets
+    /// `reconnect`, its `after_ms` drawn over the drain window so clients do not all come
+    /// back at once, then close 1001 once the frames queued before it are written. Returns
+    /// how many sessions were told.
     pub fn drain(&self) -> usize {
         self.begin_shutdown();
         let sessions = self.services.hub.session_count();
@@ -118,9 +120,10 @@ impl AppState {
         sessions
     }
 
-    /// Sends one session away as a drain does: `reconnect`, then 1001. For a session that
-    /// opened while the drain ran (it passed admission before the flag was set, and was
-    /// not yet in the hub when the drain went through it).
+    /// Sends one session away as a drain does: `reconnect`, then 1001.
+    ///
+    /// For a session that opened while the drain ran (it passed admission before the flag
+    /// was set, and was not yet in the hub when the drain went through it).
     pub(crate) fn send_away(&self, session: &SessionHandle) {
         session.offer(self.reconnect_frame());
         session.close(drain_reason());

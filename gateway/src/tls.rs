@@ -1,5 +1,7 @@
-//! rustls server configurations for the TCP (HTTP/1.1 + WebSocket) and QUIC (HTTP/3) listeners,
-//! sharing one certificate resolver.
+//! rustls server configurations for the TCP and QUIC listeners.
+//!
+//! The TCP listener serves HTTP/1.1 + WebSocket, the QUIC one HTTP/3; they share one
+//! certificate resolver.
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
-//! The configuration file as serde types (CONFIG.md "File"): the shape, enums and
-//! positivity of every key. What needs more than a type (a key that requires another, a
-//! file that must load) is checked in [`super::validate`].
+//! The configuration file as serde types (CONFIG.md "File").
+//!
+//! The types give the shape, enums and positivity of every key. What needs more than a type
+//! (a key that requires another, a file that must load) is checked in [`super::validate`].
 
 use std::{
     num::{NonZeroU32, NonZeroU64, NonZeroUsize},

@@ -17,8 +17,9 @@ mod validate;
 
 pub use file::LogFormat;
 
-/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name the system resolves
-/// (`localhost:4433`; the first address it gives is used).
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name the system resolves.
+///
+/// For example `localhost:4433`; the first address it gives is used.
 pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
@@ -159,8 +160,10 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// Log format and level.
     pub log: LogConfig,
-    /// The drain window: reconnect hints are spread over it, and shutdown waits at most
-    /// this long for sessions to go.
+    /// The drain window.
+    ///
+    /// Reconnect hints are spread over it, and shutdown waits at most this long for
+    /// sessions to go.
     pub drain: Duration,
     /// Certificate source.
     pub tls: TlsSource,
@@ -174,8 +177,9 @@ pub struct Config {
     pub limits: Limits,
     /// The Redis the cluster goes through, in cluster mode.
     pub redis: Option<RedisTarget>,
-    /// How often this node refreshes its liveness in Redis; a dead node's presence goes
-    /// within three of these.
+    /// How often this node refreshes its liveness in Redis.
+    ///
+    /// A dead node's presence goes within three of these.
     pub cluster_heartbeat: Duration,
     /// Endpoints by path.
     pub endpoints: Vec<Arc<EndpointPolicy>>,
@@ -186,8 +190,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// The built-in development configuration: loopback, dev certificate in `.gateway/`,
-    /// endpoint `/chat` with `auth = "none"`.
+    /// The built-in development configuration.
+    ///
+    /// It listens on loopback, with the dev certificate in `.gateway/` and endpoint `/chat`
+    /// with `auth = "none"`.
     pub fn dev() -> Self {
         let mut chat = EndpointPolicy::new("/chat");
         chat.auth = AuthMode::None;
@@ -211,8 +217,9 @@ impl Config {
         }
     }
 
-    /// Reads and validates a configuration file. Relative paths in it are relative to the
-    /// file's directory.
+    /// Reads and validates a configuration file.
+    ///
+    /// Relative paths in it are relative to the file's directory.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -253,8 +260,9 @@ impl Config {
     }
 }
 
-/// Deserializes the file's types; an error names the key it is about (`endpoint[0].auth`)
-/// and the line.
+/// Deserializes the file's types.
+///
+/// An error names the key it is about (`endpoint[0].auth`) and the line.
 fn parse_file(text: &str) -> Result<file::File, ConfigError> {
     let parse_error = |key: String, e: toml::de::Error| {
         let line = e

@@ -1,5 +1,7 @@
-//! Turning each section of the file into what the server runs with, checking what its type
-//! cannot say: one function per section, each error naming its key.
+//! Turning each section of the file into what the server runs with.
+//!
+//! It checks what the types cannot say: one function per section, each error naming its
+//! key.
 
 use std::{collections::HashSet, num::NonZeroU64, path::Path, sync::Arc, time::Duration};
 
@@ -60,8 +62,10 @@ pub(super) fn tls(
     }
 }
 
-/// `[auth]`: the key the algorithm reads is present, the other absent, and usable now
-/// rather than at the first connection.
+/// `[auth]`: checks the key the algorithm reads.
+///
+/// That key must be present, the other absent, and usable now rather than at the first
+/// connection.
 pub(super) fn auth(
     section: Option<file::AuthSection>,
     base: &Path,
