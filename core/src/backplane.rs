@@ -45,9 +45,10 @@ pub enum ClusterUnavailable {
     /// The operation's queue is full: it was refused at once, not carried out.
     #[error("cluster busy")]
     Busy,
-    /// The operation was sent but no answer came (or the store failed while running it):
-    /// it may or may not have taken effect. A publish with this error may still be
-    /// delivered to the room's members.
+    /// The operation was sent but no answer came, so it may or may not have taken effect.
+    ///
+    /// This includes the store failing while running it. A publish with this error may
+    /// still be delivered to the room's members.
     #[error("cluster unavailable: outcome unknown")]
     OutcomeUnknown,
     /// The operation would create a room with history beyond the room budget.

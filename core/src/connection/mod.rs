@@ -127,9 +127,11 @@ enum Via {
 
 impl Connection {
     /// Opens a session: registers it with the hub and, if authenticated, queues `welcome`.
-    /// With `pings`, liveness queues a transport ping ([`Outbound::Ping`]) every heartbeat
-    /// and closes a session that did not answer the previous one (transports whose own
-    /// keep-alive does this, like QUIC, pass `false`).
+    ///
+    /// With `pings`, liveness queues a transport ping
+    /// ([`Outbound::Ping`](crate::session::Outbound::Ping)) every heartbeat and closes a
+    /// session that did not answer the previous one (transports whose own keep-alive does
+    /// this, like QUIC, pass `false`).
     pub fn open(
         services: Services,
         policy: Arc<EndpointPolicy>,

@@ -147,8 +147,9 @@ impl CloseCode {
         self.row().sent
     }
 
-    /// The close code for a numeric value a caller chose (for example `/api/disconnect`):
-    /// any code of the table that is sent on the wire.
+    /// The close code for a numeric value a caller chose (for example `/api/disconnect`).
+    ///
+    /// It accepts any code of the table that is sent on the wire.
     pub fn from_code(code: u16) -> Option<Self> {
         Self::ALL
             .iter()

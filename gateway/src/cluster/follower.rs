@@ -1,5 +1,6 @@
-//! What the backplane does about its pub/sub connection, as a state machine with no I/O:
-//! events go in ([`Event`]), actions come out ([`Action`]); the subscriber and keep-alive
+//! What the backplane does about its pub/sub connection, as a state machine with no I/O.
+//!
+//! Events go in ([`Event`]), actions come out ([`Action`]); the subscriber and keep-alive
 //! tasks do the I/O and feed the outcomes back.
 //!
 //! After every (re)connection: subscribe every wanted channel, then catch each room with

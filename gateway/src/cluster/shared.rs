@@ -133,8 +133,10 @@ impl Shared {
         self.reconcile.notify_one();
     }
 
-    /// A join's view of `room` succeeded (`created`: it created the room's state in Redis):
-    /// the budget counts the room as open while the hub still has it.
+    /// A join's view of `room` succeeded.
+    ///
+    /// `created`: it created the room's state in Redis. The budget counts the room as open
+    /// while the hub still has it.
     pub(super) fn room_viewed(&self, room: &RoomName, created: bool, policy: &RoomPolicy) {
         let wanted = self.wanted();
         let open = wanted

@@ -152,8 +152,9 @@ pub async fn admit(
     })
 }
 
-/// What `req`'s credential (PROTOCOL.md section 2) makes of the session under `mode`:
-/// anonymous, pending its first message, or authenticated with a user slot.
+/// What `req`'s credential (PROTOCOL.md section 2) makes of the session under `mode`.
+///
+/// The session is anonymous, pending its first message, or authenticated with a user slot.
 async fn authenticate(
     app: &AppState,
     mode: AuthMode,

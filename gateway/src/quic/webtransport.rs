@@ -1,6 +1,7 @@
-//! The WebTransport implementation of the session's transport interface (h3-webtransport):
-//! the message stream (framing, one per session), datagrams for volatile messages, and the
-//! streams and requests a client opens besides.
+//! The WebTransport implementation of the session's transport interface (h3-webtransport).
+//!
+//! It covers the message stream (framing, one per session), datagrams for volatile
+//! messages, and the streams and requests a client opens besides.
 
 use std::{
     future::Future,

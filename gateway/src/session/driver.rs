@@ -32,8 +32,10 @@ pub(crate) enum Event {
     Datagram(Bytes),
     /// The peer answered a transport ping (it costs a frame of the rate limit too).
     Pong,
-    /// Frames that carry no request (control frames, streams the protocol does not use):
-    /// each costs a token of the rate limit; `then` runs when they were within it.
+    /// Frames that carry no request; `then` runs when they were within the rate limit.
+    ///
+    /// They are control frames, or streams the protocol does not use: each costs a token of
+    /// the rate limit.
     Control {
         frames: u32,
         then: Option<Box<dyn FnOnce() + Send>>,

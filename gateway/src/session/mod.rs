@@ -36,8 +36,9 @@ pub(crate) struct Transport {
     ///
     /// The transport has no keep-alive of its own.
     pub(crate) pings: bool,
-    /// The flushers that cork the session's writes with every other session's; `None`:
-    /// the session's own task writes it.
+    /// The flushers that cork the session's writes with every other session's.
+    ///
+    /// `None`: the session's own task writes it.
     pub(crate) corked: Option<Arc<Flushers>>,
 }
 
