@@ -365,6 +365,7 @@ impl SessionHandle {
     }
 
     /// Closes the session: frames already queued are still written, then the close.
+    ///
     /// Later calls keep the first reason.
     pub fn close(&self, reason: CloseReason) {
         let mut q = self.lock();

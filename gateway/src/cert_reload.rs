@@ -132,6 +132,7 @@ impl CertReloader {
     }
 
     /// Loads the files now and swaps them in, or refuses them (keeping the current pair).
+    ///
     /// Either outcome is logged once.
     pub fn reload(&self, trigger: Trigger) -> Result<CertReload, ReloadError> {
         // Held for the whole reload, so a signal and the watcher cannot interleave (the

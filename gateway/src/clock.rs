@@ -1,6 +1,8 @@
-//! The gateway's one clock. Core reads none: every `now` it is given comes from here.
-//! Monotonic time is tokio's, so tests that pause or advance tokio's time drive sessions,
-//! deadlines and rates alike; core takes it as a std `Instant`.
+//! The gateway's one clock.
+//!
+//! Core reads none: every `now` it is given comes from here. Monotonic time is tokio's, so
+//! tests that pause or advance tokio's time drive sessions, deadlines and rates alike; core
+//! takes it as a std `Instant`.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 

@@ -52,6 +52,7 @@ pub const MAX_QUEUED_DURING_AUTH: usize = 32;
 pub type WakeSignal = Arc<tokio::sync::Notify>;
 
 /// The current time, as both a monotonic instant (deadlines, rates) and Unix seconds (JWT).
+///
 /// Core reads no clock: the adapter that drives a connection reads its own and passes it in.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {

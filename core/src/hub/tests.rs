@@ -122,6 +122,7 @@ fn session(hub: &Hub, user: &str) -> (SessionHandle, OutboxReceiver) {
 }
 
 /// Every JSON frame queued for an open session (everything is queued synchronously).
+///
 /// Panics if the session was closed: an empty result always means "nothing queued".
 fn drain_all(rx: &OutboxReceiver) -> Vec<Value> {
     let mut out = Vec::new();

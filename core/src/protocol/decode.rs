@@ -11,6 +11,7 @@ use super::{ErrorCode, RoomName, RoomNameError};
 pub struct RequestId(pub serde_json::Number);
 
 /// The `data` of a `publish` or `send`: JSON text, or the raw payload of a binary envelope.
+///
 /// Both are shared, never copied per recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {

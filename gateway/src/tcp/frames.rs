@@ -1,4 +1,5 @@
 //! Counting the WebSocket frames tungstenite never shows the session: continuation frames.
+//!
 //! A message split into many (even empty) continuation frames would otherwise cost the
 //! server work per frame without touching the rate limit. The count is read by the session
 //! driver, which charges each frame to the session's rate limit; a message still incomplete

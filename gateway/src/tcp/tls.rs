@@ -243,6 +243,7 @@ impl TlsStream {
     }
 
     /// Reads what the socket has into `incoming`, allocating only once it is readable.
+    ///
     /// `Ready(Ok(()))` also at the end of the stream (then `read_closed` is set).
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
