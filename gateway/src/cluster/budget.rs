@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_huge_budget_does_not_overflow() {
-        // Review finding 7: `room_budget_mb` saturates to usize::MAX.
+        // `room_budget_mb` saturates to usize::MAX.
         let budget = RoomBudget::new(usize::MAX);
         let now = Instant::now();
         let ttl = Duration::from_secs(60);

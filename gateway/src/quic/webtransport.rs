@@ -74,8 +74,8 @@ pub(super) fn run_session(
         // QUIC keep-alive and idle timeout (transport_config) watch liveness.
         pings: false,
         // Not corked: each write is a QUIC packet, and the session's own task, which
-        // yields once before writing, puts more frames in each under load (measured, see
-        // README).
+        // yields once before writing, puts more frames in each under load (the figures are
+        // in docs/benchmark.md, "Tuning, each measured").
         corked: None,
     };
     session::run(app, admission, peer, transport, move |handle| {
