@@ -91,8 +91,8 @@ impl ClusterNode {
 
     /// Removes the session from `room` and tells `cluster`.
     ///
-    /// Returns whether it was a member. The cluster is told as node `node`. An empty room is forgotten: history lives in the
-    /// cluster.
+    /// Returns whether it was a member. The cluster is told as node `node`. An empty room
+    /// is forgotten: history lives in the cluster.
     pub(super) fn leave(
         &self,
         handle: &SessionHandle,

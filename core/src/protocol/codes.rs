@@ -274,7 +274,8 @@ const fn reject(status: u16, code: ErrorCode, message: &'static str) -> Rejectio
 codes! {
     /// Why a WebSocket upgrade or WebTransport CONNECT is refused.
     ///
-    /// It is refused before any session exists (PROTOCOL.md section 1). The variants are in the order the checks run.
+    /// It is refused before any session exists (PROTOCOL.md section 1). The variants are in
+    /// the order the checks run.
     pub enum Rejection: RejectionRow {
         /// The path is not a configured endpoint (404).
         UnknownEndpoint => reject(404, ErrorCode::NotFound, "no such endpoint"),

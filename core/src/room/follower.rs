@@ -25,7 +25,7 @@ use crate::{
 /// before it).
 pub const UNKNOWN_EPOCH: &str = "";
 
-/// Live frames held at most for one member whose join waits for the cluster.
+/// Most live frames held for one member whose join waits for the cluster.
 ///
 /// Beyond, the member is a slow consumer (4008), as it would be with a full queue.
 pub const MAX_HELD_FRAMES: usize = 1024;

@@ -1,6 +1,4 @@
-//! The commands the worker runs for the hub, and the kinds of operation of their lanes.
-//!
-//! The lanes are grouped by those kinds.
+//! The commands the worker runs for the hub, and the kinds of operation their lanes group.
 
 use std::sync::Arc;
 

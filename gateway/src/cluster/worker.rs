@@ -397,9 +397,9 @@ impl Worker {
         }
     }
 
-    /// Counts one more session of `user` here unless that passes `max` cluster-wide.
+    /// Counts one more session of `user` here unless that takes it past `max` cluster-wide.
     ///
-    /// `max` is the user's sessions cluster-wide; returns whether it was counted.
+    /// `max` counts the user's sessions on all nodes. Returns whether it was counted.
     async fn acquire_user(
         &self,
         deadline: Instant,
