@@ -1,6 +1,6 @@
-//! Wiring: certificates, listeners on one port number, the hub, the flushers, and shutdown.
+//! Wiring: certificates, listeners, the hub, the flushers, and graceful shutdown.
 //!
-//! Shutdown is graceful.
+//! The TCP and UDP listeners share one port number.
 
 use std::{
     net::SocketAddr,
