@@ -87,7 +87,7 @@ pub struct TransportCounters {
     pub bytes_sent: Counter,
     /// Messages queued for members and recipients.
     pub deliveries: Counter,
-    /// Publish-to-write latency (sampled, see [`Metrics::delivery_seconds`]).
+    /// Publish-to-write latency (sampled: `gateway_delivery_seconds`).
     pub delivery_seconds: Histogram,
 }
 

@@ -5,7 +5,7 @@ use gateway_core::backplane::ClusterUnavailable;
 /// Why the backplane could not start or an operation failed.
 ///
 /// Its text is for the log only: clients get a [`ClusterUnavailable`] without internals
-/// (see [`Self::for_client`]).
+/// (see `ClusterError::for_client`).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// A URL is not a Redis URL.

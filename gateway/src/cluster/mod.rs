@@ -5,21 +5,21 @@
 //! the README's "Scaling out".
 //!
 //! Split like quinn, I/O apart from the rules:
-//! - [`channel`]: channel and key names, hash tags; [`message`]: the typed channel
-//!   message and its encoding; [`scripts`]: the Lua scripts (`.lua` files) and their
-//!   typed replies; [`follower`]: the pub/sub connection's state machine (subscribe,
-//!   catch up, deliver, resync), with no I/O.
-//! - The [`worker`] runs the hub's [`command`]s in bounded, ordered lanes per kind of
+//! - `channel` (channel and key names, hash tags) and `message` (the typed channel
+//!   message and its encoding) come from `gateway_cluster_proto`; `scripts`: the Lua
+//!   scripts (`.lua` files) and their typed replies; `follower`: the pub/sub
+//!   connection's state machine (subscribe, catch up, deliver, resync), with no I/O.
+//! - The `worker` runs the hub's `command`s in bounded, ordered lanes per kind of
 //!   operation (one room's commands in order, one user's in order) over a small pool of
-//!   multiplexed connections ([`conn`]: one Redis, or a Redis Cluster where each script
-//!   touches one slot), behind a circuit [`breaker`]; the room [`budget`] bounds the
+//!   multiplexed connections (`conn`: one Redis, or a Redis Cluster where each script
+//!   touches one slot), behind a circuit `breaker`; the room `budget` bounds the
 //!   rooms this node creates in Redis.
-//! - The [`subscriber`] task holds the pub/sub connection (sharded on a cluster) and does
-//!   what the follower calls for, handing messages to the hub through [`hub`] (the one
-//!   place the backplane calls the hub); the [`reconcile`]r brings its subscriptions to
-//!   the channels [`wanted`]; the [`keep_alive`] task refreshes this node's liveness,
+//! - The `subscriber` task holds the pub/sub connection (sharded on a cluster) and does
+//!   what the follower calls for, handing messages to the hub through `hub` (the one
+//!   place the backplane calls the hub); the `reconcile`r brings its subscriptions to
+//!   the channels `wanted`; the `keep_alive` task refreshes this node's liveness,
 //!   sweeps dead nodes, and makes again the writes this node still owes Redis (its
-//!   record: [`announced`]).
+//!   record: `announced`).
 //! - Every failure is one [`ClusterError`], mapped to the hub's `ClusterUnavailable` in
 //!   one place.
 
