@@ -19,6 +19,8 @@ pub enum JwtAlgorithm {
     Rs256,
     /// ECDSA P-256 SHA-256 with a PEM public key.
     Es256,
+    /// Ed25519 (EdDSA) with a PEM public key.
+    EdDsa,
 }
 
 /// Everything needed to verify tokens.
@@ -180,6 +182,10 @@ impl JwtVerifier {
             JwtAlgorithm::Es256 => (
                 Algorithm::ES256,
                 DecodingKey::from_ec_pem(&config.key).map_err(bad_key)?,
+            ),
+            JwtAlgorithm::EdDsa => (
+                Algorithm::EdDSA,
+                DecodingKey::from_ed_pem(&config.key).map_err(bad_key)?,
             ),
         };
         let mut validation = Validation::new(algorithm);

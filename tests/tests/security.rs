@@ -32,21 +32,22 @@ fn pem(name: &str) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwt_cases_are_refused_before_the_session_for_rs256_and_es256() {
-    within(60, async {
+async fn jwt_cases_are_refused_before_the_session_for_rs256_es256_and_eddsa() {
+    within(90, async {
         let rs = EncodingKey::from_rsa_pem(&pem("jwt-rs256-private.pem")).unwrap();
         let es = EncodingKey::from_ec_pem(&pem("jwt-es256-private.pem")).unwrap();
-        for (alg, public, key, other) in [
-            ("RS256", "jwt-rs256-public.pem", &rs, &es),
-            ("ES256", "jwt-es256-public.pem", &es, &rs),
+        let ed = EncodingKey::from_ed_pem(&pem("jwt-eddsa-private.pem")).unwrap();
+        // Each algorithm, its public key, its signing key, and another algorithm's key.
+        for (alg, public, a, key, other_alg, other) in [
+            ("RS256", "jwt-rs256-public.pem", Algorithm::RS256, &rs, Algorithm::ES256, &es),
+            ("ES256", "jwt-es256-public.pem", Algorithm::ES256, &es, Algorithm::RS256, &rs),
+            ("EdDSA", "jwt-eddsa-public.pem", Algorithm::EdDSA, &ed, Algorithm::ES256, &es),
         ] {
             let toml = format!(
                 "[auth]\nalgorithm = \"{alg}\"\npublic_key = \"{}\"\nissuer = \"https://issuer\"\naudience = \"gateway\"\nleeway_secs = 0\n[[endpoint]]\npath = \"/chat\"\n",
                 fixture(public)
             );
             let gw = TestGateway::start(&toml).await;
-            let a = if alg == "RS256" { Algorithm::RS256 } else { Algorithm::ES256 };
-            let other_alg = if alg == "RS256" { Algorithm::ES256 } else { Algorithm::RS256 };
             let good = json!({"sub":"u","exp":now()+300,"iss":"https://issuer","aud":"gateway"});
             let with = |extra: Value| {
                 let mut c = good.clone();

@@ -109,6 +109,8 @@ pub(super) enum Algorithm {
     Rs256,
     #[serde(rename = "ES256")]
     Es256,
+    #[serde(rename = "EdDSA")]
+    EdDsa,
 }
 
 /// `[api]`.

@@ -77,6 +77,7 @@ pub(super) fn auth(
         Algorithm::Hs256 => (JwtAlgorithm::Hs256, "auth.secret"),
         Algorithm::Rs256 => (JwtAlgorithm::Rs256, "auth.public_key"),
         Algorithm::Es256 => (JwtAlgorithm::Es256, "auth.public_key"),
+        Algorithm::EdDsa => (JwtAlgorithm::EdDsa, "auth.public_key"),
     };
     let key = if algorithm == JwtAlgorithm::Hs256 {
         if a.public_key.is_some() {
@@ -99,12 +100,12 @@ pub(super) fn auth(
         if a.secret.is_some() {
             return Err(invalid(
                 "auth.secret",
-                "not used with RS256/ES256; set auth.public_key",
+                "not used with RS256, ES256 or EdDSA; set auth.public_key",
             ));
         }
         let path = a
             .public_key
-            .ok_or_else(|| invalid("auth.public_key", "required for RS256 and ES256"))?;
+            .ok_or_else(|| invalid("auth.public_key", "required for RS256, ES256 and EdDSA"))?;
         let path = resolve(base, path);
         std::fs::read(&path)
             .map_err(|e| invalid("auth.public_key", format!("{}: {e}", path.display())))?
