@@ -2,13 +2,19 @@
 //!
 //! The JWT algorithm is pinned by configuration.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::{Arc, RwLock},
+};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::pattern::{any_matches, Pattern};
+use crate::{
+    jwks::KeySet,
+    pattern::{any_matches, Pattern},
+};
 
 /// The JWT algorithm an operator pins (CONFIG.md `[auth] algorithm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +93,12 @@ pub enum AuthError {
     /// The key in the configuration cannot be used.
     #[error("verification key unusable: {0}")]
     BadKey(#[source] jsonwebtoken::errors::Error),
+    /// The token's `kid` names no key of the verifier's JWK Set (or it has none, and the
+    /// set has several keys).
+    ///
+    /// The caller may refetch the set (rate-limited) and verify once more.
+    #[error("token key unknown")]
+    UnknownKey,
 }
 
 /// Longest user id (`sub`) accepted, in bytes: it travels in every message envelope.
@@ -151,9 +163,17 @@ struct Claims {
     publish: Option<Vec<String>>,
 }
 
-/// Verifies JWTs against one pinned algorithm and key.
+/// Where a verifier's keys come from.
+enum Keys {
+    /// One key (the secret or the PEM public key of the configuration).
+    One(DecodingKey),
+    /// A JWK Set, chosen by `kid`; replaced whole when the set is refetched.
+    Set(RwLock<Arc<KeySet>>),
+}
+
+/// Verifies JWTs against one pinned algorithm and its key (or JWK Set).
 pub struct JwtVerifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     leeway: u64,
     issuer: Option<String>,
@@ -173,20 +193,33 @@ impl JwtVerifier {
     /// Builds a verifier; fails when the key cannot be parsed for the algorithm.
     pub fn new(config: &JwtConfig) -> Result<Self, AuthError> {
         let bad_key = AuthError::BadKey;
-        let (algorithm, key) = match config.algorithm {
-            JwtAlgorithm::Hs256 => (Algorithm::HS256, DecodingKey::from_secret(&config.key)),
-            JwtAlgorithm::Rs256 => (
-                Algorithm::RS256,
-                DecodingKey::from_rsa_pem(&config.key).map_err(bad_key)?,
-            ),
-            JwtAlgorithm::Es256 => (
-                Algorithm::ES256,
-                DecodingKey::from_ec_pem(&config.key).map_err(bad_key)?,
-            ),
-            JwtAlgorithm::EdDsa => (
-                Algorithm::EdDSA,
-                DecodingKey::from_ed_pem(&config.key).map_err(bad_key)?,
-            ),
+        let key = match config.algorithm {
+            JwtAlgorithm::Hs256 => DecodingKey::from_secret(&config.key),
+            JwtAlgorithm::Rs256 => DecodingKey::from_rsa_pem(&config.key).map_err(bad_key)?,
+            JwtAlgorithm::Es256 => DecodingKey::from_ec_pem(&config.key).map_err(bad_key)?,
+            JwtAlgorithm::EdDsa => DecodingKey::from_ed_pem(&config.key).map_err(bad_key)?,
+        };
+        Ok(Self::with_keys(config, Keys::One(key)))
+    }
+
+    /// Builds a verifier whose keys are the JWK Set `set` (`config.key` is not read).
+    pub fn with_key_set(config: &JwtConfig, set: KeySet) -> Self {
+        Self::with_keys(config, Keys::Set(RwLock::new(Arc::new(set))))
+    }
+
+    /// Replaces the JWK Set (a refetch); a verifier with one key keeps it.
+    pub fn replace_key_set(&self, set: KeySet) {
+        if let Keys::Set(current) = &self.keys {
+            *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        }
+    }
+
+    fn with_keys(config: &JwtConfig, keys: Keys) -> Self {
+        let algorithm = match config.algorithm {
+            JwtAlgorithm::Hs256 => Algorithm::HS256,
+            JwtAlgorithm::Rs256 => Algorithm::RS256,
+            JwtAlgorithm::Es256 => Algorithm::ES256,
+            JwtAlgorithm::EdDsa => Algorithm::EdDSA,
         };
         let mut validation = Validation::new(algorithm);
         // Time claims are checked below against the caller's clock, with the configured leeway.
@@ -206,22 +239,29 @@ impl JwtVerifier {
             required.insert("iss".to_owned());
         }
         validation.required_spec_claims = required;
-        Ok(Self {
-            key,
+        Self {
+            keys,
             validation,
             leeway: config.leeway_secs,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             max_lifetime: config.max_lifetime_secs,
-        })
+        }
     }
 
     /// Verifies `token` at `unix_now` (seconds) and returns its identity.
     pub fn verify(&self, token: &str, unix_now: u64) -> Result<Identity, AuthError> {
-        self.check_header(token)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(decode_error)?
-            .claims;
+        let kid = self.check_header(token)?;
+        let claims = match &self.keys {
+            Keys::One(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation),
+            Keys::Set(set) => {
+                let set = set.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let key = set.key(kid.as_deref()).ok_or(AuthError::UnknownKey)?;
+                jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            }
+        }
+        .map_err(decode_error)?
+        .claims;
         let exp = claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
         let sub = claims.sub.as_deref().filter(|s| !s.is_empty());
         let sub = sub.ok_or(AuthError::MissingClaim("sub"))?;
@@ -241,9 +281,11 @@ impl JwtVerifier {
     }
 
     /// Refuses a header whose `alg` is not the pinned one, or that names a `crit` extension.
-    fn check_header(&self, token: &str) -> Result<(), AuthError> {
+    ///
+    /// Returns the header's `kid`, if it is a string.
+    fn check_header(&self, token: &str) -> Result<Option<String>, AuthError> {
         let Some(header) = raw_header(token) else {
-            return Ok(()); // the decoder reports a malformed header
+            return Ok(None); // the decoder reports a malformed header
         };
         let pinned = format!("{:?}", self.validation.algorithms[0]);
         if header
@@ -258,7 +300,7 @@ impl JwtVerifier {
         if header.contains_key("crit") {
             return Err(AuthError::CriticalHeader);
         }
-        Ok(())
+        Ok(header.get("kid").and_then(Value::as_str).map(str::to_owned))
     }
 
     /// `exp` and `nbf`, with leeway.
@@ -656,5 +698,73 @@ mod tests {
             let id = v.verify(&strict_token(json!({ "exp": exp })), NOW).unwrap();
             assert_eq!(id.expires_at, Some(exp.saturating_add(30)));
         }
+    }
+
+    /// An ES256 verifier over the test JWK Set (`tests/fixtures/jwks.json`) with its `ec-1`
+    /// key renamed to each of `kids`.
+    fn es256_set(kids: &[&str]) -> KeySet {
+        let set: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/jwks.json")).expect("fixture");
+        let ec = &set["keys"][1];
+        let keys: Vec<Value> = kids
+            .iter()
+            .map(|kid| {
+                let mut key = ec.clone();
+                key["kid"] = json!(kid);
+                key
+            })
+            .collect();
+        let json = serde_json::to_vec(&json!({ "keys": keys })).unwrap();
+        KeySet::parse(&json, JwtAlgorithm::Es256).unwrap()
+    }
+
+    fn es256_token(kid: Option<&str>, alg: Algorithm, pem: &[u8]) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(pem).unwrap(),
+        };
+        encode(&header, &json!({"sub":"a","exp":NOW+60}), &key).unwrap()
+    }
+
+    const EC_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/jwt-es256-private.pem");
+    const RSA_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/jwt-rs256-private.pem");
+
+    #[test]
+    fn a_key_set_chooses_the_key_by_kid_and_takes_a_rotated_set() {
+        let config = JwtConfig {
+            algorithm: JwtAlgorithm::Es256,
+            key: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            max_lifetime_secs: None,
+        };
+        let v = JwtVerifier::with_key_set(&config, es256_set(&["k1", "k2"]));
+        let signed = |kid| es256_token(kid, Algorithm::ES256, EC_PRIVATE);
+        assert_eq!(&*v.verify(&signed(Some("k2")), NOW).unwrap().user, "a");
+        assert_eq!(
+            v.verify(&signed(Some("k3")), NOW).unwrap_err(),
+            AuthError::UnknownKey
+        );
+        assert_eq!(
+            v.verify(&signed(None), NOW).unwrap_err(),
+            AuthError::UnknownKey,
+            "two keys: a token without kid names none"
+        );
+        let rsa = es256_token(Some("k1"), Algorithm::RS256, RSA_PRIVATE);
+        assert_eq!(v.verify(&rsa, NOW).unwrap_err(), AuthError::WrongAlgorithm);
+        // The key server rotated to k3 only.
+        v.replace_key_set(es256_set(&["k3"]));
+        assert_eq!(&*v.verify(&signed(Some("k3")), NOW).unwrap().user, "a");
+        assert_eq!(
+            v.verify(&signed(Some("k1")), NOW).unwrap_err(),
+            AuthError::UnknownKey
+        );
+        assert!(
+            v.verify(&signed(None), NOW).is_ok(),
+            "its single key serves no kid"
+        );
     }
 }

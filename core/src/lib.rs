@@ -15,6 +15,7 @@ pub mod backplane;
 pub mod connection;
 pub mod history;
 pub mod hub;
+pub mod jwks;
 pub mod limits;
 pub mod liveness;
 pub mod pattern;
