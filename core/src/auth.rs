@@ -171,9 +171,14 @@ enum Keys {
     Set(RwLock<Arc<KeySet>>),
 }
 
+/// Called when a token names a key the verifier's JWK Set lacks.
+pub type UnknownKeyHook = Box<dyn Fn() + Send + Sync>;
+
 /// Verifies JWTs against one pinned algorithm and its key (or JWK Set).
 pub struct JwtVerifier {
     keys: Keys,
+    /// Told of every unknown `kid`, so that its owner may refetch the set.
+    on_unknown_key: std::sync::OnceLock<UnknownKeyHook>,
     validation: Validation,
     leeway: u64,
     issuer: Option<String>,
@@ -205,6 +210,12 @@ impl JwtVerifier {
     /// Builds a verifier whose keys are the JWK Set `set` (`config.key` is not read).
     pub fn with_key_set(config: &JwtConfig, set: KeySet) -> Self {
         Self::with_keys(config, Keys::Set(RwLock::new(Arc::new(set))))
+    }
+
+    /// Sets what is called on every token whose `kid` the set lacks (once; later calls are
+    /// ignored).
+    pub fn on_unknown_key(&self, hook: UnknownKeyHook) {
+        let _ = self.on_unknown_key.set(hook);
     }
 
     /// Replaces the JWK Set (a refetch); a verifier with one key keeps it.
@@ -241,6 +252,7 @@ impl JwtVerifier {
         validation.required_spec_claims = required;
         Self {
             keys,
+            on_unknown_key: std::sync::OnceLock::new(),
             validation,
             leeway: config.leeway_secs,
             issuer: config.issuer.clone(),
@@ -256,7 +268,12 @@ impl JwtVerifier {
             Keys::One(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation),
             Keys::Set(set) => {
                 let set = set.read().unwrap_or_else(|e| e.into_inner()).clone();
-                let key = set.key(kid.as_deref()).ok_or(AuthError::UnknownKey)?;
+                let Some(key) = set.key(kid.as_deref()) else {
+                    if let Some(hook) = self.on_unknown_key.get() {
+                        hook();
+                    }
+                    return Err(AuthError::UnknownKey);
+                };
                 jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             }
         }

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod jwks;
 pub mod metrics;
 pub mod quic;
 pub mod server;

@@ -192,6 +192,7 @@ pub struct Metrics {
     backplane_errors: Family<OpLabel, Counter>,
     backplane_refused: Family<RefusedLabel, Counter>,
     recoveries: Family<ResultLabel, Counter>,
+    jwks_fetches: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -248,6 +249,7 @@ impl Metrics {
             backplane_errors: node.backplane_errors,
             backplane_refused: node.backplane_refused,
             recoveries: node.recoveries,
+            jwks_fetches: node.jwks_fetches,
         })
     }
 
@@ -306,6 +308,22 @@ impl Metrics {
             }),
             not_recovered,
         );
+    }
+
+    /// Brings the JWK Set fetch counters up to `fetches` in all, `failures` of them failed.
+    ///
+    /// This runs at a scrape.
+    pub fn sync_jwks(&self, fetches: u64, failures: u64) {
+        let _one_at_a_time = self.hub_sync.lock().unwrap_or_else(|e| e.into_inner());
+        for (result, total) in [
+            ("ok", fetches.saturating_sub(failures)),
+            ("error", failures),
+        ] {
+            let counter = self
+                .jwks_fetches
+                .get_or_create_owned(&ResultLabel { result });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Counts a session's close with `code`.
@@ -490,6 +508,7 @@ struct NodeFamilies {
     backplane_errors: Family<OpLabel, Counter>,
     backplane_refused: Family<RefusedLabel, Counter>,
     recoveries: Family<ResultLabel, Counter>,
+    jwks_fetches: Family<ResultLabel, Counter>,
 }
 
 impl NodeFamilies {
@@ -513,6 +532,12 @@ impl NodeFamilies {
                 r,
                 "gateway_recoveries",
                 "Joins with `since`: recovered exactly, or not",
+                Family::default(),
+            ),
+            jwks_fetches: registered(
+                r,
+                "gateway_jwks_fetches",
+                "Fetches of the JWK Set of `[auth] jwks_url`, by result (ok or error)",
                 Family::default(),
             ),
         };

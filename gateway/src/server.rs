@@ -27,6 +27,7 @@ use crate::{
     cluster::{ClusterError, RedisCluster},
     config::{Config, RedisTarget, TlsSource},
     http::api,
+    jwks::{Jwks, JwksError},
     quic,
     session::Flushers,
     state::AppState,
@@ -75,6 +76,9 @@ pub enum StartError {
     /// The cluster backplane could not be set up.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    /// The first JWK Set of `[auth] jwks_url` could not be fetched or used.
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
 }
 
 /// A started gateway: its bound addresses and the tasks serving them.
@@ -121,7 +125,16 @@ impl Server {
         let tcp_addr = tcp.local_addr()?;
         let udp_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
 
-        let (services, cluster) = services(&config)?;
+        let jwks = match (&config.jwks, &config.jwt) {
+            (Some(jwks), Some(jwt)) => Some(Jwks::start(jwks.clone(), jwt).await?),
+            _ => None,
+        };
+        let verifier = match (&jwks, &config.jwt) {
+            (Some(jwks), _) => Some(jwks.verifier().clone()),
+            (None, Some(jwt)) => Some(Arc::new(JwtVerifier::new(jwt)?)),
+            (None, None) => None,
+        };
+        let (services, cluster) = services(&config, verifier)?;
         let state = AppState::new(
             config,
             services,
@@ -129,6 +142,10 @@ impl Server {
             certs.dev_cert.as_ref().map(|d| d.sha256.clone()),
             cluster,
         );
+        if let Some(jwks) = jwks {
+            jwks.spawn_refresh();
+            state.set_jwks(jwks);
+        }
         if let Some(cluster) = &state.cluster {
             cluster.count_errors_in(state.metrics.backplane_errors());
         }
@@ -255,11 +272,10 @@ fn dev_cert(dir: &Path, source: CertError) -> StartError {
 /// The hub, the JWT verifier and the connection limits; and the cluster, in cluster mode.
 ///
 /// The hub is single node, or over the Redis cluster of `[redis]`.
-fn services(config: &Config) -> Result<(Services, Option<Arc<RedisCluster>>), StartError> {
-    let verifier = match &config.jwt {
-        Some(jwt) => Some(Arc::new(JwtVerifier::new(jwt)?)),
-        None => None,
-    };
+fn services(
+    config: &Config,
+    verifier: Option<Arc<JwtVerifier>>,
+) -> Result<(Services, Option<Arc<RedisCluster>>), StartError> {
     let hub_config = HubConfig {
         room_budget: config.limits.room_budget,
         max_presence_members: config.limits.max_presence_members,

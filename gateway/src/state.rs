@@ -19,7 +19,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use tokio_util::task::TaskTracker;
 
-use crate::{cluster::RedisCluster, config::Config, metrics::Metrics};
+use crate::{cluster::RedisCluster, config::Config, jwks::Jwks, metrics::Metrics};
 
 /// The reason of the `reconnect` and of the 1001 close a drain sends.
 const DRAIN_REASON: &str = "server draining";
@@ -50,6 +50,8 @@ pub struct AppState {
     pub cluster: Option<Arc<RedisCluster>>,
     /// The Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The JWK Set the verifier's keys come from, when `[auth] jwks_url` is set.
+    jwks: std::sync::OnceLock<Arc<Jwks>>,
     /// Every session's task (WebSocket and WebTransport): shutdown waits for them.
     pub(crate) sessions: TaskTracker,
     shutting_down: AtomicBool,
@@ -84,9 +86,20 @@ impl AppState {
             tickets,
             cluster,
             metrics,
+            jwks: std::sync::OnceLock::new(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    /// Sets the JWK Set the verifier's keys come from (once, at start).
+    pub fn set_jwks(&self, jwks: Arc<Jwks>) {
+        let _ = self.jwks.set(jwks);
+    }
+
+    /// The JWK Set the verifier's keys come from, if any.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.get()
     }
 
     /// The endpoint configured at `path`.

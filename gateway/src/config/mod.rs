@@ -15,6 +15,7 @@ use gateway_core::{
 mod file;
 mod validate;
 
+pub use crate::jwks::JwksConfig;
 pub use file::LogFormat;
 
 /// A listen address: `IP:PORT`, or `HOST:PORT` with a host name the system resolves.
@@ -169,6 +170,8 @@ pub struct Config {
     pub tls: TlsSource,
     /// JWT verification, when `[auth]` is present.
     pub jwt: Option<JwtConfig>,
+    /// The JWK Set the JWT keys come from, when `[auth] jwks_url` is set.
+    pub jwks: Option<JwksConfig>,
     /// Lifetime of one-time tickets.
     pub ticket_ttl: Duration,
     /// Server API bearer key.
@@ -206,6 +209,7 @@ impl Config {
             drain: Duration::from_secs(10),
             tls: TlsSource::Dev(PathBuf::from(".gateway")),
             jwt: None,
+            jwks: None,
             ticket_ttl: Duration::from_secs(30),
             api_key: None,
             limits: Limits::default(),
@@ -238,7 +242,7 @@ impl Config {
     /// Parses and validates TOML text; relative paths are resolved against `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let file = parse_file(text)?;
-        let (jwt, ticket_ttl) = validate::auth(file.auth, base)?;
+        let (jwt, jwks, ticket_ttl) = validate::auth(file.auth, base)?;
         Ok(Self {
             listen: validate::listen(file.listen.as_deref())?,
             node_id: file.node_id.unwrap_or_else(random_node_id),
@@ -249,6 +253,7 @@ impl Config {
             tls: validate::tls(file.tls, base)?,
             endpoints: validate::endpoints(file.endpoints, jwt.is_some())?,
             jwt,
+            jwks,
             ticket_ttl,
             api_key: file.api.key,
             limits: validate::limits(file.limits),

@@ -13,7 +13,7 @@ use gateway_core::{
 
 use super::{
     file::{self, Algorithm},
-    invalid, ConfigError, Limits, LogConfig, TlsSource, DEFAULT_LISTEN,
+    invalid, ConfigError, JwksConfig, Limits, LogConfig, TlsSource, DEFAULT_LISTEN,
 };
 
 /// Most messages one room may keep (`[[room]] history`).
@@ -69,17 +69,20 @@ pub(super) fn tls(
 pub(super) fn auth(
     section: Option<file::AuthSection>,
     base: &Path,
-) -> Result<(Option<JwtConfig>, Duration), ConfigError> {
-    let Some(a) = section else {
-        return Ok((None, Duration::from_secs(30)));
+) -> Result<(Option<JwtConfig>, Option<JwksConfig>, Duration), ConfigError> {
+    let Some(mut a) = section else {
+        return Ok((None, None, Duration::from_secs(30)));
     };
+    let jwks = jwks(&mut a, base)?;
     let (algorithm, key_field) = match a.algorithm {
         Algorithm::Hs256 => (JwtAlgorithm::Hs256, "auth.secret"),
         Algorithm::Rs256 => (JwtAlgorithm::Rs256, "auth.public_key"),
         Algorithm::Es256 => (JwtAlgorithm::Es256, "auth.public_key"),
         Algorithm::EdDsa => (JwtAlgorithm::EdDsa, "auth.public_key"),
     };
-    let key = if algorithm == JwtAlgorithm::Hs256 {
+    let key = if jwks.is_some() {
+        Vec::new()
+    } else if algorithm == JwtAlgorithm::Hs256 {
         if a.public_key.is_some() {
             return Err(invalid(
                 "auth.public_key",
@@ -118,8 +121,66 @@ pub(super) fn auth(
         leeway_secs: a.leeway_secs,
         max_lifetime_secs: a.max_token_lifetime_secs.map(NonZeroU64::get),
     };
-    JwtVerifier::new(&jwt).map_err(|e| invalid(key_field, e.to_string()))?;
-    Ok((Some(jwt), Duration::from_secs(a.ticket_ttl_secs.get())))
+    if jwks.is_none() {
+        JwtVerifier::new(&jwt).map_err(|e| invalid(key_field, e.to_string()))?;
+    }
+    Ok((
+        Some(jwt),
+        jwks,
+        Duration::from_secs(a.ticket_ttl_secs.get()),
+    ))
+}
+
+/// `[auth] jwks_*`: a JWK Set in place of `public_key`, for an asymmetric algorithm only.
+///
+/// The URL must be `https://`, except on a loopback host; `jwks_ca` is read now.
+fn jwks(a: &mut file::AuthSection, base: &Path) -> Result<Option<JwksConfig>, ConfigError> {
+    let Some(url) = a.jwks_url.take() else {
+        if a.jwks_ca.is_some() {
+            return Err(invalid("auth.jwks_ca", "only used with auth.jwks_url"));
+        }
+        return Ok(None);
+    };
+    if a.algorithm == Algorithm::Hs256 {
+        return Err(invalid(
+            "auth.jwks_url",
+            "needs an asymmetric algorithm (RS256, ES256 or EdDSA)",
+        ));
+    }
+    if a.public_key.is_some() || a.secret.is_some() {
+        return Err(invalid(
+            "auth.jwks_url",
+            "set either auth.jwks_url or auth.public_key, not both (and no auth.secret)",
+        ));
+    }
+    let url = reqwest::Url::parse(&url).map_err(|e| invalid("auth.jwks_url", e.to_string()))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !(url.scheme() == "https" || url.scheme() == "http" && loopback) {
+        return Err(invalid(
+            "auth.jwks_url",
+            "must be https:// (http:// only on a loopback host)",
+        ));
+    }
+    let ca = match a.jwks_ca.take() {
+        None => None,
+        Some(path) => {
+            let path = resolve(base, path);
+            let pem = std::fs::read(&path)
+                .map_err(|e| invalid("auth.jwks_ca", format!("{}: {e}", path.display())))?;
+            Some(pem)
+        }
+    };
+    Ok(Some(JwksConfig {
+        url,
+        refresh: Duration::from_secs(a.jwks_refresh_secs.get()),
+        ca,
+    }))
 }
 
 /// `[cluster] redis` or `redis_cluster` (not both): URLs the Redis client accepts.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use gateway_core::{
-    auth::Identity,
+    auth::{AuthError, Identity},
     backplane::completion,
     connection::{Admitted, Now},
     limits::{ConnectionSlot, RefusalSlot, UserSlot},
@@ -202,9 +202,16 @@ async fn authenticate(
                     .verifier
                     .as_ref()
                     .ok_or(Rejection::InvalidCredential)?;
-                let identity = verifier
-                    .verify(&token, now.unix_secs)
-                    .map_err(|_| Rejection::InvalidCredential)?;
+                let identity = match verifier.verify(&token, now.unix_secs) {
+                    // A kid the set lacks: the key server may have rotated (refetched at
+                    // most every 10 s), then the token is verified once more.
+                    Err(AuthError::UnknownKey) if app.jwks().is_some() => {
+                        app.jwks().expect("checked").refetch_for_unknown_kid().await;
+                        verifier.verify(&token, now.unix_secs)
+                    }
+                    other => other,
+                }
+                .map_err(|_| Rejection::InvalidCredential)?;
                 let user_slot = user_slot(app, &identity).await?;
                 Admitted::Authenticated(identity, user_slot)
             }

@@ -194,6 +194,10 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .rooms
         .set(app.services.hub.room_count().try_into().unwrap_or(i64::MAX));
     app.metrics.sync_hub(app.services.hub.stats());
+    if let Some(jwks) = app.jwks() {
+        let (fetches, failures) = jwks.counts();
+        app.metrics.sync_jwks(fetches, failures);
+    }
     (
         [(
             header::CONTENT_TYPE,
