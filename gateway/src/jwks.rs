@@ -106,7 +106,10 @@ impl Jwks {
                 else {
                     return;
                 };
-                runtime.spawn(async move { jwks.refetch_for_unknown_kid().await });
+                // No task for a kid that could not refetch anyway: a flood spawns nothing.
+                if jwks.may_refetch() {
+                    runtime.spawn(async move { jwks.refetch_for_unknown_kid().await });
+                }
             }));
             Self {
                 config,
@@ -158,6 +161,17 @@ impl Jwks {
         if since >= REFETCH_EVERY {
             self.fetch_now().await;
         }
+    }
+
+    /// Whether an unknown kid would refetch now: no fetch is running and the last began at
+    /// least [`REFETCH_EVERY`] ago.
+    fn may_refetch(&self) -> bool {
+        let since = self
+            .last_fetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        since >= REFETCH_EVERY && self.fetching.try_lock().is_ok()
     }
 
     /// Refetches now (the period's refresh), unless a fetch is running: then waits for it.

@@ -118,7 +118,8 @@ impl KeyServer {
 fn config(port: u16) -> String {
     format!(
         "[auth]\nalgorithm = \"ES256\"\njwks_url = \"http://127.0.0.1:{port}/jwks.json\"\n\
-         [[endpoint]]\npath = \"/chat\"\n"
+         [[endpoint]]\npath = \"/chat\"\n\
+         [[endpoint]]\npath = \"/fm\"\nauth = \"first-message\"\n"
     )
 }
 
@@ -135,7 +136,7 @@ async fn admitted(gw: &TestGateway, kid: &str, alg: Algorithm) -> Result<(), Opt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_come_from_the_set_by_kid_rotate_and_survive_the_key_server() {
-    within(60, async {
+    within(90, async {
         let keys = KeyServer::start(set_with(&["k1", "k2"])).await;
         let gw = TestGateway::start(&config(keys.port)).await;
         assert_eq!(keys.requests(), 1, "fetched once at start");
@@ -161,12 +162,30 @@ async fn keys_come_from_the_set_by_kid_rotate_and_survive_the_key_server() {
             "the rotated-out key is gone"
         );
 
+        // The key server rotates to k4. A first-message `auth` with it is refused at once,
+        // and starts the refetch that serves the next attempt.
+        keys.serve(set_with(&["k4"]));
+        tokio::time::sleep(Duration::from_millis(10_200)).await;
+        let mut c = gw.ws("/fm").await.unwrap();
+        let auth =
+            |id: u32| json!({"type": "auth", "id": id, "token": token("k4", Algorithm::ES256)});
+        let refused = c.request(auth(1)).await;
+        assert_eq!(refused["code"], "unauthorized", "{refused}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while keys.requests() < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(keys.requests(), 3, "the refused auth started one refetch");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(c.request(auth(2)).await, json!({"type": "ack", "id": 2}));
+        assert_eq!(c.recv().await["type"], "welcome");
+
         // A flood of unknown kids costs no more fetches (the last one was just now).
         for i in 0..50 {
             let kid = format!("nope-{i}");
             assert_eq!(admitted(&gw, &kid, Algorithm::ES256).await, Err(Some(401)));
         }
-        assert_eq!(keys.requests(), 2, "a flood of unknown kids: no fetch");
+        assert_eq!(keys.requests(), 3, "a flood of unknown kids: no fetch");
 
         // The key server goes away: the last good set stays.
         keys.task.abort();
@@ -176,14 +195,14 @@ async fn keys_come_from_the_set_by_kid_rotate_and_survive_the_key_server() {
             Err(Some(401))
         );
         assert_eq!(
-            admitted(&gw, "k3", Algorithm::ES256).await,
+            admitted(&gw, "k4", Algorithm::ES256).await,
             Ok(()),
             "the last good set serves while the key server is down"
         );
         let (status, text) = gw.https("GET", "/metrics", &[], "").await;
         assert_eq!(status, 200);
         for line in [
-            r#"gateway_jwks_fetches_total{result="ok"} 2"#,
+            r#"gateway_jwks_fetches_total{result="ok"} 3"#,
             r#"gateway_jwks_fetches_total{result="error"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
