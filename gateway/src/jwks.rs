@@ -44,7 +44,15 @@ pub enum JwksError {
     /// The HTTP client could not be built (a bad `jwks_ca`).
     #[error("jwks client: {0}")]
     Client(#[source] reqwest::Error),
-    /// The request failed, timed out or answered another status than 200.
+    /// The key server answered another status than 200.
+    #[error("fetching {url}: status {status}")]
+    Status {
+        /// The set's URL (without credentials or query).
+        url: String,
+        /// The status it answered.
+        status: u16,
+    },
+    /// The request failed or timed out.
     #[error("fetching {url}: {source}")]
     Fetch {
         /// The set's URL.
@@ -85,8 +93,11 @@ pub struct Jwks {
 impl Jwks {
     /// Fetches the first set and builds the verifier on it; fails when there is none.
     pub async fn start(config: JwksConfig, jwt: &JwtConfig) -> Result<Arc<Self>, JwksError> {
+        // No proxy from the environment: the set must come from the host configured (an
+        // `http://` loopback URL must not leave the machine through one).
         let mut builder = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &config.ca {
             let root = reqwest::Certificate::from_pem(pem).map_err(JwksError::Client)?;
@@ -94,7 +105,7 @@ impl Jwks {
         }
         let client = builder.build().map_err(JwksError::Client)?;
         let set = fetch(&client, &config.url, jwt.algorithm).await?;
-        info!(url = %config.url, keys = set.len(), "JWK Set fetched");
+        info!(url = %redacted(&config.url), keys = set.len(), "JWK Set fetched");
         let verifier = Arc::new(JwtVerifier::with_key_set(jwt, set));
         let jwks = Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
             // A first-message `auth` with an unknown kid is refused at once (core does not
@@ -200,25 +211,33 @@ async fn fetch(
     url: &reqwest::Url,
     algorithm: JwtAlgorithm,
 ) -> Result<KeySet, JwksError> {
+    let shown = redacted(url);
     let failed = |source| JwksError::Fetch {
-        url: url.to_string(),
+        url: shown.clone(),
         source,
     };
-    let mut response = client
-        .get(url.clone())
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(failed)?;
+    let mut response = client.get(url.clone()).send().await.map_err(failed)?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(JwksError::Status {
+            url: shown,
+            status: response.status().as_u16(),
+        });
+    }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(JwksError::TooLarge(url.to_string()));
+            return Err(JwksError::TooLarge(shown));
         }
         body.extend_from_slice(&chunk);
     }
-    KeySet::parse(&body, algorithm).map_err(|source| JwksError::Set {
-        url: url.to_string(),
-        source,
-    })
+    KeySet::parse(&body, algorithm).map_err(|source| JwksError::Set { url: shown, source })
+}
+
+/// The URL without credentials or query, for logs and errors.
+fn redacted(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.to_string()
 }

@@ -154,17 +154,18 @@ fn jwks(a: &mut file::AuthSection, base: &Path) -> Result<Option<JwksConfig>, Co
         ));
     }
     let url = reqwest::Url::parse(&url).map_err(|e| invalid("auth.jwks_url", e.to_string()))?;
-    let host = url.host_str().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    // A loopback address, not a name: a name could resolve elsewhere.
+    let loopback = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback());
     if !(url.scheme() == "https" || url.scheme() == "http" && loopback) {
         return Err(invalid(
             "auth.jwks_url",
-            "must be https:// (http:// only on a loopback host)",
+            "must be https:// (http:// only on a loopback address)",
         ));
     }
     let ca = match a.jwks_ca.take() {

@@ -21,6 +21,9 @@ use http::HeaderMap;
 
 use crate::state::AppState;
 
+/// The longest an upgrade or CONNECT with an unknown `kid` waits for the JWK Set's refetch.
+const REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The connection-limit decision for the TCP or QUIC connection a request arrived on.
 ///
 /// It is made once when the connection was accepted. Fronts put it in each request's
@@ -206,8 +209,11 @@ async fn authenticate(
                     // A kid the set lacks: the key server may have rotated (refetched at
                     // most every 10 s), then the token is verified once more.
                     Err(AuthError::UnknownKey) if app.jwks().is_some() => {
-                        app.jwks().expect("checked").refetch_for_unknown_kid().await;
-                        verifier.verify(&token, now.unix_secs)
+                        let jwks = app.jwks().expect("checked");
+                        // A key server that hangs holds a request at most this long.
+                        let _ = tokio::time::timeout(REFETCH_WAIT, jwks.refetch_for_unknown_kid())
+                            .await;
+                        verifier.verify(&token, crate::clock::now().unix_secs)
                     }
                     other => other,
                 }
