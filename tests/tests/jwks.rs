@@ -245,6 +245,10 @@ async fn no_start_without_a_first_set_and_bad_settings_are_named() {
                 "auth.jwks_url",
             ),
             (
+                "[auth]\nalgorithm = \"ES256\"\npublic_key = \"x.pem\"\njwks_refresh_secs = 60\n",
+                "auth.jwks_refresh_secs",
+            ),
+            (
                 "[auth]\nalgorithm = \"ES256\"\njwks_url = \"https://id.example/jwks.json\"\npublic_key = \"x.pem\"\n",
                 "auth.jwks_url",
             ),

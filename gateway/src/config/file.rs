@@ -98,8 +98,7 @@ pub(super) struct AuthSection {
     pub ticket_ttl_secs: NonZeroU64,
     pub max_token_lifetime_secs: Option<NonZeroU64>,
     pub jwks_url: Option<String>,
-    #[serde(default = "default_jwks_refresh_secs")]
-    pub jwks_refresh_secs: NonZeroU64,
+    pub jwks_refresh_secs: Option<NonZeroU64>,
     pub jwks_ca: Option<PathBuf>,
 }
 
@@ -211,10 +210,6 @@ fn default_drain_secs() -> NonZeroU64 {
 
 fn default_leeway_secs() -> u64 {
     30
-}
-
-fn default_jwks_refresh_secs() -> NonZeroU64 {
-    NonZeroU64::new(300).expect("positive")
 }
 
 fn default_ticket_ttl_secs() -> NonZeroU64 {

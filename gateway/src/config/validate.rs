@@ -139,6 +139,12 @@ fn jwks(a: &mut file::AuthSection, base: &Path) -> Result<Option<JwksConfig>, Co
         if a.jwks_ca.is_some() {
             return Err(invalid("auth.jwks_ca", "only used with auth.jwks_url"));
         }
+        if a.jwks_refresh_secs.is_some() {
+            return Err(invalid(
+                "auth.jwks_refresh_secs",
+                "only used with auth.jwks_url",
+            ));
+        }
         return Ok(None);
     };
     if a.algorithm == Algorithm::Hs256 {
@@ -179,7 +185,7 @@ fn jwks(a: &mut file::AuthSection, base: &Path) -> Result<Option<JwksConfig>, Co
     };
     Ok(Some(JwksConfig {
         url,
-        refresh: Duration::from_secs(a.jwks_refresh_secs.get()),
+        refresh: Duration::from_secs(a.jwks_refresh_secs.map_or(300, NonZeroU64::get)),
         ca,
     }))
 }
