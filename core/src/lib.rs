@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod room;
 pub mod session;
 pub mod tickets;
+pub mod upstream;
 
 pub use connection::Connection;
 pub use hub::Hub;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::pattern::Pattern;
+use crate::{pattern::Pattern, upstream::UpstreamPolicy};
 
 /// How an endpoint authenticates sessions (CONFIG.md `auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub enum AuthMode {
     FirstMessage,
     /// Anonymous sessions; credentials are ignored.
     None,
+    /// The endpoint's `connect` upstream decides who the user is (PROTOCOL.md section 10).
+    Upstream,
 }
 
 /// The settings of one endpoint path.
@@ -50,6 +52,8 @@ pub struct EndpointPolicy {
     ///
     /// It does so instead of speaking the protocol (for the Autobahn|Testsuite).
     pub echo: bool,
+    /// The application's backend, when `[endpoint.upstream]` is configured.
+    pub upstream: Option<UpstreamPolicy>,
 }
 
 impl EndpointPolicy {
@@ -69,6 +73,7 @@ impl EndpointPolicy {
             heartbeat: Duration::from_secs(25),
             auth_timeout: Duration::from_secs(5),
             echo: false,
+            upstream: None,
         }
     }
 

@@ -18,6 +18,7 @@ mod session;
 pub mod state;
 pub mod tcp;
 pub mod tls;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{Server, StartError};

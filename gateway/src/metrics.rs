@@ -69,6 +69,21 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Labels of `gateway_upstream_calls_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamCallLabels {
+    endpoint: String,
+    event: &'static str,
+    result: &'static str,
+}
+
+/// Labels of `gateway_upstream_call_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamEventLabels {
+    endpoint: String,
+    event: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
@@ -193,6 +208,8 @@ pub struct Metrics {
     backplane_refused: Family<RefusedLabel, Counter>,
     recoveries: Family<ResultLabel, Counter>,
     jwks_fetches: Family<ResultLabel, Counter>,
+    upstream_calls: Family<UpstreamCallLabels, Counter>,
+    upstream_seconds: Family<UpstreamEventLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
@@ -250,7 +267,40 @@ impl Metrics {
             backplane_refused: node.backplane_refused,
             recoveries: node.recoveries,
             jwks_fetches: node.jwks_fetches,
+            upstream_calls: node.upstream_calls,
+            upstream_seconds: node.upstream_seconds,
         })
+    }
+
+    /// Counts a call to `endpoint`'s backend for `event` by its `result`.
+    ///
+    /// `seconds` is how long a call that reached the backend took.
+    pub fn upstream_call(
+        &self,
+        endpoint: &str,
+        event: &'static str,
+        result: &'static str,
+        seconds: Option<f64>,
+    ) {
+        if !ENABLED {
+            return;
+        }
+        let endpoint = endpoint.to_owned();
+        if let Some(seconds) = seconds {
+            self.upstream_seconds
+                .get_or_create(&UpstreamEventLabels {
+                    endpoint: endpoint.clone(),
+                    event,
+                })
+                .observe(seconds);
+        }
+        self.upstream_calls
+            .get_or_create(&UpstreamCallLabels {
+                endpoint,
+                event,
+                result,
+            })
+            .inc();
     }
 
     /// The counters of `transport`.
@@ -509,6 +559,8 @@ struct NodeFamilies {
     backplane_refused: Family<RefusedLabel, Counter>,
     recoveries: Family<ResultLabel, Counter>,
     jwks_fetches: Family<ResultLabel, Counter>,
+    upstream_calls: Family<UpstreamCallLabels, Counter>,
+    upstream_seconds: Family<UpstreamEventLabels, Histogram, fn() -> Histogram>,
 }
 
 impl NodeFamilies {
@@ -539,6 +591,20 @@ impl NodeFamilies {
                 "gateway_jwks_fetches",
                 "Fetches of the JWK Set of `[auth] jwks_url`, by result (ok or error)",
                 Family::default(),
+            ),
+            upstream_calls: registered(
+                r,
+                "gateway_upstream_calls",
+                "Calls to the application's backend, by endpoint, event and result",
+                Family::default(),
+            ),
+            upstream_seconds: registered(
+                r,
+                "gateway_upstream_call_seconds",
+                "Duration of calls that reached the application's backend",
+                Family::new_with_constructor(
+                    (|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))) as fn() -> Histogram,
+                ),
             ),
         };
         let build_info = Family::<VersionLabel, Gauge>::default();

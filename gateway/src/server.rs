@@ -37,6 +37,9 @@ use crate::{
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// An `[endpoint.upstream]` HTTP client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
     /// The `[tls]` certificate or key could not be loaded or used.
     #[error(transparent)]
     Tls(#[from] CertError),
@@ -146,6 +149,13 @@ impl Server {
             jwks.spawn_refresh();
             state.set_jwks(jwks);
         }
+        let max_message_bytes =
+            |path: &str| state.endpoint(path).map_or(0, |p| p.max_message_bytes);
+        state.set_upstreams(crate::upstream::Upstreams::new(
+            &state.config.upstreams,
+            max_message_bytes,
+            &state.metrics,
+        )?);
         if let Some(cluster) = &state.cluster {
             cluster.count_errors_in(state.metrics.backplane_errors());
         }

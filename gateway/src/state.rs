@@ -19,7 +19,13 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use tokio_util::task::TaskTracker;
 
-use crate::{cluster::RedisCluster, config::Config, jwks::Jwks, metrics::Metrics};
+use crate::{
+    cluster::RedisCluster,
+    config::Config,
+    jwks::Jwks,
+    metrics::Metrics,
+    upstream::{Upstream, Upstreams},
+};
 
 /// The reason of the `reconnect` and of the 1001 close a drain sends.
 const DRAIN_REASON: &str = "server draining";
@@ -52,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The JWK Set the verifier's keys come from, when `[auth] jwks_url` is set.
     jwks: std::sync::OnceLock<Arc<Jwks>>,
+    /// The application backends of the endpoints that have one.
+    upstreams: std::sync::OnceLock<Upstreams>,
     /// Every session's task (WebSocket and WebTransport): shutdown waits for them.
     pub(crate) sessions: TaskTracker,
     shutting_down: AtomicBool,
@@ -87,6 +95,7 @@ impl AppState {
             cluster,
             metrics,
             jwks: std::sync::OnceLock::new(),
+            upstreams: std::sync::OnceLock::new(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
         })
@@ -100,6 +109,16 @@ impl AppState {
     /// The JWK Set the verifier's keys come from, if any.
     pub fn jwks(&self) -> Option<&Arc<Jwks>> {
         self.jwks.get()
+    }
+
+    /// Sets the application backends (once, at start).
+    pub fn set_upstreams(&self, upstreams: Upstreams) {
+        let _ = self.upstreams.set(upstreams);
+    }
+
+    /// The application backend of the endpoint at `path`, if it has one.
+    pub fn upstream(&self, path: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.get()?.get(path)
     }
 
     /// The endpoint configured at `path`.

@@ -13,7 +13,7 @@ use super::{Connection, Now, RequestError, Via};
 use crate::{
     auth::Identity,
     limits::UserSlot,
-    protocol::{AckFields, Rejection, Request, RequestId, ServerFrame},
+    protocol::{AckFields, Rejection, Request, RequestId, RoomName, ServerFrame},
 };
 
 /// The slot an `auth` waits for, filled by the cluster's answer.
@@ -145,6 +145,7 @@ impl Connection {
         self.identity = Some(identity);
         self.user_slot = slot;
         self.services.hub.register_user(&self.handle);
+        let granted = self.welcome.take();
         let welcome = ServerFrame::Welcome {
             session: self.handle.id_str(),
             user: &user,
@@ -152,11 +153,32 @@ impl Connection {
             transport: self.handle.transport(),
             heartbeat_ms: self.policy.heartbeat.as_millis() as u64,
             node: self.services.hub.node_id(),
+            data: granted.as_ref().and_then(|g| g.data.as_ref()),
         };
         self.handle.send(welcome.to_outbound());
+        for room in granted.map(|g| g.join).unwrap_or_default() {
+            self.join_granted(room, now);
+        }
     }
 
-    fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
+    /// Joins a room the `connect` upstream named; its `ack` has no `id`.
+    ///
+    /// The endpoint's room patterns and `max_rooms` still apply: a room beyond them gets an
+    /// `error` without `id`.
+    fn join_granted(&mut self, room: RoomName, now: Now) {
+        let refused = if !self.may_join(&room) {
+            Some(RequestError::RoomNotAllowed)
+        } else if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
+            Some(RequestError::TooManyRooms(self.policy.max_rooms))
+        } else {
+            self.join_now(None, room, None, None, now).err()
+        };
+        if let Some(e) = refused {
+            self.reply_error(None, e);
+        }
+    }
+
+    pub(super) fn set_token_deadline(&mut self, identity: &Identity, now: Now) {
         // An `exp` too far ahead for the monotonic clock (up to u64::MAX seconds) has no
         // deadline rather than an overflow panic; `max_token_lifetime_secs` bounds it.
         let deadline = identity.expires_at.and_then(|exp| {

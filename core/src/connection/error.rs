@@ -8,6 +8,7 @@ use crate::{
     backplane::ClusterUnavailable,
     hub::RoomRefusal,
     protocol::{DecodeError, ErrorCode, Rejection},
+    upstream::Failure,
 };
 
 /// Why a request was refused; the session stays open.
@@ -60,6 +61,27 @@ pub enum RequestError {
     /// The request would bring a new room into existence, which the hub refused.
     #[error(transparent)]
     Room(#[from] RoomRefusal),
+    /// The application's backend refused a `publish` or `rpc`; its reason.
+    #[error("{0}")]
+    Rejected(String),
+    /// The application's `join` upstream refused the room; its reason.
+    #[error("{0}")]
+    JoinRefused(String),
+    /// The `connect` upstream did not renew the session for its user.
+    #[error("refresh refused")]
+    RefreshRefused,
+    /// The call to the application's backend failed.
+    #[error(transparent)]
+    Unavailable(#[from] Failure),
+    /// An `rpc` on an endpoint without an `rpc` upstream.
+    #[error("this endpoint has no rpc upstream")]
+    NoRpc,
+    /// An `rpc` beyond [`MAX_RPCS_IN_FLIGHT`](super::MAX_RPCS_IN_FLIGHT) in flight.
+    #[error("at most {} rpc calls in flight", super::MAX_RPCS_IN_FLIGHT)]
+    TooManyRpcs,
+    /// A request beyond [`MAX_PARKED`](super::MAX_PARKED) waiting behind a call.
+    #[error("too many requests waiting for the application's backend")]
+    Backlog,
 }
 
 impl RequestError {
@@ -81,6 +103,12 @@ impl RequestError {
             RequestError::Cluster(e) => e.code(),
             RequestError::Room(RoomRefusal::BudgetSpent) => ErrorCode::LimitExceeded,
             RequestError::Room(RoomRefusal::TooManyNewRooms(_)) => ErrorCode::RateLimited,
+            RequestError::Rejected(_) => ErrorCode::Rejected,
+            RequestError::JoinRefused(_) => ErrorCode::Forbidden,
+            RequestError::RefreshRefused => ErrorCode::Unauthorized,
+            RequestError::Unavailable(_) => ErrorCode::Unavailable,
+            RequestError::NoRpc => ErrorCode::NotFound,
+            RequestError::TooManyRpcs | RequestError::Backlog => ErrorCode::LimitExceeded,
         }
     }
 }

@@ -10,11 +10,14 @@ mod auth;
 mod error;
 mod reply;
 mod requests;
+mod upstream;
 
 pub use error::RequestError;
+pub use upstream::{MAX_PARKED, MAX_RPCS_IN_FLIGHT};
 
 use auth::PendingAuth;
 use requests::{Outgoing, PublishReply};
+use upstream::Calls;
 
 use std::{
     collections::HashSet,
@@ -35,6 +38,7 @@ use crate::{
         RoomName,
     },
     session::{OutboxReceiver, QueueLimits, SessionHandle, TransportKind},
+    upstream::Welcome,
 };
 
 /// The window over which refused frames count towards closing a flooding session.
@@ -119,8 +123,13 @@ pub struct Connection {
     ///
     /// Boxed: rare, and idle sessions should not carry its size.
     pending_auth: Option<Box<PendingAuth>>,
+    /// Calls to the application's backend; only on endpoints that make them.
+    calls: Option<Box<Calls>>,
+    /// What the `connect` upstream granted for `welcome`, until the session has a user.
+    welcome: Option<Box<Welcome>>,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Via {
     Stream,
     Datagram,
@@ -132,13 +141,15 @@ impl Connection {
     /// With `pings`, liveness queues a transport ping
     /// ([`Outbound::Ping`](crate::session::Outbound::Ping)) every heartbeat and closes a
     /// session that did not answer the previous one (transports whose own keep-alive does
-    /// this, like QUIC, pass `false`).
+    /// this, like QUIC, pass `false`). `welcome` is what a `connect` upstream granted:
+    /// `welcome.data` and the rooms joined right after `welcome`.
     pub fn open(
         services: Services,
         policy: Arc<EndpointPolicy>,
         transport: TransportKind,
         pings: bool,
         admitted: Admitted,
+        welcome: Option<Box<Welcome>>,
         now: Now,
     ) -> (Connection, OutboxReceiver) {
         let (handle, outbox) = SessionHandle::new(
@@ -165,6 +176,8 @@ impl Connection {
             stats: InboundStats::default(),
             wake: matches!(admitted, Admitted::Pending).then(WakeSignal::default),
             pending_auth: None,
+            calls: None,
+            welcome,
             policy,
         };
         conn.services.hub.open_session(&conn.handle);
@@ -323,7 +336,14 @@ impl Connection {
             }
             return;
         }
-        if datagram {
+        if let Some((request, via)) = self.park(request, via) {
+            self.dispatch_now(request, now, via);
+        }
+    }
+
+    /// Handles a request that waits for nothing.
+    fn dispatch_now(&mut self, request: Request, now: Now, via: Via) {
+        if matches!(via, Via::Datagram) {
             // Datagrams carry volatile publishes only, and get no reply.
             if let Request::Publish {
                 room, data, echo, ..
@@ -335,10 +355,8 @@ impl Connection {
                     echo,
                     volatile: true,
                 };
-                if self.identity.is_some()
-                    && self.publish(message, PublishReply::Silent, now).is_ok()
-                {
-                    self.stats.publishes += 1;
+                if self.identity.is_some() {
+                    let _ = self.publish(message, PublishReply::Silent, now);
                 }
             }
             return;

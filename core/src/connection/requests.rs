@@ -7,7 +7,10 @@ use super::{
 use crate::{
     backplane::ClusterUnavailable,
     hub::{JoinOutcome, JoinReply, Publish, Since},
-    protocol::{AckFields, AckMembers, Payload, Request, RequestId, RoomName, ServerFrame},
+    protocol::{
+        AckFields, AckMembers, Payload, RawJson, Request, RequestId, RoomName, ServerFrame,
+    },
+    upstream::CallEvent,
 };
 
 impl Connection {
@@ -32,6 +35,12 @@ impl Connection {
         }
         match request {
             Request::Hello { token: None } => Ok(()),
+            Request::Hello { token: Some(token) } if self.refreshes_upstream() => {
+                self.refresh_through_upstream(None, &token, false)
+            }
+            Request::Auth { id, token } if self.refreshes_upstream() => {
+                self.refresh_through_upstream(id.as_ref(), &token, true)
+            }
             Request::Hello { token: Some(token) } => self.authenticate(None, &token, now, false),
             Request::Auth { id, token } => self.authenticate(id.as_ref(), &token, now, true),
             Request::Join {
@@ -68,9 +77,7 @@ impl Connection {
                     echo,
                     volatile,
                 };
-                self.publish(message, PublishReply::Ack(id), now)?;
-                self.stats.publishes += 1;
-                Ok(())
+                self.publish(message, PublishReply::Ack(id), now)
             }
             Request::Send { id, to, data } => {
                 self.send_direct(id, &to, &data);
@@ -82,6 +89,7 @@ impl Connection {
                     .send(ServerFrame::Pong { id: id.as_ref() }.to_outbound());
                 Ok(())
             }
+            Request::Rpc { id, method, data } => self.rpc(id, method, data),
         }
     }
 
@@ -109,6 +117,22 @@ impl Connection {
         if !self.joined.contains(&room) && self.joined.len() >= self.policy.max_rooms {
             return Err(RequestError::TooManyRooms(self.policy.max_rooms));
         }
+        if self.calls_upstream(CallEvent::Join, Some(&room)) {
+            self.join_through_upstream(id, room, since);
+            return Ok(());
+        }
+        self.join_now(id, room, since, None, now)
+    }
+
+    /// Joins the room; the `ack` carries `data` (what a `join` upstream answered).
+    pub(super) fn join_now(
+        &mut self,
+        id: Option<RequestId>,
+        room: RoomName,
+        since: Option<Since<'_>>,
+        data: Option<RawJson>,
+        now: Now,
+    ) -> Result<(), RequestError> {
         // The reply is queued by the hub, before any replayed or live message of the room.
         let room_text = room.to_string();
         let hub = self.services.hub.clone();
@@ -126,6 +150,7 @@ impl Connection {
                             epoch: Some(outcome.epoch.to_string()),
                             members: Some(AckMembers::Count(outcome.members)),
                             recovered: outcome.recovered,
+                            data,
                             ..Default::default()
                         },
                     )
@@ -140,12 +165,30 @@ impl Connection {
         Ok(())
     }
 
-    /// Publishes to its room if the identity may.
+    /// Publishes to its room if the identity may (after the `publish` upstream, if any).
+    pub(super) fn publish(
+        &mut self,
+        message: Outgoing<'_>,
+        reply: PublishReply,
+        now: Now,
+    ) -> Result<(), RequestError> {
+        let identity = self.identity.as_ref().expect("authenticated");
+        if !identity.may_publish(&self.policy.rooms, message.room.as_str()) {
+            return Err(RequestError::PublishNotAllowed);
+        }
+        if self.calls_upstream(CallEvent::Publish, Some(message.room)) {
+            self.publish_through_upstream(message, reply);
+            return Ok(());
+        }
+        self.publish_now(message, reply, now)
+    }
+
+    /// Hands the message to the hub.
     ///
     /// With [`PublishReply::Ack`], answers with the ack (its `seq`) or the cluster's
     /// failure when the cluster has taken the message.
-    pub(super) fn publish(
-        &self,
+    pub(super) fn publish_now(
+        &mut self,
         message: Outgoing<'_>,
         reply: PublishReply,
         now: Now,
@@ -157,9 +200,6 @@ impl Connection {
             volatile,
         } = message;
         let identity = self.identity.as_ref().expect("authenticated");
-        if !identity.may_publish(&self.policy.rooms, room.as_str()) {
-            return Err(RequestError::PublishNotAllowed);
-        }
         let exclude = (!echo).then(|| self.handle.id());
         let handle = self.handle.clone();
         let message = Publish {
@@ -188,6 +228,7 @@ impl Connection {
                 });
             }),
         )?;
+        self.stats.publishes += 1;
         Ok(())
     }
 
@@ -251,6 +292,7 @@ pub(super) struct Outgoing<'a> {
 }
 
 /// Whether a publish is answered.
+#[derive(Debug)]
 pub(super) enum PublishReply {
     /// No answer (a datagram).
     Silent,

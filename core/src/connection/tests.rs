@@ -22,6 +22,8 @@ use crate::{
     session::{Batch, Outbound},
 };
 
+mod upstream;
+
 /// Unix seconds at the start of every test.
 const NOW: u64 = 1_800_000_000;
 const SECRET: &[u8] = b"connection test secret";
@@ -81,12 +83,22 @@ impl Node {
     }
 
     fn open(&self, policy: EndpointPolicy, admitted: Admitted) -> Client {
+        self.open_with(policy, admitted, None)
+    }
+
+    fn open_with(
+        &self,
+        policy: EndpointPolicy,
+        admitted: Admitted,
+        welcome: Option<Box<crate::upstream::Welcome>>,
+    ) -> Client {
         let (conn, outbox) = Connection::open(
             self.services.clone(),
             Arc::new(policy),
             TransportKind::WebSocket,
             true,
             admitted,
+            welcome,
             self.at(0),
         );
         Client {

@@ -68,6 +68,10 @@ codes! {
         LimitExceeded => error("limit_exceeded", 429),
         /// A server-side failure.
         Internal => error("internal", 500),
+        /// The application's backend refused the request (PROTOCOL.md section 10).
+        Rejected => error("rejected", 403),
+        /// The application's backend failed, timed out, is over its limit or its circuit is open.
+        Unavailable => error("unavailable", 503),
     }
 }
 
@@ -314,6 +318,18 @@ codes! {
             503,
             ErrorCode::Internal,
             "cluster unavailable: the credential or the connection count cannot be checked",
+        ),
+        /// The `connect` upstream answered 401 (PROTOCOL.md section 10).
+        UpstreamUnauthorized => reject(401, ErrorCode::Rejected, "refused by the application"),
+        /// The `connect` upstream answered 403, or another 4xx than 401 and 429.
+        UpstreamForbidden => reject(403, ErrorCode::Rejected, "refused by the application"),
+        /// The `connect` upstream answered 429.
+        UpstreamTooMany => reject(429, ErrorCode::Rejected, "refused by the application"),
+        /// The `connect` call failed, timed out, or was refused by the limit or the circuit.
+        UpstreamUnavailable => reject(
+            503,
+            ErrorCode::Unavailable,
+            "application backend unavailable",
         ),
     }
 }

@@ -88,7 +88,19 @@ pub enum Request {
         /// Request id.
         id: Option<RequestId>,
     },
+    /// A call to the endpoint's `rpc` upstream (PROTOCOL.md section 10).
+    Rpc {
+        /// Request id (required: the answer is matched by it).
+        id: RequestId,
+        /// The method, 1 to [`MAX_METHOD_LEN`] characters.
+        method: String,
+        /// The argument; JSON `null` when absent.
+        data: Payload,
+    },
 }
+
+/// The longest `rpc` method name, in characters.
+pub const MAX_METHOD_LEN: usize = 128;
 
 impl Request {
     /// The request id, if the request carries one.
@@ -102,6 +114,7 @@ impl Request {
             | Request::Send { id, .. }
             | Request::Presence { id, .. }
             | Request::Ping { id } => id.as_ref(),
+            Request::Rpc { id, .. } => Some(id),
         }
     }
 }
@@ -155,6 +168,9 @@ pub enum DecodeError {
     /// A `data` value unsafe to forward.
     #[error("field `data` {0}")]
     Data(DataError),
+    /// An `rpc` `method` that is empty or longer than [`MAX_METHOD_LEN`] characters.
+    #[error("field `method` must be 1 to {MAX_METHOD_LEN} characters")]
+    MethodLength,
     /// A `type` that is no request (its first 32 characters).
     #[error("unknown type `{0}`")]
     UnknownType(String),
@@ -214,6 +230,8 @@ struct RawEnvelope<'a> {
     volatile: Option<&'a RawValue>,
     #[serde(borrow)]
     to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
 }
 
 /// Keeps `"data": null` as a present value (plain `Option` would read it as absent).
@@ -402,6 +420,17 @@ fn fields(
             id,
         },
         "ping" => Request::Ping { id },
+        "rpc" => {
+            let method: String = field(required(raw.method, "method")?, "method", "a string")?;
+            if method.is_empty() || method.chars().count() > MAX_METHOD_LEN {
+                return Err(DecodeError::MethodLength);
+            }
+            Request::Rpc {
+                id: id.ok_or(DecodeError::MissingField("id"))?,
+                method,
+                data: data().unwrap_or_else(|_| Payload::Json(Bytes::from_static(b"null"))),
+            }
+        }
         other => return Err(DecodeError::UnknownType(other.chars().take(32).collect())),
     };
     Ok(request)

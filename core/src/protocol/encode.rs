@@ -6,7 +6,10 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{decode::RequestId, CloseCode, ErrorCode, Outbound, Payload, RoomName, TransportKind};
+use super::{
+    decode::RequestId, raw_json::RawJson, CloseCode, ErrorCode, Outbound, Payload, RoomName,
+    TransportKind,
+};
 
 impl Serialize for RequestId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -123,6 +126,9 @@ pub struct AckFields {
     /// `Some(true)` when a `presence` listing was cut at the maximum.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<bool>,
+    /// What the application's backend answered (`rpc`, and `join` through an upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<RawJson>,
 }
 
 /// Server envelopes other than `message` and `direct`.
@@ -143,6 +149,9 @@ pub enum ServerFrame<'a> {
         heartbeat_ms: u64,
         /// Node id.
         node: &'a str,
+        /// What the `connect` upstream answered in `data`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawJson>,
     },
     /// A request succeeded.
     Ack {
@@ -438,6 +447,7 @@ mod tests {
                 transport: TransportKind::WebTransport,
                 heartbeat_ms: 25_000,
                 node: "n",
+                data: None,
             }),
             json!({"type":"welcome","session":"s","user":"u","endpoint":"/chat",
                 "transport":"webtransport","heartbeat_ms":25000,"node":"n"})

@@ -176,6 +176,23 @@ pub(super) struct EndpointSection {
     /// Test-only echo endpoint (Autobahn|Testsuite).
     #[serde(default)]
     pub echo: bool,
+    pub upstream: Option<UpstreamSection>,
+}
+
+/// `[endpoint.upstream]`: the application's backend (PROTOCOL.md section 10).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamSection {
+    pub url: String,
+    pub events: Vec<String>,
+    pub rooms: Option<Vec<String>>,
+    pub timeout_ms: Option<NonZeroU64>,
+    pub max_in_flight: Option<NonZeroUsize>,
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    pub secret: Option<String>,
+    pub breaker_failures: Option<std::num::NonZeroU32>,
+    pub breaker_secs: Option<NonZeroU64>,
 }
 
 /// `[[endpoint]] auth`.
@@ -186,6 +203,7 @@ pub(super) enum AuthMode {
     Required,
     FirstMessage,
     None,
+    Upstream,
 }
 
 /// One `[[room]]`.

@@ -186,10 +186,70 @@ pub struct Config {
     pub cluster_heartbeat: Duration,
     /// Endpoints by path.
     pub endpoints: Vec<Arc<EndpointPolicy>>,
+    /// The `[endpoint.upstream]` clients, by endpoint path.
+    pub upstreams: Vec<(String, UpstreamConfig)>,
     /// Room policies.
     pub rooms: RoomPolicies,
     /// Whether this is the built-in dev configuration.
     pub dev_mode: bool,
+}
+
+/// How the gateway calls one endpoint's backend (`[endpoint.upstream]`).
+///
+/// Its `Debug` output leaves the secret out.
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// Each event is POSTed to this URL plus `/EVENT`.
+    pub url: reqwest::Url,
+    /// The deadline of one call.
+    pub timeout: Duration,
+    /// Calls outstanding at once; more fail at once.
+    pub max_in_flight: usize,
+    /// Request headers passed to `connect`.
+    pub forward_headers: Vec<http::HeaderName>,
+    /// Sent as `Authorization: Bearer <secret>`.
+    pub secret: Option<String>,
+    /// Failures in a row that open the circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit fails calls at once.
+    pub breaker_open: Duration,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &self.url.as_str())
+            .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("forward_headers", &self.forward_headers)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_open", &self.breaker_open)
+            .finish()
+    }
+}
+
+impl UpstreamConfig {
+    /// The documented defaults (CONFIG.md) for `url`.
+    pub fn defaults(url: reqwest::Url) -> Self {
+        Self {
+            url,
+            timeout: Duration::from_millis(2000),
+            max_in_flight: 512,
+            forward_headers: Vec::new(),
+            secret: None,
+            breaker_failures: 10,
+            breaker_open: Duration::from_secs(5),
+        }
+    }
+
+    /// The URL an `event` is POSTed to.
+    pub fn event_url(&self, event: gateway_core::upstream::CallEvent) -> reqwest::Url {
+        let mut url = self.url.clone();
+        let path = format!("{}/{}", url.path().trim_end_matches('/'), event.as_str());
+        url.set_path(&path);
+        url
+    }
 }
 
 impl Config {
@@ -216,6 +276,7 @@ impl Config {
             redis: None,
             cluster_heartbeat: DEFAULT_CLUSTER_HEARTBEAT,
             endpoints: vec![Arc::new(chat)],
+            upstreams: Vec::new(),
             rooms: RoomPolicies::default(),
             dev_mode: true,
         }
@@ -243,6 +304,13 @@ impl Config {
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let file = parse_file(text)?;
         let (jwt, jwks, ticket_ttl) = validate::auth(file.auth, base)?;
+        let (endpoints, upstreams) = validate::endpoints(file.endpoints, jwt.is_some())?
+            .into_iter()
+            .map(|(policy, upstream)| {
+                let path = policy.path.clone();
+                (policy, upstream.map(|u| (path, u)))
+            })
+            .unzip::<_, _, Vec<_>, Vec<_>>();
         Ok(Self {
             listen: validate::listen(file.listen.as_deref())?,
             node_id: file.node_id.unwrap_or_else(random_node_id),
@@ -251,7 +319,8 @@ impl Config {
             log: validate::log(file.log)?,
             drain: Duration::from_secs(file.shutdown.drain_secs.get()),
             tls: validate::tls(file.tls, base)?,
-            endpoints: validate::endpoints(file.endpoints, jwt.is_some())?,
+            endpoints,
+            upstreams: upstreams.into_iter().flatten().collect(),
             jwt,
             jwks,
             ticket_ttl,

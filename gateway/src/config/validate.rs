@@ -9,11 +9,12 @@ use gateway_core::{
     auth::{JwtAlgorithm, JwtConfig, JwtVerifier},
     pattern::Pattern,
     policy::{self, EndpointPolicy, RoomPolicy},
+    upstream::{CallEvent, UpstreamPolicy},
 };
 
 use super::{
     file::{self, Algorithm},
-    invalid, ConfigError, JwksConfig, Limits, LogConfig, TlsSource, DEFAULT_LISTEN,
+    invalid, ConfigError, JwksConfig, Limits, LogConfig, TlsSource, UpstreamConfig, DEFAULT_LISTEN,
 };
 
 /// Most messages one room may keep (`[[room]] history`).
@@ -250,11 +251,16 @@ pub(super) fn limits(section: file::LimitsSection) -> Limits {
     }
 }
 
+/// An endpoint's policy, and its `[endpoint.upstream]` client settings if it has one.
+pub(super) type ConfiguredEndpoint = (Arc<EndpointPolicy>, Option<UpstreamConfig>);
+
 /// `[[endpoint]]`: at least one, distinct absolute paths, tokens verifiable where needed.
+///
+/// Each comes with its `[endpoint.upstream]` client settings, if it has one.
 pub(super) fn endpoints(
     sections: Vec<file::EndpointSection>,
     has_auth: bool,
-) -> Result<Vec<Arc<EndpointPolicy>>, ConfigError> {
+) -> Result<Vec<ConfiguredEndpoint>, ConfigError> {
     if sections.is_empty() {
         return Err(invalid("endpoint", "at least one [[endpoint]] is required"));
     }
@@ -282,15 +288,30 @@ pub(super) fn endpoints(
 fn endpoint(
     e: file::EndpointSection,
     has_auth: bool,
-) -> Result<Arc<EndpointPolicy>, (&'static str, String)> {
+) -> Result<ConfiguredEndpoint, (&'static str, String)> {
     let mut p = EndpointPolicy::new(&e.path);
     p.auth = match e.auth {
         file::AuthMode::Required => policy::AuthMode::Required,
         file::AuthMode::FirstMessage => policy::AuthMode::FirstMessage,
         file::AuthMode::None => policy::AuthMode::None,
+        file::AuthMode::Upstream => policy::AuthMode::Upstream,
     };
-    if p.auth != policy::AuthMode::None && !has_auth {
+    let verifies = !matches!(p.auth, policy::AuthMode::None | policy::AuthMode::Upstream);
+    if verifies && !has_auth {
         return Err(("auth", "needs an [auth] section to verify tokens".into()));
+    }
+    let upstream = e.upstream.map(upstream).transpose()?;
+    p.upstream = upstream.as_ref().map(|(policy, _)| policy.clone());
+    if p.auth == policy::AuthMode::Upstream
+        && !p
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.calls(CallEvent::Connect))
+    {
+        return Err((
+            "auth",
+            "`upstream` needs an [endpoint.upstream] whose events list `connect`".into(),
+        ));
     }
     p.allowed_origins = e.allowed_origins;
     if let Some(rooms) = e.rooms {
@@ -313,7 +334,73 @@ fn endpoint(
     p.heartbeat = e.heartbeat_secs.map_or(p.heartbeat, secs);
     p.auth_timeout = e.auth_timeout_secs.map_or(p.auth_timeout, secs);
     p.echo = e.echo;
-    Ok(Arc::new(p))
+    Ok((Arc::new(p), upstream.map(|(_, config)| config)))
+}
+
+/// `[endpoint.upstream]`: what core needs (events, rooms) and what the client needs.
+fn upstream(
+    u: file::UpstreamSection,
+) -> Result<(UpstreamPolicy, UpstreamConfig), (&'static str, String)> {
+    let url = reqwest::Url::parse(&u.url)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+        .ok_or(("upstream.url", "must be an http:// or https:// URL".into()))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(("upstream.url", "must not have a query or fragment".into()));
+    }
+    let mut events = Vec::new();
+    for name in &u.events {
+        let event = CallEvent::parse(name).ok_or((
+            "upstream.events",
+            format!("`{name}` is not one of connect, join, publish, rpc, disconnect"),
+        ))?;
+        if events.contains(&event) {
+            return Err(("upstream.events", format!("`{name}` is listed twice")));
+        }
+        events.push(event);
+    }
+    if events.is_empty() {
+        return Err(("upstream.events", "must list at least one event".into()));
+    }
+    let mut forward_headers = Vec::new();
+    for name in u.forward_headers {
+        let header = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            (
+                "upstream.forward_headers",
+                format!("`{name}` is not a header name"),
+            )
+        })?;
+        forward_headers.push(header);
+    }
+    if u.secret.as_ref().is_some_and(|s| {
+        s.is_empty() || http::HeaderValue::from_str(&format!("Bearer {s}")).is_err()
+    }) {
+        return Err((
+            "upstream.secret",
+            "must be a non-empty header-safe string".into(),
+        ));
+    }
+    let rooms = u.rooms.unwrap_or_else(|| vec!["*".into()]);
+    let policy = UpstreamPolicy::new(events, rooms.iter().map(|r| Pattern::new(r)).collect());
+    let defaults = UpstreamConfig::defaults(url.clone());
+    Ok((
+        policy,
+        UpstreamConfig {
+            url,
+            timeout: u
+                .timeout_ms
+                .map_or(defaults.timeout, |v| Duration::from_millis(v.get())),
+            max_in_flight: u.max_in_flight.map_or(defaults.max_in_flight, |v| v.get()),
+            forward_headers,
+            secret: u.secret,
+            breaker_failures: u
+                .breaker_failures
+                .map_or(defaults.breaker_failures, |v| v.get()),
+            breaker_open: u
+                .breaker_secs
+                .map_or(defaults.breaker_open, |v| Duration::from_secs(v.get())),
+        },
+    ))
 }
 
 /// `[[room]]`: bounded history, and a positive lifetime for history that is kept.

@@ -8,6 +8,8 @@ use std::{
     sync::Arc,
 };
 
+use crate::upstream::{Checked, Upstream};
+
 use gateway_core::{
     auth::{AuthError, Identity},
     backplane::completion,
@@ -16,6 +18,7 @@ use gateway_core::{
     policy::{AuthMode, EndpointPolicy},
     protocol::Rejection,
     session::TransportKind,
+    upstream::{CallEvent, Welcome},
 };
 use http::HeaderMap;
 
@@ -75,7 +78,9 @@ pub struct UpgradeRequest<'a> {
     /// Request headers.
     pub headers: &'a HeaderMap,
     /// Client address.
-    pub peer: IpAddr,
+    pub peer: SocketAddr,
+    /// The transport the request would open a session on.
+    pub transport: TransportKind,
     /// Whether the request is a well-formed WebSocket upgrade or WebTransport CONNECT.
     pub valid_upgrade: bool,
     /// The connection's limit decision; `None` counts as a full server.
@@ -86,12 +91,18 @@ impl<'a> UpgradeRequest<'a> {
     /// The admission view of an HTTP request (either front's).
     ///
     /// It carries the connection permit its front put in the extensions.
-    pub fn of<B>(req: &'a http::Request<B>, peer: IpAddr, valid_upgrade: bool) -> Self {
+    pub fn of<B>(
+        req: &'a http::Request<B>,
+        peer: SocketAddr,
+        transport: TransportKind,
+        valid_upgrade: bool,
+    ) -> Self {
         Self {
             path: req.uri().path(),
             query: req.uri().query(),
             headers: req.headers(),
             peer,
+            transport,
             valid_upgrade,
             permit: req.extensions().get::<ConnectionPermit>(),
         }
@@ -107,6 +118,8 @@ pub struct Admission {
     pub admitted: Admitted,
     /// The connection's slot, shared with the connection it arrived on.
     pub slot: Arc<ConnectionSlot>,
+    /// What the `connect` upstream granted for `welcome`, if it was called.
+    pub welcome: Option<Box<Welcome>>,
 }
 
 /// Where a credential came from (PROTOCOL.md section 2 order).
@@ -147,12 +160,76 @@ pub async fn admit(
     if !policy.origin_allowed(origin) {
         return Err(Rejection::ForbiddenOrigin);
     }
-    let admitted = authenticate(app, policy.auth, req, now).await?;
+    let (admitted, welcome) = match app.upstream(&policy.path) {
+        Some(upstream) if upstream_connects(&policy) => {
+            admit_through_upstream(app, upstream, policy.auth, req, now).await?
+        }
+        _ => (authenticate(app, policy.auth, req, now).await?, None),
+    };
     Ok(Admission {
         policy,
         admitted,
         slot,
+        welcome,
     })
+}
+
+fn upstream_connects(policy: &EndpointPolicy) -> bool {
+    policy
+        .upstream
+        .as_ref()
+        .is_some_and(|u| u.calls(CallEvent::Connect))
+}
+
+/// Admission on an endpoint whose upstream lists `connect`.
+///
+/// On `auth = "upstream"` the call decides who the user is; otherwise it runs after the
+/// credential check, and its `rooms` and `publish` replace the credential's when given.
+async fn admit_through_upstream(
+    app: &AppState,
+    upstream: &Upstream,
+    mode: AuthMode,
+    req: &UpgradeRequest<'_>,
+    now: Now,
+) -> Result<(Admitted, Option<Box<Welcome>>), Rejection> {
+    let node = app.services.hub.node_id();
+    if mode == AuthMode::Upstream {
+        let grant = crate::upstream::connect(upstream, node, req, None).await?;
+        let identity = grant.identity();
+        let slot = user_slot(app, &identity).await?;
+        return Ok((Admitted::Authenticated(identity, slot), grant.welcome()));
+    }
+    let admitted = authenticate(app, mode, req, now).await?;
+    let token = match credential(req) {
+        Some(Credential::Bearer(t) | Credential::Token(t)) => Some(t),
+        _ => None,
+    };
+    let checked = match &admitted {
+        Admitted::Authenticated(identity, _) => Some(Checked {
+            identity,
+            token: token.as_deref(),
+        }),
+        _ => None,
+    };
+    let grant = crate::upstream::connect(upstream, node, req, checked).await?;
+    let admitted = match admitted {
+        Admitted::Authenticated(mut identity, slot) => {
+            let granted = grant.identity();
+            if grant.rooms.is_some() {
+                identity.rooms = granted.rooms;
+            }
+            if grant.publish.is_some() {
+                identity.publish = granted.publish;
+            }
+            identity.expires_at = match (identity.expires_at, grant.expires_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            Admitted::Authenticated(identity, slot)
+        }
+        other => other,
+    };
+    Ok((admitted, grant.welcome()))
 }
 
 /// What `req`'s credential (PROTOCOL.md section 2) makes of the session under `mode`.
@@ -301,7 +378,8 @@ mod tests {
             path: "/chat",
             query,
             headers,
-            peer: "127.0.0.1".parse().unwrap(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            transport: TransportKind::WebSocket,
             valid_upgrade: true,
             permit: None,
         }

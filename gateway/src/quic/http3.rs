@@ -160,7 +160,7 @@ async fn connect(
     let is_webtransport = req.extensions().get::<Protocol>() == Some(&Protocol::WEB_TRANSPORT);
     let admission = admission::admit(
         app,
-        &UpgradeRequest::of(&req, peer.ip(), is_webtransport),
+        &UpgradeRequest::of(&req, peer, TransportKind::WebTransport, is_webtransport),
         clock::now(),
     )
     .await;

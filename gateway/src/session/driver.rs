@@ -12,7 +12,7 @@ use gateway_core::{
 };
 use tokio::task::JoinHandle;
 
-use crate::clock;
+use crate::{clock, upstream::SessionCalls};
 
 use super::{
     open::AccessLog,
@@ -67,6 +67,23 @@ pub(crate) trait Inbound: Send {
     }
 }
 
+/// Resolves when call outcomes arrived; never for a session that makes no calls.
+async fn answered(calls: &Option<Box<SessionCalls>>) {
+    match calls {
+        Some(calls) => calls.arrived().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts the calls `conn` asked for.
+fn start_calls(conn: &mut Connection, calls: &Option<Box<SessionCalls>>) {
+    if let Some(calls) = calls {
+        for call in conn.take_calls() {
+            calls.start(call, conn.handle());
+        }
+    }
+}
+
 /// Resolves when the session's wake signal fires; never without one.
 async fn woken(signal: &Option<WakeSignal>) {
     match signal {
@@ -84,6 +101,7 @@ pub(super) async fn drive<I: Inbound, S: FrameSink>(
     mut inbound: I,
     writer: Arc<SessionWriter<S>>,
     log: Box<AccessLog>,
+    calls: Option<Box<SessionCalls>>,
 ) {
     let handle = conn.handle().clone();
     let mut counted = InboundStats::default();
@@ -131,7 +149,14 @@ pub(super) async fn drive<I: Inbound, S: FrameSink>(
             }
             () = timer => deadline = conn.poll(clock::instant()),
             () = woken(&wake) => conn.on_wake(clock::now()),
+            () = answered(&calls) => {
+                let calls = calls.as_ref().expect("only with calls");
+                for (id, outcome) in calls.take() {
+                    conn.on_answer(id, outcome, clock::now());
+                }
+            }
         }
+        start_calls(&mut conn, &calls);
         count_inbound(&log, &handle, &mut counted, conn.stats());
     }
     count_inbound(&log, &handle, &mut counted, conn.stats());
@@ -143,6 +168,13 @@ pub(super) async fn drive<I: Inbound, S: FrameSink>(
         };
         handle.close(ended.close_reason());
     }
+    // Calls asked for are made, even by a session that is gone (only their answers are
+    // dropped); the backend hears of the end once.
+    start_calls(&mut conn, &calls);
+    if let (Some(calls), Some(call)) = (&calls, conn.disconnect_call(log.duration_ms())) {
+        calls.start(call, &handle);
+    }
+    drop(calls);
     // Boxed: the task of an open session does not carry the closing procedure's state.
     Box::pin(finish(conn, inbound, writer, gone, log)).await;
 }

@@ -61,8 +61,12 @@ where
     I: Inbound,
     S: FrameSink,
 {
-    let OpenedSession { conn, outbox, log } =
-        open_session(app, admission, transport.kind, transport.pings, peer);
+    let OpenedSession {
+        conn,
+        outbox,
+        log,
+        calls,
+    } = open_session(app, admission, transport.kind, transport.pings, peer);
     let (inbound, sink) = halves(conn.handle());
     let writer = match transport.corked {
         Some(flushers) => {
@@ -70,5 +74,5 @@ where
         }
         None => SessionWriter::own_task(conn.handle(), outbox, sink, &app.metrics),
     };
-    drive(conn, inbound, writer, log)
+    drive(conn, inbound, writer, log, calls)
 }

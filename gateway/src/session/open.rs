@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::writer::WriteStats;
-use crate::{clock, http::admission::Admission, metrics::Metrics, state::AppState};
+use crate::{
+    clock, http::admission::Admission, metrics::Metrics, state::AppState, upstream::SessionCalls,
+};
 
 /// An opened session: its protocol driver, its outbox, and its access log.
 pub(super) struct OpenedSession {
@@ -22,6 +24,8 @@ pub(super) struct OpenedSession {
     pub(super) outbox: OutboxReceiver,
     /// Boxed: an idle session's task does not carry the log's fields.
     pub(super) log: Box<AccessLog>,
+    /// The session's calls to its endpoint's backend, if it has one.
+    pub(super) calls: Option<Box<SessionCalls>>,
 }
 
 /// Registers an admitted session with the hub and logs its opening.
@@ -39,13 +43,19 @@ pub(super) fn open_session(
         policy,
         admitted,
         slot,
+        welcome,
     } = admission;
+    let calls = app.upstream(&policy.path).map(|upstream| {
+        let node = app.services.hub.node_id().into();
+        Box::new(SessionCalls::new(upstream.clone(), node, peer))
+    });
     let (conn, outbox) = Connection::open(
         app.services.clone(),
         policy,
         transport,
         pings,
         admitted,
+        welcome,
         clock::now(),
     );
     let handle = conn.handle().clone();
@@ -72,6 +82,7 @@ pub(super) fn open_session(
             counted: false,
             _slot: slot,
         }),
+        calls,
     }
 }
 
@@ -93,6 +104,11 @@ impl AccessLog {
     /// The process's metrics.
     pub(super) fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// How long the session has been open, in milliseconds.
+    pub(super) fn duration_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
     }
 
     /// Logs the session's end: duration, traffic both ways and the close code.

@@ -76,7 +76,7 @@ pub(crate) async fn upgrade(
     let now = clock::now();
     let admission = admission::admit(
         &app,
-        &UpgradeRequest::of(&req, peer.ip(), valid_upgrade),
+        &UpgradeRequest::of(&req, peer, TransportKind::WebSocket, valid_upgrade),
         now,
     )
     .await;

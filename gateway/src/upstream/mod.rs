@@ -1,0 +1,195 @@
+//! Calls to the application's backend (PROTOCOL.md section 10, CONFIG.md
+//! `[endpoint.upstream]`).
+//!
+//! One [`Upstream`] per endpoint that has one: a pooled keep-alive HTTP client, a deadline
+//! per call, a concurrency limit that fails at once when full, a circuit breaker and the
+//! call metrics. Core's connection asks for the calls ([`gateway_core::upstream::Call`]);
+//! [`SessionCalls`] runs them for one session and feeds the outcomes back.
+
+mod breaker;
+mod connect;
+mod session;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use gateway_core::upstream::{read_answer, CallEvent, Failure, Outcome};
+use tokio::{sync::Semaphore, time::Instant};
+use tracing::{debug, warn};
+
+pub(crate) use connect::{connect, Checked};
+pub(crate) use session::SessionCalls;
+
+use crate::{config::UpstreamConfig, metrics::Metrics};
+use breaker::{Breaker, Pass};
+
+/// Idle keep-alive connections kept per backend host.
+const MAX_IDLE_PER_HOST: usize = 64;
+
+/// How long an idle keep-alive connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream HTTP client: {0}")]
+pub struct UpstreamError(#[from] reqwest::Error);
+
+/// The upstreams of every endpoint that has one, by endpoint path.
+#[derive(Debug, Default)]
+pub struct Upstreams(HashMap<String, Arc<Upstream>>);
+
+impl Upstreams {
+    /// Builds the clients of `configs` (endpoint path, settings).
+    ///
+    /// `max_message_bytes` bounds each endpoint's answers (with room for base64).
+    pub fn new(
+        configs: &[(String, UpstreamConfig)],
+        max_message_bytes: impl Fn(&str) -> usize,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
+        let mut upstreams = HashMap::new();
+        for (endpoint, config) in configs {
+            let upstream = Upstream::new(
+                endpoint,
+                config.clone(),
+                max_message_bytes(endpoint),
+                metrics.clone(),
+            )?;
+            upstreams.insert(endpoint.clone(), Arc::new(upstream));
+        }
+        Ok(Self(upstreams))
+    }
+
+    /// The upstream of the endpoint at `path`.
+    pub fn get(&self, path: &str) -> Option<&Arc<Upstream>> {
+        self.0.get(path)
+    }
+}
+
+/// One endpoint's backend.
+#[derive(Debug)]
+pub struct Upstream {
+    endpoint: String,
+    config: UpstreamConfig,
+    client: reqwest::Client,
+    /// The URL of each event, by `CallEvent as usize`.
+    urls: Vec<reqwest::Url>,
+    in_flight: Arc<Semaphore>,
+    breaker: Breaker,
+    max_answer_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    fn new(
+        endpoint: &str,
+        config: UpstreamConfig,
+        max_message_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
+        // No proxy from the environment and no redirects: calls go to the configured host.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST.min(config.max_in_flight))
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            urls: CallEvent::ALL
+                .iter()
+                .map(|e| config.event_url(*e))
+                .collect(),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            breaker: Breaker::new(config.breaker_failures, config.breaker_open),
+            // A message, base64 (4/3) and the JSON around it.
+            max_answer_bytes: max_message_bytes / 3 * 4 + 64 * 1024,
+            config,
+            client,
+            metrics,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Whether the circuit is open (or testing the backend with one call).
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// POSTs `body` for `event` and reads the answer.
+    ///
+    /// The call fails at once when `max_in_flight` calls are outstanding or the circuit is
+    /// open; otherwise it has `timeout` to be answered. It is counted either way.
+    pub async fn call(&self, event: CallEvent, body: Vec<u8>) -> Outcome {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return self.count(event, Outcome::Failed(Failure::OverLimit), None);
+        };
+        let Some(pass) = self.breaker.pass(Instant::now()) else {
+            return self.count(event, Outcome::Failed(Failure::CircuitOpen), None);
+        };
+        let started = Instant::now();
+        let outcome =
+            match tokio::time::timeout(self.config.timeout, self.exchange(event, body)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Failed(Failure::Timeout),
+            };
+        let answered = !matches!(outcome, Outcome::Failed(f) if f.is_backend_failure());
+        if self.breaker.record(pass, answered, Instant::now()) {
+            warn!(endpoint = %self.endpoint, event = event.as_str(),
+                failures = self.config.breaker_failures,
+                open_secs = self.config.breaker_open.as_secs_f64(),
+                "upstream circuit opened");
+        } else if pass == Pass::Trial && answered {
+            warn!(endpoint = %self.endpoint, "upstream circuit closed: the trial call was answered");
+        }
+        self.count(event, outcome, Some(started.elapsed().as_secs_f64()))
+    }
+
+    /// One POST and its answer, its body bounded.
+    async fn exchange(&self, event: CallEvent, body: Vec<u8>) -> Outcome {
+        let mut request = self
+            .client
+            .post(self.urls[event as usize].clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(secret) = &self.config.secret {
+            request = request.bearer_auth(secret);
+        }
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!(endpoint = %self.endpoint, event = event.as_str(), error = %e,
+                    "upstream call failed");
+                return Outcome::Failed(Failure::Unreachable);
+            }
+        };
+        let status = response.status().as_u16();
+        let mut answer = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if answer.len() + chunk.len() <= self.max_answer_bytes => {
+                    answer.extend_from_slice(&chunk)
+                }
+                Ok(Some(_)) => return Outcome::Failed(Failure::BadAnswer),
+                Ok(None) => break,
+                Err(_) => return Outcome::Failed(Failure::Unreachable),
+            }
+        }
+        read_answer(event, status, &answer)
+    }
+
+    fn count(&self, event: CallEvent, outcome: Outcome, seconds: Option<f64>) -> Outcome {
+        let result = match &outcome {
+            Outcome::Answered(_) => "ok",
+            Outcome::Refused(_) => "refused",
+            Outcome::Failed(f) => f.label(),
+        };
+        self.metrics
+            .upstream_call(&self.endpoint, event.as_str(), result, seconds);
+        outcome
+    }
+}
