@@ -82,11 +82,19 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
 
         // Cluster mode (a real redis-server), so the backplane's series exist too.
         let redis = RedisServer::start().await;
+        // An endpoint whose backend is down: its call is counted and timed all the same.
         let gw = TestGateway::start(&format!(
-            "[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n",
+            "[cluster]\nredis = \"{}\"\n[[endpoint]]\npath = \"/chat\"\nauth = \"none\"\n\
+             [[endpoint]]\npath = \"/app\"\nauth = \"none\"\n[endpoint.upstream]\n\
+             url = \"http://127.0.0.1:1/gateway\"\nevents = [\"rpc\"]\n",
             redis.url()
         ))
         .await;
+        let (mut app, _) = gw.ws_welcomed("/app").await;
+        let failed = app
+            .request(serde_json::json!({"type": "rpc", "id": 1, "method": "m"}))
+            .await;
+        assert_eq!(failed["code"], "unavailable", "{failed}");
         // Labelled series appear once used: one session on each transport (one closed),
         // one rejection.
         let (_ws, _) = gw.ws_welcomed("/chat").await;
