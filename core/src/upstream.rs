@@ -18,6 +18,9 @@ use crate::{
 /// Longest `reason` passed on from a refusal, in characters (the rest is cut).
 pub const MAX_REASON_CHARS: usize = 256;
 
+/// Most rooms a `connect` answer may name in `join`, `rooms` or `publish`.
+pub const MAX_GRANT_ROOMS: usize = 1024;
+
 /// The events an endpoint may call its backend for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallEvent {
@@ -233,7 +236,7 @@ impl Refusal {
 
 /// Why a call has no usable answer.
 ///
-/// The first four count towards the circuit breaker; the last two never reached the backend.
+/// The first three count towards the circuit breaker; the last two never reached the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
     /// No connection, or it broke.
@@ -270,8 +273,14 @@ impl Failure {
     }
 
     /// Whether the backend itself failed (counts towards opening the circuit).
+    ///
+    /// A bad answer does not: the backend answered, and what it answered may depend on
+    /// what a client sent (a client must not be able to open everyone's circuit).
     pub fn is_backend_failure(self) -> bool {
-        !matches!(self, Failure::OverLimit | Failure::CircuitOpen)
+        !matches!(
+            self,
+            Failure::OverLimit | Failure::CircuitOpen | Failure::BadAnswer
+        )
     }
 }
 
@@ -419,6 +428,10 @@ pub fn read_answer(event: CallEvent, status: u16, body: &[u8]) -> Outcome {
 }
 
 fn read_body(event: CallEvent, body: &[u8]) -> Option<Answer> {
+    // An object (serde would also fill a struct from an array).
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
     let checked = |data: Option<RawJson>| match data {
         Some(d) if check_data(d.get()).is_err() => None,
         d => Some(d),
@@ -426,7 +439,14 @@ fn read_body(event: CallEvent, body: &[u8]) -> Option<Answer> {
     Some(match event {
         CallEvent::Connect => {
             let b: ConnectBody = serde_json::from_slice(body).ok()?;
-            if b.user.is_empty() || b.user.len() > 256 {
+            let too_many =
+                |l: &Option<Vec<String>>| l.as_ref().is_some_and(|l| l.len() > MAX_GRANT_ROOMS);
+            if b.user.is_empty()
+                || b.user.len() > 256
+                || too_many(&b.join)
+                || too_many(&b.rooms)
+                || too_many(&b.publish)
+            {
                 return None;
             }
             let join = b
@@ -554,6 +574,7 @@ mod tests {
             r#"{"user":"a","join":["bad room"]}"#,
             "not json",
             r#"{"user":"a","expires_at":"soon"}"#,
+            r#"["eve",null,null,null,null,null]"#,
         ] {
             assert_eq!(
                 answer(CallEvent::Connect, 200, bad),

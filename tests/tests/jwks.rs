@@ -187,6 +187,16 @@ async fn keys_come_from_the_set_by_kid_rotate_and_survive_the_key_server() {
         }
         assert_eq!(keys.requests(), 3, "a flood of unknown kids: no fetch");
 
+        // `/api/tickets` with a rotated kid waits for the refetch, as an upgrade does.
+        keys.serve(set_with(&["k5"]));
+        tokio::time::sleep(Duration::from_millis(10_200)).await;
+        let bearer = format!("Bearer {}", token("k5", Algorithm::ES256));
+        let (status, body) = gw
+            .https("POST", "/api/tickets", &[("Authorization", &bearer)], "")
+            .await;
+        assert_eq!(status, 200, "{body}, {} fetches", keys.requests());
+        assert_eq!(keys.requests(), 4, "one refetch");
+
         // The key server goes away: the last good set stays.
         keys.task.abort();
         tokio::time::sleep(Duration::from_millis(10_200)).await;
@@ -195,14 +205,14 @@ async fn keys_come_from_the_set_by_kid_rotate_and_survive_the_key_server() {
             Err(Some(401))
         );
         assert_eq!(
-            admitted(&gw, "k4", Algorithm::ES256).await,
+            admitted(&gw, "k5", Algorithm::ES256).await,
             Ok(()),
             "the last good set serves while the key server is down"
         );
         let (status, text) = gw.https("GET", "/metrics", &[], "").await;
         assert_eq!(status, 200);
         for line in [
-            r#"gateway_jwks_fetches_total{result="ok"} 3"#,
+            r#"gateway_jwks_fetches_total{result="ok"} 4"#,
             r#"gateway_jwks_fetches_total{result="error"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

@@ -70,6 +70,9 @@ pub enum RequestError {
     /// The `connect` upstream did not renew the session for its user.
     #[error("refresh refused")]
     RefreshRefused,
+    /// An `auth` while the session's previous refresh is still with the backend.
+    #[error("a refresh is already in flight")]
+    RefreshInFlight,
     /// The call to the application's backend failed.
     #[error(transparent)]
     Unavailable(#[from] Failure),
@@ -108,7 +111,9 @@ impl RequestError {
             RequestError::RefreshRefused => ErrorCode::Unauthorized,
             RequestError::Unavailable(_) => ErrorCode::Unavailable,
             RequestError::NoRpc => ErrorCode::NotFound,
-            RequestError::TooManyRpcs | RequestError::Backlog => ErrorCode::LimitExceeded,
+            RequestError::TooManyRpcs | RequestError::Backlog | RequestError::RefreshInFlight => {
+                ErrorCode::LimitExceeded
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ pub(super) struct Calls {
     parked_bytes: usize,
     /// The rpc calls in flight and the request ids they answer.
     rpcs: Vec<(CallId, RequestId)>,
+    /// The refresh in flight (one at a time).
+    refresh: Option<(CallId, Refresh)>,
     /// Calls asked for and not yet taken by the gateway.
     to_start: Vec<Call>,
 }
@@ -56,11 +58,13 @@ enum Ordered {
         echo: bool,
         volatile: bool,
     },
-    /// An `auth` (or `hello` with a token) refreshing an `auth = "upstream"` session.
-    Refresh {
-        id: Option<RequestId>,
-        with_ack: bool,
-    },
+}
+
+/// A refresh in flight: the `auth` (or `hello` with a token) it answers.
+#[derive(Debug)]
+struct Refresh {
+    id: Option<RequestId>,
+    with_ack: bool,
 }
 
 impl Calls {
@@ -72,20 +76,56 @@ impl Calls {
     }
 }
 
-/// Whether a request waits behind an ordered call (everything but `rpc` and `ping`).
+/// What one parked request is charged besides its payload (the request itself).
+const PARKED_OVERHEAD: usize = 256;
+
+/// Whether a request waits behind an ordered call: joins, publishes and leaves.
+///
+/// A leave waits so that it never overtakes the join it undoes.
 fn is_ordered(request: &Request) -> bool {
-    !matches!(request, Request::Rpc { .. } | Request::Ping { .. })
+    matches!(
+        request,
+        Request::Join { .. } | Request::Publish { .. } | Request::Leave { .. }
+    )
 }
 
-fn payload_len(request: &Request) -> usize {
-    match request {
-        Request::Publish { data, .. } | Request::Send { data, .. } | Request::Rpc { data, .. } => {
-            match data {
-                Payload::Json(b) | Payload::Binary(b) => b.len(),
-            }
+fn payload_size(data: &Payload) -> usize {
+    match data {
+        Payload::Json(b) | Payload::Binary(b) => b.len(),
+    }
+}
+
+/// The bytes a parked request is charged.
+fn parked_len(request: &Request) -> usize {
+    PARKED_OVERHEAD
+        + match request {
+            Request::Publish { data, .. } => payload_size(data),
+            _ => 0,
         }
-        Request::Auth { token, .. } => token.len(),
-        _ => 0,
+}
+
+/// The request with its payload copied out of the frame it was sliced from.
+///
+/// A parked request then holds its payload only, not the whole frame.
+fn detached(request: Request) -> Request {
+    match request {
+        Request::Publish {
+            id,
+            room,
+            data,
+            echo,
+            volatile,
+        } => Request::Publish {
+            id,
+            room,
+            data: match data {
+                Payload::Json(b) => Payload::Json(bytes::Bytes::copy_from_slice(&b)),
+                Payload::Binary(b) => Payload::Binary(bytes::Bytes::copy_from_slice(&b)),
+            },
+            echo,
+            volatile,
+        },
+        other => other,
     }
 }
 
@@ -116,7 +156,7 @@ impl Connection {
         if calls.ordered.is_none() || !is_ordered(&request) {
             return Some((request, via));
         }
-        let len = payload_len(&request);
+        let len = parked_len(&request);
         if calls.parked.len() >= MAX_PARKED
             || calls.parked_bytes + len > self.policy.queue_bytes.max(self.policy.max_message_bytes)
         {
@@ -126,7 +166,7 @@ impl Connection {
             return None;
         }
         calls.parked_bytes += len;
-        calls.parked.push_back((request, via));
+        calls.parked.push_back((detached(request), via));
         None
     }
 
@@ -140,6 +180,11 @@ impl Connection {
         if let Some(i) = calls.rpcs.iter().position(|(c, _)| *c == id) {
             let (_, request) = calls.rpcs.swap_remove(i);
             self.answer_rpc(&request, outcome);
+            return;
+        }
+        if calls.refresh.as_ref().is_some_and(|(c, _)| *c == id) {
+            let (_, refresh) = calls.refresh.take().expect("checked");
+            self.answer_refresh(refresh, outcome, now);
             return;
         }
         if !calls.ordered.as_ref().is_some_and(|(c, _)| *c == id) {
@@ -162,7 +207,7 @@ impl Connection {
             let Some((request, via)) = calls.parked.pop_front() else {
                 return;
             };
-            calls.parked_bytes -= payload_len(&request);
+            calls.parked_bytes -= parked_len(&request);
             self.dispatch_now(request, now, via);
         }
     }
@@ -212,11 +257,15 @@ impl Connection {
         if self.identity.is_none() {
             return Err(RequestError::NotAuthenticated);
         }
-        let body = CallBody::Refresh {
+        let calls = self.calls.get_or_insert_with(Default::default);
+        if calls.refresh.is_some() {
+            return Err(RequestError::RefreshInFlight);
+        }
+        let call = calls.start(CallBody::Refresh {
             token: token.to_owned(),
-        };
+        });
         let id = id.cloned();
-        self.start_ordered(body, Ordered::Refresh { id, with_ack });
+        calls.refresh = Some((call, Refresh { id, with_ack }));
         Ok(())
     }
 
@@ -276,25 +325,30 @@ impl Connection {
                 echo,
                 volatile,
             } => self.answer_publish(reply, (room, data, echo, volatile), outcome, now),
-            Ordered::Refresh { id, with_ack } => {
-                let grant = match outcome {
-                    Outcome::Answered(Answer::Connect(grant))
-                        if self
-                            .identity
-                            .as_ref()
-                            .is_some_and(|i| *i.user == grant.user) =>
-                    {
-                        grant
-                    }
-                    _ => return self.reply_error(id.as_ref(), RequestError::RefreshRefused),
-                };
-                let identity = grant.identity();
-                self.set_token_deadline(&identity, now);
-                self.identity = Some(identity);
-                if with_ack {
-                    self.ack(id.as_ref(), &AckFields::default());
-                }
+        }
+    }
+
+    /// A refresh's answer: the same user extends the session to the new `expires_at`.
+    ///
+    /// Only the expiry changes (an answer without one keeps the old); anything else is
+    /// refused and the old expiry stands.
+    fn answer_refresh(&mut self, refresh: Refresh, outcome: Outcome, now: Now) {
+        let Refresh { id, with_ack } = refresh;
+        let (grant, identity) = match (outcome, self.identity.as_mut()) {
+            (Outcome::Answered(Answer::Connect(grant)), Some(identity))
+                if *identity.user == grant.user =>
+            {
+                (grant, identity)
             }
+            _ => return self.reply_error(id.as_ref(), RequestError::RefreshRefused),
+        };
+        if grant.expires_at.is_some() {
+            identity.expires_at = grant.expires_at;
+            let identity = identity.clone();
+            self.set_token_deadline(&identity, now);
+        }
+        if with_ack {
+            self.ack(id.as_ref(), &AckFields::default());
         }
     }
 
@@ -307,7 +361,11 @@ impl Connection {
     ) {
         let data = match outcome {
             Outcome::Answered(Answer::Publish(PublishVerdict::AsSent)) => data,
-            Outcome::Answered(Answer::Publish(PublishVerdict::Replace(data))) => data,
+            Outcome::Answered(Answer::Publish(PublishVerdict::Replace(data)))
+                if payload_size(&data) <= self.policy.max_message_bytes =>
+            {
+                data
+            }
             Outcome::Answered(Answer::Publish(PublishVerdict::Skip)) => {
                 if let PublishReply::Ack(id) = reply {
                     self.ack(id.as_ref(), &AckFields::default());

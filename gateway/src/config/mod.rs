@@ -215,10 +215,18 @@ pub struct UpstreamConfig {
     pub breaker_open: Duration,
 }
 
+/// A URL without its user and password.
+fn redacted(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamConfig")
-            .field("url", &self.url.as_str())
+            .field("url", &redacted(&self.url))
             .field("timeout", &self.timeout)
             .field("max_in_flight", &self.max_in_flight)
             .field("forward_headers", &self.forward_headers)

@@ -23,6 +23,9 @@ const MAX_HISTORY: usize = 100_000;
 /// Largest `max_message_bytes` an endpoint may set.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The longest deadline an upstream call may have (`timeout_ms`).
+const MAX_UPSTREAM_TIMEOUT_MS: u64 = 60_000;
+
 /// HS256 secrets shorter than this are refused.
 const MIN_SECRET_BYTES: usize = 16;
 
@@ -302,15 +305,26 @@ fn endpoint(
     }
     let upstream = e.upstream.map(upstream).transpose()?;
     p.upstream = upstream.as_ref().map(|(policy, _)| policy.clone());
-    if p.auth == policy::AuthMode::Upstream
-        && !p
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.calls(CallEvent::Connect))
-    {
+    let connects = p
+        .upstream
+        .as_ref()
+        .is_some_and(|u| u.calls(CallEvent::Connect));
+    if p.auth == policy::AuthMode::Upstream && !connects {
         return Err((
             "auth",
             "`upstream` needs an [endpoint.upstream] whose events list `connect`".into(),
+        ));
+    }
+    if connects
+        && matches!(
+            p.auth,
+            policy::AuthMode::None | policy::AuthMode::FirstMessage
+        )
+    {
+        // The grant's user and rooms would have no identity to apply to.
+        return Err((
+            "upstream.events",
+            "`connect` needs auth = \"upstream\" or \"required\"".into(),
         ));
     }
     p.allowed_origins = e.allowed_origins;
@@ -347,6 +361,14 @@ fn upstream(
         .ok_or(("upstream.url", "must be an http:// or https:// URL".into()))?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(("upstream.url", "must not have a query or fragment".into()));
+    }
+    if u.timeout_ms
+        .is_some_and(|t| t.get() > MAX_UPSTREAM_TIMEOUT_MS)
+    {
+        return Err((
+            "upstream.timeout_ms",
+            format!("must be at most {MAX_UPSTREAM_TIMEOUT_MS}"),
+        ));
     }
     let mut events = Vec::new();
     for name in &u.events {

@@ -11,7 +11,7 @@ use std::{
 use crate::upstream::{Checked, Upstream};
 
 use gateway_core::{
-    auth::{AuthError, Identity},
+    auth::{AuthError, Identity, JwtVerifier},
     backplane::completion,
     connection::{Admitted, Now},
     limits::{ConnectionSlot, RefusalSlot, UserSlot},
@@ -200,35 +200,32 @@ async fn admit_through_upstream(
         return Ok((Admitted::Authenticated(identity, slot), grant.welcome()));
     }
     let admitted = authenticate(app, mode, req, now).await?;
+    let Admitted::Authenticated(mut identity, slot) = admitted else {
+        // Configuration allows `connect` only with `auth = "required"` here.
+        return Ok((admitted, None));
+    };
     let token = match credential(req) {
         Some(Credential::Bearer(t) | Credential::Token(t)) => Some(t),
         _ => None,
     };
-    let checked = match &admitted {
-        Admitted::Authenticated(identity, _) => Some(Checked {
-            identity,
-            token: token.as_deref(),
-        }),
-        _ => None,
+    let checked = Checked {
+        identity: &identity,
+        token: token.as_deref(),
     };
-    let grant = crate::upstream::connect(upstream, node, req, checked).await?;
-    let admitted = match admitted {
-        Admitted::Authenticated(mut identity, slot) => {
-            let granted = grant.identity();
-            if grant.rooms.is_some() {
-                identity.rooms = granted.rooms;
-            }
-            if grant.publish.is_some() {
-                identity.publish = granted.publish;
-            }
-            identity.expires_at = match (identity.expires_at, grant.expires_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            Admitted::Authenticated(identity, slot)
-        }
-        other => other,
+    let grant = crate::upstream::connect(upstream, node, req, Some(checked)).await?;
+    let granted = grant.identity();
+    if grant.rooms.is_some() {
+        // The grant's patterns replace the credential's, `publish` with them.
+        identity.rooms = granted.rooms;
+        identity.publish = granted.publish;
+    } else if grant.publish.is_some() {
+        identity.publish = granted.publish;
+    }
+    identity.expires_at = match (identity.expires_at, grant.expires_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
+    let admitted = Admitted::Authenticated(identity, slot);
     Ok((admitted, grant.welcome()))
 }
 
@@ -282,24 +279,33 @@ async fn authenticate(
                     .verifier
                     .as_ref()
                     .ok_or(Rejection::InvalidCredential)?;
-                let identity = match verifier.verify(&token, now.unix_secs) {
-                    // A kid the set lacks: the key server may have rotated (refetched at
-                    // most every 10 s), then the token is verified once more.
-                    Err(AuthError::UnknownKey) if app.jwks().is_some() => {
-                        let jwks = app.jwks().expect("checked");
-                        // A key server that hangs holds a request at most this long.
-                        let _ = tokio::time::timeout(REFETCH_WAIT, jwks.refetch_for_unknown_kid())
-                            .await;
-                        verifier.verify(&token, crate::clock::now().unix_secs)
-                    }
-                    other => other,
-                }
-                .map_err(|_| Rejection::InvalidCredential)?;
+                let identity = verify_token(app, verifier, &token, now)
+                    .await
+                    .map_err(|_| Rejection::InvalidCredential)?;
                 let user_slot = user_slot(app, &identity).await?;
                 Admitted::Authenticated(identity, user_slot)
             }
         },
     })
+}
+
+/// Verifies a JWT; a `kid` the JWK Set lacks waits for one refetch, then is tried again.
+///
+/// The key server may have rotated (it is refetched at most every 10 s); one that hangs
+/// holds the request at most [`REFETCH_WAIT`].
+pub async fn verify_token(
+    app: &AppState,
+    verifier: &JwtVerifier,
+    token: &str,
+    now: Now,
+) -> Result<Identity, AuthError> {
+    match (verifier.verify(token, now.unix_secs), app.jwks()) {
+        (Err(AuthError::UnknownKey), Some(jwks)) => {
+            let _ = tokio::time::timeout(REFETCH_WAIT, jwks.refetch_for_unknown_kid()).await;
+            verifier.verify(token, crate::clock::now().unix_secs)
+        }
+        (result, _) => result,
+    }
 }
 
 /// The user's connection slot, counted cluster-wide in cluster mode.

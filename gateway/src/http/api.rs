@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
 use super::{
-    admission::{bearer, ConnectionPermit},
+    admission::{self, bearer, ConnectionPermit},
     assets,
 };
 use crate::{clock, state::AppState};
@@ -245,7 +245,8 @@ async fn require_user_jwt(
     let Some(token) = bearer(req.headers()) else {
         return ApiError::new(ErrorCode::Unauthorized, "a bearer JWT is required").into_response();
     };
-    match verifier.verify(token, clock::now().unix_secs) {
+    // An unknown `kid` waits for the JWK Set's refetch, as an upgrade does.
+    match admission::verify_token(&app, verifier, token, clock::now()).await {
         Ok(identity) => {
             req.extensions_mut().insert(identity);
             next.run(req).await

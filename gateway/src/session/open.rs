@@ -47,7 +47,12 @@ pub(super) fn open_session(
     } = admission;
     let calls = app.upstream(&policy.path).map(|upstream| {
         let node = app.services.hub.node_id().into();
-        Box::new(SessionCalls::new(upstream.clone(), node, peer))
+        Box::new(SessionCalls::new(
+            upstream.clone(),
+            node,
+            peer,
+            app.sessions.clone(),
+        ))
     });
     let (conn, outbox) = Connection::open(
         app.services.clone(),

@@ -2,7 +2,8 @@
 //!
 //! After `failures` failures in a row it opens: for `open_for` calls fail at once without
 //! reaching the backend. Then one call is let through as a trial; its success closes the
-//! circuit, its failure opens it again.
+//! circuit, its failure opens it again. A trial that ends without an outcome (its caller
+//! went away) lets the next call be the trial.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -88,6 +89,53 @@ impl Breaker {
     pub(super) fn is_open(&self) -> bool {
         !matches!(*self.state(), State::Closed(_))
     }
+
+    /// A trial call was abandoned before its outcome: the next call is the trial.
+    fn abandoned(&self, now: Instant) {
+        let mut state = self.state();
+        if *state == State::Trial {
+            *state = State::Open(now);
+        }
+    }
+}
+
+/// A call let through: records its outcome once, or, dropped without one, gives up a trial.
+#[derive(Debug)]
+pub(super) struct Passed<'a> {
+    breaker: &'a Breaker,
+    pass: Pass,
+    done: bool,
+}
+
+impl<'a> Passed<'a> {
+    /// Lets a call through `breaker` at `now`; `None`: fail it at once.
+    pub(super) fn new(breaker: &'a Breaker, now: Instant) -> Option<Self> {
+        let pass = breaker.pass(now)?;
+        Some(Self {
+            breaker,
+            pass,
+            done: false,
+        })
+    }
+
+    /// Whether this call is the trial.
+    pub(super) fn is_trial(&self) -> bool {
+        self.pass == Pass::Trial
+    }
+
+    /// Records the outcome; returns whether this opened the circuit.
+    pub(super) fn record(mut self, ok: bool, now: Instant) -> bool {
+        self.done = true;
+        self.breaker.record(self.pass, ok, now)
+    }
+}
+
+impl Drop for Passed<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.pass == Pass::Trial {
+            self.breaker.abandoned(Instant::now());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +176,22 @@ mod tests {
         b.record(Pass::Trial, true, again);
         assert!(!b.is_open());
         assert_eq!(b.pass(again), Some(Pass::Normal));
+    }
+
+    #[test]
+    fn an_abandoned_trial_lets_the_next_call_be_the_trial() {
+        let b = Breaker::new(1, Duration::from_secs(5));
+        let t0 = Instant::now();
+        b.record(Pass::Normal, false, t0);
+        let later = t0 + Duration::from_secs(5);
+        let trial = Passed::new(&b, later).expect("the trial");
+        assert!(trial.is_trial());
+        assert!(Passed::new(&b, later).is_none(), "one trial at a time");
+        drop(trial);
+        let next = Passed::new(&b, later).expect("the next call is the trial");
+        assert!(next.is_trial());
+        next.record(true, later);
+        assert!(!b.is_open());
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The `connect` call, made before an upgrade or CONNECT is accepted.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Mutex,
+};
 
 use base64::Engine as _;
 use gateway_core::{
@@ -68,10 +72,7 @@ pub(crate) async fn connect(
         claims: checked.as_ref().map(claims),
     };
     let body = serde_json::to_vec(&body).expect("a connect body serializes");
-    match upstream
-        .call(gateway_core::upstream::CallEvent::Connect, body)
-        .await
-    {
+    match upstream.connect_from(req.peer.ip(), body).await {
         Outcome::Answered(Answer::Connect(grant)) => Ok(*grant),
         Outcome::Refused(refusal) => Err(match refusal.status {
             401 => Rejection::UpstreamUnauthorized,
@@ -92,10 +93,48 @@ fn forwarded_headers(upstream: &Upstream, headers: &http::HeaderMap) -> BTreeMap
             .filter_map(|v| v.to_str().ok())
             .collect();
         if !values.is_empty() {
-            out.insert(name.as_str().to_owned(), values.join(", "));
+            // Cookie crumbs (HTTP/2, HTTP/3) join into one cookie header with "; ".
+            let separator = if name == http::header::COOKIE {
+                "; "
+            } else {
+                ", "
+            };
+            out.insert(name.as_str().to_owned(), values.join(separator));
         }
     }
     out
+}
+
+/// One of a client address's [`MAX_CONNECTS_PER_IP`](super::MAX_CONNECTS_PER_IP) `connect`
+/// calls, given back on drop.
+pub(super) struct ConnectSlot<'a> {
+    counts: &'a Mutex<HashMap<IpAddr, u32>>,
+    ip: IpAddr,
+}
+
+impl<'a> ConnectSlot<'a> {
+    /// Takes a slot for `ip`, if it has one left.
+    pub(super) fn take(counts: &'a Mutex<HashMap<IpAddr, u32>>, ip: IpAddr) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= super::MAX_CONNECTS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Self { counts, ip })
+    }
+}
+
+impl Drop for ConnectSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The query parameters (each one's first value), without `token` and `ticket`.

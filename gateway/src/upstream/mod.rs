@@ -10,23 +10,33 @@ mod breaker;
 mod connect;
 mod session;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use gateway_core::upstream::{read_answer, CallEvent, Failure, Outcome};
 use tokio::{sync::Semaphore, time::Instant};
+
+use connect::ConnectSlot;
 use tracing::{debug, warn};
 
 pub(crate) use connect::{connect, Checked};
 pub(crate) use session::SessionCalls;
 
 use crate::{config::UpstreamConfig, metrics::Metrics};
-use breaker::{Breaker, Pass};
+use breaker::{Breaker, Passed};
 
 /// Idle keep-alive connections kept per backend host.
 const MAX_IDLE_PER_HOST: usize = 64;
 
 /// How long an idle keep-alive connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `connect` calls one client address may have in flight; more get 503 at once.
+pub const MAX_CONNECTS_PER_IP: u32 = 16;
 
 /// Why the upstream clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +76,11 @@ impl Upstreams {
 }
 
 /// One endpoint's backend.
+///
+/// Each event has its own circuit and `connect`, session calls (`join`, `publish`, `rpc`)
+/// and `disconnect` each their own `max_in_flight` calls, so that what fails or fills one
+/// (an rpc method that errors on a client's input, an anonymous flood of upgrades) never
+/// blocks the others.
 #[derive(Debug)]
 pub struct Upstream {
     endpoint: String,
@@ -73,8 +88,12 @@ pub struct Upstream {
     client: reqwest::Client,
     /// The URL of each event, by `CallEvent as usize`.
     urls: Vec<reqwest::Url>,
-    in_flight: Arc<Semaphore>,
-    breaker: Breaker,
+    /// The circuit of each event, by `CallEvent as usize`.
+    breakers: Vec<Breaker>,
+    /// Outstanding calls: `connect`, session calls, `disconnect`.
+    in_flight: [Semaphore; 3],
+    /// `connect` calls in flight per client address.
+    connects_by_ip: Mutex<HashMap<IpAddr, u32>>,
     max_answer_bytes: usize,
     metrics: Arc<Metrics>,
 }
@@ -100,8 +119,12 @@ impl Upstream {
                 .iter()
                 .map(|e| config.event_url(*e))
                 .collect(),
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-            breaker: Breaker::new(config.breaker_failures, config.breaker_open),
+            breakers: CallEvent::ALL
+                .iter()
+                .map(|_| Breaker::new(config.breaker_failures, config.breaker_open))
+                .collect(),
+            in_flight: [(); 3].map(|()| Semaphore::new(config.max_in_flight)),
+            connects_by_ip: Mutex::default(),
             // A message, base64 (4/3) and the JSON around it.
             max_answer_bytes: max_message_bytes / 3 * 4 + 64 * 1024,
             config,
@@ -115,20 +138,38 @@ impl Upstream {
         &self.config
     }
 
-    /// Whether the circuit is open (or testing the backend with one call).
-    pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
+    /// Whether `event`'s circuit is open (or testing the backend with one call).
+    pub fn circuit_open(&self, event: CallEvent) -> bool {
+        self.breakers[event as usize].is_open()
+    }
+
+    /// The `connect` call of a client at `ip`: at most [`MAX_CONNECTS_PER_IP`] at once.
+    pub(crate) async fn connect_from(&self, ip: IpAddr, body: Vec<u8>) -> Outcome {
+        let Some(_slot) = ConnectSlot::take(&self.connects_by_ip, ip) else {
+            return self.count(
+                CallEvent::Connect,
+                Outcome::Failed(Failure::OverLimit),
+                None,
+            );
+        };
+        self.call(CallEvent::Connect, body).await
     }
 
     /// POSTs `body` for `event` and reads the answer.
     ///
-    /// The call fails at once when `max_in_flight` calls are outstanding or the circuit is
-    /// open; otherwise it has `timeout` to be answered. It is counted either way.
+    /// The call fails at once when `max_in_flight` calls of its kind are outstanding or
+    /// its event's circuit is open; otherwise it has `timeout` to be answered. It is
+    /// counted either way.
     pub async fn call(&self, event: CallEvent, body: Vec<u8>) -> Outcome {
-        let Ok(_permit) = self.in_flight.try_acquire() else {
+        let pool = match event {
+            CallEvent::Connect => 0,
+            CallEvent::Join | CallEvent::Publish | CallEvent::Rpc => 1,
+            CallEvent::Disconnect => 2,
+        };
+        let Ok(_permit) = self.in_flight[pool].try_acquire() else {
             return self.count(event, Outcome::Failed(Failure::OverLimit), None);
         };
-        let Some(pass) = self.breaker.pass(Instant::now()) else {
+        let Some(passed) = Passed::new(&self.breakers[event as usize], Instant::now()) else {
             return self.count(event, Outcome::Failed(Failure::CircuitOpen), None);
         };
         let started = Instant::now();
@@ -138,13 +179,15 @@ impl Upstream {
                 Err(_) => Outcome::Failed(Failure::Timeout),
             };
         let answered = !matches!(outcome, Outcome::Failed(f) if f.is_backend_failure());
-        if self.breaker.record(pass, answered, Instant::now()) {
+        let trial = passed.is_trial();
+        if passed.record(answered, Instant::now()) {
             warn!(endpoint = %self.endpoint, event = event.as_str(),
                 failures = self.config.breaker_failures,
                 open_secs = self.config.breaker_open.as_secs_f64(),
                 "upstream circuit opened");
-        } else if pass == Pass::Trial && answered {
-            warn!(endpoint = %self.endpoint, "upstream circuit closed: the trial call was answered");
+        } else if trial && answered {
+            warn!(endpoint = %self.endpoint, event = event.as_str(),
+                "upstream circuit closed: the trial call was answered");
         }
         self.count(event, outcome, Some(started.elapsed().as_secs_f64()))
     }

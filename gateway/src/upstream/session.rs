@@ -10,6 +10,7 @@ use gateway_core::{
     upstream::{Call, CallId, CallRequest, CommonFields, Outcome},
 };
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use super::Upstream;
 
@@ -31,16 +32,24 @@ pub(crate) struct SessionCalls {
     node: Arc<str>,
     remote_addr: String,
     mailbox: Arc<Mailbox>,
+    /// Shutdown waits for the calls too (within the drain window).
+    tasks: TaskTracker,
 }
 
 impl SessionCalls {
-    /// The calls of a session from `peer` to `upstream`, on node `node`.
-    pub(crate) fn new(upstream: Arc<Upstream>, node: Arc<str>, peer: SocketAddr) -> Self {
+    /// The calls of a session from `peer` to `upstream`, on node `node`, run on `tasks`.
+    pub(crate) fn new(
+        upstream: Arc<Upstream>,
+        node: Arc<str>,
+        peer: SocketAddr,
+        tasks: TaskTracker,
+    ) -> Self {
         Self {
             upstream,
             node,
             remote_addr: peer.to_string(),
             mailbox: Arc::default(),
+            tasks,
         }
     }
 
@@ -62,7 +71,7 @@ impl SessionCalls {
         let event = call.body.event();
         let upstream = self.upstream.clone();
         let mailbox = Arc::downgrade(&self.mailbox);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let outcome = upstream.call(event, body).await;
             if let Some(mailbox) = mailbox.upgrade() {
                 mailbox

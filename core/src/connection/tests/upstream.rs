@@ -162,10 +162,14 @@ fn a_publish_waits_for_its_call_and_later_joins_and_publishes_keep_their_order()
     a.request(json!({"type": "publish", "id": 1, "room": "lobby", "data": "first"}));
     a.request(json!({"type": "publish", "id": 2, "room": "lobby", "data": "second"}));
     a.request(json!({"type": "join", "id": 3, "room": "lobby"}));
-    // A ping is answered at once, behind nothing.
+    // Requests other than joins, publishes and leaves are answered at once.
     assert_eq!(
         a.request(json!({"type": "ping", "id": 4})),
         [json!({"type": "pong", "id": 4})]
+    );
+    assert_eq!(
+        a.request(json!({"type": "send", "id": 5, "to": "nobody", "data": 1})),
+        [json!({"type": "ack", "id": 5, "delivered": false})]
     );
     let calls = a.calls();
     assert_eq!(calls.len(), 1, "the second waits for the first's answer");
@@ -360,17 +364,18 @@ fn a_refresh_on_an_upstream_endpoint_calls_connect_and_keeps_the_user() {
     let mut upstream = policy(&[CallEvent::Connect]);
     upstream.auth = crate::policy::AuthMode::Upstream;
     upstream.heartbeat = Duration::from_secs(1000);
-    let grant = |user: &str, expires_at| {
+    let grant_rooms = |user: &str, expires_at, rooms: Option<Vec<String>>| {
         Outcome::Answered(Answer::Connect(Box::new(ConnectGrant {
             user: user.into(),
-            rooms: None,
+            rooms,
             publish: None,
             join: vec![],
             data: None,
-            expires_at: Some(expires_at),
+            expires_at,
         })))
     };
-    let first = match grant("alice", NOW + 10) {
+    let grant = |user: &str, expires_at| grant_rooms(user, Some(expires_at), None);
+    let first = match grant_rooms("alice", Some(NOW + 10), Some(vec!["lobby".into()])) {
         Outcome::Answered(Answer::Connect(g)) => g.identity(),
         _ => unreachable!(),
     };
@@ -385,6 +390,17 @@ fn a_refresh_on_an_upstream_endpoint_calls_connect_and_keeps_the_user() {
             token: "opaque".into()
         }
     );
+    assert_eq!(
+        a.request(json!({"type": "auth", "id": 9, "token": "again"})),
+        [error(
+            Some(9),
+            "limit_exceeded",
+            "a refresh is already in flight"
+        )]
+    );
+    // A publish does not wait for a refresh.
+    let acks = a.request(json!({"type": "publish", "id": 10, "room": "lobby", "data": 1}));
+    assert_eq!(acks[0]["id"], 10);
     assert_eq!(
         a.answer(&call, grant("alice", NOW + 100)),
         [json!({"type": "ack", "id": 1})]
@@ -406,5 +422,15 @@ fn a_refresh_on_an_upstream_endpoint_calls_connect_and_keeps_the_user() {
         a.conn.poll(node.at(50).instant),
         Some(node.at(100).instant),
         "the old expiry stands"
+    );
+    // Only the expiry changes: an answer without `rooms` does not widen the session's, and
+    // one without `expires_at` keeps the old expiry.
+    a.request(json!({"type": "auth", "id": 4, "token": "t"}));
+    let call = a.calls().remove(0);
+    a.answer(&call, grant_rooms("alice", None, None));
+    assert_eq!(a.conn.poll(node.at(50).instant), Some(node.at(100).instant));
+    assert_eq!(
+        a.request(json!({"type": "join", "id": 5, "room": "secret"})),
+        [error(Some(5), "forbidden", "room not allowed")]
     );
 }
