@@ -45,6 +45,7 @@ pub enum Frame {
 }
 
 /// A session over either transport.
+#[allow(clippy::large_enum_variant)] // one per test session; boxing buys nothing here
 pub enum Client {
     /// A WebSocket session.
     Ws(WsClient),

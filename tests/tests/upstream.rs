@@ -641,7 +641,7 @@ async fn publish_as_sent_rewritten_skipped_rejected_or_failed(t: Transport) {
     // The sender's own echo is the rewritten message too.
     c.send(json!({"type":"publish","room":"up.p","id":9,"data":{"n":9},"echo":true}))
         .await;
-    let mut got = vec![c.recv().await, c.recv().await];
+    let mut got = [c.recv().await, c.recv().await];
     got.sort_by_key(|v| v["type"].as_str().unwrap_or_default().to_owned());
     assert_eq!(got[0], json!({"type":"ack","id":9,"seq":first + 3}));
     assert_eq!(
