@@ -161,16 +161,6 @@ impl Client {
         }
     }
 
-    /// The next JSON envelope whose `type` is not `presence`.
-    pub async fn recv_skipping_presence(&mut self) -> Value {
-        loop {
-            let v = self.recv().await;
-            if v["type"] != "presence" {
-                return v;
-            }
-        }
-    }
-
     /// Sends `v` and returns the next envelope.
     pub async fn request(&mut self, v: Value) -> Value {
         self.send(v).await;
