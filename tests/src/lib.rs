@@ -1,6 +1,8 @@
 //! Test support: a real gateway on an ephemeral port with a fresh dev certificate, and
 //! clients that trust that certificate and speak PROTOCOL.md.
 
+pub mod backend;
+pub mod both;
 pub mod load;
 pub mod redis_cluster;
 pub mod wt;

@@ -43,6 +43,26 @@ pub async fn open_session(
     client.connect(url).await
 }
 
+/// As [`open_session`], sending extra request `headers` with the CONNECT.
+pub async fn open_session_with_headers(
+    port: u16,
+    cert_sha256_hex: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Session, ClientError> {
+    let hash = hex::decode(cert_sha256_hex).expect("hex hash");
+    let client = ClientBuilder::new().with_server_certificate_hashes(vec![hash])?;
+    let url = url::Url::parse(&format!("https://127.0.0.1:{port}{path}")).expect("url");
+    let mut request = web_transport_quinn::proto::ConnectRequest::new(url);
+    for (k, v) in headers {
+        request = request.with_header(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            http::HeaderValue::from_str(v).expect("header value"),
+        );
+    }
+    client.connect(request).await
+}
+
 /// The HTTP status of a refused CONNECT.
 pub fn connect_status(e: &ClientError) -> Option<u16> {
     use web_transport_quinn::proto::ConnectError as Proto;
@@ -69,7 +89,17 @@ impl WtClient {
         cert_sha256_hex: &str,
         path: &str,
     ) -> Result<Self, ClientError> {
-        let session = open_session(port, cert_sha256_hex, path).await?;
+        Self::connect_with_headers(port, cert_sha256_hex, path, &[]).await
+    }
+
+    /// As [`connect`](Self::connect), sending extra request `headers` with the CONNECT.
+    pub async fn connect_with_headers(
+        port: u16,
+        cert_sha256_hex: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, ClientError> {
+        let session = open_session_with_headers(port, cert_sha256_hex, path, headers).await?;
         let (send, recv) = session.open_bi().await.expect("open message stream");
         let mut c = Self {
             session,

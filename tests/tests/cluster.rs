@@ -716,3 +716,86 @@ async fn a_node_that_lost_its_subscription_past_the_history_resyncs_its_members(
     })
     .await;
 }
+
+on_both_backplanes!(
+    a_publish_rewritten_by_the_backend_is_what_every_node_delivers_and_history_keeps,
+    a_publish_rewritten_by_the_backend_is_what_every_node_delivers_and_history_keeps_on,
+    60
+);
+
+/// Upstream calls in cluster mode (PROTOCOL.md section 10): the node holding the publishing
+/// session calls the backend, and the message the backend rewrote is the one members on
+/// every node receive and the room's history replays; a skipped publish takes no seq.
+async fn a_publish_rewritten_by_the_backend_is_what_every_node_delivers_and_history_keeps_on(
+    redis: Backplane,
+) {
+    let backend = gateway_tests::backend::Backend::start().await;
+    backend
+        .script(json!([
+            {"event":"publish","match":{"data":{"text":"raw"}},"json":{"data":{"text":"clean"}}},
+            {"event":"publish","match":{"data":{"text":"spam"}},"json":{"skip":true}}
+        ]))
+        .await;
+    let config = format!(
+        "{}[[endpoint]]\npath = \"/up\"\nauth = \"none\"\n[endpoint.upstream]\nurl = \"{}\"\nevents = [\"publish\"]\n",
+        node_config(&redis),
+        backend.url()
+    );
+    let a = TestGateway::start(&config).await;
+    let b = TestGateway::start(&config).await;
+    let (mut on_b, _) = b.ws_welcomed("/chat").await;
+    let epoch = on_b.join("c-upstream").await["epoch"].clone();
+    let (mut wt_on_a, _) = a.wt_welcomed("/chat").await;
+    wt_on_a.join("c-upstream").await;
+    let (mut publisher, welcome) = a.ws_welcomed("/up").await;
+
+    let ack = publisher
+        .request(json!({"type":"publish","room":"c-upstream","id":1,"data":{"text":"raw"}}))
+        .await;
+    assert_eq!(ack, json!({"type":"ack","id":1,"seq":1}));
+    let ack = publisher
+        .request(json!({"type":"publish","room":"c-upstream","id":2,"data":{"text":"spam"}}))
+        .await;
+    assert_eq!(ack, json!({"type":"ack","id":2}), "skipped: no seq");
+    let ack = publisher
+        .request(json!({"type":"publish","room":"c-upstream","id":3,"data":{"text":"as sent"}}))
+        .await;
+    assert_eq!(ack, json!({"type":"ack","id":3,"seq":2}));
+
+    for (seq, data) in [(1, json!({"text":"clean"})), (2, json!({"text":"as sent"}))] {
+        let m = next_message(&mut on_b).await;
+        assert_eq!((m["seq"].as_u64(), &m["data"]), (Some(seq), &data), "{m}");
+        let mut w = wt_on_a.recv().await;
+        while w["type"] != "message" {
+            w = wt_on_a.recv().await;
+        }
+        assert_eq!((w["seq"].as_u64(), &w["data"]), (Some(seq), &data), "{w}");
+    }
+
+    // The calls were made by the publisher's node.
+    let calls = backend.calls_of("publish").await;
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    for call in &calls {
+        assert_eq!(call.body["node"], welcome["node"], "{}", call.body);
+        assert_eq!(call.body["session"], welcome["session"], "{}", call.body);
+    }
+
+    // History, read on the other node, holds the rewritten message.
+    let (mut late, _) = b.ws_welcomed("/chat").await;
+    let ack = late
+        .request(json!({"type":"join","room":"c-upstream","id":9,"since":0,"epoch":epoch}))
+        .await;
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["seq"].as_u64()),
+        (Some(true), Some(2)),
+        "{ack}"
+    );
+    assert_eq!(
+        next_message(&mut late).await["data"],
+        json!({"text":"clean"})
+    );
+    assert_eq!(
+        next_message(&mut late).await["data"],
+        json!({"text":"as sent"})
+    );
+}
