@@ -1100,8 +1100,10 @@ async fn the_circuit_opens_after_failures_in_a_row_and_closes_after_a_trial(t: T
     );
     assert_eq!(rpc_calls().await, 7);
 
-    // Three failures in a row open it: calls fail at once, without reaching the backend,
-    // for every event of the endpoint.
+    // Three failures in a row open the rpc circuit: rpc calls fail at once, without
+    // reaching the backend. Each event has its own circuit: publishes and new sessions
+    // (connect) still reach the backend (an rpc that fails on a client's input must not
+    // lock everyone out).
     for id in 8..=10 {
         error(
             id,
@@ -1113,17 +1115,17 @@ async fn the_circuit_opens_after_failures_in_a_row_and_closes_after_a_trial(t: T
     let opened = tokio::time::Instant::now();
     let reply = c.request(rpc(11, "ok", json!(1))).await;
     error(11, "unavailable", &reply);
-    let reply = c.request(publish("up.cb", 12, json!(1))).await;
-    error(12, "unavailable", &reply);
-    let connects = backend.calls_of("connect").await.len();
-    assert_eq!(gw.open(t, "/up?user=cb2", &[]).await.err(), Some(Some(503)));
     assert!(
         opened.elapsed() < Duration::from_millis(900),
-        "checks ran while open"
+        "failed at once while open"
     );
     assert_eq!(rpc_calls().await, 10, "an open circuit does not call");
-    assert!(backend.calls_of("publish").await.is_empty());
-    assert_eq!(backend.calls_of("connect").await.len(), connects);
+    let reply = c.request(publish("up.cb", 12, json!(1))).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(backend.calls_of("publish").await.len(), 1);
+    let connects = backend.calls_of("connect").await.len();
+    assert!(gw.open(t, "/up?user=cb2", &[]).await.is_ok());
+    assert_eq!(backend.calls_of("connect").await.len(), connects + 1);
 
     // After breaker_secs one trial call goes through; others still fail at once while it
     // is out. It fails: the circuit opens again.
@@ -1190,8 +1192,6 @@ async fn beyond_max_in_flight_calls_fail_at_once(t: Transport) {
         "unavailable",
         &d.request(json!({"type":"join","room":"up.m","id":2})).await,
     );
-    let connects = backend.calls_of("connect").await.len();
-    assert_eq!(gw.open(t, "/up?user=m3", &[]).await.err(), Some(Some(503)));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "refused at once, not queued: {:?}",
@@ -1200,7 +1200,9 @@ async fn beyond_max_in_flight_calls_fail_at_once(t: Transport) {
     assert_eq!(backend.calls_of("rpc").await.len(), 2);
     assert!(backend.calls_of("publish").await.is_empty());
     assert!(backend.calls_of("join").await.is_empty());
-    assert_eq!(backend.calls_of("connect").await.len(), connects);
+    // `connect` calls have their own `max_in_flight`: sessions' calls do not keep new
+    // sessions out.
+    gw.welcomed(t, "/up?user=m3").await;
 
     backend.release("g").await;
     let mut ids = [c.recv().await, c.recv().await].map(|a| {
@@ -1219,7 +1221,27 @@ async fn beyond_max_in_flight_calls_fail_at_once(t: Transport) {
         c.request(rpc(4, "x", json!(4))).await,
         json!({"type":"ack","id":4,"data":4})
     );
-    gw.welcomed(t, "/up?user=m3").await;
+
+    // Two held `connect` calls fill theirs: a third upgrade gets 503 at once.
+    backend
+        .script(json!([{"event":"connect","hold":"c","times":2,"json":{"user":"held"}}]))
+        .await;
+    let gw = std::sync::Arc::new(gw);
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move { gw.open(t, "/up?user=h", &[]).await.is_ok() })
+        })
+        .collect();
+    backend.wait_for_calls("connect", 5).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(gw.open(t, "/up?user=m4", &[]).await.err(), Some(Some(503)));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(backend.calls_of("connect").await.len(), 5, "not called");
+    backend.release("c").await;
+    for h in held {
+        assert!(h.await.unwrap(), "the held upgrades are admitted");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
