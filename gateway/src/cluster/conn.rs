@@ -6,6 +6,7 @@
 //! only within its shard.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -64,7 +65,11 @@ impl Target {
                 let connection = cluster_client(seeds, Some(tx))?
                     .get_async_connection()
                     .await?;
-                Ok((Subscriber::Cluster(connection), Pushes::Cluster(rx)))
+                let asked = Arc::new(Asked::default());
+                Ok((
+                    Subscriber::Cluster(connection, asked.clone()),
+                    Pushes::Cluster(rx, asked),
+                ))
             }
         }
     }
@@ -247,8 +252,8 @@ pub(super) enum Subscriber {
     /// On a cluster: sharded subscriptions for room and user channels, classic for control.
     ///
     /// Each sharded subscription is on its slot's master; the control channel is broadcast
-    /// to every node.
-    Cluster(ClusterConnection),
+    /// to every node. The confirmations asked for are counted in [`Asked`].
+    Cluster(ClusterConnection, Arc<Asked>),
 }
 
 impl Subscriber {
@@ -256,10 +261,17 @@ impl Subscriber {
     pub(super) async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
         match self {
             Subscriber::Single(sink) => sink.subscribe(channel).await,
-            Subscriber::Cluster(c) if super::channel::is_sharded(channel) => {
-                c.ssubscribe(channel).await
+            Subscriber::Cluster(c, asked) => {
+                // Counted before it is sent: its confirmation may be read before it returns.
+                let confirmation = asked.expect(channel);
+                if super::channel::is_sharded(channel) {
+                    c.ssubscribe(channel).await?;
+                } else {
+                    c.subscribe(channel).await?;
+                }
+                confirmation.confirmed();
+                Ok(())
             }
-            Subscriber::Cluster(c) => c.subscribe(channel).await,
         }
     }
 
@@ -267,10 +279,10 @@ impl Subscriber {
     pub(super) async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
         match self {
             Subscriber::Single(sink) => sink.unsubscribe(channel).await,
-            Subscriber::Cluster(c) if super::channel::is_sharded(channel) => {
+            Subscriber::Cluster(c, _) if super::channel::is_sharded(channel) => {
                 c.sunsubscribe(channel).await
             }
-            Subscriber::Cluster(c) => c.unsubscribe(channel).await,
+            Subscriber::Cluster(c, _) => c.unsubscribe(channel).await,
         }
     }
 }
@@ -279,8 +291,72 @@ impl Subscriber {
 pub(super) enum Pushes {
     /// Messages of classic pub/sub on one Redis; the stream ends when the connection does.
     Single(PubSubStream),
-    /// The pushes of a cluster connection (messages, unsubscriptions, disconnections).
-    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+    /// The pushes of a cluster connection (messages, (un)subscriptions, disconnections),
+    /// and the subscription confirmations the gateway asked for.
+    Cluster(mpsc::UnboundedReceiver<PushInfo>, Arc<Asked>),
+}
+
+/// The subscription confirmations asked for on a cluster connection and not heard yet.
+///
+/// The cluster client subscribes again by itself, every channel it was asked to, whenever
+/// it re-read the topology or reconnected (a failover, a slot move). It may have replaced
+/// node connections then, which drops what they had subscribed, and it reports no failure
+/// of its own resubscription (say to a master that is down): the subscription can be gone
+/// with nothing else said. Its confirmations are the one sign of it: one nobody asked for
+/// ([`Push::Resubscribed`]) means the subscriber starts over on a new connection.
+#[derive(Default)]
+pub(super) struct Asked(Mutex<HashMap<String, u32>>);
+
+impl Asked {
+    /// One more confirmation of `channel` is expected; until
+    /// [`confirmed`](Confirmation::confirmed), dropping the answer takes it back.
+    fn expect<'a>(&'a self, channel: &'a str) -> Confirmation<'a> {
+        let mut asked = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *asked.entry(channel.to_owned()).or_default() += 1;
+        Confirmation {
+            asked: self,
+            channel,
+            confirmed: false,
+        }
+    }
+
+    /// Takes a confirmation of `channel`; whether one was expected.
+    fn heard(&self, channel: &str) -> bool {
+        let mut asked = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(count) = asked.get_mut(channel) else {
+            return false;
+        };
+        *count -= 1;
+        if *count == 0 {
+            asked.remove(channel);
+        }
+        true
+    }
+}
+
+/// A subscription asked for on a cluster connection, while it waits for Redis.
+///
+/// Failed or given up (a timeout), no confirmation is expected any more (should a late one
+/// come, the connection starts over: conservative).
+struct Confirmation<'a> {
+    asked: &'a Asked,
+    channel: &'a str,
+    confirmed: bool,
+}
+
+impl Confirmation<'_> {
+    /// Redis confirmed it (its push is heard, or was).
+    fn confirmed(mut self) {
+        self.confirmed = true;
+    }
+}
+
+impl Drop for Confirmation<'_> {
+    fn drop(&mut self) {
+        if !self.confirmed {
+            self.asked.heard(self.channel);
+        }
+    }
 }
 
 /// One thing the pub/sub connection heard.
@@ -289,6 +365,8 @@ pub(super) enum Push {
     Message(String, bytes::Bytes),
     /// Redis unsubscribed a channel (its slot moved).
     Unsubscribed(String),
+    /// The cluster client subscribed a channel by itself (see [`Asked`]).
+    Resubscribed(String),
     /// The connection, or one of a cluster's node connections, is lost.
     Lost,
 }
@@ -305,8 +383,8 @@ impl Pushes {
                     )),
                     None => return Push::Lost,
                 },
-                Pushes::Cluster(rx) => match rx.recv().await {
-                    Some(push) => cluster_push(push),
+                Pushes::Cluster(rx, asked) => match rx.recv().await {
+                    Some(push) => cluster_push(push, asked),
                     None => return Push::Lost,
                 },
             };
@@ -318,7 +396,9 @@ impl Pushes {
 }
 
 /// What a cluster connection's push says, if it says anything the subscriber acts on.
-fn cluster_push(push: PushInfo) -> Option<Push> {
+///
+/// A subscription's confirmation says nothing unless nobody asked for it (see [`Asked`]).
+fn cluster_push(push: PushInfo, asked: &Asked) -> Option<Push> {
     let text = |v: Option<&Value>| v.and_then(|v| redis::from_redis_value::<String>(v).ok());
     match push.kind {
         redis::PushKind::Message | redis::PushKind::SMessage => {
@@ -331,6 +411,69 @@ fn cluster_push(push: PushInfo) -> Option<Push> {
         // can keep failing on its stale view of the cluster).
         redis::PushKind::Disconnection => Some(Push::Lost),
         redis::PushKind::SUnsubscribe => text(push.data.first()).map(Push::Unsubscribed),
+        redis::PushKind::Subscribe | redis::PushKind::SSubscribe => {
+            let channel = text(push.data.first())?;
+            (!asked.heard(&channel)).then_some(Push::Resubscribed(channel))
+        }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::PushKind;
+
+    /// A subscription's confirmation push, as Redis sends it.
+    fn confirmation(kind: PushKind, channel: &str) -> PushInfo {
+        PushInfo {
+            kind,
+            data: vec![Value::BulkString(channel.into()), Value::Int(1)],
+        }
+    }
+
+    fn resubscribed(push: Option<Push>) -> Option<String> {
+        match push {
+            Some(Push::Resubscribed(channel)) => Some(channel),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_confirmation_nobody_asked_for_says_the_cluster_client_subscribed_by_itself() {
+        let asked = Asked::default();
+        let (room, control) = ("gw:{room:r}", "gw:control");
+        asked.expect(room).confirmed();
+        let heard = |kind, channel| cluster_push(confirmation(kind, channel), &asked);
+        assert!(heard(PushKind::SSubscribe, room).is_none(), "asked for");
+        assert_eq!(
+            resubscribed(heard(PushKind::SSubscribe, room)).as_deref(),
+            Some(room),
+            "asked for once, confirmed twice"
+        );
+        assert_eq!(
+            resubscribed(heard(PushKind::Subscribe, control)).as_deref(),
+            Some(control)
+        );
+
+        // Failed or given up: no confirmation is expected any more.
+        drop(asked.expect(control));
+        assert!(resubscribed(heard(PushKind::Subscribe, control)).is_some());
+
+        // Its confirmation read before the subscribing returned.
+        let pending = asked.expect(control);
+        assert!(heard(PushKind::Subscribe, control).is_none());
+        pending.confirmed();
+        assert!(asked.0.lock().unwrap().is_empty());
+
+        // Unsubscriptions and messages are not confirmations.
+        assert!(matches!(
+            heard(PushKind::SUnsubscribe, room),
+            Some(Push::Unsubscribed(c)) if c == room
+        ));
+        assert!(matches!(
+            heard(PushKind::Disconnection, room),
+            Some(Push::Lost)
+        ));
     }
 }

@@ -5,9 +5,11 @@
 //!
 //! On one Redis every channel is a classic subscription; on a cluster room and user
 //! channels are sharded ones (`SSUBSCRIBE`, each on its slot's master), the control
-//! channel a classic one. The library resubscribes only part of it after a failover or a
-//! slot move, so this task does it: on a new connection with every wanted channel when a
-//! (node) connection drops, and a channel again when Redis unsubscribes it.
+//! channel a classic one. After a failover or a slot move the cluster library subscribes
+//! again by itself, but it may have dropped node connections with their subscriptions and
+//! does not say when its own subscribing fails, so this task does it: on a new connection
+//! with every wanted channel when a (node) connection drops or the library subscribed
+//! anything by itself (see `conn::Asked`), and a channel again when Redis unsubscribes it.
 
 use std::{
     collections::VecDeque,
@@ -105,6 +107,13 @@ impl Subscriber {
                     }
                 }
                 Push::Unsubscribed(channel) => return Event::Unsubscribed(channel),
+                Push::Resubscribed(channel) => {
+                    // It may have dropped node connections, and with them subscriptions
+                    // it could not make again (see `conn::Asked`).
+                    self.shared.count_error("pubsub");
+                    warn!(channel, "the redis cluster client subscribed again by itself after reconnecting; connecting again");
+                    return Event::Lost;
+                }
                 Push::Lost => {
                     self.shared.count_error("pubsub");
                     warn!("redis subscription lost; connecting again");
