@@ -19,8 +19,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway_tests::load::{
     proc_stats::{cpu_seconds, rss_kib},
-    rpc,
-    since,
+    rpc, since,
     stats::{Observed, SeqTracker},
     wire::{opcode, publish_envelope},
     write_probe, ws_client, wt_client, PROBE_LEN,

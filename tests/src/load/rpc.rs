@@ -85,6 +85,9 @@ struct Tally {
     answered: u64,
     overflow_in_window: u64,
     errored_in_window: u64,
+    /// Round trips of calls answered with an `error` (e.g. `not_found` on an endpoint
+    /// without an rpc upstream: the gateway's own round trip, no backend).
+    error_rtt_ns: Histogram<u64>,
     wrong_data: u64,
     errors: BTreeMap<String, u64>,
 }
@@ -99,6 +102,8 @@ impl Tally {
             answered: 0,
             overflow_in_window: 0,
             errored_in_window: 0,
+            error_rtt_ns: Histogram::new_with_bounds(1_000, 60_000_000_000, 3)
+                .expect("histogram bounds"),
             wrong_data: 0,
             errors: BTreeMap::new(),
         }
@@ -127,13 +132,18 @@ impl Tally {
         }
         if self.in_window(sent_ns) {
             self.answered_in_window += 1;
-            let _ = self.rtt_ns.record(now_ns.saturating_sub(sent_ns).max(1_000));
+            let _ = self
+                .rtt_ns
+                .record(now_ns.saturating_sub(sent_ns).max(1_000));
         }
     }
 
-    fn error(&mut self, code: &str, sent_ns: Option<u64>) {
-        if sent_ns.is_some_and(|s| self.in_window(s)) {
+    fn error(&mut self, code: &str, sent_ns: Option<u64>, now_ns: u64) {
+        if let Some(sent_ns) = sent_ns.filter(|&s| self.in_window(s)) {
             self.errored_in_window += 1;
+            let _ = self
+                .error_rtt_ns
+                .record(now_ns.saturating_sub(sent_ns).max(1_000));
         }
         *self.errors.entry(code.to_owned()).or_default() += 1;
     }
@@ -217,22 +227,25 @@ pub async fn through_gateway(
                                         Some((id, sent)) => {
                                             tally.answered(id, sent, now_ns, r.data.map(|d| d.n))
                                         }
-                                        None => tally.error("unmatched_ack", None),
+                                        None => tally.error("unmatched_ack", None, now_ns),
                                     }
                                 }
                                 Ok(r) if r.kind == "error" => {
                                     let sent = r.id.and_then(|id| side.pending.remove(&id));
-                                    tally.error(r.code.as_deref().unwrap_or("error"), sent);
+                                    tally.error(r.code.as_deref().unwrap_or("error"), sent, now_ns);
                                 }
                                 Ok(_) => {}
-                                Err(_) => tally.error("unparsed_reply", None),
+                                Err(_) => tally.error("unparsed_reply", None, now_ns),
                             }
                         }
-                        opcode::PING => {
-                            ws_frame(&mut s.borrow_mut().pongs, opcode::PONG, &buf[start..end], mask)
-                        }
+                        opcode::PING => ws_frame(
+                            &mut s.borrow_mut().pongs,
+                            opcode::PONG,
+                            &buf[start..end],
+                            mask,
+                        ),
                         opcode::CLOSE => {
-                            tally.borrow_mut().error("closed", None);
+                            tally.borrow_mut().error("closed", None, now_ns);
                             return;
                         }
                         _ => {}
@@ -269,9 +282,8 @@ pub async fn through_gateway(
                 next = c + 1;
                 sides[c].borrow_mut().pending.insert(seq, now_ns);
                 tally.sent(now_ns);
-                let frame = format!(
-                    r#"{{"type":"rpc","id":{seq},"method":"echo","data":{{"n":{seq}}}}}"#
-                );
+                let frame =
+                    format!(r#"{{"type":"rpc","id":{seq},"method":"echo","data":{{"n":{seq}}}}}"#);
                 ws_frame(&mut writers[c].1, opcode::TEXT, frame.as_bytes(), mask);
             }
         }
@@ -314,10 +326,8 @@ pub async fn direct(
     for _ in 0..plan.connections {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-            TokioIo::new(tcp),
-        )
-        .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await?;
         tokio::task::spawn_local(conn);
         let lane = Rc::new(RefCell::new(Lane {
             queue: VecDeque::new(),
@@ -360,9 +370,11 @@ pub async fn direct(
                             .map(|d| d.n);
                         tally.answered(seq, sent_ns, now_ns, data);
                     }
-                    Ok((status, _)) => tally.error(&format!("http_{status}"), Some(sent_ns)),
+                    Ok((status, _)) => {
+                        tally.error(&format!("http_{status}"), Some(sent_ns), now_ns)
+                    }
                     Err(_) => {
-                        tally.error("connection", Some(sent_ns));
+                        tally.error("connection", Some(sent_ns), now_ns);
                         return;
                     }
                 }
@@ -446,7 +458,6 @@ impl Clock {
     fn at(&self, ns: u64) -> tokio::time::Instant {
         (self.epoch + Duration::from_nanos(ns)).into()
     }
-
 }
 
 /// Ticks through the sending part of the run.
@@ -496,13 +507,7 @@ impl<'a> Pacer<'a> {
     }
 }
 
-fn report(
-    mode: &str,
-    plan: &Plan,
-    t: &Tally,
-    w0: &Marks,
-    w1: &Marks,
-) -> serde_json::Value {
+fn report(mode: &str, plan: &Plan, t: &Tally, w0: &Marks, w1: &Marks) -> serde_json::Value {
     let secs = w1.at.duration_since(w0.at).as_secs_f64();
     let d = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
     let (server, backend, client) = (
@@ -513,15 +518,21 @@ fn report(
     let lost = t
         .sent_in_window
         .saturating_sub(t.answered_in_window + t.errored_in_window);
-    let calls = t.answered_in_window.max(1) as f64;
+    // Per call answered, or per error when every call was refused (no rpc upstream).
+    let calls = t.answered_in_window.max(t.errored_in_window).max(1) as f64;
     let per_call_us = |c: Option<f64>| c.map(|c| c * 1e6 / calls);
-    let h = &t.rtt_ns;
-    let q = |q: f64| {
-        if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(q) as f64 / 1e6
-        }
+    let quantiles = |h: &Histogram<u64>| {
+        let q = |q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1e6
+            }
+        };
+        json!({
+            "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
+            "max": if h.is_empty() { 0.0 } else { h.max() as f64 / 1e6 },
+        })
     };
     json!({
         "scenario": "rpc",
@@ -539,10 +550,8 @@ fn report(
         "lost": lost,
         "wrong_data": t.wrong_data,
         "errors": t.errors,
-        "rtt_ms": {
-            "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
-            "max": if h.is_empty() { 0.0 } else { h.max() as f64 / 1e6 },
-        },
+        "rtt_ms": quantiles(&t.rtt_ns),
+        "error_rtt_ms": quantiles(&t.error_rtt_ns),
         "server_cpu_s": server,
         "server_cpu_us_per_call": per_call_us(server),
         "backend_cpu_s": backend,
