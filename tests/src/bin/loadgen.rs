@@ -2,7 +2,8 @@
 //!
 //! Scenarios: `fanout` (rooms × members, open-loop publishers of binary envelopes carrying
 //! their send time and sequence), `idle` (memory per idle connection) and `connect` (full
-//! TLS handshakes + upgrade + welcome per second). Prints one JSON object on stdout and a
+//! TLS handshakes + upgrade + welcome per second) and `rpc` (open-loop rpc round trips
+//! through the gateway, or the same calls straight to the backend with `--direct`). Prints one JSON object on stdout and a
 //! human summary on stderr. Runs on one thread: pin it with `taskset`.
 
 use std::{
@@ -18,7 +19,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway_tests::load::{
     proc_stats::{cpu_seconds, rss_kib},
-    since,
+    rpc, since,
     stats::{Observed, SeqTracker},
     wire::{opcode, publish_envelope},
     write_probe, ws_client, wt_client, PROBE_LEN,
@@ -48,6 +49,9 @@ struct Cli {
     /// PID of the server, for its CPU and memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// PID of the application backend (upstream), for its CPU.
+    #[arg(long)]
+    backend_pid: Option<u32>,
     /// Name of the target in the report.
     #[arg(long, default_value = "gateway")]
     target: String,
@@ -86,6 +90,30 @@ enum Scenario {
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+    },
+    /// Open-loop `rpc` calls at `rate` per second through the gateway at `--addr` +
+    /// `--path` over wss; with `--direct`, the same calls POSTed to the backend at `--addr`.
+    Rpc {
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// wss connections (through the gateway) or HTTP/1.1 connections (direct).
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Calls outstanding per connection at most.
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+        /// Call the backend at `--addr` directly (plain HTTP/1.1).
+        #[arg(long)]
+        direct: bool,
+        /// The backend's URL path prefix (direct: POST to PREFIX/rpc).
+        #[arg(long, default_value = "/gw")]
+        backend_path: String,
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        drain: f64,
     },
     /// Full TLS handshakes + upgrade + welcome, as fast as the server takes them.
     Connect {
@@ -203,6 +231,7 @@ async fn open_many(
 
 struct Window {
     cpu: Option<f64>,
+    backend_cpu: Option<f64>,
     client_cpu: Option<f64>,
     at: Instant,
 }
@@ -210,6 +239,7 @@ struct Window {
 fn mark(cli: &Cli) -> Window {
     Window {
         cpu: cli.server_pid.and_then(cpu_seconds),
+        backend_cpu: cli.backend_pid.and_then(cpu_seconds),
         client_cpu: cpu_seconds(std::process::id()),
         at: Instant::now(),
     }
@@ -232,6 +262,37 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
             .await
         }
         Scenario::Idle { connections } => idle(cli, *connections).await,
+        Scenario::Rpc {
+            rate,
+            connections,
+            in_flight,
+            direct,
+            backend_path,
+            warmup,
+            duration,
+            drain,
+        } => {
+            let plan = rpc::Plan {
+                rate: *rate,
+                connections: *connections,
+                in_flight: *in_flight,
+                warmup: *warmup,
+                duration: *duration,
+                drain: *drain,
+            };
+            let pids = rpc::Pids {
+                server: cli.server_pid,
+                backend: cli.backend_pid,
+            };
+            let mut report = if *direct {
+                rpc::direct(cli.addr, backend_path, &plan, pids).await?
+            } else {
+                rpc::through_gateway(cli.addr, tls_config(cli, true), &cli.path, &plan, pids)
+                    .await?
+            };
+            report["target"] = json!(cli.target);
+            Ok(report)
+        }
         Scenario::Connect {
             connections,
             concurrency,
@@ -363,6 +424,7 @@ async fn fanout(
     let deliveries_per_sec = obs.window_deliveries as f64 / secs;
     let server_cpu = w0.cpu.zip(w1.cpu).map(|(a, b)| b - a);
     let client_cpu = w0.client_cpu.zip(w1.client_cpu).map(|(a, b)| b - a);
+    let backend_cpu = w0.backend_cpu.zip(w1.backend_cpu).map(|(a, b)| b - a);
     let h = &obs.latency_us;
     let pct = |q: f64| {
         if h.is_empty() {
@@ -394,6 +456,7 @@ async fn fanout(
         "server_cpu_s_per_million": server_cpu.map(|c| if obs.window_deliveries > 0 { c / (obs.window_deliveries as f64 / 1e6) } else { 0.0 }),
         "client_cpu_s": client_cpu,
         "client_bound": client_cpu.map(|c| c / secs > 0.9),
+        "backend_cpu_s": backend_cpu,
         "server_rss_kib": {"before_publishing": rss_before, "end_of_window": rss_after},
     }))
 }

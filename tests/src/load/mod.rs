@@ -3,6 +3,7 @@
 //! /proc readings of the server under test.
 
 pub mod proc_stats;
+pub mod rpc;
 pub mod stats;
 pub mod wire;
 pub mod ws_client;
