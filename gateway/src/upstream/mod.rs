@@ -29,9 +29,6 @@ pub(crate) use session::SessionCalls;
 use crate::{config::UpstreamConfig, metrics::Metrics};
 use breaker::{Breaker, Passed};
 
-/// Idle keep-alive connections kept per backend host.
-const MAX_IDLE_PER_HOST: usize = 64;
-
 /// How long an idle keep-alive connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -106,10 +103,12 @@ impl Upstream {
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamError> {
         // No proxy from the environment and no redirects: calls go to the configured host.
+        // As many idle connections as calls may be out: a smaller pool closes and reopens
+        // connections under load (about 700 a second at 10,000 calls/s with 64).
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST.min(config.max_in_flight))
+            .pool_max_idle_per_host(config.max_in_flight)
             .pool_idle_timeout(IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .build()?;
