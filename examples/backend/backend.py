@@ -31,11 +31,11 @@ import os
 import re
 import sys
 import time
-from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 PREFIX = "/gateway/"
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+NAME = re.compile(r"[\w .-]{1,32}")
 BANNED_USERS = {"mallory"}
 BANNED_WORDS = ("spam",)
 MAX_TEXT = 500
@@ -58,22 +58,18 @@ def log(event, body, **extra):
 
 def session_of(body):
     """The user named by the `session` cookie, else by the `session` query parameter."""
-    cookie = body.get("headers", {}).get("cookie", "")
     value = None
-    if cookie:
-        try:
-            jar = SimpleCookie()
-            jar.load(cookie)
-            if "session" in jar:
-                value = jar["session"].value
-        except CookieError:
-            pass
+    for pair in body.get("headers", {}).get("cookie", "").split(";"):
+        name, _, cookie = pair.strip().partition("=")
+        if name == "session":
+            value = unquote(cookie.strip('"'))
     if value is None:
         value = body.get("query", {}).get("session")
     if value is None:
         raise Refusal(401, "no session: set the cookie session=<your name> (WebTransport: ?session=<your name>)")
-    if not NAME.match(value):
-        raise Refusal(401, "a session names a user: 1-32 of A-Z a-z 0-9 _ . -")
+    value = value.strip()
+    if not NAME.fullmatch(value):
+        raise Refusal(401, "a session names a user: 1 to 32 letters, digits, spaces, _ . -")
     return value
 
 

@@ -461,6 +461,37 @@ const scenarios = {
     return result;
   },
 
+  /**
+   * The demo page on the example backend's endpoint: the greeting from `welcome.data`, an
+   * rpc from the button, a publish the backend refuses; a screenshot to `args.artifacts`.
+   */
+  async demoBackend() {
+    const tab = await (await browser()).newPage();
+    tab.on("pageerror", (e) => console.error(`page error: ${e.message}`));
+    await tab.setViewportSize({ width: 1000, height: 700 });
+    await tab.goto(`${origin}/`);
+    await tab.fill("#name", "Ada");
+    await tab.fill("#room", "demo");
+    await tab.click("#enter");
+    await tab.waitForSelector("#text:not([disabled])");
+    await tab.waitForSelector("#messages li:has-text('Welcome, Ada!')");
+    await tab.click("#rpc");
+    await tab.waitForSelector("#messages li:has-text('server time:')");
+    await tab.fill("#text", "cheap spam");
+    await tab.press("#text", "Enter");
+    await tab.waitForSelector("#messages li:has-text('not sent')");
+    await tab.fill("#text", "  hello   everyone ");
+    await tab.press("#text", "Enter");
+    await tab.waitForSelector("#messages li:has-text('hello everyone')");
+    fs.mkdirSync(args.artifacts, { recursive: true });
+    const shot = path.join(args.artifacts, "demo-backend.png");
+    await tab.screenshot({ path: shot, fullPage: true });
+    const messages = await tab.evaluate(() =>
+      [...document.querySelectorAll("#messages li")].map((li) => li.textContent));
+    const transport = await tab.evaluate(() => document.getElementById("transport").textContent);
+    return { shot, messages, transport };
+  },
+
   /** The demo page: two tabs chat; screenshots go to `args.artifacts`. */
   async demo() {
     const tabs = [await (await browser()).newPage(), await (await browser()).newPage()];

@@ -1,7 +1,9 @@
 //! Headless Chromium (Debian `chromium`, driven by Playwright) against the real gateway:
 //! raw WebTransport and wss sessions chat in one room (`smoke.mjs`), and the browser
 //! client `/client.js` in each scenario of `client-scenarios.mjs`: mixed transports, the
-//! fallback, moving back up to WebTransport, datagrams, and the demo page.
+//! fallback, moving back up to WebTransport, datagrams, and the demo page; and pages on
+//! both transports, and the demo page, in front of `examples/backend/backend.py` (upstream
+//! calls: `welcome.data`, `rpc`, publishes the backend checks).
 
 use std::{path::Path, process::Command};
 
@@ -495,6 +497,9 @@ async fn after_4001_a_page_reconnects_only_with_a_fresh_ticket() {
     .await;
 }
 
+/// The secret the gateway sends the example backend in these tests.
+const BACKEND_SECRET: &str = "browser-test-backend-secret";
+
 /// `examples/backend/backend.py` on a free loopback port, its stdout log collected, stopped
 /// on drop.
 struct ExampleBackend {
@@ -557,23 +562,8 @@ impl Drop for ExampleBackend {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls() {
     within(150, async {
-        let secret = "browser-test-secret";
-        let backend = ExampleBackend::start(secret);
-        let example =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backend/gateway.toml"))
-                .unwrap();
-        assert!(example.contains("\"http://127.0.0.1:9000/gateway\"") && example.contains("\"dev-backend-secret\""));
-        let config: String = example
-            .lines()
-            .filter(|l| !l.starts_with("listen"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace(
-                "http://127.0.0.1:9000/gateway",
-                &format!("http://127.0.0.1:{}/gateway", backend.port),
-            )
-            .replace("dev-backend-secret", secret);
-        let gw = TestGateway::start(&config).await;
+        let backend = ExampleBackend::start(BACKEND_SECRET);
+        let gw = example_gateway(&backend).await;
         let r = scenario("upstream", &gw, json!({})).await;
         for (user, transport) in [("alice", "websocket"), ("bob", "webtransport")] {
             let page = &r[user];
@@ -699,6 +689,75 @@ async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls
         assert_eq!(to_alice.len(), 1, "the refused publish is not delivered: {to_alice:?}");
         assert_eq!(to_alice[0]["data"]["text"], "hi alice");
         assert_eq!(to_alice[0]["data"]["name"], "bob");
+    })
+    .await;
+}
+
+/// `examples/backend/gateway.toml` on a test gateway: its `listen` dropped, its upstream
+/// URL pointed at `backend` and its secret replaced by [`BACKEND_SECRET`].
+async fn example_gateway(backend: &ExampleBackend) -> TestGateway {
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backend/gateway.toml"),
+    )
+    .unwrap();
+    assert!(
+        example.contains("\"http://127.0.0.1:9000/gateway\"")
+            && example.contains("\"dev-backend-secret\"")
+    );
+    let config: String = example
+        .lines()
+        .filter(|l| !l.starts_with("listen"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "http://127.0.0.1:9000/gateway",
+            &format!("http://127.0.0.1:{}/gateway", backend.port),
+        )
+        .replace("dev-backend-secret", BACKEND_SECRET);
+    TestGateway::start(&config).await
+}
+
+/// Needs the server side of upstream calls (issue 22), as the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_uses_the_example_backend() {
+    within(120, async {
+        let backend = ExampleBackend::start(BACKEND_SECRET);
+        let gw = example_gateway(&backend).await;
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
+        let r = scenario("demoBackend", &gw, json!({"artifacts": artifacts})).await;
+        let messages: Vec<&str> = r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert!(messages.contains(&"Welcome, Ada!"), "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.starts_with("server time: 20")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"not sent: messages about spam are not allowed here"),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"Adahello everyone"),
+            "trimmed by the backend: {messages:?}"
+        );
+        assert_eq!(
+            r["transport"], "WebTransport",
+            "admitted by the query on WebTransport"
+        );
+        assert_eq!(
+            backend
+                .lines_with(&["connect user=Ada transport=webtransport"])
+                .len(),
+            1
+        );
+        let size = std::fs::metadata(r["shot"].as_str().unwrap())
+            .unwrap()
+            .len();
+        assert!(size > 10_000, "{size} bytes");
     })
     .await;
 }
