@@ -30,6 +30,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
@@ -50,10 +51,19 @@ class Refusal(Exception):
         self.reason = reason
 
 
+LOG_LOCK = threading.Lock()
+
+
+def say(line, stream=sys.stdout):
+    """Prints one whole line (calls run on many threads at once)."""
+    with LOG_LOCK:
+        stream.write(line + "\n")
+        stream.flush()
+
+
 def log(event, body, **extra):
     fields = {"user": body.get("user"), "transport": body.get("transport"), **extra}
-    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-    print(f"{event} {text}", flush=True)
+    say(event + " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
 
 
 def session_of(body):
@@ -149,6 +159,13 @@ HANDLERS = {
 }
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The gateway opens a connection per concurrent call (HTTP/1.1): the default listen
+    # backlog of 5 would drop connection attempts beyond it, delaying them by a SYN retry.
+    request_queue_size = 1024
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the gateway pools its connections
     server_version = "example-backend"
@@ -158,25 +175,35 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         if body is None:
             return
+        status, payload = self.handle_call(body)
+        try:
+            self.answer(status, payload)
+        except OSError:
+            # The gateway gave up on this call (its timeout_ms) and closed the connection.
+            say(f"{self.path}: the gateway left before the answer", sys.stderr)
+            self.close_connection = True
+
+    def handle_call(self, body):
+        """The status and JSON body answering a call."""
         if self.secret and self.headers.get("Authorization") != f"Bearer {self.secret}":
-            print(f"refused a call to {self.path} without the gateway's secret", file=sys.stderr, flush=True)
-            return self.answer(401, {"reason": "bad backend secret"})
+            say(f"refused a call to {self.path} without the gateway's secret", sys.stderr)
+            return 401, {"reason": "bad backend secret"}
         handler = HANDLERS.get(self.path[len(PREFIX):]) if self.path.startswith(PREFIX) else None
         if handler is None:
-            return self.answer(404, {"reason": f"no such event {self.path}"})
+            return 404, {"reason": f"no such event {self.path}"}
         try:
             parsed = json.loads(body)
         except ValueError:
-            return self.answer(400, {"reason": "the body is not JSON"})
+            return 400, {"reason": "the body is not JSON"}
         if not isinstance(parsed, dict):
-            return self.answer(400, {"reason": "the body is not a JSON object"})
+            return 400, {"reason": "the body is not a JSON object"}
         try:
-            self.answer(200, handler(parsed))
+            return 200, handler(parsed)
         except Refusal as refusal:
-            self.answer(refusal.status, {"reason": refusal.reason})
+            return refusal.status, {"reason": refusal.reason}
         except Exception as error:  # a bug here: the gateway counts a 5xx as a failure
-            print(f"error in {self.path}: {error!r}", file=sys.stderr, flush=True)
-            self.answer(500, {"reason": "internal error"})
+            say(f"error in {self.path}: {error!r}", sys.stderr)
+            return 500, {"reason": "internal error"}
 
     def do_GET(self):
         self.read_body()
@@ -222,9 +249,8 @@ def main():
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     Handler.secret = args.secret
-    server = ThreadingHTTPServer((host, int(port)), Handler)
-    server.daemon_threads = True
-    print(f"backend listening on http://{host}:{server.server_address[1]}{PREFIX.rstrip('/')}", flush=True)
+    server = Server((host, int(port)), Handler)
+    say(f"backend listening on http://{host}:{server.server_address[1]}{PREFIX.rstrip('/')}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -662,12 +662,18 @@ async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls
             );
             assert!(backend.lines_with(&[&tag, "method=xxxx"]).is_empty());
             assert!(backend.lines_with(&[&tag, "method= "]).is_empty());
+            let starting = |prefix: String| backend.lines_with(&[""]).into_iter().filter(move |l| l.starts_with(&prefix));
             assert_eq!(
-                backend
-                    .lines_with(&[&format!("connect user={user} transport={transport}")])
-                    .len(),
+                starting(format!("connect user={user} transport={transport} ")).count(),
                 2,
-                "one connect call per session"
+                "one connect call per session: {:?}",
+                backend.lines_with(&[""])
+            );
+            assert_eq!(
+                starting(format!("disconnect user={user} transport={transport} code=1011 ")).count(),
+                1,
+                "one disconnect call for the closed session: {:?}",
+                backend.lines_with(&[""])
             );
         }
         // Publishes the backend checked: rewritten (trimmed, `name` set to the sender,
