@@ -434,6 +434,12 @@ const scenarios = {
     result.bob.published2 = await publish(pages.bob, { text: "hi alice" });
     await until(pages.bob, () => window.t.messages.length >= 1);
     await until(pages.alice, () => window.t.messages.length >= 1);
+    // What each page received before its reconnection below (after which the rejoin with
+    // `since` recovers the page's own publishes too: `echo` was false).
+    await new Promise((r) => setTimeout(r, 300));
+    for (const [user, page] of Object.entries(pages)) {
+      result[user].delivered = await page.evaluate(() => window.t.messages.slice());
+    }
     // A call in flight when the server closes the session (1011: the client reconnects).
     for (const [user, page] of Object.entries(pages)) {
       await page.evaluate(() => {

@@ -684,7 +684,7 @@ async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls
             (&json!("rejected"), &json!("messages about spam are not allowed here"))
         );
         assert!(r["bob"]["published2"]["seq"].is_u64());
-        let got = |user: &str| r[user]["messages"].as_array().unwrap().clone();
+        let got = |user: &str| r[user]["delivered"].as_array().unwrap().clone();
         let to_bob = got("bob");
         assert_eq!(to_bob.len(), 1, "{to_bob:?}");
         assert_eq!(to_bob[0]["from"], "alice");
@@ -695,6 +695,12 @@ async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls
         assert_eq!(to_alice.len(), 1, "the refused publish is not delivered: {to_alice:?}");
         assert_eq!(to_alice[0]["data"]["text"], "hi alice");
         assert_eq!(to_alice[0]["data"]["name"], "bob");
+        for user in ["alice", "bob"] {
+            // Across the reconnection: each message once, in order.
+            let seqs = seqs(&r[user]);
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{user}: {seqs:?}");
+            assert_eq!(seqs.last(), Some(&2), "{user}: {seqs:?}");
+        }
     })
     .await;
 }
