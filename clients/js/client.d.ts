@@ -90,14 +90,62 @@ export interface ErrorEnvelope {
   message: string;
 }
 
+/**
+ * The codes an `rpc` rejects with. From the server (PROTOCOL.md sections 4, 5 and 10):
+ * `rejected` (the application's backend refused the call with a 4xx; `message` is its
+ * `reason`), `unavailable` (the backend failed, timed out, is over `max_in_flight` or its
+ * circuit is open: retry later), `not_found` (the endpoint has no `rpc` upstream),
+ * `bad_request` (`method` empty or longer than 128 characters), `limit_exceeded` (8 rpc
+ * calls of this session are already in flight), `rate_limited`, `unauthorized`. From the
+ * client: `timeout` (no answer within `timeoutMs`), `connection_lost` (the session ended
+ * before the answer; the call is not sent again), `closed` (the client was closed or stays
+ * closed), and `limit_exceeded` (too many requests waiting for a connection).
+ */
+export type RpcErrorCode =
+  | "rejected"
+  | "unavailable"
+  | "not_found"
+  | "bad_request"
+  | "limit_exceeded"
+  | "rate_limited"
+  | "unauthorized"
+  | "timeout"
+  | "connection_lost"
+  | "closed"
+  | (string & {});
+
+/**
+ * What `rpc` rejects with: an `Error` carrying the error's `code` and `message`, also shaped
+ * like `ErrorEnvelope` (`type: "error"`, and `id` when the server answered).
+ */
+export class GatewayError extends Error {
+  constructor(error: { code: string; message: string; id?: number });
+  readonly name: "GatewayError";
+  readonly type: "error";
+  readonly code: RpcErrorCode;
+  readonly id?: number;
+}
+
+export interface RpcOptions {
+  /**
+   * How long the call may take in all, waiting for a connection included, in milliseconds.
+   * Default 10000. Then it rejects with `timeout`; a later answer is ignored.
+   */
+  timeoutMs?: number;
+}
+
 /** The `resync` event (see `ClientEvents.resync`). */
 export type ResyncEvent =
   | { room: string; reason: "continuity" | "dropped" | "recovery"; epoch: string; seq: number }
   | { room: string; reason: "refused"; error: ErrorEnvelope };
 
 export interface ClientEvents {
-  /** Every new session: the first, every reconnection, and a re-probe switch. */
-  open: { transport: TransportName; session: string; user: string; node: string };
+  /**
+   * Every new session: the first, every reconnection, and a re-probe switch. `data` is the
+   * `welcome`'s `data`: what the endpoint's `connect` upstream returned for this session
+   * (absent when it returned none, or the endpoint has no `connect` upstream).
+   */
+  open: { transport: TransportName; session: string; user: string; node: string; data?: unknown };
   /** The first connection, and whenever the transport in use changes. */
   transport: { transport: TransportName; reason: TransportReason };
   /** Before each new attempt. */
@@ -131,6 +179,15 @@ export interface Client {
   publish(room: string, data: Data, options?: { echo?: boolean; volatile?: boolean }): Promise<Ack>;
   send(user: string, data: Data): Promise<Ack>;
   presence(room: string): Promise<Ack>;
+  /**
+   * Calls the endpoint's `rpc` upstream with `method` (1-128 characters) and JSON `data`
+   * (PROTOCOL.md sections 4 and 10). Resolves with the backend's answer (the `ack`'s
+   * `data`); rejects with a `GatewayError` whose `code` is one of `RpcErrorCode`. Calls
+   * overlap (the server runs up to 8 per session); one made while reconnecting waits for
+   * the next session within `timeoutMs`; one in flight when its session ends rejects with
+   * `connection_lost` and is never sent again (the backend may still have run it).
+   */
+  rpc<T = unknown>(method: string, data?: unknown, options?: RpcOptions): Promise<T>;
   /** Stops delivery to the room's handler at once; between sessions it resolves locally. */
   leave(room: string): Promise<Ack | { type: "ack"; room: string }>;
   /** The transport of the session in use, `null` between sessions. */
@@ -139,8 +196,9 @@ export interface Client {
   readonly stats: { envelopes: number; datagrams: number };
   /**
    * Closes with 1000 (a `close` event with `willReconnect: false` when a session was open);
-   * no reconnection; waiting requests reject with `closed`. Rejections are plain objects
-   * shaped like `ErrorEnvelope`, not `Error` instances.
+   * no reconnection; waiting requests reject with `closed`. Rejections of `join`,
+   * `publish`, `send`, `presence` and `leave` are plain objects shaped like
+   * `ErrorEnvelope`, not `Error` instances; `rpc` rejects with `GatewayError` instances.
    */
   close(): void;
 }

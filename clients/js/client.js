@@ -11,6 +11,9 @@ const DEFAULTS = {
   maxQueuedRequests: 1000,
 };
 
+/** How long an `rpc` may take, waiting for a connection included, unless it says otherwise. */
+const RPC_TIMEOUT_MS = 10000;
+
 /** How long a new session may take to say `welcome` (first-message auth takes up to 5 s). */
 const WELCOME_TIMEOUT_MS = 10000;
 
@@ -220,6 +223,23 @@ export class Requests {
 /** An error the client raises itself, shaped like the server's `error` envelope. */
 export function clientError(code, message) {
   return { type: "error", code, message };
+}
+
+/**
+ * What `rpc` rejects with: an `Error` whose `code` and `message` are the server's `error`
+ * envelope's (`rejected` with the backend's reason, `unavailable`, `not_found`,
+ * `bad_request`, `limit_exceeded`...) or the client's own (`timeout`, `connection_lost`,
+ * `closed`). It also has `type: "error"` (and `id` when it answered a request), so it is
+ * shaped like the envelope the other requests reject with.
+ */
+export class GatewayError extends Error {
+  constructor({ code, message, id }) {
+    super(message);
+    this.name = "GatewayError";
+    this.type = "error";
+    this.code = code;
+    if (id !== undefined) this.id = id;
+  }
 }
 
 /** The WebTransport and WebSocket URLs of `url` (either scheme), with `overrides`. */
@@ -540,6 +560,31 @@ class Client {
     return this.#request({ type: "presence", room }, "presence");
   }
 
+  /**
+   * Calls the endpoint's `rpc` upstream (PROTOCOL.md sections 4 and 10): resolves with the
+   * `ack`'s `data`, rejects with a `GatewayError`. `timeoutMs` (default 10 s) bounds the
+   * whole call, waiting for a connection included. A call whose session ends before the
+   * answer rejects with `connection_lost` and is not sent again.
+   */
+  rpc(method, data, { timeoutMs = RPC_TIMEOUT_MS } = {}) {
+    if (isBinary(data)) {
+      return Promise.reject(
+        new GatewayError(clientError("bad_request", "rpc data is JSON; binary data is not carried")),
+      );
+    }
+    const envelope = { type: "rpc", method };
+    if (data !== undefined) envelope.data = data;
+    return this.#request(envelope, `rpc ${method}`, undefined, undefined, {
+      timeoutMs,
+      overall: true,
+    }).then(
+      (ack) => ack.data,
+      (error) => {
+        throw error instanceof Error ? error : new GatewayError(error);
+      },
+    );
+  }
+
   leave(room) {
     this.#bump(room);
     const wasTracked = this.#rooms.has(room);
@@ -586,8 +631,14 @@ class Client {
 
   // --- requests ---------------------------------------------------------------------
 
-  /** Sends a request now, or on the next session; `onAck(ack, session)` runs as it is read. */
-  #request(envelope, label, data, onAck) {
+  /**
+   * Sends a request now, or on the next session; `onAck(ack, session)` runs as it is read.
+   * It may wait `timeoutMs` (default `requestTimeoutMs`) for a session and then as long
+   * for its reply, or, with `overall`, `timeoutMs` for both together.
+   */
+  #request(envelope, label, data, onAck, { timeoutMs, overall = false } = {}) {
+    const waitMs = timeoutMs ?? this.#options.requestTimeoutMs;
+    const deadline = Date.now() + waitMs;
     return new Promise((resolve, reject) => {
       if (this.#closed) return reject(clientError("closed", "the client was closed"));
       const send = (session) => {
@@ -595,7 +646,8 @@ class Client {
           onAck?.(ack, session);
           resolve(ack);
         };
-        const id = this.#requests.open(settle, reject, this.#options.requestTimeoutMs, label);
+        const replyMs = overall ? Math.max(1, deadline - Date.now()) : waitMs;
+        const id = this.#requests.open(settle, reject, replyMs, label);
         session.ids.add(id);
         const out = { ...envelope, id };
         if (data === undefined) session.transport.send(out);
@@ -614,7 +666,7 @@ class Client {
           this.#queue.splice(at, 1);
           reject(clientError("timeout", `${label} timed out waiting for a connection`));
         }
-      }, this.#options.requestTimeoutMs);
+      }, waitMs);
       entry.send = (session) => {
         clearTimeout(timer);
         this.#timers.delete(timer);
@@ -800,7 +852,10 @@ class Client {
       if (this.#session !== session) return; // closed by a listener
     }
     const w = session.welcome;
-    this.#emit("open", { transport: name, session: w.session, user: w.user, node: w.node });
+    const open = { transport: name, session: w.session, user: w.user, node: w.node };
+    // What the endpoint's `connect` upstream returned for this session, when it did.
+    if (w.data !== undefined) open.data = w.data;
+    this.#emit("open", open);
     if (this.#session !== session) return;
     if (rejoin) this.#rejoin(session);
     for (const q of this.#queue.splice(0)) q.send(session);

@@ -374,6 +374,130 @@ const scenarios = {
     return { fixed: await state(fixed), renewing: await state(renewing), refused, tickets };
   },
 
+  /**
+   * An endpoint with `auth = "upstream"` in front of examples/backend/backend.py: a
+   * WebSocket page admitted by its `session` cookie (alice) and a WebTransport page by the
+   * `session` query parameter (bob; browsers send no cookies with WebTransport), each
+   * with `welcome.data` on `open`, rpc answers, refusals, gateway errors, a client-side
+   * timeout, the ninth overlapping call, publishes rewritten and refused by the backend,
+   * and an rpc in flight when the session is closed (`connection_lost`, not sent again).
+   */
+  async upstream() {
+    const pages = {};
+    for (const [user, transport] of [["alice", "websocket"], ["bob", "webtransport"]]) {
+      const page = await newPage();
+      if (transport === "websocket") {
+        await page.evaluate((user) => (document.cookie = `session=${user}; path=/; SameSite=Strict`), user);
+        await openClient(page, { transports: ["websocket"] });
+      } else {
+        await openClient(page, { transports: ["webtransport"] }, `${origin}/chat?session=${user}`);
+      }
+      pages[user] = page;
+    }
+    await Promise.all(Object.values(pages).map((page) => opened(page)));
+    // Each call's outcome, as plain data: `{ ok }` or the error's class, code and message.
+    const calls = (page, list) =>
+      page.evaluate(async (list) => {
+        const outcome = (p) => {
+          const start = performance.now();
+          return p.then(
+            (ok) => ({ ok, ms: Math.round(performance.now() - start) }),
+            (e) => ({
+              error: { isError: e instanceof Error, name: e.name, type: e.type, code: e.code, message: e.message },
+              ms: Math.round(performance.now() - start),
+            }),
+          );
+        };
+        return Promise.all(list.map(([method, data, options]) => outcome(window.t.client.rpc(method, data, options))));
+      }, list);
+    const result = {};
+    for (const [user, page] of Object.entries(pages)) {
+      const r = (result[user] = {});
+      // Nine overlapping calls: the server runs eight per session.
+      r.nine = await calls(page, Array.from({ length: 9 }, () => ["sleep", { ms: 800 }]));
+      [r.time, r.echo, r.whoami, r.unknown, r.empty, r.long] = await calls(page, [
+        ["time"], ["echo", { a: [1, "two", null] }], ["whoami"], ["nope", 1], [""], ["x".repeat(129)],
+      ]);
+      // The backend answers after the gateway's timeout_ms (2 s): unavailable. The client's
+      // own timeout (300 ms) comes first for the next one, whose late answer is ignored.
+      [r.unavailable, r.timeout] = await calls(page, [["sleep", { ms: 2600 }], ["sleep", { ms: 1200 }, { timeoutMs: 300 }]]);
+      [r.afterTimeout] = await calls(page, [["echo", "after"]]);
+      r.joined = await page.evaluate(() => window.t.client.join("talk", window.t.handler));
+      r.privateJoin = await page.evaluate(() => window.t.client.join("private.x").catch((e) => e));
+      // Neither page joined `lobby`: the backend's connect answer did.
+      r.lobby = await page.evaluate(() => window.t.client.presence("lobby"));
+    }
+    const publish = (page, data) =>
+      page.evaluate((data) => window.t.client.publish("talk", data).catch((e) => e), data);
+    result.alice.published = await publish(pages.alice, { text: "  hello    bob  ", name: "mallory" });
+    result.bob.published = await publish(pages.bob, { text: "cheap SPAM here" });
+    result.bob.published2 = await publish(pages.bob, { text: "hi alice" });
+    await until(pages.bob, () => window.t.messages.length >= 1);
+    await until(pages.alice, () => window.t.messages.length >= 1);
+    // What each page received before its reconnection below (after which the rejoin with
+    // `since` recovers the page's own publishes too: `echo` was false).
+    await new Promise((r) => setTimeout(r, 300));
+    for (const [user, page] of Object.entries(pages)) {
+      result[user].delivered = await page.evaluate(() => window.t.messages.slice());
+    }
+    // A call in flight when the server closes the session (1011: the client reconnects).
+    for (const [user, page] of Object.entries(pages)) {
+      await page.evaluate(() => {
+        window.t.lost = window.t.client.rpc("sleep", { ms: 1500, tag: "lost" }).then(
+          (ok) => ({ ok }),
+          (e) => ({ error: { isError: e instanceof Error, code: e.code, message: e.message } }),
+        );
+      });
+      await new Promise((r) => setTimeout(r, 200));
+      await page.evaluate(async (user) => {
+        const r = await fetch("/api/disconnect", {
+          method: "POST",
+          headers: { authorization: "Bearer dev-api-key", "content-type": "application/json" },
+          body: JSON.stringify({ user, code: 1011, reason: "test" }),
+        });
+        if (!r.ok) throw new Error(`disconnect ${r.status}`);
+      }, user);
+      result[user].lost = await page.evaluate(() => window.t.lost);
+      await opened(page, 2);
+      result[user].afterReconnect = (await calls(page, [["whoami"]]))[0];
+    }
+    // Longer than the lost call's sleep: a resent call would have reached the backend.
+    await new Promise((r) => setTimeout(r, 1800));
+    for (const [user, page] of Object.entries(pages)) Object.assign(result[user], await state(page));
+    return result;
+  },
+
+  /**
+   * The demo page on the example backend's endpoint: the greeting from `welcome.data`, an
+   * rpc from the button, a publish the backend refuses; a screenshot to `args.artifacts`.
+   */
+  async demoBackend() {
+    const tab = await (await browser()).newPage();
+    tab.on("pageerror", (e) => console.error(`page error: ${e.message}`));
+    await tab.setViewportSize({ width: 1000, height: 700 });
+    await tab.goto(`${origin}/`);
+    await tab.fill("#name", "Ada");
+    await tab.fill("#room", "demo");
+    await tab.click("#enter");
+    await tab.waitForSelector("#text:not([disabled])");
+    await tab.waitForSelector("#messages li:has-text('Welcome, Ada!')");
+    await tab.click("#rpc");
+    await tab.waitForSelector("#messages li:has-text('server time:')");
+    await tab.fill("#text", "cheap spam");
+    await tab.press("#text", "Enter");
+    await tab.waitForSelector("#messages li:has-text('not sent')");
+    await tab.fill("#text", "  hello   everyone ");
+    await tab.press("#text", "Enter");
+    await tab.waitForSelector("#messages li:has-text('hello everyone')");
+    fs.mkdirSync(args.artifacts, { recursive: true });
+    const shot = path.join(args.artifacts, "demo-backend.png");
+    await tab.screenshot({ path: shot, fullPage: true });
+    const messages = await tab.evaluate(() =>
+      [...document.querySelectorAll("#messages li")].map((li) => li.textContent));
+    const transport = await tab.evaluate(() => document.getElementById("transport").textContent);
+    return { shot, messages, transport };
+  },
+
   /** The demo page: two tabs chat; screenshots go to `args.artifacts`. */
   async demo() {
     const tabs = [await (await browser()).newPage(), await (await browser()).newPage()];

@@ -1,6 +1,6 @@
 // Type-checks the browser client's declarations (clients/js/client.d.ts) against the API
 // as applications use it; run by scripts/test-all.sh with `tsc --noEmit`.
-import { connect, backoffDelay, closeAction, type RoomMessage, type Ack, type ErrorEnvelope } from "../../clients/js/client.js";
+import { connect, backoffDelay, closeAction, GatewayError, type RoomMessage, type Ack, type ErrorEnvelope, type RpcErrorCode } from "../../clients/js/client.js";
 const client = connect("https://h:4433/chat", {
   token: "t",
   getTicket: async () => "x",
@@ -11,7 +11,7 @@ const client = connect("https://h:4433/chat", {
   reconnect: { minDelayMs: 250, maxDelayMs: 10000 },
   reprobeMs: 300000,
 });
-client.on("open", ({ transport, session, user, node }) => console.log(transport, session, user, node));
+client.on("open", ({ transport, session, user, node, data }) => console.log(transport, session, user, node, data));
 client.on("transport", ({ transport, reason }) => console.log(transport, reason));
 client.on("reconnecting", ({ attempt, delayMs, code }) => console.log(attempt + delayMs + code));
 client.on("close", ({ code, reason, willReconnect }) => console.log(code, reason, willReconnect));
@@ -39,5 +39,16 @@ async function main() {
   const d: number = backoffDelay(1, { minDelayMs: 1, maxDelayMs: 2 });
   const a: "stay" | "reauth" | "reconnect" = closeAction(1000);
   try { await client.publish("r", 1); } catch (e) { const err = e as ErrorEnvelope; console.log(err.code, ack, t, d, a); }
+  const now = await client.rpc<{ now: string }>("time");
+  console.log(now.now, await client.rpc("echo", { a: 1 }, { timeoutMs: 500 }));
+  try {
+    await client.rpc("nope");
+  } catch (e) {
+    if (e instanceof GatewayError) {
+      const code: RpcErrorCode = e.code;
+      const envelope: ErrorEnvelope = e;
+      console.log(code, e.message, envelope.type, e.id);
+    }
+  }
 }
 main();

@@ -1,7 +1,9 @@
 //! Headless Chromium (Debian `chromium`, driven by Playwright) against the real gateway:
 //! raw WebTransport and wss sessions chat in one room (`smoke.mjs`), and the browser
 //! client `/client.js` in each scenario of `client-scenarios.mjs`: mixed transports, the
-//! fallback, moving back up to WebTransport, datagrams, and the demo page.
+//! fallback, moving back up to WebTransport, datagrams, and the demo page; and pages on
+//! both transports, and the demo page, in front of `examples/backend/backend.py` (upstream
+//! calls: `welcome.data`, `rpc`, publishes the backend checks).
 
 use std::{path::Path, process::Command};
 
@@ -491,6 +493,283 @@ async fn after_4001_a_page_reconnects_only_with_a_fresh_ticket() {
             r["tickets"].as_u64().unwrap() >= 2,
             "a fresh ticket per attempt"
         );
+    })
+    .await;
+}
+
+/// The secret the gateway sends the example backend in these tests.
+const BACKEND_SECRET: &str = "browser-test-backend-secret";
+
+/// `examples/backend/backend.py` on a free loopback port, its stdout log collected, stopped
+/// on drop.
+struct ExampleBackend {
+    child: std::process::Child,
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ExampleBackend {
+    fn start(secret: &str) -> Self {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backend/backend.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--listen", "127.0.0.1:0", "--secret", secret])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("a first line").unwrap();
+        // "backend listening on http://127.0.0.1:PORT/gateway"
+        let port = first
+            .rsplit(':')
+            .next()
+            .and_then(|tail| tail.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {first:?}"));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, port, log }
+    }
+
+    /// The log lines so far that contain every one of `parts`.
+    fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for ExampleBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Needs the server side of upstream calls (`[endpoint.upstream]`, `auth = "upstream"`,
+/// the `rpc` frame; issue 22). The gateway runs `examples/backend/gateway.toml` (its
+/// `listen` dropped, its upstream URL and secret pointed at the backend this test starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_on_both_transports_use_the_example_backend_through_upstream_calls() {
+    within(150, async {
+        let backend = ExampleBackend::start(BACKEND_SECRET);
+        let gw = example_gateway(&backend).await;
+        let r = scenario("upstream", &gw, json!({})).await;
+        for (user, transport) in [("alice", "websocket"), ("bob", "webtransport")] {
+            let page = &r[user];
+            let opens = events(page, "open");
+            assert_eq!(opens.len(), 2, "{user}: {}", page["events"]);
+            for open in &opens {
+                assert_eq!(open["transport"], transport);
+                assert_eq!(open["user"], user, "admitted by the backend: {open}");
+                assert_eq!(
+                    open["data"],
+                    json!({"name": user, "greeting": format!("Welcome, {user}!"), "rooms": ["lobby"]}),
+                    "welcome.data on open: {open}"
+                );
+            }
+            let error = |call: &Value| -> (Value, Value) {
+                let e = &call["error"];
+                assert_eq!(e["isError"], true, "an Error: {call}");
+                assert_eq!(e["name"], "GatewayError", "{call}");
+                (e["code"].clone(), e["message"].clone())
+            };
+            // Nine overlapping calls: eight answered, the ninth refused at once.
+            let nine = page["nine"].as_array().unwrap();
+            let answered: Vec<&Value> = nine.iter().filter(|c| c.get("ok").is_some()).collect();
+            assert_eq!(answered.len(), 8, "{user}: {nine:?}");
+            for c in &answered {
+                assert_eq!(c["ok"], json!({"slept_ms": 800}));
+            }
+            let ninth = nine.iter().find(|c| c.get("error").is_some()).unwrap();
+            assert_eq!(error(ninth).0, "limit_exceeded", "{ninth}");
+            assert!(ninth["ms"].as_u64().unwrap() < 700, "refused at once: {ninth}");
+            let slowest = answered.iter().map(|c| c["ms"].as_u64().unwrap()).max().unwrap();
+            assert!(slowest < 1600, "the eight overlapped: {slowest} ms");
+
+            let now = page["time"]["ok"]["unix_ms"].as_u64().expect("time answered");
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            assert!(now <= wall && wall - now < 120_000, "{}", page["time"]);
+            assert_eq!(page["echo"]["ok"], json!({"a": [1, "two", null]}));
+            assert_eq!(page["whoami"]["ok"]["user"], user);
+            assert_eq!(page["whoami"]["ok"]["transport"], transport);
+            assert_eq!(
+                error(&page["unknown"]),
+                (json!("rejected"), json!("unknown method nope")),
+                "the backend's 404 and its reason"
+            );
+            assert_eq!(page["unknown"]["error"]["type"], "error");
+            assert_eq!(error(&page["empty"]).0, "bad_request");
+            assert_eq!(error(&page["long"]).0, "bad_request");
+            // The gateway's timeout_ms (2000) before the backend's answer (2600 ms).
+            assert_eq!(error(&page["unavailable"]).0, "unavailable", "{}", page["unavailable"]);
+            let ms = page["unavailable"]["ms"].as_u64().unwrap();
+            assert!((1900..2590).contains(&ms), "unavailable after {ms} ms");
+            // The client's own timeoutMs (300) before the backend's answer (1200 ms).
+            let (code, message) = error(&page["timeout"]);
+            assert_eq!(code, "timeout");
+            assert!(message.as_str().unwrap().contains("rpc sleep"), "{message}");
+            let ms = page["timeout"]["ms"].as_u64().unwrap();
+            assert!((290..1100).contains(&ms), "timed out after {ms} ms");
+            assert_eq!(page["afterTimeout"]["ok"], "after");
+
+            assert_eq!(page["joined"]["type"], "ack", "{}", page["joined"]);
+            assert_eq!(page["joined"]["data"], json!({"topic": "talk: be kind"}));
+            assert_eq!(page["privateJoin"]["code"], "forbidden", "{}", page["privateJoin"]);
+            let mut in_lobby: Vec<&str> = page["lobby"]["members"]
+                .as_array()
+                .expect("lobby presence listed")
+                .iter()
+                .map(|m| m["user"].as_str().unwrap())
+                .collect();
+            in_lobby.sort_unstable();
+            in_lobby.dedup();
+            assert_eq!(in_lobby, ["alice", "bob"], "joined by the connect answer");
+
+            let lost = &page["lost"]["error"];
+            assert_eq!(
+                (&lost["isError"], &lost["code"]),
+                (&json!(true), &json!("connection_lost")),
+                "{}",
+                page["lost"]
+            );
+            assert_eq!(page["afterReconnect"]["ok"]["user"], user);
+
+            // What the backend saw.
+            let tag = format!("rpc user={user} ");
+            assert_eq!(
+                backend.lines_with(&[&tag, "\"tag\":\"lost\""]).len(),
+                1,
+                "the call lost with its session is not sent again"
+            );
+            assert_eq!(
+                backend.lines_with(&[&tag, "method=sleep data={\"ms\":800}"]).len(),
+                8,
+                "the ninth never reached the backend"
+            );
+            assert!(backend.lines_with(&[&tag, "method=xxxx"]).is_empty());
+            assert!(backend.lines_with(&[&tag, "method= "]).is_empty());
+            let starting = |prefix: String| backend.lines_with(&[""]).into_iter().filter(move |l| l.starts_with(&prefix));
+            assert_eq!(
+                starting(format!("connect user={user} transport={transport} ")).count(),
+                2,
+                "one connect call per session: {:?}",
+                backend.lines_with(&[""])
+            );
+            assert_eq!(
+                starting(format!("disconnect user={user} transport={transport} code=1011 ")).count(),
+                1,
+                "one disconnect call for the closed session: {:?}",
+                backend.lines_with(&[""])
+            );
+        }
+        // Publishes the backend checked: rewritten (trimmed, `name` set to the sender,
+        // stamped), refused with its reason, or passed.
+        assert!(r["alice"]["published"]["seq"].is_u64(), "{}", r["alice"]["published"]);
+        assert_eq!(
+            (&r["bob"]["published"]["code"], &r["bob"]["published"]["message"]),
+            (&json!("rejected"), &json!("messages about spam are not allowed here"))
+        );
+        assert!(r["bob"]["published2"]["seq"].is_u64());
+        let got = |user: &str| r[user]["delivered"].as_array().unwrap().clone();
+        let to_bob = got("bob");
+        assert_eq!(to_bob.len(), 1, "{to_bob:?}");
+        assert_eq!(to_bob[0]["from"], "alice");
+        assert_eq!(to_bob[0]["data"]["text"], "hello bob");
+        assert_eq!(to_bob[0]["data"]["name"], "alice", "not the name the page claimed");
+        assert!(to_bob[0]["data"]["at"].is_u64(), "{}", to_bob[0]);
+        let to_alice = got("alice");
+        assert_eq!(to_alice.len(), 1, "the refused publish is not delivered: {to_alice:?}");
+        assert_eq!(to_alice[0]["data"]["text"], "hi alice");
+        assert_eq!(to_alice[0]["data"]["name"], "bob");
+        for user in ["alice", "bob"] {
+            // Across the reconnection: each message once, in order.
+            let seqs = seqs(&r[user]);
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{user}: {seqs:?}");
+            assert_eq!(seqs.last(), Some(&2), "{user}: {seqs:?}");
+        }
+    })
+    .await;
+}
+
+/// `examples/backend/gateway.toml` on a test gateway: its `listen` dropped, its upstream
+/// URL pointed at `backend` and its secret replaced by [`BACKEND_SECRET`].
+async fn example_gateway(backend: &ExampleBackend) -> TestGateway {
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backend/gateway.toml"),
+    )
+    .unwrap();
+    assert!(
+        example.contains("\"http://127.0.0.1:9000/gateway\"")
+            && example.contains("\"dev-backend-secret\"")
+    );
+    let config: String = example
+        .lines()
+        .filter(|l| !l.starts_with("listen"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "http://127.0.0.1:9000/gateway",
+            &format!("http://127.0.0.1:{}/gateway", backend.port),
+        )
+        .replace("dev-backend-secret", BACKEND_SECRET);
+    TestGateway::start(&config).await
+}
+
+/// Needs the server side of upstream calls (issue 22), as the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_uses_the_example_backend() {
+    within(120, async {
+        let backend = ExampleBackend::start(BACKEND_SECRET);
+        let gw = example_gateway(&backend).await;
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
+        let r = scenario("demoBackend", &gw, json!({"artifacts": artifacts})).await;
+        let messages: Vec<&str> = r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert!(messages.contains(&"Welcome, Ada!"), "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.starts_with("server time: 20")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"not sent: messages about spam are not allowed here"),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"Adahello everyone"),
+            "trimmed by the backend: {messages:?}"
+        );
+        assert_eq!(
+            r["transport"], "WebTransport",
+            "admitted by the query on WebTransport"
+        );
+        assert_eq!(
+            backend
+                .lines_with(&["connect user=Ada transport=webtransport"])
+                .len(),
+            1
+        );
+        let size = std::fs::metadata(r["shot"].as_str().unwrap())
+            .unwrap()
+            .len();
+        assert!(size > 10_000, "{size} bytes");
     })
     .await;
 }

@@ -283,3 +283,91 @@ test("a session that dies right after opening does not reset the backoff", async
   assert.deepEqual(attempts, [1, 2, 3, 4]);
   client.close();
 });
+
+test("the open event carries welcome.data when the server sent some", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept({ data: { greeting: "hi alice", rooms: ["lobby"] } });
+  assert.deepEqual(of("open")[0].data, { greeting: "hi alice", rooms: ["lobby"] });
+  assert.equal(of("open")[0].user, "u");
+  newest().drop(1006);
+  await until(() => FakeSocket.all.length === 2);
+  await newest().accept();
+  assert.equal("data" in of("open")[1], false, "no data: no field");
+  client.close();
+});
+
+test("rpc resolves with the ack's data and rejects with an Error carrying code and message", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const answered = client.rpc("echo", { a: [1, 2] });
+  const refused = client.rpc("nope");
+  const [echo, nope] = newest().sent.filter((r) => r.type === "rpc");
+  assert.deepEqual(echo, { type: "rpc", method: "echo", data: { a: [1, 2] }, id: echo.id });
+  assert.equal("data" in nope, false, "no data: no field");
+  assert.notEqual(echo.id, nope.id);
+  // Answered out of order, each by its id.
+  newest().say({ type: "error", id: nope.id, code: "rejected", message: "unknown method nope" });
+  newest().say({ type: "ack", id: echo.id, data: { a: [1, 2] } });
+  assert.deepEqual(await answered, { a: [1, 2] });
+  await assert.rejects(refused, (e) => {
+    assert.ok(e instanceof Error, "an Error");
+    assert.equal(e.name, "GatewayError");
+    assert.deepEqual([e.code, e.message, e.type, e.id], ["rejected", "unknown method nope", "error", nope.id]);
+    return true;
+  });
+  // An ack without data resolves with undefined.
+  const empty = client.rpc("ping");
+  newest().reply("rpc");
+  assert.equal(await empty, undefined);
+  await assert.rejects(client.rpc("bin", new Uint8Array([1])), (e) => e.code === "bad_request");
+  client.close();
+});
+
+test("an unanswered rpc times out; its late answer is ignored and the next call works", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const started = Date.now();
+  const slow = client.rpc("sleep", { ms: 1000 }, { timeoutMs: 40 });
+  await assert.rejects(slow, (e) => e instanceof Error && e.code === "timeout" && /rpc sleep/.test(e.message));
+  assert.ok(Date.now() - started >= 35, "not before timeoutMs");
+  const late = newest().sent.find((r) => r.type === "rpc");
+  newest().say({ type: "ack", id: late.id, data: "late" });
+  const next = client.rpc("time");
+  newest().reply("rpc", { data: 42 });
+  assert.equal(await next, 42);
+  client.close();
+});
+
+test("rpcs in flight reject with connection_lost when the session ends and are not sent again", async () => {
+  const { client, of } = open();
+  await until(() => FakeSocket.all.length === 1);
+  await newest().accept();
+  const pending = [client.rpc("a"), client.rpc("b", 1, { timeoutMs: 60000 })];
+  newest().drop(1011);
+  for (const p of pending) await assert.rejects(p, (e) => e instanceof Error && e.code === "connection_lost");
+  await until(() => FakeSocket.all.length === 2);
+  await newest().accept();
+  await tick();
+  assert.equal(newest().sent.filter((r) => r.type === "rpc").length, 0, "not resent");
+  assert.equal(of("open").length, 2);
+  // After close(), calls reject at once with `closed`.
+  client.close();
+  await assert.rejects(client.rpc("a"), (e) => e instanceof Error && e.code === "closed");
+});
+
+test("an rpc made while disconnected goes out on the next session within its timeout", async () => {
+  const { client } = open();
+  await until(() => FakeSocket.all.length === 1);
+  const waiting = client.rpc("time");
+  const expires = client.rpc("time", null, { timeoutMs: 30 });
+  await assert.rejects(expires, (e) => e.code === "timeout" && /waiting for a connection/.test(e.message));
+  await newest().accept();
+  await until(() => newest().sent.some((r) => r.type === "rpc"));
+  assert.equal(newest().sent.filter((r) => r.type === "rpc").length, 1, "the expired call is not sent");
+  newest().reply("rpc", { data: "now" });
+  assert.equal(await waiting, "now");
+  client.close();
+});
