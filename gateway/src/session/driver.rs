@@ -75,6 +75,13 @@ async fn answered(calls: &Option<Box<SessionCalls>>) {
     }
 }
 
+/// Hands the outcomes of `conn`'s calls that arrived back to it.
+fn hand_back(conn: &mut Connection, calls: &Option<Box<SessionCalls>>) {
+    for (id, outcome) in calls.iter().flat_map(|c| c.take()) {
+        conn.on_answer(id, outcome, clock::now());
+    }
+}
+
 /// Starts the calls `conn` asked for.
 fn start_calls(conn: &mut Connection, calls: &Option<Box<SessionCalls>>) {
     if let Some(calls) = calls {
@@ -149,12 +156,7 @@ pub(super) async fn drive<I: Inbound, S: FrameSink>(
             }
             () = timer => deadline = conn.poll(clock::instant()),
             () = woken(&wake) => conn.on_wake(clock::now()),
-            () = answered(&calls) => {
-                let calls = calls.as_ref().expect("only with calls");
-                for (id, outcome) in calls.take() {
-                    conn.on_answer(id, outcome, clock::now());
-                }
-            }
+            () = answered(&calls) => hand_back(&mut conn, &calls),
         }
         start_calls(&mut conn, &calls);
         count_inbound(&log, &handle, &mut counted, conn.stats());
