@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use gateway_core::session::TransportKind;
+use gateway_core::{session::TransportKind, upstream::CallEvent};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -119,6 +119,42 @@ pub struct SessionCounters {
     pub slow_consumer_closes: Counter,
     /// Frames refused by the rate limit.
     pub rate_limited: Counter,
+}
+
+/// The `result` labels of `gateway_upstream_calls_total`.
+pub const UPSTREAM_RESULTS: [&str; 8] = [
+    "ok",
+    "refused",
+    "timeout",
+    "unreachable",
+    "error_status",
+    "bad_answer",
+    "over_limit",
+    "circuit_open",
+];
+
+/// One endpoint's upstream call counters, by event and result, and durations by event.
+#[derive(Debug, Clone)]
+pub struct UpstreamCounters {
+    /// By `CallEvent as usize`, then by position in [`UPSTREAM_RESULTS`].
+    calls: Vec<Vec<Counter>>,
+    /// By `CallEvent as usize`.
+    seconds: Vec<Histogram>,
+}
+
+impl UpstreamCounters {
+    /// Counts a call for `event` by its `result`; `seconds`: it reached the backend.
+    pub fn count(&self, event: CallEvent, result: &str, seconds: Option<f64>) {
+        if !ENABLED {
+            return;
+        }
+        if let Some(seconds) = seconds {
+            self.seconds[event as usize].observe(seconds);
+        }
+        if let Some(i) = UPSTREAM_RESULTS.iter().position(|r| *r == result) {
+            self.calls[event as usize][i].inc();
+        }
+    }
 }
 
 /// The counters of one configured endpoint, resolved at start.
@@ -272,35 +308,35 @@ impl Metrics {
         })
     }
 
-    /// Counts a call to `endpoint`'s backend for `event` by its `result`.
-    ///
-    /// `seconds` is how long a call that reached the backend took.
-    pub fn upstream_call(
-        &self,
-        endpoint: &str,
-        event: &'static str,
-        result: &'static str,
-        seconds: Option<f64>,
-    ) {
-        if !ENABLED {
-            return;
-        }
-        let endpoint = endpoint.to_owned();
-        if let Some(seconds) = seconds {
-            self.upstream_seconds
-                .get_or_create(&UpstreamEventLabels {
-                    endpoint: endpoint.clone(),
-                    event,
-                })
-                .observe(seconds);
-        }
-        self.upstream_calls
-            .get_or_create(&UpstreamCallLabels {
-                endpoint,
-                event,
-                result,
+    /// The upstream call counters of `endpoint`, resolved once (every series starts at 0).
+    pub fn upstream(&self, endpoint: &str) -> UpstreamCounters {
+        let calls = CallEvent::ALL
+            .iter()
+            .map(|event| {
+                UPSTREAM_RESULTS
+                    .iter()
+                    .map(|result| {
+                        self.upstream_calls
+                            .get_or_create_owned(&UpstreamCallLabels {
+                                endpoint: endpoint.to_owned(),
+                                event: event.as_str(),
+                                result,
+                            })
+                    })
+                    .collect()
             })
-            .inc();
+            .collect();
+        let seconds = CallEvent::ALL
+            .iter()
+            .map(|event| {
+                self.upstream_seconds
+                    .get_or_create_owned(&UpstreamEventLabels {
+                        endpoint: endpoint.to_owned(),
+                        event: event.as_str(),
+                    })
+            })
+            .collect();
+        UpstreamCounters { calls, seconds }
     }
 
     /// The counters of `transport`.

@@ -105,6 +105,13 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         let _ = gw.ws("/nope").await;
         let (status, text) = gw.https("GET", "/metrics", &[], "").await;
         assert_eq!(status, 200);
+        for line in [
+            r#"gateway_upstream_calls_total{endpoint="/app",event="rpc",result="unreachable"} 1"#,
+            r#"gateway_upstream_calls_total{endpoint="/app",event="rpc",result="ok"} 0"#,
+            r#"gateway_upstream_call_seconds_count{endpoint="/app",event="rpc"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
         // Every queried series has samples (not only a `# TYPE` line).
         let sampled: BTreeSet<&str> = text
             .lines()

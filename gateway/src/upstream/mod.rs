@@ -26,7 +26,10 @@ use tracing::{debug, warn};
 pub(crate) use connect::{connect, Checked};
 pub(crate) use session::SessionCalls;
 
-use crate::{config::UpstreamConfig, metrics::Metrics};
+use crate::{
+    config::UpstreamConfig,
+    metrics::{Metrics, UpstreamCounters},
+};
 use breaker::{Breaker, Passed};
 
 /// How long an idle keep-alive connection is kept.
@@ -92,7 +95,7 @@ pub struct Upstream {
     /// `connect` calls in flight per client address.
     connects_by_ip: Mutex<HashMap<IpAddr, u32>>,
     max_answer_bytes: usize,
-    metrics: Arc<Metrics>,
+    metrics: UpstreamCounters,
 }
 
 impl Upstream {
@@ -126,9 +129,9 @@ impl Upstream {
             connects_by_ip: Mutex::default(),
             // A message, base64 (4/3) and the JSON around it.
             max_answer_bytes: max_message_bytes / 3 * 4 + 64 * 1024,
+            metrics: metrics.upstream(endpoint),
             config,
             client,
-            metrics,
         })
     }
 
@@ -230,8 +233,7 @@ impl Upstream {
             Outcome::Refused(_) => "refused",
             Outcome::Failed(f) => f.label(),
         };
-        self.metrics
-            .upstream_call(&self.endpoint, event.as_str(), result, seconds);
+        self.metrics.count(event, result, seconds);
         outcome
     }
 }
