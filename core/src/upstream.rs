@@ -3,7 +3,7 @@
 //! A [`Connection`](crate::connection::Connection) asks for a [`Call`]; the gateway runs it
 //! and feeds back the [`Outcome`] that [`read_answer`] makes of the backend's HTTP answer.
 
-use std::{fmt, sync::Arc};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{ser::SerializeMap, Deserialize, Serialize, Serializer};
@@ -281,12 +281,6 @@ impl Failure {
             self,
             Failure::OverLimit | Failure::CircuitOpen | Failure::BadAnswer
         )
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "refused with status {}", self.status)
     }
 }
 

@@ -86,7 +86,8 @@ impl Breaker {
     }
 
     /// Whether the circuit is open (or testing).
-    pub(super) fn is_open(&self) -> bool {
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         !matches!(*self.state(), State::Closed(_))
     }
 

@@ -99,6 +99,8 @@ pub struct Upstream {
     plain: PlainClient,
     /// The URI of each event, by `CallEvent as usize`.
     uris: Vec<http::Uri>,
+    /// `Bearer <secret>`, built once.
+    authorization: Option<http::HeaderValue>,
     /// The circuit of each event, by `CallEvent as usize`.
     breakers: Vec<Breaker>,
     /// Outstanding calls: `connect`, session calls, `disconnect`.
@@ -133,7 +135,17 @@ impl Upstream {
                 .pool_max_idle_per_host(config.max_in_flight)
                 .pool_idle_timeout(IDLE_TIMEOUT)
                 .build(connector);
+        // Validated as header-safe by the configuration.
+        let authorization = config
+            .secret
+            .as_ref()
+            .and_then(|s| http::HeaderValue::from_str(&format!("Bearer {s}")).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         Ok(Self {
+            authorization,
             plain,
             uris: CallEvent::ALL
                 .iter()
@@ -161,11 +173,6 @@ impl Upstream {
     /// The settings.
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
-    }
-
-    /// Whether `event`'s circuit is open (or testing the backend with one call).
-    pub fn circuit_open(&self, event: CallEvent) -> bool {
-        self.breakers[event as usize].is_open()
     }
 
     /// The `connect` call of a client at `ip`: at most [`MAX_CONNECTS_PER_IP`] at once.
@@ -227,8 +234,8 @@ impl Upstream {
             .post(self.urls[event as usize].clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
-        if let Some(secret) = &self.config.secret {
-            request = request.bearer_auth(secret);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(http::header::AUTHORIZATION, authorization.clone());
         }
         let mut response = match request.send().await {
             Ok(response) => response,
@@ -258,8 +265,8 @@ impl Upstream {
         use http_body_util::BodyExt;
         let mut request = http::Request::post(self.uris[event as usize].clone())
             .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(secret) = &self.config.secret {
-            request = request.header(http::header::AUTHORIZATION, format!("Bearer {secret}"));
+        if let Some(authorization) = &self.authorization {
+            request = request.header(http::header::AUTHORIZATION, authorization.clone());
         }
         let Ok(request) = request.body(http_body_util::Full::new(bytes::Bytes::from(body))) else {
             return Outcome::Failed(Failure::Unreachable);
